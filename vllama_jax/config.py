@@ -1,0 +1,355 @@
+"""Typed, validated model configs.
+
+A config is a tree of frozen dataclasses. It is read from YAML/JSON (`load_config`), can be overridden with
+`key.sub=value` strings (`apply_overrides`), and every unknown key or impossible value raises `ConfigError`
+naming the dotted key. Presets for the released models live in `configs/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+TEMPLATES = ("vicuna", "llama_2", "chatml")
+
+
+class ConfigError(ValueError):
+    """An unknown key or an impossible value in a config; the message names the dotted key."""
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _positive(obj: Any, prefix: str, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        _require(isinstance(v, int) and v > 0, f"{prefix}{n}", f"must be a positive integer, got {v!r}")
+
+
+def _divides(obj: Any, prefix: str, num: str, den: str) -> None:
+    a, b = getattr(obj, num), getattr(obj, den)
+    _require(a % b == 0, f"{prefix}{num}", f"{a} is not divisible by {den}={b}")
+
+
+@dataclass(frozen=True)
+class ViTConfig:
+    """EVA-CLIP ViT-g/14 (SPEC 2.1). depth 39: the checkpoint's block 39 is not built."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    width: int = 1408
+    depth: int = 39
+    num_heads: int = 16
+    mlp_dim: int = 6144
+    layer_norm_eps: float = 1e-6
+    ln_vision_eps: float = 1e-5  # `ln_vision` uses the PyTorch default, not the blocks' 1e-6
+
+    def validate(self, p: str = "vit.") -> None:
+        _positive(self, p, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim")
+        _divides(self, p, "width", "num_heads")
+        _divides(self, p, "image_size", "patch_size")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(frozen=True)
+class QFormerConfig:
+    """BERT-style Q-Former used query-only (SPEC 3). Cross-attention in layers with i % cross_attention_freq == 0."""
+
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    cross_attention_freq: int = 2
+    encoder_width: int = 1408
+    num_query_tokens: int = 32
+    layer_norm_eps: float = 1e-12
+    dropout: float = 0.1  # hidden and attention-probability dropout (active only when trained)
+
+    def validate(self, p: str) -> None:
+        _positive(self, p, "hidden_size", "num_layers", "num_heads", "intermediate_size", "cross_attention_freq",
+                  "encoder_width", "num_query_tokens")
+        _divides(self, p, "hidden_size", "num_heads")
+        _require(0.0 <= self.dropout < 1.0, f"{p}dropout", f"must be in [0, 1), got {self.dropout}")
+
+    def has_cross_attention(self, layer: int) -> bool:
+        return layer % self.cross_attention_freq == 0
+
+
+@dataclass(frozen=True)
+class ImageBindAudioConfig:
+    """ImageBind-Huge audio tower (SPEC 4.2)."""
+
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    out_dim: int = 1024
+    kernel_size: int = 16
+    stride: int = 10
+    num_mel_bins: int = 128
+    target_length: int = 204
+    drop_path_rate: float = 0.1
+    logit_scale: float = 20.0
+    stem_norm_eps: float = 1e-5
+    layer_norm_eps: float = 1e-6
+
+    def validate(self, p: str = "imagebind_audio.") -> None:
+        _positive(self, p, "width", "depth", "num_heads", "mlp_dim", "out_dim", "kernel_size", "stride",
+                  "num_mel_bins", "target_length")
+        _divides(self, p, "width", "num_heads")
+        _require(self.num_mel_bins >= self.kernel_size, f"{p}num_mel_bins", "smaller than the stem kernel")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return ((self.num_mel_bins - self.kernel_size) // self.stride + 1,
+                (self.target_length - self.kernel_size) // self.stride + 1)
+
+
+@dataclass(frozen=True)
+class ImageBindVisionConfig:
+    """ImageBind-Huge vision tower (SPEC 4.3), used only to train the audio branch."""
+
+    image_size: int = 224
+    patch_size: int = 14
+    kernel_time: int = 2
+    width: int = 1280
+    depth: int = 32
+    num_heads: int = 16
+    mlp_dim: int = 5120
+    out_dim: int = 1024
+    layer_norm_eps: float = 1e-6
+
+    def validate(self, p: str = "imagebind_vision.") -> None:
+        _positive(self, p, "image_size", "patch_size", "kernel_time", "width", "depth", "num_heads", "mlp_dim",
+                  "out_dim")
+        _divides(self, p, "width", "num_heads")
+        _divides(self, p, "image_size", "patch_size")
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """LLaMA-family decoder (SPEC 5.1), HF semantics; grouped-query attention when num_kv_heads < num_heads."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 0  # 0: hidden_size // num_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    def validate(self, p: str = "llama.") -> None:
+        _positive(self, p, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads", "max_position_embeddings")
+        _divides(self, p, "num_heads", "num_kv_heads")
+        _require(self.head_dim >= 0, f"{p}head_dim", f"must be >= 0, got {self.head_dim}")
+        if self.head_dim == 0:
+            _divides(self, p, "hidden_size", "num_heads")
+        _require(self.head_dim_resolved % 2 == 0, f"{p}head_dim", "RoPE needs an even head dimension")
+        _require(self.rope_theta > 0, f"{p}rope_theta", f"must be positive, got {self.rope_theta}")
+        _require(self.rms_norm_eps > 0, f"{p}rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
+
+    @property
+    def head_dim_resolved(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """Compute and parameter dtypes per tower. float32 by default (CPU); upstream runs the ViT in fp16 and LLaMA
+    in bf16, which `configs/*` for accelerators select."""
+
+    vit: str = "float32"
+    qformer: str = "float32"
+    imagebind: str = "float32"
+    llama: str = "float32"
+    vit_params: str = "float32"
+    llama_params: str = "float32"
+    trainable_params: str = "float32"
+
+    def validate(self, p: str = "precision.") -> None:
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            _require(v in DTYPE_NAMES, f"{p}{f.name}", f"unknown dtype {v!r} (one of {', '.join(DTYPE_NAMES)})")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole Video-LLaMA model: towers, branch sizes, the LLM and its prompt template."""
+
+    name: str = "video-llama"
+    vit: ViTConfig = field(default_factory=ViTConfig)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    video_qformer: QFormerConfig = field(
+        default_factory=lambda: QFormerConfig(num_layers=2, cross_attention_freq=1, encoder_width=768)
+    )
+    max_frame_pos: int = 32
+    equip_audio_branch: bool = True
+    imagebind_audio: ImageBindAudioConfig = field(default_factory=ImageBindAudioConfig)
+    imagebind_vision: ImageBindVisionConfig = field(default_factory=ImageBindVisionConfig)
+    audio_qformer: QFormerConfig = field(
+        default_factory=lambda: QFormerConfig(num_layers=2, cross_attention_freq=1, encoder_width=1024,
+                                              num_query_tokens=8)
+    )
+    num_audio_positions: int = 8  # hard-coded upstream: at most 8 two-second clips
+    llama: LlamaConfig = field(default_factory=LlamaConfig)
+    template: str = "llama_2"
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+    def validate(self) -> "ModelConfig":
+        self.vit.validate("vit.")
+        self.qformer.validate("qformer.")
+        self.video_qformer.validate("video_qformer.")
+        self.audio_qformer.validate("audio_qformer.")
+        self.imagebind_audio.validate("imagebind_audio.")
+        self.imagebind_vision.validate("imagebind_vision.")
+        self.llama.validate("llama.")
+        self.precision.validate("precision.")
+        _positive(self, "", "max_frame_pos", "num_audio_positions")
+        _require(self.template in TEMPLATES, "template",
+                 f"unknown template {self.template!r} (one of {', '.join(TEMPLATES)})")
+        _require(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
+                 f"{self.qformer.encoder_width} must equal vit.width={self.vit.width}")
+        _require(self.video_qformer.encoder_width == self.qformer.hidden_size, "video_qformer.encoder_width",
+                 f"{self.video_qformer.encoder_width} must equal qformer.hidden_size={self.qformer.hidden_size}")
+        if self.equip_audio_branch:
+            _require(self.audio_qformer.encoder_width == self.imagebind_audio.out_dim, "audio_qformer.encoder_width",
+                     f"{self.audio_qformer.encoder_width} must equal imagebind_audio.out_dim="
+                     f"{self.imagebind_audio.out_dim}")
+            _require(self.imagebind_vision.out_dim == self.imagebind_audio.out_dim, "imagebind_vision.out_dim",
+                     f"{self.imagebind_vision.out_dim} must equal imagebind_audio.out_dim="
+                     f"{self.imagebind_audio.out_dim}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dict / YAML <-> dataclass
+
+
+def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming the key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{prefix}{key}: unknown key (known: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, key + ".")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
+    """Apply `a.b.c=value` strings (values parsed as YAML scalars) to a dataclass config."""
+    if not overrides:
+        return cfg
+    data = dataclasses.asdict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = data
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"{key.strip()}: unknown key")
+        node[parts[-1]] = value
+    return from_dict(type(cfg), data)
+
+
+def load_config_dict(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_model_config(path: str | Path, overrides: list[str] | None = None) -> ModelConfig:
+    """Read a model config file (YAML or JSON); a top-level `model:` section is accepted too."""
+    data = load_config_dict(path)
+    if "model" in data and isinstance(data["model"], dict) and set(data) <= {"model"}:
+        data = data["model"]
+    try:
+        cfg = from_dict(ModelConfig, data)
+        return apply_overrides(cfg, overrides).validate()
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def config_to_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

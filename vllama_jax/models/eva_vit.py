@@ -1,0 +1,84 @@
+"""EVA-CLIP ViT-g/14, the frozen image encoder of BLIP-2 (SPEC 2).
+
+Pre-LN blocks without layer scale or relative position bias; the attention has a query and a value bias but no
+key bias (upstream stores one fused `qkv` weight and builds the bias as [q_bias, 0, v_bias]; the key map splits
+it). No final norm: the model returns all tokens (CLS included) of the last built block, i.e. block 38 of the
+40-block checkpoint. `ln_vision` (eps 1e-5) lives in the composition.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ..config import ViTConfig
+from .layers import Dtype, LayerNorm, Mlp, dense, dot_product_attention, merge_heads, split_heads, with_axes
+
+
+class EvaAttention(nn.Module):
+    num_heads: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = x.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = split_heads(dense(d, ("embed", "heads"), "query", **kw)(x), self.num_heads)
+        k = split_heads(dense(d, ("embed", "heads"), "key", use_bias=False, **kw)(x), self.num_heads)
+        v = split_heads(dense(d, ("embed", "heads"), "value", **kw)(x), self.num_heads)
+        out = merge_heads(dot_product_attention(q, k, v))
+        return dense(d, ("heads", "embed"), "proj", **kw)(out)
+
+
+class EvaBlock(nn.Module):
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        # the residual stream stays in float32 (upstream: fp32 + fp16 under autocast promotes to fp32)
+        x = x + EvaAttention(c.num_heads, name="attn", **kw)(LayerNorm(c.layer_norm_eps, name="norm1")(x))
+        x = x + Mlp(c.mlp_dim, name="mlp", **kw)(LayerNorm(c.layer_norm_eps, name="norm2")(x))
+        return x
+
+
+class EvaViT(nn.Module):
+    """(N, H, W, 3) normalized images -> (N, 1 + (H/14)*(W/14), width) tokens."""
+
+    config: ViTConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        c = self.config
+        n = images.shape[0]
+        patches = nn.Conv(
+            c.width,
+            (c.patch_size, c.patch_size),
+            strides=(c.patch_size, c.patch_size),
+            padding="VALID",
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            kernel_init=with_axes(nn.initializers.lecun_normal(), ("patch", "patch", "in_channels", "embed")),
+            bias_init=with_axes(nn.initializers.zeros, ("embed",)),
+            name="patch_embed",
+        )(images.astype(self.dtype))
+        # row-major flatten of the patch grid (h outer, w inner), as upstream's flatten(2).transpose(1, 2)
+        x = patches.reshape(n, -1, c.width).astype(jnp.float32)
+        cls = self.param("cls_token", with_axes(nn.initializers.normal(0.02), (None, None, "embed")),
+                         (1, 1, c.width), jnp.float32)
+        pos = self.param("pos_embed", with_axes(nn.initializers.normal(0.02), (None, "positions", "embed")),
+                         (1, c.num_patches + 1, c.width), jnp.float32)
+        x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, c.width)), x], axis=1) + pos
+        block = nn.remat(EvaBlock) if self.remat else EvaBlock
+        for i in range(c.depth):
+            x = block(c, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x)
+            self.sow("intermediates", f"block{i}", x)
+        return x

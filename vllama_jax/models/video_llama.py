@@ -1,0 +1,274 @@
+"""The Video-LLaMA composition: encoders -> query embeddings -> spliced LLaMA prompt -> logits / loss.
+
+Methods mirror upstream `VideoLLAMA` (SPEC 1): `encode_video` (= `encode_videoQformer_visual`), `encode_image`
+(a 1-frame video), `encode_audio` (`encode_audioQformer` on fbank clips), `encode_audio_from_frames`
+(`encode_audioQformer` with ImageBind's vision modality, used to train the audio branch), `encode_audiovideo`
+(`encode_videoQformer_audiovideo`), `splice_media` (in-place N-for-N placeholder replacement), and the two
+training losses of upstream `forward`: `caption_loss` (path B) and `instruction_loss` (path A).
+
+Layouts are channels-last: frames (B, T, H, W, 3), audio clips (B, S, 1, mel, time) as the media layer gives them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from ..config import ModelConfig
+from .eva_vit import EvaViT
+from .imagebind import ImageBindEncoder
+from .layers import LayerNorm, as_dtype, dense, with_axes
+from .llama import Llama
+from .qformer import QFormer
+
+IGNORE_INDEX = -100
+
+# Which top-level parameter groups each upstream freeze flag controls (SPEC 1.8).
+VIDEO_BRANCH = ("video_qformer", "video_query_tokens", "video_frame_position_embedding")
+VIDEO_PROJECTION = ("llama_proj",)
+AUDIO_BRANCH = ("audio_qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj")
+FROZEN_TOWERS = ("visual_encoder", "ln_vision", "qformer", "query_tokens", "audio_encoder", "llama")
+
+
+class VideoLLaMA(nn.Module):
+    config: ModelConfig
+    remat_vit: bool = False
+    remat_llama: bool = False
+
+    def setup(self) -> None:
+        c = self.config
+        p = c.precision
+        vit_dt, qf_dt = as_dtype(p.vit), as_dtype(p.qformer)
+        train_pdt = as_dtype(p.trainable_params)
+        self.visual_encoder = EvaViT(c.vit, dtype=vit_dt, param_dtype=as_dtype(p.vit_params), remat=self.remat_vit)
+        self.ln_vision = LayerNorm(c.vit.ln_vision_eps)
+        self.qformer = QFormer(c.qformer, dtype=qf_dt)
+        self.query_tokens = self.param(
+            "query_tokens", with_axes(nn.initializers.normal(0.02), (None, "queries", "embed")),
+            (1, c.qformer.num_query_tokens, c.qformer.hidden_size), jnp.float32)
+        # nn.Embedding default init N(0, 1), as upstream (SPEC 3.5)
+        self.video_frame_position_embedding = nn.Embed(
+            c.max_frame_pos, c.qformer.hidden_size, param_dtype=train_pdt,
+            embedding_init=with_axes(nn.initializers.normal(1.0), ("positions", "embed")))
+        self.video_qformer = QFormer(c.video_qformer, dtype=qf_dt, param_dtype=train_pdt)
+        self.video_query_tokens = self.param(
+            "video_query_tokens", with_axes(nn.initializers.normal(0.02), (None, "queries", "embed")),
+            (1, c.video_qformer.num_query_tokens, c.video_qformer.hidden_size), train_pdt)
+        self.llama_proj = dense(c.llama.hidden_size, (None, "embed"), dtype=qf_dt, param_dtype=train_pdt,
+                                kernel_init=_torch_linear_init(c.video_qformer.hidden_size))
+        if c.equip_audio_branch:
+            self.audio_encoder = ImageBindEncoder(c.imagebind_audio, c.imagebind_vision, with_vision=True,
+                                                  dtype=as_dtype(p.imagebind))
+            self.audio_position_embedding = nn.Embed(
+                c.num_audio_positions, c.imagebind_audio.out_dim, param_dtype=train_pdt,
+                embedding_init=with_axes(nn.initializers.normal(1.0), ("positions", "embed")))
+            self.audio_qformer = QFormer(c.audio_qformer, dtype=qf_dt, param_dtype=train_pdt)
+            self.audio_query_tokens = self.param(
+                "audio_query_tokens", with_axes(nn.initializers.normal(0.02), (None, "queries", "embed")),
+                (1, c.audio_qformer.num_query_tokens, c.audio_qformer.hidden_size), train_pdt)
+            self.audio_llama_proj = dense(c.llama.hidden_size, (None, "embed"), dtype=qf_dt, param_dtype=train_pdt,
+                                          kernel_init=_torch_linear_init(c.audio_qformer.hidden_size))
+        self.llama = Llama(c.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params),
+                           remat=self.remat_llama)
+
+    # ------------------------------------------------------------------------------------------------------
+    # vision branch
+
+    def encode_frames(self, frames: jax.Array) -> jax.Array:
+        """(B, T, H, W, 3) -> per-frame image Q-Former outputs (B, T, Q, hidden). Frozen, always eval mode."""
+        b, t = frames.shape[:2]
+        x = frames.reshape((b * t,) + frames.shape[2:])  # sample-major: row b*T + t
+        tokens = self.ln_vision(self.visual_encoder(x).astype(jnp.float32))
+        queries = jnp.broadcast_to(self.query_tokens, (b * t,) + self.query_tokens.shape[1:])
+        out = self.qformer(queries, tokens, deterministic=True)
+        return out.reshape((b, t) + out.shape[1:])
+
+    def video_qformer_memory(self, frame_queries: jax.Array) -> jax.Array:
+        """Add the frame position embedding to each frame's queries, then flatten frame-major to (B, T*Q, h)."""
+        b, t, q, h = frame_queries.shape
+        pos = self.video_frame_position_embedding(jnp.arange(t))  # fails beyond max_frame_pos, as upstream
+        x = frame_queries + pos[None, :, None, :].astype(frame_queries.dtype)
+        return x.reshape(b, t * q, h)
+
+    def encode_video(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
+        """`encode_videoQformer_visual`: (B, T, H, W, 3) -> (B, Nv, D_llm)."""
+        memory = self.video_qformer_memory(self.encode_frames(frames))
+        return self._video_from_memory(memory, deterministic)
+
+    def _video_from_memory(self, memory: jax.Array, deterministic: bool) -> jax.Array:
+        b = memory.shape[0]
+        queries = jnp.broadcast_to(self.video_query_tokens, (b,) + self.video_query_tokens.shape[1:])
+        hidden = self.video_qformer(queries, memory, deterministic=deterministic)
+        return self.llama_proj(hidden).astype(jnp.float32)
+
+    def encode_image(self, images: jax.Array, deterministic: bool = True) -> jax.Array:
+        """An image is a 1-frame video (frame position 0 is still added): (B, H, W, 3) -> (B, Nv, D_llm)."""
+        return self.encode_video(images[:, None], deterministic)
+
+    # ------------------------------------------------------------------------------------------------------
+    # audio branch
+
+    def _audio_from_segments(self, segments: jax.Array, deterministic: bool) -> jax.Array:
+        b, s, _ = segments.shape
+        x = segments + self.audio_position_embedding(jnp.arange(s))[None].astype(segments.dtype)
+        queries = jnp.broadcast_to(self.audio_query_tokens, (b,) + self.audio_query_tokens.shape[1:])
+        hidden = self.audio_qformer(queries, x, deterministic=deterministic)
+        return self.audio_llama_proj(hidden).astype(jnp.float32)
+
+    def audio_segments(self, clips: jax.Array, deterministic: bool = True) -> tuple[jax.Array, jax.Array]:
+        """(B, S, 1, mel, time) fbank clips -> ImageBind (feature (B, S, width), embedding (B, S, out_dim))."""
+        b, s = clips.shape[:2]
+        x = clips.reshape((b * s,) + clips.shape[-2:])[..., None]  # channels-last (N, mel, time, 1)
+        feature, embedding = self.audio_encoder.encode_audio(x, deterministic=deterministic)
+        return feature.reshape(b, s, -1), embedding.reshape(b, s, -1)
+
+    def encode_audio(self, clips: jax.Array, deterministic: bool = True) -> jax.Array:
+        """`encode_audioQformer` (audio modality): (B, S, 1, mel, time) -> (B, Na, D_llm). S <= 8."""
+        _, embedding = self.audio_segments(clips, deterministic)
+        return self._audio_from_segments(embedding, deterministic)
+
+    def encode_audio_from_frames(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
+        """`encode_audioQformer` (vision modality), how upstream trains the audio branch: (B, T, H, W, 3)."""
+        b, t = frames.shape[:2]
+        _, embedding = self.audio_encoder.encode_vision(frames.reshape((b * t,) + frames.shape[2:]),
+                                                        deterministic=deterministic)
+        return self._audio_from_segments(embedding.reshape(b, t, -1), deterministic)
+
+    def encode_audiovideo(self, frames: jax.Array, clips: jax.Array, deterministic: bool = True) -> jax.Array:
+        """`encode_videoQformer_audiovideo` (unused upstream): the ImageBind audio *features* (768-d, pre-projection)
+        plus the same frame positions are appended to the frame tokens of the video Q-Former memory. Needs S == T."""
+        frame_queries = self.encode_frames(frames)
+        b, t = frame_queries.shape[:2]
+        feature, _ = self.audio_segments(clips, deterministic=True)
+        pos = self.video_frame_position_embedding(jnp.arange(t))
+        audio_tokens = feature + pos[None].astype(feature.dtype)
+        memory = jnp.concatenate([self.video_qformer_memory(frame_queries), audio_tokens], axis=1)
+        return self._video_from_memory(memory, deterministic)
+
+    def encode_media(self, frames: jax.Array, branch: str = "video", deterministic: bool = True) -> jax.Array:
+        """Training media path: train_flag 0 -> vision branch, 1 -> audio branch fed with frames (SPEC 1.8)."""
+        if branch == "video":
+            return self.encode_video(frames, deterministic)
+        if branch == "audio":
+            return self.encode_audio_from_frames(frames, deterministic)
+        raise ValueError(f"unknown branch {branch!r} (video or audio)")
+
+    # ------------------------------------------------------------------------------------------------------
+    # LLM side
+
+    def embed_tokens(self, input_ids: jax.Array) -> jax.Array:
+        """LLaMA input embeddings; ids outside the (un-resized) table, i.e. the placeholders, embed as id 0."""
+        ids = jnp.where(input_ids >= self.config.llama.vocab_size, 0, input_ids)
+        return self.llama.embed(ids)
+
+    def splice_media(self, embeds: jax.Array, input_ids: jax.Array, media: jax.Array, placeholder_id: int) -> jax.Array:
+        """Replace each row's run of N consecutive `placeholder_id` positions by its N media rows (path A step 4).
+
+        The run's length and contiguity are checked on the host (`check_placeholders`); here the k-th placeholder
+        of a row takes media row k.
+        """
+        is_ph = input_ids == placeholder_id
+        k = jnp.clip(jnp.cumsum(is_ph, axis=1) - 1, 0, media.shape[1] - 1)
+        picked = jnp.take_along_axis(media.astype(embeds.dtype), k[..., None], axis=1)
+        return jnp.where(is_ph[..., None], picked, embeds)
+
+    def llm(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
+            position_ids: jax.Array | None = None, cache: Any = None, **kw: Any) -> tuple[jax.Array, Any]:
+        return self.llama(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kw)
+
+    # ------------------------------------------------------------------------------------------------------
+    # training forward (upstream `forward`)
+
+    def instruction_inputs(self, frames: jax.Array, input_ids: jax.Array, placeholder_id: int,
+                           branch: str = "video", deterministic: bool = True) -> jax.Array:
+        media = self.encode_media(frames, branch, deterministic)
+        return self.splice_media(self.embed_tokens(input_ids), input_ids, media, placeholder_id)
+
+    def instruction_loss(self, frames: jax.Array, input_ids: jax.Array, labels: jax.Array,
+                         attention_mask: jax.Array, placeholder_id: int, branch: str = "video",
+                         deterministic: bool = True) -> dict[str, jax.Array]:
+        """Path A (conv_type 'multi'): in-place N-for-N placeholder replacement, labels as the dataset built them."""
+        embeds = self.instruction_inputs(frames, input_ids, placeholder_id, branch, deterministic)
+        logits, _ = self.llm(embeds, attention_mask=attention_mask)
+        return causal_lm_loss(logits, labels) | {"logits": logits, "inputs_embeds": embeds}
+
+    def caption_inputs(self, frames: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
+                       prompt_before: jax.Array | None = None, prompt_after: jax.Array | None = None,
+                       branch: str = "video", deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Path B: [BOS, p_before, media, p_after, text] embeddings, mask and labels (SPEC 1.8 B, 7.7)."""
+        c = self.config.llama
+        media = self.encode_media(frames, branch, deterministic)
+        b = media.shape[0]
+        parts = []
+        if prompt_before is not None:
+            parts.append(self.embed_tokens(jnp.broadcast_to(prompt_before, (b, prompt_before.shape[-1]))))
+        parts.append(media)
+        if prompt_after is not None:
+            parts.append(self.embed_tokens(jnp.broadcast_to(prompt_after, (b, prompt_after.shape[-1]))))
+        bos = self.embed_tokens(jnp.full((b, 1), c.bos_token_id, jnp.int32))
+        wrapped = jnp.concatenate(parts, axis=1).astype(bos.dtype)
+        text = self.embed_tokens(text_ids)
+        embeds = jnp.concatenate([bos, wrapped, text], axis=1)
+        n_prefix = 1 + wrapped.shape[1]
+        mask = jnp.concatenate([jnp.ones((b, n_prefix), text_mask.dtype), text_mask], axis=1)
+        # upstream masks by pad *id* (pad = unk = 0), not by the attention mask
+        targets = jnp.where(text_ids == c.pad_token_id, IGNORE_INDEX, text_ids)
+        labels = jnp.concatenate([jnp.full((b, n_prefix), IGNORE_INDEX, targets.dtype), targets], axis=1)
+        return embeds, mask, labels
+
+    def caption_loss(self, frames: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
+                     prompt_before: jax.Array | None = None, prompt_after: jax.Array | None = None,
+                     branch: str = "video", deterministic: bool = True) -> dict[str, jax.Array]:
+        embeds, mask, labels = self.caption_inputs(frames, text_ids, text_mask, prompt_before, prompt_after,
+                                                   branch, deterministic)
+        logits, _ = self.llm(embeds, attention_mask=mask)
+        return causal_lm_loss(logits, labels) | {"logits": logits, "inputs_embeds": embeds, "attention_mask": mask,
+                                                 "labels": labels}
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def init_all(self, frames: jax.Array, clips: jax.Array | None, input_ids: jax.Array) -> jax.Array:
+        """Touch every submodule once so `init` creates the whole params tree."""
+        out = self.encode_video(frames)
+        if self.config.equip_audio_branch:
+            iv = self.config.imagebind_vision
+            # ImageBind's vision tower has its own input size (224 upstream)
+            vis_frames = jnp.zeros(frames.shape[:2] + (iv.image_size, iv.image_size, 3), frames.dtype)
+            out = out.sum() + self.encode_audio(clips).sum() + self.encode_audio_from_frames(vis_frames).sum()
+        logits, _ = self.llm(self.embed_tokens(input_ids))
+        return logits.sum() + jnp.sum(out)
+
+
+def _torch_linear_init(fan_in: int) -> Any:
+    """PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (upstream projections, SPEC 3.5)."""
+    bound = 1.0 / fan_in ** 0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """HF causal-LM loss: logits[:, :-1] vs labels[:, 1:], ignore -100, mean over all kept tokens of the batch."""
+    shift_logits = logits[:, :-1].astype(jnp.float32)
+    shift_labels = labels[:, 1:]
+    valid = shift_labels != IGNORE_INDEX
+    safe = jnp.where(valid, shift_labels, 0)
+    logp = jax.nn.log_softmax(shift_logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, safe[..., None], axis=-1)[..., 0]
+    total = jnp.sum(jnp.where(valid, nll, 0.0))
+    count = jnp.sum(valid)
+    return {"loss": total / jnp.maximum(count, 1), "loss_sum": total, "num_tokens": count}
+
+
+def check_placeholders(input_ids: Any, num_media_tokens: int, placeholder_id: int) -> None:
+    """Host-side check of path A's rule: each row holds exactly N consecutive placeholders (else ValueError)."""
+    import numpy as np
+
+    ids = np.asarray(input_ids)
+    for b, row in enumerate(ids):
+        pos = np.flatnonzero(row == placeholder_id)
+        if len(pos) != num_media_tokens:
+            raise ValueError(f"row {b}: {len(pos)} placeholder tokens, expected {num_media_tokens}")
+        if len(pos) and pos[-1] - pos[0] + 1 != len(pos):
+            raise ValueError(f"row {b}: the placeholder tokens are not consecutive")

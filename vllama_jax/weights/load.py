@@ -1,0 +1,162 @@
+"""Load the upstream files into the params pytree (SPEC 10).
+
+Each upstream file kind feeds one or more components through their key maps:
+
+| file (flag)                                   | components (top-level params groups)                       |
+|-----------------------------------------------|------------------------------------------------------------|
+| `eva_vit_g.pth` (eva_vit)                      | visual_encoder                                              |
+| `blip2_pretrained_flant5xxl.pth` (blip2)       | qformer, query_tokens, ln_vision                            |
+| `imagebind_huge.pth` (imagebind)               | audio_encoder (audio + vision towers)                       |
+| HF LLaMA folder or `.gguf` (llama)             | llama                                                       |
+| VL checkpoint (vl_ckpt)                        | video_qformer, video_query_tokens, video_frame_position_embedding, llama_proj |
+| AL checkpoint (al_ckpt)                        | audio_qformer, audio_query_tokens, audio_position_embedding, audio_llama_proj |
+
+Missing parameters, unexpected keys and shape mismatches raise `WeightsError` naming the keys and the file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from ..config import ModelConfig
+from .keymaps import (
+    CHECKPOINT_BUFFERS,
+    KeyMap,
+    audio_branch_keymap,
+    eva_vit_keymap,
+    flatten_params,
+    image_qformer_keymap,
+    load_component,
+    unflatten_params,
+    video_branch_keymap,
+)
+from .readers import TensorSource, WeightsError, open_weights
+
+FILE_KINDS = ("eva_vit", "blip2", "imagebind", "llama", "vl_ckpt", "al_ckpt")
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "eva_vit": ("visual_encoder",),
+    "blip2": ("qformer", "query_tokens", "ln_vision"),
+    "imagebind": ("audio_encoder",),
+    "llama": ("llama",),
+    "vl_ckpt": ("video_qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj"),
+    "al_ckpt": ("audio_qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj"),
+}
+
+
+@dataclass
+class UpstreamFiles:
+    """Paths of the upstream files; any may be None (that part is then not loaded)."""
+
+    eva_vit: Path | str | None = None
+    blip2: Path | str | None = None
+    imagebind: Path | str | None = None
+    llama: Path | str | None = None
+    vl_ckpt: Path | str | None = None
+    al_ckpt: Path | str | None = None
+
+    def given(self) -> dict[str, Path]:
+        return {k: Path(getattr(self, k)) for k in FILE_KINDS if getattr(self, k) is not None}
+
+
+def keymap_for(kind: str, config: ModelConfig, source: TensorSource | None = None) -> KeyMap:
+    if kind == "eva_vit":
+        return eva_vit_keymap(config.vit.depth)
+    if kind == "blip2":
+        return image_qformer_keymap()
+    if kind == "vl_ckpt":
+        return video_branch_keymap()
+    if kind == "al_ckpt":
+        return audio_branch_keymap()
+    if kind == "imagebind":
+        from .imagebind_keys import imagebind_keymap
+
+        return imagebind_keymap(config.imagebind_audio, config.imagebind_vision, with_vision=True).with_prefix("", "audio_encoder")
+    if kind == "llama":
+        from . import llama_keys
+
+        is_gguf = source is not None and type(source).__name__ == "GGUFSource"
+        km = llama_keys.llama_gguf_keymap(config.llama) if is_gguf else llama_keys.llama_hf_keymap(config.llama)
+        return km.with_prefix("", "llama")
+    raise ValueError(f"unknown file kind {kind!r}")
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    from ..models import abstract_params
+
+    tree, _ = abstract_params(config)
+    return {k: tuple(v.shape) for k, v in flatten_params(tree).items()}
+
+
+def _in_groups(path: str, groups: Iterable[str]) -> bool:
+    top = path.split("/", 1)[0]
+    return top in groups
+
+
+def load_file(
+    kind: str,
+    path: Path | str | TensorSource,
+    config: ModelConfig,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
+    *,
+    dtype: Any = None,
+    on_tensor: Callable[[str, np.ndarray], None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Load one upstream file of `kind` into flat {params path: array} (or stream it to `on_tensor`)."""
+    if kind not in FILE_KINDS:
+        raise ValueError(f"unknown file kind {kind!r} (one of {', '.join(FILE_KINDS)})")
+    source = path if isinstance(path, TensorSource) else open_weights(path)
+    shapes = shapes if shapes is not None else expected_shapes(config)
+    groups = GROUPS[kind]
+    if kind == "imagebind" and not config.equip_audio_branch:
+        raise WeightsError(source.path, "the config has no audio branch (equip_audio_branch: false)")
+    if kind == "al_ckpt" and not config.equip_audio_branch:
+        raise WeightsError(source.path, "an audio-branch checkpoint needs a config with equip_audio_branch: true")
+    keymap = keymap_for(kind, config, source)
+    expected = {p: s for p, s in shapes.items() if _in_groups(p, groups)}
+    out = load_component(source, keymap, expected, dtype=dtype, on_tensor=on_tensor)
+    if kind in ("vl_ckpt", "al_ckpt"):
+        _check_checkpoint_keys(source, config)
+    return out
+
+
+def _check_checkpoint_keys(source: TensorSource, config: ModelConfig) -> None:
+    """A Video-LLaMA checkpoint may hold the VL and AL branches and buffers; anything else is unexpected."""
+    maps = [video_branch_keymap()] + ([audio_branch_keymap()] if config.equip_audio_branch else [])
+    unknown = [
+        k for k in source.keys()
+        if not any(m.claims_key(k) for m in maps) and not any(re.match(b, k) for b in CHECKPOINT_BUFFERS)
+    ]
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:8]) + (f" (+{len(unknown) - 8} more)" if len(unknown) > 8 else "")
+        raise WeightsError(source.path, f"unexpected keys for a Video-LLaMA checkpoint: {shown}")
+
+
+def load_upstream(
+    config: ModelConfig,
+    files: UpstreamFiles,
+    *,
+    dtype: Any = None,
+) -> dict[str, Any]:
+    """Load every given file; returns the nested params tree of the parts that were given."""
+    shapes = expected_shapes(config)
+    flat: dict[str, np.ndarray] = {}
+    for kind, path in files.given().items():
+        flat.update(load_file(kind, path, config, shapes, dtype=dtype))
+    return unflatten_params(flat)
+
+
+def complete_params(partial: Mapping[str, Any], config: ModelConfig, seed: int = 0) -> dict[str, Any]:
+    """Fill the groups absent from `partial` with fresh upstream-style initialisation (training from scratch)."""
+    from ..models import init_params
+
+    fresh = init_params(config, seed)
+    merged = dict(fresh)
+    for k, v in partial.items():
+        merged[k] = v
+    return merged
