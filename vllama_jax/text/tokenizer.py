@@ -1,0 +1,872 @@
+"""Tokenizers with Video-LLaMA's two media placeholder tokens.
+
+Two families:
+
+* ``"llama_sp"`` — a LLaMA SentencePiece model (``tokenizer.model`` of a HF LLaMA / Vicuna / LLaMA-2 folder).
+  Encoding reproduces the *slow* ``LlamaTokenizer`` of transformers 4.28 (the version Video-LLaMA pins, "legacy"
+  behaviour) exactly, implemented directly on ``sentencepiece.SentencePieceProcessor`` so that it does not depend on
+  whichever transformers version is installed:
+
+  1. the text is split around the special / added tokens (``<s>``, ``</s>``, ``<unk>``, ``<ImageHere>``,
+     ``<AudioHere>`` and any token from ``added_tokens.json``); at each position the longest match wins;
+  2. whitespace adjacent to a *plain-string* added token (``<ImageHere>``, ``<AudioHere>``, non-special entries of
+     ``added_tokens.json``) is stripped on both sides; the tokenizer's own special tokens (``<s>``, ``</s>``,
+     ``<unk>``, a configured pad token) are ``AddedToken(lstrip=False, rstrip=False)`` and strip nothing;
+  3. every remaining non-empty chunk is encoded by SentencePiece on its own (so each chunk gets the dummy ``▁``
+     prefix); special/added tokens map to their ids (``<s>`` -> 1, ``</s>`` -> 2);
+  4. BOS is prepended only on request (``add_bos``).
+
+  Decoding reproduces 4.28's ``LlamaTokenizer.decode`` (special tokens kept unless skipped, added tokens joined with
+  single spaces, a space inserted before a special token that follows ordinary text).
+
+* ``"hf"`` — anything else, built through transformers (a GGUF file such as SmolLM2's GPT2-style BPE, or a folder
+  with ``tokenizer.json``). The placeholders are added as special tokens (no whitespace stripping), bos/eos/pad and
+  the chat template come from the GGUF metadata.
+
+The placeholder ids are ``base_vocab_size`` and ``base_vocab_size + 1`` (LLaMA-2: 32000 / 32001); the LLM embedding
+table is *not* resized for them (upstream behaviour, see SPEC 5.2).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+from typing import Iterable, Sequence
+
+IMAGE_PLACEHOLDER = "<ImageHere>"
+AUDIO_PLACEHOLDER = "<AudioHere>"
+PLACEHOLDERS = (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER)
+
+#: metadata file written by :meth:`Tokenizer.save` next to the tokenizer files
+META_FILE = "vllama_tokenizer.json"
+
+
+class TokenizerError(Exception):
+    """A tokenizer could not be loaded; names the file and the reason."""
+
+    def __init__(self, path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+def _token_content(tok) -> str | None:
+    """A special token as stored in tokenizer_config.json / special_tokens_map.json (str, AddedToken dict, None)."""
+    if tok is None:
+        return None
+    if isinstance(tok, str):
+        return tok
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return str(tok)
+
+
+def _read_json(path: Path, missing_ok: bool = True) -> dict:
+    if not path.is_file():
+        if missing_ok:
+            return {}
+        raise TokenizerError(path, "no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise TokenizerError(path, f"unreadable JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise TokenizerError(path, "expected a JSON object")
+    return data
+
+
+def _chat_template_from_config(cfg: dict, folder: Path | None) -> str | None:
+    tpl = cfg.get("chat_template")
+    if isinstance(tpl, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default") or next(iter(named.values()), None)
+    if tpl is None and folder is not None and (folder / "chat_template.jinja").is_file():
+        tpl = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    if tpl is None and folder is not None and (folder / "chat_template.json").is_file():
+        tpl = _read_json(folder / "chat_template.json").get("chat_template")
+    return tpl if isinstance(tpl, str) else None
+
+
+class Tokenizer:
+    """Common interface. Use :func:`load_tokenizer` to build one.
+
+    Attributes: ``bos_id``, ``eos_id``, ``pad_id``, ``unk_id`` (``None`` if the model has none), ``base_vocab_size``
+    (without the two placeholders), ``image_placeholder_id`` (= ``base_vocab_size``), ``audio_placeholder_id``
+    (= ``base_vocab_size + 1``), ``chat_template`` (jinja string or ``None``), ``family`` (``"llama_sp"`` / ``"hf"``),
+    ``adds_bos`` / ``adds_eos`` (what the model's own ``tokenizer(text)`` adds by default; LLaMA: BOS only).
+
+    ``pad_id`` is the model tokenizer's pad token if its files name one, else ``unk`` (upstream
+    ``pad_token = unk_token``). Upstream's *instruction* datasets always pad with ``unk`` (0):
+    use :attr:`instruct_pad_id` for them.
+    """
+
+    family: str = ""
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    unk_id: int | None
+    base_vocab_size: int
+    image_placeholder_id: int
+    audio_placeholder_id: int
+    chat_template: str | None = None
+    adds_bos: bool = True
+    adds_eos: bool = False
+    source: str = ""
+
+    # ---- interface -------------------------------------------------------------------------------------------
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        raise NotImplementedError
+
+    def save(self, directory) -> None:
+        raise NotImplementedError
+
+    def id_to_token(self, i: int) -> str:
+        raise NotImplementedError
+
+    def token_to_id(self, token: str) -> int | None:
+        raise NotImplementedError
+
+    # ---- shared helpers --------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Total number of ids including the two placeholders."""
+        return self.base_vocab_size + 2
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def instruct_pad_id(self) -> int:
+        """Pad id of upstream's instruction datasets (``pad_token = unk_token`` unconditionally)."""
+        return self.unk_id if self.unk_id is not None else self.pad_id
+
+    @property
+    def special_ids(self) -> set[int]:
+        """Ids dropped by ``decode(skip_special_tokens=True)``."""
+        s = {self.bos_id, self.eos_id, self.pad_id}
+        if self.unk_id is not None:
+            s.add(self.unk_id)
+        return s
+
+    def encode_with_special(self, text: str) -> list[int]:
+        """What the model's own ``tokenizer(text)`` (``add_special_tokens=True``) returns."""
+        return self.encode(text, add_bos=self.adds_bos, add_eos=self.adds_eos)
+
+    def encode_batch(self, texts: Iterable[str], add_bos: bool = False) -> list[list[int]]:
+        return [self.encode(t, add_bos=add_bos) for t in texts]
+
+    def _meta(self) -> dict:
+        return {
+            "family": self.family,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            "unk_id": self.unk_id,
+            "base_vocab_size": self.base_vocab_size,
+            "image_placeholder_id": self.image_placeholder_id,
+            "audio_placeholder_id": self.audio_placeholder_id,
+            "adds_bos": self.adds_bos,
+            "adds_eos": self.adds_eos,
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(family={self.family!r}, base_vocab_size={self.base_vocab_size}, "
+            f"bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id}, unk={self.unk_id}, "
+            f"image={self.image_placeholder_id}, audio={self.audio_placeholder_id}, source={self.source!r})"
+        )
+
+
+# ====================================================================================================================
+# SentencePiece LLaMA tokenizer (transformers 4.28 slow LlamaTokenizer semantics)
+# ====================================================================================================================
+class LlamaSPTokenizer(Tokenizer):
+    family = "llama_sp"
+
+    def __init__(
+        self,
+        model_file=None,
+        *,
+        model_proto: bytes | None = None,
+        source: str | None = None,
+        config: dict | None = None,
+        added_tokens: dict[str, int] | None = None,
+        special_tokens_map: dict | None = None,
+        chat_template: str | None = None,
+        pad_id: int | None = None,
+    ):
+        """From a SentencePiece model file (``model_file``) or its serialized bytes (``model_proto``, e.g. rebuilt
+        from a GGUF; ``source`` names where it came from)."""
+        import sentencepiece as spm
+
+        if model_proto is None:
+            if model_file is None:
+                raise TypeError("LlamaSPTokenizer needs model_file or model_proto")
+            model_file = Path(model_file)
+            if not model_file.is_file():
+                raise TokenizerError(model_file, "no such file")
+            try:
+                model_proto = model_file.read_bytes()
+            except OSError as e:
+                raise TokenizerError(model_file, f"cannot read ({e.strerror or e})") from e
+        where = source or str(model_file)
+        self.source = where
+        sp = spm.SentencePieceProcessor()
+        try:
+            ok = sp.LoadFromSerializedProto(model_proto)
+        except Exception as e:  # sentencepiece raises RuntimeError / OSError with a parser message
+            raise TokenizerError(where, f"not a SentencePiece model ({type(e).__name__}: {e})") from e
+        if ok is False or sp.get_piece_size() == 0:
+            raise TokenizerError(where, "not a SentencePiece model (empty vocabulary)")
+        self.sp = sp
+        self._model_proto = bytes(model_proto)
+        cfg = dict(config or {})
+        stm = dict(special_tokens_map or {})
+        self.config = cfg
+        n_sp = sp.get_piece_size()
+
+        def piece_id(tok: str | None, default: int) -> int:
+            if tok is None:
+                return default
+            if tok in (added_tokens or {}):
+                return added_tokens[tok]
+            i = sp.piece_to_id(tok)
+            if 0 <= i < n_sp and sp.id_to_piece(i) == tok:
+                return i
+            return default
+
+        bos_tok = _token_content(cfg.get("bos_token", stm.get("bos_token"))) or "<s>"
+        eos_tok = _token_content(cfg.get("eos_token", stm.get("eos_token"))) or "</s>"
+        unk_tok = _token_content(cfg.get("unk_token", stm.get("unk_token"))) or "<unk>"
+        pad_tok = _token_content(cfg.get("pad_token", stm.get("pad_token")))
+        self.bos_id = piece_id(bos_tok, sp.bos_id())
+        self.eos_id = piece_id(eos_tok, sp.eos_id())
+        unk = piece_id(unk_tok, sp.unk_id())
+        self.unk_id = unk if unk >= 0 else None
+        self.adds_bos = bool(cfg.get("add_bos_token", True))
+        self.adds_eos = bool(cfg.get("add_eos_token", False))
+        self.chat_template = chat_template
+
+        # tokens with an id >= n_sp (added_tokens.json, e.g. Vicuna v0's "[PAD]"), placeholders excluded
+        self._added: dict[str, int] = {}
+        placeholder_ids: dict[str, int] = {}
+        for tok, i in sorted((added_tokens or {}).items(), key=lambda kv: kv[1]):
+            if tok in PLACEHOLDERS:
+                placeholder_ids[tok] = int(i)
+            elif int(i) >= n_sp:
+                self._added[tok] = int(i)
+        self.base_vocab_size = n_sp + len(self._added)
+        if self._added and max(self._added.values()) != self.base_vocab_size - 1:
+            raise TokenizerError(where, f"added token ids are not contiguous after {n_sp}: {self._added}")
+        self.image_placeholder_id = placeholder_ids.get(IMAGE_PLACEHOLDER, self.base_vocab_size)
+        self.audio_placeholder_id = placeholder_ids.get(AUDIO_PLACEHOLDER, self.image_placeholder_id + 1)
+        if pad_id is not None:
+            self.pad_id = int(pad_id)
+        else:
+            pad = piece_id(pad_tok, -1) if pad_tok is not None else -1
+            self.pad_id = pad if pad >= 0 else (self.unk_id if self.unk_id is not None else 0)
+
+        # Special tokens of the tokenizer (AddedToken(lstrip=False, rstrip=False) in 4.28: nothing stripped).
+        self._special_tokens: dict[str, int] = {}
+        for tok, i in ((unk_tok, self.unk_id), (bos_tok, self.bos_id), (eos_tok, self.eos_id), (pad_tok, self.pad_id)):
+            if tok is not None and i is not None and i >= 0:
+                self._special_tokens[tok] = i
+        # Plain-string added tokens (whitespace stripped on both sides).
+        self._stripping: dict[str, int] = {
+            IMAGE_PLACEHOLDER: self.image_placeholder_id,
+            AUDIO_PLACEHOLDER: self.audio_placeholder_id,
+        }
+        for tok, i in self._added.items():
+            if tok not in self._special_tokens:
+                self._stripping[tok] = i
+            # an added token that is also a special token (e.g. pad "[PAD]") keeps no-strip semantics
+        self._no_split: dict[str, int] = {**self._special_tokens, **self._added, **self._stripping}
+        self._id_to_added: dict[int, str] = {i: t for t, i in {**self._added, **self._stripping}.items()}
+        self._special_token_strings = set(self._special_tokens)
+        # leftmost match, longest token first at a position (regex alternation order) == 4.28's trie split here
+        self._split_re = re.compile(
+            "(" + "|".join(re.escape(t) for t in sorted(self._no_split, key=len, reverse=True)) + ")"
+        )
+
+    # ---- encode ---------------------------------------------------------------------------------------------
+    def _split(self, text: str) -> list[str]:
+        """Split around no-split tokens, keeping the tokens (no empty pieces)."""
+        return [p for p in self._split_re.split(text) if p]
+
+    def tokenize(self, text: str) -> list[str]:
+        """Token strings (SentencePiece pieces / special tokens), as 4.28's ``tokenize``."""
+        out: list[str] = []
+        for chunk in self._chunks(text):
+            if chunk in self._no_split:
+                out.append(chunk)
+            else:
+                out.extend(self.sp.encode(chunk, out_type=str))
+        return out
+
+    def _chunks(self, text: str) -> list[str]:
+        tokens = self._split(text)
+        for i, tok in enumerate(tokens):
+            if tok in self._stripping and tok in self._no_split:
+                # plain-string added token: strip the neighbours (left after right, like 4.28; in place, so a
+                # neighbour already emptied is skipped)
+                if i + 1 < len(tokens) and tokens[i + 1]:
+                    tokens[i + 1] = tokens[i + 1].lstrip()
+                if i > 0 and tokens[i - 1]:
+                    tokens[i - 1] = tokens[i - 1].rstrip()
+        return [t for t in tokens if t]
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids: list[int] = [self.bos_id] if add_bos else []
+        for chunk in self._chunks(text):
+            tid = self._no_split.get(chunk)
+            if tid is not None:
+                ids.append(tid)
+            else:
+                ids.extend(self.sp.encode(chunk))
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    # ---- decode ---------------------------------------------------------------------------------------------
+    def id_to_token(self, i: int) -> str:
+        i = int(i)
+        if i in self._id_to_added:
+            return self._id_to_added[i]
+        if 0 <= i < self.sp.get_piece_size():
+            return self.sp.id_to_piece(i)
+        raise IndexError(f"token id {i} out of range (vocabulary of {self.vocab_size})")
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._no_split:
+            return self._no_split[token]
+        i = self.sp.piece_to_id(token)
+        if 0 <= i < self.sp.get_piece_size() and self.sp.id_to_piece(i) == token:
+            return i
+        return None
+
+    def _tokens_to_string(self, tokens: list[str]) -> str:
+        # 4.28 LlamaTokenizer.convert_tokens_to_string
+        cur: list[str] = []
+        out = ""
+        prev_special = False
+        for i, tok in enumerate(tokens):
+            if tok in self._special_token_strings:
+                if not prev_special and i != 0:
+                    out += " "
+                out += self.sp.decode_pieces(cur) + tok
+                prev_special = True
+                cur = []
+            else:
+                cur.append(tok)
+                prev_special = False
+        return out + self.sp.decode_pieces(cur)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in _as_list(ids)]
+        if skip_special_tokens:
+            skip = set(self._special_tokens.values())
+            ids = [i for i in ids if i not in skip]
+        # 4.28 PreTrainedTokenizer._decode: added tokens are separate sub-texts joined with " "
+        sub_texts: list[str] = []
+        cur: list[str] = []
+        for i in ids:
+            tok = self.id_to_token(i)
+            if i in self._id_to_added:
+                if cur:
+                    sub_texts.append(self._tokens_to_string(cur))
+                    cur = []
+                sub_texts.append(tok)
+            else:
+                cur.append(tok)
+        if cur:
+            sub_texts.append(self._tokens_to_string(cur))
+        return " ".join(sub_texts)
+
+    # ---- save -----------------------------------------------------------------------------------------------
+    def save(self, directory) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "tokenizer.model").write_bytes(self._model_proto)
+        inv = {i: t for t, i in self._special_tokens.items()}
+        cfg = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": self.adds_bos,
+            "add_eos_token": self.adds_eos,
+            "bos_token": inv.get(self.bos_id, "<s>"),
+            "eos_token": inv.get(self.eos_id, "</s>"),
+            "unk_token": inv.get(self.unk_id, "<unk>") if self.unk_id is not None else None,
+            "pad_token": None if self.pad_id == self.unk_id else inv.get(self.pad_id),
+            "clean_up_tokenization_spaces": False,
+            "legacy": True,
+        }
+        if self.chat_template:
+            cfg["chat_template"] = self.chat_template
+        _write_json(d / "tokenizer_config.json", cfg)
+        _write_json(
+            d / "special_tokens_map.json",
+            {k: v for k, v in cfg.items() if k.endswith("_token") and isinstance(v, str)},
+        )
+        if self._added:
+            _write_json(d / "added_tokens.json", dict(self._added))
+        _write_json(d / META_FILE, self._meta())
+
+
+# ====================================================================================================================
+# transformers-backed tokenizer (GGUF BPE, tokenizer.json folders)
+# ====================================================================================================================
+class HFTokenizer(Tokenizer):
+    family = "hf"
+
+    def __init__(self, hf_tokenizer, *, source: str, meta: dict | None = None):
+        self.hf = hf_tokenizer
+        self.source = source
+        meta = dict(meta or {})
+        t = hf_tokenizer
+        existing = {tok: t.convert_tokens_to_ids(tok) for tok in PLACEHOLDERS}
+        unk_id_guess = t.unk_token_id
+        have = {k: v for k, v in existing.items() if v is not None and v != unk_id_guess and k in t.get_vocab()}
+        if len(have) == 2:
+            self.base_vocab_size = meta.get("base_vocab_size", min(have.values()))
+        else:
+            self.base_vocab_size = len(t)
+            t.add_tokens([tok for tok in PLACEHOLDERS if tok not in have], special_tokens=True)
+        self.image_placeholder_id = int(t.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+        self.audio_placeholder_id = int(t.convert_tokens_to_ids(AUDIO_PLACEHOLDER))
+
+        def pick(key, attr):
+            v = meta.get(key)
+            if v is None:
+                v = getattr(t, attr, None)
+            return None if v is None else int(v)
+
+        self.bos_id = pick("bos_id", "bos_token_id")
+        self.eos_id = pick("eos_id", "eos_token_id")
+        self.unk_id = pick("unk_id", "unk_token_id")
+        pad = pick("pad_id", "pad_token_id")
+        if self.eos_id is None:
+            raise TokenizerError(source, "the tokenizer defines no end-of-sequence token")
+        if self.bos_id is None:  # some BPE models have no BOS; fall back to EOS (never added unless asked)
+            self.bos_id = self.eos_id
+        self.pad_id = pad if pad is not None else (self.unk_id if self.unk_id is not None else self.eos_id)
+        self.adds_bos = bool(meta.get("adds_bos", False))
+        self.adds_eos = bool(meta.get("adds_eos", False))
+        self.chat_template = meta.get("chat_template") or getattr(t, "chat_template", None)
+        if isinstance(self.chat_template, dict):
+            self.chat_template = self.chat_template.get("default") or next(iter(self.chat_template.values()), None)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = list(self.hf.encode(text, add_special_tokens=False)) if text else []
+        if add_bos:
+            ids.insert(0, self.bos_id)
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids of ``text`` (no BOS) and the character span of every token."""
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in _as_list(ids)]
+        if skip_special_tokens:
+            # the model's special tokens; the placeholders are kept (as for the LLaMA tokenizer)
+            skip = (self.special_ids | set(self.hf.all_special_ids)) - {self.image_placeholder_id, self.audio_placeholder_id}
+            ids = [i for i in ids if i not in skip]
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def id_to_token(self, i: int) -> str:
+        tok = self.hf.convert_ids_to_tokens(int(i))
+        if tok is None:
+            raise IndexError(f"token id {i} out of range")
+        return tok
+
+    def token_to_id(self, token: str) -> int | None:
+        i = self.hf.convert_tokens_to_ids(token)
+        if i is None or (i == self.unk_id and token != self.hf.unk_token):
+            return None
+        return int(i)
+
+    def save(self, directory) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(str(d))
+        meta = self._meta()
+        meta["chat_template"] = self.chat_template
+        _write_json(d / META_FILE, meta)
+
+
+# ====================================================================================================================
+# GGUF metadata (header key/values only)
+# ====================================================================================================================
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+
+
+def read_gguf_metadata(path, arrays: Sequence[str] = ()) -> dict:
+    """Key/value metadata of a GGUF file (header only, tensors untouched). Arrays are reported as
+    ``("array", n)`` except the keys listed in ``arrays``, which are returned in full (lists of str, or numpy arrays
+    for numbers). Raises :class:`TokenizerError` for anything that is not a readable GGUF file."""
+    import mmap
+
+    import numpy as np
+
+    path = Path(path)
+    want = set(arrays)
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise TokenizerError(path, "not a GGUF file (bad magic)")
+            try:
+                buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except ValueError as e:
+                raise TokenizerError(path, f"cannot map the file ({e})") from e
+            with buf:
+                pos = 4
+                size = len(buf)
+
+                def unpack(fmt):
+                    nonlocal pos
+                    v = struct.unpack_from(fmt, buf, pos)[0]
+                    pos += struct.calcsize(fmt)
+                    return v
+
+                def string():
+                    nonlocal pos
+                    n = unpack("<Q")
+                    if pos + n > size:
+                        raise TokenizerError(path, "truncated GGUF header")
+                    s = buf[pos : pos + n].decode("utf-8", errors="replace")
+                    pos += n
+                    return s
+
+                def value(vt, full=False):
+                    nonlocal pos
+                    if vt in _GGUF_SCALARS:
+                        return unpack(_GGUF_SCALARS[vt])
+                    if vt == 8:
+                        return string()
+                    if vt == 9:
+                        et = unpack("<I")
+                        n = unpack("<Q")
+                        if et in _GGUF_NUMPY:
+                            nbytes = np.dtype(_GGUF_NUMPY[et]).itemsize * n
+                            if pos + nbytes > size:
+                                raise TokenizerError(path, "truncated GGUF header")
+                            out = np.frombuffer(buf[pos : pos + nbytes], dtype=_GGUF_NUMPY[et]).copy() if full else ("array", n)
+                            pos += nbytes
+                            return out
+                        if et == 8:
+                            if full:
+                                return [string() for _ in range(n)]
+                            for _ in range(n):
+                                ln = unpack("<Q")
+                                pos += ln
+                            if pos > size:
+                                raise TokenizerError(path, "truncated GGUF header")
+                            return ("array", n)
+                        items = [value(et, full) for _ in range(n)]
+                        return items if full else ("array", n)
+                    raise TokenizerError(path, f"unknown GGUF value type {vt}")
+
+                version = unpack("<I")
+                if version < 2:
+                    raise TokenizerError(path, f"unsupported GGUF version {version}")
+                unpack("<Q")  # tensor count
+                n_kv = unpack("<Q")
+                meta = {"GGUF.version": version}
+                for _ in range(n_kv):
+                    key = string()
+                    meta[key] = value(unpack("<I"), key in want)
+                return meta
+    except OSError as e:
+        raise TokenizerError(path, f"cannot read ({e.strerror or e})") from e
+    except struct.error as e:
+        raise TokenizerError(path, f"truncated or corrupt GGUF header ({e})") from e
+
+
+# ====================================================================================================================
+# loading
+# ====================================================================================================================
+def _as_list(ids) -> list:
+    if hasattr(ids, "tolist"):
+        ids = ids.tolist()
+    if isinstance(ids, int):
+        return [ids]
+    return list(ids)
+
+
+def _write_json(path: Path, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
+def _load_llama_folder(folder: Path, model_file: Path | None = None) -> LlamaSPTokenizer:
+    model_file = model_file or folder / "tokenizer.model"
+    cfg = _read_json(folder / "tokenizer_config.json")
+    stm = _read_json(folder / "special_tokens_map.json")
+    added = {k: int(v) for k, v in _read_json(folder / "added_tokens.json").items()}
+    # newer tokenizer_config.json files list added tokens in "added_tokens_decoder" {id: {"content": ...}}
+    for k, v in (cfg.get("added_tokens_decoder") or {}).items():
+        content = _token_content(v)
+        if content is not None and content not in added:
+            added[content] = int(k)
+    meta = _read_json(folder / META_FILE)
+    tok = LlamaSPTokenizer(
+        model_file,
+        config=cfg,
+        added_tokens=added,
+        special_tokens_map=stm,
+        chat_template=_chat_template_from_config(cfg, folder),
+        pad_id=meta.get("pad_id"),
+    )
+    return tok
+
+
+_GGUF_TOKENIZER_KEYS = {  # GGUF key -> transformers' GGUF tokenizer-dict name
+    "tokenizer.ggml.model": "tokenizer_type",
+    "tokenizer.ggml.pre": "pre_tokenizer_type",
+    "tokenizer.ggml.tokens": "tokens",
+    "tokenizer.ggml.scores": "scores",
+    "tokenizer.ggml.token_type": "token_type",
+    "tokenizer.ggml.merges": "merges",
+    "tokenizer.ggml.precompiled_charsmap": "precompiled_charsmap",
+    "tokenizer.ggml.bos_token_id": "bos_token_id",
+    "tokenizer.ggml.eos_token_id": "eos_token_id",
+    "tokenizer.ggml.unknown_token_id": "unk_token_id",
+    "tokenizer.ggml.padding_token_id": "pad_token_id",
+    "tokenizer.ggml.add_space_prefix": "add_prefix_space",
+}
+_GGUF_ARRAYS = (
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.precompiled_charsmap",
+)
+
+
+def _hf_from_gguf_fast(meta: dict):
+    """Build the transformers tokenizer from metadata we already parsed, through transformers' own GGUF tokenizer
+    converter (what ``AutoTokenizer.from_pretrained(gguf_file=...)`` does, without parsing the file twice with the
+    slow ``gguf`` reader). Private transformers API: the caller falls back to the public path on any failure."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    tdict = {}
+    for key, name in _GGUF_TOKENIZER_KEYS.items():
+        if key in meta:
+            v = meta[key]
+            tdict[name] = v.tolist() if hasattr(v, "tolist") else v
+    tokens = tdict["tokens"]
+    cfg = {}
+    if isinstance(meta.get("tokenizer.chat_template"), str):
+        cfg["chat_template"] = meta["tokenizer.chat_template"]
+    if "tokenizer.ggml.add_bos_token" in meta:
+        cfg["add_bos_token"] = bool(meta["tokenizer.ggml.add_bos_token"])
+    elif tdict.get("tokenizer_type") == "llama":
+        cfg["add_bos_token"] = True
+    if "tokenizer.ggml.add_eos_token" in meta:
+        cfg["add_eos_token"] = bool(meta["tokenizer.ggml.add_eos_token"])
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        cfg[name] = tokens[int(i)] if i is not None else None
+    backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tdict)
+    cfg.update(extra or {})
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **cfg)
+
+
+def _sp_proto_from_gguf(meta: dict) -> bytes:
+    """A SentencePiece ``ModelProto`` rebuilt from a GGUF "llama" vocabulary (pieces, scores, types — GGUF token
+    types use SentencePiece's numbering). Not stored in GGUF and set as in LLaMA's tokenizer.model: BPE, identity
+    normalization, no extra-whitespace removal, byte fallback if there are byte pieces, whitespace-only pieces
+    allowed if the vocabulary has any (``▁▁``...), dummy prefix from ``tokenizer.ggml.add_space_prefix`` (default
+    on)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    tokens = meta["tokenizer.ggml.tokens"]
+    scores = meta.get("tokenizer.ggml.scores")
+    types = meta.get("tokenizer.ggml.token_type")
+    if scores is None or types is None or len(scores) != len(tokens) or len(types) != len(tokens):
+        raise ValueError("GGUF llama vocabulary without per-token scores and types")
+    m = pb.ModelProto()
+    for tok, sc, ty in zip(tokens, scores.tolist(), types.tolist()):
+        piece = m.pieces.add()
+        piece.piece = tok
+        piece.score = float(sc)
+        piece.type = int(ty) if int(ty) in (1, 2, 3, 4, 5, 6) else 1
+    ts = m.trainer_spec
+    ts.model_type = pb.TrainerSpec.BPE
+    ts.vocab_size = len(tokens)
+    ts.byte_fallback = any(int(t) == 6 for t in types.tolist())
+    ts.allow_whitespace_only_pieces = any(len(t) > 1 and set(t) == {"\u2581"} for t in tokens)
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    if unk is None:
+        unk = next((i for i, t in enumerate(types.tolist()) if int(t) == 2), 0)
+    ts.unk_id = int(unk)
+    ts.unk_piece = tokens[int(unk)]
+    for key, attr in (("bos_token_id", "bos"), ("eos_token_id", "eos")):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        setattr(ts, f"{attr}_id", int(i) if i is not None else -1)
+        if i is not None:
+            setattr(ts, f"{attr}_piece", tokens[int(i)])
+    ts.pad_id = -1
+    ns = m.normalizer_spec
+    ns.name = "identity"
+    ns.add_dummy_prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    ns.remove_extra_whitespaces = False
+    ns.escape_whitespaces = True
+    return m.SerializeToString()
+
+
+def _load_gguf_llama(path: Path, meta: dict) -> LlamaSPTokenizer:
+    tokens = meta["tokenizer.ggml.tokens"]
+
+    def tok_of(key):
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[int(i)] if i is not None else None
+
+    cfg = {
+        "bos_token": tok_of("bos_token_id"),
+        "eos_token": tok_of("eos_token_id"),
+        "unk_token": tok_of("unknown_token_id"),
+        "pad_token": tok_of("padding_token_id"),
+        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", True)),
+        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+    }
+    tpl = meta.get("tokenizer.chat_template")
+    return LlamaSPTokenizer(
+        model_proto=_sp_proto_from_gguf(meta),
+        source=str(path),
+        config={k: v for k, v in cfg.items() if v is not None},
+        chat_template=tpl if isinstance(tpl, str) else None,
+    )
+
+
+def _load_gguf(path: Path) -> Tokenizer:
+    """A GGUF's tokenizer. A SentencePiece ("llama") vocabulary becomes a :class:`LlamaSPTokenizer` (exact 4.28
+    semantics); anything else (GPT2-style BPE, ...) goes through transformers (:class:`HFTokenizer`)."""
+    meta = read_gguf_metadata(path, arrays=_GGUF_ARRAYS)
+    if not isinstance(meta.get("tokenizer.ggml.tokens"), list):
+        raise TokenizerError(path, "GGUF file without a tokenizer (no tokenizer.ggml.tokens)")
+    import warnings
+
+    if meta.get("tokenizer.ggml.model") == "llama" and "tokenizer.ggml.scores" in meta:
+        try:
+            return _load_gguf_llama(path, meta)
+        except (ValueError, TokenizerError) as e:
+            warnings.warn(f"{path}: could not rebuild the SentencePiece model ({e}); using transformers' conversion")
+
+    hf = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            hf = _hf_from_gguf_fast(meta)
+        except Exception:
+            hf = None
+        if hf is None:
+            try:
+                from transformers import AutoTokenizer
+
+                hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            except Exception as e:  # transformers raises many types for unsupported GGUF vocabularies
+                raise TokenizerError(
+                    path, f"transformers could not build a tokenizer from this GGUF ({type(e).__name__}: {e})"
+                ) from e
+
+    def meta_int(key):
+        v = meta.get(key)
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    tok_meta = {
+        "bos_id": meta_int("tokenizer.ggml.bos_token_id"),
+        "eos_id": meta_int("tokenizer.ggml.eos_token_id"),
+        "unk_id": meta_int("tokenizer.ggml.unknown_token_id"),
+        "pad_id": meta_int("tokenizer.ggml.padding_token_id"),
+        "adds_bos": bool(meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")),
+        "adds_eos": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        "chat_template": meta.get("tokenizer.chat_template") if isinstance(meta.get("tokenizer.chat_template"), str) else None,
+    }
+    return HFTokenizer(hf, source=str(path), meta=tok_meta)
+
+
+def _load_hf_folder(folder: Path) -> HFTokenizer:
+    meta = _read_json(folder / META_FILE)
+    try:
+        from transformers import AutoTokenizer
+
+        hf = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise TokenizerError(folder / "tokenizer.json", f"transformers could not load it ({type(e).__name__}: {e})") from e
+    if "adds_bos" not in meta:
+        meta["adds_bos"] = bool(getattr(hf, "add_bos_token", False))
+    return HFTokenizer(hf, source=str(folder), meta=meta)
+
+
+def load_tokenizer(path) -> Tokenizer:
+    """Load a tokenizer and register the ``<ImageHere>`` / ``<AudioHere>`` placeholders.
+
+    ``path`` may be: a HF LLaMA folder (``tokenizer.model``), a SentencePiece model file, a GGUF file, a folder with
+    ``tokenizer.json``, a folder written by :meth:`Tokenizer.save`, or a folder containing one of those in a
+    ``tokenizer/`` sub-folder or a single ``*.gguf``. A folder with both ``tokenizer.model`` and ``tokenizer.json``
+    (LLaMA-2 HF folders) uses the SentencePiece model (exact upstream ids).
+    """
+    p = Path(os.fspath(path)).expanduser()
+    if not p.exists():
+        raise TokenizerError(p, "no such file or directory")
+    if p.is_file():
+        if _is_gguf(p):
+            return _load_gguf(p)
+        if p.name == "tokenizer.json":
+            return _load_hf_folder(p.parent)
+        if p.name.endswith(".json"):
+            raise TokenizerError(p, "not a tokenizer file (expected tokenizer.model, tokenizer.json or a .gguf)")
+        # anything else is tried as a SentencePiece model (tokenizer.model, *.model, *.spm)
+        return _load_llama_folder(p.parent, model_file=p)
+    # directory
+    meta = _read_json(p / META_FILE)
+    family = meta.get("family")
+    if family == "llama_sp" or (family is None and (p / "tokenizer.model").is_file()):
+        return _load_llama_folder(p)
+    if family == "hf" or (p / "tokenizer.json").is_file():
+        return _load_hf_folder(p)
+    if (p / "tokenizer").is_dir():
+        return load_tokenizer(p / "tokenizer")
+    ggufs = sorted(q for q in p.glob("*.gguf") if q.is_file())
+    if len(ggufs) == 1:
+        return _load_gguf(ggufs[0])
+    if len(ggufs) > 1:
+        raise TokenizerError(p, f"several GGUF files, pass one explicitly: {[q.name for q in ggufs]}")
+    raise TokenizerError(p, "no tokenizer found (looked for tokenizer.model, tokenizer.json, tokenizer/, *.gguf)")
+
+
+__all__ = [
+    "IMAGE_PLACEHOLDER",
+    "AUDIO_PLACEHOLDER",
+    "PLACEHOLDERS",
+    "TokenizerError",
+    "Tokenizer",
+    "LlamaSPTokenizer",
+    "HFTokenizer",
+    "load_tokenizer",
+    "read_gguf_metadata",
+]
