@@ -213,7 +213,7 @@ class VideoLLaMA(nn.Module):
         text = self.embed_tokens(text_ids)
         embeds = jnp.concatenate([bos, wrapped, text], axis=1)
         n_prefix = 1 + wrapped.shape[1]
-        mask = jnp.concatenate([jnp.ones((b, n_prefix), text_mask.dtype), text_mask], axis=1)
+        mask = jnp.concatenate([jnp.ones((b, n_prefix), jnp.int32), text_mask.astype(jnp.int32)], axis=1)
         # upstream masks by pad *id* (pad = unk = 0), not by the attention mask
         targets = jnp.where(text_ids == c.pad_token_id, IGNORE_INDEX, text_ids)
         labels = jnp.concatenate([jnp.full((b, n_prefix), IGNORE_INDEX, targets.dtype), targets], axis=1)

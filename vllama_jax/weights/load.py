@@ -76,7 +76,7 @@ def keymap_for(kind: str, config: ModelConfig, source: TensorSource | None = Non
     if kind == "imagebind":
         from .imagebind_keys import imagebind_keymap
 
-        return imagebind_keymap(config.imagebind_audio, config.imagebind_vision, with_vision=True).with_prefix("", "audio_encoder")
+        return imagebind_keymap(config.imagebind_audio, config.imagebind_vision, with_vision=True)
     if kind == "llama":
         from . import llama_keys
 
