@@ -1,0 +1,295 @@
+"""LLaMA-family decoder (SPEC 5.1) with a functional KV cache.
+
+HF `LlamaForCausalLM` semantics: pre-norm decoder layers, RMSNorm with the variance in float32, `rotate_half`
+RoPE (HF weight layout), grouped-query attention with the softmax in float32, SiLU-gated MLP, final norm, untied
+or tied `lm_head`. Only the decoder is here: embedding lookup (`Llama.embed`) is a separate method because
+Video-LLaMA splices media embeddings between text embeddings before the decoder runs.
+
+Params tree (paths as in `vllama_jax.weights.llama_keys`):
+    embed_tokens/embedding (V, D)
+    layers_{i}/self_attn/{q_proj,k_proj,v_proj,o_proj}/kernel
+    layers_{i}/mlp/{gate_proj,up_proj,down_proj}/kernel
+    layers_{i}/{input_layernorm,post_attention_layernorm}/scale
+    norm/scale
+    lm_head/kernel (D, V)            (absent when tie_word_embeddings)
+
+KV cache (`init_cache`): a plain dict, so it can be donated to a jitted step and sharded with
+`cache_logical_axes`:
+    layers_{i}: {"k": (B, S, Hkv, Dh), "v": (B, S, Hkv, Dh)}   keys after RoPE / values, cache dtype
+    valid:      (B, S) bool      which slots hold a real (non-padding) token
+    index:      (B,) int32       next slot to write, per row
+    next_pos:   (B,) int32       position id of the next real token, per row (= real tokens seen so far)
+
+A call with `cache` writes its L new tokens at slots index[b] .. index[b]+L-1 of every row (padding included; the
+padding slots are marked invalid and never attended), then attends over the cache: query j of row b sees slot s
+iff valid[b, s] and s <= index[b] + j. Prefill (L > 1) and decode (L = 1) are the same call. Because padding slots
+are simply masked, prompts of different lengths may be batched with left padding (HF `generate` style) or right
+padding (the holes stay masked); position ids default to `next_pos + cumsum(attention_mask) - 1` so each row's
+real tokens get consecutive positions either way. The caller sizes the cache: writing past `max_length` is not
+checked inside jit (dynamic_update_slice would clamp the start and overwrite the last slots).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from ..config import LlamaConfig
+from .layers import RMSNorm, dense, dot_product_attention, normal_init, with_axes
+
+Dtype = Any
+Cache = dict[str, Any]
+
+CACHE_KV_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> Cache:
+    """An empty KV cache for `batch` rows of up to `max_length` tokens (prompt + generated, padding included)."""
+    shape = (batch, max_length, config.num_kv_heads, config.head_dim_resolved)
+    cache: Cache = {
+        f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for i in range(config.num_layers)
+    }
+    cache["valid"] = jnp.zeros((batch, max_length), jnp.bool_)
+    cache["index"] = jnp.zeros((batch,), jnp.int32)
+    cache["next_pos"] = jnp.zeros((batch,), jnp.int32)
+    return cache
+
+
+def cache_logical_axes(config: LlamaConfig) -> Cache:
+    """Logical axis names of every array of `init_cache(config, ...)`, same tree structure."""
+    axes: Cache = {f"layers_{i}": {"k": CACHE_KV_AXES, "v": CACHE_KV_AXES} for i in range(config.num_layers)}
+    axes["valid"] = ("batch", "cache_length")
+    axes["index"] = ("batch",)
+    axes["next_pos"] = ("batch",)
+    return axes
+
+
+def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """buf[b, index[b] : index[b] + L] = new[b] for every row b (per-row offsets)."""
+
+    def one(b_buf: jax.Array, b_new: jax.Array, i: jax.Array) -> jax.Array:
+        start = (i,) + (0,) * (b_buf.ndim - 1)
+        return jax.lax.dynamic_update_slice(b_buf, b_new.astype(b_buf.dtype), start)
+
+    return jax.vmap(one)(buf, new, index)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RoPE (HF rotate_half convention)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> np.ndarray:
+    """1 / theta^(2k/Dh), computed in float64 and rounded once to float32 (what torch's fp32 pow gives)."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    return (1.0 / (theta ** exponents)).astype(np.float32)
+
+
+def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin of shape (B, L, Dh) in float32 for integer positions (B, L); computed on the fly, so any position
+    (also beyond max_position_embeddings, as HF's dynamic cache growth allows) is fine."""
+    inv_freq = jnp.asarray(rope_inv_freq(head_dim, theta))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # fp32 product, as HF's fp32 matmul with K=1
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x: (B, L, H, Dh); cos/sin (B, L, Dh) cast to x's dtype first (as HF does)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+# ------------------------------------------------------------------------------------------------------------
+# modules
+
+
+class LlamaAttention(nn.Module):
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
+                 layer_cache: dict[str, jax.Array] | None, index: jax.Array | None
+                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        c = self.config
+        h, hkv, dh = c.num_heads, c.num_kv_heads, c.head_dim_resolved
+        b, l, _ = x.shape
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        q = dense(h * dh, ("embed", "heads"), "q_proj", **kw)(x).reshape(b, l, h, dh)
+        k = dense(hkv * dh, ("embed", "kv_heads"), "k_proj", **kw)(x).reshape(b, l, hkv, dh)
+        v = dense(hkv * dh, ("embed", "kv_heads"), "v_proj", **kw)(x).reshape(b, l, hkv, dh)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        new_cache = None
+        if layer_cache is not None:
+            # Keys are cached after RoPE, so old entries never need re-rotation.
+            ck = _write_rows(layer_cache["k"], k, index)
+            cv = _write_rows(layer_cache["v"], v, index)
+            new_cache = {"k": ck, "v": cv}
+            k, v = ck.astype(self.dtype), cv.astype(self.dtype)
+        out = dot_product_attention(q, k, v, bias)
+        out = dense(c.hidden_size, ("heads", "embed"), "o_proj", **kw)(out.reshape(b, l, h * dh))
+        return out, new_cache
+
+
+class LlamaMLP(nn.Module):
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = self.config
+        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+        gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", **kw)(x)
+        up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj", **kw)(x)
+        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", **kw)(jax.nn.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
+                 layer_cache: dict[str, jax.Array] | None = None, index: jax.Array | None = None
+                 ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        c = self.config
+        h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
+        attn, new_cache = LlamaAttention(c, self.dtype, self.param_dtype, name="self_attn")(
+            h.astype(self.dtype), cos, sin, bias, layer_cache, index)
+        x = x + attn
+        h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
+        x = x + LlamaMLP(c, self.dtype, self.param_dtype, name="mlp")(h.astype(self.dtype))
+        return x.astype(self.dtype), new_cache
+
+
+class Llama(nn.Module):
+    """The LLaMA decoder + LM head. See the module docstring for the params tree and the cache layout.
+
+    `remat=True` rematerialises each decoder layer in the backward pass (training memory).
+    Per-layer outputs are sown into the "intermediates" collection (`layer{i}`, `final_norm`) when it is
+    mutable: `apply(..., mutable=["intermediates"])`; they cost nothing otherwise.
+    """
+
+    config: LlamaConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self) -> None:
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=with_axes(normal_init(0.02), ("vocab", "embed")),
+        )
+        layer_cls = nn.remat(LlamaDecoderLayer) if self.remat else LlamaDecoderLayer
+        # A list attribute in setup names its modules layers_0, layers_1, ...
+        self.layers = [layer_cls(c, self.dtype, self.param_dtype) for _ in range(c.num_layers)]
+        self.norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
+        if not c.tie_word_embeddings:
+            # nn.Dense directly: modules assigned in setup take the attribute name and may not pass `name=`.
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+                                    kernel_init=with_axes(normal_init(0.02), ("embed", "vocab")))
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token ids (B, L) -> embeddings (B, L, D) in the compute dtype."""
+        return self.embed_tokens(input_ids).astype(self.dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Final-normed hidden states (..., D) -> float32 logits (..., V)."""
+        if self.config.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden.astype(self.dtype))
+        else:
+            out = self.lm_head(hidden.astype(self.dtype))
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        cache: Cache | None = None,
+        return_hidden: bool = False,
+        logits_slice: slice | jax.Array | None = None,
+    ) -> tuple[jax.Array, Cache | None]:
+        """Run the decoder.
+
+        inputs_embeds (B, L, D); attention_mask (B, L) 1 = real token, 0 = padding (default all ones);
+        position_ids (B, L) (default: arange(L) without a cache — HF forward semantics, also for right-padded
+        training batches — and `next_pos + cumsum(mask) - 1` with a cache); cache from `init_cache` or a
+        previous call.
+        logits_slice: None (all positions), a Python `slice` of the length axis (e.g. `slice(-1, None)`), or an
+        int array (B,) selecting one position per row (-> length 1). Applied before the LM head.
+        Returns (float32 logits (B, L', V) — or the final-normed hidden states (B, L', D) in the compute dtype
+        when `return_hidden` — , the updated cache or None).
+        """
+        c = self.config
+        b, l, _ = inputs_embeds.shape
+        if self.is_initializing():
+            # setup() submodules are created on first use; make `init` through __call__ create the table too.
+            self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
+        x = inputs_embeds.astype(self.dtype)
+        if attention_mask is None:
+            mask = jnp.ones((b, l), jnp.bool_)
+        else:
+            mask = jnp.asarray(attention_mask).astype(jnp.bool_)
+
+        if cache is None:
+            index = None
+            if position_ids is None:
+                position_ids = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+            key_valid = mask  # (B, S=L)
+            query_slot = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+        else:
+            index = cache["index"]
+            if position_ids is None:
+                position_ids = cache["next_pos"][:, None] + jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1
+            key_valid = _write_rows(cache["valid"], mask, index)
+            query_slot = index[:, None] + jnp.arange(l, dtype=jnp.int32)[None, :]
+        key_slot = jnp.arange(key_valid.shape[1], dtype=jnp.int32)
+        # Causal + key padding, as one additive float32 mask with finfo.min (HF adds both then clamps to min).
+        allowed = key_valid[:, None, :] & (key_slot[None, None, :] <= query_slot[:, :, None])
+        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)[:, None]  # (B, 1, L, S)
+
+        cos, sin = rope_cos_sin(position_ids, c.head_dim_resolved, c.rope_theta)
+
+        new_cache: Cache | None = None if cache is None else {}
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[f"layers_{i}"]
+            x, updated = layer(x, cos, sin, bias, layer_cache, index)
+            self.sow("intermediates", f"layer{i}", x)
+            if new_cache is not None:
+                new_cache[f"layers_{i}"] = updated
+        if new_cache is not None:
+            new_cache["valid"] = key_valid
+            new_cache["index"] = cache["index"] + l
+            new_cache["next_pos"] = cache["next_pos"] + jnp.sum(mask, axis=1, dtype=jnp.int32)
+
+        h = self.norm(x)
+        self.sow("intermediates", "final_norm", h)
+        if logits_slice is not None:
+            if isinstance(logits_slice, slice):
+                h = h[:, logits_slice]
+            else:
+                rows = jnp.asarray(logits_slice, jnp.int32).reshape(b)
+                h = jnp.take_along_axis(h, rows[:, None, None], axis=1)
+        if return_hidden:
+            return h.astype(self.dtype), new_cache
+        return self.logits(h), new_cache
