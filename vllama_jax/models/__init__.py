@@ -49,5 +49,16 @@ def init_params(config: ModelConfig, seed: int = 0) -> Any:
     return nn.unbox(jax.jit(_init_fn(config))(jax.random.PRNGKey(seed)))
 
 
+def cast_to_config_dtypes(params: Any, config: ModelConfig) -> Any:
+    """Cast every leaf present in `params` to the parameter dtype the config gives it (e.g. the ViT's Linear/Conv
+    weights to float16 and LLaMA to bfloat16 as upstream, LayerNorms and position tables staying float32)."""
+    from ..weights.keymaps import flatten_params, unflatten_params
+
+    abstract, _ = abstract_params(config)
+    want = {k: v.dtype for k, v in flatten_params(abstract).items()}
+    flat = flatten_params(params)
+    return unflatten_params({k: (v.astype(want[k]) if k in want and v.dtype != want[k] else v) for k, v in flat.items()})
+
+
 def param_count(tree: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))

@@ -143,12 +143,18 @@ def load_upstream(
     *,
     dtype: Any = None,
 ) -> dict[str, Any]:
-    """Load every given file; returns the nested params tree of the parts that were given."""
+    """Load every given file; returns the nested params tree of the parts that were given.
+
+    Leaves take the parameter dtypes of `config.precision` unless `dtype` forces one for all.
+    """
+    from ..models import cast_to_config_dtypes
+
     shapes = expected_shapes(config)
     flat: dict[str, np.ndarray] = {}
     for kind, path in files.given().items():
         flat.update(load_file(kind, path, config, shapes, dtype=dtype))
-    return unflatten_params(flat)
+    params = unflatten_params(flat)
+    return params if dtype is not None else cast_to_config_dtypes(params, config)
 
 
 def complete_params(partial: Mapping[str, Any], config: ModelConfig, seed: int = 0) -> dict[str, Any]:
