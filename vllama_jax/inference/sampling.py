@@ -1,0 +1,136 @@
+"""Logits processing and token selection for generation (pure `jax.numpy`, usable inside `jit`).
+
+The processors reproduce transformers' `LogitsProcessorList` in the order `generate` builds it (SPEC 6.5):
+
+    RepetitionPenaltyLogitsProcessor -> MinNewTokensLengthLogitsProcessor       (always)
+    -> TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper         (sampling only)
+
+then greedy `argmax` or a categorical draw. Everything that changes the *shape* of the computation (whether
+sampling, top-k's k, whether a processor runs at all) lives in the hashable `ProcessorSpec` (a `jit` static
+argument); the numbers (temperature, top_p, penalty, min_new_tokens) are traced scalars in `ProcessorValues`, so
+moving a temperature slider does not recompile.
+
+Two deliberate simplifications, both only visible with exactly tied logits: top-k keeps every token tied with the
+k-th value (as HF does) but top-p is computed over the k best only; top-p keeps every token tied with its cut-off
+value (HF cuts inside a run of ties by sort position).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -jnp.inf
+
+
+@dataclass(frozen=True)
+class ProcessorSpec:
+    """Static (compile-time) part of the logits processing: only what changes shapes or the op graph."""
+
+    do_sample: bool = False
+    top_k: int = 0  # 0 = off; already max(top_k, min_tokens_to_keep)
+    use_top_p: bool = False  # top_p < 1 (HF skips the warper at 1.0, which can differ for probability-0 tokens)
+    min_tokens_to_keep: int = 1  # HF: 1 for sampling, n_eos + 1 for beam sampling
+
+
+class ProcessorValues(NamedTuple):
+    """Traced (run-time) part of the logits processing."""
+
+    temperature: jax.Array  # () f32
+    top_p: jax.Array  # () f32
+    repetition_penalty: jax.Array  # () f32
+    min_new_tokens: jax.Array  # () i32
+    suppress: jax.Array  # (V,) bool: ids forced to -inf while fewer than min_new_tokens were generated
+
+
+def apply_repetition_penalty(scores: jax.Array, presence: jax.Array, penalty: jax.Array) -> jax.Array:
+    """HF `RepetitionPenaltyLogitsProcessor`: on every id already seen, score < 0 -> score * p, else score / p."""
+    penalized = jnp.where(scores < 0, scores * penalty, scores / penalty)
+    return jnp.where(presence, penalized, scores)
+
+
+def top_k_top_p_filter(scores: jax.Array, top_k: int, top_p: jax.Array | None, min_tokens_to_keep: int = 1
+                       ) -> jax.Array:
+    """HF `TopKLogitsWarper` then `TopPLogitsWarper` (filter value -inf) on (B, V) scores.
+
+    Both filters keep the tokens whose score is >= a per-row threshold, so they are computed as one threshold:
+    the k-th best score for top-k, and for top-p the smallest score that survives HF's rule (sort ascending,
+    drop the prefix whose cumulative probability is <= 1 - top_p, never drop the last `min_tokens_to_keep`).
+    With top-k on, top-p only has to look at the k best (the others already have probability 0), which avoids
+    sorting the whole vocabulary at every step.
+    """
+    v = scores.shape[-1]
+    k = v if top_k <= 0 else min(top_k, v)
+    if top_k > 0 and k < v:
+        best = jax.lax.top_k(scores, k)[0]  # (B, k) descending
+        threshold = best[:, -1]
+        ascending = best[:, ::-1]
+    else:
+        threshold = jnp.full(scores.shape[:-1], NEG_INF, scores.dtype)
+        ascending = jnp.sort(scores, axis=-1) if top_p is not None else None
+    if top_p is not None:
+        probs = jax.nn.softmax(ascending, axis=-1)
+        cumulative = jnp.cumsum(probs, axis=-1)
+        remove = cumulative <= (1.0 - top_p)
+        keep_last = jnp.arange(ascending.shape[-1]) >= ascending.shape[-1] - min_tokens_to_keep
+        remove = remove & ~keep_last
+        # `cumulative` is non-decreasing, so the removed entries are a prefix: the cut-off is the first survivor.
+        n_removed = jnp.sum(remove, axis=-1)
+        cutoff = jnp.take_along_axis(ascending, n_removed[:, None], axis=-1)[:, 0]
+        threshold = jnp.maximum(threshold, cutoff)
+    return jnp.where(scores >= threshold[:, None], scores, NEG_INF)
+
+
+def process_scores(scores: jax.Array, presence: jax.Array | None, num_generated: jax.Array,
+                   values: ProcessorValues, spec: ProcessorSpec) -> jax.Array:
+    """Run the processor chain on (B, V) float32 scores (raw logits, or log-probs in beam search as HF does).
+
+    presence: (B, V) bool, ids counted by the repetition penalty (None: no penalty).
+    num_generated: () or (B,) int, tokens generated so far (for min_new_tokens).
+    """
+    scores = scores.astype(jnp.float32)
+    if presence is not None:
+        scores = apply_repetition_penalty(scores, presence, values.repetition_penalty)
+    active = jnp.broadcast_to(num_generated < values.min_new_tokens, scores.shape[:1])
+    scores = jnp.where(active[:, None] & values.suppress[None, :], NEG_INF, scores)
+    if spec.do_sample:
+        scores = scores / values.temperature
+        if spec.top_k > 0 or spec.use_top_p:
+            scores = top_k_top_p_filter(scores, spec.top_k, values.top_p if spec.use_top_p else None,
+                                        spec.min_tokens_to_keep)
+    return scores
+
+
+def select_tokens(scores: jax.Array, key: jax.Array | None, do_sample: bool) -> jax.Array:
+    """Greedy argmax (first index on ties, like torch) or one categorical draw per row from softmax(scores)."""
+    if do_sample:
+        return jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
+    return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def gumbel_top_k(key: jax.Array, scores: jax.Array, k: int) -> jax.Array:
+    """Indices of k draws *without replacement* from softmax(scores) along the last axis, in draw order
+    (Gumbel-top-k; the same distribution as `torch.multinomial(softmax(scores), k, replacement=False)`)."""
+    gumbel = jax.random.gumbel(key, scores.shape, jnp.float32)
+    return jax.lax.top_k(scores + gumbel, k)[1]
+
+
+def stop_sequence_hits(recent: jax.Array, num_generated: jax.Array, stop_ids: jax.Array, stop_lens: jax.Array
+                       ) -> jax.Array:
+    """Whether the generated ids end with one of the stop sequences.
+
+    recent: (..., W) the last W generated ids (oldest first); num_generated: (...) how many ids were generated;
+    stop_ids: (S, W) each stop sequence right-aligned, left-filled with -1; stop_lens: (S,), 0 marks an unused
+    row (the arrays are padded to a few fixed sizes so that a new stop list rarely recompiles).
+    """
+    if stop_ids.shape[0] == 0:
+        return jnp.zeros(recent.shape[:-1], jnp.bool_)
+    w = recent.shape[-1]
+    in_tail = jnp.arange(w)[None, :] >= (w - stop_lens)[:, None]  # (S, W)
+    equal = (recent[..., None, :] == stop_ids) | ~in_tail  # (..., S, W)
+    long_enough = (num_generated[..., None] >= stop_lens) & (stop_lens > 0)  # (..., S)
+    return jnp.any(jnp.all(equal, axis=-1) & long_enough, axis=-1)
+
