@@ -1,0 +1,359 @@
+"""Typed training config: one YAML file per upstream stage (`configs/train_*.yaml`), `--set key=value` overrides.
+
+The layout follows upstream's `train_configs/*.yaml` (SPEC 8.1) regrouped into sections:
+
+    name, seed, mesh, max_steps, output_dir, compilation_cache, compiler_options,
+    frozen_video_qformer, frozen_audio_qformer, frozen_llama_proj, dropout
+    model:      config | dir, overrides, precision, remat_vit, remat_llama
+    weights:    upstream files of the frozen towers (when no model dir), llama_proj_model, ckpt, ckpt_2, tokenizer
+    data:       datasets {name: {path, sample_ratio, ...}} | synthetic, batch_size (global), num_frames, end_sym,
+                max_txt_len, prompts, prompt_template, template, max_len, num_workers, augment
+    optim:      lr_sched, init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch, max_epoch, weight_decay,
+                beta1, beta2, eps, grad_accum, clip_grad_norm
+    checkpoint: every, keep, async_save          (directory: {output_dir}/checkpoints)
+    log:        every, peak_tflops               (directory: {output_dir}/logs)
+    distributed: coordinator, num_processes, process_id, auto
+
+Unknown keys and impossible values raise `ConfigError` naming the dotted key (same rules as `vllama_jax.config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from ..config import ConfigError, from_dict, load_config_dict
+from ..sharding import MeshSpecError, parse_mesh_spec
+
+PRECISIONS = ("model", "float32", "bfloat16")
+LR_SCHEDULES = ("linear_warmup_cosine_lr",)
+IMAGE_PLACEHOLDER = "<ImageHere>"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _require(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where the architecture (and possibly the frozen towers) come from: a model config YAML or a converted model
+    directory (`convert_weights.py` output), exactly one of the two."""
+
+    config: str = ""
+    dir: str = ""
+    overrides: tuple[str, ...] = ()  # `key=value` applied to the model config (e.g. "llama.num_layers=4")
+    # "model": the model config's precision section as written (bf16 LLaMA / fp16 ViT for the released configs);
+    # "float32": everything fp32 (CPU, parity tests); "bfloat16": bf16 compute and frozen weights.
+    # Trained parameters and their optimizer state are always fp32 (master weights).
+    precision: str = "model"
+    remat_vit: bool = False
+    remat_llama: bool = False
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Upstream files (SPEC 10.1). With `model.dir` only the init checkpoints below it are read from here."""
+
+    eva_vit: str = ""
+    blip2: str = ""
+    imagebind: str = ""
+    llama: str = ""  # HF folder (also the default tokenizer)
+    llama_proj_model: str = ""  # MiniGPT-4 projection (VL stage 1 init of llama_proj)
+    ckpt: str = ""  # Video-LLaMA checkpoint (.pth) or one of our training checkpoint dirs, loaded non-strictly
+    ckpt_2: str = ""  # a second one, loaded after `ckpt` (AL stage 2: the AL stage-1 output)
+    tokenizer: str = ""  # default: weights.llama, else the model dir
+    trainable_from_model_dir: bool = False  # start the trained groups from the model dir instead of fresh init
+    random_frozen: bool = False  # random frozen towers when no file is given (benchmarks, smoke runs only)
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One `datasets:` entry: a folder written by `python -m vllama_jax.data.prepare`."""
+
+    path: str = ""
+    sample_ratio: float = 1.0
+    sampling: str = ""  # "" = the format's default ("headtail" WebVid, else "uniform")
+    text_processor: str = ""  # "" = the format's default ("blip_caption" / "none")
+    video_message: bool = True
+
+
+@dataclass(frozen=True)
+class SyntheticDataConfig:
+    """Generated caption data held in memory (no files): frames whose content determines the caption. For tests,
+    benchmarks and smoke runs; `num_examples: 0` = off."""
+
+    num_examples: int = 0
+    num_classes: int = 8
+    noise: float = 0.1
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    datasets: dict[str, DatasetConfig] = field(default_factory=dict)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    batch_size: int = 32  # GLOBAL batch of one optimizer step (upstream: batch_size_train x number of GPUs)
+    num_frames: int = 8
+    augment: bool = True  # train-time random crops (alpro_video_train / blip2_image_train)
+    end_sym: str = "\n"
+    max_txt_len: int = 32
+    prompts: tuple[str, ...] = ()  # caption prompts (each with one <ImageHere>); stage 2 only
+    prompt_template: str = ""  # "", a template name ("vicuna", "llama_2") or a format string with {}
+    template: str = ""  # instruction conversation template; "" = the model config's
+    max_len: int = 512  # instruction batches: padded length
+    num_workers: int = 0  # grain worker processes
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW + upstream `linear_warmup_cosine_lr` (SPEC 8.3, 8.4)."""
+
+    lr_sched: str = "linear_warmup_cosine_lr"
+    init_lr: float = 1e-4
+    min_lr: float = 8e-5
+    warmup_lr: float = 1e-6
+    warmup_steps: int = 2500
+    iters_per_epoch: int = 2500
+    max_epoch: int = 5
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_accum: int = 1  # micro-batches per optimizer step (token-weighted, like the loss)
+    clip_grad_norm: float = 0.0  # 0 = no clipping (upstream)
+
+    @property
+    def total_steps(self) -> int:
+        return self.iters_per_epoch * self.max_epoch
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0  # steps between checkpoints; 0 = once per epoch (iters_per_epoch), as upstream
+    keep: int = 3
+    async_save: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    every: int = 1  # console / TensorBoard / CSV every N steps
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = measure a matmul once at start
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-host: explicit coordinator (GPU clusters, local tests) or `auto` (TPU pods, SLURM: jax detects)."""
+
+    coordinator: str = ""  # host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
+    auto: bool = False
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    name: str = "train"
+    seed: int = 42
+    mesh: str = ""  # "data=2,fsdp=2,tensor=2"; "" = all devices on fsdp
+    max_steps: int = 0  # stop after this many optimizer steps; 0 = the whole schedule (max_epoch x iters_per_epoch)
+    output_dir: str = "output/train"
+    compilation_cache: str = ""  # persistent XLA compilation cache folder (restarts skip recompiling); "" = off
+    # XLA options for compiling the step, e.g. {xla_backend_optimization_level: 0} (CPU tests: 2x faster compile)
+    compiler_options: dict[str, Any] = field(default_factory=dict)
+    # upstream freeze flags (SPEC 1.8); they decide train_flag, the branch and the trained parameter groups
+    frozen_video_qformer: bool = False
+    frozen_audio_qformer: bool = True
+    frozen_llama_proj: bool = False
+    dropout: bool = True  # dropout 0.1 in the trained Q-Former (False: eval-mode forward, as the fixture grads)
+    model: ModelSource = field(default_factory=ModelSource)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    # ------------------------------------------------------------------------------------------------------------
+    @property
+    def train_flag(self) -> int:
+        """Upstream `train_flag`: 0 vision branch, 1 audio branch, 2 both, 3 nothing (SPEC 1.8 table)."""
+        return {(False, True): 0, (True, False): 1, (False, False): 2, (True, True): 3}[
+            (self.frozen_video_qformer, self.frozen_audio_qformer)]
+
+    @property
+    def branch(self) -> str:
+        return "audio" if self.train_flag == 1 else "video"
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps or self.optim.total_steps
+
+    @property
+    def checkpoint_every(self) -> int:
+        return self.checkpoint.every or self.optim.iters_per_epoch
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.output_dir) / "checkpoints"
+
+    @property
+    def log_dir(self) -> Path:
+        return Path(self.output_dir) / "logs"
+
+    def validate(self) -> "TrainConfig":
+        _require(self.train_flag in (0, 1), "frozen_video_qformer",
+                 "frozen_video_qformer and frozen_audio_qformer must differ (train_flag 0: vision branch, 1: audio "
+                 f"branch); got train_flag {self.train_flag}, which no upstream config uses"
+                 + (" and that trains nothing" if self.train_flag == 3 else ""))
+        m = self.model
+        _require(bool(m.config) != bool(m.dir), "model", "give exactly one of model.config and model.dir")
+        _require(m.precision in PRECISIONS, "model.precision",
+                 f"unknown precision {m.precision!r} (one of {', '.join(PRECISIONS)})")
+        for i, o in enumerate(m.overrides):
+            _require(isinstance(o, str) and "=" in o, f"model.overrides[{i}]", f"expected key=value, got {o!r}")
+        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed}")
+        _require(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
+        _require(isinstance(self.compiler_options, Mapping), "compiler_options", "expected a mapping")
+        try:
+            parse_mesh_spec(self.mesh or None)
+        except MeshSpecError as e:
+            raise ConfigError(f"mesh: {e}") from None
+        self._validate_data()
+        self._validate_optim()
+        _require(self.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {self.checkpoint.every}")
+        _require(self.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.checkpoint.keep}")
+        _require(self.log.every >= 1, "log.every", f"must be >= 1, got {self.log.every}")
+        _require(self.log.peak_tflops >= 0, "log.peak_tflops", f"must be >= 0, got {self.log.peak_tflops}")
+        dist = self.distributed
+        if dist.num_processes > 1 or dist.coordinator:
+            _require(bool(dist.coordinator), "distributed.coordinator", "needed with num_processes > 1")
+            _require(dist.num_processes >= 1, "distributed.num_processes", "needed with a coordinator")
+            _require(0 <= dist.process_id < dist.num_processes, "distributed.process_id",
+                     f"must be in [0, {dist.num_processes}), got {dist.process_id}")
+        return self
+
+    def _validate_data(self) -> None:
+        d = self.data
+        _require(bool(d.datasets) != (d.synthetic.num_examples > 0), "data.datasets",
+                 "give either data.datasets or data.synthetic.num_examples > 0 (not both)")
+        for name, ds in d.datasets.items():
+            _require(bool(ds.path), f"data.datasets.{name}.path", "missing")
+            _require(ds.sample_ratio > 0, f"data.datasets.{name}.sample_ratio",
+                     f"must be positive, got {ds.sample_ratio}")
+        s = d.synthetic
+        _require(s.num_examples >= 0, "data.synthetic.num_examples", f"must be >= 0, got {s.num_examples}")
+        _require(s.num_classes >= 1, "data.synthetic.num_classes", f"must be >= 1, got {s.num_classes}")
+        for key in ("batch_size", "num_frames", "max_txt_len", "max_len"):
+            v = getattr(d, key)
+            _require(isinstance(v, int) and v > 0, f"data.{key}", f"must be a positive integer, got {v!r}")
+        _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
+        _require(d.batch_size % self.optim.grad_accum == 0, "data.batch_size",
+                 f"{d.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
+        for i, p in enumerate(d.prompts):
+            _require(isinstance(p, str) and p.count(IMAGE_PLACEHOLDER) == 1, f"data.prompts[{i}]",
+                     f"needs exactly one {IMAGE_PLACEHOLDER}, got {p!r}")
+        if d.prompt_template and "{}" not in d.prompt_template:
+            from ..text import STAGE2_PROMPT_TEMPLATE
+
+            _require(d.prompt_template in STAGE2_PROMPT_TEMPLATE or d.prompt_template == "llama_v2",
+                     "data.prompt_template", f"{d.prompt_template!r} is neither a template name "
+                     f"({', '.join(STAGE2_PROMPT_TEMPLATE)}) nor a format string with {{}}")
+
+    def _validate_optim(self) -> None:
+        o = self.optim
+        _require(o.lr_sched in LR_SCHEDULES, "optim.lr_sched",
+                 f"unknown schedule {o.lr_sched!r} (one of {', '.join(LR_SCHEDULES)})")
+        for key in ("init_lr", "eps"):
+            _require(getattr(o, key) > 0, f"optim.{key}", f"must be positive, got {getattr(o, key)}")
+        for key in ("min_lr", "warmup_lr", "weight_decay", "clip_grad_norm"):
+            _require(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
+        for key in ("beta1", "beta2"):
+            _require(0 <= getattr(o, key) < 1, f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+        for key in ("iters_per_epoch", "max_epoch", "grad_accum"):
+            _require(getattr(o, key) >= 1, f"optim.{key}", f"must be >= 1, got {getattr(o, key)}")
+        _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        d = self.to_dict()
+        d["model"]["overrides"] = list(d["model"]["overrides"])
+        d["data"]["prompts"] = list(d["data"]["prompts"])
+        return yaml.safe_dump(d, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# dict / YAML -> TrainConfig
+
+
+def train_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
+    """Build (and validate) a TrainConfig; the list/mapping fields the generic `from_dict` leaves alone are
+    converted here."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("<root>: expected a mapping")
+    data = dict(data)
+    model = dict(data.pop("model", {}) or {})
+    overrides = model.pop("overrides", ()) or ()
+    _require(isinstance(overrides, (list, tuple)), "model.overrides", "expected a list of key=value strings")
+    d = dict(data.pop("data", {}) or {})
+    raw_sets = d.pop("datasets", {}) or {}
+    prompts = d.pop("prompts", ()) or ()
+    _require(isinstance(raw_sets, Mapping), "data.datasets", "expected a mapping {name: {path: ..., ...}}")
+    _require(isinstance(prompts, (list, tuple)), "data.prompts", "expected a list of strings")
+    datasets = {str(k): from_dict(DatasetConfig, v if v is not None else {}, f"data.datasets.{k}.")
+                for k, v in raw_sets.items()}
+    cfg = from_dict(TrainConfig, data | {"model": model, "data": d})
+    cfg = dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, overrides=tuple(overrides)),
+        data=dataclasses.replace(cfg.data, datasets=datasets, prompts=tuple(prompts)))
+    return cfg.validate()
+
+
+def apply_train_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """`a.b.c=value` (value parsed as YAML) on the full config dict. Keys must exist, except new dataset names
+    under `data.datasets` and new `compiler_options` (so they can be added from the command line)."""
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        parts = key.strip().split(".")
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            inside_datasets = parts[:i] == ["data", "datasets"]
+            if inside_datasets and part not in node:
+                node[part] = dataclasses.asdict(DatasetConfig())
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key")
+            node = node[part]
+        if parts[-1] not in node and parts[:-1] not in (["data", "datasets"], ["compiler_options"]):
+            raise ConfigError(f"{key.strip()}: unknown key")
+        node[parts[-1]] = value
+    return data
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a training config (YAML/JSON) and apply `--set` overrides; errors name the file and the key."""
+    raw = load_config_dict(path)
+    try:
+        cfg = train_config_from_dict(raw)
+        if overrides:
+            cfg = train_config_from_dict(apply_train_overrides(cfg.to_dict(), overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return cfg
+
+
+def resolve_path(p: str) -> Path:
+    """Relative paths are relative to the working directory; repository files (e.g. `configs/...`) are also found
+    from elsewhere."""
+    path = Path(p).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        return REPO_ROOT / path
+    return path

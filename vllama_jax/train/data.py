@@ -1,0 +1,133 @@
+"""Training input: the grain pipeline of `vllama_jax.data` built from a TrainConfig, an in-memory synthetic caption
+source with the same interface, and the assembly of per-process batches into global arrays on the mesh.
+
+Every process builds only its own rows of each global batch (the pipeline reads the process's shard of every
+dataset); `global_batch` joins them with `jax.make_array_from_process_local_data`, batch axis over (data, fsdp).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+import grain
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from ..config import ModelConfig
+from ..sharding import batch_sharding
+from .config import TrainConfig, resolve_path
+
+# Arrays that go to the devices; everything else in a batch dict (example ids, dataset name, ...) stays on the host.
+DEVICE_KEYS = ("frames", "text_ids", "text_mask", "input_ids", "labels", "attention_mask")
+
+
+def branch_image_size(cfg: TrainConfig, model_config: ModelConfig) -> int:
+    """Frames go to the EVA ViT (vision branch) or to ImageBind's vision tower (audio branch, SPEC 1.3)."""
+    return model_config.imagebind_vision.image_size if cfg.branch == "audio" else model_config.vit.image_size
+
+
+def num_query_tokens(cfg: TrainConfig, model_config: ModelConfig) -> int:
+    return (model_config.audio_qformer if cfg.branch == "audio" else model_config.video_qformer).num_query_tokens
+
+
+def build_data_iterator(cfg: TrainConfig, model_config: ModelConfig, tokenizer_path: str, *,
+                        process_index: int, process_count: int) -> Any:
+    """The iterator of per-process batches (a `grain.DatasetIterator`, checkpointable) for the stage."""
+    if cfg.data.batch_size % process_count:
+        from ..config import ConfigError
+
+        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by the {process_count} processes")
+    local_batch = cfg.data.batch_size // process_count
+    if cfg.data.synthetic.num_examples:
+        return synthetic_iterator(cfg, model_config, tokenizer_path, process_index=process_index,
+                                  process_count=process_count)
+    from ..data import DatasetSpec, PipelineConfig, build_train_iterator
+
+    d = cfg.data
+    specs = [DatasetSpec(path=str(resolve_path(ds.path)), sample_ratio=ds.sample_ratio, name=name,
+                         sampling=ds.sampling or None, text_processor=ds.text_processor or None,
+                         video_message=ds.video_message) for name, ds in d.datasets.items()]
+    pcfg = PipelineConfig(
+        tokenizer=tokenizer_path, batch_size=local_batch, seed=cfg.seed, num_frames=d.num_frames,
+        image_size=branch_image_size(cfg, model_config), train=d.augment, end_sym=d.end_sym,
+        max_txt_len=d.max_txt_len, template=d.template or model_config.template,
+        num_query_tokens=num_query_tokens(cfg, model_config), max_len=d.max_len, num_workers=d.num_workers,
+        process_index=process_index, process_count=process_count)
+    return build_train_iterator(specs, pcfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# synthetic captions
+
+_CLASS_CAPTIONS = ("a red ball rolls on grass", "a dog runs on the beach", "two people talk in a kitchen",
+                   "a car drives at night", "a cat sleeps on a sofa", "waves crash on rocks",
+                   "a man rides a bicycle", "snow falls on a forest")
+
+
+class SyntheticCaptions:
+    """Global batch `i` of a deterministic caption dataset, restricted to this process's rows.
+
+    Example `j` belongs to class `c = j % num_classes`; its frames are the class's fixed random pattern plus noise
+    (seeded by j), its caption the class's sentence: the frames determine the caption, so a model that learns
+    lowers the loss well below the caption-prior level. Batch `i` holds examples `(i * B + r) % n`, r < B.
+    """
+
+    def __init__(self, *, num_examples: int, num_classes: int, noise: float, seed: int, global_batch: int,
+                 frames_shape: tuple[int, int, int], text_ids: np.ndarray, text_mask: np.ndarray,
+                 process_index: int = 0, process_count: int = 1):
+        self.n, self.k, self.noise, self.seed = num_examples, num_classes, noise, seed
+        self.global_batch, self.frames_shape = global_batch, frames_shape
+        self.text_ids, self.text_mask = text_ids, text_mask  # (num_classes, L) each
+        per = global_batch // process_count
+        self.rows = np.arange(process_index * per, (process_index + 1) * per)
+        rng = np.random.default_rng([seed, 0x5EED])
+        self.patterns = rng.normal(size=(num_classes,) + tuple(frames_shape) + (3,)).astype(np.float32)
+
+    def __call__(self, step: int) -> dict[str, Any]:
+        ids = (int(step) * self.global_batch + self.rows) % self.n
+        cls = ids % self.k
+        frames = np.stack([self.patterns[c] + self.noise * np.random.default_rng([self.seed, int(j)]).normal(
+            size=self.patterns.shape[1:]).astype(np.float32) for j, c in zip(ids, cls)])
+        return {"frames": frames, "text_ids": self.text_ids[cls], "text_mask": self.text_mask[cls],
+                "example_id": ids.astype(np.int64), "kind": "caption", "dataset": "synthetic"}
+
+
+def synthetic_iterator(cfg: TrainConfig, model_config: ModelConfig, tokenizer_path: str, *, process_index: int,
+                       process_count: int) -> grain.DatasetIterator:
+    from ..text import caption_tokens, load_tokenizer
+
+    s = cfg.data.synthetic
+    captions = [_CLASS_CAPTIONS[c % len(_CLASS_CAPTIONS)] + (f" {c}" if c >= len(_CLASS_CAPTIONS) else "")
+                for c in range(s.num_classes)]
+    ids, mask = caption_tokens(captions, load_tokenizer(tokenizer_path), cfg.data.end_sym, cfg.data.max_txt_len,
+                               pad_to=cfg.data.max_txt_len)
+    size = branch_image_size(cfg, model_config)
+    source = SyntheticCaptions(num_examples=s.num_examples, num_classes=s.num_classes, noise=s.noise, seed=cfg.seed,
+                               global_batch=cfg.data.batch_size, frames_shape=(cfg.data.num_frames, size, size),
+                               text_ids=ids, text_mask=mask, process_index=process_index,
+                               process_count=process_count)
+    # a grain MapDataset over step indices: its iterator state ({"next_index"}) checkpoints like the real pipeline
+    return iter(grain.MapDataset.range(sys.maxsize).map(source).to_iter_dataset())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# device placement
+
+
+def global_batch(local: Mapping[str, Any], mesh: Mesh, process_count: int) -> dict[str, jax.Array]:
+    """Per-process rows -> global arrays sharded over (data, fsdp) on the batch axis."""
+    out = {}
+    for k in DEVICE_KEYS:
+        if k in local:
+            x = np.asarray(local[k])
+            shape = (x.shape[0] * process_count,) + x.shape[1:]
+            out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, shape), x, shape)
+    return out
+
+
+def replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
+    """The same host array on every device of the mesh (safe with several processes)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, NamedSharding(mesh, PartitionSpec()), lambda idx: x[idx])

@@ -1,0 +1,715 @@
+"""The training loop and the `train.py` command line.
+
+    python train.py --config configs/train_vl_stage1.yaml [--set key=value ...] [--steps N]
+                    [--dry-run [--device-memory-gib G] [--fake-devices N | --dry-run-topology v5p:2x2x1]]
+                    [--coordinator HOST:PORT --num-processes N --process-id I]
+
+`Trainer(cfg)` builds the mesh, the model, the trainable/frozen split and the jitted step; `setup()` reads the frozen
+towers (model dir or upstream files), restores the latest checkpoint or initialises the trained groups (fresh
+upstream-style init, then `llama_proj_model`, `ckpt`, `ckpt_2` in upstream's order), and builds the data iterator;
+`run()` trains to `max_steps` (or the end of the schedule), checkpointing every N steps; `dry_run()` compiles the
+step for the configured mesh from shapes only and reports the bytes per device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import random
+import sys
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.sharding import NamedSharding, PartitionSpec
+
+from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
+from ..models import abstract_params, build_model, dummy_inputs
+from ..sharding import make_mesh, tree_shardings
+from ..weights.keymaps import flatten_params, unflatten_params
+from . import data as train_data
+from .checkpoint import Checkpointer, is_training_checkpoint, load_trainable_params
+from .config import TrainConfig, load_train_config, resolve_path
+from .metrics import MetricsLogger, compiled_flops, measure_peak_flops
+from .optimizer import BRANCH_TOWERS, forward_groups, lr_schedule, make_optimizer, opt_state_shardings, trainable_groups
+from .step import batch_kind, jit_train_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf: names the step and the examples of its batch."""
+
+    def __init__(self, step: int, loss: float, example_ids: Iterable[int], dataset: str | None):
+        self.step, self.loss, self.example_ids, self.dataset = step, loss, list(example_ids), dataset
+        ids = ", ".join(str(i) for i in self.example_ids[:32]) + (" ..." if len(self.example_ids) > 32 else "")
+        src = f" of dataset {dataset}" if dataset else ""
+        super().__init__(f"non-finite loss {loss} at step {step}; batch{src} example ids [{ids}]; the run stopped "
+                         f"without saving, the last checkpoint before it is intact")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# model config, precision, distributed
+
+
+def with_precision(mc: ModelConfig, mode: str) -> ModelConfig:
+    """Apply the training precision preset; trained params are always fp32 master weights."""
+    p = mc.precision
+    if mode == "float32":
+        p = type(p)()
+    elif mode == "bfloat16":
+        bf = "bfloat16"
+        p = dataclasses.replace(p, vit=bf, qformer=bf, imagebind=bf, llama=bf, vit_params=bf, llama_params=bf)
+    return dataclasses.replace(mc, precision=dataclasses.replace(p, trainable_params="float32"))
+
+
+def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
+    if cfg.model.dir:
+        path = resolve_path(cfg.model.dir) / "config.yaml"
+        if not path.is_file():
+            raise ConfigError(f"model.dir: {path.parent} is not a model directory (no config.yaml)")
+    else:
+        path = resolve_path(cfg.model.config)
+    mc = load_model_config(path)
+    try:
+        mc = apply_overrides(mc, list(cfg.model.overrides)).validate()
+    except ConfigError as e:
+        raise ConfigError(f"model.overrides: {e}") from None
+    return with_precision(mc, cfg.model.precision)
+
+
+def init_distributed(d: Any) -> None:
+    """`jax.distributed.initialize` for multi-host runs (before any computation). CPU processes exchange
+    collectives through gloo."""
+    if jax.distributed.is_initialized():
+        return
+    if d.num_processes > 1 or d.coordinator or d.auto:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        if d.auto:
+            jax.distributed.initialize()
+        else:
+            jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+
+
+def use_compilation_cache(path: str) -> None:
+    """Persistent XLA compilation cache: a restarted run (or another process with the same program) loads the
+    compiled step instead of compiling it again."""
+    if not path or jax.config.jax_compilation_cache_dir == str(path):
+        return
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    try:  # the cache is probed once per process: re-probe if something compiled before it was configured
+        from jax._src import compilation_cache
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        pass
+
+
+def set_fake_devices(n: int) -> None:
+    """Simulate `n` CPU devices (dry runs of a pod mesh on one machine). Must run before jax starts its backend."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+
+
+def build_mesh(spec: str, devices: list[Any] | None = None) -> Any:
+    """`make_mesh` over all devices, or over the first N when a fully specified spec asks for fewer (one process
+    only: e.g. "data=1" trains on one device of a multi-device host)."""
+    from ..sharding import parse_mesh_spec
+
+    devices = list(devices if devices is not None else jax.devices())
+    sizes = parse_mesh_spec(spec) if spec else None
+    if sizes and -1 not in sizes.values() and jax.process_count() == 1:
+        n = math.prod(sizes.values())
+        if n < len(devices):
+            return make_mesh(spec, devices[:n])
+    return make_mesh(spec or None, devices)
+
+
+def tpu_topology_devices(name: str) -> list[Any]:
+    """The devices of a TPU slice described by name (e.g. "v5p:2x2x1"), for compiling without TPUs (deviceless
+    ahead-of-time compilation through libtpu: `pip install libtpu`, or TPU_LIBRARY_PATH)."""
+    from jax.experimental import topologies
+
+    try:
+        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+    except Exception as e:  # noqa: BLE001 - jax raises assorted errors when libtpu is absent or the name is bad
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--dry-run-topology {name}: no TPU compiler for it ({first}); install libtpu "
+                          f"(pip install 'libtpu==0.0.42.*' for jax 0.10) or set TPU_LIBRARY_PATH") from None
+
+
+def per_device_bytes(tree: Any) -> int:
+    """Bytes one device holds of a tree of sharded arrays / ShapeDtypeStructs with shardings (largest shard)."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
+        total += math.prod(shape) * np.dtype(x.dtype).itemsize
+    return total
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:9.3f} GiB"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """One training run of a stage (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, *, log_stream: Any = None, devices: list[Any] | None = None):
+        """`devices`: the mesh's devices (default: all of this job's); e.g. a TPU topology's for a dry run."""
+        self.cfg = cfg
+        init_distributed(cfg.distributed)
+        use_compilation_cache(cfg.compilation_cache)
+        self.model_config = mc = resolve_model_config(cfg)
+        self.branch = cfg.branch
+        self._check_data_fits_model()
+        self.mesh = build_mesh(cfg.mesh, devices)
+        self._check_batch_fits_mesh()
+        self.model = build_model(mc, remat_vit=cfg.model.remat_vit, remat_llama=cfg.model.remat_llama)
+        abstract, axes = abstract_params(mc)
+        self.trainable_groups = trainable_groups(cfg, mc)
+        self.forward_groups = forward_groups(self.branch, mc, abstract)
+        self.frozen_groups = tuple(g for g in self.forward_groups if g not in self.trainable_groups)
+        shardings = tree_shardings(abstract, axes, self.mesh)
+        self.param_shapes = {p: tuple(v.shape) for p, v in flatten_params(abstract).items()}  # for the loaders
+        self.abstract = {g: abstract[g] for g in self.forward_groups}
+        self.shardings = {g: shardings[g] for g in self.forward_groups}
+        self.replicated = NamedSharding(self.mesh, PartitionSpec())
+
+        abstract_trainable = {g: abstract[g] for g in self.trainable_groups}
+        self.tx = make_optimizer(cfg.optim, abstract_trainable)
+        self.lr_fn = lr_schedule(cfg.optim)
+        trainable_sh = {g: shardings[g] for g in self.trainable_groups}
+        self.abstract_opt_state = jax.eval_shape(self.tx.init, abstract_trainable)
+        opt_sh = opt_state_shardings(self.tx, self.abstract_opt_state, trainable_sh, self.replicated)
+        self.state_shardings = {"step": self.replicated, "params": trainable_sh, "opt_state": opt_sh}
+        self.frozen_shardings = {g: shardings[g] for g in self.frozen_groups}
+
+        self._tokenizer: Any = None
+        step_fn = make_train_step(self.model, self.tx, self.lr_fn, branch=self.branch,
+                                  placeholder_id=self.placeholder_id, seed=cfg.seed,
+                                  grad_accum=cfg.optim.grad_accum, dropout=cfg.dropout, mesh=self.mesh)
+        self.jitted = jit_train_step(step_fn, self.state_shardings, self.frozen_shardings, self.mesh)
+        self._compiled: dict[Any, Any] = {}
+        self._flops: dict[Any, float] = {}
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.log_stream = log_stream
+        self.state: dict[str, Any] | None = None
+        self.frozen: dict[str, Any] | None = None
+        self.data_iter: Any = None
+        self.checkpointer: Checkpointer | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------------------------------------------------
+    # checks and small helpers
+
+    def _check_data_fits_model(self) -> None:
+        mc, t = self.model_config, self.cfg.data.num_frames
+        limit, key = ((mc.num_audio_positions, "num_audio_positions") if self.branch == "audio"
+                      else (mc.max_frame_pos, "max_frame_pos"))
+        if t > limit:
+            raise ConfigError(f"data.num_frames: {t} frames exceed the model's {key}={limit}")
+
+    def _check_batch_fits_mesh(self) -> None:
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        b, a = self.cfg.data.batch_size, self.cfg.optim.grad_accum
+        if (b // a) % shards:
+            raise ConfigError(f"data.batch_size: {b} / grad_accum {a} = {b // a} rows per micro-batch cannot be "
+                              f"split over data x fsdp = {shards} devices")
+
+    @property
+    def compiler_options(self) -> dict[str, Any] | None:
+        return dict(self.cfg.compiler_options) or None
+
+    @property
+    def tokenizer_path(self) -> str:
+        w = self.cfg.weights
+        if w.tokenizer or w.llama:
+            return str(resolve_path(w.tokenizer or w.llama))
+        if self.cfg.model.dir:
+            return str(resolve_path(self.cfg.model.dir) / "tokenizer")
+        raise ConfigError("weights.tokenizer: no tokenizer (give weights.tokenizer, weights.llama or model.dir)")
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from ..text import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    @property
+    def placeholder_id(self) -> int:
+        """`<ImageHere>` id: the first id after the LLaMA vocabulary (tokenizer when available, SPEC 5.2)."""
+        try:
+            return int(self.tokenizer.image_placeholder_id)
+        except Exception:  # noqa: BLE001 - dry runs without tokenizer files
+            return self.model_config.llama.vocab_size
+
+    @property
+    def prompt_list(self) -> list[str]:
+        d = self.cfg.data
+        if not d.prompts:
+            return []
+        if not d.prompt_template:
+            return list(d.prompts)
+        if "{}" in d.prompt_template:
+            return [d.prompt_template.format(p) for p in d.prompts]
+        from ..text import stage2_prompt_list
+
+        return stage2_prompt_list(d.prompt_template, d.prompts)
+
+    def _meta(self) -> dict[str, Any]:
+        return {"name": self.cfg.name, "trainable_groups": list(self.trainable_groups),
+                "train_config": self.cfg.to_dict(), "model_config": self.model_config.to_dict()}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # parameters
+
+    def _place(self, tree: Mapping[str, Any], groups: Iterable[str]) -> dict[str, Any]:
+        """Host (numpy) or device trees -> arrays on the mesh with the group's shardings and dtypes."""
+        def one(group: str, x: Any, a: Any, s: Any) -> jax.Array:
+            if tuple(x.shape) != tuple(a.shape):
+                raise ConfigError(f"parameter of group {group}: shape {tuple(x.shape)} != model {tuple(a.shape)}")
+            if isinstance(x, jax.Array):
+                return jax.device_put(x.astype(a.dtype), s)
+            x = np.asarray(x).astype(a.dtype)
+            return jax.make_array_from_callback(a.shape, s, lambda idx: x[idx])
+
+        return {g: jax.tree.map(partial(one, g), tree[g], self.abstract[g], self.shardings[g]) for g in groups}
+
+    def _init_groups(self, groups: Iterable[str]) -> dict[str, Any]:
+        """Fresh upstream-style initialisation of some groups, created sharded (XLA drops the other groups' init)."""
+        groups = tuple(groups)
+        if not groups:
+            return {}
+        model = build_model(self.model_config)
+        f, c, ids = dummy_inputs(self.model_config)
+
+        def init(rng: jax.Array) -> dict[str, Any]:
+            p = nn.unbox(model.init(rng, f, c, ids, method=model.init_all)["params"])
+            return {g: p[g] for g in groups}
+
+        return jax.jit(init, out_shardings={g: self.shardings[g] for g in groups})(jax.random.PRNGKey(self.cfg.seed))
+
+    def _read_weight_files(self, groups: set[str]) -> dict[str, Any]:
+        """{group: tree} of the wanted groups that the model dir / upstream files / init checkpoints hold, in
+        upstream's load order (later files override earlier ones, SPEC 10.5): towers, llama_proj_model, ckpt,
+        ckpt_2."""
+        from ..weights.load import GROUPS, load_file
+
+        cfg, w, mc = self.cfg, self.cfg.weights, self.model_config
+        found: dict[str, Any] = {}
+        if cfg.model.dir:
+            from ..weights.model_dir import load_model_dir, model_dir_groups
+
+            present = set(model_dir_groups(resolve_path(cfg.model.dir)))
+            wanted = [g for g in self.forward_groups if g in groups and g in present
+                      and (g in self.frozen_groups or w.trainable_from_model_dir)]
+            if wanted:
+                found.update(load_model_dir(resolve_path(cfg.model.dir), mesh=self.mesh, groups=wanted).params)
+        for kind in ("eva_vit", "blip2", "llama", "imagebind"):
+            path = getattr(w, kind)
+            if path and set(GROUPS[kind]) & groups:
+                tree = unflatten_params(load_file(kind, resolve_path(path), mc, self.param_shapes))
+                found.update({g: v for g, v in tree.items() if g in groups})
+        if w.llama_proj_model and "llama_proj" in groups:
+            found.update(self._read_llama_proj(resolve_path(w.llama_proj_model)))
+        for key in ("ckpt", "ckpt_2"):
+            path = getattr(w, key)
+            if path:
+                found.update(self._read_video_llama_checkpoint(resolve_path(path), groups, key))
+        return found
+
+    def _read_llama_proj(self, path: Path) -> dict[str, Any]:
+        """MiniGPT-4 `pretrained_minigpt4.pth`: only `llama_proj.{weight,bias}` are used (VL stage-1 init)."""
+        from ..weights.keymaps import load_component, video_branch_keymap
+        from ..weights.readers import open_weights
+
+        expected = {p: tuple(v.shape) for p, v in flatten_params({"llama_proj": self.abstract["llama_proj"]}).items()}
+        flat = load_component(open_weights(path), video_branch_keymap(), expected, strict_unexpected=False)
+        return unflatten_params(flat)
+
+    def _read_video_llama_checkpoint(self, path: Path, groups: set[str], key: str) -> dict[str, Any]:
+        """`ckpt` / `ckpt_2`: an upstream Video-LLaMA checkpoint (.pth; VL and/or AL groups, loaded non-strictly as
+        upstream does) or one of our training checkpoints (e.g. stage 1's output for stage 2)."""
+        from ..weights.keymaps import audio_branch_keymap, video_branch_keymap
+        from ..weights.load import GROUPS, load_file
+        from ..weights.readers import open_weights
+
+        if is_training_checkpoint(path):
+            tree = unflatten_params(load_trainable_params(path))
+            return {g: v for g, v in tree.items() if g in groups}
+        source = open_weights(path)
+        keys = list(source.keys())
+        found: dict[str, Any] = {}
+        for kind, km in (("vl_ckpt", video_branch_keymap()), ("al_ckpt", audio_branch_keymap())):
+            if kind == "al_ckpt" and not self.model_config.equip_audio_branch:
+                continue
+            if set(GROUPS[kind]) & groups and any(km.claims_key(k) for k in keys):
+                tree = unflatten_params(load_file(kind, source, self.model_config, self.param_shapes))
+                found.update({g: v for g, v in tree.items() if g in groups})
+        if not found:
+            log.warning("weights.%s: %s holds none of the groups this stage uses (%s)", key, path, sorted(groups))
+        return found
+
+    def load_params(self, groups: Iterable[str]) -> dict[str, Any]:
+        """The wanted groups on the mesh: from the files where they have them, else a fresh upstream-style init.
+        The towers the branch reads must come from files (unless `weights.random_frozen`, for benchmarks)."""
+        wanted = set(groups)
+        found = self._read_weight_files(wanted)
+        missing = [g for g in BRANCH_TOWERS[self.branch] if g in wanted and g not in found]
+        if missing and not self.cfg.weights.random_frozen:
+            hint = "model.dir" if self.cfg.model.dir else "weights.eva_vit / weights.blip2 / weights.imagebind / " \
+                                                          "weights.llama"
+            raise ConfigError(f"weights: no file gives the frozen group(s) {', '.join(missing)} needed by the "
+                              f"{self.branch} branch (set {hint}, or weights.random_frozen: true for a benchmark)")
+        order = [g for g in self.forward_groups if g in wanted]
+        fresh = [g for g in order if g not in found]
+        fresh_trained = [g for g in fresh if g in self.trainable_groups]
+        if fresh_trained:
+            self._log(f"fresh (upstream-style random) init of {', '.join(fresh_trained)}")
+        return self._place(found, [g for g in order if g in found]) | self._init_groups(fresh)
+
+    def new_state(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
+        step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
+        return {"step": step, "params": dict(params), "opt_state": opt_state}
+
+    def _abstract_state(self) -> tuple[Any, Any]:
+        sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+        params = {g: jax.tree.map(sds, self.abstract[g], self.shardings[g]) for g in self.trainable_groups}
+        opt = jax.tree.map(sds, self.abstract_opt_state, self.state_shardings["opt_state"])
+        return params, opt
+
+    # ------------------------------------------------------------------------------------------------------------
+    # set-up
+
+    def setup(self) -> "Trainer":
+        """Frozen towers, data iterator, and the train state (restored from the latest checkpoint if any)."""
+        if self.state is not None:
+            return self
+        cfg = self.cfg
+        self.metrics = MetricsLogger(cfg.log_dir, total_steps=cfg.total_steps, enabled=self.process_index == 0,
+                                     stream=self.log_stream)
+        self.checkpointer = Checkpointer(cfg.checkpoint_dir, every=cfg.checkpoint_every, keep=cfg.checkpoint.keep,
+                                         async_save=cfg.checkpoint.async_save)
+        self.data_iter = train_data.build_data_iterator(cfg, self.model_config, self.tokenizer_path,
+                                                        process_index=self.process_index,
+                                                        process_count=self.process_count)
+        latest = self.checkpointer.latest_step()
+        if latest is not None:
+            saved = self.checkpointer.meta(latest).get("trainable_groups")
+            if saved != list(self.trainable_groups):
+                raise ConfigError(f"checkpoint {cfg.checkpoint_dir / str(latest)} trained {saved}, this config "
+                                  f"trains {list(self.trainable_groups)} (use another output_dir)")
+        # frozen towers always from the files; the trained groups from their init files only for a new run
+        params = self.load_params(self.frozen_groups + (self.trainable_groups if latest is None else ()))
+        self.frozen = {g: params[g] for g in self.frozen_groups}
+        if latest is None:
+            self.state = self.new_state({g: params[g] for g in self.trainable_groups})
+            self._log(f"{cfg.name}: new run, training {', '.join(self.trainable_groups)} on mesh "
+                      f"{dict(self.mesh.shape)}")
+        else:
+            target_params, target_opt = self._abstract_state()
+            r = self.checkpointer.restore(latest, target_params, target_opt, self.data_iter)
+            step = jax.device_put(jnp.asarray(latest, jnp.int32), self.replicated)
+            self.state = {"step": step, "params": r["params"], "opt_state": r["opt_state"]}
+            self._log(f"{cfg.name}: resumed from step {latest} ({cfg.checkpoint_dir / str(latest)})")
+        return self
+
+    def _log(self, line: str) -> None:
+        if self.process_index == 0:
+            print(line, file=self.log_stream or sys.stdout, flush=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # stepping
+
+    def device_batch(self, local: Mapping[str, Any], step: int) -> dict[str, jax.Array]:
+        """Global arrays of one step's batch, with the stage-2 caption prompt drawn for this step."""
+        batch = train_data.global_batch(local, self.mesh, self.process_count)
+        if batch_kind(batch) == "caption" and self.prompt_list:
+            from ..text import prompt_wrap_ids
+
+            # upstream: one random.choice per batch; seeded by the step here so a resumed run draws the same
+            prompt = random.Random(self.cfg.seed * 1_000_003 + step).choice(self.prompt_list)
+            before, after = prompt_wrap_ids(prompt, self.tokenizer)
+            batch["prompt_before"] = train_data.replicated(np.asarray([before], np.int32), self.mesh)
+            batch["prompt_after"] = train_data.replicated(np.asarray([after], np.int32), self.mesh)
+        return batch
+
+    def compiled_step(self, batch: Mapping[str, Any]) -> Any:
+        """The AOT-compiled step for this batch layout (compiled once per layout; its FLOPs feed the MFU)."""
+        sig = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+        if sig not in self._compiled:
+            t = time.perf_counter()
+            compiled = self.jitted.lower(self.state, self.frozen, batch).compile(self.compiler_options)
+            self._compiled[sig], self._flops[sig] = compiled, compiled_flops(compiled)
+            self._log(f"compiled the {batch_kind(batch)} step for {dict((k, s) for k, s, _ in sig)} in "
+                      f"{time.perf_counter() - t:.1f} s ({self._flops[sig] / 1e9:.2f} GFLOP per device per step)")
+        return self._compiled[sig], self._flops[sig]
+
+    @staticmethod
+    def llm_tokens(batch: Mapping[str, Any], num_media: int) -> int:
+        """LLaMA sequence positions processed by one step (BOS + prompt + media + text, or the instruction ids)."""
+        b = batch["frames"].shape[0]
+        if batch_kind(batch) == "instruction":
+            return b * batch["input_ids"].shape[1]
+        extra = sum(batch[k].shape[1] for k in ("prompt_before", "prompt_after") if k in batch)
+        return b * (1 + extra + num_media + batch["text_ids"].shape[1])
+
+    def run(self, steps: int | None = None) -> list[dict[str, Any]]:
+        """Train `steps` more steps (default: up to `max_steps` / the end of the schedule); returns this call's
+        per-step metrics (all calls: `self.history`). Raises NonFiniteLossError on a NaN/inf loss (nothing is saved
+        after the last good checkpoint)."""
+        self.setup()
+        cfg = self.cfg
+        start = int(jax.device_get(self.state["step"]))
+        end = cfg.total_steps if steps is None else min(cfg.total_steps, start + steps)
+        peak = cfg.log.peak_tflops * 1e12 if cfg.log.peak_tflops else None
+        num_media = train_data.num_query_tokens(cfg, self.model_config)
+        pending: dict[str, Any] | None = None
+        last_saved = self.checkpointer.latest_step()
+        first = len(self.history)
+        self._clock = time.perf_counter()
+        try:
+            for step in range(start, end):
+                local = next(self.data_iter)
+                batch = self.device_batch(local, step)
+                compiled, flops = self.compiled_step(batch)
+                if peak is None and flops:
+                    peak = measure_peak_flops()
+                    self._log(f"peak for MFU (measured fp32 matmul): {peak / 1e12:.3f} TFLOP/s per device")
+                if pending is None:
+                    self._clock = time.perf_counter()  # exclude compilation from the first step's time
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+                    self.state, metrics = compiled(self.state, self.frozen, batch)
+                info = {"step": step + 1, "metrics": metrics, "example_id": local.get("example_id"),
+                        "dataset": local.get("dataset"), "samples": batch["frames"].shape[0],
+                        "tokens": self.llm_tokens(batch, num_media), "flops": flops, "peak": peak}
+                if pending is not None:  # one step behind: the host reads step i-1 while step i runs
+                    self._finish(pending)
+                pending = info
+                if step + 1 == end or self.checkpointer.should_save(step + 1):
+                    self._finish(pending)  # never save a state whose loss was not checked
+                    pending = None
+                    if last_saved != step + 1:
+                        self.checkpointer.save(step + 1, self.state, self.data_iter, self._meta())
+                        last_saved = step + 1
+            if pending is not None:
+                self._finish(pending)
+        finally:
+            self.checkpointer.wait()
+        return self.history[first:]
+
+    def _finish(self, info: dict[str, Any]) -> None:
+        m = {k: float(v) for k, v in jax.device_get(info["metrics"]).items()}
+        now = time.perf_counter()
+        dt, self._clock = now - self._clock, now
+        step = info["step"]
+        ids = info["example_id"]
+        if ids is not None and self.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            ids = np.asarray(multihost_utils.process_allgather(np.asarray(ids))).reshape(-1)
+        if not math.isfinite(m["loss"]):
+            raise NonFiniteLossError(step, m["loss"], [] if ids is None else np.asarray(ids).tolist(),
+                                     info["dataset"])
+        row = {"loss": m["loss"], "lr": m["lr"], "grad_norm": m["grad_norm"], "num_tokens": int(m["num_tokens"]),
+               "step_time_s": dt, "samples_per_s": info["samples"] / dt, "tokens_per_s": info["tokens"] / dt,
+               "mfu": info["flops"] / dt / info["peak"] if info["peak"] else 0.0, "dataset": info["dataset"]}
+        self.history.append({"step": step, **row, "example_id": None if ids is None else np.asarray(ids)})
+        if step % self.cfg.log.every == 0 or step == self.cfg.total_steps:
+            self.metrics.log(step, row)
+
+    def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        if self.data_iter is not None and hasattr(self.data_iter, "close"):
+            self.data_iter.close()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # dry run
+
+    def abstract_batches(self) -> list[dict[str, jax.ShapeDtypeStruct]]:
+        """Batch shapes of the stage (caption and/or instruction, from the dataset manifests when readable, else
+        guessed from the dataset names), largest frame count, longest prompt."""
+        d, mc = self.cfg.data, self.model_config
+        kinds = self._dataset_kinds()
+        size = train_data.branch_image_size(self.cfg, mc)
+        b = d.batch_size
+
+        def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
+            if shape[0] == 1:  # prompt ids: one row for the whole batch
+                return jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
+            return jax.ShapeDtypeStruct(shape, dtype, sharding=train_data.batch_sharding(self.mesh, len(shape), shape))
+
+        frames = sds((b, d.num_frames, size, size, 3), jnp.float32)
+        out = []
+        if "caption" in kinds:
+            batch = {"frames": frames, "text_ids": sds((b, d.max_txt_len), jnp.int32),
+                     "text_mask": sds((b, d.max_txt_len), jnp.int32)}
+            if self.prompt_list:
+                before, after = max(((len(x), len(y)) for x, y in map(self._prompt_lengths, self.prompt_list)),
+                                    key=sum)
+                batch |= {"prompt_before": sds((1, before), jnp.int32), "prompt_after": sds((1, after), jnp.int32)}
+            out.append(batch)
+        if "instruction" in kinds:
+            out.append({"frames": frames, **{k: sds((b, d.max_len), jnp.int32)
+                                             for k in ("input_ids", "labels", "attention_mask")}})
+        return out
+
+    def _prompt_lengths(self, prompt: str) -> tuple[list[int], list[int]]:
+        from ..text import prompt_wrap_ids, split_prompt
+
+        try:
+            return prompt_wrap_ids(prompt, self.tokenizer)
+        except Exception:  # noqa: BLE001 - no tokenizer files for a dry run: ~3 characters per token
+            before, after = split_prompt(prompt)
+            return [0] * (len(before) // 3 + 1), [0] * (len(after) // 3 + 1)
+
+    def _dataset_kinds(self) -> set[str]:
+        d = self.cfg.data
+        if d.synthetic.num_examples:
+            return {"caption"}
+        kinds = set()
+        for name, ds in d.datasets.items():
+            try:
+                from ..data import PreparedDataset
+
+                kinds.add(PreparedDataset.open(resolve_path(ds.path)).kind)
+            except Exception:  # noqa: BLE001 - datasets not prepared on this machine: guess from the name
+                kinds.add("instruction" if "instruct" in name else "caption")
+        return kinds
+
+    def dry_run(self, device_memory_gib: float | None = None) -> list[dict[str, Any]]:
+        """Compile the step ahead of time from shapes only (no parameter is allocated) and report bytes per device."""
+        sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+        params, opt = self._abstract_state()
+        state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated), "params": params,
+                 "opt_state": opt}
+        frozen = {g: jax.tree.map(sds, self.abstract[g], self.shardings[g]) for g in self.frozen_groups}
+        reports = []
+        for batch in self.abstract_batches():
+            t = time.perf_counter()
+            compiled = self.jitted.lower(state, frozen, batch).compile(self.compiler_options)
+            mem = compiled.memory_analysis()
+            r = {"kind": batch_kind(batch), "compile_s": time.perf_counter() - t,
+                 "devices": self.mesh.size, "mesh": dict(self.mesh.shape),
+                 "batch_shapes": {k: tuple(v.shape) for k, v in batch.items()},
+                 "trainable_params": per_device_bytes(params), "optimizer_state": per_device_bytes(opt),
+                 "frozen_params": per_device_bytes(frozen), "batch": per_device_bytes(batch),
+                 "xla_arguments": mem.argument_size_in_bytes, "xla_outputs": mem.output_size_in_bytes,
+                 "xla_aliased": mem.alias_size_in_bytes, "activations_temp": mem.temp_size_in_bytes,
+                 "generated_code": mem.generated_code_size_in_bytes,
+                 "flops_per_device": compiled_flops(compiled)}
+            r["peak_estimate"] = (r["xla_arguments"] + r["xla_outputs"] - r["xla_aliased"] + r["activations_temp"]
+                                  + r["generated_code"])
+            reports.append(r)
+            self._log(format_dry_run(self.cfg.name, r, device_memory_gib))
+        return reports
+
+
+def format_dry_run(name: str, r: Mapping[str, Any], device_memory_gib: float | None = None) -> str:
+    lines = [f"dry run {name}: {r['kind']} step on {r['devices']} devices, mesh {r['mesh']}, "
+             f"compiled in {r['compile_s']:.1f} s",
+             f"  batch {r['batch_shapes']}",
+             "  bytes per device:",
+             f"    trainable params (fp32)      {_gib(r['trainable_params'])}",
+             f"    optimizer state (AdamW)      {_gib(r['optimizer_state'])}",
+             f"    frozen params                {_gib(r['frozen_params'])}",
+             f"    batch                        {_gib(r['batch'])}",
+             f"    activations + XLA temporaries{_gib(r['activations_temp'])}",
+             f"    XLA arguments / outputs / aliased(donated) {_gib(r['xla_arguments']).strip()} / "
+             f"{_gib(r['xla_outputs']).strip()} / {_gib(r['xla_aliased']).strip()}",
+             f"    peak estimate                {_gib(r['peak_estimate'])}"]
+    if device_memory_gib:
+        frac = r["peak_estimate"] / (device_memory_gib * 2**30)
+        lines.append(f"    of {device_memory_gib:g} GiB per device: {100 * frac:.1f}% "
+                     f"({'fits' if frac <= 1 else 'DOES NOT FIT'})")
+    if r.get("flops_per_device"):
+        lines.append(f"  {r['flops_per_device'] / 1e12:.3f} TFLOP per device per step (XLA cost analysis)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="train.py", description="Train a Video-LLaMA stage (vision/audio branch, "
+                                "stage 1 or 2) on one device, a GPU cluster or a TPU pod; resumes where it stopped.")
+    p.add_argument("--config", required=True, help="training config YAML (configs/train_*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.init_lr=3e-5 (repeatable)")
+    p.add_argument("--steps", type=int, default=None, help="train at most this many more steps")
+    p.add_argument("--dry-run", action="store_true",
+                   help="compile the step for the configured mesh from shapes only and print bytes per device")
+    p.add_argument("--device-memory-gib", type=float, default=None, help="with --dry-run: memory of one device")
+    p.add_argument("--dry-run-topology", default=None, metavar="NAME",
+                   help="with --dry-run: compile for a TPU slice without TPUs, e.g. v5p:2x2x1 (needs libtpu)")
+    p.add_argument("--fake-devices", type=int, default=None,
+                   help="simulate N CPU devices (dry runs of a pod mesh on one machine)")
+    p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
+    p.add_argument("--num-processes", type=int, default=None)
+    p.add_argument("--process-id", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ..data.errors import DataError
+    from ..sharding import MeshSpecError
+    from ..text.tokenizer import TokenizerError
+    from ..weights.model_dir import ModelDirError
+    from ..weights.readers import WeightsError
+
+    trainer = None
+    try:
+        if args.fake_devices:
+            if args.fake_devices < 1:
+                raise ConfigError(f"--fake-devices: must be >= 1, got {args.fake_devices}")
+            set_fake_devices(args.fake_devices)
+            if args.coordinator is None and jax.device_count() != args.fake_devices:
+                raise ConfigError("--fake-devices: jax already started with "
+                                  f"{jax.device_count()} devices (run through train.py)")
+        overrides = list(args.set)
+        for flag, key in (("coordinator", "coordinator"), ("num_processes", "num_processes"),
+                          ("process_id", "process_id")):
+            if getattr(args, flag) is not None:
+                overrides.append(f"distributed.{key}={getattr(args, flag)}")
+        cfg = load_train_config(args.config, overrides)
+        devices = tpu_topology_devices(args.dry_run_topology) if args.dry_run_topology else None
+        trainer = Trainer(cfg, devices=devices)
+        if args.dry_run:
+            trainer.dry_run(args.device_memory_gib)
+            return 0
+        trainer.run(args.steps)
+        return 0
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except (ConfigError, DataError, MeshSpecError, ModelDirError, WeightsError, TokenizerError, FileNotFoundError,
+            ValueError) as e:
+        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        return 2
+    finally:
+        if trainer is not None:
+            trainer.close()

@@ -1,0 +1,146 @@
+"""Which parameters train, AdamW with upstream's weight-decay groups, and the `linear_warmup_cosine_lr` schedule.
+
+The params tree is split by top-level group into a *trainable* and a *frozen* tree (`partition`). Only the trainable
+tree is differentiated and has optimizer state; the frozen towers (ViT, image Q-Former, ImageBind, LLaMA) are plain
+inputs of the step. Upstream decides trainability with `requires_grad` per module (SPEC 1.8); the same flags pick
+groups here.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Iterable, Mapping
+
+import jax.numpy as jnp
+import optax
+
+from ..config import ModelConfig
+from ..models.video_llama import AUDIO_BRANCH, FROZEN_TOWERS, VIDEO_BRANCH, VIDEO_PROJECTION
+from ..weights.keymaps import KeyMap, audio_branch_keymap, flatten_params, unflatten_params, video_branch_keymap
+from .config import OptimConfig, TrainConfig
+
+# Frozen towers each branch's forward reads (train_flag 0: EVA ViT + image Q-Former; 1: ImageBind vision tower).
+BRANCH_TOWERS = {
+    "video": ("visual_encoder", "ln_vision", "qformer", "query_tokens", "llama"),
+    "audio": ("audio_encoder", "llama"),
+}
+
+
+def trainable_groups(cfg: TrainConfig, model_config: ModelConfig) -> tuple[str, ...]:
+    """Top-level param groups trained by the stage's freeze flags (SPEC 1.8: frozen_video_Qformer covers the video
+    Q-Former, its query tokens and frame positions; frozen_llama_proj the projection; frozen_audio_Qformer the whole
+    audio branch including its projection)."""
+    groups: list[str] = []
+    if not cfg.frozen_video_qformer:
+        groups += VIDEO_BRANCH
+    if not cfg.frozen_llama_proj:
+        groups += VIDEO_PROJECTION
+    if not cfg.frozen_audio_qformer:
+        if not model_config.equip_audio_branch:
+            from ..config import ConfigError
+
+            raise ConfigError("frozen_audio_qformer: false needs a model with equip_audio_branch: true")
+        groups += AUDIO_BRANCH
+    return tuple(groups)
+
+
+def forward_groups(branch: str, model_config: ModelConfig, abstract_params: Mapping[str, Any]) -> tuple[str, ...]:
+    """Every group the training forward of `branch` reads: its towers, its own branch groups, and the top-level
+    single-array params (query tokens), which flax creates eagerly in `setup` and must therefore always exist."""
+    own = VIDEO_BRANCH + VIDEO_PROJECTION if branch == "video" else AUDIO_BRANCH
+    leaves = tuple(k for k, v in abstract_params.items() if not isinstance(v, Mapping))
+    wanted = set(BRANCH_TOWERS[branch]) | set(own) | set(leaves)
+    return tuple(k for k in abstract_params if k in wanted)
+
+
+def partition(params: Mapping[str, Any], trainable: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(trainable tree, frozen tree) split by top-level group."""
+    names = set(trainable)
+    return ({k: v for k, v in params.items() if k in names}, {k: v for k, v in params.items() if k not in names})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# weight decay groups (SPEC 8.3)
+
+
+def upstream_no_decay(name: str, ndim: int) -> bool:
+    """Upstream runner rule: no weight decay for `ndim < 2` or names containing "bias", "ln" or "bn" (case-sensitive
+    substrings of the PyTorch parameter name)."""
+    return ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+
+
+def _param_patterns(keymaps: Iterable[KeyMap]) -> list[tuple[re.Pattern, str]]:
+    """(regex over our params path, upstream name template) for every single-target rule of the key maps."""
+    out = []
+    for km in keymaps:
+        for r in km.rules:
+            if len(r.dst) == 1:
+                pat = re.compile("^" + re.escape(r.dst[0]).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
+                out.append((pat, r.src))
+    return out
+
+
+_TRAINABLE_PATTERNS = _param_patterns([video_branch_keymap(), audio_branch_keymap()])
+
+
+def upstream_name(path: str) -> str:
+    """The upstream (PyTorch state-dict) name of one of our trainable params paths ("video_qformer/layer_0/...")
+    via the key maps used by the weight loader; our own path if no map covers it."""
+    for pat, src in _TRAINABLE_PATTERNS:
+        m = pat.match(path)
+        if m:
+            i = m.groupdict().get("i")
+            return src.replace("{i}", i) if i is not None else src
+    return path.replace("/", ".")
+
+
+def decay_mask(trainable: Mapping[str, Any]) -> dict[str, Any]:
+    """Bool tree over the trainable params: True = weight decay applies (upstream rule on upstream names; the
+    transposed Linear kernels keep their ndim, so the ndim test is the same on our arrays)."""
+    flat = flatten_params(trainable)
+    return unflatten_params({p: not upstream_no_decay(upstream_name(p), len(v.shape)) for p, v in flat.items()})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# learning rate (SPEC 8.4)
+
+
+def lr_schedule(o: OptimConfig) -> Callable[[Any], Any]:
+    """Upstream `linear_warmup_cosine_lr` as a function of the optimizer step `g` (0-based: the lr used by the
+    g-th update; upstream calls the scheduler with (epoch, in-epoch step) before each iteration).
+
+    Quirks kept: the warm-up ramp uses the *in-epoch* step `g % iters_per_epoch` (it restarts each epoch if the
+    warm-up is longer than an epoch), and the cosine runs over the whole run `g / total`, not offset by warm-up.
+    """
+    total = float(o.total_steps)
+
+    def lr(g):
+        g = jnp.asarray(g, jnp.float32)
+        s = jnp.mod(g, o.iters_per_epoch)
+        warm = jnp.minimum(o.init_lr, o.warmup_lr + (o.init_lr - o.warmup_lr) * s / max(o.warmup_steps, 1))
+        cos = o.min_lr + (o.init_lr - o.min_lr) * 0.5 * (1.0 + jnp.cos(math.pi * g / total))
+        return jnp.where(g < o.warmup_steps, warm, cos)
+
+    return lr
+
+
+def make_optimizer(o: OptimConfig, trainable: Mapping[str, Any]) -> optax.GradientTransformation:
+    """AdamW (PyTorch semantics: decoupled decay `p -= lr * wd * p`, eps outside the sqrt) over the trainable tree,
+    decay masked per upstream groups; optional global-norm clipping first."""
+    adamw = optax.adamw(lr_schedule(o), b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+                        mask=decay_mask(trainable))
+    if o.clip_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), adamw)
+    return adamw
+
+
+def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, param_shardings: Any,
+                        replicated: Any) -> Any:
+    """Optimizer-state shardings: moments follow their parameter, counters are replicated."""
+    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
+                                 transform_non_params=lambda _: replicated)
+
+
+__all__ = ["BRANCH_TOWERS", "FROZEN_TOWERS", "decay_mask", "forward_groups", "lr_schedule", "make_optimizer",
+           "opt_state_shardings", "partition", "trainable_groups", "upstream_name", "upstream_no_decay"]
