@@ -27,8 +27,14 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m vllama_jax.demo
 
+# Figures for the README's performance table (minutes each on a 2-core CPU; not part of the tests).
 bench: $(STAMP)
 	$(PY) bench/encoders.py
+	$(PY) bench/media.py
+	$(PY) bench/data.py
+	$(PY) bench/convert.py
+	$(PY) bench/generate.py
+	$(PY) bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
