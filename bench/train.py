@@ -15,7 +15,7 @@ memory of the released 7B / 13B configs on a simulated 4-device (v5p-8-like) mes
    upcasts bf16 matmul operands to fp32 and keeps those copies live, so its activation figures are pessimistic).
 
     python bench/train.py [--batch 4] [--frames 4] [--steps 3] [--peak-gflops G] [--no-torch] [--no-dry-run]
-                          [--no-step] [--tpu-topology v5p:2x2x1]
+                          [--no-step] [--tpu-topology v5p:2x2x1 [--no-cpu-dry-run]] [--only "stage 1"]
 """
 
 from __future__ import annotations
@@ -198,8 +198,9 @@ def dry_run_child(topology: str, config: str, overrides: list[str]) -> None:
     print("REPORT " + json.dumps(reports))
 
 
-def run_dry_runs(topology: str | None, tpu_library: str | None) -> list[tuple[str, dict]]:
-    """CPU: 4 simulated devices; with a TPU topology name: deviceless compilation for that slice (libtpu)."""
+def run_dry_runs(topology: str | None, tpu_library: str | None, only: str | None = None) -> list[tuple[str, dict]]:
+    """CPU: 4 simulated devices; with a TPU topology name: deviceless compilation for that slice (libtpu).
+    ``only``: run the configs whose label contains this text."""
     rows = []
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     if topology:
@@ -207,6 +208,8 @@ def run_dry_runs(topology: str | None, tpu_library: str | None) -> list[tuple[st
         if tpu_library:
             env["TPU_LIBRARY_PATH"] = tpu_library
     for label, config, overrides in DRY_RUNS:
+        if only and only not in label:
+            continue
         r = subprocess.run([sys.executable, __file__, "--dry-run-child", topology or "cpu", config, *overrides],
                            capture_output=True, text=True, env=env, cwd=ROOT)
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("REPORT ")), None)
@@ -235,6 +238,9 @@ def main() -> None:
     ap.add_argument("--tpu-topology", default=None, metavar="NAME",
                     help="also compile the dry runs for this TPU slice without TPUs, e.g. v5p:2x2x1 (needs libtpu; "
                          "slow: minutes per program)")
+    ap.add_argument("--only", default=None, metavar="TEXT",
+                    help="dry-run only the configs whose label contains TEXT, e.g. 'stage 1'")
+    ap.add_argument("--no-cpu-dry-run", action="store_true", help="with --tpu-topology: skip the CPU dry runs")
     ap.add_argument("--dry-run-child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.dry_run_child:
@@ -281,11 +287,11 @@ def main() -> None:
         print(f"(vllama-jax set-up incl. random frozen init: {jx['setup_s']:.1f} s; losses "
               f"{', '.join(f'{x:.3f}' for x in jx['losses'])})")
     if not args.no_dry_run:
-        targets = [(None, "4 simulated CPU devices")]
+        targets = [] if args.no_cpu_dry_run else [(None, "4 simulated CPU devices")]
         if args.tpu_topology:
             targets.append((args.tpu_topology, f"TPU {args.tpu_topology} compiled without TPUs (libtpu)"))
         for topology, title in targets:
-            rows = run_dry_runs(topology, tpu_library)
+            rows = run_dry_runs(topology, tpu_library, args.only)
             print(f"\n--dry-run, bf16, {title}, mesh fsdp=4; GiB per device (of 95):")
             print(f"{'config':<48}{'kind':<13}{'trained':>8}{'AdamW':>7}{'frozen':>8}{'batch':>7}{'temp':>8}"
                   f"{'peak':>8}{'of 95':>7}{'TFLOP':>7}{'compile':>9}")

@@ -92,12 +92,19 @@ class ClipSpec:
 
     def conversation(self, rng: np.random.Generator,
                      attributes: Sequence[str] = tuple(ATTRIBUTES)) -> list[dict[str, str]]:
-        """All questions about the clip, in a random order, as human/gpt turns."""
+        """Questions about the clip (all attributes by default), in a random order, as human/gpt turns."""
         order = [attributes[i] for i in rng.permutation(len(attributes))]
         turns = []
         for a in order:
             turns += [{"from": "human", "value": ATTRIBUTES[a][0]}, {"from": "gpt", "value": self.answer(a)}]
         return turns
+
+    def training_conversations(self) -> list[list[dict[str, str]]]:
+        """What the demo trains on for this clip: two single-question conversations, the colour question and one
+        of the other three (in turn by clip index), so half of all training answers are about colour."""
+        others = [a for a in ATTRIBUTES if a != "colour"]
+        rng = np.random.default_rng(0)  # one attribute per conversation: the order is moot
+        return [self.conversation(rng, ("colour",)), self.conversation(rng, (others[self.index % len(others)],))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,15 +269,14 @@ def _write_truth(path: Path, split_specs: Iterable[tuple[str, Sequence[ClipSpec]
 
 
 def make_dataset(root: str | Path, num_train: int, num_heldout: int, seed: int = 0,
-                 cfg: ClipConfig = ClipConfig(), conversations_per_clip: int = 1,
-                 progress=None) -> DemoData:
+                 cfg: ClipConfig = ClipConfig(), progress=None) -> DemoData:
     """Write ``num_train + num_heldout`` clips under ``root/clips`` plus
 
-    * ``root/train.jsonl``: ``conversations_per_clip`` conversations per training clip (all four questions in a
-      random order), ready for ``prepare(dataset="jsonl", ...)``;
+    * ``root/train.jsonl``: the training clips' conversations (``ClipSpec.training_conversations``: one question
+      each, the colour question and one other), ready for ``prepare(dataset="jsonl", ...)``;
     * ``root/truth.jsonl``: every clip's split, attributes and caption (the held-out clips are never trained on).
 
-    Clips already on disk (same name) are overwritten; the whole folder is a pure function of the arguments.
+    Existing files are overwritten; the whole folder is a pure function of the arguments.
     """
     root = Path(root)
     (root / "clips").mkdir(parents=True, exist_ok=True)
@@ -280,12 +286,10 @@ def make_dataset(root: str | Path, num_train: int, num_heldout: int, seed: int =
         write_clip(root / "clips" / f"{s.index:05d}.mp4", s, cfg)
         if progress is not None:
             progress(k + 1, len(specs))
-    rng = np.random.default_rng([seed, 0x0A5C])
     with open(root / "train.jsonl", "w") as f:
         for s in train:
-            for c in range(conversations_per_clip):
+            for c, conv in enumerate(s.training_conversations()):
                 f.write(json.dumps({"video": f"clips/{s.index:05d}.mp4", "id": f"clip-{s.index}-{c}",
-                                    "conversations": s.conversation(rng)}) + "\n")
+                                    "conversations": conv}) + "\n")
     _write_truth(root / "truth.jsonl", (("train", train), ("heldout", heldout)))
     return DemoData(root, root / "train.jsonl", tuple(train), tuple(heldout), cfg)
-
