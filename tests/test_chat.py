@@ -254,6 +254,43 @@ def test_generate_batch_equals_one_by_one(chats, tiny):
         chat.generate_batch([42])
 
 
+def test_score_answers_is_the_log_likelihood_of_each_option(chats, tiny):
+    """Multiple choice: each option's score is the log-likelihood of its tokens after the context ``answer`` would
+    feed the LLM (checked with one plain forward pass over context + option, no cache), whatever the order of the
+    options and the padding of the batch."""
+    import numpy as np
+
+    from vllama_jax.models.llama import Llama
+
+    cfg, params, tok, inputs, *_ = tiny
+    chat = chats["vicuna"]
+    up = fixture_upload(inputs)
+    question = "What is the dog doing?"
+    greedy = chat.answer_uploads([question], [up], GREEDY12)[0]
+    options = [greedy, "It is sleeping on a sofa.", "A cat."]
+    got = chat.score_answers([question, question], [up, up], [options, options[::-1]], pad_to=4)
+    assert len(got) == 2 and got[0].shape == (3,)
+    np.testing.assert_allclose(got[1], got[0][::-1], rtol=1e-5, atol=1e-5)
+
+    chat.reset()
+    chat.upload(up)
+    chat.ask(question)
+    context = chat.context(max_new_tokens=0).embeds
+    llama = Llama(cfg.llama)
+    for option, value in zip(options, got[0]):
+        ids = tok.encode(option)
+        embeds = np.concatenate([context, np.asarray(chat.embed_ids([ids])[0])])[None]
+        logits = np.asarray(llama.apply({"params": params["llama"]}, embeds)[0], np.float64)[0]
+        logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        ref = sum(logp[len(context) - 1 + j, t] for j, t in enumerate(ids))
+        assert abs(value - ref) < 1e-3 * max(1.0, abs(ref)), (option, value, ref)
+    with pytest.raises(ValueError, match="non-empty option"):
+        chat.score_answers([question], [up], [["yes", ""]])
+    with pytest.raises(ValueError, match="option lists"):
+        chat.score_answers([question], [up], [])
+
+
 def test_missing_audio_branch(tiny):
     cfg, params, tok, inputs, _, _ = tiny
     vl_only = {k: v for k, v in params.items() if not k.startswith("audio")}

@@ -101,8 +101,32 @@ def test_table_layout():
     s.add("colour", "Blue.", "red")
     t = E.table([s], attributes=["colour"], notes={"colour": "(note)"})
     lines = t.splitlines()
-    assert lines[0].startswith("| attribute | trained accuracy") and "chance" in lines[0]
+    assert lines[0].startswith("| attribute | trained: answers") and "chance" in lines[0]
+    assert "choice" not in lines[0]  # no multiple-choice results: no column
     assert "50.0% (1/2)" in lines[2] and "16.7%" in lines[2] and lines[2].endswith("(note)")
+    s.add_choice("colour", "red", "red")
+    s.add_choice("colour", "green", "red")
+    s.add_choice("colour", "blue", "blue")
+    u = E.Scores("untrained")
+    u.add("colour", "A square.", "red")
+    lines = E.table([s, u], attributes=["colour"]).splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == [
+        "attribute", "trained: answers", "trained: choice", "untrained: answers", "chance"]
+    assert [c.strip() for c in lines[2].strip("|").split("|")] == [
+        "colour", "50.0% (1/2)", "66.7% (2/3)", "0.0% (0/1)", "16.7%"]
+
+
+def test_answer_text_is_what_the_scorer_accepts():
+    """The multiple-choice options are the training answers: each names its value and only it."""
+    for a, (_, values) in C.ATTRIBUTES.items():
+        texts = [C.answer_text(a, v) for v in values]
+        assert len(set(texts)) == len(values)
+        for v, text in zip(values, texts):
+            assert E.is_correct(a, text, v)
+    spec = C.clip_spec(0, 3)
+    assert spec.answer("shape") == C.answer_text("shape", spec.shape)
+    with pytest.raises(KeyError):
+        C.answer_text("colour", "circle")
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -118,13 +142,19 @@ def test_fast_demo_end_to_end(tmp_path, capsys, smollm2_path):
     report = run(s)
     out = capsys.readouterr().out
     for marker in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]", "Held-out accuracy",
-                   "| attribute | trained accuracy | untrained accuracy | chance |", "chat with it:"):
+                   "chat with it:"):
         assert marker in out, marker
+    header = next(line for line in out.splitlines() if line.startswith("| attribute |"))
+    assert [c.strip() for c in header.strip("|").split("|")] == [
+        "attribute", "trained: answers", "trained: choice", "untrained: answers", "untrained: choice", "chance"]
     for attr in C.ATTRIBUTES:
         assert any(line.startswith(f"| {attr} ") for line in out.splitlines()), attr
         acc = report["accuracy"][attr]
         assert acc["n"] == s.heldout_clips and 0 <= acc["trained"] <= 1 and 0 <= acc["untrained"] <= 1
         assert len(report["answers"]["trained"][attr]) == s.heldout_clips
+        assert len(report["choices"]["untrained"][attr]) == s.heldout_clips
+        choice = report["choice_accuracy"][attr]
+        assert choice["n"] == s.heldout_clips and 0 <= choice["trained"] <= 1 and 0 <= choice["untrained"] <= 1
     assert report["steps"] == s.steps
     assert all(np.isfinite(report["losses"])), report["losses"]
     assert (tmp_path / "demo" / "train" / "checkpoints" / str(s.steps) / "params").is_dir()

@@ -283,6 +283,48 @@ def test_soft_prompt_embeddings_match_transformers(hf_tiny):
         _assert_same_prefix(ours, ref[0].numpy())
 
 
+def test_candidate_scores_match_transformers_log_likelihood(hf_tiny):
+    """score(): each candidate's summed log-probability after its prompt equals the log-likelihood transformers
+    computes on the whole sequence (prompts of different lengths, soft prompts, candidates of different lengths
+    and counts per prompt)."""
+    import torch
+
+    model, g = hf_tiny
+    rng = np.random.default_rng(1)
+    table = model.get_input_embeddings().weight.detach().numpy()
+    prompts = [table[[1, 4, 5, 6]],
+               np.concatenate([table[[1, 30]], rng.standard_normal((5, table.shape[1])).astype(np.float32)]),
+               table[[1, 8]]]
+    candidates = [[[7], [9, 10, 11], [12, 13]],
+                  [[3, 3, 3, 3, 3, 3, 3, 3, 3], [40]],
+                  [[50, 51], [52], [53], [54], [55, 56, 57]],
+                  [[20, 21, 22, 23], [20, 21, 22, 24, 25], [20, 21, 26]],  # shared first tokens run with the prompt
+                  [[30, 31], [30, 31, 32]]]  # one candidate is the other's prefix: it keeps its last token
+    prompts.append(table[[1, 9, 9]])
+    prompts.append(np.concatenate([rng.standard_normal((3, table.shape[1])).astype(np.float32), table[[1, 2]]]))
+    ours = g.score(prompts, candidates)
+    for p, opts, got in zip(prompts, candidates, ours):
+        assert got.shape == (len(opts),)
+        for c, value in zip(opts, got):
+            full = np.concatenate([p, table[c]])
+            with torch.no_grad(), _torch_one_thread():
+                logits = model(inputs_embeds=torch.tensor(full[None])).logits[0].double()
+            logp = torch.log_softmax(logits, -1)[len(p) - 1:-1]
+            ref = float(logp[torch.arange(len(c)), torch.tensor(c)].sum())
+            assert abs(value - ref) < 1e-3 * max(1.0, abs(ref)), (c, value, ref)
+    # scoring one prompt alone (no other row's shared tokens to align with) gives the same numbers
+    np.testing.assert_allclose(g.score(prompts[2:3], candidates[2:3])[0], ours[2], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.score(prompts[3:4], candidates[3:4])[0], ours[3], rtol=1e-5, atol=1e-5)
+    with pytest.raises(GenerationInputError, match="no candidates"):
+        g.score(prompts[:1], [[]])
+    with pytest.raises(GenerationInputError, match="empty"):
+        g.score(prompts[:1], [[[5], []]])
+    with pytest.raises(GenerationInputError, match="outside"):
+        g.score(prompts[:1], [[[500]]])
+    with pytest.raises(GenerationInputError, match="2 prompts but candidates for 1"):
+        g.score(prompts[:2], [[[5]]])
+
+
 @pytest.mark.parametrize("length_penalty, early_stopping", [(1.0, False), (0.8, False), (0.8, True),
                                                             (2.0, "never"), (-0.5, "never")])
 def test_beam_search_matches_transformers(hf_tiny, length_penalty, early_stopping):

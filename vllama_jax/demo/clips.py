@@ -48,6 +48,21 @@ _DIRECTION_TEXT = {"left": "to the left", "right": "to the right", "up": "up", "
 _STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 
+def answer_text(attribute: str, value: str) -> str:
+    """The answer to ``ATTRIBUTES[attribute]``'s question when the attribute has ``value``, phrased the way SmolLM2
+    starts its own answers ("The shape is ..."), so that training teaches the content, not a new style. The
+    training targets, and the options of the multiple-choice evaluation."""
+    if value not in ATTRIBUTES[attribute][1]:
+        raise KeyError(f"{value!r} is not a value of {attribute}")
+    if attribute == "colour":
+        return f"The shape is {value}."
+    if attribute == "shape":
+        return f"The shape is a {value}."
+    if attribute == "direction":
+        return f"The shape moves {_DIRECTION_TEXT[value]}."
+    return f"The shape makes a {value} tone."  # sound
+
+
 @dataclasses.dataclass(frozen=True)
 class ClipSpec:
     """One clip's ground truth and drawing parameters (all derived from ``(seed, index)``)."""
@@ -71,17 +86,8 @@ class ClipSpec:
         return TONES[self.shape][1]
 
     def answer(self, attribute: str) -> str:
-        """The generator's answer to ``ATTRIBUTES[attribute]``'s question, phrased the way SmolLM2 starts its own
-        answers ("The shape is ..."), so that training teaches the content, not a new style."""
-        if attribute == "colour":
-            return f"The shape is {self.colour}."
-        if attribute == "shape":
-            return f"The shape is a {self.shape}."
-        if attribute == "direction":
-            return f"The shape moves {_DIRECTION_TEXT[self.direction]}."
-        if attribute == "sound":
-            return f"The shape makes a {self.sound} tone."
-        raise KeyError(attribute)
+        """The generator's answer to ``ATTRIBUTES[attribute]``'s question (see :func:`answer_text`)."""
+        return answer_text(attribute, self.truth(attribute))
 
     def truth(self, attribute: str) -> str:
         return getattr(self, attribute)

@@ -3,6 +3,11 @@
 An answer is read for the attribute's words only (``ATTRIBUTES`` in :mod:`vllama_jax.demo.clips`): it is correct
 when it names the true value and no other value of that attribute ("Red." and "The shape is red" are right for a
 red clip; "Red or blue" and "I cannot see a video" are wrong). Chance is one over the number of values.
+
+Free-form answers also measure whether the model answers *in the trained form*: a model that knows nothing can
+score 0% (it talks about something else) rather than chance. The multiple-choice reading separates knowing from
+answering: the model ranks the attribute's possible answers (``clips.answer_text`` for every value) by their
+likelihood, and its pick is right or wrong; a model that ignores the clip scores about chance there.
 """
 from __future__ import annotations
 
@@ -48,42 +53,62 @@ def chance(attribute: str) -> float:
 
 @dataclasses.dataclass
 class Scores:
-    """Per-attribute answers of one model on the held-out clips."""
+    """One model's results on the held-out clips, per attribute: its free-form answers (greedy generation, read by
+    :func:`is_correct`) and its multiple-choice picks (the option it gives the highest likelihood)."""
 
     name: str
     answers: dict[str, list[tuple[str, str]]] = dataclasses.field(default_factory=dict)  # attr -> [(answer, truth)]
+    choices: dict[str, list[tuple[str, str]]] = dataclasses.field(default_factory=dict)  # attr -> [(picked, truth)]
 
     def add(self, attribute: str, answer: str, truth: str) -> None:
         self.answers.setdefault(attribute, []).append((answer, truth))
+
+    def add_choice(self, attribute: str, picked: str, truth: str) -> None:
+        self.choices.setdefault(attribute, []).append((picked, truth))
 
     def accuracy(self, attribute: str) -> float:
         rows = self.answers.get(attribute, [])
         return sum(is_correct(attribute, a, t) for a, t in rows) / max(len(rows), 1)
 
+    def choice_accuracy(self, attribute: str) -> float:
+        rows = self.choices.get(attribute, [])
+        return sum(p == t for p, t in rows) / max(len(rows), 1)
+
     def count(self, attribute: str) -> int:
         return len(self.answers.get(attribute, []))
+
+    def choice_count(self, attribute: str) -> int:
+        return len(self.choices.get(attribute, []))
+
+
+def _cell(acc: float, n: int) -> str:
+    return f"{100 * acc:5.1f}% ({round(acc * n)}/{n})"
 
 
 def table(columns: Sequence[Scores], attributes: Sequence[str] = tuple(ATTRIBUTES),
           notes: Mapping[str, str] | None = None) -> str:
-    """attribute | <column> accuracy ... | chance  (+ an optional note per attribute)."""
-    head = ["attribute"] + [f"{c.name} accuracy" for c in columns] + ["chance"]
+    """attribute | <column> answers | <column> choice ... | chance  (+ an optional note per attribute). A column's
+    choice cell is only shown when it has multiple-choice results."""
+    head = ["attribute"]
+    for c in columns:
+        head.append(f"{c.name}: answers")
+        if c.choices:
+            head.append(f"{c.name}: choice")
+    head.append("chance")
     rows = []
     for a in attributes:
-        n = max((c.count(a) for c in columns), default=0)
-        cells = [a] + [f"{100 * c.accuracy(a):5.1f}% ({round(c.accuracy(a) * c.count(a))}/{c.count(a)})"
-                       for c in columns] + [f"{100 * chance(a):5.1f}%"]
+        cells = [a]
+        for c in columns:
+            cells.append(_cell(c.accuracy(a), c.count(a)))
+            if c.choices:
+                cells.append(_cell(c.choice_accuracy(a), c.choice_count(a)))
+        cells.append(f"{100 * chance(a):5.1f}%")
         if notes and a in notes:
             cells.append(notes[a])
         rows.append(cells)
-        del n
-    widths = [max(len(r[i]) for r in [head] + rows if i < len(r)) for i in range(len(head))]
-    line = lambda cells: "| " + " | ".join(c.ljust(widths[i]) if i < len(widths) else c  # noqa: E731
-                                           for i, c in enumerate(cells)) + " |"
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     for r in rows:
-        text = line(r[: len(head)])
-        if len(r) > len(head):
-            text += "  " + r[-1]
-        out.append(text)
+        out.append(line(r[: len(head)]) + ("  " + r[-1] if len(r) > len(head) else ""))
     return "\n".join(out)

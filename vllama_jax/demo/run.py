@@ -12,7 +12,9 @@
    into ``<out>/train.yaml``), and saves an Orbax checkpoint of the trained parameters.
 5. **ask**: the chat API users use with real weights (``VideoLLaMAChat``: video upload, question, greedy answer)
    asks every held-out clip about its colour, shape, direction and sound, once with the trained branch and once
-   with the branch as it was before training; answers are scored against the generator's ground truth.
+   with the branch as it was before training; answers are scored against the generator's ground truth. The same
+   questions are also put as a multiple choice (``VideoLLaMAChat.score_answers``: which of the attribute's possible
+   answers the model finds most likely), which tells knowing from answering in the trained form.
 6. **export**: the trained model is written as a model directory that ``vllama-jax chat --model`` loads.
 
 Everything is deterministic given ``--seed`` (up to floating-point reduction order).
@@ -33,7 +35,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .clips import ATTRIBUTES, ClipSpec, make_dataset
+from .clips import ATTRIBUTES, ClipSpec, answer_text, make_dataset
 from .evaluate import Scores, chance, is_correct, table
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +57,7 @@ class Settings:
     lr: float = 1e-3
     num_frames: int = 4
     max_new_tokens: int = 12
-    eval_batch: int = 32  # questions answered per generation call
+    eval_batch: int = 40  # questions per generation / scoring call (at most the held-out clips)
     export: bool = True
     config: str = DEFAULT_CONFIG
     train_set: tuple[str, ...] = ()  # extra --set overrides for the training config
@@ -198,8 +200,10 @@ def train_config(s: Settings, *, base_dir: Path, prepared: Path, gguf: Path, max
 
 
 def ask_all(chat, uploads, specs: Sequence[ClipSpec], gen_cfg, batch: int, name: str) -> Scores:
-    """Every attribute question about every clip, in batches of ``batch`` fresh single-turn conversations."""
+    """Every attribute question about every clip, as fresh single-turn conversations in batches of ``batch``: a
+    greedy free-form answer, and the multiple-choice pick among the attribute's possible answers."""
     scores = Scores(name)
+    batch = min(batch, len(specs))
     jobs = [(a, q, i) for i in range(len(specs)) for a, (q, _) in ATTRIBUTES.items()]
     for k in range(0, len(jobs), batch):
         chunk = jobs[k:k + batch]
@@ -207,6 +211,13 @@ def ask_all(chat, uploads, specs: Sequence[ClipSpec], gen_cfg, batch: int, name:
                                       pad_to=batch)
         for (a, _, i), ans in zip(chunk, answers):
             scores.add(a, ans, specs[i].truth(a))
+    for a, (q, values) in ATTRIBUTES.items():  # one attribute per call: one option list, few compiled shapes
+        options = [answer_text(a, v) for v in values]
+        for k in range(0, len(specs), batch):
+            idx = range(k, min(k + batch, len(specs)))
+            logp = chat.score_answers([q] * len(idx), [uploads[i] for i in idx], [options] * len(idx), pad_to=batch)
+            for i, row in zip(idx, logp):
+                scores.add_choice(a, values[int(np.argmax(row))], specs[i].truth(a))
     return scores
 
 
@@ -315,8 +326,8 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
     # 5. ask -------------------------------------------------------------------------------------------------
     from ..inference.chat import VideoLLaMAChat
 
-    nar.step("ask", f"Asking about the {len(data.heldout)} held-out clips through the chat API (greedy, "
-                    f"{len(ATTRIBUTES)} questions per clip), trained vs untrained ...")
+    nar.step("ask", f"Asking about the {len(data.heldout)} held-out clips through the chat API ({len(ATTRIBUTES)} "
+                    "questions per clip: a greedy answer, and a multiple choice), trained vs untrained ...")
     trained_flat = load_trainable_params(ckpt)
     trained_params = merged_params(params, trained_flat)
     gen = GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens)
@@ -348,7 +359,8 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
 
     # report -------------------------------------------------------------------------------------------------
     notes = {"sound": "(from the picture: the tone follows the shape; the audio branch is not trained here)"}
-    say("\nHeld-out accuracy (answers parsed for the attribute's words; chance = 1 / number of values):")
+    say("\nHeld-out accuracy. answers: the greedy answer names the true value (and no other); choice: the true "
+        "value's answer is the most likely of the attribute's possible answers. Chance = 1 / number of values.")
     say(table([trained, untrained], notes=notes))
     say(f"\ntraining loss {first:.3f} -> {last:.3f}; total {wall:.0f} s wall, {cpu:.0f} s CPU "
         f"({', '.join(f'{n} {t:.0f} s' for n, t in nar.timings)})")
@@ -360,10 +372,13 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
     report = {
         "accuracy": {a: {"trained": trained.accuracy(a), "untrained": untrained.accuracy(a), "chance": chance(a),
                          "n": trained.count(a)} for a in ATTRIBUTES},
+        "choice_accuracy": {a: {"trained": trained.choice_accuracy(a), "untrained": untrained.choice_accuracy(a),
+                                "n": trained.choice_count(a)} for a in ATTRIBUTES},
         "loss_first": first, "loss_last": last, "losses": [h["loss"] for h in history],
         "steps": len(history), "wall_s": wall, "cpu_s": cpu, "timings": dict(nar.timings),
         "checkpoint": str(ckpt), "model_dir": str(model_dir) if s.export else None,
         "answers": {"trained": trained.answers, "untrained": untrained.answers},
+        "choices": {"trained": trained.choices, "untrained": untrained.choices},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(s).items()},
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))

@@ -606,11 +606,41 @@ class VideoLLaMAChat:
                        generation_config: GenerationConfig | None = None, rng: Any = None,
                        pad_to: int | None = None) -> list[str]:
         """One fresh single-turn conversation per (question, upload) pair, generated as one batch."""
-        if len(questions) != len(uploads):
-            raise ValueError(f"{len(questions)} questions but {len(uploads)} uploads")
         if not questions:
             return []
         cfg = self.resolve_config(generation_config)
+        contexts = self._single_turn_contexts(questions, uploads, cfg.max_new_tokens)
+        out = self.generate_contexts(contexts, cfg, rng, pad_to=pad_to)
+        return [self.decode_answer(t) for t in out.tokens]
+
+    def score_answers(self, questions: Sequence[str], uploads: Sequence[Upload | None],
+                      options: Sequence[Sequence[str]], pad_to: int | None = None) -> list[np.ndarray]:
+        """Multiple choice: for each (question, upload) pair, in a fresh single-turn conversation, the
+        log-likelihood the model gives each of its candidate answers (``options[i]``, texts of the assistant's
+        reply, each tokenized on its own as the continuation of the prompt). Returns per question an array of
+        summed log-probabilities; ``argmax`` is the model's choice. One prefill per question, all its options in
+        one more forward pass. ``pad_to``: as in ``generate_contexts``."""
+        if len(options) != len(questions):
+            raise ValueError(f"{len(questions)} questions but option lists for {len(options)}")
+        if not questions:
+            return []
+        for i, opts in enumerate(options):
+            if not opts or any(not o for o in opts):
+                raise ValueError(f"question {i}: every question needs at least one non-empty option")
+        contexts = self._single_turn_contexts(questions, uploads, max_new_tokens=0)
+        ids = [[self.tokenizer.encode(o) for o in opts] for opts in options]
+        n = len(contexts)
+        target = -(-max(n, pad_to or 0) // self.batch_multiple) * self.batch_multiple
+        contexts += [contexts[0]] * (target - n)  # a fixed batch shape reuses compiled programs
+        ids += [ids[0]] * (target - n)
+        return self.generator.score(contexts, ids)[:n]
+
+    def _single_turn_contexts(self, questions: Sequence[str], uploads: Sequence[Upload | None],
+                              max_new_tokens: int) -> list[np.ndarray]:
+        """The context embeddings of one fresh single-turn conversation per (question, upload) pair (each
+        distinct upload encoded once)."""
+        if len(questions) != len(uploads):
+            raise ValueError(f"{len(questions)} questions but {len(uploads)} uploads")
         unique = {id(u): u for u in uploads if u is not None}  # an upload asked about several times encodes once
         encoded = dict(zip(unique, self.encode(list(unique.values()))))
         contexts = []
@@ -621,9 +651,8 @@ class VideoLLaMAChat:
                 conversation_upload(conv, u.message, u.system)
                 media = encoded[id(u)]
             self._ask(conv, q, u is not None and u.join_question)
-            contexts.append(self.build_context(conv, media, cfg.max_new_tokens).embeds)
-        out = self.generate_contexts(contexts, cfg, rng, pad_to=pad_to)
-        return [self.decode_answer(t) for t in out.tokens]
+            contexts.append(self.build_context(conv, media, max_new_tokens).embeds)
+        return contexts
 
     @staticmethod
     def _as_prompt(p: PromptLike) -> Prompt:

@@ -318,6 +318,15 @@ def _forward_tokens(module: Llama, tokens: jax.Array, cache: Any) -> tuple[jax.A
     return logits[:, 0], cache
 
 
+def _shared_prefix(seqs: Sequence[np.ndarray]) -> int:
+    """Length of the longest common prefix of `seqs`, at most (shortest length - 1)."""
+    n = min(len(x) for x in seqs) - 1
+    for other in seqs[1:]:
+        same = np.flatnonzero(seqs[0][:n] != other[:n])
+        n = int(same[0]) if same.size else n
+    return max(n, 0)
+
+
 class Generator:
     """Prefill + decode engine for one LLaMA decoder and its params (built once, reused for many calls).
 
@@ -352,9 +361,10 @@ class Generator:
         self.params = self._place_params(params)
 
         self._embed_fn = jax.jit(self._embed_impl)
-        self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("cache_length",))
+        self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("cache_length", "last"))
         self._sample_step_fn = jax.jit(self._sample_step_impl, static_argnames=("spec",), donate_argnums=(1,))
         self._expand_fn = jax.jit(self._expand_impl, static_argnames=("num_beams",))
+        self._score_fn = jax.jit(self._score_impl)
         self._beam_step_fn = jax.jit(self._beam_step_impl, static_argnames=("spec", "num_beams", "num_eos"),
                                      donate_argnums=(1,))
 
@@ -396,13 +406,14 @@ class Generator:
     def _embed_impl(self, params: Any, ids: jax.Array) -> jax.Array:
         return self.module.apply({"params": params}, ids, method=Llama.embed)
 
-    def _prefill_impl(self, params: Any, embeds: jax.Array, mask: jax.Array, cache_length: int
+    def _prefill_impl(self, params: Any, embeds: jax.Array, mask: jax.Array, cache_length: int, last: int = 1
                       ) -> tuple[jax.Array, Any]:
+        """-> logits of the last `last` positions (B, last, V), the cache."""
         cache = self._constrain_cache(init_cache(self.config, embeds.shape[0], cache_length, self.cache_dtype))
         # Left padding puts every row's last real token in the last column.
         logits, cache = self.module.apply({"params": params}, embeds, attention_mask=mask, cache=cache,
-                                          logits_slice=slice(-1, None))
-        return logits[:, 0], self._constrain_cache(cache)
+                                          logits_slice=slice(-last, None))
+        return logits, self._constrain_cache(cache)
 
     def _sample_step_impl(self, params: Any, cache: Any, state: dict[str, Any], values: ProcessorValues,
                           ctrl: dict[str, jax.Array], spec: ProcessorSpec
@@ -430,6 +441,21 @@ class Generator:
         new_state["logits"], cache = self.module.apply({"params": params}, tokens, cache,
                                                        method=_forward_tokens)
         return tokens, new_state["finished"], new_state, self._constrain_cache(cache)
+
+    def _score_impl(self, params: Any, logits: jax.Array, cache: Any, ids: jax.Array, mask: jax.Array
+                    ) -> jax.Array:
+        """Prefilled prompts (last logits (B, V), cache of B rows) and candidates ids/mask (B, K, T), right-padded
+        -> (B, K) summed log-probabilities of each candidate's real tokens."""
+        b, k, t = ids.shape
+        rep = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731  row b -> rows b*K .. b*K+K-1, as for beams
+        cache = self._constrain_cache(jax.tree_util.tree_map(rep, cache))
+        flat_ids, flat_mask = ids.reshape(b * k, t), mask.reshape(b * k, t)
+        embeds = self.module.apply({"params": params}, flat_ids, method=Llama.embed)
+        out, _ = self.module.apply({"params": params}, embeds, attention_mask=flat_mask, cache=cache)
+        # token j is predicted by the prompt's last logits (j = 0) or by the candidate's token j - 1
+        pred = jnp.concatenate([rep(logits)[:, None], out[:, :-1]], axis=1).astype(jnp.float32)
+        logp = jnp.take_along_axis(pred, flat_ids[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(pred, axis=-1)
+        return jnp.sum(jnp.where(flat_mask != 0, logp, 0.0), axis=1).reshape(b, k)
 
     def _expand_impl(self, logits: jax.Array, cache: Any, presence: jax.Array, num_beams: int
                      ) -> tuple[jax.Array, Any, jax.Array]:
@@ -675,10 +701,72 @@ class Generator:
         return self.generate(embeds, mask, config, rng, stream, penalty_ids=[r.tolist() for r in rows],
                              output_logits=output_logits)
 
+    def score(self, prompt_embeds: Any, candidates: Sequence[Sequence[Sequence[int]]], attention_mask: Any = None
+              ) -> list[np.ndarray]:
+        """Log-likelihood of candidate continuations after each prompt (multiple-choice evaluation).
+
+        prompt_embeds / attention_mask: as for `generate` (one row per prompt). candidates: per prompt, a list of
+        token-id sequences (any number, any lengths >= 1). Returns per prompt a float64 array with the summed
+        log-probability of each candidate's tokens given the prompt (teacher forcing; no logits processor).
+
+        Each prompt is prefilled once, together with the first tokens all its candidates share ("The shape is"
+        of "The shape is red." / "The shape is blue."); the differing tails then run as one chunk over copies of
+        its KV cache. Shapes are bucketed (candidates per prompt to a multiple of 2, tail length to a multiple
+        of 4) so that calls with similar option lists reuse the compiled programs.
+        """
+        embeds, mask = self._pack(prompt_embeds, attention_mask)
+        if len(candidates) != embeds.shape[0]:
+            raise GenerationInputError(f"{embeds.shape[0]} prompts but candidates for {len(candidates)}")
+        rows = []
+        for i, opts in enumerate(candidates):
+            opts = [np.asarray(c, np.int64).reshape(-1) for c in opts]
+            if not opts:
+                raise GenerationInputError(f"prompt {i} has no candidates")
+            for j, c in enumerate(opts):
+                if c.size == 0:
+                    raise GenerationInputError(f"candidate {j} of prompt {i} is empty")
+                if c.min() < 0 or c.max() >= self.config.vocab_size:
+                    raise GenerationInputError(f"candidate {j} of prompt {i} has ids outside "
+                                               f"[0, {self.config.vocab_size})")
+            rows.append(opts)
+        batch = len(rows)
+        shared = [_shared_prefix(opts) for opts in rows]  # each candidate keeps >= 1 token of its own
+        p = max(shared)
+        if p:  # append each row's shared tokens to its prompt, right-aligned (holes are packed away by _pack)
+            pre_ids = np.zeros((batch, p), np.int32)
+            pre_mask = np.zeros((batch, p), np.int32)
+            for b, (opts, n) in enumerate(zip(rows, shared)):
+                pre_ids[b, p - n:], pre_mask[b, p - n:] = opts[0][:n], 1
+            pre = self._embed_fn(self.params, jnp.asarray(pre_ids)).astype(embeds.dtype)
+            embeds, mask = self._pack(jnp.concatenate([embeds, pre], axis=1), np.concatenate([mask, pre_mask], 1))
+        k = _round_up(max(len(r) for r in rows), 2)
+        t = _round_up(max(c.size - n for r, n in zip(rows, shared) for c in r), 4)
+        ids = np.zeros((batch, k, t), np.int32)
+        cmask = np.zeros((batch, k, t), np.int32)
+        for b, (opts, n) in enumerate(zip(rows, shared)):
+            for j, c in enumerate(opts + [opts[0]] * (k - len(opts))):  # padding candidates: copies, dropped
+                ids[b, j, :c.size - n], cmask[b, j, :c.size - n] = c[n:], 1
+        logits, cache = self._prefill(embeds, mask, t, last=p + 1)
+        tails = np.asarray(self._score_fn(self.params, logits[:, -1], cache, self._put_batch(ids),
+                                          self._put_batch(cmask)), np.float64)
+        out = []
+        for b, (opts, n) in enumerate(zip(rows, shared)):
+            head = 0.0
+            if n:  # column p - n + j of the last p + 1 positions predicts shared token j
+                lg = np.asarray(logits[b, p - n:p], np.float64)
+                lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
+                head = float(np.sum(lg[np.arange(n), opts[0][:n]] - lse))
+            out.append(head + tails[b, :len(opts)])
+        return out
+
     # ---- decoding loops ------------------------------------------------------------------------------------
-    def _prefill(self, embeds: jax.Array, mask: np.ndarray, cfg: GenerationConfig) -> tuple[jax.Array, Any]:
-        cache_length = self.cache_length(embeds.shape[1], cfg.max_new_tokens)
-        return self._prefill_fn(self.params, self._put_batch(embeds), self._put_batch(mask), cache_length=cache_length)
+    def _prefill(self, embeds: jax.Array, mask: np.ndarray, new_tokens: int, last: int = 1
+                 ) -> tuple[jax.Array, Any]:
+        """The logits of the prompts' last `last` positions (B, last, V) and a cache with room for `new_tokens`
+        more."""
+        cache_length = self.cache_length(embeds.shape[1], new_tokens)
+        return self._prefill_fn(self.params, self._put_batch(embeds), self._put_batch(mask), cache_length=cache_length,
+                                last=last)
 
     def _setup(self, cfg: GenerationConfig, batch: int, penalty_ids: Any
                ) -> tuple[ProcessorSpec, ProcessorValues, dict[str, np.ndarray], np.ndarray]:
@@ -693,7 +781,8 @@ class Generator:
         t0 = time.perf_counter()
         batch = embeds.shape[0]
         spec, values, ctrl, presence = self._setup(cfg, batch, penalty_ids)
-        logits, cache = self._prefill(embeds, mask, cfg)
+        logits, cache = self._prefill(embeds, mask, cfg.max_new_tokens)
+        logits = logits[:, -1]
         state: dict[str, Any] = dict(
             logits=logits, key=self._key(rng), score=jnp.zeros((batch,), jnp.float32),
             n_gen=jnp.zeros((batch,), jnp.int32), recent=jnp.full((batch, ctrl["stop_ids"].shape[1]), -1, jnp.int32),
@@ -748,7 +837,8 @@ class Generator:
         t0 = time.perf_counter()
         batch, k = embeds.shape[0], cfg.num_beams
         spec, values, ctrl, presence = self._setup(cfg, batch, penalty_ids)
-        logits, cache = self._prefill(embeds, mask, cfg)
+        logits, cache = self._prefill(embeds, mask, cfg.max_new_tokens)
+        logits = logits[:, -1]
         logits, cache, presence_dev = self._expand_fn(logits, cache, jnp.asarray(presence), num_beams=k)
         logits.block_until_ready()
         t_first = time.perf_counter()
