@@ -606,10 +606,10 @@ class VideoLLaMAChat:
                        generation_config: GenerationConfig | None = None, rng: Any = None,
                        pad_to: int | None = None) -> list[str]:
         """One fresh single-turn conversation per (question, upload) pair, generated as one batch."""
-        if not questions:
-            return []
         cfg = self.resolve_config(generation_config)
         contexts = self._single_turn_contexts(questions, uploads, cfg.max_new_tokens)
+        if not contexts:
+            return []
         out = self.generate_contexts(contexts, cfg, rng, pad_to=pad_to)
         return [self.decode_answer(t) for t in out.tokens]
 
@@ -622,12 +622,12 @@ class VideoLLaMAChat:
         one more forward pass. ``pad_to``: as in ``generate_contexts``."""
         if len(options) != len(questions):
             raise ValueError(f"{len(questions)} questions but option lists for {len(options)}")
-        if not questions:
-            return []
         for i, opts in enumerate(options):
             if not opts or any(not o for o in opts):
                 raise ValueError(f"question {i}: every question needs at least one non-empty option")
         contexts = self._single_turn_contexts(questions, uploads, max_new_tokens=0)
+        if not contexts:
+            return []
         ids = [[self.tokenizer.encode(o) for o in opts] for opts in options]
         n = len(contexts)
         target = -(-max(n, pad_to or 0) // self.batch_multiple) * self.batch_multiple
