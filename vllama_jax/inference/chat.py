@@ -559,16 +559,19 @@ class VideoLLaMAChat:
                           pad_to: int | None = None) -> GenerationOutput:
         """Run the engine on several (L_i, D) contexts at once. ``pad_to``: repeat the first row up to this many
         rows (a fixed batch shape reuses compiled programs; the extra rows are dropped)."""
-        rows = [np.asarray(c) for c in contexts]
-        n = len(rows)
-        target = max(n, pad_to or 0)
-        target = -(-target // self.batch_multiple) * self.batch_multiple
-        rows = rows + [rows[0]] * (target - n)
+        n = len(contexts)
+        rows = self._pad_rows([np.asarray(c) for c in contexts], pad_to)
         out = self.generator.generate(rows, config=self.resolve_config(config), rng=rng, stream=stream)
-        if target != n:
+        if len(rows) != n:
             out = dataclasses.replace(out, tokens=out.tokens[:n], finish_reasons=out.finish_reasons[:n],
                                       scores=None if out.scores is None else out.scores[:n])
         return out
+
+    def _pad_rows(self, rows: list, pad_to: int | None) -> list:
+        """``rows`` + copies of its first row up to ``max(len, pad_to)`` rounded up to ``batch_multiple`` (a fixed
+        batch shape reuses compiled programs; the caller drops the extra rows' results)."""
+        target = -(-max(len(rows), pad_to or 0) // self.batch_multiple) * self.batch_multiple
+        return rows + [rows[0]] * (target - len(rows))
 
     def answer(self, generation_config: GenerationConfig | None = None, rng: Any = None,
                stream: Callable[[str], None] | None = None) -> str:
@@ -630,10 +633,7 @@ class VideoLLaMAChat:
             return []
         ids = [[self.tokenizer.encode(o) for o in opts] for opts in options]
         n = len(contexts)
-        target = -(-max(n, pad_to or 0) // self.batch_multiple) * self.batch_multiple
-        contexts += [contexts[0]] * (target - n)  # a fixed batch shape reuses compiled programs
-        ids += [ids[0]] * (target - n)
-        return self.generator.score(contexts, ids)[:n]
+        return self.generator.score(self._pad_rows(contexts, pad_to), self._pad_rows(ids, pad_to))[:n]
 
     def _single_turn_contexts(self, questions: Sequence[str], uploads: Sequence[Upload | None],
                               max_new_tokens: int) -> list[np.ndarray]:

@@ -749,11 +749,12 @@ class Generator:
         logits, cache = self._prefill(embeds, mask, t, last=p + 1)
         tails = np.asarray(self._score_fn(self.params, logits[:, -1], cache, self._put_batch(ids),
                                           self._put_batch(cmask)), np.float64)
+        heads = np.asarray(logits[:, :p], np.float64)  # one transfer; empty when nothing is shared
         out = []
         for b, (opts, n) in enumerate(zip(rows, shared)):
             head = 0.0
             if n:  # column p - n + j of the last p + 1 positions predicts shared token j
-                lg = np.asarray(logits[b, p - n:p], np.float64)
+                lg = heads[b, p - n:]
                 lse = np.log(np.exp(lg - lg.max(-1, keepdims=True)).sum(-1)) + lg.max(-1)
                 head = float(np.sum(lg[np.arange(n), opts[0][:n]] - lse))
             out.append(head + tails[b, :len(opts)])
