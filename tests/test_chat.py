@@ -1,5 +1,5 @@
 """The chat API against the ORIGINAL implementation's chat goldens (../shared/fixtures/tiny_vl, `chat_*`), the demo
-flows of SPEC 9, multi-turn state, batches of prompts, context truncation and sharded chat.
+flows of upstream.md §9, multi-turn state, batches of prompts, context truncation and sharded chat.
 
 The fixture model is the tiny random Video-LLaMA the goldens came from; like the fixture generator, the tests feed
 its already-preprocessed `inputs.npz` video/audio tensors instead of decoding files.
@@ -128,7 +128,7 @@ def test_stop_sequences_are_upstreams(chat_):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# demo flows (SPEC 9)
+# demo flows (upstream.md §9)
 
 
 def test_upload_flows_messages_and_systems(chats, tiny):

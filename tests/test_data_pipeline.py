@@ -90,7 +90,7 @@ def test_caption_processor_per_format(toy, tiny_dir: Path, tok):
 
 # --------------------------------------------------------------------------------------------- instruction batches
 def vicuna_by_hand(tok, turns: list[dict], max_len: int) -> tuple[list[int], list[int]]:
-    """SPEC 7.5, step by step."""
+    """upstream.md §7.5, step by step."""
     header = "\n\n"
     strings = ["###" + ("Human" if t["from"] == "human" else "Assistant") + ": " + t["value"] + "\n" for t in turns]
     ids = tok.encode(header + "".join(strings) + "###", add_bos=True)[:max_len]
@@ -107,7 +107,7 @@ def vicuna_by_hand(tok, turns: list[dict], max_len: int) -> tuple[list[int], lis
 
 
 def llama2_by_hand(tok, turns: list[dict], max_len: int) -> tuple[list[int], list[int]]:
-    """SPEC 7.6, step by step."""
+    """upstream.md §7.6, step by step."""
     conv = "[INST] <<SYS>>\n \n<</SYS>>\n\n"
     for i, t in enumerate(turns):
         conv += (("" if i == 0 else "<s>[INST] ") + t["value"] + " [/INST]") if t["from"] == "human" \
@@ -131,7 +131,7 @@ def llama2_by_hand(tok, turns: list[dict], max_len: int) -> tuple[list[int], lis
 
 @pytest.mark.parametrize("template", ["vicuna", "llama_v2"])
 def test_videochat_instruction_sample_equals_upstream(tmp_path: Path, tiny_dir: Path, tok, golden, template: str):
-    """A VideoChat entry -> ids/labels: equal to the upstream dataset code's output (fixture) and to SPEC 7.5/7.6
+    """A VideoChat entry -> ids/labels: equal to the upstream dataset code's output (fixture) and to upstream.md §7.5/7.6
     worked by hand. The video (8 frames at 4 fps, 4 sampled) gives the fixture's frame-time message."""
     z, texts = golden
     qa = texts["stage2_conversations"][0]

@@ -12,7 +12,7 @@ from vllama_jax.media import audio as audio_mod
 VIDEOS = ["IronMan", "applausing", "birthday", "boat", "dog_barking", "silence_girl", "skateboarding_dog"]
 WITH_AUDIO = [("IronMan", "mp4"), ("applausing", "mp4"), ("boat", "mp4"), ("dog_barking", "mp4"),
               ("skateboarding_dog", "mp4"), ("bird_audio", "wav"), ("car_audio", "wav"), ("dog_audio", "wav")]
-FBANK_TOL = 1e-3  # fixtures README 2.2: independent fp32 fbank implementation
+FBANK_TOL = 1e-3  # upstream.md §13.2: independent fp32 fbank implementation
 
 
 @pytest.fixture(scope="module")

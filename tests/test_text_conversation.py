@@ -1,4 +1,4 @@
-"""Conversation templates, chat prompts and their token segments (SPEC 6)."""
+"""Conversation templates, chat prompts and their token segments (upstream.md §6)."""
 import json
 
 import numpy as np

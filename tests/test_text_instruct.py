@@ -1,4 +1,4 @@
-"""Caption text, caption-path tokens, instruction samples and labels (SPEC 1.8, 6.3, 7.3, 7.5-7.7)."""
+"""Caption text, caption-path tokens, instruction samples and labels (upstream.md §1.8, 6.3, 7.3, 7.5-7.7)."""
 import json
 import re
 
@@ -129,7 +129,7 @@ def _supervised_spans(tok, ids, labels):
 
 
 def test_fixture_vicuna_mask_drift(tok, outputs):
-    """fixtures README 3.12: the spans drift on the tiny vocabulary; reproduced, not fixed."""
+    """upstream.md §12.12: the spans drift on the tiny vocabulary; reproduced, not fixed."""
     ids, labels = instruction_sample(outputs["stage2_vicuna"]["sources"][0][0], "vicuna", tok, 8, None)
     assert _supervised_spans(tok, ids, labels) == [
         "###",
@@ -190,7 +190,7 @@ def test_vicuna_mask_one_turn_by_hand():
     # labels[0:3] = -100 (BOS, \n, \n); human: labels[3+2 : 3+14] = -100; cursor 17; assistant: nothing masked.
     # Position p holds character p-1, so the extra BOS in each count shifts the spans by one character per turn
     # (with the real LLaMA vocabulary the isolated "▁###" is one token shorter than the in-context "##","#" and
-    # the shift cancels; here it does not: the same drift as fixtures README 3.12).
+    # the shift cancels; here it does not: the same drift as upstream.md §12.12).
     _check(
         [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
         "vicuna",

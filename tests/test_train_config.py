@@ -23,7 +23,7 @@ from vllama_jax.weights.keymaps import audio_branch_keymap, flatten_params, unfl
 VL = ("video_qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj")
 AL = ("audio_qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj")
 
-# SPEC 8.1: (train_flag, init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch, max_epoch, global batch,
+# upstream.md §8.1: (train_flag, init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch, max_epoch, global batch,
 # max_txt_len, sample ratios, trained groups)
 STAGES = {
     "vl_stage1": (0, 1e-4, 8e-5, 1e-6, 2500, 2500, 5, 256, 32, {"webvid": 100, "cc_sbu_align": 24}, VL),
@@ -132,7 +132,7 @@ def test_train_py_exit_status(tmp_path: Path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# learning rate (SPEC 8.4)
+# learning rate (upstream.md §8.4)
 
 
 def lavis_lr(o: OptimConfig, epoch: int, step: int) -> float:
@@ -161,7 +161,7 @@ def test_lr_schedule_quirks():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# weight decay groups and AdamW (SPEC 8.3)
+# weight decay groups and AdamW (upstream.md §8.3)
 
 
 def _upstream_trainables(path: Path) -> dict[str, np.ndarray]:
@@ -189,7 +189,7 @@ def test_decay_mask_equals_upstream_rule_on_upstream_names(tiny_dir: Path):
             {p: np.full(shapes[p].shape, m) for p, m in mask.items()}).items()}
         upstream = {k: not upstream_no_decay(k, v.ndim) for k, v in _upstream_trainables(tiny_dir / ckpt).items()}
         assert ours == upstream
-        # the consequences SPEC 8.3 spells out
+        # the consequences upstream.md §8.3 spells out
         assert upstream[km.rules[-4].src] and any(v for k, v in upstream.items() if "position_embedding" in k)
         assert not any(v for k, v in upstream.items() if "LayerNorm" in k or k.endswith("bias"))
 

@@ -72,11 +72,11 @@ def test_step_reproduces_upstream_gradients_and_updates_only_trainables(tiny_dir
                 if k.startswith("stage1/")}
     assert set(ours) == set(expected)
     for name, ref in expected.items():
-        tol = max(1e-4 * float(np.abs(ref).max()), 1e-6)  # fixtures README 1.6 (key-bias grads are ~1e-9 noise)
+        tol = max(1e-4 * float(np.abs(ref).max()), 1e-6)  # tests/fixtures/README.md §1.6 (key-bias grads are ~1e-9 noise)
         assert float(np.abs(ours[name] - ref).max()) <= tol, name
 
     # step 1 = AdamW at count 0: m_hat = g, v_hat = g^2, so p1 = p0 - lr0 * (g / (|g| + eps) + wd * mask * p0),
-    # lr0 = warmup_lr (SPEC 8.3/8.4)
+    # lr0 = warmup_lr (upstream.md §8.3/8.4)
     frozen_before = host(t.frozen)
     p0 = flatten_params(jax.tree.map(lambda x: np.asarray(x, np.float64), t.params0))
     mask = flatten_params(decay_mask(t.params0))

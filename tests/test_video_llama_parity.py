@@ -2,7 +2,7 @@
 
 Loads the fixture files in their real checkpoint formats with the library loader, runs every path of the model and
 matches each intermediate, the logits, the four training losses and the gradients of the trainable vision-branch
-parameters (from `jax.grad`), within the tolerances of the fixtures README (section 1.6).
+parameters (from `jax.grad`), within the tolerances of the tests/fixtures/README.md (§1.6).
 """
 
 from __future__ import annotations

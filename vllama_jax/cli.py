@@ -45,7 +45,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="converted model directory (default: the embedded SmolLM2 model "
                                                   "with untrained towers)")
-    g.add_argument("--mesh", metavar="SPEC", help="device mesh, e.g. data=1,fsdp=2,tensor=4 (default: one device)")
+    g.add_argument("--mesh", metavar="AXES", help="device mesh, e.g. data=1,fsdp=2,tensor=4 (default: one device)")
     g.add_argument("--template", choices=("vicuna", "llama_2", "chatml"),
                    help="conversation template (default: the model's)")
     g.add_argument("--num-frames", type=int, default=8, metavar="N", help="frames sampled per video (default 8)")

@@ -42,7 +42,7 @@ def _divides(obj: Any, prefix: str, num: str, den: str) -> None:
 
 @dataclass(frozen=True)
 class ViTConfig:
-    """EVA-CLIP ViT-g/14 (SPEC 2.1). depth 39: the checkpoint's block 39 is not built."""
+    """EVA-CLIP ViT-g/14 (upstream.md §2.1). depth 39: the checkpoint's block 39 is not built."""
 
     image_size: int = 224
     patch_size: int = 14
@@ -65,7 +65,7 @@ class ViTConfig:
 
 @dataclass(frozen=True)
 class QFormerConfig:
-    """BERT-style Q-Former used query-only (SPEC 3). Cross-attention in layers with i % cross_attention_freq == 0."""
+    """BERT-style Q-Former used query-only (upstream.md §3). Cross-attention in layers with i % cross_attention_freq == 0."""
 
     hidden_size: int = 768
     num_layers: int = 12
@@ -89,7 +89,7 @@ class QFormerConfig:
 
 @dataclass(frozen=True)
 class ImageBindAudioConfig:
-    """ImageBind-Huge audio tower (SPEC 4.2)."""
+    """ImageBind-Huge audio tower (upstream.md §4.2)."""
 
     width: int = 768
     depth: int = 12
@@ -119,7 +119,7 @@ class ImageBindAudioConfig:
 
 @dataclass(frozen=True)
 class ImageBindVisionConfig:
-    """ImageBind-Huge vision tower (SPEC 4.3), used only to train the audio branch."""
+    """ImageBind-Huge vision tower (upstream.md §4.3), used only to train the audio branch."""
 
     image_size: int = 224
     patch_size: int = 14
@@ -140,7 +140,7 @@ class ImageBindVisionConfig:
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """LLaMA-family decoder (SPEC 5.1), HF semantics; grouped-query attention when num_kv_heads < num_heads."""
+    """LLaMA-family decoder (upstream.md §5.1), HF semantics; grouped-query attention when num_kv_heads < num_heads."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096

@@ -6,7 +6,7 @@ How a batch is made (all indices are deterministic functions of the seed, so any
                     -map_with_index-> read record, decode + transform media, tokenize   (bad record -> replacement)
                     -batch(B)-> one fixed-shape batch dict
     mixture:        step i -> (dataset k_i, batch j_i) with k_i ~ sample_ratio (one whole batch per dataset,
-                    upstream SPEC 8.2), j_i = number of earlier steps that drew k_i
+                    upstream upstream.md §8.2), j_i = number of earlier steps that drew k_i
     grain:          select_from_datasets -> to_iter_dataset -> mp_prefetch(num_workers) -> bad-record counter
 
 Decoding, augmentation and tokenization all run where the batch is built, i.e. in the ``mp_prefetch`` worker

@@ -47,7 +47,7 @@ class TextProcessor:
         return int(self.tokenizer.instruct_pad_id)
 
     def caption(self, caption: str, processor: str) -> tuple[np.ndarray, np.ndarray]:
-        """SPEC 1.8 path B step 3: ``caption + end_sym`` without BOS, truncated and right-padded to max_txt_len."""
+        """upstream.md §1.8 path B step 3: ``caption + end_sym`` without BOS, truncated and right-padded to max_txt_len."""
         from vllama_jax.text import blip_caption, caption_tokens
 
         if processor == "blip_caption":
@@ -58,7 +58,7 @@ class TextProcessor:
         return ids[0], mask[0]
 
     def instruction(self, turns: Sequence[Turn], media_type: str, video_msg: str) -> tuple[np.ndarray, np.ndarray]:
-        """SPEC 7.5 / 7.6: (input_ids, labels) of one conversation, unpadded (at most max_len tokens).
+        """upstream.md §7.5 / 7.6: (input_ids, labels) of one conversation, unpadded (at most max_len tokens).
 
         Images follow LLaVA (every ``<image>`` becomes the image block; a conversation without ``<image>`` gets one
         in front of its first human turn), videos follow VideoChat (the first turn is prefixed with the video block

@@ -1,5 +1,5 @@
 """Chat with a Video-LLaMA model: THE Python inference API (upstream ``conversation_video.Chat`` and the demo flows
-of ``demo_video.py`` / ``demo_audiovideo.py``; SPEC 6.3-6.5 and 9).
+of ``demo_video.py`` / ``demo_audiovideo.py``; upstream.md §6.3-6.5 and 9).
 
 ```python
 from vllama_jax.inference import VideoLLaMAChat, GenerationConfig
@@ -28,10 +28,10 @@ Flows (each upload starts a fresh conversation with an empty media list, as in t
   joined to it like upstream joins it to a video/image message.
 
 ``ask`` joins the first question to the upload message with one space (upstream rule). ``answer`` builds the
-context like ``get_context_emb`` (SPEC 6.4): render with a pending assistant turn, split the prompt string on
+context like ``get_context_emb`` (upstream.md §6.4): render with a pending assistant turn, split the prompt string on
 ``<ImageHere>``, tokenize the pieces (only the first gets BOS, if the tokenizer adds one), embed, interleave with
 the media blocks, keep the last ``max_length - max_new_tokens`` (2000 - 300 = 1700) positions; then generates
-(``inference.generate.Generator``, template stop sequences always added) and post-processes the text (SPEC 6.5).
+(``inference.generate.Generator``, template stop sequences always added) and post-processes the text (upstream.md §6.5).
 The ChatML template (SmolLM2) goes through the tokenizer's own chat template with the same placeholder text.
 """
 from __future__ import annotations
@@ -141,7 +141,7 @@ class Upload:
 
 def video_upload(frames: np.ndarray, *, clips: np.ndarray | None = None, frame_message: str = "",
                  demo: str = "audiovideo", path: str = "", note: str = "") -> Upload:
-    """The video flows of SPEC 9: with ``clips`` the audio+video flow, otherwise video only (with the frame-time
+    """The video flows of upstream.md §9: with ``clips`` the audio+video flow, otherwise video only (with the frame-time
     message ``frame_message``; system per ``demo``: "audiovideo" -> "", "video" -> demo_video.py's string)."""
     frames = np.asarray(frames, np.float32)
     if frames.ndim != 4:
@@ -500,7 +500,7 @@ class VideoLLaMAChat:
     def history(self) -> list[tuple[str, str | None]]:
         return [(r, m) for r, m in self.conv.messages]
 
-    # ---- context (SPEC 6.4) -----------------------------------------------------------------------------
+    # ---- context (upstream.md §6.4) -----------------------------------------------------------------------------
     def context(self, max_new_tokens: int | None = None) -> ChatContext:
         """The context ``answer`` would feed the LLM now (the conversation is not changed)."""
         conv = self.conv.copy()

@@ -1,4 +1,4 @@
-"""Jitted text generation for the LLaMA decoder (SPEC 6.5; GitHub issue 5).
+"""Jitted text generation for the LLaMA decoder (upstream.md §6.5; GitHub issue 5).
 
 `Generator` owns a `Llama` module and its params (optionally sharded over a mesh) and generates from prompt
 *embeddings* — Video-LLaMA splices media embeddings between text embeddings, so like upstream's
@@ -109,7 +109,7 @@ def _id_tuple(value: Any, name: str) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    """Decoding settings. Defaults are upstream `Chat.answer`'s (SPEC 6.5): sampling, top-k 50, top-p 0.9.
+    """Decoding settings. Defaults are upstream `Chat.answer`'s (upstream.md §6.5): sampling, top-k 50, top-p 0.9.
 
     eos_token_id: int, tuple of ints, or None = the model config's EOS; `()` disables EOS stopping.
     pad_token_id: emitted by finished rows inside the batch (never returned); None = the model config's pad id.

@@ -1,6 +1,6 @@
 """Logits processing and token selection for generation (pure `jax.numpy`, usable inside `jit`).
 
-The processors reproduce transformers' `LogitsProcessorList` in the order `generate` builds it (SPEC 6.5):
+The processors reproduce transformers' `LogitsProcessorList` in the order `generate` builds it (upstream.md §6.5):
 
     RepetitionPenaltyLogitsProcessor -> MinNewTokensLengthLogitsProcessor       (always)
     -> TemperatureLogitsWarper -> TopKLogitsWarper -> TopPLogitsWarper         (sampling only)

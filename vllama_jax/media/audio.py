@@ -1,6 +1,6 @@
 """Audio input: ImageBind's ``load_and_transform_audio_data`` (as Video-LLaMA calls it) in numpy + PyAV.
 
-Pipeline (SPEC 4.1, fixtures README 2.2), per file:
+Pipeline (upstream.md §4.1, upstream.md §13.2), per file:
 
 1. Decode the first audio stream to float32 in [-1, 1], channels first (all channels kept: 5.1 stays 6
    channels, as torchaudio returns it). Integer PCM is scaled like torchaudio/sox (int16 / 32768, ...).

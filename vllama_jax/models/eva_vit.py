@@ -1,4 +1,4 @@
-"""EVA-CLIP ViT-g/14, the frozen image encoder of BLIP-2 (SPEC 2).
+"""EVA-CLIP ViT-g/14, the frozen image encoder of BLIP-2 (upstream.md §2).
 
 Pre-LN blocks without layer scale or relative position bias; the attention has a query and a value bias but no
 key bias (upstream stores one fused `qkv` weight and builds the bias as [q_bias, 0, v_bias]; the key map splits

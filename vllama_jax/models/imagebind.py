@@ -1,4 +1,4 @@
-"""ImageBind-Huge audio and vision towers (SPEC 4.2, 4.3), the audio encoder of Video-LLaMA.
+"""ImageBind-Huge audio and vision towers (upstream.md §4.2, 4.3), the audio encoder of Video-LLaMA.
 
 Layouts (model-internal, channels-last):
   audio  fbank (N, num_mel_bins, target_length, 1)  -- upstream (N, 1, mel, time); see `fbank_to_channels_last`

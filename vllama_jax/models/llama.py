@@ -1,4 +1,4 @@
-"""LLaMA-family decoder (SPEC 5.1) with a functional KV cache.
+"""LLaMA-family decoder (upstream.md §5.1) with a functional KV cache.
 
 HF `LlamaForCausalLM` semantics: pre-norm decoder layers, RMSNorm with the variance in float32, `rotate_half`
 RoPE (HF weight layout), grouped-query attention with the softmax in float32, SiLU-gated MLP, final norm, untied

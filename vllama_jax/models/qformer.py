@@ -1,4 +1,4 @@
-"""BLIP-2 Q-Former as Video-LLaMA uses it: queries only, no text (SPEC 3).
+"""BLIP-2 Q-Former as Video-LLaMA uses it: queries only, no text (upstream.md §3).
 
 Post-LN BERT layers: self-attention over the queries, cross-attention to the encoder memory in layers with
 `i % cross_attention_freq == 0` (image Q-Former: every second layer; video and audio Q-Formers: every layer),

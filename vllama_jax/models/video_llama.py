@@ -1,6 +1,6 @@
 """The Video-LLaMA composition: encoders -> query embeddings -> spliced LLaMA prompt -> logits / loss.
 
-Methods mirror upstream `VideoLLAMA` (SPEC 1): `encode_video` (= `encode_videoQformer_visual`), `encode_image`
+Methods mirror upstream `VideoLLAMA` (upstream.md §1): `encode_video` (= `encode_videoQformer_visual`), `encode_image`
 (a 1-frame video), `encode_audio` (`encode_audioQformer` on fbank clips), `encode_audio_from_frames`
 (`encode_audioQformer` with ImageBind's vision modality, used to train the audio branch), `encode_audiovideo`
 (`encode_videoQformer_audiovideo`), `splice_media` (in-place N-for-N placeholder replacement), and the two
@@ -26,7 +26,7 @@ from .qformer import QFormer
 
 IGNORE_INDEX = -100
 
-# Which top-level parameter groups each upstream freeze flag controls (SPEC 1.8).
+# Which top-level parameter groups each upstream freeze flag controls (upstream.md §1.8).
 VIDEO_BRANCH = ("video_qformer", "video_query_tokens", "video_frame_position_embedding")
 VIDEO_PROJECTION = ("llama_proj",)
 AUDIO_BRANCH = ("audio_qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj")
@@ -49,7 +49,7 @@ class VideoLLaMA(nn.Module):
         self.query_tokens = self.param(
             "query_tokens", with_axes(nn.initializers.normal(0.02), (None, "queries", "embed")),
             (1, c.qformer.num_query_tokens, c.qformer.hidden_size), jnp.float32)
-        # nn.Embedding default init N(0, 1), as upstream (SPEC 3.5)
+        # nn.Embedding default init N(0, 1), as upstream (upstream.md §3.5)
         self.video_frame_position_embedding = nn.Embed(
             c.max_frame_pos, c.qformer.hidden_size, param_dtype=train_pdt,
             embedding_init=with_axes(nn.initializers.normal(1.0), ("positions", "embed")))
@@ -149,7 +149,7 @@ class VideoLLaMA(nn.Module):
         return self._video_from_memory(memory, deterministic)
 
     def encode_media(self, frames: jax.Array, branch: str = "video", deterministic: bool = True) -> jax.Array:
-        """Training media path: train_flag 0 -> vision branch, 1 -> audio branch fed with frames (SPEC 1.8)."""
+        """Training media path: train_flag 0 -> vision branch, 1 -> audio branch fed with frames (upstream.md §1.8)."""
         if branch == "video":
             return self.encode_video(frames, deterministic)
         if branch == "audio":
@@ -198,7 +198,7 @@ class VideoLLaMA(nn.Module):
     def caption_inputs(self, frames: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                        prompt_before: jax.Array | None = None, prompt_after: jax.Array | None = None,
                        branch: str = "video", deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Path B: [BOS, p_before, media, p_after, text] embeddings, mask and labels (SPEC 1.8 B, 7.7)."""
+        """Path B: [BOS, p_before, media, p_after, text] embeddings, mask and labels (upstream.md §1.8 B, 7.7)."""
         c = self.config.llama
         media = self.encode_media(frames, branch, deterministic)
         b = media.shape[0]
@@ -243,7 +243,7 @@ class VideoLLaMA(nn.Module):
 
 
 def _torch_linear_init(fan_in: int) -> Any:
-    """PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (upstream projections, SPEC 3.5)."""
+    """PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (upstream projections, upstream.md §3.5)."""
     bound = 1.0 / fan_in ** 0.5
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 

@@ -1,4 +1,4 @@
-"""Conversation templates, chat-prompt rendering and the demo's message strings (SPEC 6, 9).
+"""Conversation templates, chat-prompt rendering and the demo's message strings (upstream.md §6, 9).
 
 Upstream: ``video_llama/conversation/conversation_video.py`` (``Conversation.get_prompt``, ``Chat.ask``,
 ``Chat.answer`` post-processing, ``Chat.upload_*`` message strings). Reproduced from the spec, including its quirks:
@@ -113,7 +113,7 @@ class Conversation:
         return out, pending
 
 
-# ---- templates (SPEC 6.2) ------------------------------------------------------------------------------------------
+# ---- templates (upstream.md §6.2) ------------------------------------------------------------------------------------
 LLAMA2_SYSTEM = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the user "
     "provides, and assist the user with a variety of tasks using natural language."
@@ -223,7 +223,7 @@ def render_chat_template(
     return tpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
 
 
-# ---- demo messages (SPEC 6.3 / 9) ----------------------------------------------------------------------------------
+# ---- demo messages (upstream.md §6.3 / 9) ----------------------------------------------------------------------------
 IMAGE_UPLOAD_MESSAGE = "<Image><ImageHere></Image> "
 VIDEO_UPLOAD_PREFIX = "<Video><ImageHere></Video> "
 AUDIO_VIDEO_UPLOAD_MESSAGE = (
@@ -299,7 +299,7 @@ def segment_token_ids(segments: Sequence[str], tokenizer: Tokenizer, add_bos: bo
     return [tokenizer.encode(s, add_bos=(add_bos and i == 0)) for i, s in enumerate(segments)]
 
 
-# ---- generation stop rules / answer post-processing (SPEC 6.5) -----------------------------------------------------
+# ---- generation stop rules / answer post-processing (upstream.md §6.5) -----------------------------------------------
 VICUNA_STOP_IDS = [[835], [2277, 29937]]
 LLAMA2_STOP_IDS = [[2]]
 

@@ -1,8 +1,8 @@
 """Training text: caption processing, caption-path tokens (path B) and instruction samples (path A).
 
-Reproduces upstream Video-LLaMA exactly (SPEC 1.8, 6.3, 7.3, 7.5-7.7), quirks included:
+Reproduces upstream Video-LLaMA exactly (upstream.md §1.8, 6.3, 7.3, 7.5-7.7), quirks included:
 
-* **Vicuna mask drift** (fixtures README 3.12): turn lengths are counted by tokenizing the header and every turn
+* **Vicuna mask drift** (upstream.md §12.12): turn lengths are counted by tokenizing the header and every turn
   string *separately, each with BOS*; those counts are laid end to end over the ids of the whole conversation. The
   isolated "###..." encodes one token shorter ("▁###" vs "##","#" in context) and the extra BOS compensates only
   where that holds, so spans drift by a token or more on other vocabularies (the tiny fixture vocabulary drifts by
@@ -28,7 +28,7 @@ from .tokenizer import IMAGE_PLACEHOLDER, Tokenizer
 
 IGNORE_INDEX = -100
 
-# ---- caption text (SPEC 7.3) ----------------------------------------------------------------------------------------
+# ---- caption text (upstream.md §7.3) ---------------------------------------------------------------------------------
 _PUNCT = re.compile(r"([.!\"()*#:;~])")
 _MULTI_WS = re.compile(r"\s{2,}")
 
@@ -46,7 +46,7 @@ def blip_caption(text: str, max_words: int = 50, prompt: str = "") -> str:
     return prompt + caption
 
 
-# ---- stage-2 caption prompts (SPEC 7.7) -----------------------------------------------------------------------------
+# ---- stage-2 caption prompts (upstream.md §7.7) ----------------------------------------------------------------------
 ALIGNMENT_PROMPTS: list[str] = [
     "<Image><ImageHere></Image> Describe this image in detail.",
     "<Image><ImageHere></Image> Take a look at this image and describe what you notice.",
@@ -118,7 +118,7 @@ def caption_targets(text_ids: np.ndarray, pad_id: int, prefix_len: int) -> np.nd
     return np.concatenate([pre, t], axis=1)
 
 
-# ---- placeholder insertion (SPEC 6.3) -------------------------------------------------------------------------------
+# ---- placeholder insertion (upstream.md §6.3) ------------------------------------------------------------------------
 LLAVA_IMAGE_TOKEN = "<image>"
 
 
@@ -161,7 +161,7 @@ def videochat_turns(qa: Sequence[dict]) -> list[dict]:
     return out
 
 
-# ---- instruction samples (SPEC 7.5 / 7.6) ---------------------------------------------------------------------------
+# ---- instruction samples (upstream.md §7.5 / 7.6) --------------------------------------------------------------------
 def _instruct_template(template: str) -> str:
     name = canonical_template_name(template)
     return {"vicuna": "vicuna", "vicuna_train": "vicuna", "llama_2": "llama_2", "llama_2_train": "llama_2",
@@ -264,7 +264,7 @@ def instruction_sample(
 
     ``turns``: LLaVA ``conversations`` (``[{"from": "human"/"gpt", "value"}]``); use :func:`videochat_turns` for
     VideoChat QA lists. ``media``: "image" (LLaVA ``<image>`` replacement), "video" (first question prefixed with
-    the video block and ``video_msg``) or None (placeholders already present). ``template``: "vicuna" (SPEC 7.5),
+    the video block and ``video_msg``) or None (placeholders already present). ``template``: "vicuna" (upstream.md §7.5),
     "llama_2" (7.6) or "chatml" (ours: :func:`chat_instruction_sample`). ``pad_id`` (default: unk, what upstream's
     datasets pad with) only matters for Vicuna's turn-length counts."""
     name = _instruct_template(template)

@@ -24,7 +24,7 @@ Two families:
   the chat template come from the GGUF metadata.
 
 The placeholder ids are ``base_vocab_size`` and ``base_vocab_size + 1`` (LLaMA-2: 32000 / 32001); the LLM embedding
-table is *not* resized for them (upstream behaviour, see SPEC 5.2).
+table is *not* resized for them (upstream behaviour, see upstream.md §5.2).
 """
 from __future__ import annotations
 

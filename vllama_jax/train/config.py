@@ -1,6 +1,6 @@
 """Typed training config: one YAML file per upstream stage (`configs/train_*.yaml`), `--set key=value` overrides.
 
-The layout follows upstream's `train_configs/*.yaml` (SPEC 8.1) regrouped into sections:
+The layout follows upstream's `train_configs/*.yaml` (upstream.md §8.1) regrouped into sections:
 
     name, seed, mesh, max_steps, output_dir, compilation_cache, compiler_options,
     frozen_video_qformer, frozen_audio_qformer, frozen_llama_proj, dropout
@@ -58,7 +58,7 @@ class ModelSource:
 
 @dataclass(frozen=True)
 class WeightsConfig:
-    """Upstream files (SPEC 10.1). With `model.dir` only the init checkpoints below it are read from here."""
+    """Upstream files (upstream.md §10.1). With `model.dir` only the init checkpoints below it are read from here."""
 
     eva_vit: str = ""
     blip2: str = ""
@@ -111,7 +111,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW + upstream `linear_warmup_cosine_lr` (SPEC 8.3, 8.4)."""
+    """AdamW + upstream `linear_warmup_cosine_lr` (upstream.md §8.3, 8.4)."""
 
     lr_sched: str = "linear_warmup_cosine_lr"
     init_lr: float = 1e-4
@@ -165,7 +165,7 @@ class TrainConfig:
     compilation_cache: str = ""  # persistent XLA compilation cache folder (restarts skip recompiling); "" = off
     # XLA options for compiling the step, e.g. {xla_backend_optimization_level: 0} (CPU tests: 2x faster compile)
     compiler_options: dict[str, Any] = field(default_factory=dict)
-    # upstream freeze flags (SPEC 1.8); they decide train_flag, the branch and the trained parameter groups
+    # upstream freeze flags (upstream.md §1.8); they decide train_flag, the branch and the trained parameter groups
     frozen_video_qformer: bool = False
     frozen_audio_qformer: bool = True
     frozen_llama_proj: bool = False
@@ -181,7 +181,7 @@ class TrainConfig:
     # ------------------------------------------------------------------------------------------------------------
     @property
     def train_flag(self) -> int:
-        """Upstream `train_flag`: 0 vision branch, 1 audio branch, 2 both, 3 nothing (SPEC 1.8 table)."""
+        """Upstream `train_flag`: 0 vision branch, 1 audio branch, 2 both, 3 nothing (upstream.md §1.8 table)."""
         return {(False, True): 0, (True, False): 1, (False, False): 2, (True, True): 3}[
             (self.frozen_video_qformer, self.frozen_audio_qformer)]
 

@@ -24,7 +24,7 @@ DEVICE_KEYS = ("frames", "text_ids", "text_mask", "input_ids", "labels", "attent
 
 
 def branch_image_size(cfg: TrainConfig, model_config: ModelConfig) -> int:
-    """Frames go to the EVA ViT (vision branch) or to ImageBind's vision tower (audio branch, SPEC 1.3)."""
+    """Frames go to the EVA ViT (vision branch) or to ImageBind's vision tower (audio branch, upstream.md §1.3)."""
     return model_config.imagebind_vision.image_size if cfg.branch == "audio" else model_config.vit.image_size
 
 

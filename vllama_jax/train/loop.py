@@ -254,7 +254,7 @@ class Trainer:
 
     @property
     def placeholder_id(self) -> int:
-        """`<ImageHere>` id: the first id after the LLaMA vocabulary (tokenizer when available, SPEC 5.2)."""
+        """`<ImageHere>` id: the first id after the LLaMA vocabulary (tokenizer when available, upstream.md §5.2)."""
         try:
             return int(self.tokenizer.image_placeholder_id)
         except Exception:  # noqa: BLE001 - dry runs without tokenizer files
@@ -308,7 +308,7 @@ class Trainer:
 
     def _read_weight_files(self, groups: set[str]) -> dict[str, Any]:
         """{group: tree} of the wanted groups that the model dir / upstream files / init checkpoints hold, in
-        upstream's load order (later files override earlier ones, SPEC 10.5): towers, llama_proj_model, ckpt,
+        upstream's load order (later files override earlier ones, upstream.md §10.5): towers, llama_proj_model, ckpt,
         ckpt_2."""
         from ..weights.load import GROUPS, load_file
 

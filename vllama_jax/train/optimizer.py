@@ -2,7 +2,7 @@
 
 The params tree is split by top-level group into a *trainable* and a *frozen* tree (`partition`). Only the trainable
 tree is differentiated and has optimizer state; the frozen towers (ViT, image Q-Former, ImageBind, LLaMA) are plain
-inputs of the step. Upstream decides trainability with `requires_grad` per module (SPEC 1.8); the same flags pick
+inputs of the step. Upstream decides trainability with `requires_grad` per module (upstream.md §1.8); the same flags pick
 groups here.
 """
 
@@ -28,7 +28,7 @@ BRANCH_TOWERS = {
 
 
 def trainable_groups(cfg: TrainConfig, model_config: ModelConfig) -> tuple[str, ...]:
-    """Top-level param groups trained by the stage's freeze flags (SPEC 1.8: frozen_video_Qformer covers the video
+    """Top-level param groups trained by the stage's freeze flags (upstream.md §1.8: frozen_video_Qformer covers the video
     Q-Former, its query tokens and frame positions; frozen_llama_proj the projection; frozen_audio_Qformer the whole
     audio branch including its projection)."""
     groups: list[str] = []
@@ -61,7 +61,7 @@ def partition(params: Mapping[str, Any], trainable: Iterable[str]) -> tuple[dict
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# weight decay groups (SPEC 8.3)
+# weight decay groups (upstream.md §8.3)
 
 
 def upstream_no_decay(name: str, ndim: int) -> bool:
@@ -103,7 +103,7 @@ def decay_mask(trainable: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# learning rate (SPEC 8.4)
+# learning rate (upstream.md §8.4)
 
 
 def lr_schedule(o: OptimConfig) -> Callable[[Any], Any]:

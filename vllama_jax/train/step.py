@@ -7,7 +7,7 @@
   tree only, so no weight gradient of a frozen tower is ever computed; the backward pass still runs through the
   frozen LLaMA to reach the soft prompts).
 * `batch` = one global batch, either a caption batch {"frames", "text_ids", "text_mask"} (+ "prompt_before",
-  "prompt_after" for stage-2 prompts; SPEC 1.8 path B) or an instruction batch {"frames", "input_ids", "labels",
+  "prompt_after" for stage-2 prompts; upstream.md §1.8 path B) or an instruction batch {"frames", "input_ids", "labels",
   "attention_mask"} (path A). The Python-level branch on the batch keys is static: each layout compiles once.
 
 Gradient accumulation splits the batch into `grad_accum` micro-batches and sums `loss_sum` gradients, then divides

@@ -1,4 +1,4 @@
-"""`imagebind_huge.pth` (SPEC 4.4) <-> `ImageBindEncoder` params (`vllama_jax.models.imagebind`).
+"""`imagebind_huge.pth` (upstream.md §4.4) <-> `ImageBindEncoder` params (`vllama_jax.models.imagebind`).
 
 The file holds all six ImageBind modalities; only audio (and vision, used to train the audio branch) are built.
 The key map *claims* every ImageBind key and explicitly *ignores* the text/depth/thermal/IMU towers and the

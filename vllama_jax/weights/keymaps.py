@@ -215,7 +215,7 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# vision-side key maps (SPEC 2.3, 3.4, 10). Upstream names are Video-LLaMA model keys; params paths follow
+# vision-side key maps (upstream.md §2.3, 3.4, 10). Upstream names are Video-LLaMA model keys; params paths follow
 # vllama_jax.models.
 
 
@@ -317,7 +317,7 @@ def image_qformer_keymap() -> KeyMap:
 
 
 def video_branch_keymap() -> KeyMap:
-    """The trainable vision-branch parameters (VL checkpoint, SPEC 10.3)."""
+    """The trainable vision-branch parameters (VL checkpoint, upstream.md §10.3)."""
     qf = qformer_keymap("video_Qformer", "video_qformer")
     side = simple_keymap("video branch", [
         ("video_query_tokens", "video_query_tokens", "none"),
@@ -330,7 +330,7 @@ def video_branch_keymap() -> KeyMap:
 
 
 def audio_branch_keymap() -> KeyMap:
-    """The trainable audio-branch parameters (AL checkpoint, SPEC 10.4)."""
+    """The trainable audio-branch parameters (AL checkpoint, upstream.md §10.4)."""
     qf = qformer_keymap("audio_Qformer", "audio_qformer")
     side = simple_keymap("audio branch", [
         ("audio_query_tokens", "audio_query_tokens", "none"),
@@ -342,7 +342,7 @@ def audio_branch_keymap() -> KeyMap:
                   qf.rules + side.rules, qf.claims + side.claims, qf.ignore)
 
 
-# Buffers that Video-LLaMA checkpoints carry besides parameters (SPEC 10.1, fixtures README 1.2): recognised and
+# Buffers that Video-LLaMA checkpoints carry besides parameters (upstream.md §10.1, tests/fixtures/README.md §1.2): recognised and
 # dropped by every loader of a VL/AL checkpoint.
 CHECKPOINT_BUFFERS = (
     r"^(Qformer|video_Qformer|audio_Qformer)\.bert\.embeddings\.position_ids$",

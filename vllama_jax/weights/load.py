@@ -1,4 +1,4 @@
-"""Load the upstream files into the params pytree (SPEC 10).
+"""Load the upstream files into the params pytree (upstream.md §10).
 
 Each upstream file kind feeds one or more components through their key maps:
 
