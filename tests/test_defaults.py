@@ -49,7 +49,7 @@ def test_llm_cache_round_trip(tmp_path, monkeypatch):
         calls.append(path)
         return SMALL_LLM, {"embed_tokens": {"embedding": np.arange(12, dtype=np.float32).reshape(3, 4)}}
 
-    monkeypatch.setattr("vllama_jax.weights.llama_keys.load_llama", fake_load_llama)
+    monkeypatch.setattr("vllama_jax.defaults.load_llama", fake_load_llama)
     monkeypatch.setenv(defaults.CACHE_ENV, str(tmp_path / "cache"))
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")

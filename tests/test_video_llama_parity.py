@@ -17,7 +17,8 @@ import pytest
 from tests.helpers import assert_close, load_npz
 from vllama_jax.config import load_model_config
 from vllama_jax.models import build_model
-from vllama_jax.models.video_llama import VIDEO_BRANCH, VIDEO_PROJECTION, check_placeholders
+from vllama_jax.models.groups import branch_groups
+from vllama_jax.models.video_llama import check_placeholders
 from vllama_jax.weights.keymaps import flatten_params, video_branch_keymap
 from vllama_jax.weights.load import UpstreamFiles, load_upstream
 
@@ -109,7 +110,7 @@ def test_training_losses(setup, tag):
 def test_gradients_of_trainable_parameters(tiny_dir, setup, tag):
     cfg, model, params, inputs, out, frames = setup
     grads_ref = load_npz(tiny_dir / "grads.npz")
-    trainable_names = VIDEO_BRANCH + VIDEO_PROJECTION
+    trainable_names = branch_groups("video", towers=False)
     trainable = {k: params[k] for k in trainable_names}
     frozen = {k: v for k, v in params.items() if k not in trainable_names}
 

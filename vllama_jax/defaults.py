@@ -45,7 +45,14 @@ from .config import (
     ModelConfig,
     QFormerConfig,
     ViTConfig,
+    from_dict,
 )
+from .models import abstract_params, place_params
+from .models.groups import LLM_GROUP, PROJECTIONS
+from .text import load_tokenizer
+from .tree import flatten_params, unflatten_params
+from .weights.llama_keys import load_llama
+from .weights.model_dir import LoadedModel
 
 #: printed by ``vllama-jax chat`` / ``describe`` whenever the embedded model is used
 EMBEDDED_NOTICE = (
@@ -59,9 +66,6 @@ DEFAULT_CACHE = Path("~/.cache/vllama_jax/embedded")
 _CACHE_VERSION = "1"  # bump when the cached layout, the GGUF conversion or the tower init changes
 _META_KEY = "__meta__"
 
-LLM_GROUP = "llama"
-#: parameter groups whose outputs enter the LLM directly (scaled to the token-embedding RMS, see module doc)
-_PROJECTIONS = ("llama_proj", "audio_llama_proj")
 
 
 class EmbeddedModelError(RuntimeError):
@@ -123,8 +127,6 @@ def tower_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 @functools.lru_cache(maxsize=8)
 def _tower_shapes(config: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    from .models import abstract_params
-    from .weights.keymaps import flatten_params
 
     small = dataclasses.replace(config, llama=dataclasses.replace(config.llama, num_layers=1))
     tree, _ = abstract_params(small)
@@ -139,7 +141,7 @@ def _leaf_init(path: str, shape: tuple[int, ...], rng: np.random.Generator, proj
         return np.ones(shape, np.float32)
     if group in ("video_frame_position_embedding", "audio_position_embedding"):
         return rng.standard_normal(shape, np.float32)  # torch nn.Embedding default N(0, 1), as upstream
-    if group in _PROJECTIONS and name == "kernel":
+    if group in PROJECTIONS and name == "kernel":
         fan_in = shape[0]
         if proj_rms is None:  # PyTorch nn.Linear default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as upstream
             bound = 1.0 / np.sqrt(fan_in)
@@ -159,7 +161,6 @@ def init_tower_params(config: ModelConfig, seed: int = 0, proj_rms: float | None
     ``seed``. Each leaf draws from its own generator seeded by (seed, crc32(path)), so adding or resizing one
     parameter never changes the others. ``proj_rms``: target output RMS of the LLM projections (None: PyTorch
     default init)."""
-    from .weights.keymaps import unflatten_params
 
     flat = {}
     for path, shape in sorted(tower_shapes(config).items()):
@@ -188,8 +189,6 @@ def _cache_key(gguf: Path) -> str:
 def load_smollm2(gguf: Path | None = None, *, use_cache: bool = True) -> tuple[LlamaConfig, dict[str, Any]]:
     """(LlamaConfig, float32 params) of SmolLM2 from its GGUF, through the on-disk cache when possible (the cache
     also holds the config: parsing the GGUF metadata alone takes ~5 s)."""
-    from .config import from_dict
-    from .weights.llama_keys import load_llama
 
     gguf = Path(gguf) if gguf is not None else smollm2_gguf_path()
     folder = _cache_dir() if use_cache else None
@@ -206,7 +205,6 @@ def load_smollm2(gguf: Path | None = None, *, use_cache: bool = True) -> tuple[L
 
 def _read_cache(path: Path | None) -> tuple[dict, dict[str, Any]] | None:
     """(metadata, nested params) from a cache file, or None if absent or unreadable (then rebuilt)."""
-    from .weights.keymaps import unflatten_params
 
     if path is None or not path.is_file():
         return None
@@ -221,7 +219,6 @@ def _read_cache(path: Path | None) -> tuple[dict, dict[str, Any]] | None:
 def _write_cache(path: Path, params: dict[str, Any], meta: dict) -> None:
     """Atomic best-effort write (temp file + rename): an unwritable cache folder only costs the rebuild next time,
     and a concurrent reader never sees a half-written file."""
-    from .weights.keymaps import flatten_params
 
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -247,8 +244,6 @@ def embedded_model(seed: int = 0, mesh: Any = None, *, use_cache: bool = True):
     the GGUF file, manifest with ``"embedded": True``). ``mesh``: a Mesh or a spec string such as
     ``"data=1,fsdp=2,tensor=4"``; the params are then placed by the logical-axis rules (otherwise they stay
     host numpy arrays; the chat API places them). ~20 s the first time, ~6 s from the cache."""
-    from .text import load_tokenizer
-    from .weights.model_dir import LoadedModel
 
     gguf = smollm2_gguf_path()
     llama_config, llama_params = load_smollm2(gguf, use_cache=use_cache)
@@ -279,17 +274,6 @@ def _cached_towers(config: ModelConfig, seed: int, proj_rms: float, use_cache: b
     return params
 
 
-def place_params(config: ModelConfig, params: dict[str, Any], mesh: Any) -> dict[str, Any]:
-    """Put a params tree (any subset of the groups) onto ``mesh`` (Mesh or spec string) by the rules table."""
-    from .models import abstract_params
-    from .sharding import make_mesh, shard_params
-
-    if isinstance(mesh, str):
-        mesh = make_mesh(mesh)
-    _, axes = abstract_params(config)
-    return shard_params(params, {g: axes[g] for g in params}, mesh)
-
-
 def is_embedded(loaded: Any) -> bool:
     """Whether a LoadedModel-like object is the embedded default model."""
     return bool(getattr(loaded, "manifest", None) and loaded.manifest.get("embedded"))
@@ -308,7 +292,6 @@ __all__ = [
     "init_tower_params",
     "is_embedded",
     "load_smollm2",
-    "place_params",
     "print_notice",
     "smollm2_gguf_path",
     "tower_shapes",

@@ -143,7 +143,7 @@ def signal_preserving(params: dict[str, Any], init_std: float = 0.02) -> dict[st
     the real model. The video Q-Former (trained) keeps upstream's N(0, 0.02) start: rescaled like the towers it
     learned the colours far more slowly (held-out colour 21% vs 75% after 150 steps at lr 1e-3 in our runs).
     """
-    from ..weights.keymaps import flatten_params, unflatten_params
+    from ..tree import flatten_params, unflatten_params
 
     out = {}
     for path, v in flatten_params(params).items():
@@ -223,7 +223,7 @@ def ask_all(chat, uploads, specs: Sequence[ClipSpec], gen_cfg, batch: int, name:
 
 def merged_params(base: dict[str, Any], trained_flat: dict[str, np.ndarray]) -> dict[str, Any]:
     """``base`` with the groups of a training checkpoint replaced."""
-    from ..weights.keymaps import unflatten_params
+    from ..tree import unflatten_params
 
     trained = unflatten_params(trained_flat)
     return {**base, **trained}

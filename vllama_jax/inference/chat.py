@@ -51,7 +51,8 @@ from ..media import MediaError, load_audio, load_image, load_video
 from ..models import build_model
 from ..models.layers import as_dtype
 from ..models.llama import Llama
-from ..models.video_llama import AUDIO_BRANCH, VideoLLaMA
+from ..models.groups import branch_groups
+from ..models.video_llama import VideoLLaMA
 from ..text import (
     AUDIO_VIDEO_UPLOAD_MESSAGE,
     DEMO_SYSTEM_AUDIOVIDEO,
@@ -92,9 +93,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", 
 AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac", ".opus", ".wma"})
 
 #: parameter groups the vision path needs (a model directory without them cannot chat about videos)
-VISION_GROUPS = ("visual_encoder", "ln_vision", "qformer", "query_tokens", "video_qformer", "video_query_tokens",
-                 "video_frame_position_embedding", "llama_proj")
-AUDIO_GROUPS = ("audio_encoder",) + AUDIO_BRANCH
+VISION_GROUPS = branch_groups("video")
+AUDIO_GROUPS = branch_groups("audio")
 
 
 class ChatError(RuntimeError):

@@ -1,20 +1,28 @@
-"""Model construction helpers: the module, its abstract params tree, logical axes and random init."""
+"""What the model is: the module, its parameter groups (``groups``), its abstract params tree and logical axes,
+random init, per-tower dtypes, and placement onto devices.
+
+Placement happens once, where parameters enter the program (loading a model directory, building the embedded
+default, initialising for training); everything downstream (chat, generation, training) takes placed trees.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
+from jax.sharding import Mesh, SingleDeviceSharding
 
 from ..config import ModelConfig
+from ..sharding import logical_axes_of, make_mesh, tree_shardings
+from ..tree import flatten_params, param_count, unflatten_params
+from . import groups
+from .groups import LLM_GROUP, model_groups
+from .video_llama import VideoLLaMA
 
 
-def build_model(config: ModelConfig, *, remat_vit: bool = False, remat_llama: bool = False):
-    from .video_llama import VideoLLaMA
-
+def build_model(config: ModelConfig, *, remat_vit: bool = False, remat_llama: bool = False) -> VideoLLaMA:
     return VideoLLaMA(config, remat_vit=remat_vit, remat_llama=remat_llama)
 
 
@@ -38,10 +46,23 @@ def _init_fn(config: ModelConfig):
 
 def abstract_params(config: ModelConfig) -> tuple[Any, Any]:
     """(tree of ShapeDtypeStruct, tree of logical-axis tuples) of the whole model, without allocating it."""
-    from ..sharding import logical_axes_of
-
     boxed = jax.eval_shape(_init_fn(config), jax.random.PRNGKey(0))
     return nn.unbox(boxed), logical_axes_of(boxed)
+
+
+def abstract_for_groups(config: ModelConfig, names: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`abstract_params(config)` restricted to the groups `names`. A request for the LLM alone traces only the LLM:
+    tracing the vision/audio towers of a default-size config costs seconds."""
+    names = list(names)
+    if set(names) <= {LLM_GROUP}:
+        model = build_model(config)
+        ids = dummy_inputs(config)[2]
+        boxed = jax.eval_shape(lambda r: model.init(r, ids, method=lambda m, i: m.llm(m.embed_tokens(i))[0]),
+                               jax.random.PRNGKey(0))["params"]
+        abstract, axes = nn.unbox(boxed), logical_axes_of(boxed)
+    else:
+        abstract, axes = abstract_params(config)
+    return {g: abstract[g] for g in names if g in abstract}, {g: axes[g] for g in names if g in axes}
 
 
 def init_params(config: ModelConfig, seed: int = 0) -> Any:
@@ -52,13 +73,29 @@ def init_params(config: ModelConfig, seed: int = 0) -> Any:
 def cast_to_config_dtypes(params: Any, config: ModelConfig) -> Any:
     """Cast every leaf present in `params` to the parameter dtype the config gives it (e.g. the ViT's Linear/Conv
     weights to float16 and LLaMA to bfloat16 as upstream, LayerNorms and position tables staying float32)."""
-    from ..weights.keymaps import flatten_params, unflatten_params
-
-    abstract, _ = abstract_params(config)
+    abstract, _ = abstract_for_groups(config, params)
     want = {k: v.dtype for k, v in flatten_params(abstract).items()}
     flat = flatten_params(params)
     return unflatten_params({k: (v.astype(want[k]) if k in want and v.dtype != want[k] else v) for k, v in flat.items()})
 
 
-def param_count(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+def param_shardings(config: ModelConfig, params: Any, mesh: Mesh | str | None) -> dict[str, Any]:
+    """The sharding of every leaf of `params` (any subset of the groups): by the logical-axis rules on a mesh, or
+    the default device when `mesh` is None."""
+    if mesh is None:
+        dev = SingleDeviceSharding(jax.devices()[0])
+        return jax.tree_util.tree_map(lambda _: dev, params)
+    mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+    _, axes = abstract_for_groups(config, params)
+    return tree_shardings(params, {g: axes[g] for g in params}, mesh)
+
+
+def place_params(config: ModelConfig, params: dict[str, Any], mesh: Mesh | str | None = None) -> dict[str, Any]:
+    """Put a params tree (any subset of the groups; host or device arrays) onto `mesh` (a Mesh or a spec string
+    such as "data=1,fsdp=2,tensor=4") by the rules table, or onto the default device. The one placement step:
+    callers place once, where the parameters are loaded or made."""
+    return jax.device_put(params, param_shardings(config, params, mesh))
+
+
+__all__ = ["LLM_GROUP", "abstract_for_groups", "abstract_params", "build_model", "cast_to_config_dtypes",
+           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params"]

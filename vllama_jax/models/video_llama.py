@@ -26,12 +26,6 @@ from .qformer import QFormer
 
 IGNORE_INDEX = -100
 
-# Which top-level parameter groups each upstream freeze flag controls (upstream.md §1.8).
-VIDEO_BRANCH = ("video_qformer", "video_query_tokens", "video_frame_position_embedding")
-VIDEO_PROJECTION = ("llama_proj",)
-AUDIO_BRANCH = ("audio_qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj")
-FROZEN_TOWERS = ("visual_encoder", "ln_vision", "qformer", "query_tokens", "audio_encoder", "llama")
-
 
 class VideoLLaMA(nn.Module):
     config: ModelConfig

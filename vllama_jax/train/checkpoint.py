@@ -23,7 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from ..weights.keymaps import flatten_params
+from ..tree import flatten_params
 
 
 def _is_grain_iterator(it: Any) -> bool:

@@ -34,13 +34,15 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
 from ..models import abstract_params, build_model, dummy_inputs
+from ..models.groups import branch_towers, groups_of_file
 from ..sharding import make_mesh, tree_shardings
-from ..weights.keymaps import flatten_params, unflatten_params
+from ..tree import flatten_params, unflatten_params
+from ..weights.load import load_file
 from . import data as train_data
 from .checkpoint import Checkpointer, is_training_checkpoint, load_trainable_params
 from .config import TrainConfig, load_train_config, resolve_path
 from .metrics import MetricsLogger, compiled_flops, measure_peak_flops
-from .optimizer import BRANCH_TOWERS, forward_groups, lr_schedule, make_optimizer, opt_state_shardings, trainable_groups
+from .optimizer import forward_groups, lr_schedule, make_optimizer, opt_state_shardings, trainable_groups
 from .step import batch_kind, jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
@@ -310,8 +312,6 @@ class Trainer:
         """{group: tree} of the wanted groups that the model dir / upstream files / init checkpoints hold, in
         upstream's load order (later files override earlier ones, upstream.md §10.5): towers, llama_proj_model, ckpt,
         ckpt_2."""
-        from ..weights.load import GROUPS, load_file
-
         cfg, w, mc = self.cfg, self.cfg.weights, self.model_config
         found: dict[str, Any] = {}
         if cfg.model.dir:
@@ -324,7 +324,7 @@ class Trainer:
                 found.update(load_model_dir(resolve_path(cfg.model.dir), mesh=self.mesh, groups=wanted).params)
         for kind in ("eva_vit", "blip2", "llama", "imagebind"):
             path = getattr(w, kind)
-            if path and set(GROUPS[kind]) & groups:
+            if path and set(groups_of_file(kind)) & groups:
                 tree = unflatten_params(load_file(kind, resolve_path(path), mc, self.param_shapes))
                 found.update({g: v for g, v in tree.items() if g in groups})
         if w.llama_proj_model and "llama_proj" in groups:
@@ -348,7 +348,6 @@ class Trainer:
         """`ckpt` / `ckpt_2`: an upstream Video-LLaMA checkpoint (.pth; VL and/or AL groups, loaded non-strictly as
         upstream does) or one of our training checkpoints (e.g. stage 1's output for stage 2)."""
         from ..weights.keymaps import audio_branch_keymap, video_branch_keymap
-        from ..weights.load import GROUPS, load_file
         from ..weights.readers import open_weights
 
         if is_training_checkpoint(path):
@@ -360,7 +359,7 @@ class Trainer:
         for kind, km in (("vl_ckpt", video_branch_keymap()), ("al_ckpt", audio_branch_keymap())):
             if kind == "al_ckpt" and not self.model_config.equip_audio_branch:
                 continue
-            if set(GROUPS[kind]) & groups and any(km.claims_key(k) for k in keys):
+            if set(groups_of_file(kind)) & groups and any(km.claims_key(k) for k in keys):
                 tree = unflatten_params(load_file(kind, source, self.model_config, self.param_shapes))
                 found.update({g: v for g, v in tree.items() if g in groups})
         if not found:
@@ -372,7 +371,7 @@ class Trainer:
         The towers the branch reads must come from files (unless `weights.random_frozen`, for benchmarks)."""
         wanted = set(groups)
         found = self._read_weight_files(wanted)
-        missing = [g for g in BRANCH_TOWERS[self.branch] if g in wanted and g not in found]
+        missing = [g for g in branch_towers(self.branch) if g in wanted and g not in found]
         if missing and not self.cfg.weights.random_frozen:
             hint = "model.dir" if self.cfg.model.dir else "weights.eva_vit / weights.blip2 / weights.imagebind / " \
                                                           "weights.llama"

@@ -15,42 +15,25 @@ from typing import Any, Callable, Iterable, Mapping
 import jax.numpy as jnp
 import optax
 
-from ..config import ModelConfig
-from ..models.video_llama import AUDIO_BRANCH, FROZEN_TOWERS, VIDEO_BRANCH, VIDEO_PROJECTION
-from ..weights.keymaps import KeyMap, audio_branch_keymap, flatten_params, unflatten_params, video_branch_keymap
+from ..config import ConfigError, ModelConfig
+from ..models.groups import FREEZE_FLAGS, branch_groups, branch_towers, trained_groups
+from ..tree import flatten_params, unflatten_params
+from ..weights.keymaps import KeyMap, audio_branch_keymap, video_branch_keymap
 from .config import OptimConfig, TrainConfig
 
-# Frozen towers each branch's forward reads (train_flag 0: EVA ViT + image Q-Former; 1: ImageBind vision tower).
-BRANCH_TOWERS = {
-    "video": ("visual_encoder", "ln_vision", "qformer", "query_tokens", "llama"),
-    "audio": ("audio_encoder", "llama"),
-}
-
-
 def trainable_groups(cfg: TrainConfig, model_config: ModelConfig) -> tuple[str, ...]:
-    """Top-level param groups trained by the stage's freeze flags (upstream.md §1.8: frozen_video_Qformer covers the video
-    Q-Former, its query tokens and frame positions; frozen_llama_proj the projection; frozen_audio_Qformer the whole
-    audio branch including its projection)."""
-    groups: list[str] = []
-    if not cfg.frozen_video_qformer:
-        groups += VIDEO_BRANCH
-    if not cfg.frozen_llama_proj:
-        groups += VIDEO_PROJECTION
-    if not cfg.frozen_audio_qformer:
-        if not model_config.equip_audio_branch:
-            from ..config import ConfigError
-
-            raise ConfigError("frozen_audio_qformer: false needs a model with equip_audio_branch: true")
-        groups += AUDIO_BRANCH
-    return tuple(groups)
+    """Top-level param groups trained by the stage's freeze flags (the `trained_by` column of `models.groups`,
+    upstream.md §1.8)."""
+    if not cfg.frozen_audio_qformer and not model_config.equip_audio_branch:
+        raise ConfigError("frozen_audio_qformer: false needs a model with equip_audio_branch: true")
+    return trained_groups({flag: getattr(cfg, flag) for flag in FREEZE_FLAGS})
 
 
 def forward_groups(branch: str, model_config: ModelConfig, abstract_params: Mapping[str, Any]) -> tuple[str, ...]:
     """Every group the training forward of `branch` reads: its towers, its own branch groups, and the top-level
     single-array params (query tokens), which flax creates eagerly in `setup` and must therefore always exist."""
-    own = VIDEO_BRANCH + VIDEO_PROJECTION if branch == "video" else AUDIO_BRANCH
     leaves = tuple(k for k, v in abstract_params.items() if not isinstance(v, Mapping))
-    wanted = set(BRANCH_TOWERS[branch]) | set(own) | set(leaves)
+    wanted = set(branch_towers(branch)) | set(branch_groups(branch, towers=False)) | set(leaves)
     return tuple(k for k in abstract_params if k in wanted)
 
 
@@ -142,5 +125,5 @@ def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: An
                                  transform_non_params=lambda _: replicated)
 
 
-__all__ = ["BRANCH_TOWERS", "FROZEN_TOWERS", "decay_mask", "forward_groups", "lr_schedule", "make_optimizer",
+__all__ = ["decay_mask", "forward_groups", "lr_schedule", "make_optimizer",
            "opt_state_shardings", "partition", "trainable_groups", "upstream_name", "upstream_no_decay"]

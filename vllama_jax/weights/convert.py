@@ -54,16 +54,16 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_model_config
-from .keymaps import flatten_params
-from .load import FILE_KINDS, GROUPS, load_file
+from ..models import abstract_for_groups, init_params, model_groups
+from ..models.groups import BY_NAME, FILE_KINDS, TOWERS, branch_groups, groups_of_file
+from ..tree import flatten_params
+from .load import load_file
 from .model_dir import (
     LeafSpec,
     ModelDirError,
     PARAMS_DIR,
-    abstract_for_groups,
     build_manifest,
     check_output_dir,
-    model_groups,
     staged_dir,
     write_model_files,
     write_params,
@@ -81,13 +81,8 @@ LABELS = {"eva_vit": "an EVA ViT state dict (eva_vit_g.pth)",
           "llama": "a LLaMA-family LLM (HF folder or .gguf)",
           "vl_ckpt": "a Video-LLaMA vision-branch (VL) checkpoint",
           "al_ckpt": "a Video-LLaMA audio-branch (AL) checkpoint"}
-# dtype flag (tower) of each file kind
-TOWER = {"eva_vit": "vit", "blip2": "qformer", "imagebind": "imagebind", "llama": "llama",
-         "vl_ckpt": "trainable", "al_ckpt": "trainable"}
-TOWERS = ("vit", "qformer", "imagebind", "llama", "trainable")
 # conversion order: small files first, so a wrong small file fails before the LLM is streamed
 ORDER = ("blip2", "vl_ckpt", "al_ckpt", "eva_vit", "imagebind", "llama")
-TRAINABLE = {"vl_ckpt": GROUPS["vl_ckpt"], "al_ckpt": GROUPS["al_ckpt"]}
 
 
 class ConvertError(Exception):
@@ -752,18 +747,18 @@ def convert(
         if kind in sources and not cfg.equip_audio_branch:
             raise ConvertError(f"{sources[kind].path}: {LABELS[kind]} needs equip_audio_branch: true")
     all_groups = model_groups(cfg)
-    kind_of_group = {g: k for k in sources for g in GROUPS[k]}
+    kind_of_group = {g: k for k in sources for g in groups_of_file(k)}
     init_groups: list[str] = []
     if init_missing:
-        for k, gs in TRAINABLE.items():
-            init_groups += [g for g in gs if g in all_groups and g not in kind_of_group]
+        for b in ("video", "audio"):
+            init_groups += [g for g in branch_groups(b, towers=False) if g in all_groups and g not in kind_of_group]
     abstract, _ = abstract_for_groups(cfg, [g for g in all_groups if g in kind_of_group or g in init_groups])
     shapes = {p: tuple(v.shape) for p, v in flatten_params(abstract).items()}
     specs: dict[str, LeafSpec] = {}
     for path, shape in shapes.items():
         g = path.split("/", 1)[0]
         if g in kind_of_group:
-            specs[path] = LeafSpec(shape, _np_dtype(chosen[TOWER[kind_of_group[g]]]))
+            specs[path] = LeafSpec(shape, _np_dtype(chosen[BY_NAME[g].tower]))
         elif g in init_groups:
             specs[path] = LeafSpec(shape, _np_dtype(chosen["trainable"]))
     if not specs:
@@ -797,7 +792,7 @@ def convert(
             write_params(tmp / PARAMS_DIR, specs, producer, **kw)
             bar.close()
             components: dict[str, dict[str, Any]] = {
-                k: {"source": str(Path(sources[k].path).absolute()), "groups": list(GROUPS[k])}
+                k: {"source": str(Path(sources[k].path).absolute()), "groups": list(groups_of_file(k))}
                 for k in ORDER if k in sources}
             if init_groups:
                 components["init"] = {"source": f"random init (seed {seed})", "groups": init_groups}

@@ -21,11 +21,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .keymaps import audio_branch_keymap, flatten_params, video_branch_keymap
-from .load import GROUPS
+from ..models.groups import branch_groups
+from ..tree import flatten_params
+from .keymaps import audio_branch_keymap, video_branch_keymap
 from .model_dir import load_model_dir, model_dir_groups
 
-BRANCHES = {"video": GROUPS["vl_ckpt"], "audio": GROUPS["al_ckpt"]}
+BRANCHES = {b: branch_groups(b, towers=False) for b in ("video", "audio")}
 _KEYMAPS = {"video": video_branch_keymap, "audio": audio_branch_keymap}
 
 

@@ -21,7 +21,8 @@ from flax import linen as nn
 
 from ..config import ImageBindAudioConfig, ImageBindVisionConfig
 from ..models.imagebind import ImageBindEncoder, imagebind_dummy_inputs
-from .keymaps import KeyMap, Rule, flatten_params, load_component, rule, unflatten_params
+from .keymaps import KeyMap, Rule, load_component, rule
+from ..tree import flatten_params, unflatten_params
 from .readers import TensorSource, WeightsError, open_weights
 
 PARAMS_ROOT = "audio_encoder"

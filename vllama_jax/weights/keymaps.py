@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..tree import flatten_params, unflatten_params  # noqa: F401  (re-exported until the tests import vllama_jax.tree)
 from .readers import TensorSource, WeightsError
 
 Array = np.ndarray
@@ -190,28 +191,6 @@ def load_component(
 
 # ------------------------------------------------------------------------------------------------------------
 # flat <-> nested params
-
-
-def flatten_params(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        p = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten_params(v, p + "/"))
-        else:
-            out[p] = v
-    return out
-
-
-def unflatten_params(flat: Mapping[str, Any]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for path, v in flat.items():
-        node = tree
-        parts = path.split("/")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return tree
 
 
 # ------------------------------------------------------------------------------------------------------------

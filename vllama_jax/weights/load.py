@@ -1,15 +1,6 @@
 """Load the upstream files into the params pytree (upstream.md §10).
 
-Each upstream file kind feeds one or more components through their key maps:
-
-| file (flag)                                   | components (top-level params groups)                       |
-|-----------------------------------------------|------------------------------------------------------------|
-| `eva_vit_g.pth` (eva_vit)                      | visual_encoder                                              |
-| `blip2_pretrained_flant5xxl.pth` (blip2)       | qformer, query_tokens, ln_vision                            |
-| `imagebind_huge.pth` (imagebind)               | audio_encoder (audio + vision towers)                       |
-| HF LLaMA folder or `.gguf` (llama)             | llama                                                       |
-| VL checkpoint (vl_ckpt)                        | video_qformer, video_query_tokens, video_frame_position_embedding, llama_proj |
-| AL checkpoint (al_ckpt)                        | audio_qformer, audio_query_tokens, audio_position_embedding, audio_llama_proj |
+Each upstream file kind fills the parameter groups `models.groups` lists for it (its `file` column).
 
 Missing parameters, unexpected keys and shape mismatches raise `WeightsError` naming the keys and the file.
 """
@@ -24,30 +15,19 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from ..config import ModelConfig
+from ..models import abstract_params, cast_to_config_dtypes
+from ..models.groups import FILE_KINDS, groups_of_file
+from ..tree import flatten_params, unflatten_params
 from .keymaps import (
     CHECKPOINT_BUFFERS,
     KeyMap,
     audio_branch_keymap,
     eva_vit_keymap,
-    flatten_params,
     image_qformer_keymap,
     load_component,
-    unflatten_params,
     video_branch_keymap,
 )
 from .readers import TensorSource, WeightsError, open_weights
-
-FILE_KINDS = ("eva_vit", "blip2", "imagebind", "llama", "vl_ckpt", "al_ckpt")
-
-GROUPS: dict[str, tuple[str, ...]] = {
-    "eva_vit": ("visual_encoder",),
-    "blip2": ("qformer", "query_tokens", "ln_vision"),
-    "imagebind": ("audio_encoder",),
-    "llama": ("llama",),
-    "vl_ckpt": ("video_qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj"),
-    "al_ckpt": ("audio_qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj"),
-}
-
 
 @dataclass
 class UpstreamFiles:
@@ -87,8 +67,6 @@ def keymap_for(kind: str, config: ModelConfig, source: TensorSource | None = Non
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    from ..models import abstract_params
-
     tree, _ = abstract_params(config)
     return {k: tuple(v.shape) for k, v in flatten_params(tree).items()}
 
@@ -112,7 +90,7 @@ def load_file(
         raise ValueError(f"unknown file kind {kind!r} (one of {', '.join(FILE_KINDS)})")
     source = path if isinstance(path, TensorSource) else open_weights(path)
     shapes = shapes if shapes is not None else expected_shapes(config)
-    groups = GROUPS[kind]
+    groups = groups_of_file(kind)
     if kind == "imagebind" and not config.equip_audio_branch:
         raise WeightsError(source.path, "the config has no audio branch (equip_audio_branch: false)")
     if kind == "al_ckpt" and not config.equip_audio_branch:
@@ -147,22 +125,9 @@ def load_upstream(
 
     Leaves take the parameter dtypes of `config.precision` unless `dtype` forces one for all.
     """
-    from ..models import cast_to_config_dtypes
-
     shapes = expected_shapes(config)
     flat: dict[str, np.ndarray] = {}
     for kind, path in files.given().items():
         flat.update(load_file(kind, path, config, shapes, dtype=dtype))
     params = unflatten_params(flat)
     return params if dtype is not None else cast_to_config_dtypes(params, config)
-
-
-def complete_params(partial: Mapping[str, Any], config: ModelConfig, seed: int = 0) -> dict[str, Any]:
-    """Fill the groups absent from `partial` with fresh upstream-style initialisation (training from scratch)."""
-    from ..models import init_params
-
-    fresh = init_params(config, seed)
-    merged = dict(fresh)
-    for k, v in partial.items():
-        merged[k] = v
-    return merged

@@ -40,7 +40,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from ..config import ConfigError, ModelConfig, config_to_yaml, load_model_config
-from .keymaps import flatten_params, unflatten_params
+from ..models import abstract_for_groups, model_groups
+from ..tree import flatten_params, unflatten_params
 
 FORMAT = "vllama-jax-model-dir"
 FORMAT_VERSION = 1
@@ -458,37 +459,6 @@ def _params_metadata(params_dir: Path) -> dict[str, Any]:
             raise ModelDirError(params_dir, f"leaf {p} is not an array in the checkpoint metadata")
         flat[p] = (tuple(int(d) for d in shape), np.dtype(dt))
     return flat
-
-
-def abstract_for_groups(config: ModelConfig, groups: Iterable[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """`abstract_params(config)` (ShapeDtypeStructs, logical axes) restricted to `groups`. A request for the LLM
-    alone traces only the LLM: tracing the vision/audio towers of a default-size config costs seconds."""
-    import jax
-    from flax import linen as nn
-
-    from ..models import abstract_params, build_model, dummy_inputs
-    from ..sharding import logical_axes_of
-
-    groups = list(groups)
-    if set(groups) <= {"llama"}:
-        model = build_model(config)
-        ids = dummy_inputs(config)[2]
-        boxed = jax.eval_shape(lambda r: model.init(r, ids, method=lambda m, i: m.llm(m.embed_tokens(i))[0]),
-                               jax.random.PRNGKey(0))["params"]
-        abstract, axes = nn.unbox(boxed), logical_axes_of(boxed)
-    else:
-        abstract, axes = abstract_params(config)
-    return {g: abstract[g] for g in groups if g in abstract}, {g: axes[g] for g in groups if g in axes}
-
-
-def model_groups(config: ModelConfig) -> tuple[str, ...]:
-    """Every top-level parameter group of the model `config` describes (without tracing it)."""
-    from ..models.video_llama import AUDIO_BRANCH, FROZEN_TOWERS, VIDEO_BRANCH, VIDEO_PROJECTION
-
-    groups = FROZEN_TOWERS + VIDEO_BRANCH + VIDEO_PROJECTION + (AUDIO_BRANCH if config.equip_audio_branch else ())
-    if not config.equip_audio_branch:
-        groups = tuple(g for g in groups if g != "audio_encoder")
-    return groups
 
 
 def load_model_dir(
