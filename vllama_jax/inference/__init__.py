@@ -10,7 +10,6 @@ _EXPORTS = {
     "GenerationConfig": "generate",
     "GenerationOutput": "generate",
     "Generator": "generate",
-    "enable_compilation_cache": "generate",
     "VideoLLaMAChat": "chat",
     "Chat": "chat",
     "ChatContext": "chat",

@@ -46,6 +46,7 @@ from typing import Any, Callable, Literal, Sequence, Union
 import jax
 import numpy as np
 
+from ..errors import VllamaError
 from ..config import ModelConfig
 from ..media import MediaError, load_audio, load_image, load_video
 from ..models import build_model
@@ -53,6 +54,7 @@ from ..models.layers import as_dtype
 from ..models.llama import Llama
 from ..models.groups import branch_groups
 from ..models.video_llama import VideoLLaMA
+from ..runtime import use_compilation_cache
 from ..text import (
     AUDIO_VIDEO_UPLOAD_MESSAGE,
     DEMO_SYSTEM_AUDIOVIDEO,
@@ -73,7 +75,7 @@ from ..text import (
     video_upload_message,
 )
 from ..text.conversation import TEMPLATES, SeparatorStyle, canonical_template_name
-from .generate import GenerationConfig, GenerationOutput, Generator, enable_compilation_cache
+from .generate import GenerationConfig, GenerationOutput, Generator
 
 MediaKind = Literal["video", "image", "audio"]
 
@@ -97,7 +99,7 @@ VISION_GROUPS = branch_groups("video")
 AUDIO_GROUPS = branch_groups("audio")
 
 
-class ChatError(RuntimeError):
+class ChatError(VllamaError, RuntimeError):
     """The chat cannot do what was asked (e.g. an audio upload on a model without an audio branch)."""
 
 
@@ -262,7 +264,7 @@ class VideoLLaMAChat:
     demo: which demo's system strings to use for video uploads: "audiovideo" (demo_audiovideo.py: "") or "video"
         (demo_video.py). num_frames: frames sampled per video. max_length: upstream's context budget (2000).
     generation_config: the default decoding settings of ``answer`` / ``generate_batch`` (upstream sampling).
-    compilation_cache: enable JAX's persistent compilation cache (see ``generate.enable_compilation_cache``).
+    compilation_cache: enable JAX's persistent compilation cache (see ``vllama_jax.runtime.use_compilation_cache``).
     notice: a line to show users about this model (the embedded model's "untrained" notice); log: where notes
         (audio fallbacks, truncation) go (default: stderr).
     """
@@ -284,12 +286,7 @@ class VideoLLaMAChat:
                             f"got {num_frames}")
         if demo not in ("audiovideo", "video"):
             raise ValueError(f"demo must be 'audiovideo' or 'video', got {demo!r}")
-        if compilation_cache is True:
-            # before the first compilation, so the encoders are cached too (the Generator would do it later)
-            if not jax.config.jax_compilation_cache_dir:
-                enable_compilation_cache()
-        elif compilation_cache:
-            enable_compilation_cache(compilation_cache)
+        use_compilation_cache(compilation_cache)  # before the first compilation, so the encoders are cached too
         self.config = config
         self.tokenizer = tokenizer
         self.template = canonical_template_name(template or config.template)

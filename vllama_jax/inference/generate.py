@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from ..errors import VllamaError
 from ..config import LlamaConfig
 from ..models.llama import Llama, cache_logical_axes, init_cache
 from ..sharding import batch_sharding, logical_axes_of, tree_shardings
@@ -66,8 +67,6 @@ from .sampling import (
     stop_sequence_hits,
 )
 
-CACHE_DIR_ENV = "VLLAMA_JAX_CACHE_DIR"
-DEFAULT_CACHE_DIR = Path("~/.cache/vllama_jax/jax")
 
 FINISH_EOS = "eos"
 FINISH_STOP = "stop"
@@ -79,7 +78,7 @@ _BEAM_NEG = -1.0e9  # HF's "very large negative" used to disable beams / hypothe
 StreamCallback = Callable[[int, np.ndarray], None]
 
 
-class GenerationError(Exception):
+class GenerationError(VllamaError):
     """Base class of the errors raised by this module."""
 
 
@@ -213,28 +212,6 @@ class GenerationOutput:
 # persistent compilation cache
 
 
-def enable_compilation_cache(path: str | os.PathLike | None = None, min_compile_time_secs: float = 0.0
-                             ) -> Path | None:
-    """Turn on JAX's persistent compilation cache so compiled prefill/decode programs survive the process.
-
-    path: the cache folder; default `$VLLAMA_JAX_CACHE_DIR`, else `~/.cache/vllama_jax/jax`. Setting the env var
-    to "", "0" or "off" disables it (returns None). Must run before the first compilation to take effect
-    (JAX initialises its cache once). Entries are written for every compilation that takes at least
-    `min_compile_time_secs` (default 0: all of them; JAX's own default of 1 s would skip most small programs).
-    """
-    if path is None:
-        env = os.environ.get(CACHE_DIR_ENV)
-        if env is not None and env.strip().lower() in ("", "0", "off", "none", "false"):
-            return None
-        path = env or DEFAULT_CACHE_DIR
-    folder = Path(path).expanduser().resolve()
-    folder.mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor
-    return folder
-
-
 # ------------------------------------------------------------------------------------------------------------
 # logits processing (public, for tests and callers that sample themselves)
 
@@ -347,11 +324,7 @@ class Generator:
             model = Llama(model)
         if not isinstance(model, Llama):
             raise GenerationInputError(f"model must be a Llama module or a LlamaConfig, got {type(model).__name__}")
-        if compilation_cache is True:
-            if not jax.config.jax_compilation_cache_dir:
-                enable_compilation_cache()
-        elif compilation_cache:
-            enable_compilation_cache(compilation_cache)
+        use_compilation_cache(compilation_cache)
         self.module = model
         self.config: LlamaConfig = model.config
         self.mesh = mesh
@@ -879,8 +852,6 @@ class Generator:
 
 
 __all__ = [
-    "CACHE_DIR_ENV",
-    "DEFAULT_CACHE_DIR",
     "FINISH_EOS",
     "FINISH_LENGTH",
     "FINISH_STOP",
@@ -890,6 +861,5 @@ __all__ = [
     "GenerationInputError",
     "GenerationOutput",
     "Generator",
-    "enable_compilation_cache",
     "process_logits",
 ]

@@ -13,8 +13,10 @@ from typing import Any
 
 import av
 
+from ..errors import VllamaError
 
-class MediaError(Exception):
+
+class MediaError(VllamaError):
     """A media file could not be turned into model input."""
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:

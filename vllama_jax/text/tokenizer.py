@@ -35,6 +35,8 @@ import struct
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..errors import VllamaError
+
 IMAGE_PLACEHOLDER = "<ImageHere>"
 AUDIO_PLACEHOLDER = "<AudioHere>"
 PLACEHOLDERS = (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER)
@@ -43,7 +45,7 @@ PLACEHOLDERS = (IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER)
 META_FILE = "vllama_tokenizer.json"
 
 
-class TokenizerError(Exception):
+class TokenizerError(VllamaError):
     """A tokenizer could not be loaded; names the file and the reason."""
 
     def __init__(self, path, reason: str):

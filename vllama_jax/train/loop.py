@@ -32,9 +32,11 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
+from ..errors import VllamaError
 from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
 from ..models import abstract_params, build_model, dummy_inputs
 from ..models.groups import branch_towers, groups_of_file
+from ..runtime import simulate_cpu_devices, use_compilation_cache
 from ..sharding import make_mesh, tree_shardings
 from ..tree import flatten_params, unflatten_params
 from ..weights.load import load_file
@@ -48,7 +50,7 @@ from .step import batch_kind, jit_train_step, make_train_step
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(VllamaError, RuntimeError):
     """The loss became NaN or inf: names the step and the examples of its batch."""
 
     def __init__(self, step: int, loss: float, example_ids: Iterable[int], dataset: str | None):
@@ -100,29 +102,6 @@ def init_distributed(d: Any) -> None:
             jax.distributed.initialize()
         else:
             jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
-
-
-def use_compilation_cache(path: str) -> None:
-    """Persistent XLA compilation cache: a restarted run (or another process with the same program) loads the
-    compiled step instead of compiling it again."""
-    if not path or jax.config.jax_compilation_cache_dir == str(path):
-        return
-    jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    try:  # the cache is probed once per process: re-probe if something compiled before it was configured
-        from jax._src import compilation_cache
-
-        compilation_cache.reset_cache()
-    except (ImportError, AttributeError):
-        pass
-
-
-def set_fake_devices(n: int) -> None:
-    """Simulate `n` CPU devices (dry runs of a pod mesh on one machine). Must run before jax starts its backend."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
-    jax.config.update("jax_platforms", "cpu")
 
 
 def build_mesh(spec: str, devices: list[Any] | None = None) -> Any:
@@ -685,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.fake_devices:
             if args.fake_devices < 1:
                 raise ConfigError(f"--fake-devices: must be >= 1, got {args.fake_devices}")
-            set_fake_devices(args.fake_devices)
+            simulate_cpu_devices(args.fake_devices)
             if args.coordinator is None and jax.device_count() != args.fake_devices:
                 raise ConfigError("--fake-devices: jax already started with "
                                   f"{jax.device_count()} devices (run through train.py)")

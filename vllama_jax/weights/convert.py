@@ -53,6 +53,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import VllamaError
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_model_config
 from ..models import abstract_for_groups, init_params, model_groups
 from ..models.groups import BY_NAME, FILE_KINDS, TOWERS, branch_groups, groups_of_file
@@ -85,7 +86,7 @@ LABELS = {"eva_vit": "an EVA ViT state dict (eva_vit_g.pth)",
 ORDER = ("blip2", "vl_ckpt", "al_ckpt", "eva_vit", "imagebind", "llama")
 
 
-class ConvertError(Exception):
+class ConvertError(VllamaError):
     """A conversion that cannot proceed; the message is one line saying what and why."""
 
 

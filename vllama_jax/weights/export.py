@@ -21,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..errors import VllamaError
 from ..models.groups import branch_groups
 from ..tree import flatten_params
 from .keymaps import audio_branch_keymap, video_branch_keymap
@@ -30,7 +31,7 @@ BRANCHES = {b: branch_groups(b, towers=False) for b in ("video", "audio")}
 _KEYMAPS = {"video": video_branch_keymap, "audio": audio_branch_keymap}
 
 
-class ExportError(Exception):
+class ExportError(VllamaError):
     """An export that cannot proceed; one line naming what and why."""
 
 

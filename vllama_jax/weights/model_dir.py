@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
+from ..errors import VllamaError
 from ..config import ConfigError, ModelConfig, config_to_yaml, load_model_config
 from ..models import abstract_for_groups, model_groups
 from ..tree import flatten_params, unflatten_params
@@ -61,7 +62,7 @@ WRITE_BUFFER_BYTES = 64 << 20
 Producer = Callable[[Callable[[str, np.ndarray], None]], None]
 
 
-class ModelDirError(Exception):
+class ModelDirError(VllamaError):
     """A model directory that cannot be written or read: the message names the folder and the reason."""
 
     def __init__(self, path: str | Path, reason: str):

@@ -12,10 +12,12 @@ import zipfile
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from ..errors import VllamaError
+
 import numpy as np
 
 
-class WeightsError(Exception):
+class WeightsError(VllamaError):
     """A weight file that cannot be used: the message names the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):

@@ -1,0 +1,70 @@
+"""Process-level JAX set-up shared by the library and every command: the persistent compilation cache and
+simulated CPU devices. Defined once here; `vllama_jax.cli.common` applies them from flags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+
+CACHE_DIR_ENV = "VLLAMA_JAX_CACHE_DIR"
+DEFAULT_CACHE_DIR = Path("~/.cache/vllama_jax/jax")
+_OFF = ("", "0", "off", "none", "false")
+
+
+def enable_compilation_cache(path: str | os.PathLike | None = None, min_compile_time_secs: float = 0.0
+                             ) -> Path | None:
+    """Turn on JAX's persistent compilation cache so compiled programs (encoders, prefill/decode, the train step)
+    survive the process; a restarted run loads them instead of compiling again.
+
+    path: the cache folder; default `$VLLAMA_JAX_CACHE_DIR`, else `~/.cache/vllama_jax/jax`. Setting the env var
+    to "", "0" or "off" disables it (returns None). Entries are written for every compilation that takes at least
+    `min_compile_time_secs` (default 0: all of them; JAX's own default of 1 s would skip most small programs).
+    """
+    if path is None:
+        env = os.environ.get(CACHE_DIR_ENV)
+        if env is not None and env.strip().lower() in _OFF:
+            return None
+        path = env or DEFAULT_CACHE_DIR
+    folder = Path(path).expanduser().resolve()
+    if jax.config.jax_compilation_cache_dir == str(folder):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor
+    try:  # JAX probes the cache once per process: re-probe if something compiled before it was configured
+        from jax._src import compilation_cache  # private module, hence guarded
+
+        compilation_cache.reset_cache()
+    except (ImportError, AttributeError):
+        pass
+    return folder
+
+
+def use_compilation_cache(setting: bool | str | os.PathLike | None) -> Path | None:
+    """The `compilation_cache=` argument of the chat API, the generator and the trainer: True = the default cache
+    unless a JAX cache folder is already configured; a path = that folder; False/None/"" = leave JAX alone."""
+    if setting is True:
+        current = jax.config.jax_compilation_cache_dir
+        return Path(current) if current else enable_compilation_cache()
+    if setting:
+        return enable_compilation_cache(setting)
+    return None
+
+
+def simulate_cpu_devices(n: int) -> None:
+    """Run on `n` simulated CPU devices (dry runs of a pod mesh, sharding tests on one machine). Takes effect only
+    before JAX starts its backend: the command line applies it before anything computes."""
+    if n < 1:
+        raise ValueError(f"the number of simulated devices must be >= 1, got {n}")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    jax.config.update("jax_platforms", "cpu")
+
+
+__all__ = ["CACHE_DIR_ENV", "DEFAULT_CACHE_DIR", "enable_compilation_cache", "simulate_cpu_devices",
+           "use_compilation_cache"]
