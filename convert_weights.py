@@ -7,12 +7,14 @@
         --al-ckpt AL_LLaMA_2_7B_Finetuned.pth --out models/video-llama-2-7b
     python convert_weights.py export --model models/my-finetune --out my_finetune.pth
 
-`--help` lists every option; the work is done by `vllama_jax.weights.convert` (and `.export`).
+The same commands as `vllama-jax convert` / `vllama-jax export` (`vllama_jax.cli.convert`; `--help` lists every
+option).
 """
 
 import sys
 
-from vllama_jax.weights.convert import main
+from vllama_jax.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    args = sys.argv[1:]
+    sys.exit(main(args if args[:1] == ["export"] else ["convert", *args]))

@@ -21,6 +21,7 @@ from tests.helpers import assert_close, load_npz
 from vllama_jax.config import load_model_config
 from vllama_jax.models import abstract_params, build_model
 from vllama_jax.sharding import logical_to_mesh_spec, make_mesh
+from vllama_jax.cli import main as cli_main
 from vllama_jax.weights import convert as convert_mod
 from vllama_jax.weights import model_dir as model_dir_mod
 from vllama_jax.weights.keymaps import CHECKPOINT_BUFFERS, flatten_params
@@ -219,7 +220,7 @@ def test_transformers_sharded_folder_converts_to_same_logits(tmp_path):
     hf.save_pretrained(folder, max_shard_size="60KB")
     assert (folder / "model.safetensors.index.json").is_file() and len(list(folder.glob("*.safetensors"))) > 2
 
-    assert convert_mod.main(["--llama", str(folder), "--out", str(tmp_path / "dir"), "--no-tokenizer", "--quiet"]) == 0
+    assert cli_main(["convert", "--llama", str(folder), "--out", str(tmp_path / "dir"), "--no-tokenizer", "--quiet"]) == 0
     m = load_model_dir(tmp_path / "dir")
     assert (m.config.llama.num_kv_heads, m.config.llama.rope_theta) == (2, 20000.0)
     ids = np.random.default_rng(0).integers(0, 300, size=(2, 11))
@@ -286,7 +287,7 @@ def test_file_of_the_wrong_kind(tmp_path, tiny_dir):
 
 def cli_in_process(capsys, *args) -> subprocess.CompletedProcess:
     """The same CLI entry point without a new interpreter (the subprocess tests above cover the real script)."""
-    code = convert_mod.main([str(a) for a in args])
+    code = cli_main(["convert", *[str(a) for a in args]])
     out = capsys.readouterr()
     return subprocess.CompletedProcess(args, code, out.out, out.err)
 
@@ -352,7 +353,7 @@ def test_full_disk_during_the_write_leaves_nothing(tmp_path, tiny_dir, monkeypat
         return real(store, array)
 
     monkeypatch.setattr(model_dir_mod, "_write_leaf", failing)
-    code = convert_mod.main([str(tiny_dir), "--config", "tiny_test", "--out", str(tmp_path / "out"), "--quiet"])
+    code = cli_main(["convert", str(tiny_dir), "--config", "tiny_test", "--out", str(tmp_path / "out"), "--quiet"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "No space left on device" in err[0], err
     assert calls["n"] == 20 and leftovers(tmp_path) == []
@@ -364,7 +365,7 @@ def test_interrupt_leaves_nothing(tmp_path, tiny_dir, monkeypatch, capsys):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(model_dir_mod, "_write_leaf", interrupted)
-    code = convert_mod.main(["--llama", str(tiny_dir / "llama"), "--out", str(tmp_path / "out"), "--quiet"])
+    code = cli_main(["convert", "--llama", str(tiny_dir / "llama"), "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 130 and "interrupted" in capsys.readouterr().err
     assert leftovers(tmp_path) == []
 

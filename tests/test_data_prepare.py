@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from vllama_jax.data import DataError, read_records, synthetic
-from vllama_jax.data.prepare import main, prepare
+from vllama_jax.cli import main as cli_main
+from vllama_jax.data.prepare import prepare
 from vllama_jax.data.records import Turn
 
 ALL = ["webvid", "cc_sbu_align", "llava_cc3m", "cc_sbu", "laion", "llava_instruct", "webvid_instruct", "jsonl"]
@@ -133,9 +134,11 @@ def test_prepare_resumes_after_interruption(tmp_path: Path, monkeypatch: pytest.
 
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path: Path, capsys: pytest.CaptureFixture):
     def run(*argv):
-        with pytest.raises(SystemExit) as e:
-            main(list(argv))
-        return e.value.code, capsys.readouterr().err
+        try:
+            code = cli_main(["prepare", *argv])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        return code, capsys.readouterr().err
 
     code, err = run("webvid", "--source", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert code == 2 and err.count("\n") == 1 and "--source" in err and "does not exist" in err
@@ -146,20 +149,20 @@ def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path: Path, capsys: pytes
     # a source whose annotation file does not parse: DataError -> one line, exit 1
     (tmp_path / "broken.json").write_text("[{")
     (tmp_path / "media").mkdir()
-    rc = main(["llava_instruct", "--source", str(tmp_path / "broken.json"), "--media-dir", str(tmp_path / "media"),
+    rc = cli_main(["prepare", "llava_instruct", "--source", str(tmp_path / "broken.json"), "--media-dir", str(tmp_path / "media"),
                "--out", str(tmp_path / "o2"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "broken.json: not valid JSON" in err
     # webvid without --media-dir
     src = synthetic.make_webvid(tmp_path / "wv", 1, video=TINY_VIDEO)
-    rc = main(["webvid", "--source", str(src.source), "--out", str(tmp_path / "o3"), "--quiet"])
+    rc = cli_main(["prepare", "webvid", "--source", str(src.source), "--out", str(tmp_path / "o3"), "--quiet"])
     assert rc == 1 and "needs --media-dir" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # a fresh interpreter importing TFDS: ~3 s alone, more on a busy machine
 def test_cli_module_entry_point(tmp_path: Path):
     src = synthetic.make_llava_instruct(tmp_path / "src", 3)
-    cmd = [sys.executable, "-m", "vllama_jax.data.prepare", "llava_instruct", "--source", str(src.source),
+    cmd = [sys.executable, "-m", "vllama_jax.cli", "prepare", "llava_instruct", "--source", str(src.source),
            "--media-dir", str(src.media_dir), "--out", str(tmp_path / "out"), "--store-media", "bytes"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -16,7 +16,8 @@ import pytest
 from tests.test_train_support import ROOT, TINY_MODEL, subprocess_env, tiny_config_dict
 from vllama_jax.config import ConfigError, load_model_config
 from vllama_jax.train.config import OptimConfig, load_train_config, train_config_from_dict
-from vllama_jax.train.loop import main, resolve_model_config
+from vllama_jax.cli import main as cli_main
+from vllama_jax.train.loop import resolve_model_config
 from vllama_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer, trainable_groups, upstream_no_decay
 from vllama_jax.weights.keymaps import audio_branch_keymap, flatten_params, unflatten_params, video_branch_keymap
 
@@ -97,14 +98,14 @@ def test_overrides(tiny_dir: Path, tmp_path: Path):
 
 @pytest.mark.slow
 def test_cli_errors_are_one_line(tiny_dir: Path, tmp_path: Path, capsys):
-    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert cli_main(["train", "--config", str(tmp_path / "missing.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "missing.yaml" in err and len(err.splitlines()) == 1
-    assert main(["--config", str(ROOT / "configs" / "train_tiny.yaml"), "--set", "optim.nope=1"]) == 2
+    assert cli_main(["train", "--config", str(ROOT / "configs" / "train_tiny.yaml"), "--set", "optim.nope=1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "optim.nope: unknown key" in err and len(err.splitlines()) == 1
     # a needed frozen tower without a file
-    assert main(["--config", str(ROOT / "configs" / "train_tiny.yaml"), "--set", "weights.eva_vit=",
+    assert cli_main(["train", "--config", str(ROOT / "configs" / "train_tiny.yaml"), "--set", "weights.eva_vit=",
                  "--set", "mesh=data=1", "--set", f"output_dir={tmp_path / 'o'}"]) == 2
     err = capsys.readouterr().err.strip()
     assert "visual_encoder" in err and len(err.splitlines()) == 1
@@ -116,7 +117,7 @@ def test_dry_run_topology_without_libtpu_is_a_one_line_error(capsys):
 
     if importlib.util.find_spec("libtpu") or os.environ.get("TPU_LIBRARY_PATH"):
         pytest.skip("libtpu is available here: a TPU topology would really compile")
-    assert main(["--config", str(ROOT / "configs" / "train_tiny.yaml"), "--dry-run",
+    assert cli_main(["train", "--config", str(ROOT / "configs" / "train_tiny.yaml"), "--dry-run",
                  "--dry-run-topology", "v5p:2x2x1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--dry-run-topology v5p:2x2x1" in err and "libtpu" in err and len(err.splitlines()) == 1

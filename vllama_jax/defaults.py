@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 
-from .errors import VllamaError
 from .config import (
     ImageBindAudioConfig,
     ImageBindVisionConfig,
@@ -48,6 +47,7 @@ from .config import (
     ViTConfig,
     from_dict,
 )
+from .errors import VllamaError
 from .models import abstract_params, place_params
 from .models.groups import LLM_GROUP, PROJECTIONS
 from .text import load_tokenizer

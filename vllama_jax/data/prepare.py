@@ -1,7 +1,7 @@
 """Prepare an upstream training set into ArrayRecord shards through a TFDS builder (no TensorFlow needed).
 
-    python -m vllama_jax.data.prepare webvid --source ANNO_DIR --media-dir VIDEOS_DIR --out /data/webvid
-    python -m vllama_jax.data.prepare llava_instruct --source llava_instruct_150k.json \
+    vllama-jax prepare webvid --source ANNO_DIR --media-dir VIDEOS_DIR --out /data/webvid
+    vllama-jax prepare llava_instruct --source llava_instruct_150k.json \
         --media-dir /coco/train2014 --out /data/llava_instruct --store-media bytes
 
 Output layout (``OUT``)::
@@ -21,7 +21,6 @@ small frame is decoded per entry unless ``--no-check-media``) are skipped, count
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import concurrent.futures as cf
 import dataclasses
@@ -30,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -38,7 +36,7 @@ import tensorflow_datasets as tfds  # its ArrayRecord writer and Example codec a
 
 from . import media_io
 from .errors import DataError, MediaDecodeError
-from .formats import DATASET_NAMES, BadItem, SourceItem, get_format
+from .formats import BadItem, SourceItem, get_format
 from .records import BAD_RECORDS, MANIFEST, SCHEMA_VERSION, Record, StoreMedia, record_features
 
 BUILDER_NAME = "vllama_records"
@@ -318,63 +316,3 @@ def _progress(total: int | None, dataset: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=f"prepare {dataset}", unit="rec", disable=not enabled, dynamic_ncols=True)
-
-
-# ---------------------------------------------------------------------------------------------------------------- CLI
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not argparse's usage block
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m vllama_jax.data.prepare", description=__doc__.split("\n\n")[0])
-    p.add_argument("dataset", choices=DATASET_NAMES, metavar="dataset",
-                   help=f"upstream dataset name: {', '.join(DATASET_NAMES)}")
-    p.add_argument("--source", required=True,
-                   help="annotation file / folder as distributed (webvid: anno_dir; cc_sbu_align: the folder with "
-                        "filter_cap.json; cc_sbu/laion: a folder or glob of .tar shards; instruct sets and jsonl: "
-                        "the JSON / JSONL file)")
-    p.add_argument("--out", required=True, help="output folder (resumes if it holds the same preparation)")
-    p.add_argument("--media-dir", help="media root (webvid videos_dir, COCO train2014, VideoChat videos; "
-                                       "cc_sbu_align: default SOURCE/image; jsonl: default the file's folder)")
-    p.add_argument("--store-media", choices=("path", "bytes"), default="path",
-                   help="store the media path (default) or the media bytes (movable shards)")
-    p.add_argument("--records-per-part", type=int, default=5000, help="resume granularity (default 5000)")
-    p.add_argument("--workers", type=int, default=4, help="threads checking/reading media (default 4)")
-    p.add_argument("--no-check-media", dest="check_media", action="store_false",
-                   help="do not decode one frame per entry (faster; bad media are then only caught at read time)")
-    p.add_argument("--overwrite", action="store_true", help="replace a different preparation found in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    if not Path(args.source).exists() and not any(c in args.source for c in "*?["):
-        parser.error(f"--source {args.source} does not exist")
-    if args.media_dir is not None and not Path(args.media_dir).is_dir():
-        parser.error(f"--media-dir {args.media_dir} is not a folder")
-    if args.records_per_part < 1 or args.workers < 0:
-        parser.error("--records-per-part must be >= 1 and --workers >= 0")
-    try:
-        summary = prepare(args.dataset, args.source, args.out, media_dir=args.media_dir,
-                          store_media=args.store_media, records_per_part=args.records_per_part,
-                          check_media=args.check_media, workers=args.workers, overwrite=args.overwrite,
-                          progress=not args.quiet)
-    except DataError as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; run the same command again to resume", file=sys.stderr)
-        return 130
-    print(summary.line())
-    if summary.written == 0:
-        print(f"{parser.prog}: error: no usable record in {args.source} (see {args.out}/{BAD_RECORDS})",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,7 +21,6 @@ Everything is deterministic given ``--seed`` (up to floating-point reduction ord
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -391,52 +390,3 @@ def _rel(p: Path) -> str:
         return os.path.relpath(p)
     except ValueError:
         return str(p)
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-def build_parser() -> argparse.ArgumentParser:
-    d = Settings()
-    p = argparse.ArgumentParser(prog="python -m vllama_jax.demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=d.out, help=f"work folder (default {d.out})")
-    p.add_argument("--fast", action="store_true", help="toy size (a smoke run: mechanics, not accuracy)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--train-clips", type=int, default=None, help=f"default {d.train_clips}")
-    p.add_argument("--heldout-clips", type=int, default=None, help=f"default {d.heldout_clips}")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps (default {d.steps})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr:g})")
-    p.add_argument("--config", default=d.config, help=f"training config template (default {d.config})")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a training-config value (as train.py --set)")
-    p.add_argument("--no-export", action="store_true", help="do not write the trained model directory")
-    return p
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    s = Settings(out=args.out, seed=args.seed, config=args.config, train_set=tuple(args.set),
-                 export=not args.no_export)
-    if args.fast:
-        s = dataclasses.replace(s, **FAST)
-    for name in ("train_clips", "heldout_clips", "steps", "batch_size", "lr"):
-        v = getattr(args, name)
-        if v is not None:
-            s = dataclasses.replace(s, **{name: v})
-    for name in ("train_clips", "heldout_clips", "steps", "batch_size"):
-        if getattr(s, name) < 1:
-            raise SystemExit(f"error: --{name.replace('_', '-')} must be >= 1")
-    return s
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    s = settings_from_args(args)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import logging
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        run(s)
-    return 0

@@ -46,8 +46,8 @@ from typing import Any, Callable, Literal, Sequence, Union
 import jax
 import numpy as np
 
-from ..errors import VllamaError
 from ..config import ModelConfig
+from ..errors import VllamaError
 from ..media import MediaError, load_audio, load_image, load_video
 from ..models import build_model
 from ..models.layers import as_dtype

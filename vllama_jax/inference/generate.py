@@ -46,7 +46,6 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
@@ -54,9 +53,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from ..errors import VllamaError
 from ..config import LlamaConfig
+from ..errors import VllamaError
 from ..models.llama import Llama, cache_logical_axes, init_cache
+from ..runtime import use_compilation_cache
 from ..sharding import batch_sharding, logical_axes_of, tree_shardings
 from .sampling import (
     ProcessorSpec,

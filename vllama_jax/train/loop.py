@@ -1,8 +1,4 @@
-"""The training loop and the `train.py` command line.
-
-    python train.py --config configs/train_vl_stage1.yaml [--set key=value ...] [--steps N]
-                    [--dry-run [--device-memory-gib G] [--fake-devices N | --dry-run-topology v5p:2x2x1]]
-                    [--coordinator HOST:PORT --num-processes N --process-id I]
+"""The training loop (its command line is `vllama_jax.cli.train`, run as `train.py` or `vllama-jax train`).
 
 `Trainer(cfg)` builds the mesh, the model, the trainable/frozen split and the jitted step; `setup()` reads the frozen
 towers (model dir or upstream files), restores the latest checkpoint or initialises the trained groups (fresh
@@ -13,11 +9,9 @@ step for the configured mesh from shapes only and reports the bytes per device.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -32,17 +26,17 @@ import numpy as np
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ..errors import VllamaError
 from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
+from ..errors import VllamaError
 from ..models import abstract_params, build_model, dummy_inputs
 from ..models.groups import branch_towers, groups_of_file
-from ..runtime import simulate_cpu_devices, use_compilation_cache
+from ..runtime import use_compilation_cache
 from ..sharding import make_mesh, tree_shardings
 from ..tree import flatten_params, unflatten_params
 from ..weights.load import load_file
 from . import data as train_data
 from .checkpoint import Checkpointer, is_training_checkpoint, load_trainable_params
-from .config import TrainConfig, load_train_config, resolve_path
+from .config import TrainConfig, resolve_path
 from .metrics import MetricsLogger, compiled_flops, measure_peak_flops
 from .optimizer import forward_groups, lr_schedule, make_optimizer, opt_state_shardings, trainable_groups
 from .step import batch_kind, jit_train_step, make_train_step
@@ -52,6 +46,8 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(VllamaError, RuntimeError):
     """The loss became NaN or inf: names the step and the examples of its batch."""
+
+    exit_status = 3  # distinct from bad input (2): the data or the learning rate, not the command, is at fault
 
     def __init__(self, step: int, loss: float, example_ids: Iterable[int], dataset: str | None):
         self.step, self.loss, self.example_ids, self.dataset = step, loss, list(example_ids), dataset
@@ -625,69 +621,3 @@ def format_dry_run(name: str, r: Mapping[str, Any], device_memory_gib: float | N
     if r.get("flops_per_device"):
         lines.append(f"  {r['flops_per_device'] / 1e12:.3f} TFLOP per device per step (XLA cost analysis)")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="train.py", description="Train a Video-LLaMA stage (vision/audio branch, "
-                                "stage 1 or 2) on one device, a GPU cluster or a TPU pod; resumes where it stopped.")
-    p.add_argument("--config", required=True, help="training config YAML (configs/train_*.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set optim.init_lr=3e-5 (repeatable)")
-    p.add_argument("--steps", type=int, default=None, help="train at most this many more steps")
-    p.add_argument("--dry-run", action="store_true",
-                   help="compile the step for the configured mesh from shapes only and print bytes per device")
-    p.add_argument("--device-memory-gib", type=float, default=None, help="with --dry-run: memory of one device")
-    p.add_argument("--dry-run-topology", default=None, metavar="NAME",
-                   help="with --dry-run: compile for a TPU slice without TPUs, e.g. v5p:2x2x1 (needs libtpu)")
-    p.add_argument("--fake-devices", type=int, default=None,
-                   help="simulate N CPU devices (dry runs of a pod mesh on one machine)")
-    p.add_argument("--coordinator", default=None, help="multi-host: HOST:PORT of process 0")
-    p.add_argument("--num-processes", type=int, default=None)
-    p.add_argument("--process-id", type=int, default=None)
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from ..data.errors import DataError
-    from ..sharding import MeshSpecError
-    from ..text.tokenizer import TokenizerError
-    from ..weights.model_dir import ModelDirError
-    from ..weights.readers import WeightsError
-
-    trainer = None
-    try:
-        if args.fake_devices:
-            if args.fake_devices < 1:
-                raise ConfigError(f"--fake-devices: must be >= 1, got {args.fake_devices}")
-            simulate_cpu_devices(args.fake_devices)
-            if args.coordinator is None and jax.device_count() != args.fake_devices:
-                raise ConfigError("--fake-devices: jax already started with "
-                                  f"{jax.device_count()} devices (run through train.py)")
-        overrides = list(args.set)
-        for flag, key in (("coordinator", "coordinator"), ("num_processes", "num_processes"),
-                          ("process_id", "process_id")):
-            if getattr(args, flag) is not None:
-                overrides.append(f"distributed.{key}={getattr(args, flag)}")
-        cfg = load_train_config(args.config, overrides)
-        devices = tpu_topology_devices(args.dry_run_topology) if args.dry_run_topology else None
-        trainer = Trainer(cfg, devices=devices)
-        if args.dry_run:
-            trainer.dry_run(args.device_memory_gib)
-            return 0
-        trainer.run(args.steps)
-        return 0
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
-    except (ConfigError, DataError, MeshSpecError, ModelDirError, WeightsError, TokenizerError, FileNotFoundError,
-            ValueError) as e:
-        print(f"error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
-        return 2
-    finally:
-        if trainer is not None:
-            trainer.close()

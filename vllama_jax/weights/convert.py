@@ -34,34 +34,28 @@ Layout written: see `model_dir` (config.yaml, params/ = one Orbax checkpoint, to
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import re
 import resource
-import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import VllamaError
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_model_config
+from ..errors import VllamaError
 from ..models import abstract_for_groups, init_params, model_groups
 from ..models.groups import BY_NAME, FILE_KINDS, TOWERS, branch_groups, groups_of_file
 from ..tree import flatten_params
 from .load import load_file
 from .model_dir import (
     LeafSpec,
-    ModelDirError,
     PARAMS_DIR,
     build_manifest,
     check_output_dir,
@@ -819,8 +813,6 @@ def _init_groups(config: ModelConfig, groups: Sequence[str], seed: int) -> dict[
     jit's dead-code elimination skips the initialisers of every other group, so the LLM is never materialised."""
     import jax
 
-    from ..models import init_params
-
     sub = jax.jit(lambda: {g: init_params(config, seed)[g] for g in groups})()
     return {p: np.asarray(v) for p, v in flatten_params(sub).items()}
 
@@ -843,129 +835,3 @@ def _progress(total: int, enabled: bool) -> Any:
 
     # tqdm disables itself when stderr is not a terminal (disable=None)
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="convert_weights.py",
-        description="Convert the released Video-LLaMA PyTorch files into one vllama-jax model directory "
-                    "(Orbax params + config + tokenizer). `convert_weights.py export --help`: the way back.")
-    ap.add_argument("folder", nargs="?", help="release folder to auto-detect the files in (flags override it)")
-    ap.add_argument("--out", required=True, help="model directory to create")
-    for kind, flag in FLAGS.items():
-        ap.add_argument(flag, dest=kind, metavar="PATH", help=LABELS[kind])
-    ap.add_argument("--config", help="config file or preset name (configs/*.yaml); default: inferred")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, applied last (repeatable), e.g. --set template=vicuna")
-    ap.add_argument("--dtype", choices=DTYPES, help="stored dtype of every tower (default: the config's)")
-    for t in TOWERS:
-        ap.add_argument(f"--dtype-{t}", dest=f"dtype_{t}", choices=DTYPES, help=f"stored dtype of the {t} tower")
-    ap.add_argument("--tokenizer", metavar="PATH", help="tokenizer to use (default: the LLM's)")
-    ap.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
-    ap.add_argument("--init-missing", action="store_true",
-                    help="random-initialise absent trainable groups (video/audio branch), for training from scratch")
-    ap.add_argument("--seed", type=int, default=0, help="seed of --init-missing")
-    ap.add_argument("--force", action="store_true", help="replace an existing model directory")
-    ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    ap.add_argument("--report-json", metavar="PATH", help="also write the summary as JSON here")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    return ap
-
-
-def build_export_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="convert_weights.py export",
-        description="Write the trainable parts of a model directory (video/audio Q-Formers, query tokens, "
-                    "position embeddings, projections) as an upstream-format .pth ({'model': {...}}) that the "
-                    "original PyTorch demo loads as its ckpt / ckpt_2.")
-    ap.add_argument("--model", required=True, help="model directory")
-    ap.add_argument("--out", required=True, help=".pth file to write")
-    ap.add_argument("--branch", choices=("all", "video", "audio"), default="all",
-                    help="which branch to export (default: every branch present)")
-    ap.add_argument("--force", action="store_true", help="replace an existing file")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks")
-    return ap
-
-
-def _error_line(e: BaseException) -> str:
-    from ..text import TokenizerError
-    from .export import ExportError
-
-    expected = (ConvertError, ExportError, WeightsError, ModelDirError, ConfigError, TokenizerError, OSError)
-    if isinstance(e, OSError) and e.filename and str(e.filename) not in str(e):
-        msg = f"{e.filename}: {e.strerror or e}"
-    elif isinstance(e, expected):
-        msg = str(e)
-    else:
-        msg = f"unexpected {type(e).__name__}: {e}"
-    lines = msg.strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
-@contextlib.contextmanager
-def _cli_environment(quiet_libraries: bool) -> Iterator[None]:
-    """For the duration of a CLI call: SIGTERM (a killed job) cleans up like Ctrl-C, and library warnings / absl
-    log lines (torch's pickle-protocol notice, Orbax's own view of a failure) do not break the one-line-per-failure
-    contract. Everything is restored afterwards (the CLI also runs in-process: `vllama-jax convert`, tests)."""
-    absl = logging.getLogger("absl")
-    level = absl.level
-    try:
-        old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-    except (ValueError, OSError):  # not the main thread
-        old_term = None
-    try:
-        with warnings.catch_warnings():
-            if quiet_libraries:
-                warnings.simplefilter("ignore")
-                absl.setLevel(logging.ERROR)
-            yield
-    finally:
-        absl.setLevel(level)
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
-
-
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point: returns the exit status; failures print one `error: ...` line, never a traceback."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    export = bool(argv) and argv[0] == "export"
-    args = (build_export_parser() if export else build_parser()).parse_args(argv[1:] if export else argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # XLA's C++ log lines, if JAX is not imported yet
-    try:
-        with _cli_environment(quiet_libraries=not args.debug):
-            if export:
-                from .export import export_checkpoint
-
-                print(export_checkpoint(args.model, args.out, branch=args.branch, force=args.force).summary())
-                return 0
-            rep = convert(
-                args.out, folder=args.folder,
-                files={k: getattr(args, k) for k in FLAGS},
-                config=args.config, overrides=args.overrides, dtype=args.dtype,
-                dtypes={t: getattr(args, f"dtype_{t}") for t in TOWERS},
-                tokenizer=args.tokenizer, no_tokenizer=args.no_tokenizer, init_missing=args.init_missing,
-                seed=args.seed, force=args.force, progress=not args.quiet)
-            print(rep.summary())
-            if args.report_json:
-                Path(args.report_json).write_text(json.dumps(rep.to_json(), indent=2, default=str) + "\n")
-            return 0
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the CLI's contract is one line per failure
-        if args.debug:
-            raise
-        print(f"error: {_error_line(e)}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

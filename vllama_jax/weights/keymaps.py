@@ -11,7 +11,7 @@ the model: missing or unexpected keys and wrong shapes raise `WeightsError` nami
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np

@@ -8,7 +8,7 @@ Missing parameters, unexpected keys and shape mismatches raise `WeightsError` na
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 

@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
 
-from ..errors import VllamaError
 from ..config import ConfigError, ModelConfig, config_to_yaml, load_model_config
+from ..errors import VllamaError
 from ..models import abstract_for_groups, model_groups
 from ..tree import flatten_params, unflatten_params
 
