@@ -97,6 +97,14 @@ def tiny_tok(tiny_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_llama(tiny_dir):
+    """(LlamaConfig, params) of the fixture LLaMA folder (tiny_vl/llama)."""
+    from vllama_jax.weights.llama_keys import load_llama
+
+    return load_llama(tiny_dir / "llama")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     """(config, params) of the whole fixture model, loaded from its six upstream files with the library loader."""
     from vllama_jax.config import load_model_config
