@@ -52,6 +52,7 @@ def media_golden_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
+    """tests/fixtures/tiny_vl: the original implementation's goldens on a tiny model (tests/fixtures/README.md §1)."""
     assert (TINY_VL / "outputs.npz").is_file(), f"the golden set is missing from {TINY_VL}"
     return TINY_VL
 

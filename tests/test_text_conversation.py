@@ -40,7 +40,7 @@ def test_audio_video_message_spaces(tiny_info):
      "SYS###Human: q1###Assistant: a1###Human: q2###Assistant:"),
     ("llama_2", "sys", ("USER", "ASSISTANT"), ("u1", "a1", "u2"),
      "[INST] <<SYS>>\nsys\n<</SYS>>\n\nu1 [/INST] a1 </s><s>[INST] u2 [/INST]"),
-])
+], ids=["vicuna", "llama_2"])
 def test_two_turn_render(template, system, roles, messages, expected):
     """question, answer, question, pending answer (None)."""
     conv = conversation.get_template(template)
