@@ -30,8 +30,7 @@ from vllama_jax.data import text_io  # noqa: E402
 
 
 def default_tokenizer() -> str:
-    shared = Path(os.environ.get("VLLAMA_SHARED", REPO.parent / "shared"))
-    return str(shared / "fixtures" / "tiny_vl" / "llama")
+    return str(REPO / "tests" / "fixtures" / "tiny_vl" / "llama")
 
 
 def ensure_dataset(root: Path, n: int) -> Path:

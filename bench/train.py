@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT.parent / "shared" / "fixtures" / "tiny_vl" / "llama"  # any LLaMA tokenizer works for captions
+TOKENIZER = ROOT / "tests" / "fixtures" / "tiny_vl" / "llama"  # any LLaMA tokenizer works for captions
 
 MID = {  # the mid-size model of section 1
     "name": "bench-mid", "equip_audio_branch": False, "template": "llama_2",

@@ -1,4 +1,4 @@
-"""The chat API against the ORIGINAL implementation's chat goldens (../shared/fixtures/tiny_vl, `chat_*`), the demo
+"""The chat API against the ORIGINAL implementation's chat goldens (tests/fixtures/tiny_vl, `chat_*`), the demo
 flows of upstream.md §9, multi-turn state, batches of prompts, context truncation and sharded chat.
 
 The fixture model is the tiny random Video-LLaMA the goldens came from; like the fixture generator, the tests feed
@@ -6,14 +6,12 @@ its already-preprocessed `inputs.npz` video/audio tensors instead of decoding fi
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import jax
+import numpy as np
 import pytest
 
-from tests.helpers import assert_close, load_npz
-from vllama_jax.config import load_model_config
+from tests.helpers import assert_close
+from tests.media_helpers import make_video
 from vllama_jax.inference.chat import (
     AUDIO_UPLOAD_MESSAGE,
     ChatError,
@@ -25,40 +23,26 @@ from vllama_jax.inference.chat import (
     video_upload,
 )
 from vllama_jax.inference.generate import GenerationConfig
+from vllama_jax.models.llama import Llama
 from vllama_jax.sharding import make_mesh
 from vllama_jax.text import (
     AUDIO_VIDEO_UPLOAD_MESSAGE,
     DEMO_SYSTEM_IMAGE,
     DEMO_SYSTEM_VIDEO,
     IMAGE_UPLOAD_MESSAGE,
-    load_tokenizer,
 )
-from vllama_jax.weights.load import UpstreamFiles, load_upstream
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "tiny_test.yaml"
 GREEDY12 = GenerationConfig(do_sample=False, max_new_tokens=12)
 QUESTIONS = {"chat_vicuna": "What is the dog doing and what can you hear?",
              "chat_llama2": "Describe what you see and hear."}
 TEMPLATES = {"chat_vicuna": "vicuna", "chat_llama2": "llama_2"}
 
 
-def load_tiny(tiny_dir: Path):
-    """(config, params, tokenizer) of the fixture model, loaded from its upstream files."""
-    cfg = load_model_config(TINY_CONFIG)
-    files = UpstreamFiles(eva_vit=tiny_dir / "eva_vit.pth", blip2=tiny_dir / "blip2_qformer.pth",
-                          imagebind=tiny_dir / "imagebind.pth", llama=tiny_dir / "llama",
-                          vl_ckpt=tiny_dir / "vl_ckpt.pth", al_ckpt=tiny_dir / "al_ckpt.pth")
-    return cfg, load_upstream(cfg, files), load_tokenizer(tiny_dir / "llama")
-
-
 @pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    cfg, params, tok = load_tiny(tiny_dir)
-    inputs = load_npz(tiny_dir / "inputs.npz")
-    outputs = load_npz(tiny_dir / "outputs.npz")
-    info = json.loads((tiny_dir / "outputs.json").read_text())
-    return cfg, params, tok, inputs, outputs, info
+def tiny(tiny_model, tiny_tok, tiny_inputs, tiny_outputs, tiny_info):
+    """(config, params, tokenizer, inputs.npz, outputs.npz, outputs.json) of the fixture model."""
+    cfg, params = tiny_model
+    return cfg, params, tiny_tok, tiny_inputs, tiny_outputs, tiny_info
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +151,6 @@ def test_upload_flows_messages_and_systems(chats, tiny):
 
 
 def test_video_file_without_audio_falls_back(chats, tmp_path):
-    from tests.media_helpers import make_video
-
     chat = chats["vicuna"]
     silent = make_video(tmp_path / "silent.mp4", n_frames=4)  # T=4 like the fixture: no new compilation
     notes, log = [], chat.log
@@ -258,10 +240,6 @@ def test_score_answers_is_the_log_likelihood_of_each_option(chats, tiny):
     """Multiple choice: each option's score is the log-likelihood of its tokens after the context ``answer`` would
     feed the LLM (checked with one plain forward pass over context + option, no cache), whatever the order of the
     options and the padding of the batch."""
-    import numpy as np
-
-    from vllama_jax.models.llama import Llama
-
     cfg, params, tok, inputs, *_ = tiny
     chat = chats["vicuna"]
     up = fixture_upload(inputs)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_chat import load_tiny
 from vllama_jax.cli import main
 from vllama_jax.weights.model_dir import save_model_dir
 
@@ -37,10 +36,10 @@ def _run(args: list[str], stdin: str | None = None, timeout: int = 300, cmd: lis
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_dir, tmp_path_factory) -> Path:
+def model_dir(tiny_model, tiny_tok, tmp_path_factory) -> Path:
     """The fixture tiny model as a converted model directory (fast to load and to run)."""
-    cfg, params, tok = load_tiny(tiny_dir)
-    return save_model_dir(tmp_path_factory.mktemp("models") / "tiny", cfg, params, tok)
+    cfg, params = tiny_model
+    return save_model_dir(tmp_path_factory.mktemp("models") / "tiny", cfg, params, tiny_tok)
 
 
 def _assert_clean_failure(rc: int, err: str, code: int, *needles: str) -> None:

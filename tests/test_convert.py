@@ -17,20 +17,19 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import assert_close, load_npz
+from tests.helpers import TINY_CONFIG, assert_close
 from vllama_jax.config import load_model_config
 from vllama_jax.models import abstract_params, build_model
 from vllama_jax.sharding import logical_to_mesh_spec, make_mesh
 from vllama_jax.cli import main as cli_main
 from vllama_jax.weights import convert as convert_mod
 from vllama_jax.weights import model_dir as model_dir_mod
-from vllama_jax.weights.keymaps import CHECKPOINT_BUFFERS, flatten_params
-from vllama_jax.weights.load import UpstreamFiles, load_upstream
+from vllama_jax.tree import flatten_params
+from vllama_jax.weights.keymaps import CHECKPOINT_BUFFERS
 from vllama_jax.weights.model_dir import load_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / "convert_weights.py"
-TINY = ROOT / "configs" / "tiny_test.yaml"
 PLACEHOLDER = 512
 # heads are invisible in the shapes: what a user converting the tiny model without --config must say
 TINY_HEADS = ["vit.num_heads=4", "qformer.num_heads=4", "video_qformer.num_heads=4", "audio_qformer.num_heads=4",
@@ -66,22 +65,15 @@ def converted(tiny_dir, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference_params(tiny_dir):
-    cfg = load_model_config(TINY)
-    return load_upstream(cfg, UpstreamFiles(
-        eva_vit=tiny_dir / "eva_vit.pth", blip2=tiny_dir / "blip2_qformer.pth", imagebind=tiny_dir / "imagebind.pth",
-        llama=tiny_dir / "llama", vl_ckpt=tiny_dir / "vl_ckpt.pth", al_ckpt=tiny_dir / "al_ckpt.pth"))
-
-
 # ------------------------------------------------------------------------------------------------------------
 # 1. fixture release -> model directory -> fixture outputs
 
 
 @pytest.mark.slow
-def test_cli_conversion_reproduces_fixture_outputs(converted, reference_params, tiny_dir):
+def test_cli_conversion_reproduces_fixture_outputs(converted, tiny_model, tiny_inputs, tiny_outputs):
+    _, reference_params = tiny_model  # the same files through the library loader
     m = load_model_dir(converted)
-    assert m.config == load_model_config(TINY)
+    assert m.config == load_model_config(TINY_CONFIG)
     assert set(m.groups) == set(reference_params)
     ours, ref = flatten_params(m.params), flatten_params(reference_params)
     assert set(ours) == set(ref)
@@ -91,7 +83,7 @@ def test_cli_conversion_reproduces_fixture_outputs(converted, reference_params, 
     assert m.manifest["components"]["llama"]["source"].endswith("llama")
 
     model, params = build_model(m.config), m.params
-    inputs, out = load_npz(tiny_dir / "inputs.npz"), load_npz(tiny_dir / "outputs.npz")
+    inputs, out = tiny_inputs, tiny_outputs
     frames = jnp.asarray(inputs["video"].transpose(0, 2, 3, 4, 1))
 
     def run(method, *a, **kw):
@@ -119,7 +111,7 @@ def test_config_inferred_from_the_files_equals_the_preset(tiny_dir):
         "vl_ckpt": "vl_ckpt.pth", "al_ckpt": "al_ckpt.pth"}
     sources = {k: convert_mod.open_input(k, p, cache) for k, p in files.items()}
     cfg = convert_mod.infer_config(sources, llama_path=files["llama"], overrides=TINY_HEADS, name="tiny-test")
-    assert cfg == load_model_config(TINY)
+    assert cfg == load_model_config(TINY_CONFIG)
     # the heads really are required when the widths are not the released ones
     with pytest.raises(convert_mod.ConvertError, match=r"vit\.num_heads: not visible in the weights"):
         convert_mod.infer_config(sources, llama_path=files["llama"])
@@ -230,17 +222,14 @@ def test_transformers_sharded_folder_converts_to_same_logits(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_converts_to_transformers_logits(smollm2_path, tmp_path):
-    import transformers
-
+def test_smollm2_gguf_converts_to_transformers_logits(smollm2_path, smollm2_hf, tmp_path):
     rep = convert_mod.convert(tmp_path / "smol", files={"llama": smollm2_path}, progress=False)
     assert rep.config.template == "chatml" and rep.config.llama.tie_word_embeddings
     m = load_model_dir(tmp_path / "smol")
     assert m.tokenizer is not None and m.tokenizer.chat_template
     ids = np.asarray([m.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])
     ours = _llama_logits(m, jnp.asarray(ids))
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name,
-                                                       torch_dtype=torch.float32).eval()
+    hf, _ = smollm2_hf
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
     assert np.abs(ours - ref).max() < 1e-3 * (ref.max() - ref.min())

@@ -38,21 +38,9 @@ def toy(tmp_path_factory) -> dict[str, str]:
     return out
 
 
-@pytest.fixture(scope="module")
-def tok(tiny_dir: Path):
-    from vllama_jax.text import load_tokenizer
-
-    return load_tokenizer(tiny_dir / "llama")
-
-
-@pytest.fixture(scope="module")
-def golden(tiny_dir: Path):
-    return np.load(tiny_dir / "inputs.npz"), json.loads((tiny_dir / "config.json").read_text())["texts"]
-
-
 # ------------------------------------------------------------------------------------------------ caption batches
-def test_caption_batch_equals_upstream_stage1(tmp_path: Path, tiny_dir: Path, golden):
-    z, texts = golden
+def test_caption_batch_equals_upstream_stage1(tmp_path: Path, tiny_dir: Path, tiny_inputs, tiny_texts):
+    z, texts = tiny_inputs, tiny_texts
     src = synthetic.make_webvid(tmp_path / "src", 2, video=TINY_VIDEO)
     for k, cap in enumerate(texts["stage1_captions"]):  # the fixture captions (blip_caption leaves them as is)
         path = src.source / f"results_{k}.csv"
@@ -74,16 +62,16 @@ def test_caption_batch_equals_upstream_stage1(tmp_path: Path, tiny_dir: Path, go
     assert set(b) == {"frames", "text_ids", "text_mask", "example_id", "num_replaced", "kind", "dataset"}
 
 
-def test_caption_processor_per_format(toy, tiny_dir: Path, tok):
+def test_caption_processor_per_format(toy, tiny_dir: Path, tiny_tok):
     """WebVid captions go through blip_caption (lower-case, punctuation removed), cc_sbu_align ones stay raw."""
     from vllama_jax.text import blip_caption
 
     for name, process in (("webvid", blip_caption), ("cc_sbu_align", lambda c: c)):
         b = next(build_train_iterator([DatasetSpec(toy[name])], config(tiny_dir, max_txt_len=16, end_sym="###")))
         for row, eid in zip(b["text_ids"], b["example_id"]):
-            want = tok.encode(process(synthetic.caption(int(eid))) + "###")[:16]
+            want = tiny_tok.encode(process(synthetic.caption(int(eid))) + "###")[:16]
             np.testing.assert_array_equal(row[: len(want)], want)
-            assert (row[len(want):] == tok.pad_id).all()
+            assert (row[len(want):] == tiny_tok.pad_id).all()
         if name == "cc_sbu_align":
             assert b["frames"].shape == (2, 1, 32, 32, 3)  # images: T = 1
 
@@ -130,10 +118,11 @@ def llama2_by_hand(tok, turns: list[dict], max_len: int) -> tuple[list[int], lis
 
 
 @pytest.mark.parametrize("template", ["vicuna", "llama_v2"])
-def test_videochat_instruction_sample_equals_upstream(tmp_path: Path, tiny_dir: Path, tok, golden, template: str):
+def test_videochat_instruction_sample_equals_upstream(tmp_path: Path, tiny_dir: Path, tiny_tok, tiny_inputs,
+                                                      tiny_texts, template: str):
     """A VideoChat entry -> ids/labels: equal to the upstream dataset code's output (fixture) and to upstream.md §7.5/7.6
     worked by hand. The video (8 frames at 4 fps, 4 sampled) gives the fixture's frame-time message."""
-    z, texts = golden
+    z, texts = tiny_inputs, tiny_texts
     qa = texts["stage2_conversations"][0]
     videos = tmp_path / "videos"
     synthetic.write_video(videos / "dog.mp4", num_frames=8, fps=4, width=64, height=64)
@@ -156,17 +145,17 @@ def test_videochat_instruction_sample_equals_upstream(tmp_path: Path, tiny_dir: 
     turns = [t for p in qa for t in ({"from": "human", "value": p["q"]}, {"from": "gpt", "value": p["a"]})]
     turns[0]["value"] = block + msg + turns[0]["value"]
     by_hand = vicuna_by_hand if template == "vicuna" else llama2_by_hand
-    ids, labels = by_hand(tok, turns, 512)
+    ids, labels = by_hand(tiny_tok, turns, 512)
     assert len(ids) == n
     np.testing.assert_array_equal(b["input_ids"][0, :n], ids)
     np.testing.assert_array_equal(b["labels"][0, :n], labels)
-    placeholders = np.flatnonzero(b["input_ids"][0] == tok.image_placeholder_id)
+    placeholders = np.flatnonzero(b["input_ids"][0] == tiny_tok.image_placeholder_id)
     assert len(placeholders) == 8 and placeholders[-1] - placeholders[0] == 7
     assert (b["labels"][0, placeholders] == -100).all()
 
 
 @pytest.mark.parametrize("template", ["vicuna", "llama_v2"])
-def test_llava_instruction_sample_by_hand(toy, tiny_dir: Path, tok, template: str):
+def test_llava_instruction_sample_by_hand(toy, tiny_dir: Path, tiny_tok, template: str):
     """LLaVA: every "<image>" becomes "<Image>" + N placeholders + "</Image>"; images are one frame."""
     cfg = config(tiny_dir, template=template, max_len=200)
     b = next(build_train_iterator([DatasetSpec(toy["llava_instruct"])], cfg))
@@ -175,7 +164,7 @@ def test_llava_instruction_sample_by_hand(toy, tiny_dir: Path, tok, template: st
     for row, eid in enumerate(b["example_id"]):
         turns = synthetic.conversation(int(eid), "image")
         turns[0]["value"] = turns[0]["value"].replace("<image>", "<Image>" + "<ImageHere>" * 8 + "</Image>")
-        ids, labels = by_hand(tok, turns, 200)
+        ids, labels = by_hand(tiny_tok, turns, 200)
         np.testing.assert_array_equal(b["input_ids"][row, : len(ids)], ids)
         np.testing.assert_array_equal(b["labels"][row, : len(ids)], labels)
         np.testing.assert_array_equal(b["attention_mask"][row], np.arange(200) < len(ids))

@@ -6,7 +6,7 @@ import pytest
 
 from vllama_jax import defaults
 from vllama_jax.config import LlamaConfig
-from vllama_jax.weights.keymaps import flatten_params
+from vllama_jax.tree import flatten_params
 
 SMALL_LLM = LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
                         num_kv_heads=2, tie_word_embeddings=True)

@@ -161,7 +161,7 @@ def test_fast_demo_end_to_end(tmp_path, capsys, smollm2_path):
     assert (tmp_path / "demo" / "model" / "manifest.json").is_file()
     # the checkpoint holds exactly the video branch, moved away from the base model's values; the export has them
     from vllama_jax.train.checkpoint import load_trainable_params
-    from vllama_jax.weights.keymaps import flatten_params
+    from vllama_jax.tree import flatten_params
     from vllama_jax.weights.model_dir import load_model_dir
 
     trained = load_trainable_params(tmp_path / "demo" / "train" / "checkpoints")

@@ -4,8 +4,6 @@ persistent compilation cache."""
 
 from __future__ import annotations
 
-import contextlib
-import math
 import subprocess
 import sys
 import textwrap
@@ -16,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import random_hf_llama, torch_one_thread
 from vllama_jax.inference.generate import (
     GenerationConfig,
     GenerationConfigError,
@@ -36,10 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def fixture_llama(tiny_dir):
-    cfg, params = load_llama(tiny_dir / "llama")
-    with np.load(tiny_dir / "outputs.npz") as z:
-        outs = {k: z[k] for k in z.files if k.startswith("chat_") and ".llama." not in k}
+def fixture_llama(tiny_llama, tiny_outputs):
+    cfg, params = tiny_llama
+    outs = {k: v for k, v in tiny_outputs.items() if k.startswith("chat_") and ".llama." not in k}
     return cfg, params, outs
 
 
@@ -49,32 +47,13 @@ def gen(fixture_llama):
     return Generator(cfg, params, compilation_cache=False)
 
 
-def _random_hf_llama(seed: int = 0):
-    """A small transformers LLaMA with spread-out logits (HF's default 0.02 init gives near-ties everywhere)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                   rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            elif "embed" in name:
-                p.copy_(torch.randn_like(p))
-            else:
-                scale = 3.0 if "lm_head" in name else 1.0
-                p.copy_(scale * torch.randn_like(p) / math.sqrt(p.shape[1]))
-    return model
-
-
 @pytest.fixture(scope="module")
 def hf_tiny(tmp_path_factory):
-    model = _random_hf_llama()
+    # spread-out logits (HF's default 0.02 init gives near-ties everywhere)
+    model = random_hf_llama(unit_embeddings=True, lm_head_scale=3.0, vocab_size=96, hidden_size=64,
+                            intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            max_position_embeddings=256, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                            pad_token_id=0)
     folder = tmp_path_factory.mktemp("hf_tiny")
     model.save_pretrained(folder)
     cfg, params = load_llama(folder)
@@ -82,19 +61,6 @@ def hf_tiny(tmp_path_factory):
 
 
 ROWS = [[1, 5, 9, 33, 17], [1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49], [1, 7, 7, 7]]  # one batch shape: few compiles
-
-
-@contextlib.contextmanager
-def _torch_one_thread():
-    """Tiny torch models run faster (and far steadier on a busy 2-core box) on one thread."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _hf_generate(model, ids_rows, **kw):
@@ -107,7 +73,7 @@ def _hf_generate(model, ids_rows, **kw):
     for b, r in enumerate(ids_rows):
         ids[b, width - len(r):] = r
         mask[b, width - len(r):] = 1
-    with torch.no_grad(), _torch_one_thread():
+    with torch.no_grad(), torch_one_thread():
         out = model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), pad_token_id=0,
                              return_dict_in_generate=True, output_scores=True, **kw)
     return out.sequences[:, width:].numpy(), out
@@ -277,7 +243,7 @@ def test_soft_prompt_embeddings_match_transformers(hf_tiny):
     cfg = GenerationConfig(do_sample=False, max_new_tokens=10, repetition_penalty=1.3)  # EOS: the model's (2)
     out = g.generate(prompts, config=cfg)
     for p, ours in zip(prompts, out.tokens):
-        with torch.no_grad(), _torch_one_thread():
+        with torch.no_grad(), torch_one_thread():
             ref = model.generate(inputs_embeds=torch.tensor(p[None]), attention_mask=torch.ones(1, len(p)).long(),
                                  max_new_tokens=10, do_sample=False, repetition_penalty=1.3, pad_token_id=0)
         _assert_same_prefix(ours, ref[0].numpy())
@@ -307,7 +273,7 @@ def test_candidate_scores_match_transformers_log_likelihood(hf_tiny):
         assert got.shape == (len(opts),)
         for c, value in zip(opts, got):
             full = np.concatenate([p, table[c]])
-            with torch.no_grad(), _torch_one_thread():
+            with torch.no_grad(), torch_one_thread():
                 logits = model(inputs_embeds=torch.tensor(full[None])).logits[0].double()
             logp = torch.log_softmax(logits, -1)[len(p) - 1:-1]
             ref = float(logp[torch.arange(len(c)), torch.tensor(c)].sum())

@@ -6,11 +6,10 @@ test_generate.py (SmolLM2 beams in transformers take too long on 2 CPU cores).""
 
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
+from tests.helpers import torch_one_thread
 from vllama_jax.inference.generate import GenerationConfig, Generator
 from vllama_jax.weights.llama_keys import load_llama
 
@@ -25,29 +24,11 @@ QUESTIONS = [
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    folder, name = str(smollm2_path.parent), smollm2_path.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    hf = LlamaForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32).eval()
+def smollm2(smollm2_path, smollm2_hf):
+    """(transformers model, its tokenizer, our Generator on the same GGUF)."""
+    hf, tok = smollm2_hf
     cfg, params = load_llama(smollm2_path)
     return hf, tok, Generator(cfg, params, compilation_cache=False)
-
-
-@contextlib.contextmanager
-def _torch_one_thread():
-    """transformers on one thread: on a busy 2-core machine torch's spinning OpenMP pool makes a 2-thread generate
-    10x slower (measured: 31 s vs 2.8 s of CPU for the same 20-token batch)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
 
 def _chatml_ids(tok, question: str) -> list[int]:
@@ -69,7 +50,7 @@ def _hf_greedy_left_padded(hf, rows: list[np.ndarray], eos: int) -> list[list[in
     mask = np.zeros((len(rows), width), np.int64)
     for b, r in enumerate(rows):
         embeds[b, width - len(r):], mask[b, width - len(r):] = r, 1
-    with torch.no_grad(), _torch_one_thread():
+    with torch.no_grad(), torch_one_thread():
         out = hf.generate(inputs_embeds=torch.tensor(embeds), attention_mask=torch.tensor(mask),
                           max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=eos)
     return [_until_eos(row, eos) for row in out.numpy()]
@@ -87,7 +68,7 @@ def test_greedy_chatml_batch_matches_transformers(smollm2):
     mask = np.zeros((len(rows), width), np.int64)
     for b, r in enumerate(rows):
         ids[b, width - len(r):], mask[b, width - len(r):] = r, 1
-    with torch.no_grad(), _torch_one_thread():
+    with torch.no_grad(), torch_one_thread():
         out = hf.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=NEW_TOKENS,
                           do_sample=False, pad_token_id=eos)
     want = [_until_eos(row[width:], eos) for row in out.numpy()]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from flax import linen as nn
 
+from tests.helpers import load_json
 from vllama_jax.config import ImageBindAudioConfig, ImageBindVisionConfig
 from vllama_jax.models.imagebind import (
     DropPath,
@@ -52,7 +52,7 @@ def assert_close(name: str, got, want, **tol) -> float:
 def tiny(tiny_dir: Path):
     """Configs read from the checkpoint shapes (+ head counts from config.json), params loaded strictly."""
     src = open_weights(tiny_dir / "imagebind.pth")
-    ib = json.loads((tiny_dir / "config.json").read_text())["imagebind"]
+    ib = load_json(tiny_dir / "config.json")["imagebind"]
     audio_cfg, vision_cfg = imagebind_configs_from_weights(
         src, ib["audio_num_heads"], ib["vision_num_heads"],
         audio=ImageBindAudioConfig(drop_path_rate=ib["audio_drop_path"], stride=ib["audio_stride"],
@@ -64,10 +64,10 @@ def tiny(tiny_dir: Path):
     return dict(src=src, audio_cfg=audio_cfg, vision_cfg=vision_cfg, params=params, model=model)
 
 
-def test_fixture_audio_parity(tiny, tiny_dir: Path):
+def test_fixture_audio_parity(tiny, tiny_inputs, tiny_outputs):
     model, params, cfg = tiny["model"], tiny["params"], tiny["audio_cfg"]
-    audio = np.load(tiny_dir / "inputs.npz")["audio"]  # (B, S, 1, mel, time)
-    ref = np.load(tiny_dir / "outputs.npz")
+    audio = tiny_inputs["audio"]  # (B, S, 1, mel, time)
+    ref = tiny_outputs
     b, s = audio.shape[:2]
 
     @jax.jit

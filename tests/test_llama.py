@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,9 +13,10 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
+from tests.helpers import random_hf_llama
 from vllama_jax.config import LlamaConfig
 from vllama_jax.models.llama import Llama, cache_logical_axes, init_cache
-from vllama_jax.weights.keymaps import flatten_params
+from vllama_jax.tree import flatten_params
 from vllama_jax.weights.llama_keys import (
     llama_config_from_hf,
     llama_config_from_hf_dict,
@@ -36,24 +36,11 @@ ATOL = 1e-4
 def _hf_model(*, hidden=64, layers=2, heads=4, kv=4, inter=96, vocab=300, head_dim=None, theta=10000.0,
               eps=1e-5, tie=False, seed=0):
     """A transformers LlamaForCausalLM with every parameter random and non-trivial (norm gains 1 + 0.1 N)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+    return random_hf_llama(
+        seed=seed, vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, rope_theta=theta, rms_norm_eps=eps,
         tie_word_embeddings=tie, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )
-    cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            if p.ndim == 1:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) / math.sqrt(p.shape[1]))
-    return model
 
 
 def _hf_logits(model, ids: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
@@ -162,10 +149,10 @@ def nn_unbox_shapes(tree):
 
 
 @pytest.fixture(scope="module")
-def fixture_llama(tiny_dir, tmp_path_factory):
+def fixture_llama(tiny_dir, tiny_llama, tmp_path_factory):
     """The fixture LLaMA loaded from the safetensors index and from the .bin index (must be identical)."""
     src = tiny_dir / "llama"
-    cfg, params = load_llama(src)  # safetensors preferred when both exist
+    cfg, params = tiny_llama  # load_llama(src): safetensors preferred when both exist
     bin_dir = tmp_path_factory.mktemp("llama_bin")
     for f in src.iterdir():
         if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
@@ -177,11 +164,6 @@ def fixture_llama(tiny_dir, tmp_path_factory):
     for k in flat:
         np.testing.assert_array_equal(flat[k], flat_bin[k])
     return cfg, params
-
-
-@pytest.fixture(scope="module")
-def tiny_outputs(tiny_dir):
-    return dict(np.load(tiny_dir / "outputs.npz"))
 
 
 @pytest.mark.parametrize("tag", ["chat_vicuna", "chat_llama2"])

@@ -3,7 +3,6 @@ SmolLM2-135M-Instruct (Q4_1) against transformers' own GGUF loader."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import jax
@@ -11,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.helpers import random_hf_llama
 from vllama_jax.models.llama import Llama, init_cache
 from vllama_jax.weights.gguf_reader import GGUFSource, unpermute_qk
 from vllama_jax.weights.llama_keys import llama_config_from_gguf, load_llama
@@ -36,19 +36,9 @@ def test_unpermute_inverts_llamacpp_permutation():
 
 
 def _hf_random_llama(*, heads=4, kv=2, theta=50000.0, tie=False, seed=0):
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=tie, max_position_embeddings=512)
-    cfg._attn_implementation = "eager"
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for _, p in model.named_parameters():
-            p.copy_(1.0 + 0.1 * torch.randn_like(p) if p.ndim == 1 else torch.randn_like(p) / math.sqrt(p.shape[1]))
-    return model
+    return random_hf_llama(seed=seed, vocab_size=200, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                           num_attention_heads=heads, num_key_value_heads=kv, rope_theta=theta, rms_norm_eps=1e-5,
+                           tie_word_embeddings=tie, max_position_embeddings=512)
 
 
 def _write_gguf(model, path: Path, arch: str = "llama") -> Path:
@@ -155,27 +145,15 @@ def test_error_gguf_other_architecture(tmp_path):
 # real weights: SmolLM2-135M-Instruct, Q4_1 (embeddings Q8_0), tied embeddings, GQA 9/3, rope_theta 1e5
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
+@pytest.mark.slow
+def test_smollm2_gguf_matches_transformers(smollm2_path, smollm2_hf):
     import torch
-    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    folder, name = str(smollm2_path.parent), smollm2_path.name
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf, tok = smollm2_hf
     messages = [{"role": "system", "content": "You are a helpful assistant."},
                 {"role": "user", "content": "What is the capital of France? Answer in one word."}]
     enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="np")
     ids = np.asarray(enc["input_ids"] if hasattr(enc, "keys") else enc)
-    hf = LlamaForCausalLM.from_pretrained(folder, gguf_file=name, torch_dtype=torch.float32,
-                                          attn_implementation="eager").eval()
-    return hf, tok, ids
-
-
-@pytest.mark.slow
-def test_smollm2_gguf_matches_transformers(smollm2_path, smollm2):
-    import torch
-
-    hf, tok, ids = smollm2
     assert tok.decode(ids[0]).startswith("<|im_start|>system")
     cfg, params = load_llama(smollm2_path)
     assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.tie_word_embeddings) == (30, 9, 3, True)

@@ -1,11 +1,11 @@
-"""vllama_jax.media against the upstream goldens (fixtures/media_golden, real example media)."""
+"""vllama_jax.media against the upstream goldens ($VLLAMA_SHARED/fixtures/media_golden, real example media in
+$VLLAMA_SHARED/media; both outside the repository, so these tests skip without them)."""
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
+from tests.helpers import load_json, load_npz
 from vllama_jax import media
 from vllama_jax.media import audio as audio_mod
 
@@ -16,11 +16,8 @@ FBANK_TOL = 1e-3  # upstream.md §13.2: independent fp32 fbank implementation
 
 
 @pytest.fixture(scope="module")
-def golden(fixtures_dir):
-    d = fixtures_dir / "media_golden"
-    with np.load(d / "media_golden.npz") as z:
-        arrays = {k: z[k] for k in z.files}
-    return arrays, json.loads((d / "media_golden.json").read_text())
+def golden(media_golden_dir):
+    return load_npz(media_golden_dir / "media_golden.npz"), load_json(media_golden_dir / "media_golden.json")
 
 
 @pytest.fixture(scope="module")

@@ -12,22 +12,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.helpers import TINY_CONFIG, tiny_files
 from vllama_jax.config import load_model_config
-from vllama_jax.text import load_tokenizer
 from vllama_jax.weights import model_dir as md
-from vllama_jax.weights.keymaps import flatten_params
-from vllama_jax.weights.load import UpstreamFiles, load_upstream
+from vllama_jax.tree import flatten_params
+from vllama_jax.weights.load import load_upstream
 from vllama_jax.weights.model_dir import ModelDirError, load_model_dir, model_dir_groups, save_model_dir
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml"
 
 
 @pytest.fixture(scope="module")
-def tiny(tiny_dir):
-    cfg = load_model_config(TINY)
-    params = load_upstream(cfg, UpstreamFiles(blip2=tiny_dir / "blip2_qformer.pth", llama=tiny_dir / "llama",
-                                              vl_ckpt=tiny_dir / "vl_ckpt.pth"))
-    return cfg, params, load_tokenizer(tiny_dir / "llama")
+def tiny(tiny_dir, tiny_tok):
+    cfg = load_model_config(TINY_CONFIG)
+    params = load_upstream(cfg, tiny_files(tiny_dir, "blip2", "llama", "vl_ckpt"))
+    return cfg, params, tiny_tok
 
 
 @pytest.fixture(scope="module")

@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import load_npz
+from tests.helpers import TINY_CONFIG, tiny_files
 from vllama_jax.config import apply_overrides, load_model_config
 from vllama_jax.models import build_model
-from vllama_jax.weights.load import UpstreamFiles, load_upstream
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml"
+from vllama_jax.weights.load import load_upstream
 
 
 @pytest.mark.slow
-def test_fp16_vit_and_bf16_llama_track_float32(tiny_dir):
-    files = UpstreamFiles(eva_vit=tiny_dir / "eva_vit.pth", blip2=tiny_dir / "blip2_qformer.pth",
-                          imagebind=tiny_dir / "imagebind.pth", llama=tiny_dir / "llama",
-                          vl_ckpt=tiny_dir / "vl_ckpt.pth", al_ckpt=tiny_dir / "al_ckpt.pth")
-    inputs, out = load_npz(tiny_dir / "inputs.npz"), load_npz(tiny_dir / "outputs.npz")
+def test_fp16_vit_and_bf16_llama_track_float32(tiny_dir, tiny_inputs, tiny_outputs):
+    files = tiny_files(tiny_dir)
+    inputs, out = tiny_inputs, tiny_outputs
     frames = inputs["video"].transpose(0, 2, 3, 4, 1)
-    cfg = apply_overrides(load_model_config(TINY), [
+    cfg = apply_overrides(load_model_config(TINY_CONFIG), [
         "precision.vit=float16", "precision.vit_params=float16",
         "precision.llama=bfloat16", "precision.llama_params=bfloat16"]).validate()
     params = load_upstream(cfg, files)

@@ -3,28 +3,19 @@ unsharded result."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
 
-from tests.helpers import assert_close, load_npz
-from vllama_jax.config import load_model_config
+from tests.helpers import assert_close
 from vllama_jax.models import abstract_params, build_model
 from vllama_jax.sharding import batch_sharding, make_mesh, shard_params, tree_shardings
-from vllama_jax.weights.load import UpstreamFiles, load_upstream
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml"
 
 
 @pytest.mark.slow
-def test_forward_sharded_equals_unsharded(tiny_dir):
-    cfg = load_model_config(TINY)
-    params = load_upstream(cfg, UpstreamFiles(
-        eva_vit=tiny_dir / "eva_vit.pth", blip2=tiny_dir / "blip2_qformer.pth", imagebind=tiny_dir / "imagebind.pth",
-        llama=tiny_dir / "llama", vl_ckpt=tiny_dir / "vl_ckpt.pth", al_ckpt=tiny_dir / "al_ckpt.pth"))
-    inputs = load_npz(tiny_dir / "inputs.npz")
+def test_forward_sharded_equals_unsharded(tiny_model, tiny_inputs):
+    cfg, params = tiny_model
+    inputs = tiny_inputs
     # batch 4 so the batch axis really splits over data x fsdp
     frames = np.concatenate([inputs["video"]] * 2).transpose(0, 2, 3, 4, 1)
     audio = np.concatenate([inputs["audio"]] * 2)

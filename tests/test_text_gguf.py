@@ -108,12 +108,8 @@ def test_decode_skip_special(smol):
 
 
 def test_chatml_two_turns(smol):
-    msgs = [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "how are you?"},
-        {"role": "assistant", "content": "fine"},
-    ]
+    msgs = [{"role": role, "content": text}
+            for role, text in [("user", "hi"), ("assistant", "hello"), ("user", "how are you?"), ("assistant", "fine")]]
     default_sys = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
     expected = (
         default_sys
@@ -148,12 +144,8 @@ def test_chatml_conversation_with_media(smol):
 
 def test_chat_instruction_sample(smol):
     """Ours (not upstream): only assistant replies (+ <|im_end|>) are targets."""
-    turns = [
-        {"from": "human", "value": "<image>\nWhat is it?"},
-        {"from": "gpt", "value": "A cat."},
-        {"from": "human", "value": "Sure?"},
-        {"from": "gpt", "value": "Yes."},
-    ]
+    turns = [{"from": who, "value": text}
+             for who, text in [("human", "<image>\nWhat is it?"), ("gpt", "A cat."), ("human", "Sure?"), ("gpt", "Yes.")]]
     ids, labels = instruction_sample(turns, "chatml", smol, num_query_tokens=3, media="image")
     ids2, labels2 = chat_instruction_sample(turns, smol, num_query_tokens=3, media="image")
     assert ids.tolist() == ids2.tolist() and labels.tolist() == labels2.tolist()

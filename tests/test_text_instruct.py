@@ -1,123 +1,90 @@
 """Caption text, caption-path tokens, instruction samples and labels (upstream.md §1.8, 6.3, 7.3, 7.5-7.7)."""
-import json
 import re
 
 import numpy as np
 import pytest
 
-from vllama_jax.text import (
-    ALIGNMENT_PROMPTS,
-    IGNORE_INDEX,
-    STAGE2_PROMPT_TEMPLATE,
-    Tokenizer,
-    blip_caption,
-    caption_targets,
-    caption_tokens,
-    collate_instruction,
-    insert_placeholders,
-    instruction_sample,
-    load_tokenizer,
-    prompt_wrap_ids,
-    split_prompt,
-    stage2_prompt_list,
-    videochat_turns,
-)
-
-
-@pytest.fixture(scope="module")
-def tok(tiny_dir):
-    return load_tokenizer(tiny_dir / "llama")
-
-
-@pytest.fixture(scope="module")
-def outputs(tiny_dir):
-    return json.loads((tiny_dir / "outputs.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def texts(tiny_dir):
-    return json.loads((tiny_dir / "config.json").read_text())["texts"]
-
-
-@pytest.fixture(scope="module")
-def inputs(tiny_dir):
-    return dict(np.load(tiny_dir / "inputs.npz"))
+from vllama_jax.text import Tokenizer, instruct
 
 
 # --- fixture: caption path (path B) --------------------------------------------------------------------------------
-def test_fixture_stage1(tok, outputs, texts, inputs):
-    s1 = outputs["stage1"]
-    assert [c + s1["end_sym"] for c in texts["stage1_captions"]] == s1["texts"]
-    ids, mask = caption_tokens(texts["stage1_captions"], tok, s1["end_sym"], s1["max_txt_len"])
-    np.testing.assert_array_equal(ids, inputs["stage1.text_ids"])
-    np.testing.assert_array_equal(mask, inputs["stage1.text_attention_mask"])
+def test_fixture_stage1(tiny_tok, tiny_info, tiny_texts, tiny_inputs):
+    s1 = tiny_info["stage1"]
+    assert [c + s1["end_sym"] for c in tiny_texts["stage1_captions"]] == s1["texts"]
+    ids, mask = instruct.caption_tokens(tiny_texts["stage1_captions"], tiny_tok, s1["end_sym"], s1["max_txt_len"])
+    np.testing.assert_array_equal(ids, tiny_inputs["stage1.text_ids"])
+    np.testing.assert_array_equal(mask, tiny_inputs["stage1.text_attention_mask"])
     # caption 1 is truncated at 32 tokens (end_sym cut off)
     assert ids.shape == (2, 32) and mask[1].all()
     # static shapes
-    ids64, mask64 = caption_tokens(texts["stage1_captions"], tok, s1["end_sym"], s1["max_txt_len"], pad_to=40)
+    ids64, mask64 = instruct.caption_tokens(tiny_texts["stage1_captions"], tiny_tok, s1["end_sym"], s1["max_txt_len"],
+                                   pad_to=40)
     np.testing.assert_array_equal(ids64[:, :32], ids)
-    assert (ids64[:, 32:] == tok.pad_id).all() and (mask64[:, 32:] == 0).all()
+    assert (ids64[:, 32:] == tiny_tok.pad_id).all() and (mask64[:, 32:] == 0).all()
     with pytest.raises(ValueError):
-        caption_tokens(texts["stage1_captions"], tok, s1["end_sym"], s1["max_txt_len"], pad_to=10)
+        instruct.caption_tokens(tiny_texts["stage1_captions"], tiny_tok, s1["end_sym"], s1["max_txt_len"], pad_to=10)
     # targets: pads -> -100, prefix of -100 for BOS + media (here 8 video queries)
-    tgt = caption_targets(ids, tok.pad_id, prefix_len=1 + 8)
-    assert tgt.shape == (2, 41) and (tgt[:, :9] == IGNORE_INDEX).all()
-    assert tgt[0, -1] == IGNORE_INDEX and tgt[1, -1] == ids[1, -1]
+    tgt = instruct.caption_targets(ids, tiny_tok.pad_id, prefix_len=1 + 8)
+    assert tgt.shape == (2, 41) and (tgt[:, :9] == instruct.IGNORE_INDEX).all()
+    assert tgt[0, -1] == instruct.IGNORE_INDEX and tgt[1, -1] == ids[1, -1]
 
 
-def test_fixture_stage1_prompt(tok, outputs, texts, inputs):
-    sp = outputs["stage1_prompt"]
-    tpl = texts["stage1_prompt_template"]
-    assert tpl == STAGE2_PROMPT_TEMPLATE["vicuna"]
-    prompt = stage2_prompt_list("vicuna")[texts["stage1_prompt_line"]]
+def test_fixture_stage1_prompt(tiny_tok, tiny_info, tiny_texts, tiny_inputs):
+    sp = tiny_info["stage1_prompt"]
+    tpl = tiny_texts["stage1_prompt_template"]
+    assert tpl == instruct.STAGE2_PROMPT_TEMPLATE["vicuna"]
+    prompt = instruct.stage2_prompt_list("vicuna")[tiny_texts["stage1_prompt_line"]]
     assert prompt == sp["prompt"]
-    assert split_prompt(prompt) == (sp["p_before"], sp["p_after"])
-    before, after = prompt_wrap_ids(prompt, tok)
-    assert before == inputs["stage1_prompt.p_before_ids"][0].tolist()
-    assert after == inputs["stage1_prompt.p_after_ids"][0].tolist()
-    ids, mask = caption_tokens(texts["stage1_captions"], tok, sp["end_sym"], sp["max_txt_len"])
-    np.testing.assert_array_equal(ids, inputs["stage1_prompt.text_ids"])
-    np.testing.assert_array_equal(mask, inputs["stage1_prompt.text_attention_mask"])
+    assert instruct.split_prompt(prompt) == (sp["p_before"], sp["p_after"])
+    before, after = instruct.prompt_wrap_ids(prompt, tiny_tok)
+    assert before == tiny_inputs["stage1_prompt.p_before_ids"][0].tolist()
+    assert after == tiny_inputs["stage1_prompt.p_after_ids"][0].tolist()
+    ids, mask = instruct.caption_tokens(tiny_texts["stage1_captions"], tiny_tok, sp["end_sym"], sp["max_txt_len"])
+    np.testing.assert_array_equal(ids, tiny_inputs["stage1_prompt.text_ids"])
+    np.testing.assert_array_equal(mask, tiny_inputs["stage1_prompt.text_attention_mask"])
 
 
 def test_prompt_list():
-    assert len(ALIGNMENT_PROMPTS) == 4 and all(p.startswith("<Image><ImageHere></Image> ") for p in ALIGNMENT_PROMPTS)
-    llama = stage2_prompt_list("llama_2")
+    prompts = instruct.ALIGNMENT_PROMPTS
+    assert len(prompts) == 4 and all(p.startswith("<Image><ImageHere></Image> ") for p in prompts)
+    llama = instruct.stage2_prompt_list("llama_2")
     assert llama[0] == "[INST] <<SYS>>\n \n<</SYS>>\n\n<Image><ImageHere></Image> Describe this image in detail. [/INST] "
-    assert stage2_prompt_list("vicuna")[3] == "###Human: <Image><ImageHere></Image> Could you describe the contents of this image for me? ###Assistant: "
+    assert instruct.stage2_prompt_list("vicuna")[3] == "###Human: <Image><ImageHere></Image> Could you describe the contents of this image for me? ###Assistant: "
     with pytest.raises(ValueError):
-        split_prompt("no placeholder")
+        instruct.split_prompt("no placeholder")
 
 
 # --- fixture: instruction batches (path A) -------------------------------------------------------------------------
 @pytest.mark.parametrize("key,template", [("stage2_vicuna", "vicuna"), ("stage2_llama2", "llama_2")])
-def test_fixture_stage2_from_sources(tok, outputs, inputs, key, template):
+def test_fixture_stage2_from_sources(tiny_tok, tiny_info, tiny_inputs, key, template):
     """The upstream sources (placeholders already inserted) through instruction_sample + collate."""
-    samples = [instruction_sample(src[0], template, tok, num_query_tokens=8, media=None) for src in outputs[key]["sources"]]
-    batch = collate_instruction(samples, pad_id=tok.instruct_pad_id)
+    samples = [instruct.instruction_sample(src[0], template, tiny_tok, num_query_tokens=8, media=None)
+               for src in tiny_info[key]["sources"]]
+    batch = instruct.collate_instruction(samples, pad_id=tiny_tok.instruct_pad_id)
     for k in ("input_ids", "labels", "attention_mask"):
-        np.testing.assert_array_equal(batch[k], inputs[f"{key}.{k}"], err_msg=k)
-    assert (batch["input_ids"] == tok.image_placeholder_id).sum(axis=1).tolist() == [8, 8]
+        np.testing.assert_array_equal(batch[k], tiny_inputs[f"{key}.{k}"], err_msg=k)
+    assert (batch["input_ids"] == tiny_tok.image_placeholder_id).sum(axis=1).tolist() == [8, 8]
 
 
 @pytest.mark.parametrize("key,template", [("stage2_vicuna", "vicuna"), ("stage2_llama2", "llama_2")])
-def test_fixture_stage2_from_qa(tok, outputs, texts, inputs, key, template):
+def test_fixture_stage2_from_qa(tiny_tok, tiny_info, tiny_texts, tiny_inputs, key, template):
     """From the raw VideoChat QA: videochat_turns + video placeholder insertion reproduce the sources and ids."""
     samples = []
-    for qa, src in zip(texts["stage2_conversations"], outputs[key]["sources"]):
+    for qa, src in zip(tiny_texts["stage2_conversations"], tiny_info[key]["sources"]):
         msg = re.search(r"</Video> (The video contains .*? seconds\. )", src[0][0]["value"]).group(1)
-        turns = videochat_turns(qa)
-        assert insert_placeholders(turns, 8, "video", msg) == src[0]
-        samples.append(instruction_sample(turns, template, tok, num_query_tokens=8, media="video", video_msg=msg))
-    batch = collate_instruction(samples, pad_id=0)
+        turns = instruct.videochat_turns(qa)
+        assert instruct.insert_placeholders(turns, 8, "video", msg) == src[0]
+        samples.append(instruct.instruction_sample(turns, template, tiny_tok, num_query_tokens=8, media="video",
+                                                   video_msg=msg))
+    batch = instruct.collate_instruction(samples, pad_id=0)
     for k in ("input_ids", "labels", "attention_mask"):
-        np.testing.assert_array_equal(batch[k], inputs[f"{key}.{k}"], err_msg=k)
+        np.testing.assert_array_equal(batch[k], tiny_inputs[f"{key}.{k}"], err_msg=k)
 
 
 def _supervised_spans(tok, ids, labels):
     spans, cur = [], []
     for i, l in zip(ids, labels):
-        if l != IGNORE_INDEX:
+        if l != instruct.IGNORE_INDEX:
             assert l == i
             cur.append(int(i))
         elif cur:
@@ -128,17 +95,20 @@ def _supervised_spans(tok, ids, labels):
     return spans
 
 
-def test_fixture_vicuna_mask_drift(tok, outputs):
+def test_fixture_vicuna_mask_drift(tiny_tok, tiny_info):
     """upstream.md §12.12: the spans drift on the tiny vocabulary; reproduced, not fixed."""
-    ids, labels = instruction_sample(outputs["stage2_vicuna"]["sources"][0][0], "vicuna", tok, 8, None)
-    assert _supervised_spans(tok, ids, labels) == [
+    sources = tiny_info["stage2_vicuna"]["sources"]
+    ids, labels = instruct.instruction_sample(sources[0][0], "vicuna", tiny_tok, 8, None)
+    assert _supervised_spans(tiny_tok, ids, labels) == [
         "###",
         "#Assistant: The dog is barking loudly at someone.\n###Hu",
         "ssistant: Yes, it is inside a house.\n###",
     ]
-    ids, labels = instruction_sample(outputs["stage2_llama2"]["sources"][0][0], "llama_2", tok, 8, None)
+    sources = tiny_info["stage2_llama2"]["sources"]
+    ids, labels = instruct.instruction_sample(sources[0][0], "llama_2", tiny_tok, 8, None)
     # LLaMA-2: answers + the space before </s> + </s> (decode shows 4.28's space before a special token)
-    assert _supervised_spans(tok, ids, labels) == [" The dog is barking loudly at someone. </s>", " Yes, it is inside a house. </s>"]
+    assert _supervised_spans(tiny_tok, ids, labels) == [" The dog is barking loudly at someone. </s>",
+                                                        " Yes, it is inside a house. </s>"]
 
 
 # --- hand-worked masking examples with a character-level toy tokenizer ---------------------------------------------
@@ -173,12 +143,16 @@ def _expected(segments):
     for text, target in segments:
         part = [1] if text is BOS else t.encode(text)
         ids += part
-        labels += part if target else [IGNORE_INDEX] * len(part)
+        labels += part if target else [instruct.IGNORE_INDEX] * len(part)
     return ids, labels
 
 
+ONE_TURN = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
+TWO_TURNS = ONE_TURN + [{"from": "human", "value": "ok?"}, {"from": "gpt", "value": "sure"}]
+
+
 def _check(turns, template, segments):
-    ids, labels = instruction_sample(turns, template, CharTokenizer(), num_query_tokens=0, media=None)
+    ids, labels = instruct.instruction_sample(turns, template, CharTokenizer(), num_query_tokens=0, media=None)
     exp_ids, exp_labels = _expected(segments)
     assert ids.tolist() == exp_ids
     assert labels.tolist() == exp_labels
@@ -192,8 +166,7 @@ def test_vicuna_mask_one_turn_by_hand():
     # (with the real LLaMA vocabulary the isolated "▁###" is one token shorter than the in-context "##","#" and
     # the shift cancels; here it does not: the same drift as upstream.md §12.12).
     _check(
-        [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
-        "vicuna",
+        ONE_TURN, "vicuna",
         [(BOS, False), ("\n\n", False), ("##", True), ("#Human: hi\n#", False), ("##Assistant: yo\n###", True)],
     )
 
@@ -203,13 +176,7 @@ def test_vicuna_mask_two_turns_by_hand():
     # masked: [0:3], [3+2 : 17] (human 1), [35+2 : 50] (human 2); cursor ends at 70 > 69 tokens.
     # char index = position - 1: positions 35, 36 -> "#", "H"; masked 37..49 -> "uman: ok?\n###".
     _check(
-        [
-            {"from": "human", "value": "hi"},
-            {"from": "gpt", "value": "yo"},
-            {"from": "human", "value": "ok?"},
-            {"from": "gpt", "value": "sure"},
-        ],
-        "vicuna",
+        TWO_TURNS, "vicuna",
         [
             (BOS, False), ("\n\n", False),
             ("##", True), ("#Human: hi\n#", False),
@@ -221,11 +188,11 @@ def test_vicuna_mask_two_turns_by_hand():
 
 def test_vicuna_mask_only_exact_human():
     # rendering lower-cases the speaker ("Human" -> "Human:"), masking compares with "human" exactly
-    ids, labels = instruction_sample(
+    ids, labels = instruct.instruction_sample(
         [{"from": "Human", "value": "hi"}, {"from": "gpt", "value": "yo"}], "vicuna", CharTokenizer(), 0, None
     )
     assert "###Human: hi" in CharTokenizer().decode(ids.tolist())
-    assert (labels[3:] != IGNORE_INDEX).all()
+    assert (labels[3:] != instruct.IGNORE_INDEX).all()
 
 
 def test_llama2_mask_one_turn_by_hand():
@@ -234,8 +201,7 @@ def test_llama2_mask_one_turn_by_hand():
     # instr = "[INST] ... hi [/INST] " -> instr_len = (1 + len(instr)) - 2 = everything up to "]" (the trailing
     # space is not subtracted per token here: the -2 removes BOS and one character).
     _check(
-        [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}],
-        "llama_2",
+        ONE_TURN, "llama_2",
         [(BOS, False), ("[INST] <<SYS>>\n \n<</SYS>>\n\nhi [/INST]", False), (" yo </s>", True)],
     )
 
@@ -244,13 +210,7 @@ def test_llama2_mask_two_turns_by_hand():
     # round 1 = "<s>[INST] ok? [/INST] sure " starts at the "<s>" token; instr = "<s>[INST] ok? [/INST] " ->
     # (BOS + "<s>" + 19 chars) - 2 = "<s>" + "[INST] ok? [/INST]" masked; " sure " and "</s>" are targets.
     _check(
-        [
-            {"from": "human", "value": "hi"},
-            {"from": "gpt", "value": "yo"},
-            {"from": "human", "value": "ok?"},
-            {"from": "gpt", "value": "sure"},
-        ],
-        "llama_2",
+        TWO_TURNS, "llama_2",
         [
             (BOS, False), ("[INST] <<SYS>>\n \n<</SYS>>\n\nhi [/INST]", False), (" yo </s>", True),
             ("<s>[INST] ok? [/INST]", False), (" sure </s>", True),
@@ -259,61 +219,62 @@ def test_llama2_mask_two_turns_by_hand():
 
 
 def test_llama2_drops_leading_gpt_turn_and_checks_alternation():
-    turns = [{"from": "gpt", "value": "ignored"}, {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]
-    a = instruction_sample(turns, "llama_2", CharTokenizer(), 0, None)
-    b = instruction_sample(turns[1:], "llama_2", CharTokenizer(), 0, None)
+    turns = [{"from": "gpt", "value": "ignored"}] + ONE_TURN
+    a = instruct.instruction_sample(turns, "llama_2", CharTokenizer(), 0, None)
+    b = instruct.instruction_sample(turns[1:], "llama_2", CharTokenizer(), 0, None)
     assert a[0].tolist() == b[0].tolist() and a[1].tolist() == b[1].tolist()
     with pytest.raises(ValueError):
-        instruction_sample([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "llama_2", CharTokenizer(), 0, None)
+        instruct.instruction_sample([{"from": "human", "value": "a"}, {"from": "human", "value": "b"}], "llama_2",
+                                    CharTokenizer(), 0, None)
 
 
 def test_truncation_before_masking():
     turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x" * 100}]
     for template in ("vicuna", "llama_2"):
-        ids, labels = instruction_sample(turns, template, CharTokenizer(), 0, None, max_len=40)
-        full, full_labels = instruction_sample(turns, template, CharTokenizer(), 0, None)
+        ids, labels = instruct.instruction_sample(turns, template, CharTokenizer(), 0, None, max_len=40)
+        full, full_labels = instruct.instruction_sample(turns, template, CharTokenizer(), 0, None)
         assert len(ids) == 40 and ids.tolist() == full.tolist()[:40]
         if template == "vicuna":
             assert labels.tolist() == full_labels.tolist()[:40]
 
 
-def test_llava_image_placeholders(tok):
+def test_llava_image_placeholders(tiny_tok):
     turns = [
         {"from": "human", "value": "<image>\nWhat is shown?"},
         {"from": "gpt", "value": "A cat."},
     ]
-    out = insert_placeholders(turns, 4, "image")
+    out = instruct.insert_placeholders(turns, 4, "image")
     assert out[0]["value"] == "<Image>" + "<ImageHere>" * 4 + "</Image>\nWhat is shown?"
     assert turns[0]["value"].startswith("<image>")  # input untouched
     for template in ("vicuna", "llama_2"):
-        ids, labels = instruction_sample(turns, template, tok, 4, "image")
-        pos = np.nonzero(ids == tok.image_placeholder_id)[0]
+        ids, labels = instruct.instruction_sample(turns, template, tiny_tok, 4, "image")
+        pos = np.nonzero(ids == tiny_tok.image_placeholder_id)[0]
         assert len(pos) == 4 and (np.diff(pos) == 1).all()  # contiguous run, as path A requires
-        assert (labels[pos] == IGNORE_INDEX).all()
-        assert ids[0] == tok.bos_id and labels[0] == IGNORE_INDEX
+        assert (labels[pos] == instruct.IGNORE_INDEX).all()
+        assert ids[0] == tiny_tok.bos_id and labels[0] == instruct.IGNORE_INDEX
 
 
 def test_collate():
     a = (np.array([1, 5, 6]), np.array([-100, 5, 6]))
     b = {"input_ids": [1, 7], "labels": [-100, 7]}
-    out = collate_instruction([a, b], pad_id=0)
+    out = instruct.collate_instruction([a, b], pad_id=0)
     assert out["input_ids"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert out["labels"].tolist() == [[-100, 5, 6], [-100, 7, -100]]
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
-    out = collate_instruction([a, b], pad_id=0, pad_to=5)
+    out = instruct.collate_instruction([a, b], pad_id=0, pad_to=5)
     assert out["input_ids"].shape == (2, 5) and out["attention_mask"][:, 3:].sum() == 0
     with pytest.raises(ValueError):
-        collate_instruction([a], pad_id=0, pad_to=2)
+        instruct.collate_instruction([a], pad_id=0, pad_to=2)
 
 
 def test_videochat_turns():
-    assert videochat_turns([{"q": "Q1", "a": "A1"}, {"q": "Q2", "a": "A2"}]) == [
+    assert instruct.videochat_turns([{"q": "Q1", "a": "A1"}, {"q": "Q2", "a": "A2"}]) == [
         {"from": "human", "value": "Q1"},
         {"from": "gpt", "value": "A1"},
         {"from": "human", "value": "Q2"},
         {"from": "gpt", "value": "A2"},
     ]
-    turns = insert_placeholders(videochat_turns([{"q": "Q", "a": "A"}]), 2, "video", "msg. ")
+    turns = instruct.insert_placeholders(instruct.videochat_turns([{"q": "Q", "a": "A"}]), 2, "video", "msg. ")
     assert turns[0]["value"] == "<Video><ImageHere><ImageHere></Video> msg. Q"
 
 
@@ -328,10 +289,10 @@ def test_videochat_turns():
     ("", ""),
 ])
 def test_blip_caption(raw, expected):
-    assert blip_caption(raw) == expected
+    assert instruct.blip_caption(raw) == expected
 
 
 def test_blip_caption_max_words():
     words = " ".join(f"w{i}" for i in range(60))
-    assert blip_caption(words) == " ".join(f"w{i}" for i in range(50))
-    assert blip_caption(words, max_words=3) == "w0 w1 w2"
+    assert instruct.blip_caption(words) == " ".join(f"w{i}" for i in range(50))
+    assert instruct.blip_caption(words, max_words=3) == "w0 w1 w2"

@@ -3,7 +3,6 @@ import json
 import shutil
 import warnings
 
-import numpy as np
 import pytest
 
 from vllama_jax.text import (
@@ -17,83 +16,66 @@ from vllama_jax.text import (
 
 @pytest.fixture(scope="module")
 def llama_dir(tiny_dir):
-    d = tiny_dir / "llama"
-    if not (d / "tokenizer.model").is_file():
-        pytest.skip("fixture tokenizer missing")
-    return d
-
-
-@pytest.fixture(scope="module")
-def tok(llama_dir):
-    return load_tokenizer(llama_dir)
-
-
-@pytest.fixture(scope="module")
-def outputs(tiny_dir):
-    return json.loads((tiny_dir / "outputs.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def inputs(tiny_dir):
-    return dict(np.load(tiny_dir / "inputs.npz"))
+    return tiny_dir / "llama"
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def test_fixture_special_ids(tok, outputs):
-    sid = outputs["special_ids"]
-    assert isinstance(tok, Tokenizer)
-    assert tok.family == "llama_sp"
-    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.unk_id) == (sid["bos"], sid["eos"], sid["pad(=unk)"], 0)
-    assert tok.base_vocab_size == 512
-    assert tok.image_placeholder_id == sid["image_patch_token_id"] == 512
-    assert tok.audio_placeholder_id == sid["audio_patch_token_id"] == 513
-    assert len(tok) == 514
-    assert tok.adds_bos and not tok.adds_eos
-    assert tok.instruct_pad_id == 0
-    assert tok.chat_template is None
+def test_fixture_special_ids(tiny_tok, tiny_info):
+    sid = tiny_info["special_ids"]
+    assert isinstance(tiny_tok, Tokenizer)
+    assert tiny_tok.family == "llama_sp"
+    assert (tiny_tok.bos_id, tiny_tok.eos_id, tiny_tok.pad_id, tiny_tok.unk_id) == (
+        sid["bos"], sid["eos"], sid["pad(=unk)"], 0)
+    assert tiny_tok.base_vocab_size == 512
+    assert tiny_tok.image_placeholder_id == sid["image_patch_token_id"] == 512
+    assert tiny_tok.audio_placeholder_id == sid["audio_patch_token_id"] == 513
+    assert len(tiny_tok) == 514
+    assert tiny_tok.adds_bos and not tiny_tok.adds_eos
+    assert tiny_tok.instruct_pad_id == 0
+    assert tiny_tok.chat_template is None
 
 
-def test_load_variants(llama_dir, tok):
+def test_load_variants(llama_dir, tiny_tok):
     """A folder, the model file itself, and a parent folder with a tokenizer/ sub-folder all give the same ids."""
     s = "###Human: <Video><ImageHere></Video> hi"
-    assert load_tokenizer(llama_dir / "tokenizer.model").encode(s) == tok.encode(s)
-    assert load_tokenizer(str(llama_dir)).encode(s) == tok.encode(s)
+    assert load_tokenizer(llama_dir / "tokenizer.model").encode(s) == tiny_tok.encode(s)
+    assert load_tokenizer(str(llama_dir)).encode(s) == tiny_tok.encode(s)
 
 
-def test_encode_rules(tok):
+def test_encode_rules(tiny_tok):
     # BOS only on request
-    assert tok.encode("hi", add_bos=True) == [1] + tok.encode("hi")
-    assert tok.encode("hi", add_eos=True) == tok.encode("hi") + [2]
-    assert tok.encode("") == [] and tok.encode("", add_bos=True) == [1]
+    assert tiny_tok.encode("hi", add_bos=True) == [1] + tiny_tok.encode("hi")
+    assert tiny_tok.encode("hi", add_eos=True) == tiny_tok.encode("hi") + [2]
+    assert tiny_tok.encode("") == [] and tiny_tok.encode("", add_bos=True) == [1]
     # literal specials -> ids, no whitespace stripping around them, each chunk gets the dummy prefix
-    assert tok.encode("a </s><s>b") == tok.encode("a ") + [2, 1] + tok.encode("b")
-    assert tok.encode("x <unk> y") == tok.encode("x ") + [0] + tok.encode(" y")
+    assert tiny_tok.encode("a </s><s>b") == tiny_tok.encode("a ") + [2, 1] + tiny_tok.encode("b")
+    assert tiny_tok.encode("x <unk> y") == tiny_tok.encode("x ") + [0] + tiny_tok.encode(" y")
     # whitespace around placeholders is stripped on both sides
-    assert tok.encode("a \n <ImageHere>  b") == tok.encode("a") + [512] + tok.encode("b")
-    assert tok.encode(" <ImageHere> <AudioHere> ") == [512, 513]
-    assert tok.encode("<ImageHere>" * 3) == [512] * 3
+    assert tiny_tok.encode("a \n <ImageHere>  b") == tiny_tok.encode("a") + [512] + tiny_tok.encode("b")
+    assert tiny_tok.encode(" <ImageHere> <AudioHere> ") == [512, 513]
+    assert tiny_tok.encode("<ImageHere>" * 3) == [512] * 3
     # chunks are encoded independently: "b" after a placeholder is "▁b", the same as at the start
-    assert tok.encode("a<ImageHere>b")[-1] == tok.encode("b")[0]
-    assert tok.tokenize("a<ImageHere>b") == ["▁a", IMAGE_PLACEHOLDER, "▁b"]
+    assert tiny_tok.encode("a<ImageHere>b")[-1] == tiny_tok.encode("b")[0]
+    assert tiny_tok.tokenize("a<ImageHere>b") == ["▁a", IMAGE_PLACEHOLDER, "▁b"]
 
 
-def test_fixture_decoded_inputs(tok, outputs, inputs):
+def test_fixture_decoded_inputs(tiny_tok, tiny_info, tiny_inputs):
     """decode() reproduces transformers 4.28 LlamaTokenizer.decode on the stage-2 batches (incl. its extra spaces)."""
     for key in ("stage2_vicuna", "stage2_llama2"):
-        ids, mask = inputs[f"{key}.input_ids"], inputs[f"{key}.attention_mask"]
-        for r, expected in enumerate(outputs[key]["decoded_input"]):
+        ids, mask = tiny_inputs[f"{key}.input_ids"], tiny_inputs[f"{key}.attention_mask"]
+        for r, expected in enumerate(tiny_info[key]["decoded_input"]):
             row = ids[r][mask[r].astype(bool)]
-            assert tok.decode(row) == expected
-            assert tok.decode(row.tolist()) == expected
+            assert tiny_tok.decode(row) == expected
+            assert tiny_tok.decode(row.tolist()) == expected
 
 
-def test_decode_round_trip_and_skip(tok):
+def test_decode_round_trip_and_skip(tiny_tok):
     for s in ["Hello world", "ünïcode 你好 🤖", "12345 67.89", "a\n\nb\tc", "###Assistant: ok"]:
-        assert tok.decode(tok.encode(s)) == s
-        assert tok.decode(tok.encode(s, add_bos=True, add_eos=True), skip_special_tokens=True) == s
-    assert tok.decode([1] + tok.encode("hi")) == "<s>hi"
+        assert tiny_tok.decode(tiny_tok.encode(s)) == s
+        assert tiny_tok.decode(tiny_tok.encode(s, add_bos=True, add_eos=True), skip_special_tokens=True) == s
+    assert tiny_tok.decode([1] + tiny_tok.encode("hi")) == "<s>hi"
     # placeholders are added (not special) tokens: kept even when skipping, joined with single spaces
-    assert tok.decode(tok.encode("a<ImageHere>b"), skip_special_tokens=True) == "a <ImageHere> b"
+    assert tiny_tok.decode(tiny_tok.encode("a<ImageHere>b"), skip_special_tokens=True) == "a <ImageHere> b"
 
 
 # --- comparison with transformers' slow tokenizer --------------------------------------------------------------------
@@ -153,11 +135,11 @@ def slow_reference(llama_dir):
 
 
 @pytest.mark.parametrize("text", COMPARE_STRINGS)
-def test_matches_transformers_slow(tok, slow_reference, text):
-    assert tok.encode(text) == slow_reference.encode(text, add_special_tokens=False)
+def test_matches_transformers_slow(tiny_tok, slow_reference, text):
+    assert tiny_tok.encode(text) == slow_reference.encode(text, add_special_tokens=False)
 
 
-def test_transformers5_fast_llama_differs(tok, llama_dir):
+def test_transformers5_fast_llama_differs(tiny_tok, llama_dir):
     """Documented: transformers 5's (fast, converted) ``LlamaTokenizer.from_pretrained(..., legacy=True)`` is NOT
     4.28-compatible: runs of leading spaces merge differently and placeholders keep their neighbouring spaces. We
     follow 4.28 (the fixture ids, checked in test_text_instruct / test_text_conversation)."""
@@ -169,24 +151,24 @@ def test_transformers5_fast_llama_differs(tok, llama_dir):
         fast.add_tokens([IMAGE_PLACEHOLDER, AUDIO_PLACEHOLDER], special_tokens=True)
     same = ["Hello world", "12345 67.89", "ünïcode 你好", "a<ImageHere>b", "[INST] q [/INST] a </s><s>[INST]"]
     for s in same:
-        assert tok.encode(s) == fast.encode(s, add_special_tokens=False)
-    assert tok.encode("a <ImageHere> b") == [283, 512, 346]
+        assert tiny_tok.encode(s) == fast.encode(s, add_special_tokens=False)
+    assert tiny_tok.encode("a <ImageHere> b") == [283, 512, 346]
     assert fast.encode("a <ImageHere> b", add_special_tokens=False) != [283, 512, 346]
 
 
 # --- save / load ----------------------------------------------------------------------------------------------------
-def test_save_load_round_trip(tok, tmp_path):
-    tok.save(tmp_path / "tk")
+def test_save_load_round_trip(tiny_tok, tmp_path):
+    tiny_tok.save(tmp_path / "tk")
     again = load_tokenizer(tmp_path / "tk")
     assert again.family == "llama_sp"
     for attr in ("bos_id", "eos_id", "pad_id", "unk_id", "base_vocab_size", "image_placeholder_id", "audio_placeholder_id", "adds_bos"):
-        assert getattr(again, attr) == getattr(tok, attr), attr
+        assert getattr(again, attr) == getattr(tiny_tok, attr), attr
     for s in COMPARE_STRINGS:
-        assert again.encode(s) == tok.encode(s)
+        assert again.encode(s) == tiny_tok.encode(s)
     # a model folder with the tokenizer in tokenizer/ (as convert_weights writes it)
     model_dir = tmp_path / "model"
-    tok.save(model_dir / "tokenizer")
-    assert load_tokenizer(model_dir).encode("a<ImageHere>b") == tok.encode("a<ImageHere>b")
+    tiny_tok.save(model_dir / "tokenizer")
+    assert load_tokenizer(model_dir).encode("a<ImageHere>b") == tiny_tok.encode("a<ImageHere>b")
 
 
 def test_added_tokens_json(llama_dir, tmp_path):
@@ -279,7 +261,7 @@ def _write_llama_gguf(model_file, out, pad_id=None):
     w.close()
 
 
-def test_gguf_with_llama_vocab_is_exact(llama_dir, tok, tmp_path):
+def test_gguf_with_llama_vocab_is_exact(llama_dir, tiny_tok, tmp_path):
     """A GGUF holding a SentencePiece ("llama") vocabulary is rebuilt into a SentencePiece model, so it gets the
     same 4.28 ids as tokenizer.model (not transformers' converted BPE)."""
     path = tmp_path / "tiny-llama.gguf"
@@ -290,10 +272,10 @@ def test_gguf_with_llama_vocab_is_exact(llama_dir, tok, tmp_path):
     assert (g.image_placeholder_id, g.audio_placeholder_id) == (512, 513)
     assert g.adds_bos and g.chat_template == "{{ messages[0]['content'] }}"
     for s in COMPARE_STRINGS:
-        assert g.encode(s) == tok.encode(s), s
-        assert g.decode(tok.encode(s, add_bos=True)) == tok.decode(tok.encode(s, add_bos=True))
+        assert g.encode(s) == tiny_tok.encode(s), s
+        assert g.decode(tiny_tok.encode(s, add_bos=True)) == tiny_tok.decode(tiny_tok.encode(s, add_bos=True))
     # and it saves as a plain HF LLaMA tokenizer folder
     g.save(tmp_path / "saved")
     again = load_tokenizer(tmp_path / "saved" / "tokenizer.model")
-    assert again.encode(COMPARE_STRINGS[9]) == tok.encode(COMPARE_STRINGS[9])
+    assert again.encode(COMPARE_STRINGS[9]) == tiny_tok.encode(COMPARE_STRINGS[9])
     assert again.chat_template == g.chat_template

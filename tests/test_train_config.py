@@ -19,7 +19,8 @@ from vllama_jax.train.config import OptimConfig, load_train_config, train_config
 from vllama_jax.cli import main as cli_main
 from vllama_jax.train.loop import resolve_model_config
 from vllama_jax.train.optimizer import decay_mask, lr_schedule, make_optimizer, trainable_groups, upstream_no_decay
-from vllama_jax.weights.keymaps import audio_branch_keymap, flatten_params, unflatten_params, video_branch_keymap
+from vllama_jax.tree import flatten_params, unflatten_params
+from vllama_jax.weights.keymaps import audio_branch_keymap, video_branch_keymap
 
 VL = ("video_qformer", "video_query_tokens", "video_frame_position_embedding", "llama_proj")
 AL = ("audio_qformer", "audio_query_tokens", "audio_position_embedding", "audio_llama_proj")

@@ -26,7 +26,7 @@ import pytest
 from tests.test_train_support import subprocess_env, tiny_config, tiny_config_dict
 from vllama_jax.train.checkpoint import load_trainable_params
 from vllama_jax.train.loop import Trainer
-from vllama_jax.weights.keymaps import flatten_params
+from vllama_jax.tree import flatten_params
 
 WORKER = textwrap.dedent('''
     import json, sys
@@ -91,7 +91,7 @@ KILLED = textwrap.dedent('''
     marker = Path(sys.argv[2])
     t = Trainer(cfg)
     t.run(3)  # step 3 is saved normally
-    from vllama_jax.weights.keymaps import flatten_params
+    from vllama_jax.tree import flatten_params
     np.savez(marker.parent / "step3.npz", **{k: np.asarray(v) for k, v in flatten_params(t.state["params"]).items()})
 
     # From now on the commit of an async save (the rename of its temporary folder) hangs: the save of step 6

@@ -9,9 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import TINY_CONFIG, tiny_files
 from tests.test_train_support import host, tiny_config
-from vllama_jax.config import ConfigError
+from vllama_jax.config import ConfigError, load_model_config
 from vllama_jax.train.loop import NonFiniteLossError, Trainer
+from vllama_jax.weights.load import load_upstream
+from vllama_jax.weights.model_dir import save_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -149,19 +152,12 @@ def test_dry_run_reports_bytes_per_device_without_allocating(tiny_dir: Path, tmp
 
 
 @pytest.mark.slow
-def test_frozen_towers_from_a_model_directory(tiny_dir: Path, tmp_path: Path):
+def test_frozen_towers_from_a_model_directory(tiny_dir: Path, tiny_tok, tmp_path: Path):
     """`model.dir` (a converted model directory) instead of upstream files: the frozen towers and the tokenizer come
     from it, restored straight onto the mesh; the trained groups start fresh."""
-    from tests.test_train_support import TINY_MODEL
-    from vllama_jax.config import load_model_config
-    from vllama_jax.text import load_tokenizer
-    from vllama_jax.weights.load import UpstreamFiles, load_upstream
-    from vllama_jax.weights.model_dir import save_model_dir
-
-    mc = load_model_config(TINY_MODEL)
-    params = load_upstream(mc, UpstreamFiles(eva_vit=tiny_dir / "eva_vit.pth", blip2=tiny_dir / "blip2_qformer.pth",
-                                             llama=tiny_dir / "llama"))
-    save_model_dir(tmp_path / "model", mc, params, tokenizer=load_tokenizer(tiny_dir / "llama"))
+    mc = load_model_config(TINY_CONFIG)
+    params = load_upstream(mc, tiny_files(tiny_dir, "eva_vit", "blip2", "llama"))
+    save_model_dir(tmp_path / "model", mc, params, tokenizer=tiny_tok)
     cfg = tiny_config(tiny_dir, tmp_path / "run", dropout=False, max_steps=1,
                       model={"config": "", "dir": str(tmp_path / "model")},
                       weights={"eva_vit": "", "blip2": "", "llama": ""})

@@ -14,11 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from tests.helpers import load_npz
 from tests.test_train_support import compiled, host, tiny_config
 from vllama_jax.train.loop import Trainer
+from vllama_jax.train.optimizer import decay_mask
 from vllama_jax.train.step import make_loss_fn
-from vllama_jax.weights.keymaps import flatten_params, video_branch_keymap
+from vllama_jax.tree import flatten_params
+from vllama_jax.weights.keymaps import video_branch_keymap
 
 
 class FixtureBatches:
@@ -35,30 +36,28 @@ class FixtureBatches:
 
 
 @pytest.fixture(scope="module")
-def parity_trainer(tiny_dir: Path, tmp_path_factory):
+def parity_trainer(tiny_dir: Path, tiny_inputs, tmp_path_factory):
     """Trainer whose trained groups start from the fixture's VL checkpoint (`ckpt`), eval-mode forward."""
     out = tmp_path_factory.mktemp("parity")
     cfg = tiny_config(tiny_dir, out, dropout=False, weights={"ckpt": str(tiny_dir / "vl_ckpt.pth")},
                       data={"batch_size": 2, "max_txt_len": 32}, max_steps=3, checkpoint={"every": 100})
     trainer = Trainer(cfg).setup()
-    trainer.data_iter = FixtureBatches(load_npz(tiny_dir / "inputs.npz"))
+    trainer.data_iter = FixtureBatches(tiny_inputs)
     trainer.params0 = jax.device_get(trainer.state["params"])  # the fixture's values, before any step
     yield trainer
     trainer.close()
 
 
 @pytest.mark.slow
-def test_step_reproduces_upstream_gradients_and_updates_only_trainables(tiny_dir: Path, parity_trainer):
+def test_step_reproduces_upstream_gradients_and_updates_only_trainables(parity_trainer, tiny_outputs, tiny_grads):
     """Upstream's stage-1 gradients; the first update is AdamW with upstream's decay groups; after 3 steps every
     trained tensor moved and every frozen one is bit-identical. (The only test that steps `parity_trainer`.)"""
-    from vllama_jax.train.optimizer import decay_mask
-
     t = parity_trainer
     assert int(t.state["step"]) == 0
     assert set(t.state["params"]) == {"video_qformer", "video_query_tokens", "video_frame_position_embedding",
                                       "llama_proj"}
     assert set(t.frozen) >= {"visual_encoder", "ln_vision", "qformer", "query_tokens", "llama"}
-    out_ref = load_npz(tiny_dir / "outputs.npz")
+    out_ref = tiny_outputs
 
     # the step's own loss function, differentiated w.r.t. the trainable tree only
     loss_fn = make_loss_fn(t.model, "video", t.placeholder_id, dropout=False)
@@ -68,8 +67,7 @@ def test_step_reproduces_upstream_gradients_and_updates_only_trainables(tiny_dir
     assert abs(float(loss_sum) / int(ntok) - float(out_ref["stage1.loss"])) < 1e-5
     g = flatten_params(jax.tree.map(lambda x: np.asarray(x, np.float64) / int(ntok), grads))
     ours = video_branch_keymap().inverse(g)
-    expected = {k.split("/", 1)[1]: v for k, v in load_npz(tiny_dir / "grads.npz").items()
-                if k.startswith("stage1/")}
+    expected = {k.split("/", 1)[1]: v for k, v in tiny_grads.items() if k.startswith("stage1/")}
     assert set(ours) == set(expected)
     for name, ref in expected.items():
         tol = max(1e-4 * float(np.abs(ref).max()), 1e-6)  # tests/fixtures/README.md §1.6 (key-bias grads are ~1e-9 noise)
@@ -104,11 +102,12 @@ def test_step_reproduces_upstream_gradients_and_updates_only_trainables(tiny_dir
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tag", ["stage1_prompt", "stage2_vicuna"])
-def test_prompt_and_instruction_batches_reproduce_upstream_gradients(tiny_dir: Path, parity_trainer, tag: str):
+def test_prompt_and_instruction_batches_reproduce_upstream_gradients(parity_trainer, tiny_inputs, tiny_outputs,
+                                                                     tiny_grads, tag: str):
     """The step's loss on a stage-2 style caption batch with a prompt (path B with prompt_before / prompt_after)
     and on an instruction batch (path A, placeholder run replaced in place) gives upstream's gradients."""
     t = parity_trainer
-    z = load_npz(tiny_dir / "inputs.npz")
+    z = tiny_inputs
     frames = z["video"].transpose(0, 2, 3, 4, 1)
     if tag == "stage1_prompt":
         batch = {"frames": frames, "text_ids": z[f"{tag}.text_ids"], "text_mask": z[f"{tag}.text_attention_mask"],
@@ -119,10 +118,9 @@ def test_prompt_and_instruction_batches_reproduce_upstream_gradients(tiny_dir: P
     loss_fn = make_loss_fn(t.model, "video", t.placeholder_id, dropout=False)
     args = (t.params0, t.frozen, batch, jax.random.PRNGKey(0))
     (loss_sum, ntok), grads = compiled(jax.value_and_grad(loss_fn, has_aux=True), *args)(*args)
-    assert abs(float(loss_sum) / int(ntok) - float(load_npz(tiny_dir / "outputs.npz")[f"{tag}.loss"])) < 1e-5
+    assert abs(float(loss_sum) / int(ntok) - float(tiny_outputs[f"{tag}.loss"])) < 1e-5
     ours = video_branch_keymap().inverse(flatten_params(jax.tree.map(lambda g: np.asarray(g) / int(ntok), grads)))
-    expected = {k.split("/", 1)[1]: v for k, v in load_npz(tiny_dir / "grads.npz").items()
-                if k.startswith(tag + "/")}
+    expected = {k.split("/", 1)[1]: v for k, v in tiny_grads.items() if k.startswith(tag + "/")}
     for name, ref in expected.items():
         tol = max(1e-4 * float(np.abs(ref).max()), 1e-6)
         assert float(np.abs(ours[name] - ref).max()) <= tol, name

@@ -1,7 +1,7 @@
 """Helpers shared by the training tests (this module has no tests of its own).
 
 Every test config is the tiny fixture model (configs/tiny_test.yaml) with the frozen towers read from
-../shared/fixtures/tiny_vl, fp32, a persistent compilation cache shared by the tests and their subprocesses (the
+tests/fixtures/tiny_vl, fp32, a persistent compilation cache shared by the tests and their subprocesses (the
 same step program compiles once per session), and a fresh output folder.
 """
 
@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from tests.helpers import ROOT, TINY_CONFIG
 from vllama_jax.train.config import TrainConfig, train_config_from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY_MODEL = ROOT / "configs" / "tiny_test.yaml"
+TINY_MODEL = TINY_CONFIG
 # unoptimised XLA CPU code compiles ~2x faster; the tiny model runs in milliseconds either way
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
 CACHE = Path(os.environ.get("VLLAMA_TEST_JAX_CACHE", "/tmp/vllama-jax-test-compile-cache"))

@@ -1,4 +1,4 @@
-"""The whole model against the ORIGINAL implementation's goldens (../shared/fixtures/tiny_vl).
+"""The whole model against the ORIGINAL implementation's goldens (tests/fixtures/tiny_vl).
 
 Loads the fixture files in their real checkpoint formats with the library loader, runs every path of the model and
 matches each intermediate, the logits, the four training losses and the gradients of the trainable vision-branch
@@ -7,36 +7,27 @@ parameters (from `jax.grad`), within the tolerances of the tests/fixtures/README
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import assert_close, load_npz
-from vllama_jax.config import load_model_config
+from tests.helpers import assert_close
 from vllama_jax.models import build_model
 from vllama_jax.models.groups import branch_groups
 from vllama_jax.models.video_llama import check_placeholders
-from vllama_jax.weights.keymaps import flatten_params, video_branch_keymap
+from vllama_jax.tree import flatten_params
+from vllama_jax.weights.keymaps import video_branch_keymap
 from vllama_jax.weights.load import UpstreamFiles, load_upstream
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml"
 PLACEHOLDER = 512  # <ImageHere> in the fixture tokenizer
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_dir):
-    cfg = load_model_config(TINY)
-    files = UpstreamFiles(eva_vit=tiny_dir / "eva_vit.pth", blip2=tiny_dir / "blip2_qformer.pth",
-                          imagebind=tiny_dir / "imagebind.pth", llama=tiny_dir / "llama",
-                          vl_ckpt=tiny_dir / "vl_ckpt.pth", al_ckpt=tiny_dir / "al_ckpt.pth")
-    params = load_upstream(cfg, files)
-    inputs = load_npz(tiny_dir / "inputs.npz")
-    out = load_npz(tiny_dir / "outputs.npz")
-    frames = inputs["video"].transpose(0, 2, 3, 4, 1)  # (B, C, T, H, W) -> (B, T, H, W, C)
-    return cfg, build_model(cfg), params, inputs, out, frames
+def setup(tiny_model, tiny_inputs, tiny_outputs):
+    cfg, params = tiny_model  # the six fixture files through the library loader
+    frames = tiny_inputs["video"].transpose(0, 2, 3, 4, 1)  # (B, C, T, H, W) -> (B, T, H, W, C)
+    return cfg, build_model(cfg), params, tiny_inputs, tiny_outputs, frames
 
 
 def run(model, params, method, *args, **kw):
@@ -107,9 +98,9 @@ def test_training_losses(setup, tag):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tag", ["stage1", "stage1_prompt", "stage2_vicuna", "stage2_llama2"])
-def test_gradients_of_trainable_parameters(tiny_dir, setup, tag):
+def test_gradients_of_trainable_parameters(tiny_grads, setup, tag):
     cfg, model, params, inputs, out, frames = setup
-    grads_ref = load_npz(tiny_dir / "grads.npz")
+    grads_ref = tiny_grads
     trainable_names = branch_groups("video", towers=False)
     trainable = {k: params[k] for k in trainable_names}
     frozen = {k: v for k, v in params.items() if k not in trainable_names}

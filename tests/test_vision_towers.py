@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import assert_close, load_npz, shapes_of
+from tests.helpers import assert_close, shapes_of
 from vllama_jax.config import QFormerConfig, ViTConfig
 from vllama_jax.models.eva_vit import EvaViT
 from vllama_jax.models.layers import LayerNorm
 from vllama_jax.models.qformer import QFormer
-from vllama_jax.weights.keymaps import (eva_vit_keymap, image_qformer_keymap, load_component, qformer_keymap,
-                                        unflatten_params)
+from vllama_jax.tree import unflatten_params
+from vllama_jax.weights.keymaps import eva_vit_keymap, image_qformer_keymap, load_component, qformer_keymap
 from vllama_jax.weights.readers import DictSource, open_weights
 
 TINY_VIT = ViTConfig(image_size=56, patch_size=14, width=48, depth=2, num_heads=4, mlp_dim=209)
@@ -20,13 +20,8 @@ TINY_QF = QFormerConfig(hidden_size=32, num_layers=2, num_heads=4, intermediate_
                         encoder_width=48, num_query_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def fx(tiny_dir):
-    return load_npz(tiny_dir / "inputs.npz"), load_npz(tiny_dir / "outputs.npz")
-
-
-def test_eva_vit_matches_upstream_fixture(tiny_dir, fx):
-    inputs, out = fx
+def test_eva_vit_matches_upstream_fixture(tiny_dir, tiny_inputs, tiny_outputs):
+    inputs, out = tiny_inputs, tiny_outputs
     frames = inputs["video"].transpose(0, 2, 3, 4, 1).reshape(-1, 56, 56, 3)  # (b t) h w c, sample-major
     model = EvaViT(TINY_VIT)
     flat = load_component(open_weights(tiny_dir / "eva_vit.pth"), eva_vit_keymap(2),
@@ -38,8 +33,8 @@ def test_eva_vit_matches_upstream_fixture(tiny_dir, fx):
         assert_close(state["intermediates"][f"block{i}"][0], out[f"vit.block{i}"], name=f"block{i}")
 
 
-def test_image_qformer_and_ln_vision_match_upstream_fixture(tiny_dir, fx):
-    _, out = fx
+def test_image_qformer_and_ln_vision_match_upstream_fixture(tiny_dir, tiny_outputs):
+    out = tiny_outputs
     qf = QFormer(TINY_QF)
     mem, queries = out["vit.ln_vision"], out["image_qformer.query_embeds_in"]
     shapes = shapes_of(qf, queries, mem, prefix="qformer/")

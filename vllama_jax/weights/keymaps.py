@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ..tree import flatten_params, unflatten_params  # noqa: F401  (re-exported until the tests import vllama_jax.tree)
 from .readers import TensorSource, WeightsError
 
 Array = np.ndarray
