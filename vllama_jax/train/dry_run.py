@@ -102,7 +102,7 @@ def dry_run(trainer: "Trainer", device_memory_gib: float | None = None) -> list[
     """Compile the trainer's step for each batch kind of the stage from shapes only and report bytes per device
     (also printed, `format_dry_run`)."""
     sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-    params, opt = trainer._abstract_state()
+    params, opt = trainer.abstract_state()
     state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=trainer.replicated), "params": params,
              "opt_state": opt}
     frozen = {g: jax.tree.map(sds, trainer.abstract[g], trainer.shardings[g]) for g in trainer.frozen_groups}
