@@ -189,7 +189,8 @@ DRY_RUNS = [  # (label, train config, --set overrides)
 
 def dry_run_child(topology: str, config: str, overrides: list[str]) -> None:
     from vllama_jax.train.config import load_train_config
-    from vllama_jax.train.loop import Trainer, tpu_topology_devices
+    from vllama_jax.train.dry_run import tpu_topology_devices
+    from vllama_jax.train.loop import Trainer
 
     devices = tpu_topology_devices(topology) if topology != "cpu" else None
     with tempfile.TemporaryDirectory() as out:

@@ -230,6 +230,36 @@ def test_mixture_of_caption_and_instruction_datasets(toy, tiny_dir: Path):
         assert b["frames"].shape[1] == (4 if b["dataset"] == "webvid" else 1)
 
 
+def test_stage2_prompt_per_step_on_caption_batches_only(toy, tiny_dir: Path, tok):
+    """Stage 2: every caption batch carries the prompt drawn for its step (upstream: one random.choice per batch;
+    here from (seed, step), so a resumed run draws the same) as shared (1, n) rows; instruction batches none. The
+    layouts are the specs of `data.batch`."""
+    import random
+
+    from vllama_jax.data import CAPTION, INSTRUCTION, caption_prompt_list
+    from vllama_jax.text import prompt_wrap_ids
+
+    prompts = ("<Image><ImageHere></Image> Describe this image in detail.",
+               "<Image><ImageHere></Image> Take a look at this image and describe what you notice.")
+    cfg = config(tiny_dir, max_len=160, seed=7, prompts=prompts, prompt_template="vicuna")
+    full = caption_prompt_list(prompts, "vicuna")
+    assert len(full) == 2 and all(p.startswith("###Human: ") for p in full)
+    specs = [DatasetSpec(toy["cc_sbu_align"], 1), DatasetSpec(toy["llava_instruct"], 1)]
+    batches = take(build_train_iterator(specs, cfg), 8)
+    assert {b["kind"] for b in batches} == {"caption", "instruction"}
+    for step, b in enumerate(batches):
+        spec = CAPTION if b["kind"] == "caption" else INSTRUCTION
+        assert set(spec.row_keys) <= set(b) and all(b[k].dtype == np.int32 for k in spec.row_keys[1:])
+        if b["kind"] == "caption":
+            before, after = prompt_wrap_ids(random.Random(7 * 1_000_003 + step).choice(full), tok)
+            np.testing.assert_array_equal(b["prompt_before"], np.asarray([before], np.int32))
+            np.testing.assert_array_equal(b["prompt_after"], np.asarray([after], np.int32))
+        else:
+            assert not set(CAPTION.shared_keys) & set(b)
+    with pytest.raises(DataError, match="prompts"):
+        build_train_iterator(specs, config(tiny_dir, prompts=("no placeholder",)))
+
+
 def test_config_errors(toy, tiny_dir: Path, tmp_path: Path):
     with pytest.raises(DataError, match="used twice"):
         build_train_iterator([DatasetSpec(toy["webvid"]), DatasetSpec(toy["webvid"])], config(tiny_dir))

@@ -12,7 +12,7 @@ import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
@@ -26,20 +26,30 @@ class ConfigError(VllamaError, ValueError):
     """An unknown key or an impossible value in a config; the message names the dotted key."""
 
 
-def _require(cond: bool, key: str, msg: str) -> None:
+# ----------------------------------------------------------------------------------------------------------------
+# validation helpers (the model config's and the training config's): every message names the dotted key
+
+
+def require(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
 
 
-def _positive(obj: Any, prefix: str, *names: str) -> None:
+def require_positive(obj: Any, prefix: str, *names: str) -> None:
     for n in names:
         v = getattr(obj, n)
-        _require(isinstance(v, int) and v > 0, f"{prefix}{n}", f"must be a positive integer, got {v!r}")
+        require(isinstance(v, int) and v > 0, f"{prefix}{n}", f"must be a positive integer, got {v!r}")
 
 
-def _divides(obj: Any, prefix: str, num: str, den: str) -> None:
+def require_at_least(obj: Any, prefix: str, bound: float, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        require(v >= bound, f"{prefix}{n}", f"must be >= {bound}, got {v}")
+
+
+def require_divides(obj: Any, prefix: str, num: str, den: str) -> None:
     a, b = getattr(obj, num), getattr(obj, den)
-    _require(a % b == 0, f"{prefix}{num}", f"{a} is not divisible by {den}={b}")
+    require(a % b == 0, f"{prefix}{num}", f"{a} is not divisible by {den}={b}")
 
 
 @dataclass(frozen=True)
@@ -56,9 +66,9 @@ class ViTConfig:
     ln_vision_eps: float = 1e-5  # `ln_vision` uses the PyTorch default, not the blocks' 1e-6
 
     def validate(self, p: str = "vit.") -> None:
-        _positive(self, p, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim")
-        _divides(self, p, "width", "num_heads")
-        _divides(self, p, "image_size", "patch_size")
+        require_positive(self, p, "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim")
+        require_divides(self, p, "width", "num_heads")
+        require_divides(self, p, "image_size", "patch_size")
 
     @property
     def num_patches(self) -> int:
@@ -80,10 +90,10 @@ class QFormerConfig:
     dropout: float = 0.1  # hidden and attention-probability dropout (active only when trained)
 
     def validate(self, p: str) -> None:
-        _positive(self, p, "hidden_size", "num_layers", "num_heads", "intermediate_size", "cross_attention_freq",
-                  "encoder_width", "num_query_tokens")
-        _divides(self, p, "hidden_size", "num_heads")
-        _require(0.0 <= self.dropout < 1.0, f"{p}dropout", f"must be in [0, 1), got {self.dropout}")
+        require_positive(self, p, "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                         "cross_attention_freq", "encoder_width", "num_query_tokens")
+        require_divides(self, p, "hidden_size", "num_heads")
+        require(0.0 <= self.dropout < 1.0, f"{p}dropout", f"must be in [0, 1), got {self.dropout}")
 
     def has_cross_attention(self, layer: int) -> bool:
         return layer % self.cross_attention_freq == 0
@@ -108,10 +118,10 @@ class ImageBindAudioConfig:
     layer_norm_eps: float = 1e-6
 
     def validate(self, p: str = "imagebind_audio.") -> None:
-        _positive(self, p, "width", "depth", "num_heads", "mlp_dim", "out_dim", "kernel_size", "stride",
-                  "num_mel_bins", "target_length")
-        _divides(self, p, "width", "num_heads")
-        _require(self.num_mel_bins >= self.kernel_size, f"{p}num_mel_bins", "smaller than the stem kernel")
+        require_positive(self, p, "width", "depth", "num_heads", "mlp_dim", "out_dim", "kernel_size", "stride",
+                         "num_mel_bins", "target_length")
+        require_divides(self, p, "width", "num_heads")
+        require(self.num_mel_bins >= self.kernel_size, f"{p}num_mel_bins", "smaller than the stem kernel")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -134,10 +144,10 @@ class ImageBindVisionConfig:
     layer_norm_eps: float = 1e-6
 
     def validate(self, p: str = "imagebind_vision.") -> None:
-        _positive(self, p, "image_size", "patch_size", "kernel_time", "width", "depth", "num_heads", "mlp_dim",
-                  "out_dim")
-        _divides(self, p, "width", "num_heads")
-        _divides(self, p, "image_size", "patch_size")
+        require_positive(self, p, "image_size", "patch_size", "kernel_time", "width", "depth", "num_heads",
+                         "mlp_dim", "out_dim")
+        require_divides(self, p, "width", "num_heads")
+        require_divides(self, p, "image_size", "patch_size")
 
 
 @dataclass(frozen=True)
@@ -160,15 +170,15 @@ class LlamaConfig:
     pad_token_id: int = 0
 
     def validate(self, p: str = "llama.") -> None:
-        _positive(self, p, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                  "num_kv_heads", "max_position_embeddings")
-        _divides(self, p, "num_heads", "num_kv_heads")
-        _require(self.head_dim >= 0, f"{p}head_dim", f"must be >= 0, got {self.head_dim}")
+        require_positive(self, p, "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                         "num_kv_heads", "max_position_embeddings")
+        require_divides(self, p, "num_heads", "num_kv_heads")
+        require_at_least(self, p, 0, "head_dim")
         if self.head_dim == 0:
-            _divides(self, p, "hidden_size", "num_heads")
-        _require(self.head_dim_resolved % 2 == 0, f"{p}head_dim", "RoPE needs an even head dimension")
-        _require(self.rope_theta > 0, f"{p}rope_theta", f"must be positive, got {self.rope_theta}")
-        _require(self.rms_norm_eps > 0, f"{p}rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
+            require_divides(self, p, "hidden_size", "num_heads")
+        require(self.head_dim_resolved % 2 == 0, f"{p}head_dim", "RoPE needs an even head dimension")
+        require(self.rope_theta > 0, f"{p}rope_theta", f"must be positive, got {self.rope_theta}")
+        require(self.rms_norm_eps > 0, f"{p}rms_norm_eps", f"must be positive, got {self.rms_norm_eps}")
 
     @property
     def head_dim_resolved(self) -> int:
@@ -191,7 +201,7 @@ class PrecisionConfig:
     def validate(self, p: str = "precision.") -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            _require(v in DTYPE_NAMES, f"{p}{f.name}", f"unknown dtype {v!r} (one of {', '.join(DTYPE_NAMES)})")
+            require(v in DTYPE_NAMES, f"{p}{f.name}", f"unknown dtype {v!r} (one of {', '.join(DTYPE_NAMES)})")
 
 
 @dataclass(frozen=True)
@@ -226,20 +236,20 @@ class ModelConfig:
         self.imagebind_vision.validate("imagebind_vision.")
         self.llama.validate("llama.")
         self.precision.validate("precision.")
-        _positive(self, "", "max_frame_pos", "num_audio_positions")
-        _require(self.template in TEMPLATES, "template",
-                 f"unknown template {self.template!r} (one of {', '.join(TEMPLATES)})")
-        _require(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
-                 f"{self.qformer.encoder_width} must equal vit.width={self.vit.width}")
-        _require(self.video_qformer.encoder_width == self.qformer.hidden_size, "video_qformer.encoder_width",
-                 f"{self.video_qformer.encoder_width} must equal qformer.hidden_size={self.qformer.hidden_size}")
+        require_positive(self, "", "max_frame_pos", "num_audio_positions")
+        require(self.template in TEMPLATES, "template",
+                f"unknown template {self.template!r} (one of {', '.join(TEMPLATES)})")
+        require(self.qformer.encoder_width == self.vit.width, "qformer.encoder_width",
+                f"{self.qformer.encoder_width} must equal vit.width={self.vit.width}")
+        require(self.video_qformer.encoder_width == self.qformer.hidden_size, "video_qformer.encoder_width",
+                f"{self.video_qformer.encoder_width} must equal qformer.hidden_size={self.qformer.hidden_size}")
         if self.equip_audio_branch:
-            _require(self.audio_qformer.encoder_width == self.imagebind_audio.out_dim, "audio_qformer.encoder_width",
-                     f"{self.audio_qformer.encoder_width} must equal imagebind_audio.out_dim="
-                     f"{self.imagebind_audio.out_dim}")
-            _require(self.imagebind_vision.out_dim == self.imagebind_audio.out_dim, "imagebind_vision.out_dim",
-                     f"{self.imagebind_vision.out_dim} must equal imagebind_audio.out_dim="
-                     f"{self.imagebind_audio.out_dim}")
+            require(self.audio_qformer.encoder_width == self.imagebind_audio.out_dim, "audio_qformer.encoder_width",
+                    f"{self.audio_qformer.encoder_width} must equal imagebind_audio.out_dim="
+                    f"{self.imagebind_audio.out_dim}")
+            require(self.imagebind_vision.out_dim == self.imagebind_audio.out_dim, "imagebind_vision.out_dim",
+                    f"{self.imagebind_vision.out_dim} must equal imagebind_audio.out_dim="
+                    f"{self.imagebind_audio.out_dim}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -250,8 +260,12 @@ class ModelConfig:
 # dict / YAML <-> dataclass
 
 
-def from_dict(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming the key."""
+def from_dict(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys and wrong types raise ConfigError naming the key. Fields
+    typed `tuple[X, ...]` take a list, `dict[str, X]` a mapping; an empty YAML section (None) reads as the
+    defaults."""
+    if data is None:
+        data = {}
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or '<root>'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -269,34 +283,37 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if isinstance(value, tp):
             return value
         return from_dict(tp, value, key + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if value is None:
+            return ()
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{key}: expected a boolean, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+    if tp in (int, float):
         if isinstance(value, str):
             try:
-                return int(value)
+                return tp(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if tp is float:
                 return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            if isinstance(value, int) or value.is_integer():
+                return int(value)
+        raise ConfigError(f"{key}: expected {'an integer' if tp is int else 'a number'}, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -304,26 +321,41 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     return value
 
 
-def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
-    """Apply `a.b.c=value` strings (values parsed as YAML scalars) to a dataclass config."""
-    if not overrides:
-        return cfg
-    data = dataclasses.asdict(cfg)
-    for item in overrides:
+# ----------------------------------------------------------------------------------------------------------------
+# `key=value` overrides (the model config's `apply_overrides`, the training config's `--set`)
+
+
+def override_dict(data: dict[str, Any], overrides: Sequence[str] | None,
+                  open_keys: Mapping[str, Callable[[], Any] | None] | None = None) -> dict[str, Any]:
+    """Apply `a.b.c=value` strings (values parsed as YAML scalars) to a nested config dict, in place. Keys must
+    exist, except directly below the dotted paths of `open_keys`, where new entries may be added: a new leaf as
+    given, a new inner entry from the path's factory (`None`: no inner entries)."""
+    open_keys = open_keys or {}
+    for item in overrides or ():
         if "=" not in item:
             raise ConfigError(f"override {item!r}: expected key=value")
         key, raw = item.split("=", 1)
         value = yaml.safe_load(raw) if raw != "" else ""
-        node = data
         parts = key.strip().split(".")
+        node: Any = data
         for i, part in enumerate(parts[:-1]):
+            factory = open_keys.get(".".join(parts[:i]))
+            if part not in node and factory is not None:
+                node[part] = factory()
             if not isinstance(node.get(part), dict):
                 raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key")
             node = node[part]
-        if parts[-1] not in node:
+        if parts[-1] not in node and ".".join(parts[:-1]) not in open_keys:
             raise ConfigError(f"{key.strip()}: unknown key")
         node[parts[-1]] = value
-    return from_dict(type(cfg), data)
+    return data
+
+
+def apply_overrides(cfg: Any, overrides: Sequence[str] | None) -> Any:
+    """Apply `a.b.c=value` strings (values parsed as YAML scalars) to a dataclass config."""
+    if not overrides:
+        return cfg
+    return from_dict(type(cfg), override_dict(dataclasses.asdict(cfg), overrides))
 
 
 def load_config_dict(path: str | Path) -> dict[str, Any]:

@@ -12,7 +12,8 @@ import argparse
 from typing import Any
 
 from ..train.config import load_train_config
-from ..train.loop import Trainer, tpu_topology_devices
+from ..train.dry_run import tpu_topology_devices
+from ..train.loop import Trainer
 from .common import add_common_args, run_command
 
 #: the status every bad input of a training run exits with (scripts around a pod job test for it)

@@ -15,6 +15,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..media import MediaError, load_image, load_video
 from .errors import DataError, MediaDecodeError
 
 
@@ -52,9 +53,6 @@ def load_frames(
     Videos must yield exactly ``num_frames`` frames (fixed batch shapes; upstream WebVid also rejects shorter
     clips), otherwise :class:`MediaDecodeError` is raised like for any undecodable file.
     """
-    # local import: worker processes pay for it once, prepare only when probing
-    from vllama_jax.media import MediaError, load_image, load_video
-
     try:
         with _media_file(path, data) as f:
             if media_type == "video":

@@ -4,9 +4,10 @@ How a batch is made (all indices are deterministic functions of the seed, so any
 
     per dataset k:  range(n_host_k) -shuffle(seed_k, reshuffled each epoch)-> repeat forever
                     -map_with_index-> read record, decode + transform media, tokenize   (bad record -> replacement)
-                    -batch(B)-> one fixed-shape batch dict
+                    -batch(B)-> one fixed-shape batch dict of the dataset's kind (``batch.py``)
     mixture:        step i -> (dataset k_i, batch j_i) with k_i ~ sample_ratio (one whole batch per dataset,
                     upstream upstream.md §8.2), j_i = number of earlier steps that drew k_i
+                    -> stage 2: the caption prompt drawn for step i (``with_caption_prompts``)
     grain:          select_from_datasets -> to_iter_dataset -> mp_prefetch(num_workers) -> bad-record counter
 
 Decoding, augmentation and tokenization all run where the batch is built, i.e. in the ``mp_prefetch`` worker
@@ -30,9 +31,13 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
+from ..text.conversation import canonical_template_name
 from . import media_io, text_io
+from .batch import CAPTION, batch_spec
 from .errors import DataError
 from .records import MANIFEST, SCHEMA_VERSION, Kind, MediaType, Record, record_features
 
@@ -69,7 +74,8 @@ class PipelineConfig:
     ``batch_size`` is per host (upstream ``batch_size_train`` is per GPU: multiply by local devices).
     Caption batches use ``end_sym`` / ``max_txt_len``; instruction batches use ``template`` ("vicuna",
     "llama_2" (alias "llama_v2") or "chatml"), ``num_query_tokens`` (32 vision branch / 8 audio branch) and
-    ``max_len``.
+    ``max_len``. Stage-2 caption batches also get one prompt per batch: ``prompts`` (upstream ``prompt_path``
+    lines, each with one ``<ImageHere>``) wrapped in ``prompt_template`` (see ``text_io.caption_prompt_list``).
     """
 
     tokenizer: str
@@ -89,6 +95,8 @@ class PipelineConfig:
     max_retries: int = 10  # replacement attempts for a bad record (upstream WebVid: 10)
     process_index: int | None = None  # None: jax.process_index()
     process_count: int | None = None  # None: jax.process_count()
+    prompts: tuple[str, ...] = ()  # stage-2 caption prompts; () = none (stage 1)
+    prompt_template: str = ""  # "", a template name ("vicuna", "llama_2") or a format string with {}
 
     def validate(self) -> "PipelineConfig":
         for name in ("batch_size", "num_frames", "image_size", "max_txt_len", "max_len"):
@@ -100,12 +108,14 @@ class PipelineConfig:
         if self.max_len <= self.num_query_tokens:
             raise DataError(None, f"PipelineConfig.max_len={self.max_len} leaves no room next to "
                                   f"{self.num_query_tokens} query tokens")
-        from vllama_jax.text.conversation import canonical_template_name
-
         try:
             canonical_template_name(self.template)
         except KeyError as e:
             raise DataError(None, f"PipelineConfig.template: {e.args[0]}") from None
+        try:
+            text_io.caption_prompt_list(self.prompts, self.prompt_template)
+        except (KeyError, ValueError) as e:
+            raise DataError(None, f"PipelineConfig.prompts: {e}") from None
         if not Path(self.tokenizer).exists():
             raise DataError(self.tokenizer, "tokenizer not found")
         return self
@@ -253,23 +263,41 @@ class _ExampleLoader:
 
 
 class _Collate:
-    """Examples of one dataset -> the fixed-shape batch dict the training step consumes (see FORMATS.md)."""
+    """Examples of one dataset -> the fixed-shape batch dict of its kind (``batch.py``), with the host fields."""
 
     def __init__(self, kind: Kind, name: str, text: text_io.TextProcessor):
         self.kind, self.name, self.text = kind, name, text
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        batch: dict[str, Any] = {"frames": np.stack([e["frames"] for e in examples])}
-        if self.kind == "caption":
-            batch["text_ids"] = np.stack([e["text_ids"] for e in examples]).astype(np.int32)
-            batch["text_mask"] = np.stack([e["text_mask"] for e in examples]).astype(np.int32)
-        else:  # input_ids, labels, attention_mask (B, max_len) int32
-            batch |= self.text.collate_instruction([(e["input_ids"], e["labels"]) for e in examples])
-        batch["example_id"] = np.array([e["example_id"] for e in examples], dtype=np.int64)
-        batch["num_replaced"] = np.array([e["num_replaced"] for e in examples], dtype=np.int32)
-        batch["kind"] = self.kind
-        batch["dataset"] = self.name
-        return batch
+        arrays = {"frames": np.stack([e["frames"] for e in examples])}
+        if self.kind == CAPTION.kind:
+            arrays |= {k: np.stack([e[k] for e in examples]) for k in ("text_ids", "text_mask")}
+        else:  # input_ids, labels, attention_mask: padded to max_len
+            arrays |= self.text.collate_instruction([(e["input_ids"], e["labels"]) for e in examples])
+        return batch_spec(self.kind).arrays(arrays) | {
+            "example_id": np.array([e["example_id"] for e in examples], dtype=np.int64),
+            "num_replaced": np.array([e["num_replaced"] for e in examples], dtype=np.int32),
+            "kind": self.kind, "dataset": self.name}
+
+
+class _CaptionPrompt:
+    """(step, batch) -> the batch, with the stage-2 prompt of that step when it is a caption batch."""
+
+    def __init__(self, text: text_io.TextProcessor, seed: int):
+        self.text, self.seed = text, seed
+
+    def __call__(self, step: int, batch: dict[str, Any]) -> dict[str, Any]:
+        if batch["kind"] != CAPTION.kind:
+            return batch
+        return batch | self.text.caption_prompt(step, self.seed)
+
+
+def with_caption_prompts(batches: grain.MapDataset, cfg: PipelineConfig) -> grain.MapDataset:
+    """Stage 2 (``cfg.prompts``): every caption batch gets one prompt, drawn for its step (the index in
+    ``batches``, which is the training step): shared ``prompt_before`` / ``prompt_after`` ids. Unchanged without
+    prompts."""
+    text = text_io.TextProcessor(cfg)
+    return batches.map_with_index(_CaptionPrompt(text, cfg.seed)) if text.prompt_list else batches
 
 
 # ------------------------------------------------------------------------------------------------------------ mixture
@@ -328,8 +356,6 @@ def _host(cfg: PipelineConfig) -> tuple[int, int]:
     if cfg.process_index is not None or cfg.process_count is not None:
         index, count = cfg.process_index or 0, cfg.process_count or 1
     else:
-        import jax  # only for the default; tests and tools pass the host explicitly
-
         index, count = jax.process_index(), jax.process_count()
     if not 0 <= index < count:
         raise DataError(None, f"process_index {index} not in [0, {count})")
@@ -372,6 +398,7 @@ def build_dataset(datasets: Sequence[DatasetSpec], cfg: PipelineConfig) -> grain
         batched.append(ds)
     mixed = grain.MapDataset.select_from_datasets(batched, BatchMixture([s.sample_ratio for s in datasets],
                                                                         cfg.seed))
+    mixed = with_caption_prompts(mixed, cfg)
     it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=max(cfg.read_threads, 0),
                                                  prefetch_buffer_size=max(cfg.read_threads, 1)))
     if cfg.num_workers > 0:
@@ -384,8 +411,6 @@ def build_dataset(datasets: Sequence[DatasetSpec], cfg: PipelineConfig) -> grain
 def _absl_flags_ready() -> None:
     """grain 0.2.18's mp_prefetch reads an absl flag, which raises in programs that never parsed absl flags
     (google/grain#1355, fixed upstream later): mark them parsed (defaults) unless the program did parse them."""
-    from absl import flags
-
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -402,7 +427,7 @@ def checkpoint_args(iterator: grain.DatasetIterator, restore: bool = False):
                                                 data=checkpoint_args(it)))
         mngr.restore(step, args=ocp.args.Composite(state=..., data=checkpoint_args(it, restore=True)))
     """
-    import grain.checkpoint as gc
+    import grain.checkpoint as gc  # imports orbax (0.6 s): only for checkpointing, not for reading data
 
     return gc.CheckpointRestore(iterator) if restore else gc.CheckpointSave(iterator)
 

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import tensorflow_datasets as tfds  # its ArrayRecord writer and Example codec are numpy-only: no TensorFlow
+from tqdm import tqdm
 
 from . import media_io
 from .errors import DataError, MediaDecodeError
@@ -313,6 +314,4 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _progress(total: int | None, dataset: str, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, desc=f"prepare {dataset}", unit="rec", disable=not enabled, dynamic_ncols=True)

@@ -16,7 +16,11 @@ import tarfile
 from pathlib import Path
 from typing import Callable
 
+import av
 import numpy as np
+from PIL import Image
+
+from .prepare import prepare
 
 _WORDS = ("a dog runs on the beach", "two people talk in a kitchen", "a red car drives at night",
           "a cat sleeps on a sofa", "waves crash on rocks", "a child plays with a ball",
@@ -37,8 +41,6 @@ class SyntheticSource:
 def write_video(path: str | Path, *, num_frames: int = 10, width: int = 64, height: int = 64, fps: int = 10,
                 seed: int = 0) -> Path:
     """An MPEG-4 video with a moving square on a colour gradient (distinct content per seed and frame)."""
-    import av
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
@@ -60,8 +62,6 @@ def write_video(path: str | Path, *, num_frames: int = 10, width: int = 64, heig
 
 
 def image_bytes(*, width: int = 64, height: int = 48, seed: int = 0) -> bytes:
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(_gradient(height, width, np.random.default_rng(seed))).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -203,8 +203,6 @@ def make_source(dataset: str, root: str | Path, n: int, **kwargs) -> SyntheticSo
 
 def make_prepared(dataset: str, root: str | Path, n: int, *, make: dict | None = None, **prepare_kwargs):
     """``make_source`` then ``prepare`` into ``root/prepared`` (quiet); returns (SyntheticSource, PrepareSummary)."""
-    from .prepare import prepare  # imports TFDS: only when asked
-
     root = Path(root)
     src = make_source(dataset, root / "source", n, **(make or {}))
     prepare_kwargs.setdefault("progress", False)

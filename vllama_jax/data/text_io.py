@@ -1,20 +1,39 @@
-"""The one place where ``vllama_jax.data`` touches ``vllama_jax.text``: caption ids and instruction samples.
+"""The one place where ``vllama_jax.data`` touches ``vllama_jax.text``: caption ids, stage-2 caption prompts and
+instruction samples.
 
 Tokenization happens here, at read time, from the raw text stored in the records (see ``records.py`` for why).
 The tokenizer is loaded lazily in each worker process (only its path is pickled).
 """
 from __future__ import annotations
 
+import random
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ..text import (blip_caption, caption_tokens, collate_instruction, instruction_sample, load_tokenizer,
+                    prompt_wrap_ids, split_prompt, stage2_prompt_list)
 from .records import Turn
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pipeline import PipelineConfig
 
 _LLAVA_IMAGE = "<image>"
+
+
+def caption_prompt_list(prompts: Sequence[str], template: str = "") -> list[str]:
+    """The stage-2 caption prompts in full (upstream ``prompt_list``, upstream.md §1.8 B.2): ``prompts`` as given
+    without a template, each formatted into a format-string template (``"... {} ..."``), or into a conversation
+    template by name (``stage2_prompt_list``). Raises ValueError unless each has exactly one ``<ImageHere>``."""
+    if not prompts or not template:
+        full = list(prompts)
+    elif "{}" in template:
+        full = [template.format(p) for p in prompts]
+    else:
+        full = stage2_prompt_list(template, prompts)
+    for p in full:
+        split_prompt(p)
+    return full
 
 
 class TextProcessor:
@@ -24,6 +43,7 @@ class TextProcessor:
         self.tokenizer_path = str(cfg.tokenizer)
         self.end_sym, self.max_txt_len = cfg.end_sym, cfg.max_txt_len
         self.template, self.num_query_tokens, self.max_len = cfg.template, cfg.num_query_tokens, cfg.max_len
+        self.prompt_list = caption_prompt_list(cfg.prompts, cfg.prompt_template)
         self._tok = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -32,8 +52,6 @@ class TextProcessor:
     @property
     def tokenizer(self):
         if self._tok is None:
-            from vllama_jax.text import load_tokenizer
-
             self._tok = load_tokenizer(self.tokenizer_path)
         return self._tok
 
@@ -48,8 +66,6 @@ class TextProcessor:
 
     def caption(self, caption: str, processor: str) -> tuple[np.ndarray, np.ndarray]:
         """upstream.md §1.8 path B step 3: ``caption + end_sym`` without BOS, truncated and right-padded to max_txt_len."""
-        from vllama_jax.text import blip_caption, caption_tokens
-
         if processor == "blip_caption":
             caption = blip_caption(caption.strip())
         elif processor != "none":
@@ -65,8 +81,6 @@ class TextProcessor:
         and the frame-time message). Raises ValueError unless exactly ``num_query_tokens`` consecutive placeholders
         survive (truncation, several ``<image>``) — the training step would reject the sample.
         """
-        from vllama_jax.text import instruction_sample
-
         conv = [{"from": t.role, "value": t.value} for t in turns]
         if media_type == "image" and not any(_LLAVA_IMAGE in t["value"] for t in conv):
             first = next((t for t in conv if t["from"] == "human"), None)
@@ -83,6 +97,14 @@ class TextProcessor:
 
     def collate_instruction(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
         """Right-pad to the fixed ``max_len``: ids with the pad id, labels with -100; attention_mask = ids != pad."""
-        from vllama_jax.text import collate_instruction
-
         return collate_instruction(list(pairs), self.instruct_pad_id, pad_to=self.max_len)
+
+    def caption_prompt(self, step: int, seed: int) -> dict[str, np.ndarray]:
+        """Stage 2: the prompt of step ``step``'s caption batch (upstream: one ``random.choice`` per batch; drawn
+        from ``(seed, step)`` here, so a resumed run draws the same) as the shared ``prompt_before`` /
+        ``prompt_after`` ids, (1, n) int32 each; {} without prompts."""
+        if not self.prompt_list:
+            return {}
+        prompt = random.Random(seed * 1_000_003 + step).choice(self.prompt_list)
+        before, after = prompt_wrap_ids(prompt, self.tokenizer)
+        return {"prompt_before": np.asarray([before], np.int32), "prompt_after": np.asarray([after], np.int32)}

@@ -17,8 +17,9 @@ import json
 import math
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
+import av
 import numpy as np
 
 COLOURS: dict[str, tuple[int, int, int]] = {
@@ -195,8 +196,6 @@ def render_audio(spec: ClipSpec, cfg: ClipConfig = ClipConfig()) -> np.ndarray:
 
 
 def _video_codec(preferred: str) -> str:
-    import av
-
     for name in (preferred, "libx264", "mpeg4"):
         try:
             av.codec.Codec(name, "w")
@@ -208,8 +207,6 @@ def _video_codec(preferred: str) -> str:
 
 def write_clip(path: str | Path, spec: ClipSpec, cfg: ClipConfig = ClipConfig(), audio: bool = True) -> Path:
     """Encode the clip as an .mp4 (video + AAC audio)."""
-    import av
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = render_frames(spec, cfg)
@@ -226,28 +223,30 @@ def write_clip(path: str | Path, spec: ClipSpec, cfg: ClipConfig = ClipConfig(),
         if audio:
             as_ = out.add_stream("aac", rate=cfg.sample_rate)
             as_.layout = "mono"
-        for k, img in enumerate(frames):
-            vf = av.VideoFrame.from_ndarray(img, format="rgb24")
-            vf.pts = k
-            vf.time_base = Fraction(1, cfg.fps)
-            for p in vs.encode(vf):
-                out.mux(p)
-        for p in vs.encode():
-            out.mux(p)
+        _encode(out, vs, ((av.VideoFrame.from_ndarray(img, format="rgb24"), k) for k, img in enumerate(frames)),
+                cfg.fps)
         if as_ is not None:
             wave = render_audio(spec, cfg)
             chunk = 1024
-            for k in range(0, len(wave), chunk):
-                piece = wave[k:k + chunk][None, :]
-                af = av.AudioFrame.from_ndarray(np.ascontiguousarray(piece), format="fltp", layout="mono")
-                af.sample_rate = cfg.sample_rate
-                af.pts = k
-                af.time_base = Fraction(1, cfg.sample_rate)
-                for p in as_.encode(af):
-                    out.mux(p)
-            for p in as_.encode():
-                out.mux(p)
+            _encode(out, as_, ((_audio_frame(wave[k:k + chunk], cfg.sample_rate), k)
+                               for k in range(0, len(wave), chunk)), cfg.sample_rate)
     return path
+
+
+def _audio_frame(piece: np.ndarray, sample_rate: int) -> Any:
+    af = av.AudioFrame.from_ndarray(np.ascontiguousarray(piece[None, :]), format="fltp", layout="mono")
+    af.sample_rate = sample_rate
+    return af
+
+
+def _encode(out: Any, stream: Any, frames: Iterable[tuple[Any, int]], rate: int) -> None:
+    """Encode `(frame, pts)` pairs (time base 1 / rate) into `stream`, flush it, mux every packet into `out`."""
+    for frame, pts in frames:
+        frame.pts, frame.time_base = pts, Fraction(1, rate)
+        for p in stream.encode(frame):
+            out.mux(p)
+    for p in stream.encode():
+        out.mux(p)
 
 
 # ------------------------------------------------------------------------------------------------------ dataset

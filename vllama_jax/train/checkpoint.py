@@ -19,16 +19,16 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ..data import checkpoint_args
 from ..tree import flatten_params
 
 
 def _is_grain_iterator(it: Any) -> bool:
-    import grain
-
     return isinstance(it, grain.DatasetIterator)
 
 
@@ -53,8 +53,6 @@ class Checkpointer:
                                  "opt_state": ocp.args.StandardSave(state["opt_state"]),
                                  "meta": ocp.args.JsonSave(meta | {"step": int(step)})}
         if data_iter is not None and _is_grain_iterator(data_iter):
-            from ..data import checkpoint_args
-
             items["data"] = checkpoint_args(data_iter)
         return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
 
@@ -66,8 +64,6 @@ class Checkpointer:
                                  "meta": ocp.args.JsonRestore()}
         if data_iter is not None and _is_grain_iterator(data_iter):
             if (self.directory / str(step) / "data").is_dir():
-                from ..data import checkpoint_args
-
                 items["data"] = checkpoint_args(data_iter, restore=True)
             else:
                 logging.warning("checkpoint step %d has no data iterator state: the data stream starts over", step)

@@ -26,18 +26,14 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..config import ConfigError, from_dict, load_config_dict
+from ..config import (ConfigError, from_dict, load_config_dict, override_dict, require, require_at_least,
+                      require_positive)
 from ..sharding import MeshSpecError, parse_mesh_spec
+from ..text import IMAGE_PLACEHOLDER, STAGE2_PROMPT_TEMPLATE
 
 PRECISIONS = ("model", "float32", "bfloat16")
 LR_SCHEDULES = ("linear_warmup_cosine_lr",)
-IMAGE_PLACEHOLDER = "<ImageHere>"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _require(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
 
 
 @dataclass(frozen=True)
@@ -206,77 +202,70 @@ class TrainConfig:
         return Path(self.output_dir) / "logs"
 
     def validate(self) -> "TrainConfig":
-        _require(self.train_flag in (0, 1), "frozen_video_qformer",
-                 "frozen_video_qformer and frozen_audio_qformer must differ (train_flag 0: vision branch, 1: audio "
-                 f"branch); got train_flag {self.train_flag}, which no upstream config uses"
-                 + (" and that trains nothing" if self.train_flag == 3 else ""))
+        require(self.train_flag in (0, 1), "frozen_video_qformer",
+                "frozen_video_qformer and frozen_audio_qformer must differ (train_flag 0: vision branch, 1: audio "
+                f"branch); got train_flag {self.train_flag}, which no upstream config uses"
+                + (" and that trains nothing" if self.train_flag == 3 else ""))
         m = self.model
-        _require(bool(m.config) != bool(m.dir), "model", "give exactly one of model.config and model.dir")
-        _require(m.precision in PRECISIONS, "model.precision",
-                 f"unknown precision {m.precision!r} (one of {', '.join(PRECISIONS)})")
+        require(bool(m.config) != bool(m.dir), "model", "give exactly one of model.config and model.dir")
+        require(m.precision in PRECISIONS, "model.precision",
+                f"unknown precision {m.precision!r} (one of {', '.join(PRECISIONS)})")
         for i, o in enumerate(m.overrides):
-            _require(isinstance(o, str) and "=" in o, f"model.overrides[{i}]", f"expected key=value, got {o!r}")
-        _require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed}")
-        _require(self.max_steps >= 0, "max_steps", f"must be >= 0, got {self.max_steps}")
-        _require(isinstance(self.compiler_options, Mapping), "compiler_options", "expected a mapping")
+            require(isinstance(o, str) and "=" in o, f"model.overrides[{i}]", f"expected key=value, got {o!r}")
+        require(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed}")
+        require_at_least(self, "", 0, "max_steps")
+        require(isinstance(self.compiler_options, Mapping), "compiler_options", "expected a mapping")
         try:
             parse_mesh_spec(self.mesh or None)
         except MeshSpecError as e:
             raise ConfigError(f"mesh: {e}") from None
         self._validate_data()
         self._validate_optim()
-        _require(self.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0, got {self.checkpoint.every}")
-        _require(self.checkpoint.keep >= 1, "checkpoint.keep", f"must be >= 1, got {self.checkpoint.keep}")
-        _require(self.log.every >= 1, "log.every", f"must be >= 1, got {self.log.every}")
-        _require(self.log.peak_tflops >= 0, "log.peak_tflops", f"must be >= 0, got {self.log.peak_tflops}")
+        require_at_least(self.checkpoint, "checkpoint.", 0, "every")
+        require_at_least(self.checkpoint, "checkpoint.", 1, "keep")
+        require_at_least(self.log, "log.", 1, "every")
+        require_at_least(self.log, "log.", 0, "peak_tflops")
         dist = self.distributed
         if dist.num_processes > 1 or dist.coordinator:
-            _require(bool(dist.coordinator), "distributed.coordinator", "needed with num_processes > 1")
-            _require(dist.num_processes >= 1, "distributed.num_processes", "needed with a coordinator")
-            _require(0 <= dist.process_id < dist.num_processes, "distributed.process_id",
-                     f"must be in [0, {dist.num_processes}), got {dist.process_id}")
+            require(bool(dist.coordinator), "distributed.coordinator", "needed with num_processes > 1")
+            require(dist.num_processes >= 1, "distributed.num_processes", "needed with a coordinator")
+            require(0 <= dist.process_id < dist.num_processes, "distributed.process_id",
+                    f"must be in [0, {dist.num_processes}), got {dist.process_id}")
         return self
 
     def _validate_data(self) -> None:
         d = self.data
-        _require(bool(d.datasets) != (d.synthetic.num_examples > 0), "data.datasets",
-                 "give either data.datasets or data.synthetic.num_examples > 0 (not both)")
+        require(bool(d.datasets) != (d.synthetic.num_examples > 0), "data.datasets",
+                "give either data.datasets or data.synthetic.num_examples > 0 (not both)")
         for name, ds in d.datasets.items():
-            _require(bool(ds.path), f"data.datasets.{name}.path", "missing")
-            _require(ds.sample_ratio > 0, f"data.datasets.{name}.sample_ratio",
-                     f"must be positive, got {ds.sample_ratio}")
+            require(bool(ds.path), f"data.datasets.{name}.path", "missing")
+            require(ds.sample_ratio > 0, f"data.datasets.{name}.sample_ratio",
+                    f"must be positive, got {ds.sample_ratio}")
         s = d.synthetic
-        _require(s.num_examples >= 0, "data.synthetic.num_examples", f"must be >= 0, got {s.num_examples}")
-        _require(s.num_classes >= 1, "data.synthetic.num_classes", f"must be >= 1, got {s.num_classes}")
-        for key in ("batch_size", "num_frames", "max_txt_len", "max_len"):
-            v = getattr(d, key)
-            _require(isinstance(v, int) and v > 0, f"data.{key}", f"must be a positive integer, got {v!r}")
-        _require(d.num_workers >= 0, "data.num_workers", f"must be >= 0, got {d.num_workers}")
-        _require(d.batch_size % self.optim.grad_accum == 0, "data.batch_size",
-                 f"{d.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
+        require_at_least(s, "data.synthetic.", 0, "num_examples")
+        require_at_least(s, "data.synthetic.", 1, "num_classes")
+        require_positive(d, "data.", "batch_size", "num_frames", "max_txt_len", "max_len")
+        require_at_least(d, "data.", 0, "num_workers")
+        require(d.batch_size % self.optim.grad_accum == 0, "data.batch_size",
+                f"{d.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
         for i, p in enumerate(d.prompts):
-            _require(isinstance(p, str) and p.count(IMAGE_PLACEHOLDER) == 1, f"data.prompts[{i}]",
-                     f"needs exactly one {IMAGE_PLACEHOLDER}, got {p!r}")
+            require(isinstance(p, str) and p.count(IMAGE_PLACEHOLDER) == 1, f"data.prompts[{i}]",
+                    f"needs exactly one {IMAGE_PLACEHOLDER}, got {p!r}")
         if d.prompt_template and "{}" not in d.prompt_template:
-            from ..text import STAGE2_PROMPT_TEMPLATE
-
-            _require(d.prompt_template in STAGE2_PROMPT_TEMPLATE or d.prompt_template == "llama_v2",
-                     "data.prompt_template", f"{d.prompt_template!r} is neither a template name "
-                     f"({', '.join(STAGE2_PROMPT_TEMPLATE)}) nor a format string with {{}}")
+            require(d.prompt_template in STAGE2_PROMPT_TEMPLATE or d.prompt_template == "llama_v2",
+                    "data.prompt_template", f"{d.prompt_template!r} is neither a template name "
+                    f"({', '.join(STAGE2_PROMPT_TEMPLATE)}) nor a format string with {{}}")
 
     def _validate_optim(self) -> None:
         o = self.optim
-        _require(o.lr_sched in LR_SCHEDULES, "optim.lr_sched",
-                 f"unknown schedule {o.lr_sched!r} (one of {', '.join(LR_SCHEDULES)})")
+        require(o.lr_sched in LR_SCHEDULES, "optim.lr_sched",
+                f"unknown schedule {o.lr_sched!r} (one of {', '.join(LR_SCHEDULES)})")
         for key in ("init_lr", "eps"):
-            _require(getattr(o, key) > 0, f"optim.{key}", f"must be positive, got {getattr(o, key)}")
-        for key in ("min_lr", "warmup_lr", "weight_decay", "clip_grad_norm"):
-            _require(getattr(o, key) >= 0, f"optim.{key}", f"must be >= 0, got {getattr(o, key)}")
+            require(getattr(o, key) > 0, f"optim.{key}", f"must be positive, got {getattr(o, key)}")
+        require_at_least(o, "optim.", 0, "min_lr", "warmup_lr", "weight_decay", "clip_grad_norm", "warmup_steps")
         for key in ("beta1", "beta2"):
-            _require(0 <= getattr(o, key) < 1, f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
-        for key in ("iters_per_epoch", "max_epoch", "grad_accum"):
-            _require(getattr(o, key) >= 1, f"optim.{key}", f"must be >= 1, got {getattr(o, key)}")
-        _require(o.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {o.warmup_steps}")
+            require(0 <= getattr(o, key) < 1, f"optim.{key}", f"must be in [0, 1), got {getattr(o, key)}")
+        require_at_least(o, "optim.", 1, "iters_per_epoch", "max_epoch", "grad_accum")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -293,49 +282,18 @@ class TrainConfig:
 
 
 def train_config_from_dict(data: Mapping[str, Any]) -> TrainConfig:
-    """Build (and validate) a TrainConfig; the list/mapping fields the generic `from_dict` leaves alone are
-    converted here."""
-    if not isinstance(data, Mapping):
-        raise ConfigError("<root>: expected a mapping")
-    data = dict(data)
-    model = dict(data.pop("model", {}) or {})
-    overrides = model.pop("overrides", ()) or ()
-    _require(isinstance(overrides, (list, tuple)), "model.overrides", "expected a list of key=value strings")
-    d = dict(data.pop("data", {}) or {})
-    raw_sets = d.pop("datasets", {}) or {}
-    prompts = d.pop("prompts", ()) or ()
-    _require(isinstance(raw_sets, Mapping), "data.datasets", "expected a mapping {name: {path: ..., ...}}")
-    _require(isinstance(prompts, (list, tuple)), "data.prompts", "expected a list of strings")
-    datasets = {str(k): from_dict(DatasetConfig, v if v is not None else {}, f"data.datasets.{k}.")
-                for k, v in raw_sets.items()}
-    cfg = from_dict(TrainConfig, data | {"model": model, "data": d})
-    cfg = dataclasses.replace(
-        cfg, model=dataclasses.replace(cfg.model, overrides=tuple(overrides)),
-        data=dataclasses.replace(cfg.data, datasets=datasets, prompts=tuple(prompts)))
-    return cfg.validate()
+    """Build (and validate) a TrainConfig."""
+    return from_dict(TrainConfig, data).validate()
+
+
+#: where `--set` may add new entries: new datasets (from DatasetConfig's defaults), new XLA compiler options
+OPEN_KEYS = {"data.datasets": lambda: dataclasses.asdict(DatasetConfig()), "compiler_options": None}
 
 
 def apply_train_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """`a.b.c=value` (value parsed as YAML) on the full config dict. Keys must exist, except new dataset names
     under `data.datasets` and new `compiler_options` (so they can be added from the command line)."""
-    for item in overrides or ():
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
-        parts = key.strip().split(".")
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            inside_datasets = parts[:i] == ["data", "datasets"]
-            if inside_datasets and part not in node:
-                node[part] = dataclasses.asdict(DatasetConfig())
-            if not isinstance(node.get(part), dict):
-                raise ConfigError(f"{'.'.join(parts[: i + 1])}: unknown key")
-            node = node[part]
-        if parts[-1] not in node and parts[:-1] not in (["data", "datasets"], ["compiler_options"]):
-            raise ConfigError(f"{key.strip()}: unknown key")
-        node[parts[-1]] = value
-    return data
+    return override_dict(data, overrides, OPEN_KEYS)
 
 
 def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:

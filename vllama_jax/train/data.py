@@ -15,12 +15,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..config import ModelConfig
+from ..config import ConfigError, ModelConfig
+from ..data import CAPTION, DatasetSpec, PipelineConfig, batch_spec, build_train_iterator, with_caption_prompts
 from ..sharding import batch_sharding
-from .config import TrainConfig, resolve_path
-
-# Arrays that go to the devices; everything else in a batch dict (example ids, dataset name, ...) stays on the host.
-DEVICE_KEYS = ("frames", "text_ids", "text_mask", "input_ids", "labels", "attention_mask")
+from ..text import caption_tokens, load_tokenizer
+from .config import SyntheticDataConfig, TrainConfig, resolve_path
 
 
 def branch_image_size(cfg: TrainConfig, model_config: ModelConfig) -> int:
@@ -32,29 +31,31 @@ def num_query_tokens(cfg: TrainConfig, model_config: ModelConfig) -> int:
     return (model_config.audio_qformer if cfg.branch == "audio" else model_config.video_qformer).num_query_tokens
 
 
-def build_data_iterator(cfg: TrainConfig, model_config: ModelConfig, tokenizer_path: str, *,
-                        process_index: int, process_count: int) -> Any:
-    """The iterator of per-process batches (a `grain.DatasetIterator`, checkpointable) for the stage."""
-    if cfg.data.batch_size % process_count:
-        from ..config import ConfigError
-
-        raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by the {process_count} processes")
-    local_batch = cfg.data.batch_size // process_count
-    if cfg.data.synthetic.num_examples:
-        return synthetic_iterator(cfg, model_config, tokenizer_path, process_index=process_index,
-                                  process_count=process_count)
-    from ..data import DatasetSpec, PipelineConfig, build_train_iterator
-
+def pipeline_config(cfg: TrainConfig, model_config: ModelConfig, tokenizer_path: str, *, process_index: int,
+                    process_count: int) -> PipelineConfig:
+    """The data pipeline's settings of the stage (per-process batch)."""
     d = cfg.data
-    specs = [DatasetSpec(path=str(resolve_path(ds.path)), sample_ratio=ds.sample_ratio, name=name,
-                         sampling=ds.sampling or None, text_processor=ds.text_processor or None,
-                         video_message=ds.video_message) for name, ds in d.datasets.items()]
-    pcfg = PipelineConfig(
-        tokenizer=tokenizer_path, batch_size=local_batch, seed=cfg.seed, num_frames=d.num_frames,
+    if d.batch_size % process_count:
+        raise ConfigError(f"data.batch_size: {d.batch_size} is not divisible by the {process_count} processes")
+    return PipelineConfig(
+        tokenizer=tokenizer_path, batch_size=d.batch_size // process_count, seed=cfg.seed, num_frames=d.num_frames,
         image_size=branch_image_size(cfg, model_config), train=d.augment, end_sym=d.end_sym,
         max_txt_len=d.max_txt_len, template=d.template or model_config.template,
         num_query_tokens=num_query_tokens(cfg, model_config), max_len=d.max_len, num_workers=d.num_workers,
-        process_index=process_index, process_count=process_count)
+        process_index=process_index, process_count=process_count, prompts=d.prompts,
+        prompt_template=d.prompt_template)
+
+
+def build_data_iterator(cfg: TrainConfig, model_config: ModelConfig, tokenizer_path: str, *,
+                        process_index: int, process_count: int) -> Any:
+    """The iterator of per-process batches (a `grain.DatasetIterator`, checkpointable) for the stage."""
+    pcfg = pipeline_config(cfg, model_config, tokenizer_path, process_index=process_index,
+                           process_count=process_count)
+    if cfg.data.synthetic.num_examples:
+        return synthetic_iterator(cfg.data.synthetic, pcfg)
+    specs = [DatasetSpec(path=str(resolve_path(ds.path)), sample_ratio=ds.sample_ratio, name=name,
+                         sampling=ds.sampling or None, text_processor=ds.text_processor or None,
+                         video_message=ds.video_message) for name, ds in cfg.data.datasets.items()]
     return build_train_iterator(specs, pcfg)
 
 
@@ -90,26 +91,23 @@ class SyntheticCaptions:
         cls = ids % self.k
         frames = np.stack([self.patterns[c] + self.noise * np.random.default_rng([self.seed, int(j)]).normal(
             size=self.patterns.shape[1:]).astype(np.float32) for j, c in zip(ids, cls)])
-        return {"frames": frames, "text_ids": self.text_ids[cls], "text_mask": self.text_mask[cls],
-                "example_id": ids.astype(np.int64), "kind": "caption", "dataset": "synthetic"}
+        arrays = CAPTION.arrays({"frames": frames, "text_ids": self.text_ids[cls], "text_mask": self.text_mask[cls]})
+        return arrays | {"example_id": ids.astype(np.int64), "kind": CAPTION.kind, "dataset": "synthetic"}
 
 
-def synthetic_iterator(cfg: TrainConfig, model_config: ModelConfig, tokenizer_path: str, *, process_index: int,
-                       process_count: int) -> grain.DatasetIterator:
-    from ..text import caption_tokens, load_tokenizer
-
-    s = cfg.data.synthetic
+def synthetic_iterator(s: SyntheticDataConfig, pcfg: PipelineConfig) -> grain.DatasetIterator:
+    """`SyntheticCaptions` as a grain iterator (stage-2 prompts added as the pipeline adds them)."""
     captions = [_CLASS_CAPTIONS[c % len(_CLASS_CAPTIONS)] + (f" {c}" if c >= len(_CLASS_CAPTIONS) else "")
                 for c in range(s.num_classes)]
-    ids, mask = caption_tokens(captions, load_tokenizer(tokenizer_path), cfg.data.end_sym, cfg.data.max_txt_len,
-                               pad_to=cfg.data.max_txt_len)
-    size = branch_image_size(cfg, model_config)
-    source = SyntheticCaptions(num_examples=s.num_examples, num_classes=s.num_classes, noise=s.noise, seed=cfg.seed,
-                               global_batch=cfg.data.batch_size, frames_shape=(cfg.data.num_frames, size, size),
-                               text_ids=ids, text_mask=mask, process_index=process_index,
-                               process_count=process_count)
+    ids, mask = caption_tokens(captions, load_tokenizer(pcfg.tokenizer), pcfg.end_sym, pcfg.max_txt_len,
+                               pad_to=pcfg.max_txt_len)
+    source = SyntheticCaptions(num_examples=s.num_examples, num_classes=s.num_classes, noise=s.noise,
+                               seed=pcfg.seed, global_batch=pcfg.batch_size * pcfg.process_count,
+                               frames_shape=(pcfg.num_frames, pcfg.image_size, pcfg.image_size),
+                               text_ids=ids, text_mask=mask, process_index=pcfg.process_index,
+                               process_count=pcfg.process_count)
     # a grain MapDataset over step indices: its iterator state ({"next_index"}) checkpoints like the real pipeline
-    return iter(grain.MapDataset.range(sys.maxsize).map(source).to_iter_dataset())
+    return iter(with_caption_prompts(grain.MapDataset.range(sys.maxsize).map(source), pcfg).to_iter_dataset())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,11 +115,15 @@ def synthetic_iterator(cfg: TrainConfig, model_config: ModelConfig, tokenizer_pa
 
 
 def global_batch(local: Mapping[str, Any], mesh: Mesh, process_count: int) -> dict[str, jax.Array]:
-    """Per-process rows -> global arrays sharded over (data, fsdp) on the batch axis."""
+    """The device arrays of a per-process batch, laid out by its kind's spec: the per-example rows of every process
+    joined into global arrays sharded over (data, fsdp) on the batch axis; the shared rows (the stage-2 prompt, the
+    same on every process) replicated."""
+    spec = batch_spec(local["kind"])
     out = {}
-    for k in DEVICE_KEYS:
-        if k in local:
-            x = np.asarray(local[k])
+    for k, x in spec.arrays(local).items():
+        if k in spec.shared_keys:
+            out[k] = replicated(x, mesh)
+        else:
             shape = (x.shape[0] * process_count,) + x.shape[1:]
             out[k] = jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim, shape), x, shape)
     return out

@@ -4,7 +4,10 @@
 towers (model dir or upstream files), restores the latest checkpoint or initialises the trained groups (fresh
 upstream-style init, then `llama_proj_model`, `ckpt`, `ckpt_2` in upstream's order), and builds the data iterator;
 `run()` trains to `max_steps` (or the end of the schedule), checkpointing every N steps; `dry_run()` compiles the
-step for the configured mesh from shapes only and reports the bytes per device.
+step for the configured mesh from shapes only and reports the bytes per device (`dry_run.py`).
+
+Each batch comes from the data iterator with its `kind` (`vllama_jax.data.batch`): the kind picks the batch layout
+put on the devices, the compiled step and the token count.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import random
 import sys
 import time
 import warnings
@@ -24,22 +26,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
+from ..data.batch import llm_positions
 from ..errors import VllamaError
 from ..models import abstract_params, build_model, dummy_inputs
 from ..models.groups import branch_towers, groups_of_file
 from ..runtime import use_compilation_cache
-from ..sharding import make_mesh, tree_shardings
+from ..sharding import tree_shardings
+from ..text import load_tokenizer
 from ..tree import flatten_params, unflatten_params
 from ..weights.load import load_file
 from . import data as train_data
+from . import dry_run
 from .checkpoint import Checkpointer, is_training_checkpoint, load_trainable_params
 from .config import TrainConfig, resolve_path
+from .distributed import build_mesh, init_distributed
 from .metrics import MetricsLogger, compiled_flops, measure_peak_flops
 from .optimizer import forward_groups, lr_schedule, make_optimizer, opt_state_shardings, trainable_groups
-from .step import batch_kind, jit_train_step, make_train_step
+from .step import jit_train_step, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,7 @@ class NonFiniteLossError(VllamaError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# model config, precision, distributed
+# model config, precision
 
 
 def with_precision(mc: ModelConfig, mode: str) -> ModelConfig:
@@ -85,59 +92,6 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
     except ConfigError as e:
         raise ConfigError(f"model.overrides: {e}") from None
     return with_precision(mc, cfg.model.precision)
-
-
-def init_distributed(d: Any) -> None:
-    """`jax.distributed.initialize` for multi-host runs (before any computation). CPU processes exchange
-    collectives through gloo."""
-    if jax.distributed.is_initialized():
-        return
-    if d.num_processes > 1 or d.coordinator or d.auto:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        if d.auto:
-            jax.distributed.initialize()
-        else:
-            jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
-
-
-def build_mesh(spec: str, devices: list[Any] | None = None) -> Any:
-    """`make_mesh` over all devices, or over the first N when a fully specified spec asks for fewer (one process
-    only: e.g. "data=1" trains on one device of a multi-device host)."""
-    from ..sharding import parse_mesh_spec
-
-    devices = list(devices if devices is not None else jax.devices())
-    sizes = parse_mesh_spec(spec) if spec else None
-    if sizes and -1 not in sizes.values() and jax.process_count() == 1:
-        n = math.prod(sizes.values())
-        if n < len(devices):
-            return make_mesh(spec, devices[:n])
-    return make_mesh(spec or None, devices)
-
-
-def tpu_topology_devices(name: str) -> list[Any]:
-    """The devices of a TPU slice described by name (e.g. "v5p:2x2x1"), for compiling without TPUs (deviceless
-    ahead-of-time compilation through libtpu: `pip install libtpu`, or TPU_LIBRARY_PATH)."""
-    from jax.experimental import topologies
-
-    try:
-        return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
-    except Exception as e:  # noqa: BLE001 - jax raises assorted errors when libtpu is absent or the name is bad
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--dry-run-topology {name}: no TPU compiler for it ({first}); install libtpu "
-                          f"(pip install 'libtpu==0.0.42.*' for jax 0.10) or set TPU_LIBRARY_PATH") from None
-
-
-def per_device_bytes(tree: Any) -> int:
-    """Bytes one device holds of a tree of sharded arrays / ShapeDtypeStructs with shardings (largest shard)."""
-    total = 0
-    for x in jax.tree.leaves(tree):
-        shape = x.sharding.shard_shape(x.shape) if getattr(x, "sharding", None) is not None else x.shape
-        total += math.prod(shape) * np.dtype(x.dtype).itemsize
-    return total
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:9.3f} GiB"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -224,8 +178,6 @@ class Trainer:
     @property
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from ..text import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
@@ -236,19 +188,6 @@ class Trainer:
             return int(self.tokenizer.image_placeholder_id)
         except Exception:  # noqa: BLE001 - dry runs without tokenizer files
             return self.model_config.llama.vocab_size
-
-    @property
-    def prompt_list(self) -> list[str]:
-        d = self.cfg.data
-        if not d.prompts:
-            return []
-        if not d.prompt_template:
-            return list(d.prompts)
-        if "{}" in d.prompt_template:
-            return [d.prompt_template.format(p) for p in d.prompts]
-        from ..text import stage2_prompt_list
-
-        return stage2_prompt_list(d.prompt_template, d.prompts)
 
     def _meta(self) -> dict[str, Any]:
         return {"name": self.cfg.name, "trainable_groups": list(self.trainable_groups),
@@ -364,7 +303,8 @@ class Trainer:
         step = jax.device_put(jnp.zeros((), jnp.int32), self.replicated)
         return {"step": step, "params": dict(params), "opt_state": opt_state}
 
-    def _abstract_state(self) -> tuple[Any, Any]:
+    def abstract_state(self) -> tuple[Any, Any]:
+        """(trainable params, optimizer state) as ShapeDtypeStructs with their shardings."""
         sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
         params = {g: jax.tree.map(sds, self.abstract[g], self.shardings[g]) for g in self.trainable_groups}
         opt = jax.tree.map(sds, self.abstract_opt_state, self.state_shardings["opt_state"])
@@ -399,7 +339,7 @@ class Trainer:
             self._log(f"{cfg.name}: new run, training {', '.join(self.trainable_groups)} on mesh "
                       f"{dict(self.mesh.shape)}")
         else:
-            target_params, target_opt = self._abstract_state()
+            target_params, target_opt = self.abstract_state()
             r = self.checkpointer.restore(latest, target_params, target_opt, self.data_iter)
             step = jax.device_put(jnp.asarray(latest, jnp.int32), self.replicated)
             self.state = {"step": step, "params": r["params"], "opt_state": r["opt_state"]}
@@ -413,38 +353,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------------------
     # stepping
 
-    def device_batch(self, local: Mapping[str, Any], step: int) -> dict[str, jax.Array]:
-        """Global arrays of one step's batch, with the stage-2 caption prompt drawn for this step."""
-        batch = train_data.global_batch(local, self.mesh, self.process_count)
-        if batch_kind(batch) == "caption" and self.prompt_list:
-            from ..text import prompt_wrap_ids
-
-            # upstream: one random.choice per batch; seeded by the step here so a resumed run draws the same
-            prompt = random.Random(self.cfg.seed * 1_000_003 + step).choice(self.prompt_list)
-            before, after = prompt_wrap_ids(prompt, self.tokenizer)
-            batch["prompt_before"] = train_data.replicated(np.asarray([before], np.int32), self.mesh)
-            batch["prompt_after"] = train_data.replicated(np.asarray([after], np.int32), self.mesh)
-        return batch
-
-    def compiled_step(self, batch: Mapping[str, Any]) -> Any:
-        """The AOT-compiled step for this batch layout (compiled once per layout; its FLOPs feed the MFU)."""
-        sig = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
+    def compiled_step(self, kind: str, batch: Mapping[str, Any]) -> Any:
+        """The AOT-compiled step for this batch kind and layout (compiled once per layout; its FLOPs feed the MFU)."""
+        sig = (kind,) + tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(batch.items()))
         if sig not in self._compiled:
             t = time.perf_counter()
-            compiled = self.jitted.lower(self.state, self.frozen, batch).compile(self.compiler_options)
+            compiled = self.jitted.lower(self.state, self.frozen, batch, kind).compile(self.compiler_options)
             self._compiled[sig], self._flops[sig] = compiled, compiled_flops(compiled)
-            self._log(f"compiled the {batch_kind(batch)} step for {dict((k, s) for k, s, _ in sig)} in "
+            self._log(f"compiled the {kind} step for {dict((k, s) for k, s, _ in sig[1:])} in "
                       f"{time.perf_counter() - t:.1f} s ({self._flops[sig] / 1e9:.2f} GFLOP per device per step)")
         return self._compiled[sig], self._flops[sig]
-
-    @staticmethod
-    def llm_tokens(batch: Mapping[str, Any], num_media: int) -> int:
-        """LLaMA sequence positions processed by one step (BOS + prompt + media + text, or the instruction ids)."""
-        b = batch["frames"].shape[0]
-        if batch_kind(batch) == "instruction":
-            return b * batch["input_ids"].shape[1]
-        extra = sum(batch[k].shape[1] for k in ("prompt_before", "prompt_after") if k in batch)
-        return b * (1 + extra + num_media + batch["text_ids"].shape[1])
 
     def run(self, steps: int | None = None) -> list[dict[str, Any]]:
         """Train `steps` more steps (default: up to `max_steps` / the end of the schedule); returns this call's
@@ -463,8 +381,9 @@ class Trainer:
         try:
             for step in range(start, end):
                 local = next(self.data_iter)
-                batch = self.device_batch(local, step)
-                compiled, flops = self.compiled_step(batch)
+                kind = local["kind"]
+                batch = train_data.global_batch(local, self.mesh, self.process_count)
+                compiled, flops = self.compiled_step(kind, batch)
                 if peak is None and flops:
                     peak = measure_peak_flops()
                     self._log(f"peak for MFU (measured fp32 matmul): {peak / 1e12:.3f} TFLOP/s per device")
@@ -475,7 +394,7 @@ class Trainer:
                     self.state, metrics = compiled(self.state, self.frozen, batch)
                 info = {"step": step + 1, "metrics": metrics, "example_id": local.get("example_id"),
                         "dataset": local.get("dataset"), "samples": batch["frames"].shape[0],
-                        "tokens": self.llm_tokens(batch, num_media), "flops": flops, "peak": peak}
+                        "tokens": llm_positions(kind, batch, num_media), "flops": flops, "peak": peak}
                 if pending is not None:  # one step behind: the host reads step i-1 while step i runs
                     self._finish(pending)
                 pending = info
@@ -498,8 +417,6 @@ class Trainer:
         step = info["step"]
         ids = info["example_id"]
         if ids is not None and self.process_count > 1:
-            from jax.experimental import multihost_utils
-
             ids = np.asarray(multihost_utils.process_allgather(np.asarray(ids))).reshape(-1)
         if not math.isfinite(m["loss"]):
             raise NonFiniteLossError(step, m["loss"], [] if ids is None else np.asarray(ids).tolist(),
@@ -520,104 +437,7 @@ class Trainer:
             self.data_iter.close()
 
     # ------------------------------------------------------------------------------------------------------------
-    # dry run
-
-    def abstract_batches(self) -> list[dict[str, jax.ShapeDtypeStruct]]:
-        """Batch shapes of the stage (caption and/or instruction, from the dataset manifests when readable, else
-        guessed from the dataset names), largest frame count, longest prompt."""
-        d, mc = self.cfg.data, self.model_config
-        kinds = self._dataset_kinds()
-        size = train_data.branch_image_size(self.cfg, mc)
-        b = d.batch_size
-
-        def sds(shape: tuple[int, ...], dtype: Any) -> jax.ShapeDtypeStruct:
-            if shape[0] == 1:  # prompt ids: one row for the whole batch
-                return jax.ShapeDtypeStruct(shape, dtype, sharding=self.replicated)
-            return jax.ShapeDtypeStruct(shape, dtype, sharding=train_data.batch_sharding(self.mesh, len(shape), shape))
-
-        frames = sds((b, d.num_frames, size, size, 3), jnp.float32)
-        out = []
-        if "caption" in kinds:
-            batch = {"frames": frames, "text_ids": sds((b, d.max_txt_len), jnp.int32),
-                     "text_mask": sds((b, d.max_txt_len), jnp.int32)}
-            if self.prompt_list:
-                before, after = max(((len(x), len(y)) for x, y in map(self._prompt_lengths, self.prompt_list)),
-                                    key=sum)
-                batch |= {"prompt_before": sds((1, before), jnp.int32), "prompt_after": sds((1, after), jnp.int32)}
-            out.append(batch)
-        if "instruction" in kinds:
-            out.append({"frames": frames, **{k: sds((b, d.max_len), jnp.int32)
-                                             for k in ("input_ids", "labels", "attention_mask")}})
-        return out
-
-    def _prompt_lengths(self, prompt: str) -> tuple[list[int], list[int]]:
-        from ..text import prompt_wrap_ids, split_prompt
-
-        try:
-            return prompt_wrap_ids(prompt, self.tokenizer)
-        except Exception:  # noqa: BLE001 - no tokenizer files for a dry run: ~3 characters per token
-            before, after = split_prompt(prompt)
-            return [0] * (len(before) // 3 + 1), [0] * (len(after) // 3 + 1)
-
-    def _dataset_kinds(self) -> set[str]:
-        d = self.cfg.data
-        if d.synthetic.num_examples:
-            return {"caption"}
-        kinds = set()
-        for name, ds in d.datasets.items():
-            try:
-                from ..data import PreparedDataset
-
-                kinds.add(PreparedDataset.open(resolve_path(ds.path)).kind)
-            except Exception:  # noqa: BLE001 - datasets not prepared on this machine: guess from the name
-                kinds.add("instruction" if "instruct" in name else "caption")
-        return kinds
 
     def dry_run(self, device_memory_gib: float | None = None) -> list[dict[str, Any]]:
-        """Compile the step ahead of time from shapes only (no parameter is allocated) and report bytes per device."""
-        sds = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
-        params, opt = self._abstract_state()
-        state = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=self.replicated), "params": params,
-                 "opt_state": opt}
-        frozen = {g: jax.tree.map(sds, self.abstract[g], self.shardings[g]) for g in self.frozen_groups}
-        reports = []
-        for batch in self.abstract_batches():
-            t = time.perf_counter()
-            compiled = self.jitted.lower(state, frozen, batch).compile(self.compiler_options)
-            mem = compiled.memory_analysis()
-            r = {"kind": batch_kind(batch), "compile_s": time.perf_counter() - t,
-                 "devices": self.mesh.size, "mesh": dict(self.mesh.shape),
-                 "batch_shapes": {k: tuple(v.shape) for k, v in batch.items()},
-                 "trainable_params": per_device_bytes(params), "optimizer_state": per_device_bytes(opt),
-                 "frozen_params": per_device_bytes(frozen), "batch": per_device_bytes(batch),
-                 "xla_arguments": mem.argument_size_in_bytes, "xla_outputs": mem.output_size_in_bytes,
-                 "xla_aliased": mem.alias_size_in_bytes, "activations_temp": mem.temp_size_in_bytes,
-                 "generated_code": mem.generated_code_size_in_bytes,
-                 "flops_per_device": compiled_flops(compiled)}
-            r["peak_estimate"] = (r["xla_arguments"] + r["xla_outputs"] - r["xla_aliased"] + r["activations_temp"]
-                                  + r["generated_code"])
-            reports.append(r)
-            self._log(format_dry_run(self.cfg.name, r, device_memory_gib))
-        return reports
-
-
-def format_dry_run(name: str, r: Mapping[str, Any], device_memory_gib: float | None = None) -> str:
-    lines = [f"dry run {name}: {r['kind']} step on {r['devices']} devices, mesh {r['mesh']}, "
-             f"compiled in {r['compile_s']:.1f} s",
-             f"  batch {r['batch_shapes']}",
-             "  bytes per device:",
-             f"    trainable params (fp32)      {_gib(r['trainable_params'])}",
-             f"    optimizer state (AdamW)      {_gib(r['optimizer_state'])}",
-             f"    frozen params                {_gib(r['frozen_params'])}",
-             f"    batch                        {_gib(r['batch'])}",
-             f"    activations + XLA temporaries{_gib(r['activations_temp'])}",
-             f"    XLA arguments / outputs / aliased(donated) {_gib(r['xla_arguments']).strip()} / "
-             f"{_gib(r['xla_outputs']).strip()} / {_gib(r['xla_aliased']).strip()}",
-             f"    peak estimate                {_gib(r['peak_estimate'])}"]
-    if device_memory_gib:
-        frac = r["peak_estimate"] / (device_memory_gib * 2**30)
-        lines.append(f"    of {device_memory_gib:g} GiB per device: {100 * frac:.1f}% "
-                     f"({'fits' if frac <= 1 else 'DOES NOT FIT'})")
-    if r.get("flops_per_device"):
-        lines.append(f"  {r['flops_per_device'] / 1e12:.3f} TFLOP per device per step (XLA cost analysis)")
-    return "\n".join(lines)
+        """Compile the step from shapes only and report bytes per device (`dry_run.dry_run`)."""
+        return dry_run.dry_run(self, device_memory_gib)

@@ -15,6 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
+import jax
+import jax.numpy as jnp
+
 CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "num_tokens", "step_time_s", "samples_per_s", "tokens_per_s",
               "mfu", "dataset")
 
@@ -32,9 +35,6 @@ def compiled_flops(compiled: Any) -> float:
 
 def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
     """Achieved FLOP/s of one device on an n x n fp32 matmul (a stand-in peak where none is configured)."""
-    import jax
-    import jax.numpy as jnp
-
     x = jnp.ones((n, n), jnp.float32)
     f = jax.jit(lambda a: a @ a)
     f(x).block_until_ready()
@@ -65,7 +65,7 @@ class MetricsLogger:
         self._csv = csv.DictWriter(self._csv_file, fieldnames=CSV_FIELDS, extrasaction="ignore")
         if new:
             self._csv.writeheader()
-        from tensorboardX import SummaryWriter
+        from tensorboardX import SummaryWriter  # lazy: 1.6 s of imports (protobuf), for process 0's logs only
 
         self._tb = SummaryWriter(str(log_dir))
 

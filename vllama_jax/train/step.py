@@ -1,14 +1,14 @@
 """One pure training step: token-weighted gradient accumulation over micro-batches, AdamW on the trainable tree.
 
-    new_state, metrics = train_step(state, frozen, batch)
+    new_state, metrics = train_step(state, frozen, batch, kind)
 
 * `state` = {"step", "params" (trainable, fp32), "opt_state"}; donated, so the update happens in place.
 * `frozen` = the frozen towers the branch reads (never differentiated: `jax.grad` is taken w.r.t. the trainable
   tree only, so no weight gradient of a frozen tower is ever computed; the backward pass still runs through the
   frozen LLaMA to reach the soft prompts).
-* `batch` = one global batch, either a caption batch {"frames", "text_ids", "text_mask"} (+ "prompt_before",
-  "prompt_after" for stage-2 prompts; upstream.md §1.8 path B) or an instruction batch {"frames", "input_ids", "labels",
-  "attention_mask"} (path A). The Python-level branch on the batch keys is static: each layout compiles once.
+* `batch` = the device arrays of one global batch, laid out by the spec (`vllama_jax.data.batch`) of its `kind`: a
+  caption batch (upstream.md §1.8 path B; with the shared stage-2 prompt rows) or an instruction batch (path A).
+  `kind` is the one the pipeline emitted with the batch, a static argument: each layout compiles once.
 
 Gradient accumulation splits the batch into `grad_accum` micro-batches and sums `loss_sum` gradients, then divides
 by the batch's total number of target tokens: exactly the gradient of upstream's token-mean loss over the whole batch
@@ -27,32 +27,22 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from ..data.batch import CAPTION, batch_spec, kind_of
 from ..sharding import logical_to_mesh_spec
-
-CAPTION_KEYS = ("frames", "text_ids", "text_mask")
-INSTRUCTION_KEYS = ("frames", "input_ids", "labels", "attention_mask")
-PROMPT_KEYS = ("prompt_before", "prompt_after")
 
 TrainState = dict  # {"step": int32 scalar, "params": trainable tree, "opt_state": optax state}
 
 
-def batch_kind(batch: Mapping[str, Any]) -> str:
-    if all(k in batch for k in CAPTION_KEYS):
-        return "caption"
-    if all(k in batch for k in INSTRUCTION_KEYS):
-        return "instruction"
-    raise ValueError(f"batch with keys {sorted(batch)} is neither a caption {CAPTION_KEYS} nor an instruction "
-                     f"{INSTRUCTION_KEYS} batch")
-
-
 def make_loss_fn(model: Any, branch: str, placeholder_id: int, dropout: bool) -> Callable[..., tuple[Any, Any]]:
-    """(trainable, frozen, micro_batch, dropout_key) -> (loss_sum, num_tokens): the summed token loss, so micro-batch
-    sums add up to the batch's (upstream's loss is loss_sum / num_tokens over the whole batch)."""
+    """(trainable, frozen, micro_batch, dropout_key, kind) -> (loss_sum, num_tokens): the summed token loss, so
+    micro-batch sums add up to the batch's (upstream's loss is loss_sum / num_tokens over the whole batch). `kind`:
+    the batch's (None: recognised from the arrays, for bare fixture batches)."""
 
-    def loss_fn(trainable: Any, frozen: Any, mb: Mapping[str, Any], key: jax.Array) -> tuple[Any, Any]:
+    def loss_fn(trainable: Any, frozen: Any, mb: Mapping[str, Any], key: jax.Array,
+                kind: str | None = None) -> tuple[Any, Any]:
         variables = {"params": {**frozen, **trainable}}
         rngs = {"dropout": key} if dropout else {}
-        if batch_kind(mb) == "caption":
+        if (kind or kind_of(mb)) == CAPTION.kind:
             out = model.apply(variables, mb["frames"], mb["text_ids"], mb["text_mask"], mb.get("prompt_before"),
                               mb.get("prompt_after"), branch=branch, deterministic=not dropout, rngs=rngs,
                               method=model.caption_loss)
@@ -65,10 +55,10 @@ def make_loss_fn(model: Any, branch: str, placeholder_id: int, dropout: bool) ->
     return loss_fn
 
 
-def _split_micro(batch: Mapping[str, Any], n: int, mesh: Mesh | None) -> dict[str, Any]:
-    """(B, ...) -> (n, B/n, ...) per batch array. Micro-batch a takes rows a, a+n, a+2n, ...: each device's
+def _split_micro(batch: Mapping[str, Any], shared: tuple[str, ...], n: int, mesh: Mesh | None) -> dict[str, Any]:
+    """(B, ...) -> (n, B/n, ...) per row array. Micro-batch a takes rows a, a+n, a+2n, ...: each device's
     contiguous block of rows splits evenly, so every micro-batch stays spread over the whole mesh without any
-    data movement. Prompt ids (shared by the batch) are left as they are."""
+    data movement. The `shared` arrays (the prompt ids, one row for the whole batch) are left as they are."""
 
     def split(x: jax.Array) -> jax.Array:
         y = jnp.swapaxes(x.reshape((x.shape[0] // n, n) + x.shape[1:]), 0, 1)
@@ -77,7 +67,7 @@ def _split_micro(batch: Mapping[str, Any], n: int, mesh: Mesh | None) -> dict[st
             y = jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
         return y
 
-    return {k: (v if k in PROMPT_KEYS else split(v)) for k, v in batch.items()}
+    return {k: (v if k in shared else split(v)) for k, v in batch.items()}
 
 
 def make_train_step(
@@ -91,23 +81,25 @@ def make_train_step(
     grad_accum: int = 1,
     dropout: bool = True,
     mesh: Mesh | None = None,
-) -> Callable[[TrainState, Any, Mapping[str, Any]], tuple[TrainState, dict[str, Any]]]:
-    """Build the pure step function (jit it with `jit_train_step`)."""
+) -> Callable[..., tuple[TrainState, dict[str, Any]]]:
+    """Build the pure step function `train_step(state, frozen, batch, kind)` (jit it with `jit_train_step`)."""
     loss_fn = make_loss_fn(model, branch, placeholder_id, dropout)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state: TrainState, frozen: Any, batch: Mapping[str, Any]) -> tuple[TrainState, dict[str, Any]]:
+    def train_step(state: TrainState, frozen: Any, batch: Mapping[str, Any],
+                   kind: str) -> tuple[TrainState, dict[str, Any]]:
         params = state["params"]
         key = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
         if grad_accum == 1:
-            (loss_sum, ntok), grads = grad_fn(params, frozen, batch, jax.random.fold_in(key, 0))
+            (loss_sum, ntok), grads = grad_fn(params, frozen, batch, jax.random.fold_in(key, 0), kind)
         else:
-            micro = _split_micro(batch, grad_accum, mesh)
-            prompts = {k: micro.pop(k) for k in PROMPT_KEYS if k in micro}
+            shared_keys = batch_spec(kind).shared_keys
+            micro = _split_micro(batch, shared_keys, grad_accum, mesh)
+            shared = {k: micro.pop(k) for k in shared_keys if k in micro}
 
             def body(carry, xs):
                 i, mb = xs
-                (ls, nt), g = grad_fn(params, frozen, mb | prompts, jax.random.fold_in(key, i))
+                (ls, nt), g = grad_fn(params, frozen, mb | shared, jax.random.fold_in(key, i), kind)
                 acc_g, acc_l, acc_n = carry
                 return (jax.tree.map(jnp.add, acc_g, g), acc_l + ls, acc_n + nt), None
 
@@ -128,8 +120,10 @@ def make_train_step(
 
 
 def jit_train_step(step_fn: Callable, state_shardings: Any, frozen_shardings: Any, mesh: Mesh) -> Callable:
-    """jit with explicit state / frozen / metric shardings and the state donated. The batch sharding comes from the
-    (global) batch arrays themselves (`train.data.global_batch` puts them on the batch axes)."""
+    """jit with explicit state / frozen / metric shardings, the state donated and the batch kind (argument 3)
+    static: lower with (state, frozen, batch, kind), call the compiled step with (state, frozen, batch). The batch
+    sharding comes from the (global) batch arrays themselves (`train.data.global_batch` puts them on the batch
+    axes)."""
     replicated = NamedSharding(mesh, PartitionSpec())
     return jax.jit(step_fn, in_shardings=(state_shardings, frozen_shardings, None),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+                   out_shardings=(state_shardings, replicated), donate_argnums=(0,), static_argnums=(3,))

@@ -74,6 +74,28 @@ def require_exists(path: Path, what: str) -> Path:
     return path
 
 
+def listed_files(source: Path, pattern: str, what: str, none_found: str) -> list[Path]:
+    """``source`` itself, or the files matching ``pattern`` in it when it is a folder (sorted); DataError if none."""
+    require_exists(source, what)
+    files = sorted(source.glob(pattern)) if source.is_dir() else [source]
+    if not files:
+        raise DataError(source, none_found)
+    return files
+
+
+def json_list_entries(source: Path, media_dir: Path | None, *, dataset: str, media_dir_is: str,
+                      entry: str) -> Iterator[tuple[int, str, Any]]:
+    """``(index, source_id, entry)`` of a JSON-list annotation file whose media paths are relative to
+    ``--media-dir`` (required: ``media_dir_is`` says what it is); ``entry`` names the expected entry layout."""
+    if media_dir is None:
+        raise DataError(source, f"{dataset} needs --media-dir ({media_dir_is})")
+    data = load_json(source)
+    if not isinstance(data, list):
+        raise DataError(source, f"expected a JSON list of {entry}")
+    for i, item in enumerate(data):
+        yield i, f"{source.name}[{i}]", item
+
+
 def load_json(path: Path) -> Any:
     """Parse a whole JSON annotation file; a file that does not parse is fatal (nothing in it can be trusted)."""
     require_exists(path, "annotation file")

@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import DataError
-from .base import BadItem, FormatDefaults, SourceItem, load_json, parse_turns, require_exists
+from .base import BadItem, FormatDefaults, SourceItem, json_list_entries, parse_turns, require_exists
 
 
 class LlavaInstruct:
@@ -18,13 +17,9 @@ class LlavaInstruct:
         return [require_exists(source, "LLaVA-Instruct JSON")]
 
     def iter_items(self, source: Path, media_dir: Path | None) -> Iterator[SourceItem | BadItem]:
-        if media_dir is None:
-            raise DataError(source, "llava_instruct needs --media-dir (the COCO train2014 image folder)")
-        data = load_json(source)
-        if not isinstance(data, list):
-            raise DataError(source, "expected a JSON list of {image, conversations}")
-        for i, entry in enumerate(data):
-            sid = f"{source.name}[{i}]"
+        for i, sid, entry in json_list_entries(source, media_dir, dataset=self.name,
+                                               media_dir_is="the COCO train2014 image folder",
+                                               entry="{image, conversations}"):
             try:
                 if not isinstance(entry, dict) or not isinstance(entry.get("image"), str):
                     raise ValueError("entry without an 'image' string")

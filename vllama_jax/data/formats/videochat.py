@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from ..errors import DataError
 from ..records import Turn
-from .base import BadItem, FormatDefaults, SourceItem, load_json, require_exists
+from .base import BadItem, FormatDefaults, SourceItem, json_list_entries, require_exists
 
 
 class VideoChatInstruct:
@@ -23,13 +22,9 @@ class VideoChatInstruct:
         return [require_exists(source, "VideoChat-Instruct JSON")]
 
     def iter_items(self, source: Path, media_dir: Path | None) -> Iterator[SourceItem | BadItem]:
-        if media_dir is None:
-            raise DataError(source, "webvid_instruct needs --media-dir (the folder the 'video' paths are relative to)")
-        data = load_json(source)
-        if not isinstance(data, list):
-            raise DataError(source, "expected a JSON list of {video, QA}")
-        for i, entry in enumerate(data):
-            sid = f"{source.name}[{i}]"
+        for i, sid, entry in json_list_entries(source, media_dir, dataset=self.name,
+                                               media_dir_is="the folder the 'video' paths are relative to",
+                                               entry="{video, QA}"):
             qa = entry.get("QA") if isinstance(entry, dict) else None
             ok = (isinstance(entry, dict) and isinstance(entry.get("video"), str) and isinstance(qa, list) and qa
                   and all(isinstance(p, dict) and isinstance(p.get("q"), str) and isinstance(p.get("a"), str)

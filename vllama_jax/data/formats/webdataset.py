@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
-from .base import BadItem, FormatDefaults, SourceItem, require_exists
+from .base import BadItem, FormatDefaults, SourceItem, listed_files
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -33,13 +33,12 @@ class WebDatasetCaptions:
         self.name = name
 
     def source_files(self, source: Path) -> list[Path]:
-        if any(c in str(source) for c in "*?["):
-            files = sorted(Path(source.anchor or ".").glob(str(source.relative_to(source.anchor or "."))))
-        else:
-            require_exists(source, "webdataset source")
-            files = sorted(source.glob("*.tar")) if source.is_dir() else [source]
+        none_found = "no *.tar webdataset shard found"
+        if not any(c in str(source) for c in "*?["):
+            return listed_files(source, "*.tar", "webdataset source", none_found)
+        files = sorted(Path(source.anchor or ".").glob(str(source.relative_to(source.anchor or "."))))
         if not files:
-            raise DataError(source, "no *.tar webdataset shard found")
+            raise DataError(source, none_found)
         return files
 
     def iter_items(self, source: Path, media_dir: Path | None) -> Iterator[SourceItem | BadItem]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DataError
-from .base import BadItem, FormatDefaults, SourceItem, require_exists
+from .base import BadItem, FormatDefaults, SourceItem, listed_files
 
 _COLUMNS = ("videoid", "page_dir", "name")
 
@@ -18,11 +18,7 @@ class WebVid:
     embeds_media = False
 
     def source_files(self, source: Path) -> list[Path]:
-        require_exists(source, "WebVid anno_dir")
-        files = sorted(source.glob("*.csv")) if source.is_dir() else [source]
-        if not files:
-            raise DataError(source, "no *.csv annotation file in WebVid anno_dir")
-        return files
+        return listed_files(source, "*.csv", "WebVid anno_dir", "no *.csv annotation file in WebVid anno_dir")
 
     def iter_items(self, source: Path, media_dir: Path | None) -> Iterator[SourceItem | BadItem]:
         if media_dir is None:

@@ -1,0 +1,122 @@
+"""The two batch layouts of training, defined once: the arrays of a caption batch and of an instruction batch, their
+dtypes and shapes.
+
+Every batch the pipeline emits is a dict holding the arrays of one `BatchSpec` (numpy, fixed shapes), its ``kind``
+(the spec's name: ``"caption"`` or ``"instruction"``, the dataset's kind) and the host-only fields of
+``HOST_KEYS``. Everything downstream reads the layout from here and the kind from the batch: the pipeline's
+collation, the device put (``train.data.global_batch``), the train step (loss path, micro-batch split), the dry
+run's abstract batches and the token count behind the MFU (``llm_positions``).
+
+Shapes are written with the dimension names of `Dims`::
+
+    caption      frames (batch, frames, image_size, image_size, 3) float32, text_ids / text_mask (batch, max_txt_len)
+                 int32 (upstream.md §1.8 path B); stage 2 adds one prompt for the whole batch: prompt_before
+                 (1, prompt_before) / prompt_after (1, prompt_after) int32
+    instruction  frames, input_ids / labels / attention_mask (batch, max_len) int32 (path A)
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import numpy as np
+
+from .records import Kind
+
+#: the host-only fields of every batch (never sent to the devices)
+HOST_KEYS = ("kind", "dataset", "example_id", "num_replaced")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dims:
+    """The sizes batch shapes are made of (the prompt lengths only for stage-2 caption batches)."""
+
+    batch: int
+    frames: int
+    image_size: int
+    max_txt_len: int = 0
+    max_len: int = 0
+    prompt_before: int = 0
+    prompt_after: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    name: str
+    dtype: type
+    shape: tuple[str | int, ...]  # names of `Dims` fields, or sizes
+
+    def shape_for(self, dims: Dims) -> tuple[int, ...]:
+        return tuple(getattr(dims, d) if isinstance(d, str) else d for d in self.shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchSpec:
+    """One batch layout. `rows` hold one row per example (split over the batch axes of the mesh); `shared` hold one
+    row for the whole batch (replicated, left whole by the micro-batch split) and are optional."""
+
+    kind: Kind
+    rows: tuple[ArraySpec, ...]
+    shared: tuple[ArraySpec, ...] = ()
+
+    @property
+    def row_keys(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.rows)
+
+    @property
+    def shared_keys(self) -> tuple[str, ...]:
+        return tuple(a.name for a in self.shared)
+
+    def arrays(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The spec's arrays of `batch` in the spec's dtypes (every row array, the shared ones present)."""
+        missing = [k for k in self.row_keys if k not in batch]
+        if missing:
+            raise ValueError(f"{self.kind} batch without {missing} (keys: {sorted(batch)})")
+        return {a.name: np.asarray(batch[a.name], a.dtype) for a in self.rows + self.shared if a.name in batch}
+
+    def shapes(self, dims: Dims, *, shared: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """{name: (shape, dtype)} of a batch of these sizes (with the shared arrays if `shared`)."""
+        specs = self.rows + (self.shared if shared else ())
+        return {a.name: (a.shape_for(dims), np.dtype(a.dtype)) for a in specs}
+
+
+FRAMES = ArraySpec("frames", np.float32, ("batch", "frames", "image_size", "image_size", 3))
+
+CAPTION = BatchSpec(
+    "caption",
+    rows=(FRAMES, ArraySpec("text_ids", np.int32, ("batch", "max_txt_len")),
+          ArraySpec("text_mask", np.int32, ("batch", "max_txt_len"))),
+    shared=(ArraySpec("prompt_before", np.int32, (1, "prompt_before")),
+            ArraySpec("prompt_after", np.int32, (1, "prompt_after"))))
+
+INSTRUCTION = BatchSpec(
+    "instruction",
+    rows=(FRAMES, *(ArraySpec(k, np.int32, ("batch", "max_len")) for k in ("input_ids", "labels", "attention_mask"))))
+
+SPECS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION)}
+
+
+def batch_spec(kind: str) -> BatchSpec:
+    try:
+        return SPECS[kind]
+    except KeyError:
+        raise ValueError(f"unknown batch kind {kind!r} (one of {', '.join(SPECS)})") from None
+
+
+def kind_of(arrays: Mapping[str, Any]) -> Kind:
+    """The kind of bare arrays that come without their ``kind`` (fixtures, tests): the spec whose rows they hold."""
+    for spec in SPECS.values():
+        if all(k in arrays for k in spec.row_keys):
+            return spec.kind
+    raise ValueError(f"arrays {sorted(arrays)} are neither a caption {CAPTION.row_keys} nor an instruction "
+                     f"{INSTRUCTION.row_keys} batch")
+
+
+def llm_positions(kind: str, arrays: Mapping[str, Any], num_media: int) -> int:
+    """LLaMA sequence positions one batch fills: an instruction batch its ids; a caption batch BOS + the prompt +
+    the `num_media` query tokens + the text, per example."""
+    b = arrays["frames"].shape[0]
+    if kind == INSTRUCTION.kind:
+        return b * arrays["input_ids"].shape[1]
+    prompt = sum(arrays[k].shape[1] for k in CAPTION.shared_keys if k in arrays)
+    return b * (1 + prompt + num_media + arrays["text_ids"].shape[1])
