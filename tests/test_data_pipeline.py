@@ -230,7 +230,7 @@ def test_mixture_of_caption_and_instruction_datasets(toy, tiny_dir: Path):
         assert b["frames"].shape[1] == (4 if b["dataset"] == "webvid" else 1)
 
 
-def test_stage2_prompt_per_step_on_caption_batches_only(toy, tiny_dir: Path, tok):
+def test_stage2_prompt_per_step_on_caption_batches_only(toy, tiny_dir: Path, tiny_tok):
     """Stage 2: every caption batch carries the prompt drawn for its step (upstream: one random.choice per batch;
     here from (seed, step), so a resumed run draws the same) as shared (1, n) rows; instruction batches none. The
     layouts are the specs of `data.batch`."""
@@ -251,7 +251,7 @@ def test_stage2_prompt_per_step_on_caption_batches_only(toy, tiny_dir: Path, tok
         spec = CAPTION if b["kind"] == "caption" else INSTRUCTION
         assert set(spec.row_keys) <= set(b) and all(b[k].dtype == np.int32 for k in spec.row_keys[1:])
         if b["kind"] == "caption":
-            before, after = prompt_wrap_ids(random.Random(7 * 1_000_003 + step).choice(full), tok)
+            before, after = prompt_wrap_ids(random.Random(7 * 1_000_003 + step).choice(full), tiny_tok)
             np.testing.assert_array_equal(b["prompt_before"], np.asarray([before], np.int32))
             np.testing.assert_array_equal(b["prompt_after"], np.asarray([after], np.int32))
         else:
