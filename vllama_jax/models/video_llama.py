@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from ..config import ModelConfig
@@ -262,8 +263,6 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]
 
 def check_placeholders(input_ids: Any, num_media_tokens: int, placeholder_id: int) -> None:
     """Host-side check of path A's rule: each row holds exactly N consecutive placeholders (else ValueError)."""
-    import numpy as np
-
     ids = np.asarray(input_ids)
     for b, row in enumerate(ids):
         pos = np.flatnonzero(row == placeholder_id)

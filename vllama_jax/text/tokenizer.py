@@ -29,13 +29,22 @@ table is *not* resized for them (upstream behaviour, see upstream.md §5.2).
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import struct
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import numpy as np
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
+
 from ..errors import VllamaError
+
+# transformers is imported inside the functions that build an "hf" tokenizer: it takes seconds to import, and the
+# SentencePiece family (every LLaMA / Vicuna / LLaMA-2 model) never needs it.
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 AUDIO_PLACEHOLDER = "<AudioHere>"
@@ -205,8 +214,6 @@ class LlamaSPTokenizer(Tokenizer):
     ):
         """From a SentencePiece model file (``model_file``) or its serialized bytes (``model_proto``, e.g. rebuilt
         from a GGUF; ``source`` names where it came from)."""
-        import sentencepiece as spm
-
         if model_proto is None:
             if model_file is None:
                 raise TypeError("LlamaSPTokenizer needs model_file or model_proto")
@@ -519,10 +526,6 @@ def read_gguf_metadata(path, arrays: Sequence[str] = ()) -> dict:
     """Key/value metadata of a GGUF file (header only, tensors untouched). Arrays are reported as
     ``("array", n)`` except the keys listed in ``arrays``, which are returned in full (lists of str, or numpy arrays
     for numbers). Raises :class:`TokenizerError` for anything that is not a readable GGUF file."""
-    import mmap
-
-    import numpy as np
-
     path = Path(path)
     want = set(arrays)
     try:
@@ -671,7 +674,7 @@ def _hf_from_gguf_fast(meta: dict):
     """Build the transformers tokenizer from metadata we already parsed, through transformers' own GGUF tokenizer
     converter (what ``AutoTokenizer.from_pretrained(gguf_file=...)`` does, without parsing the file twice with the
     slow ``gguf`` reader). Private transformers API: the caller falls back to the public path on any failure."""
-    from transformers import PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast  # lazy: heavy (see the imports)
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     tdict = {}
@@ -703,21 +706,19 @@ def _sp_proto_from_gguf(meta: dict) -> bytes:
     normalization, no extra-whitespace removal, byte fallback if there are byte pieces, whitespace-only pieces
     allowed if the vocabulary has any (``▁▁``...), dummy prefix from ``tokenizer.ggml.add_space_prefix`` (default
     on)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
     tokens = meta["tokenizer.ggml.tokens"]
     scores = meta.get("tokenizer.ggml.scores")
     types = meta.get("tokenizer.ggml.token_type")
     if scores is None or types is None or len(scores) != len(tokens) or len(types) != len(tokens):
         raise ValueError("GGUF llama vocabulary without per-token scores and types")
-    m = pb.ModelProto()
+    m = sentencepiece_model_pb2.ModelProto()
     for tok, sc, ty in zip(tokens, scores.tolist(), types.tolist()):
         piece = m.pieces.add()
         piece.piece = tok
         piece.score = float(sc)
         piece.type = int(ty) if int(ty) in (1, 2, 3, 4, 5, 6) else 1
     ts = m.trainer_spec
-    ts.model_type = pb.TrainerSpec.BPE
+    ts.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
     ts.vocab_size = len(tokens)
     ts.byte_fallback = any(int(t) == 6 for t in types.tolist())
     ts.allow_whitespace_only_pieces = any(len(t) > 1 and set(t) == {"\u2581"} for t in tokens)
@@ -770,8 +771,6 @@ def _load_gguf(path: Path) -> Tokenizer:
     meta = read_gguf_metadata(path, arrays=_GGUF_ARRAYS)
     if not isinstance(meta.get("tokenizer.ggml.tokens"), list):
         raise TokenizerError(path, "GGUF file without a tokenizer (no tokenizer.ggml.tokens)")
-    import warnings
-
     if meta.get("tokenizer.ggml.model") == "llama" and "tokenizer.ggml.scores" in meta:
         try:
             return _load_gguf_llama(path, meta)
@@ -787,7 +786,7 @@ def _load_gguf(path: Path) -> Tokenizer:
             hf = None
         if hf is None:
             try:
-                from transformers import AutoTokenizer
+                from transformers import AutoTokenizer  # lazy: heavy (see the imports)
 
                 hf = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
             except Exception as e:  # transformers raises many types for unsupported GGUF vocabularies
@@ -814,7 +813,7 @@ def _load_gguf(path: Path) -> Tokenizer:
 def _load_hf_folder(folder: Path) -> HFTokenizer:
     meta = _read_json(folder / META_FILE)
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # lazy: heavy (see the imports)
 
         hf = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
