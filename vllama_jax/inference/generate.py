@@ -24,8 +24,8 @@ same). With an embeddings prompt HF 5.x only sees the generated ids; transformer
 `input_ids` from a dummy [BOS], which was penalised as well — pass `penalty_ids=[[bos]]` to reproduce that.
 Upstream uses repetition_penalty 1.0 (off), so this never matters for the demo defaults.
 
-`GenerationConfig`, `GenerationOutput`, the errors and `process_logits` are re-exported here, the module callers
-import the generation API from.
+`GenerationConfig`, `GenerationOutput`, the input errors and `process_logits` are re-exported here, the module
+callers import the generation API from.
 """
 
 from __future__ import annotations
@@ -39,12 +39,8 @@ import numpy as np
 from .beam import BeamSearch
 from .engine import DecodeEngine
 from .generation_config import (
-    FINISH_EOS,
-    FINISH_LENGTH,
-    FINISH_STOP,
     GenerationConfig,
     GenerationConfigError,
-    GenerationError,
     GenerationInputError,
     GenerationOutput,
     StreamCallback,
@@ -137,16 +133,6 @@ class Generator(DecodeEngine):
         return self._scorer.score(prompt_embeds, candidates, attention_mask)
 
 
-__all__ = [
-    "FINISH_EOS",
-    "FINISH_LENGTH",
-    "FINISH_STOP",
-    "GenerationConfig",
-    "GenerationConfigError",
-    "GenerationError",
-    "GenerationInputError",
-    "GenerationOutput",
-    "Generator",
-    "StreamCallback",
-    "process_logits",
-]
+# Generator is defined here; the rest is re-exported for callers that import the generation API from this module.
+__all__ = ["GenerationConfig", "GenerationConfigError", "GenerationInputError", "GenerationOutput", "Generator",
+           "process_logits"]
