@@ -10,9 +10,8 @@ from .tokenizer import (
     LlamaSPTokenizer,
     Tokenizer,
     TokenizerError,
-    load_tokenizer,
-    read_gguf_metadata,
 )
+from .tokenizer_files import load_tokenizer, read_gguf_metadata
 from .conversation import (
     AUDIO_VIDEO_UPLOAD_MESSAGE,
     DEMO_SYSTEM_AUDIOVIDEO,
