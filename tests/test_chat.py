@@ -12,17 +12,9 @@ import pytest
 
 from tests.helpers import assert_close
 from tests.media_helpers import make_video
-from vllama_jax.inference.chat import (
-    AUDIO_UPLOAD_MESSAGE,
-    ChatError,
-    Prompt,
-    VideoLLaMAChat,
-    audio_upload,
-    image_upload,
-    media_kind,
-    video_upload,
-)
+from vllama_jax.inference.chat import ChatError, Prompt, VideoLLaMAChat
 from vllama_jax.inference.generate import GenerationConfig
+from vllama_jax.inference.uploads import AUDIO_UPLOAD_MESSAGE, audio_upload, image_upload, media_kind, video_upload
 from vllama_jax.models.llama import Llama
 from vllama_jax.sharding import make_mesh
 from vllama_jax.text import (

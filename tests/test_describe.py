@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from vllama_jax.inference.chat import video_upload
+from vllama_jax.inference.uploads import video_upload
 from vllama_jax.inference.describe import describe, find_videos, path_key, read_done
 from vllama_jax.media import UnreadableMediaError
 

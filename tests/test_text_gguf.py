@@ -66,7 +66,7 @@ def test_known_ids(smol, text):
 def test_public_transformers_path_agrees(smollm2_path, smol, monkeypatch):
     """Loading goes through transformers' GGUF tokenizer converter on metadata we parse ourselves (fast); if that
     private API fails it falls back to AutoTokenizer.from_pretrained(gguf_file=...). Both must agree."""
-    from vllama_jax.text import tokenizer as tkmod
+    from vllama_jax.text import tokenizer_files as tkmod
 
     def broken(meta):
         raise RuntimeError("simulated API change")

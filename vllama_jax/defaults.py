@@ -242,9 +242,9 @@ def _write_cache(path: Path, params: dict[str, Any], meta: dict) -> None:
 
 def embedded_model(seed: int = 0, mesh: Any = None, *, use_cache: bool = True):
     """Build the embedded default model: a ``weights.model_dir.LoadedModel`` (config, params, tokenizer, path =
-    the GGUF file, manifest with ``"embedded": True``). ``mesh``: a Mesh or a spec string such as
-    ``"data=1,fsdp=2,tensor=4"``; the params are then placed by the logical-axis rules (otherwise they stay
-    host numpy arrays; the chat API places them). ~20 s the first time, ~6 s from the cache."""
+    the GGUF file, manifest with ``"embedded": True``). The params are placed (``models.place_params``) on
+    ``mesh`` (a Mesh or a spec string such as ``"data=1,fsdp=2,tensor=4"``) by the logical-axis rules, or on the
+    default device when it is None. ~20 s the first time, ~6 s from the cache."""
 
     gguf = smollm2_gguf_path()
     llama_config, llama_params = load_smollm2(gguf, use_cache=use_cache)
@@ -254,8 +254,7 @@ def embedded_model(seed: int = 0, mesh: Any = None, *, use_cache: bool = True):
     params = _cached_towers(config, seed, proj_rms, use_cache)
     params[LLM_GROUP] = llama_params
     tokenizer = load_tokenizer(gguf)
-    if mesh is not None:
-        params = place_params(config, params, mesh)
+    params = place_params(config, params, mesh)
     manifest = {"embedded": True, "name": EMBEDDED_NAME, "seed": int(seed), "llm_source": str(gguf),
                 "notice": EMBEDDED_NOTICE}
     return LoadedModel(config=config, params=params, tokenizer=tokenizer, path=gguf, manifest=manifest)

@@ -1,25 +1,30 @@
-"""Inference: the generation engine (``generate``), the chat API (``chat``) and batch description (``describe``).
+"""Inference: the chat API (``chat``, media uploads in ``uploads``), batch description (``describe``) and the
+generation engine (``generate`` = ``Generator``, built from ``generation_config``, ``sampling``, ``engine``,
+``beam``, ``score``; ``placement``: parameters placed once).
 
-Submodules are imported lazily so that ``import vllama_jax.inference.generate`` stays light.
+The names below are exported lazily on purpose: importing any submodule runs this file first, and eager imports
+here would make ``import vllama_jax.inference.generate`` (a text-only LLM engine) load the media decoders
+(PyAV, librosa) and the model-directory code that only the chat needs.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 _EXPORTS = {
-    "GenerationConfig": "generate",
-    "GenerationOutput": "generate",
+    "GenerationConfig": "generation_config",
+    "GenerationOutput": "generation_config",
     "Generator": "generate",
     "VideoLLaMAChat": "chat",
     "Chat": "chat",
     "ChatContext": "chat",
     "ChatError": "chat",
     "Prompt": "chat",
-    "Upload": "chat",
-    "video_upload": "chat",
-    "image_upload": "chat",
-    "audio_upload": "chat",
-    "media_kind": "chat",
+    "Upload": "uploads",
+    "video_upload": "uploads",
+    "image_upload": "uploads",
+    "audio_upload": "uploads",
+    "media_kind": "uploads",
     "describe": "describe",
     "DescribeResult": "describe",
     "find_videos": "describe",
@@ -31,8 +36,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    import importlib
-
     value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
     globals()[name] = value
     return value

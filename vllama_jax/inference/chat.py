@@ -14,18 +14,8 @@ print(chat.answer(GenerationConfig(do_sample=False, max_new_tokens=64)))
 chat.generate_batch([("Describe the video.", "a.mp4"), ("What is in the image?", "b.jpg"), "Say hi."])
 ```
 
-Flows (each upload starts a fresh conversation with an empty media list, as in the demos):
-
-* video with audio (``upload_video(path, with_audio=True)``): media list ``[audio, video]`` (8 + 32 rows upstream),
-  system ``""``, the "Close your eyes, open your ears ..." message (no frame-time message). If the audio cannot be
-  loaded (no audio stream, undecodable, or the model has no audio branch) it falls back to the video-only flow and
-  says why (``Upload.note``, logged on upload).
-* video without audio: ``"<Video><ImageHere></Video> " + frame-time message``; system ``""`` (demo_audiovideo.py,
-  the default ``demo="audiovideo"``) or the "You are able to understand ..." string (``demo="video"``).
-* image: ``"<Image><ImageHere></Image> "``, system "You are able to understand ...".
-* audio file (ours, no upstream flow): ``"Close your eyes, open your ears and you imagine only based on the sound
-  that: <ImageHere>. Now answer my question based on what you have just heard."``, system ``""``; the question is
-  joined to it like upstream joins it to a video/image message.
+Each upload starts a fresh conversation; the demo flows (video with / without audio, image, audio file) and their
+messages are in ``uploads.py``.
 
 ``ask`` joins the first question to the upload message with one space (upstream rule). ``answer`` builds the
 context like ``get_context_emb`` (upstream.md §6.4): render with a pending assistant turn, split the prompt string on
@@ -40,28 +30,24 @@ import dataclasses
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal, Sequence, Union
 
 import jax
 import numpy as np
 
 from ..config import ModelConfig
+from ..defaults import embedded_model
 from ..errors import VllamaError
 from ..media import MediaError, load_audio, load_image, load_video
 from ..models import build_model
+from ..models.groups import LLM_GROUP, branch_groups
 from ..models.layers import as_dtype
 from ..models.llama import Llama
-from ..models.groups import branch_groups
 from ..models.video_llama import VideoLLaMA
 from ..runtime import use_compilation_cache
+from ..sharding import batch_sharding, make_mesh
 from ..text import (
-    AUDIO_VIDEO_UPLOAD_MESSAGE,
-    DEMO_SYSTEM_AUDIOVIDEO,
-    DEMO_SYSTEM_IMAGE,
-    DEMO_SYSTEM_VIDEO,
     IMAGE_PLACEHOLDER,
-    IMAGE_UPLOAD_MESSAGE,
     Conversation,
     Tokenizer,
     ask as conversation_ask,
@@ -72,28 +58,18 @@ from ..text import (
     segment_token_ids,
     stop_token_sequences,
     upload as conversation_upload,
-    video_upload_message,
 )
 from ..text.conversation import TEMPLATES, SeparatorStyle, canonical_template_name
+from ..weights.model_dir import load_model_dir
+from .engine import round_up
 from .generate import GenerationConfig, GenerationOutput, Generator
-
-MediaKind = Literal["video", "image", "audio"]
+from .placement import placed
+from .uploads import MediaKind, Upload, audio_upload, image_upload, media_kind, video_upload
 
 #: upstream Chat.answer's context budget (max_length); the context keeps max_length - max_new_tokens positions
 MAX_LENGTH = 2000
 #: frames sampled per video (upstream load_video n_frms)
 NUM_FRAMES = 8
-#: ours: the audio-file flow has no upstream counterpart; it reuses the first sentence of the audio+video message
-AUDIO_UPLOAD_MESSAGE = (
-    "Close your eyes, open your ears and you imagine only based on the sound that: <ImageHere>. "
-    "Now answer my question based on what you have just heard."
-)
-
-VIDEO_EXTENSIONS = frozenset({".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
-                              ".3gp", ".ts", ".mts", ".ogv", ".gif"})
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-AUDIO_EXTENSIONS = frozenset({".wav", ".mp3", ".flac", ".ogg", ".m4a", ".aac", ".opus", ".wma"})
-
 #: parameter groups the vision path needs (a model directory without them cannot chat about videos)
 VISION_GROUPS = branch_groups("video")
 AUDIO_GROUPS = branch_groups("audio")
@@ -101,72 +77,6 @@ AUDIO_GROUPS = branch_groups("audio")
 
 class ChatError(VllamaError, RuntimeError):
     """The chat cannot do what was asked (e.g. an audio upload on a model without an audio branch)."""
-
-
-def media_kind(path: str | os.PathLike[str]) -> MediaKind:
-    """"image" / "audio" by file extension, anything else is treated as a video."""
-    ext = Path(path).suffix.lower()
-    if ext in IMAGE_EXTENSIONS:
-        return "image"
-    if ext in AUDIO_EXTENSIONS:
-        return "audio"
-    return "video"
-
-
-# ------------------------------------------------------------------------------------------------------------
-# uploads: decoded media + the message/system they put into a fresh conversation
-
-
-@dataclass
-class Upload:
-    """One media upload, preprocessed on the host, not yet encoded.
-
-    blocks: the media embedding blocks the message's ``<ImageHere>`` placeholders stand for, in order
-    (audio before video, upstream); frames: (T, H, W, 3) video frames or (1, H, W, 3) for an image; clips:
-    (S, 1, mel, time) audio fbank clips.
-    """
-
-    kind: MediaKind
-    message: str
-    system: str | None
-    blocks: tuple[str, ...]
-    frames: np.ndarray | None = None
-    clips: np.ndarray | None = None
-    path: str = ""
-    note: str = ""
-    join_question: bool = False
-
-    @property
-    def with_audio(self) -> bool:
-        return "audio" in self.blocks
-
-
-def video_upload(frames: np.ndarray, *, clips: np.ndarray | None = None, frame_message: str = "",
-                 demo: str = "audiovideo", path: str = "", note: str = "") -> Upload:
-    """The video flows of upstream.md §9: with ``clips`` the audio+video flow, otherwise video only (with the frame-time
-    message ``frame_message``; system per ``demo``: "audiovideo" -> "", "video" -> demo_video.py's string)."""
-    frames = np.asarray(frames, np.float32)
-    if frames.ndim != 4:
-        raise ValueError(f"video frames must be (T, H, W, 3), got shape {frames.shape}")
-    if clips is not None:
-        return Upload("video", AUDIO_VIDEO_UPLOAD_MESSAGE, DEMO_SYSTEM_AUDIOVIDEO, ("audio", "video"), frames,
-                      np.asarray(clips, np.float32), path, note)
-    system = DEMO_SYSTEM_VIDEO if demo == "video" else DEMO_SYSTEM_AUDIOVIDEO
-    return Upload("video", video_upload_message(frame_message), system, ("video",), frames, None, path, note)
-
-
-def image_upload(image: np.ndarray, *, path: str = "") -> Upload:
-    """Image flow: (H, W, 3) normalised image, 32 rows from the video Q-Former on one frame (upstream)."""
-    image = np.asarray(image, np.float32)
-    if image.ndim != 3:
-        raise ValueError(f"an image must be (H, W, 3), got shape {image.shape}")
-    return Upload("image", IMAGE_UPLOAD_MESSAGE, DEMO_SYSTEM_IMAGE, ("image",), image[None], None, path)
-
-
-def audio_upload(clips: np.ndarray, *, path: str = "") -> Upload:
-    """Audio-file flow (ours): (S, 1, mel, time) clips, the question is joined to the message."""
-    return Upload("audio", AUDIO_UPLOAD_MESSAGE, DEMO_SYSTEM_AUDIOVIDEO, ("audio",), None,
-                  np.asarray(clips, np.float32), path, join_question=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -245,8 +155,7 @@ def _stderr_log(message: str) -> None:
 def _bucket(n: int, multiple: int = 1) -> int:
     """Batch size actually compiled for n rows: the next power of two, rounded up to a multiple of the devices
     that shard the batch (fewer distinct shapes -> fewer compilations)."""
-    b = 1 << max(0, n - 1).bit_length()
-    return -(-b // multiple) * multiple
+    return round_up(1 << max(0, n - 1).bit_length(), multiple)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -258,8 +167,10 @@ class VideoLLaMAChat:
 
     config / params / tokenizer: a model (``weights.load_model_dir`` gives all three; params may be a subset of the
         groups: without the audio groups the audio branch is off). mesh: None (one device), a ``Mesh`` or a spec
-        string ``"data=1,fsdp=2,tensor=4"``; params are placed by the logical-axis rules, batches are sharded over
-        data x fsdp, and the answers are those of one device.
+        string ``"data=1,fsdp=2,tensor=4"``; batches are sharded over data x fsdp, and the answers are those of one
+        device. Params come placed (``load_model_dir(mesh=...)``, ``embedded_model(mesh=...)``,
+        ``models.place_params``) and are used as they are; host arrays are placed here, once
+        (``placement.placed``).
     template: conversation template name (default ``config.template``: "vicuna", "llama_2" or "chatml").
     demo: which demo's system strings to use for video uploads: "audiovideo" (demo_audiovideo.py: "") or "video"
         (demo_video.py). num_frames: frames sampled per video. max_length: upstream's context budget (2000).
@@ -274,11 +185,9 @@ class VideoLLaMAChat:
                  num_frames: int = NUM_FRAMES, max_length: int = MAX_LENGTH,
                  generation_config: GenerationConfig | None = None, compilation_cache: bool | str = True,
                  notice: str | None = None, name: str = "", log: Callable[[str], None] | None = None) -> None:
-        from ..sharding import make_mesh
-
         if tokenizer is None:
             raise ChatError("the model has no tokenizer (a model directory needs its tokenizer/ folder to chat)")
-        missing = [g for g in VISION_GROUPS + ("llama",) if g not in params]
+        missing = [g for g in VISION_GROUPS + (LLM_GROUP,) if g not in params]
         if missing:
             raise ChatError(f"the model lacks parameter group(s) {', '.join(missing)} needed to chat")
         if not 1 <= num_frames <= config.max_frame_pos:
@@ -300,18 +209,16 @@ class VideoLLaMAChat:
         self.mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         self.has_audio = config.equip_audio_branch and all(g in params for g in AUDIO_GROUPS)
 
-        self.params = self._place(params)
+        self.params = placed(config, params, self.mesh)
         self.model: VideoLLaMA = build_model(config)
         p = config.precision
-        self.llama = Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params))
-        self.generator = Generator(self.llama, self.params["llama"], mesh=self.mesh, compilation_cache=False)
-        self._towers = {k: v for k, v in self.params.items() if k != "llama"}
-        self._embed_params = {"embed_tokens": self.params["llama"]["embed_tokens"]}
+        llama = Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params))
+        self.generator = Generator(llama, self.params[LLM_GROUP], mesh=self.mesh, compilation_cache=False)
+        self._towers = {k: v for k, v in self.params.items() if k != LLM_GROUP}
         model = self.model
         self._encode_fns = {
             kind: jax.jit(lambda prm, x, _m=method: model.apply({"params": prm}, x, method=_m))
             for kind, method in (("video", VideoLLaMA.encode_video), ("audio", VideoLLaMA.encode_audio))}
-        self._embed_fn = jax.jit(lambda prm, ids: self.llama.apply({"params": prm}, ids, method=Llama.embed))
 
         self.conv: Conversation = get_template(self.template, tokenizer)
         self.media: list[np.ndarray] = []
@@ -323,10 +230,7 @@ class VideoLLaMAChat:
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
     def from_model_dir(cls, path: str | os.PathLike, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
-        """Load a converted model directory (``vllama-jax convert`` / ``save_model_dir``) onto ``mesh``."""
-        from ..sharding import make_mesh
-        from ..weights.model_dir import load_model_dir
-
+        """Load a converted model directory (``vllama-jax convert`` / ``save_model_dir``) straight onto ``mesh``."""
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         return cls.from_loaded(load_model_dir(path, mesh=mesh), mesh=mesh, **kw)
 
@@ -340,17 +244,10 @@ class VideoLLaMAChat:
 
     @classmethod
     def embedded(cls, seed: int = 0, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
-        """The embedded default model (``vllama_jax.defaults``): SmolLM2-135M-Instruct + untrained CPU towers."""
-        from ..defaults import embedded_model
-
-        return cls.from_loaded(embedded_model(seed), mesh=mesh, **kw)
-
-    def _place(self, params: dict[str, Any]) -> dict[str, Any]:
-        if self.mesh is None:
-            return jax.device_put(params)
-        from ..defaults import place_params
-
-        return place_params(self.config, params, self.mesh)
+        """The embedded default model (``vllama_jax.defaults``): SmolLM2-135M-Instruct + untrained CPU towers,
+        built onto ``mesh``."""
+        mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        return cls.from_loaded(embedded_model(seed, mesh=mesh), mesh=mesh, **kw)
 
     @property
     def batch_multiple(self) -> int:
@@ -420,8 +317,6 @@ class VideoLLaMAChat:
         return out
 
     def _run_encoder(self, enc: str, xs: list[np.ndarray]) -> list[np.ndarray]:
-        from ..sharding import batch_sharding
-
         n = len(xs)
         batch = np.zeros((_bucket(n, self.batch_multiple),) + xs[0].shape, np.float32)
         batch[:n] = np.stack(xs)
@@ -436,7 +331,7 @@ class VideoLLaMAChat:
         ids = np.zeros((1, max(16, 1 << max(0, total - 1).bit_length())), np.int32)
         ids[0, :total] = [t for r in rows for t in r]
         ids[ids >= self.config.llama.vocab_size] = 0  # as VideoLLaMA.embed_tokens: the table is not resized
-        flat = np.asarray(self._embed_fn(self._embed_params, ids))[0, :total].astype(np.float32)
+        flat = np.asarray(self.generator.embed(ids))[0, :total].astype(np.float32)
         return np.split(flat, np.cumsum(lengths)[:-1]) if rows else []
 
     # ---- conversation ---------------------------------------------------------------------------------------
@@ -567,7 +462,7 @@ class VideoLLaMAChat:
     def _pad_rows(self, rows: list, pad_to: int | None) -> list:
         """``rows`` + copies of its first row up to ``max(len, pad_to)`` rounded up to ``batch_multiple`` (a fixed
         batch shape reuses compiled programs; the caller drops the extra rows' results)."""
-        target = -(-max(len(rows), pad_to or 0) // self.batch_multiple) * self.batch_multiple
+        target = round_up(max(len(rows), pad_to or 0), self.batch_multiple)
         return rows + [rows[0]] * (target - len(rows))
 
     def answer(self, generation_config: GenerationConfig | None = None, rng: Any = None,
@@ -665,17 +560,11 @@ class VideoLLaMAChat:
 Chat = VideoLLaMAChat
 
 __all__ = [
-    "AUDIO_UPLOAD_MESSAGE",
     "Chat",
     "ChatContext",
     "ChatError",
     "MAX_LENGTH",
     "NUM_FRAMES",
     "Prompt",
-    "Upload",
     "VideoLLaMAChat",
-    "audio_upload",
-    "image_upload",
-    "media_kind",
-    "video_upload",
 ]

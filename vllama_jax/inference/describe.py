@@ -28,10 +28,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import jax
+from tqdm import tqdm
 
 from ..media import MediaError
-from .chat import VIDEO_EXTENSIONS, Upload, VideoLLaMAChat
+from .chat import VideoLLaMAChat
 from .generate import GenerationConfig
+from .uploads import VIDEO_EXTENSIONS, Upload
 
 
 @dataclass
@@ -139,8 +141,6 @@ def describe(model: VideoLLaMAChat, videos: Sequence[str | os.PathLike], prompt:
     key = None
     if rng is not None:
         key = jax.random.PRNGKey(int(rng)) if isinstance(rng, int) else rng
-
-    from tqdm import tqdm
 
     model_name = getattr(model, "name", "")
     answered = errors = 0

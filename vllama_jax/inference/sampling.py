@@ -13,15 +13,21 @@ moving a temperature slider does not recompile.
 Two deliberate simplifications, both only visible with exactly tied logits: top-k keeps every token tied with the
 k-th value (as HF does) but top-p is computed over the k best only; top-p keeps every token tied with its cut-off
 value (HF cuts inside a run of ties by sort position).
+
+The host-side half turns a `GenerationConfig` into these inputs (`processor_setup`), and `process_logits` applies
+the whole chain outside the engine (for tests and callers that sample themselves).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from .generation_config import GenerationConfig, GenerationInputError
 
 NEG_INF = -jnp.inf
 
@@ -134,3 +140,79 @@ def stop_sequence_hits(recent: jax.Array, num_generated: jax.Array, stop_ids: ja
     long_enough = (num_generated[..., None] >= stop_lens) & (stop_lens > 0)  # (..., S)
     return jnp.any(jnp.all(equal, axis=-1) & long_enough, axis=-1)
 
+
+# ------------------------------------------------------------------------------------------------------------
+# from a GenerationConfig (host side)
+
+
+def processor_spec(cfg: GenerationConfig, num_eos: int) -> ProcessorSpec:
+    """The static processing switches for a config (greedy configs all map to one spec, so e.g. a temperature
+    change under greedy decoding does not recompile)."""
+    if not cfg.do_sample:
+        return ProcessorSpec()
+    # HF keeps n_eos + 1 tokens in beam methods so that a non-EOS continuation always survives.
+    min_keep = num_eos + 1 if cfg.num_beams > 1 else 1
+    return ProcessorSpec(do_sample=True, top_k=max(cfg.top_k, min_keep) if cfg.top_k > 0 else 0,
+                         use_top_p=cfg.top_p < 1.0, min_tokens_to_keep=min_keep)
+
+
+def suppress_mask(cfg: GenerationConfig, vocab_size: int) -> np.ndarray:
+    """Ids held back by min_new_tokens: EOS ids and single-token stop sequences (ids outside the vocab, e.g.
+    LLaMA's "###" id 835 with a tiny test vocabulary, are ignored)."""
+    mask = np.zeros((vocab_size,), np.bool_)
+    ids = list(cfg.eos_ids) + [s[0] for s in cfg.stop_sequences if len(s) == 1]
+    for i in ids:
+        if i < vocab_size:
+            mask[i] = True
+    return mask
+
+
+def processor_values(cfg: GenerationConfig, suppress: np.ndarray) -> ProcessorValues:
+    """The traced numbers of the processing for a config."""
+    return ProcessorValues(
+        temperature=np.float32(cfg.temperature),
+        top_p=np.float32(cfg.top_p),
+        repetition_penalty=np.float32(cfg.repetition_penalty),
+        min_new_tokens=np.int32(cfg.min_new_tokens),
+        suppress=suppress,
+    )
+
+
+def presence_from_ids(rows: Sequence[Sequence[int]] | None, batch: int, vocab_size: int) -> np.ndarray:
+    """(B, V) bool: which ids each row has seen (negative / out-of-vocab ids ignored)."""
+    presence = np.zeros((batch, vocab_size), np.bool_)
+    if rows is not None:
+        if len(rows) != batch:
+            raise GenerationInputError(f"penalty ids have {len(rows)} rows, the batch has {batch}")
+        for b, ids in enumerate(rows):
+            ids = np.asarray(ids, np.int64).reshape(-1)
+            ids = ids[(ids >= 0) & (ids < vocab_size)]
+            presence[b, ids] = True
+    return presence
+
+
+def process_logits(logits: jax.Array | np.ndarray, generated: jax.Array | np.ndarray | None = None, step: int = 0,
+                   config: GenerationConfig | None = None) -> jax.Array:
+    """The processed next-token scores the engine samples from (filtered entries are -inf).
+
+    logits: (B, V) raw logits (log-probs in beam search, as HF); generated: (B, T) ids counted by the repetition
+    penalty (negative entries ignored; HF passes the prompt ids + generated ids), `step`: tokens generated so
+    far (for min_new_tokens). Same order and semantics as transformers' `LogitsProcessorList` built by
+    `generate`: RepetitionPenalty -> MinNewTokensLength -> (sampling only) Temperature -> TopK -> TopP.
+    `jax.nn.softmax` of the result is the sampling distribution.
+    """
+    cfg = config or GenerationConfig()
+    logits = jnp.asarray(logits, jnp.float32)
+    batch, vocab = logits.shape
+    rows = None if generated is None else np.asarray(generated).reshape(batch, -1).tolist()
+    spec, values, presence = processor_setup(cfg, batch, vocab, rows)
+    return process_scores(logits, jnp.asarray(presence), jnp.int32(step), values, spec)
+
+
+def processor_setup(cfg: GenerationConfig, batch: int, vocab_size: int,
+                    penalty_ids: Sequence[Sequence[int]] | None = None
+                    ) -> tuple[ProcessorSpec, ProcessorValues, np.ndarray]:
+    """(static spec, traced values, (B, V) seen-ids presence) of a config for a batch."""
+    spec = processor_spec(cfg, len(cfg.eos_ids))
+    values = processor_values(cfg, suppress_mask(cfg, vocab_size))
+    return spec, values, presence_from_ids(penalty_ids, batch, vocab_size)

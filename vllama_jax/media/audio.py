@@ -16,6 +16,8 @@ Pipeline (upstream.md §4.1, upstream.md §13.2), per file:
 
 Only the samples that the clips (plus the resampler's context) touch are ever resampled; on long files only
 those are decoded too (``decode="auto"``, see ``load_audio``).
+
+One module on purpose: it is that one pipeline, file to clips (its fbank and resampler serve nothing else).
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ..config import ViTConfig
-from .layers import Dtype, LayerNorm, Mlp, dense, dot_product_attention, merge_heads, split_heads, with_axes
+from .layers import (ConfiguredModule, Dtype, LayerNorm, Mlp, dense, dot_product_attention, merge_heads, split_heads,
+                     with_axes)
 
 
 class EvaAttention(nn.Module):
@@ -32,10 +32,7 @@ class EvaAttention(nn.Module):
         return dense(d, ("heads", "embed"), "proj", **kw)(out)
 
 
-class EvaBlock(nn.Module):
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+class EvaBlock(ConfiguredModule):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -47,12 +44,9 @@ class EvaBlock(nn.Module):
         return x
 
 
-class EvaViT(nn.Module):
-    """(N, H, W, 3) normalized images -> (N, 1 + (H/14)*(W/14), width) tokens."""
+class EvaViT(ConfiguredModule):
+    """(N, H, W, 3) normalized images -> (N, 1 + (H/14)*(W/14), width) tokens; `config`: a `ViTConfig`."""
 
-    config: ViTConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     remat: bool = False
 
     @nn.compact

@@ -30,7 +30,8 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import ImageBindAudioConfig, ImageBindVisionConfig
-from .layers import Dtype, LayerNorm, Mlp, dense, dot_product_attention, merge_heads, split_heads, with_axes
+from .layers import (ConfiguredModule, Dtype, LayerNorm, Mlp, dense, dot_product_attention, merge_heads, split_heads,
+                     with_axes)
 
 
 def fbank_to_channels_last(audio: jax.Array) -> jax.Array:
@@ -163,15 +164,13 @@ def _head(module: nn.Module, x: jax.Array, out_dim: int, eps: float) -> tuple[ja
     return feature, _l2_normalize(proj)
 
 
-class ImageBindAudio(nn.Module):
+class ImageBindAudio(ConfiguredModule):
     """ImageBind audio tower: fbank (N, mel, time, 1) -> (feature (N, width), embedding (N, out_dim)).
 
-    `embedding` = logit_scale * l2normalize(head(feature)), the value Video-LLaMA uses (norm 20).
+    `embedding` = logit_scale * l2normalize(head(feature)), the value Video-LLaMA uses (norm 20). `config`: an
+    `ImageBindAudioConfig`.
     """
 
-    config: ImageBindAudioConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     remat: bool = False
     drop_path_per_sample: bool = False  # False = upstream behaviour (see module docstring)
 
@@ -247,16 +246,14 @@ def _resize_patch_pos_embed(pos: jax.Array, grid_in: int, grid_out: int) -> jax.
     return out.reshape(1, grid_out * grid_out, -1)
 
 
-class ImageBindVision(nn.Module):
+class ImageBindVision(ConfiguredModule):
     """ImageBind vision tower: images (N, H, W, 3) -> (feature (N, width), embedding (N, out_dim), unit norm).
 
     The params are sized for `config.image_size`; another square size that the patch divides is accepted and
     the patch position table is resized bicubically, as upstream does (e.g. 56x56 frames of a small test model).
+    `config`: an `ImageBindVisionConfig`.
     """
 
-    config: ImageBindVisionConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     remat: bool = False
 
     @nn.compact

@@ -60,6 +60,15 @@ def dense(features: int, axes: tuple[str | None, str | None], name: str | None =
     )
 
 
+class ConfiguredModule(nn.Module):
+    """The fields of every module built from a config section: ``config`` (a ``ViTConfig``, ``QFormerConfig``,
+    ``ImageBind*Config`` or ``LlamaConfig``), the compute dtype and the parameter dtype."""
+
+    config: Any
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+
 class LayerNorm(nn.Module):
     """LayerNorm computed in float32 (as upstream's fp16-safe LayerNorm), returned in the input dtype."""
 

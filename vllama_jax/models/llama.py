@@ -39,9 +39,8 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import LlamaConfig
-from .layers import RMSNorm, dense, dot_product_attention, normal_init, with_axes
+from .layers import ConfiguredModule, Dtype, RMSNorm, dense, dot_product_attention, normal_init, with_axes
 
-Dtype = Any
 Cache = dict[str, Any]
 
 CACHE_KV_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
@@ -117,11 +116,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # modules
 
 
-class LlamaAttention(nn.Module):
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
+class LlamaAttention(ConfiguredModule):
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
                  layer_cache: dict[str, jax.Array] | None, index: jax.Array | None
@@ -147,11 +142,7 @@ class LlamaAttention(nn.Module):
         return out, new_cache
 
 
-class LlamaMLP(nn.Module):
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
+class LlamaMLP(ConfiguredModule):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = self.config
@@ -161,11 +152,7 @@ class LlamaMLP(nn.Module):
         return dense(c.hidden_size, ("mlp", "embed"), "down_proj", **kw)(jax.nn.silu(gate) * up)
 
 
-class LlamaDecoderLayer(nn.Module):
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-
+class LlamaDecoderLayer(ConfiguredModule):
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
                  layer_cache: dict[str, jax.Array] | None = None, index: jax.Array | None = None
@@ -180,17 +167,15 @@ class LlamaDecoderLayer(nn.Module):
         return x.astype(self.dtype), new_cache
 
 
-class Llama(nn.Module):
-    """The LLaMA decoder + LM head. See the module docstring for the params tree and the cache layout.
+class Llama(ConfiguredModule):
+    """The LLaMA decoder + LM head (`config`: a `LlamaConfig`). See the module docstring for the params tree and
+    the cache layout.
 
     `remat=True` rematerialises each decoder layer in the backward pass (training memory).
     Per-layer outputs are sown into the "intermediates" collection (`layer{i}`, `final_norm`) when it is
     mutable: `apply(..., mutable=["intermediates"])`; they cost nothing otherwise.
     """
 
-    config: LlamaConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
     remat: bool = False
 
     def setup(self) -> None:

@@ -13,16 +13,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from ..config import QFormerConfig
-from .layers import Dtype, LayerNorm, dense, dot_product_attention, gelu, merge_heads, split_heads
+from .layers import ConfiguredModule, LayerNorm, dense, dot_product_attention, gelu, merge_heads, split_heads
 
 
-class QFormerAttention(nn.Module):
+class QFormerAttention(ConfiguredModule):
     """BERT attention + output sub-layer: LN(h + Dropout(Dense(Attn(h, memory))))."""
-
-    config: QFormerConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array, memory: jax.Array | None = None, deterministic: bool = True) -> jax.Array:
@@ -41,11 +36,8 @@ class QFormerAttention(nn.Module):
         return LayerNorm(c.layer_norm_eps, name="output_layernorm", out_dtype=jnp.float32)(h + out)
 
 
-class QFormerLayer(nn.Module):
-    config: QFormerConfig
-    has_cross_attention: bool
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+class QFormerLayer(ConfiguredModule):
+    has_cross_attention: bool = False
 
     @nn.compact
     def __call__(self, h: jax.Array, memory: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -60,12 +52,9 @@ class QFormerLayer(nn.Module):
         return LayerNorm(c.layer_norm_eps, name="output_query_layernorm", out_dtype=jnp.float32)(h + ff)
 
 
-class QFormer(nn.Module):
-    """queries (B, Q, hidden) cross-attending to memory (B, M, encoder_width) -> (B, Q, hidden)."""
-
-    config: QFormerConfig
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
+class QFormer(ConfiguredModule):
+    """queries (B, Q, hidden) cross-attending to memory (B, M, encoder_width) -> (B, Q, hidden); `config`: a
+    `QFormerConfig`."""
 
     @nn.compact
     def __call__(self, queries: jax.Array, memory: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -73,7 +62,7 @@ class QFormer(nn.Module):
         h = LayerNorm(c.layer_norm_eps, name="embeddings_layernorm", out_dtype=jnp.float32)(queries)
         h = nn.Dropout(c.dropout)(h, deterministic=deterministic)
         for i in range(c.num_layers):
-            h = QFormerLayer(c, c.has_cross_attention(i), dtype=self.dtype, param_dtype=self.param_dtype,
+            h = QFormerLayer(c, self.dtype, self.param_dtype, has_cross_attention=c.has_cross_attention(i),
                              name=f"layer_{i}")(h, memory, deterministic)
             self.sow("intermediates", f"layer{i}", h)
         return h

@@ -15,9 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
-from ..config import ModelConfig
+from ..config import ModelConfig, QFormerConfig
 from .eva_vit import EvaViT
 from .imagebind import ImageBindEncoder
 from .layers import LayerNorm, as_dtype, dense, with_axes
@@ -40,31 +41,19 @@ class VideoLLaMA(nn.Module):
         self.visual_encoder = EvaViT(c.vit, dtype=vit_dt, param_dtype=as_dtype(p.vit_params), remat=self.remat_vit)
         self.ln_vision = LayerNorm(c.vit.ln_vision_eps)
         self.qformer = QFormer(c.qformer, dtype=qf_dt)
-        self.query_tokens = self.param(
-            "query_tokens", with_axes(nn.initializers.normal(0.02), (None, "queries", "embed")),
-            (1, c.qformer.num_query_tokens, c.qformer.hidden_size), jnp.float32)
-        # nn.Embedding default init N(0, 1), as upstream (upstream.md §3.5)
-        self.video_frame_position_embedding = nn.Embed(
-            c.max_frame_pos, c.qformer.hidden_size, param_dtype=train_pdt,
-            embedding_init=with_axes(nn.initializers.normal(1.0), ("positions", "embed")))
+        self.query_tokens = _query_tokens(self, "query_tokens", c.qformer, jnp.float32)
+        self.video_frame_position_embedding = _position_table(c.max_frame_pos, c.qformer.hidden_size, train_pdt)
         self.video_qformer = QFormer(c.video_qformer, dtype=qf_dt, param_dtype=train_pdt)
-        self.video_query_tokens = self.param(
-            "video_query_tokens", with_axes(nn.initializers.normal(0.02), (None, "queries", "embed")),
-            (1, c.video_qformer.num_query_tokens, c.video_qformer.hidden_size), train_pdt)
-        self.llama_proj = dense(c.llama.hidden_size, (None, "embed"), dtype=qf_dt, param_dtype=train_pdt,
-                                kernel_init=_torch_linear_init(c.video_qformer.hidden_size))
+        self.video_query_tokens = _query_tokens(self, "video_query_tokens", c.video_qformer, train_pdt)
+        self.llama_proj = _llm_projection(c.llama.hidden_size, c.video_qformer, qf_dt, train_pdt)
         if c.equip_audio_branch:
             self.audio_encoder = ImageBindEncoder(c.imagebind_audio, c.imagebind_vision, with_vision=True,
                                                   dtype=as_dtype(p.imagebind))
-            self.audio_position_embedding = nn.Embed(
-                c.num_audio_positions, c.imagebind_audio.out_dim, param_dtype=train_pdt,
-                embedding_init=with_axes(nn.initializers.normal(1.0), ("positions", "embed")))
+            self.audio_position_embedding = _position_table(c.num_audio_positions, c.imagebind_audio.out_dim,
+                                                            train_pdt)
             self.audio_qformer = QFormer(c.audio_qformer, dtype=qf_dt, param_dtype=train_pdt)
-            self.audio_query_tokens = self.param(
-                "audio_query_tokens", with_axes(nn.initializers.normal(0.02), (None, "queries", "embed")),
-                (1, c.audio_qformer.num_query_tokens, c.audio_qformer.hidden_size), train_pdt)
-            self.audio_llama_proj = dense(c.llama.hidden_size, (None, "embed"), dtype=qf_dt, param_dtype=train_pdt,
-                                          kernel_init=_torch_linear_init(c.audio_qformer.hidden_size))
+            self.audio_query_tokens = _query_tokens(self, "audio_query_tokens", c.audio_qformer, train_pdt)
+            self.audio_llama_proj = _llm_projection(c.llama.hidden_size, c.audio_qformer, qf_dt, train_pdt)
         self.llama = Llama(c.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params),
                            remat=self.remat_llama)
 
@@ -242,6 +231,24 @@ def _torch_linear_init(fan_in: int) -> Any:
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
+def _query_tokens(module: nn.Module, name: str, qformer: QFormerConfig, param_dtype: Any) -> jax.Array:
+    """The learned queries (1, Q, hidden) of a Q-Former, created in `module`'s setup."""
+    return module.param(name, with_axes(nn.initializers.normal(0.02), (None, "queries", "embed")),
+                        (1, qformer.num_query_tokens, qformer.hidden_size), param_dtype)
+
+
+def _position_table(num: int, dim: int, param_dtype: Any) -> nn.Embed:
+    """A frame / audio-segment position table: nn.Embedding's default init N(0, 1), as upstream (upstream.md §3.5)."""
+    return nn.Embed(num, dim, param_dtype=param_dtype,
+                    embedding_init=with_axes(nn.initializers.normal(1.0), ("positions", "embed")))
+
+
+def _llm_projection(llm_width: int, qformer: QFormerConfig, dtype: Any, param_dtype: Any) -> nn.Dense:
+    """A Q-Former's output -> the LLM's embedding space (`llama_proj`, `audio_llama_proj`)."""
+    return dense(llm_width, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
+                 kernel_init=_torch_linear_init(qformer.hidden_size))
+
+
 def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
     """HF causal-LM loss: logits[:, :-1] vs labels[:, 1:], ignore -100, mean over all kept tokens of the batch.
 
@@ -262,8 +269,6 @@ def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]
 
 def check_placeholders(input_ids: Any, num_media_tokens: int, placeholder_id: int) -> None:
     """Host-side check of path A's rule: each row holds exactly N consecutive placeholders (else ValueError)."""
-    import numpy as np
-
     ids = np.asarray(input_ids)
     for b, row in enumerate(ids):
         pos = np.flatnonzero(row == placeholder_id)

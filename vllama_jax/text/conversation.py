@@ -17,6 +17,8 @@ with that template using transformers' ``apply_chat_template`` semantics (sandbo
 """
 from __future__ import annotations
 
+import datetime
+import json
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any, Sequence
@@ -188,6 +190,8 @@ def _compile(template: str):
     tpl = _JINJA_CACHE.get(template)
     if tpl is not None:
         return tpl
+    # jinja2 is imported here on purpose: it is an optional dependency (not in pyproject; torch installs it) that
+    # only tokenizer chat templates (ChatML models) need.
     import jinja2
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -196,13 +200,9 @@ def _compile(template: str):
         raise jinja2.exceptions.TemplateError(message)
 
     def strftime_now(fmt):
-        import datetime
-
         return datetime.datetime.now().strftime(fmt)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        import json
-
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
