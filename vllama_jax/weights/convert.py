@@ -30,6 +30,7 @@ Layout written: see `model_dir` (config.yaml, params/ = one Orbax checkpoint, to
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import resource
@@ -39,11 +40,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
+from tqdm import tqdm
 
 from ..config import ModelConfig
 from ..models import abstract_for_groups, init_params, model_groups
 from ..models.groups import BY_NAME, FILE_KINDS, TOWERS, branch_groups, groups_of_file
+from ..text import TokenizerError, load_tokenizer
 from ..tree import flatten_params
 from .detect import FLAGS, LABELS, ORDER, ConvertError, detect_inputs, llama_weights_path, open_input
 from .infer_config import infer_config, load_base_config
@@ -80,8 +84,6 @@ class _PageReleaser:
         self._madvise = None
         if sys.platform.startswith("linux") and os.path.exists("/proc/self/maps") and self.prefixes:
             try:
-                import ctypes
-
                 libc = ctypes.CDLL(None, use_errno=True)
                 libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
                 self._madvise = libc.madvise
@@ -208,8 +210,6 @@ def _np_dtype(name: str) -> np.dtype:
     if name not in DTYPES:
         raise ConvertError(f"unknown dtype {name!r} (one of {', '.join(DTYPES)})")
     if name == "bfloat16":
-        import ml_dtypes
-
         return np.dtype(ml_dtypes.bfloat16)
     return np.dtype(name)
 
@@ -234,8 +234,6 @@ def tower_dtypes(config: ModelConfig, dtype: str | None, per_tower: Mapping[str,
 
 
 def _load_tokenizer(tokenizer: str | Path | None, llama_path: Path | None, no_tokenizer: bool) -> Any:
-    from ..text import TokenizerError, load_tokenizer
-
     if no_tokenizer:
         return None
     if tokenizer is None and llama_path is None:
@@ -297,11 +295,7 @@ def convert(
         raise ConvertError("nothing to convert: give a release folder or at least one of "
                            + ", ".join(FLAGS.values()))
     sources = {kind: open_input(kind, p, cache) for kind, p in paths.items()}
-    import jax  # noqa: F401 - imported before measuring the start RSS, which then includes the libraries
-    import orbax.checkpoint  # noqa: F401
-    import tensorstore  # noqa: F401
-
-    start_rss = _rss_bytes()
+    start_rss = _rss_bytes()  # includes the libraries (jax, orbax, tensorstore: imported with this module)
     llama_path = llama_weights_path(paths["llama"]) if "llama" in paths else None
     base, label = load_base_config(config)
     cfg = infer_config(sources, llama_path=llama_path, config=base, config_label=label, overrides=overrides,
@@ -408,7 +402,5 @@ class _NoBar:
 def _progress(total: int, enabled: bool) -> Any:
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
-
     # tqdm disables itself when stderr is not a terminal (disable=None)
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, disable=None, leave=False)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import VllamaError
 from ..models.groups import FILE_KINDS
-from .readers import TensorSource, WeightsError, open_weights
+from .readers import GGUFSource, TensorSource, WeightsError, open_weights
 
 FLAGS = {"eva_vit": "--eva-vit", "blip2": "--blip2", "imagebind": "--imagebind", "llama": "--llama",
          "vl_ckpt": "--vl-ckpt", "al_ckpt": "--al-ckpt"}
@@ -33,7 +33,7 @@ def identify(source: TensorSource) -> set[str]:
     """The file kinds whose signature keys `source` holds (a union checkpoint is both VL and AL)."""
     keys = source.keys()
     kinds: set[str] = set()
-    if type(source).__name__ == "GGUFSource" or "model.embed_tokens.weight" in keys:
+    if isinstance(source, GGUFSource) or "model.embed_tokens.weight" in keys:
         kinds.add("llama")
     if "patch_embed.proj.weight" in keys and any(k.startswith("blocks.") for k in keys):
         kinds.add("eva_vit")

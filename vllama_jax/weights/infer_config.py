@@ -19,7 +19,9 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from ..config import ConfigError, ModelConfig, apply_overrides, from_dict, load_model_config
 from .detect import ORDER, ConvertError
-from .readers import TensorSource
+from .imagebind_keys import imagebind_configs_from_weights
+from .llama_keys import llama_config_from_gguf, llama_config_from_hf
+from .readers import GGUFSource, TensorSource
 
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -132,8 +134,6 @@ def _infer_from_file(kind: str, src: TensorSource, llama_path: Path | None, ev: 
         ev.add("llama.hidden_size", _shape(src, "audio_llama_proj.weight")[0], f"{where} (audio_llama_proj)")
         ev.add("equip_audio_branch", True, where)
     elif kind == "imagebind":
-        from .imagebind_keys import imagebind_configs_from_weights
-
         # head counts are not in the shapes: pass 1 (always valid) and take only the shape-given fields
         try:
             audio, vision = imagebind_configs_from_weights(src, 1, 1, audio=base.imagebind_audio,
@@ -147,9 +147,7 @@ def _infer_from_file(kind: str, src: TensorSource, llama_path: Path | None, ev: 
                 ev.add(f"imagebind_vision.{f}", getattr(vision, f), where)
         ev.add("equip_audio_branch", True, where)
     elif kind == "llama":
-        from .llama_keys import llama_config_from_gguf, llama_config_from_hf
-
-        if type(src).__name__ == "GGUFSource":
+        if isinstance(src, GGUFSource):
             lc, where = llama_config_from_gguf(src), _short(src.path)
         else:
             folder = llama_path if llama_path is not None and llama_path.is_dir() else Path(src.path).parent
@@ -171,7 +169,7 @@ _HEADS = (("vit.num_heads", "vit.width"), ("qformer.num_heads", "qformer.hidden_
 
 def _infer_template(llama_path: Path | None, source: TensorSource | None, others: Iterable[Path]) -> str | None:
     names = " ".join(p.name.lower() for p in ([llama_path] if llama_path else []) + list(others))
-    if source is not None and type(source).__name__ == "GGUFSource":
+    if isinstance(source, GGUFSource):
         tpl = source.field("tokenizer.chat_template")
         if isinstance(tpl, str) and tpl:
             return "llama_2" if "[INST]" in tpl else "chatml"

@@ -27,7 +27,10 @@ from .keymaps import (
     load_component,
     video_branch_keymap,
 )
-from .readers import TensorSource, WeightsError, open_weights
+from .imagebind_keys import imagebind_keymap
+from .llama_keys import llama_gguf_keymap, llama_hf_keymap
+from .readers import GGUFSource, TensorSource, WeightsError, open_weights
+
 
 @dataclass
 class UpstreamFiles:
@@ -54,14 +57,9 @@ def keymap_for(kind: str, config: ModelConfig, source: TensorSource | None = Non
     if kind == "al_ckpt":
         return audio_branch_keymap()
     if kind == "imagebind":
-        from .imagebind_keys import imagebind_keymap
-
         return imagebind_keymap(config.imagebind_audio, config.imagebind_vision, with_vision=True)
     if kind == "llama":
-        from . import llama_keys
-
-        is_gguf = source is not None and type(source).__name__ == "GGUFSource"
-        km = llama_keys.llama_gguf_keymap(config.llama) if is_gguf else llama_keys.llama_hf_keymap(config.llama)
+        km = llama_gguf_keymap(config.llama) if isinstance(source, GGUFSource) else llama_hf_keymap(config.llama)
         return km.with_prefix("", "llama")
     raise ValueError(f"unknown file kind {kind!r}")
 
