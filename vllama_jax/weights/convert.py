@@ -13,11 +13,11 @@ What it does, in order:
    checked to hold the kind of weights its flag says before anything is written.
 2. Config (`infer_config`). Whatever the shapes decide is read from the files; the rest comes from `--config`,
    else the defaults (the released sizes); a `--config` value the files contradict is an error naming both.
-3. Streaming. Each file is read tensor by tensor (`load_file(..., on_tensor=...)`), converted to the Flax layout
-   and the tower's dtype and handed to TensorStore, with at most a write buffer (64 MiB) in flight: resident
-   memory stays near the largest tensor plus that buffer, not the model size. Pages of the memory-mapped inputs are
-   returned to the OS as the conversion goes (`_PageReleaser`), else reading a 13 GB shard would count 13 GB of
-   file cache into the resident set.
+3. Streaming. Each file is read tensor by tensor (`load.load_groups(..., on_tensor=...)`; `--init-missing` groups
+   come from the same call), converted to the Flax layout and the tower's dtype and handed to TensorStore, with at
+   most a write buffer (64 MiB) in flight: resident memory stays near the largest tensor plus that buffer, not the
+   model size. Pages of the memory-mapped inputs are returned to the OS as the conversion goes (`_PageReleaser`),
+   else reading a 13 GB shard would count 13 GB of file cache into the resident set.
 4. Atomicity. The directory is assembled in a hidden sibling and renamed into place only when complete; any error
    or Ctrl-C deletes it. An existing output is replaced only with `--force` (and never a non-model folder).
 
@@ -45,13 +45,13 @@ import numpy as np
 from tqdm import tqdm
 
 from ..config import ModelConfig
-from ..models import abstract_for_groups, init_params, model_groups
+from ..models import abstract_for_groups, model_groups
 from ..models.groups import BY_NAME, FILE_KINDS, TOWERS, branch_groups, groups_of_file
 from ..text import TokenizerError, load_tokenizer
 from ..tree import flatten_params
 from .detect import FLAGS, LABELS, ORDER, ConvertError, detect_inputs, llama_weights_path, open_input
 from .infer_config import infer_config, load_base_config
-from .load import load_file
+from .load import Source, load_groups
 from .model_dir import (
     LeafSpec,
     PARAMS_DIR,
@@ -314,18 +314,19 @@ def convert(
             raise ConvertError(f"{sources[kind].path}: {LABELS[kind]} needs equip_audio_branch: true")
     all_groups = model_groups(cfg)
     kind_of_group = {g: k for k in sources for g in groups_of_file(k)}
-    init_groups: list[str] = []
+    to_init: list[str] = []
     if init_missing:
         for b in ("video", "audio"):
-            init_groups += [g for g in branch_groups(b, towers=False) if g in all_groups and g not in kind_of_group]
-    abstract, _ = abstract_for_groups(cfg, [g for g in all_groups if g in kind_of_group or g in init_groups])
+            to_init += [g for g in branch_groups(b, towers=False) if g in all_groups and g not in kind_of_group]
+    wanted = [g for g in all_groups if g in kind_of_group or g in to_init]
+    abstract, _ = abstract_for_groups(cfg, wanted)
     shapes = {p: tuple(v.shape) for p, v in flatten_params(abstract).items()}
     specs: dict[str, LeafSpec] = {}
     for path, shape in shapes.items():
         g = path.split("/", 1)[0]
         if g in kind_of_group:
             specs[path] = LeafSpec(shape, _np_dtype(chosen[BY_NAME[g].tower]))
-        elif g in init_groups:
+        elif g in to_init:
             specs[path] = LeafSpec(shape, _np_dtype(chosen["trainable"]))
     if not specs:
         raise ConvertError("nothing to write: the given files fill no parameter of this model")
@@ -342,15 +343,10 @@ def convert(
             write(path, array)
             bar.update(array.nbytes)
 
-        for kind in ORDER:
-            if kind in sources:
-                bar.set_description(kind)
-                # no dtype here: `write` casts only when needed (load_component's cast always copies)
-                load_file(kind, sources[kind], cfg, shapes, on_tensor=on_tensor)
-        if init_groups:
-            bar.set_description("init")
-            for path, array in _init_groups(cfg, init_groups, seed).items():
-                on_tensor(path, array)
+        # no dtype while reading: `write` casts only when needed (a cast while reading always copies)
+        load_groups(cfg, [Source(k, sources[k]) for k in ORDER if k in sources], wanted, seed=seed,
+                    required=list(kind_of_group), shapes=shapes, on_tensor=on_tensor,
+                    on_source=lambda name, _: bar.set_description(name))
 
     try:
         with staged_dir(out, force) as tmp:
@@ -360,8 +356,8 @@ def convert(
             components: dict[str, dict[str, Any]] = {
                 k: {"source": str(Path(sources[k].path).absolute()), "groups": list(groups_of_file(k))}
                 for k in ORDER if k in sources}
-            if init_groups:
-                components["init"] = {"source": f"random init (seed {seed})", "groups": init_groups}
+            if to_init:
+                components["init"] = {"source": f"random init (seed {seed})", "groups": to_init}
             manifest = build_manifest(specs, components, tok, {
                 "converted_from": {k: str(Path(p).absolute()) for k, p in paths.items()},
                 "notes": notes})
@@ -377,15 +373,6 @@ def convert(
         largest_tensor_bytes=largest[0],
         tokenizer=None if tok is None else f"{tok.family} from {tok.source} ({tok.base_vocab_size} tokens)",
         notes=notes)
-
-
-def _init_groups(config: ModelConfig, groups: Sequence[str], seed: int) -> dict[str, np.ndarray]:
-    """Upstream-style random init of some top-level groups (the same values `init_params(config, seed)` gives);
-    jit's dead-code elimination skips the initialisers of every other group, so the LLM is never materialised."""
-    import jax
-
-    sub = jax.jit(lambda: {g: init_params(config, seed)[g] for g in groups})()
-    return {p: np.asarray(v) for p, v in flatten_params(sub).items()}
 
 
 class _NoBar:

@@ -461,6 +461,7 @@ def load_model_dir(
     path: str | Path,
     *,
     mesh: Any = None,
+    shardings: Mapping[str, Any] | None = None,
     groups: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     dtype: Any = None,
@@ -469,6 +470,7 @@ def load_model_dir(
 
     mesh: a `jax.sharding.Mesh` (from `vllama_jax.sharding.make_mesh`): every leaf is restored straight into its
       NamedSharding from the logical-axis rules (each device reads only its shards). None: onto the default device.
+    shardings: {group: tree of Sharding} to restore onto instead (e.g. a trainer's, already computed); wins over mesh.
     groups: the top-level parameter groups to restore (default: all present); exclude: groups to skip
       (e.g. ("audio_encoder",)). Requesting a group that is not in the directory is an error.
     dtype: cast every parameter to this dtype while reading (default: as stored).
@@ -513,7 +515,9 @@ def load_model_dir(
 
     params: dict[str, Any] = {}
     if wanted:
-        if mesh is not None:
+        if shardings is not None:
+            flat_shardings = flatten_params({g: shardings[g] for g in wanted})
+        elif mesh is not None:
             flat_shardings = flatten_params(tree_shardings(abstract, axes, mesh))
         else:
             dev = SingleDeviceSharding(jax.devices()[0])
