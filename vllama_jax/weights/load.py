@@ -189,7 +189,9 @@ def _read_source(src: Source, config: ModelConfig, take: set[str],
         for kind, km in (("vl_ckpt", video_branch_keymap()), ("al_ckpt", audio_branch_keymap())):
             if kind == "al_ckpt" and not config.equip_audio_branch:
                 continue
-            if set(groups_of_file(kind)) & take and any(km.claims_key(k) for k in keys):
+            # a branch is there when a key of it is (buffers such as the other branch's `position_ids` do not count:
+            # the released AL checkpoint carries `video_Qformer.bert.embeddings.position_ids`)
+            if set(groups_of_file(kind)) & take and any(km.claims_key(k) and not km.ignores_key(k) for k in keys):
                 load_file(kind, source, config, shapes(), on_tensor=sink)
     elif src.kind == MODEL_DIR:
         present = set(model_dir_groups(src.where))
