@@ -23,6 +23,8 @@ from vllama_jax.models import abstract_params, build_model
 from vllama_jax.sharding import logical_to_mesh_spec, make_mesh
 from vllama_jax.cli import main as cli_main
 from vllama_jax.weights import convert as convert_mod
+from vllama_jax.weights import detect as detect_mod
+from vllama_jax.weights import infer_config as infer_mod
 from vllama_jax.weights import model_dir as model_dir_mod
 from vllama_jax.tree import flatten_params
 from vllama_jax.weights.keymaps import CHECKPOINT_BUFFERS
@@ -105,16 +107,16 @@ def test_cli_conversion_reproduces_fixture_outputs(converted, tiny_model, tiny_i
 def test_config_inferred_from_the_files_equals_the_preset(tiny_dir):
     """Without --config, every shape-decided value is read from the files (heads/template via --set)."""
     cache: dict = {}
-    files, notes = convert_mod.detect_inputs(tiny_dir, cache)
+    files, notes = detect_mod.detect_inputs(tiny_dir, cache)
     assert {k: p.name for k, p in files.items()} == {
         "eva_vit": "eva_vit.pth", "blip2": "blip2_qformer.pth", "imagebind": "imagebind.pth", "llama": "llama",
         "vl_ckpt": "vl_ckpt.pth", "al_ckpt": "al_ckpt.pth"}
-    sources = {k: convert_mod.open_input(k, p, cache) for k, p in files.items()}
-    cfg = convert_mod.infer_config(sources, llama_path=files["llama"], overrides=TINY_HEADS, name="tiny-test")
+    sources = {k: detect_mod.open_input(k, p, cache) for k, p in files.items()}
+    cfg = infer_mod.infer_config(sources, llama_path=files["llama"], overrides=TINY_HEADS, name="tiny-test")
     assert cfg == load_model_config(TINY_CONFIG)
     # the heads really are required when the widths are not the released ones
-    with pytest.raises(convert_mod.ConvertError, match=r"vit\.num_heads: not visible in the weights"):
-        convert_mod.infer_config(sources, llama_path=files["llama"])
+    with pytest.raises(detect_mod.ConvertError, match=r"vit\.num_heads: not visible in the weights"):
+        infer_mod.infer_config(sources, llama_path=files["llama"])
 
 
 @pytest.mark.slow

@@ -12,9 +12,8 @@ import pytest
 
 from tests.helpers import random_hf_llama
 from vllama_jax.models.llama import Llama, init_cache
-from vllama_jax.weights.gguf_reader import GGUFSource, unpermute_qk
 from vllama_jax.weights.llama_keys import llama_config_from_gguf, load_llama
-from vllama_jax.weights.readers import WeightsError, open_weights
+from vllama_jax.weights.readers import GGUFSource, WeightsError, open_weights, unpermute_qk
 
 
 def _llamacpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:

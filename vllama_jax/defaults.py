@@ -20,6 +20,12 @@ initialisers (N(0, 0.02) for linear/query/position tables, zero biases, unit Lay
 frame/segment position tables, fan-in scaled conv stems), with one deliberate change: the two projections into the
 LLM (``llama_proj``, ``audio_llama_proj``) are scaled so their outputs have the RMS of SmolLM2's token embeddings,
 so untrained media rows look like ordinary (meaningless) tokens instead of drowning the prompt.
+
+Why this does not go through ``weights.load.load_groups`` (the package's one "read these groups / initialise the
+rest" function): none of its three steps fits it. The LLM's config must be read from the GGUF (or the cache) before
+the model config exists; the LLM is read from the ``.npz`` cache, not the GGUF, on every build but the first; and
+the towers take the numpy scheme above (other values than ``load_groups``' ``init_groups``, by design), also
+cached. What is left to share is a dict merge.
 """
 from __future__ import annotations
 

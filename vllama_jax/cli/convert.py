@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..models.groups import TOWERS
-from ..weights.convert import DTYPES, FLAGS, LABELS, convert
+from ..weights.convert import DTYPES, convert
+from ..weights.detect import FLAGS, LABELS
 from ..weights.export import export_checkpoint
 from .common import add_common_args, run_command
 

@@ -13,32 +13,29 @@ put on the devices, the compiled step and the token count.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import sys
 import time
 import warnings
 from functools import partial
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
 from ..data.batch import llm_positions
 from ..errors import VllamaError
-from ..models import abstract_params, build_model, dummy_inputs
-from ..models.groups import branch_towers, groups_of_file
+from ..models import abstract_params, build_model
+from ..models.groups import branch_towers
 from ..runtime import use_compilation_cache
 from ..sharding import tree_shardings
 from ..text import load_tokenizer
-from ..tree import flatten_params, unflatten_params
-from ..weights.load import load_file
+from ..tree import flatten_params
+from ..weights.load import MissingGroupsError, Source, load_groups
 from . import data as train_data
 from . import dry_run
 from .checkpoint import Checkpointer, is_training_checkpoint, load_trainable_params
@@ -47,8 +44,6 @@ from .distributed import build_mesh, init_distributed
 from .metrics import MetricsLogger, compiled_flops, measure_peak_flops
 from .optimizer import forward_groups, lr_schedule, make_optimizer, opt_state_shardings, trainable_groups
 from .step import jit_train_step, make_train_step
-
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(VllamaError, RuntimeError):
@@ -208,95 +203,50 @@ class Trainer:
 
         return {g: jax.tree.map(partial(one, g), tree[g], self.abstract[g], self.shardings[g]) for g in groups}
 
-    def _init_groups(self, groups: Iterable[str]) -> dict[str, Any]:
-        """Fresh upstream-style initialisation of some groups, created sharded (XLA drops the other groups' init)."""
-        groups = tuple(groups)
-        if not groups:
-            return {}
-        model = build_model(self.model_config)
-        f, c, ids = dummy_inputs(self.model_config)
-
-        def init(rng: jax.Array) -> dict[str, Any]:
-            p = nn.unbox(model.init(rng, f, c, ids, method=model.init_all)["params"])
-            return {g: p[g] for g in groups}
-
-        return jax.jit(init, out_shardings={g: self.shardings[g] for g in groups})(jax.random.PRNGKey(self.cfg.seed))
-
-    def _read_weight_files(self, groups: set[str]) -> dict[str, Any]:
-        """{group: tree} of the wanted groups that the model dir / upstream files / init checkpoints hold, in
-        upstream's load order (later files override earlier ones, upstream.md §10.5): towers, llama_proj_model, ckpt,
-        ckpt_2."""
-        cfg, w, mc = self.cfg, self.cfg.weights, self.model_config
-        found: dict[str, Any] = {}
+    def _weight_sources(self) -> list[Source]:
+        """Where the parameters come from, in upstream's load order (later sources override earlier ones,
+        upstream.md §10.5): the model dir (its frozen groups; the trained ones too with
+        `weights.trainable_from_model_dir`), the tower files, `llama_proj_model`, `ckpt`, `ckpt_2` (an upstream
+        Video-LLaMA checkpoint, loaded non-strictly as upstream does, or one of our training checkpoints, e.g. stage
+        1's output for stage 2)."""
+        cfg, w = self.cfg, self.cfg.weights
+        sources: list[Source] = []
         if cfg.model.dir:
-            from ..weights.model_dir import load_model_dir, model_dir_groups
-
-            present = set(model_dir_groups(resolve_path(cfg.model.dir)))
-            wanted = [g for g in self.forward_groups if g in groups and g in present
-                      and (g in self.frozen_groups or w.trainable_from_model_dir)]
-            if wanted:
-                found.update(load_model_dir(resolve_path(cfg.model.dir), mesh=self.mesh, groups=wanted).params)
-        for kind in ("eva_vit", "blip2", "llama", "imagebind"):
-            path = getattr(w, kind)
-            if path and set(groups_of_file(kind)) & groups:
-                tree = unflatten_params(load_file(kind, resolve_path(path), mc, self.param_shapes))
-                found.update({g: v for g, v in tree.items() if g in groups})
-        if w.llama_proj_model and "llama_proj" in groups:
-            found.update(self._read_llama_proj(resolve_path(w.llama_proj_model)))
-        for key in ("ckpt", "ckpt_2"):
-            path = getattr(w, key)
-            if path:
-                found.update(self._read_video_llama_checkpoint(resolve_path(path), groups, key))
-        return found
-
-    def _read_llama_proj(self, path: Path) -> dict[str, Any]:
-        """MiniGPT-4 `pretrained_minigpt4.pth`: only `llama_proj.{weight,bias}` are used (VL stage-1 init)."""
-        from ..weights.keymaps import load_component, video_branch_keymap
-        from ..weights.readers import open_weights
-
-        expected = {p: tuple(v.shape) for p, v in flatten_params({"llama_proj": self.abstract["llama_proj"]}).items()}
-        flat = load_component(open_weights(path), video_branch_keymap(), expected, strict_unexpected=False)
-        return unflatten_params(flat)
-
-    def _read_video_llama_checkpoint(self, path: Path, groups: set[str], key: str) -> dict[str, Any]:
-        """`ckpt` / `ckpt_2`: an upstream Video-LLaMA checkpoint (.pth; VL and/or AL groups, loaded non-strictly as
-        upstream does) or one of our training checkpoints (e.g. stage 1's output for stage 2)."""
-        from ..weights.keymaps import audio_branch_keymap, video_branch_keymap
-        from ..weights.readers import open_weights
-
-        if is_training_checkpoint(path):
-            tree = unflatten_params(load_trainable_params(path))
-            return {g: v for g, v in tree.items() if g in groups}
-        source = open_weights(path)
-        keys = list(source.keys())
-        found: dict[str, Any] = {}
-        for kind, km in (("vl_ckpt", video_branch_keymap()), ("al_ckpt", audio_branch_keymap())):
-            if kind == "al_ckpt" and not self.model_config.equip_audio_branch:
+            frozen_only = None if w.trainable_from_model_dir else self.frozen_groups
+            sources.append(Source("model_dir", resolve_path(cfg.model.dir), frozen_only, "model.dir"))
+        for key in ("eva_vit", "blip2", "llama", "imagebind", "llama_proj_model", "ckpt", "ckpt_2"):
+            if not getattr(w, key):
                 continue
-            if set(groups_of_file(kind)) & groups and any(km.claims_key(k) for k in keys):
-                tree = unflatten_params(load_file(kind, source, self.model_config, self.param_shapes))
-                found.update({g: v for g, v in tree.items() if g in groups})
-        if not found:
-            log.warning("weights.%s: %s holds none of the groups this stage uses (%s)", key, path, sorted(groups))
-        return found
+            path, name = resolve_path(getattr(w, key)), f"weights.{key}"
+            if key in ("ckpt", "ckpt_2") and is_training_checkpoint(path):
+                sources.append(Source("params", load_trainable_params(path), name=name))
+            else:
+                sources.append(Source("ckpt" if key == "ckpt_2" else key, path, name=name))
+        return sources
 
     def load_params(self, groups: Iterable[str]) -> dict[str, Any]:
         """The wanted groups on the mesh: from the files where they have them, else a fresh upstream-style init.
         The towers the branch reads must come from files (unless `weights.random_frozen`, for benchmarks)."""
         wanted = set(groups)
-        found = self._read_weight_files(wanted)
-        missing = [g for g in branch_towers(self.branch) if g in wanted and g not in found]
-        if missing and not self.cfg.weights.random_frozen:
+        order = [g for g in self.forward_groups if g in wanted]
+        towers = () if self.cfg.weights.random_frozen else branch_towers(self.branch)
+
+        def announce(name: str, groups: tuple[str, ...]) -> None:
+            fresh_trained = [g for g in groups if g in self.trainable_groups] if name == "init" else []
+            if fresh_trained:
+                self._log(f"fresh (upstream-style random) init of {', '.join(fresh_trained)}")
+
+        try:
+            params = load_groups(self.model_config, self._weight_sources(), order, seed=self.cfg.seed,
+                                 required=[g for g in towers if g in wanted], shapes=self.param_shapes,
+                                 shardings=self.shardings, on_source=announce)
+        except MissingGroupsError as e:
             hint = "model.dir" if self.cfg.model.dir else "weights.eva_vit / weights.blip2 / weights.imagebind / " \
                                                           "weights.llama"
-            raise ConfigError(f"weights: no file gives the frozen group(s) {', '.join(missing)} needed by the "
-                              f"{self.branch} branch (set {hint}, or weights.random_frozen: true for a benchmark)")
-        order = [g for g in self.forward_groups if g in wanted]
-        fresh = [g for g in order if g not in found]
-        fresh_trained = [g for g in fresh if g in self.trainable_groups]
-        if fresh_trained:
-            self._log(f"fresh (upstream-style random) init of {', '.join(fresh_trained)}")
-        return self._place(found, [g for g in order if g in found]) | self._init_groups(fresh)
+            raise ConfigError(f"weights: no file gives the frozen group(s) {', '.join(e.groups)} needed by the "
+                              f"{self.branch} branch (set {hint}, or weights.random_frozen: true for a benchmark)") \
+                from None
+        return self._place(params, order)
 
     def new_state(self, params: Mapping[str, Any]) -> dict[str, Any]:
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)

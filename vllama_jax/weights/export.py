@@ -58,7 +58,7 @@ def trainable_state_dict(params: Mapping[str, Any], branches: Sequence[str] = ("
 
 def save_upstream_checkpoint(state: Mapping[str, np.ndarray], out_path: str | Path, force: bool = False) -> Path:
     """`torch.save({'model': state})`, atomically (temp file in the same folder, renamed when complete)."""
-    import torch
+    import torch  # optional dependency (the `torch` extra), needed only to write a .pth; ~1.4 s to import
 
     out = Path(out_path).expanduser().absolute()
     if out.exists() and not force:

@@ -58,31 +58,33 @@ def _head_rules(m: str, dst: str) -> list[Rule]:
     ]
 
 
+def _tower_rules(m: str, stem: list[tuple[str, str, str]], pre_blocks: list[tuple[str, str, str]],
+                 add_bias_kv: bool) -> list[Rule]:
+    """One modality tower: its preprocessor (cls token, `stem` rules, positions), trunk (`pre_blocks` rules, the
+    blocks) and head. Rules are (upstream key under the preprocessor / trunk, params path under the tower, transform)."""
+    pre, trunk, dst = f"modality_preprocessors.{m}.", f"modality_trunks.{m}.", f"{PARAMS_ROOT}/{m}/"
+    return ([rule(pre + "cls_token", dst + "cls_token")]
+            + [rule(pre + s, dst + d, t) for s, d, t in stem]
+            + [rule(pre + "pos_embedding_helper.pos_embed", dst + "pos_embed")]
+            + [rule(trunk + s, dst + d, t) for s, d, t in pre_blocks]
+            + _block_rules(trunk, dst, add_bias_kv) + _head_rules(m, dst))
+
+
 def _audio_rules() -> list[Rule]:
-    pre, dst = "modality_preprocessors.audio.", PARAMS_ROOT + "/audio/"
-    rules = [
-        rule(pre + "cls_token", dst + "cls_token"),
-        # the audio stem is called `rgbt_stem` upstream; a plain Conv2d without bias, then its LayerNorm
-        rule(pre + "rgbt_stem.proj.weight", dst + "stem/kernel", "conv2d"),
-        rule(pre + "rgbt_stem.norm_layer.weight", dst + "stem_norm/scale"),
-        rule(pre + "rgbt_stem.norm_layer.bias", dst + "stem_norm/bias"),
-        rule(pre + "pos_embedding_helper.pos_embed", dst + "pos_embed"),
-    ]
-    return rules + _block_rules("modality_trunks.audio.", dst, add_bias_kv=True) + _head_rules("audio", dst)
+    # the audio stem is called `rgbt_stem` upstream; a plain Conv2d without bias, then its LayerNorm
+    stem = [("rgbt_stem.proj.weight", "stem/kernel", "conv2d"),
+            ("rgbt_stem.norm_layer.weight", "stem_norm/scale", "none"),
+            ("rgbt_stem.norm_layer.bias", "stem_norm/bias", "none")]
+    return _tower_rules("audio", stem, [], add_bias_kv=True)
 
 
 def _vision_rules() -> list[Rule]:
-    pre, dst = "modality_preprocessors.vision.", PARAMS_ROOT + "/vision/"
-    rules = [
-        rule(pre + "cls_token", dst + "cls_token"),
-        # rgbt_stem.proj = Sequential(PadIm2Video, Conv3d): index 1 is the convolution
-        rule(pre + "rgbt_stem.proj.1.weight", dst + "stem/kernel", "conv3d"),
-        rule(pre + "pos_embedding_helper.pos_embed", dst + "pos_embed"),
-        # pre_transformer_layer = Sequential(LayerNorm, rearrange)
-        rule("modality_trunks.vision.pre_transformer_layer.0.weight", dst + "pre_transformer_layernorm/scale"),
-        rule("modality_trunks.vision.pre_transformer_layer.0.bias", dst + "pre_transformer_layernorm/bias"),
-    ]
-    return rules + _block_rules("modality_trunks.vision.", dst, add_bias_kv=False) + _head_rules("vision", dst)
+    # rgbt_stem.proj = Sequential(PadIm2Video, Conv3d): index 1 is the convolution
+    stem = [("rgbt_stem.proj.1.weight", "stem/kernel", "conv3d")]
+    # pre_transformer_layer = Sequential(LayerNorm, rearrange)
+    pre_blocks = [("pre_transformer_layer.0.weight", "pre_transformer_layernorm/scale", "none"),
+                  ("pre_transformer_layer.0.bias", "pre_transformer_layernorm/bias", "none")]
+    return _tower_rules("vision", stem, pre_blocks, add_bias_kv=False)
 
 
 def imagebind_keymap(audio_config: ImageBindAudioConfig | None = None,

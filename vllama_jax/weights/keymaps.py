@@ -189,10 +189,6 @@ def load_component(
 
 
 # ------------------------------------------------------------------------------------------------------------
-# flat <-> nested params
-
-
-# ------------------------------------------------------------------------------------------------------------
 # vision-side key maps (upstream.md §2.3, 3.4, 10). Upstream names are Video-LLaMA model keys; params paths follow
 # vllama_jax.models.
 
@@ -281,6 +277,12 @@ def simple_keymap(name: str, pairs: Sequence[tuple[str, str, str]]) -> KeyMap:
                   claims=tuple("^" + re.escape(s) + "$" for s, _, _ in pairs))
 
 
+def combined(name: str, *maps: KeyMap) -> KeyMap:
+    """One map made of several (their rules, claims and ignores, in order)."""
+    return KeyMap(name, sum((m.rules for m in maps), ()), sum((m.claims for m in maps), ()),
+                  sum((m.ignore for m in maps), ()))
+
+
 def ln_vision_keymap() -> KeyMap:
     return simple_keymap("ln_vision", [("ln_vision.weight", "ln_vision/scale", "none"),
                                        ("ln_vision.bias", "ln_vision/bias", "none")])
@@ -288,36 +290,31 @@ def ln_vision_keymap() -> KeyMap:
 
 def image_qformer_keymap() -> KeyMap:
     """The BLIP-2 checkpoint's frozen image Q-Former, its query tokens and `ln_vision`."""
-    qf = qformer_keymap("Qformer", "qformer")
-    ln = ln_vision_keymap()
     tok = simple_keymap("query_tokens", [("query_tokens", "query_tokens", "none")])
-    return KeyMap("BLIP-2 Q-Former", qf.rules + ln.rules + tok.rules, qf.claims + ln.claims + tok.claims, qf.ignore)
+    return combined("BLIP-2 Q-Former", qformer_keymap("Qformer", "qformer"), ln_vision_keymap(), tok)
+
+
+def _branch_keymap(branch: str, upstream_qformer: str, position_table: str, projection: str) -> KeyMap:
+    """A trainable branch: its Q-Former, query tokens, position table and projection into the LLM."""
+    tokens = f"{branch}_query_tokens"
+    side = simple_keymap(f"{branch} branch", [
+        (tokens, tokens, "none"),
+        (f"{position_table}.weight", f"{position_table}/embedding", "none"),
+        (f"{projection}.weight", f"{projection}/kernel", "linear"),
+        (f"{projection}.bias", f"{projection}/bias", "none"),
+    ])
+    return combined(f"{branch} branch ({upstream_qformer}, {tokens}, {position_table}, {projection})",
+                    qformer_keymap(upstream_qformer, upstream_qformer.lower()), side)
 
 
 def video_branch_keymap() -> KeyMap:
     """The trainable vision-branch parameters (VL checkpoint, upstream.md §10.3)."""
-    qf = qformer_keymap("video_Qformer", "video_qformer")
-    side = simple_keymap("video branch", [
-        ("video_query_tokens", "video_query_tokens", "none"),
-        ("video_frame_position_embedding.weight", "video_frame_position_embedding/embedding", "none"),
-        ("llama_proj.weight", "llama_proj/kernel", "linear"),
-        ("llama_proj.bias", "llama_proj/bias", "none"),
-    ])
-    return KeyMap("video branch (video_Qformer, video_query_tokens, video_frame_position_embedding, llama_proj)",
-                  qf.rules + side.rules, qf.claims + side.claims, qf.ignore)
+    return _branch_keymap("video", "video_Qformer", "video_frame_position_embedding", "llama_proj")
 
 
 def audio_branch_keymap() -> KeyMap:
     """The trainable audio-branch parameters (AL checkpoint, upstream.md §10.4)."""
-    qf = qformer_keymap("audio_Qformer", "audio_qformer")
-    side = simple_keymap("audio branch", [
-        ("audio_query_tokens", "audio_query_tokens", "none"),
-        ("audio_position_embedding.weight", "audio_position_embedding/embedding", "none"),
-        ("audio_llama_proj.weight", "audio_llama_proj/kernel", "linear"),
-        ("audio_llama_proj.bias", "audio_llama_proj/bias", "none"),
-    ])
-    return KeyMap("audio branch (audio_Qformer, audio_query_tokens, audio_position_embedding, audio_llama_proj)",
-                  qf.rules + side.rules, qf.claims + side.claims, qf.ignore)
+    return _branch_keymap("audio", "audio_Qformer", "audio_position_embedding", "audio_llama_proj")
 
 
 # Buffers that Video-LLaMA checkpoints carry besides parameters (upstream.md §10.1, tests/fixtures/README.md §1.2): recognised and

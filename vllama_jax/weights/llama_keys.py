@@ -16,10 +16,9 @@ from typing import Any
 import numpy as np
 
 from ..config import ConfigError, LlamaConfig
-from .gguf_reader import GGUFSource
 from .keymaps import KeyMap, load_component, rule
 from ..tree import unflatten_params
-from .readers import TensorSource, WeightsError, open_hf_folder, open_weights
+from .readers import GGUFSource, TensorSource, WeightsError, open_hf_folder, open_weights
 
 # (HF submodule under model.layers.{i}., params path under layers_{i}/)
 _LAYER_LINEARS = (

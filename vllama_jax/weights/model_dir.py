@@ -37,11 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+from jax.sharding import SingleDeviceSharding
 
+from .. import __version__
 from ..config import ConfigError, ModelConfig, config_to_yaml, load_model_config
 from ..errors import VllamaError
 from ..models import abstract_for_groups, model_groups
+from ..sharding import tree_shardings
+from ..text import TokenizerError, load_tokenizer
 from ..tree import flatten_params, unflatten_params
 
 FORMAT = "vllama-jax-model-dir"
@@ -168,10 +175,6 @@ class _Pending:
 def _open_leaf(info: Any, arg: Any, spec: LeafSpec) -> Any:
     """Start creating the leaf's TensorStore array exactly where (and as) Orbax's NumpyHandler would; returns the
     TensorStore open future."""
-    import jax
-    import orbax.checkpoint as ocp
-    import tensorstore as ts
-
     tspec = ocp.type_handlers.get_json_tspec_write(
         info, use_ocdbt=info.is_ocdbt_checkpoint, global_shape=spec.shape, local_shape=spec.shape,
         dtype=np.dtype(spec.dtype), process_index=jax.process_index() if info.is_ocdbt_checkpoint else None, arg=arg)
@@ -185,8 +188,6 @@ def _write_leaf(store: Any, array: np.ndarray) -> Any:
 
 
 def _stream_handler(producer: Producer, write_buffer_bytes: int, on_written: Callable[[str, int], None] | None):
-    import orbax.checkpoint as ocp
-
     class StreamingHandler(ocp.type_handlers.NumpyHandler):
         """Orbax TypeHandler for `_Pending` leaves: runs the producer and writes each array as it arrives, in the
         layout (and with the typestr) of Orbax's own NumpyHandler, so a standard restore reads it back."""
@@ -278,8 +279,6 @@ def write_params(
     `producer(write)` must call `write(path, array)` exactly once per path (any order); arrays are cast to the
     spec dtype and streamed to disk, at most `write_buffer_bytes` in flight. `params_dir` must not exist yet.
     """
-    import orbax.checkpoint as ocp
-
     if not specs:
         raise ValueError("no parameters to write")
     tree = unflatten_params({p: _Pending(p, s) for p, s in specs.items()})
@@ -319,8 +318,6 @@ def build_manifest(specs: Mapping[str, LeafSpec], components: Mapping[str, Mappi
                    tokenizer: Any = None, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest.json content. `components` maps a component name (upstream file kind) to at least its
     "groups" and "source"; counts/bytes/dtypes are filled in from `specs`."""
-    from .. import __version__
-
     groups = group_stats(specs)
     comps: dict[str, Any] = {}
     for name, c in (components or {}).items():
@@ -439,8 +436,6 @@ def model_dir_groups(path: str | Path) -> tuple[str, ...]:
 
 def _params_metadata(params_dir: Path) -> dict[str, Any]:
     """Flat {params path: (shape, dtype)} of the Orbax checkpoint, from its metadata only."""
-    import orbax.checkpoint as ocp
-
     if not params_dir.is_dir():
         raise ModelDirError(params_dir, "missing (the model directory has no parameters folder)")
     if not (params_dir / "_METADATA").is_file():
@@ -466,6 +461,7 @@ def load_model_dir(
     path: str | Path,
     *,
     mesh: Any = None,
+    shardings: Mapping[str, Any] | None = None,
     groups: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     dtype: Any = None,
@@ -474,16 +470,11 @@ def load_model_dir(
 
     mesh: a `jax.sharding.Mesh` (from `vllama_jax.sharding.make_mesh`): every leaf is restored straight into its
       NamedSharding from the logical-axis rules (each device reads only its shards). None: onto the default device.
+    shardings: {group: tree of Sharding} to restore onto instead (e.g. a trainer's, already computed); wins over mesh.
     groups: the top-level parameter groups to restore (default: all present); exclude: groups to skip
       (e.g. ("audio_encoder",)). Requesting a group that is not in the directory is an error.
     dtype: cast every parameter to this dtype while reading (default: as stored).
     """
-    import jax
-    import orbax.checkpoint as ocp
-    from jax.sharding import SingleDeviceSharding
-
-    from ..sharding import tree_shardings
-
     path = Path(path).expanduser().absolute()  # TensorStore resolves relative paths differently
     manifest = read_manifest(path)
     try:
@@ -524,7 +515,9 @@ def load_model_dir(
 
     params: dict[str, Any] = {}
     if wanted:
-        if mesh is not None:
+        if shardings is not None:
+            flat_shardings = flatten_params({g: shardings[g] for g in wanted})
+        elif mesh is not None:
             flat_shardings = flatten_params(tree_shardings(abstract, axes, mesh))
         else:
             dev = SingleDeviceSharding(jax.devices()[0])
@@ -544,8 +537,6 @@ def load_model_dir(
 
     tokenizer = None
     if (path / TOKENIZER_DIR).is_dir():
-        from ..text import TokenizerError, load_tokenizer
-
         try:
             tokenizer = load_tokenizer(path / TOKENIZER_DIR)
         except TokenizerError as e:
