@@ -1,11 +1,11 @@
 """Training data: upstream dataset formats -> ArrayRecord (``prepare``, via TFDS) -> grain batches (``pipeline``).
 
-* ``python -m vllama_jax.data.prepare <dataset> --source ... --out ...`` (see :mod:`vllama_jax.data.prepare`)
+* ``vllama-jax prepare <dataset> --source ... --out ...`` (see :mod:`vllama_jax.data.prepare`)
 * :func:`build_train_iterator` (``DatasetSpec`` list + ``PipelineConfig``) -> checkpointable batch iterator
 * the caption and instruction batch layouts, defined once: :mod:`vllama_jax.data.batch`
 * formats and batch layouts explained: ``vllama_jax/data/FORMATS.md``
 """
-from .batch import CAPTION, HOST_KEYS, INSTRUCTION, SPECS, BatchSpec, Dims, batch_spec
+from .batch import CAPTION, HOST_KEYS, INSTRUCTION, LAYOUTS, BatchSpec, Dims, batch_spec
 from .errors import DataError, MediaDecodeError
 from .formats import DATASET_NAMES
 from .pipeline import (
@@ -38,7 +38,7 @@ __all__ = [
     "PipelineConfig",
     "PreparedDataset",
     "Record",
-    "SPECS",
+    "LAYOUTS",
     "Turn",
     "batch_spec",
     "build_dataset",

@@ -93,19 +93,19 @@ INSTRUCTION = BatchSpec(
     "instruction",
     rows=(FRAMES, *(ArraySpec(k, np.int32, ("batch", "max_len")) for k in ("input_ids", "labels", "attention_mask"))))
 
-SPECS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION)}
+LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION)}
 
 
 def batch_spec(kind: str) -> BatchSpec:
     try:
-        return SPECS[kind]
+        return LAYOUTS[kind]
     except KeyError:
-        raise ValueError(f"unknown batch kind {kind!r} (one of {', '.join(SPECS)})") from None
+        raise ValueError(f"unknown batch kind {kind!r} (one of {', '.join(LAYOUTS)})") from None
 
 
 def kind_of(arrays: Mapping[str, Any]) -> Kind:
     """The kind of bare arrays that come without their ``kind`` (fixtures, tests): the spec whose rows they hold."""
-    for spec in SPECS.values():
+    for spec in LAYOUTS.values():
         if all(k in arrays for k in spec.row_keys):
             return spec.kind
     raise ValueError(f"arrays {sorted(arrays)} are neither a caption {CAPTION.row_keys} nor an instruction "

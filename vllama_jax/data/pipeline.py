@@ -52,7 +52,7 @@ _SEED_MOD = 2**32
 class DatasetSpec:
     """One dataset of a training stage (a ``datasets:`` entry of the upstream configs).
 
-    ``path`` is a folder written by ``python -m vllama_jax.data.prepare``. ``sample_ratio`` is upstream's: the
+    ``path`` is a folder written by ``vllama-jax prepare``. ``sample_ratio`` is upstream's: the
     probability that a step's batch comes from this dataset is ``sample_ratio / sum(sample_ratios)``. The other
     fields override the format defaults stored in the manifest (``None`` = keep): ``sampling`` "headtail" (WebVid)
     / "uniform" / "random"; ``text_processor`` "blip_caption" (WebVid, cc_sbu, laion) / "none"; ``video_message``
@@ -140,7 +140,7 @@ class PreparedDataset:
         path = Path(path).expanduser().absolute()
         mpath = path / MANIFEST
         if not mpath.is_file():
-            raise DataError(path, f"no {MANIFEST}: not a prepared dataset (run python -m vllama_jax.data.prepare)")
+            raise DataError(path, f"no {MANIFEST}: not a prepared dataset (run vllama-jax prepare)")
         try:
             m = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:

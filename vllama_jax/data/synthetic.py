@@ -4,7 +4,7 @@ Used by the tests and ``bench/data.py``; also handy to try ``prepare`` without d
 
     from vllama_jax.data import synthetic
     src = synthetic.make_source("webvid", "/tmp/webvid_toy", n=8)
-    # python -m vllama_jax.data.prepare webvid --source {src.source} --media-dir {src.media_dir} --out ...
+    # vllama-jax prepare webvid --source {src.source} --media-dir {src.media_dir} --out ...
 """
 from __future__ import annotations
 

@@ -262,7 +262,7 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
     say("      training conversation: " + " | ".join(f"{t['from']}: {t['value']}" for t in first[:4]) + " | ...")
 
     # 2. prepare ---------------------------------------------------------------------------------------------
-    nar.step("prepare", "Preparing the training conversations (python -m vllama_jax.data.prepare jsonl ...) ...")
+    nar.step("prepare", "Preparing the training conversations (vllama-jax prepare jsonl ...) ...")
     prepared = out / "prepared"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

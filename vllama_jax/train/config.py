@@ -70,7 +70,7 @@ class WeightsConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """One `datasets:` entry: a folder written by `python -m vllama_jax.data.prepare`."""
+    """One `datasets:` entry: a folder written by `vllama-jax prepare`."""
 
     path: str = ""
     sample_ratio: float = 1.0

@@ -14,7 +14,7 @@ import numpy as np
 from jax.experimental import topologies
 
 from ..config import ConfigError
-from ..data import SPECS, Dims, PreparedDataset, batch_spec, caption_prompt_list
+from ..data import LAYOUTS, Dims, PreparedDataset, batch_spec, caption_prompt_list
 from ..sharding import batch_sharding
 from ..text import prompt_wrap_ids, split_prompt
 from .config import TrainConfig, resolve_path
@@ -87,7 +87,7 @@ def abstract_batches(trainer: "Trainer") -> dict[str, dict[str, jax.ShapeDtypeSt
                 max_txt_len=d.max_txt_len, max_len=d.max_len, prompt_before=before, prompt_after=after)
     kinds = dataset_kinds(cfg)
     out = {}
-    for kind in (k for k in SPECS if k in kinds):
+    for kind in (k for k in LAYOUTS if k in kinds):
         spec = batch_spec(kind)
         out[kind] = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=trainer.replicated if k in spec.shared_keys
                                              else batch_sharding(trainer.mesh, len(shape), shape))
