@@ -11,6 +11,7 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, SingleDeviceSharding
 
@@ -90,12 +91,21 @@ def param_shardings(config: ModelConfig, params: Any, mesh: Mesh | str | None) -
     return tree_shardings(params, {g: axes[g] for g in params}, mesh)
 
 
+def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """One leaf onto its sharding. Host arrays go through `make_array_from_callback`: each process supplies only
+    the shards its own devices hold, so the same call places parameters on one device, a mesh or a multi-host pod."""
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def place_params(config: ModelConfig, params: dict[str, Any], mesh: Mesh | str | None = None) -> dict[str, Any]:
     """Put a params tree (any subset of the groups; host or device arrays) onto `mesh` (a Mesh or a spec string
     such as "data=1,fsdp=2,tensor=4") by the rules table, or onto the default device. The one placement step:
     callers place once, where the parameters are loaded or made."""
-    return jax.device_put(params, param_shardings(config, params, mesh))
+    return jax.tree.map(put, params, param_shardings(config, params, mesh))
 
 
 __all__ = ["LLM_GROUP", "abstract_for_groups", "abstract_params", "build_model", "cast_to_config_dtypes",
-           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params"]
+           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params", "put"]

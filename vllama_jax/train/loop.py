@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
 from ..data.batch import llm_positions
 from ..errors import VllamaError
-from ..models import abstract_params, build_model
+from ..models import abstract_params, build_model, put
 from ..models.groups import branch_towers
 from ..runtime import use_compilation_cache
 from ..sharding import tree_shardings
@@ -196,10 +196,7 @@ class Trainer:
         def one(group: str, x: Any, a: Any, s: Any) -> jax.Array:
             if tuple(x.shape) != tuple(a.shape):
                 raise ConfigError(f"parameter of group {group}: shape {tuple(x.shape)} != model {tuple(a.shape)}")
-            if isinstance(x, jax.Array):
-                return jax.device_put(x.astype(a.dtype), s)
-            x = np.asarray(x).astype(a.dtype)
-            return jax.make_array_from_callback(a.shape, s, lambda idx: x[idx])
+            return put(x.astype(a.dtype) if isinstance(x, jax.Array) else np.asarray(x).astype(a.dtype), s)
 
         return {g: jax.tree.map(partial(one, g), tree[g], self.abstract[g], self.shardings[g]) for g in groups}
 
