@@ -17,8 +17,9 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from vllama_jax.runtime import matmul_peak_flops
 
 
 def vit_flops(width: int, depth: int, mlp: int, tokens: int, patch: int) -> float:
@@ -36,18 +37,6 @@ def qformer_flops(hidden: int, layers: int, inter: int, queries: int, memory: in
             total += 2 * 2 * queries * memory * hidden
         total += 2 * queries * 2 * hidden * inter
     return total
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def bench_jax(cfg, frames: np.ndarray, repeats: int) -> tuple[float, float]:
@@ -130,7 +119,7 @@ def main() -> None:
     flops += qformer_flops(vq.hidden_size, vq.num_layers, vq.intermediate_size, vq.num_query_tokens,
                            args.frames * q.num_query_tokens, vq.encoder_width, 1)
 
-    peak = matmul_peak()
+    peak = matmul_peak_flops() / 1e9
     first, jax_t = bench_jax(cfg, frames, args.repeats)
     torch_t = None if args.no_torch else bench_torch(cfg, frames, args.repeats)
 

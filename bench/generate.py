@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllama_jax.inference.generate import GenerationConfig, Generator  # noqa: E402
+from vllama_jax.runtime import matmul_peak_flops  # noqa: E402
 from vllama_jax.weights.llama_keys import load_llama  # noqa: E402
 
 
@@ -62,14 +63,6 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> tuple[float, fl
     step()
     best_jax = min(_timed(step) for _ in range(repeats))
     return 2 * nbytes / best_np, 2 * nbytes / best_jax
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Measured float32 matmul FLOP/s (an upper bound for compute-bound prefill / large-batch decode)."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    return 2 * n**3 / min(_timed(lambda: f(a).block_until_ready()) for _ in range(repeats))
 
 
 def _timed(fn) -> float:
@@ -185,7 +178,7 @@ def main() -> None:
 
     bw_np, bw_jax = copy_bandwidth()
     bw = max(bw_np, bw_jax)
-    peak = matmul_peak()
+    peak = matmul_peak_flops()
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(gen.params))
     flops_per_token = 2 * sum(x.size for x in jax.tree_util.tree_leaves(gen.params))  # matmuls (incl. LM head)
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim_resolved * 4  # f32 K and V

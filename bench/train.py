@@ -56,21 +56,6 @@ def train_config_dict(model_yaml: Path, out: Path, batch: int, frames: int, step
     }
 
 
-def matmul_peak(n: int = 4096, repeats: int = 3) -> float:
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 def bench_jax(cfg_dict: dict, steps: int) -> dict:
     import numpy as np
 
@@ -255,6 +240,7 @@ def main() -> None:
     import yaml
 
     from vllama_jax.config import ModelConfig, from_dict
+    from vllama_jax.runtime import matmul_peak_flops
 
     print(f"# bench/train.py  {datetime.date.today()}  {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, jax {jax.__version__} ({jax.devices()[0].platform})")
@@ -264,7 +250,7 @@ def main() -> None:
             model_yaml = Path(tmp) / "mid.yaml"
             model_yaml.write_text(yaml.safe_dump(MID))
             cfg = train_config_dict(model_yaml, Path(tmp) / "out", args.batch, args.frames, args.steps + 1)
-            peak = matmul_peak()
+            peak = matmul_peak_flops(4096, 3)
             jx = bench_jax(cfg, args.steps + 1)
             th = None if args.no_torch else bench_torch(cfg, mc, args.batch, args.frames, args.steps)
         v, ll = mc.vit, mc.llama

@@ -5,6 +5,7 @@ simulated CPU devices. Defined once here; `vllama_jax.cli.common` applies them f
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -55,6 +56,20 @@ def use_compilation_cache(setting: bool | str | os.PathLike | None) -> Path | No
     return None
 
 
+def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured FLOP/s of one device on an n x n float32 matmul, best of `repeats` (a stand-in peak for MFU where
+    the hardware publishes none, e.g. a virtual CPU; benchmarks report against it)."""
+    x = jax.numpy.ones((n, n), jax.numpy.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
 def simulate_cpu_devices(n: int) -> None:
     """Run on `n` simulated CPU devices (dry runs of a pod mesh, sharding tests on one machine). Takes effect only
     before JAX starts its backend: the command line applies it before anything computes."""
@@ -66,5 +81,5 @@ def simulate_cpu_devices(n: int) -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
-__all__ = ["CACHE_DIR_ENV", "DEFAULT_CACHE_DIR", "enable_compilation_cache", "simulate_cpu_devices",
+__all__ = ["CACHE_DIR_ENV", "DEFAULT_CACHE_DIR", "enable_compilation_cache", "matmul_peak_flops", "simulate_cpu_devices",
            "use_compilation_cache"]

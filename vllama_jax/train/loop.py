@@ -31,7 +31,7 @@ from ..data.batch import llm_positions
 from ..errors import VllamaError
 from ..models import abstract_params, build_model, put
 from ..models.groups import branch_towers
-from ..runtime import use_compilation_cache
+from ..runtime import matmul_peak_flops, use_compilation_cache
 from ..sharding import tree_shardings
 from ..text import load_tokenizer
 from ..tree import flatten_params
@@ -41,7 +41,7 @@ from . import dry_run
 from .checkpoint import Checkpointer, is_training_checkpoint, load_trainable_params
 from .config import TrainConfig, resolve_path
 from .distributed import build_mesh, init_distributed
-from .metrics import MetricsLogger, compiled_flops, measure_peak_flops
+from .metrics import MetricsLogger, compiled_flops
 from .optimizer import forward_groups, lr_schedule, make_optimizer, opt_state_shardings, trainable_groups
 from .step import jit_train_step, make_train_step
 
@@ -332,7 +332,7 @@ class Trainer:
                 batch = train_data.global_batch(local, self.mesh, self.process_count)
                 compiled, flops = self.compiled_step(kind, batch)
                 if peak is None and flops:
-                    peak = measure_peak_flops()
+                    peak = matmul_peak_flops()
                     self._log(f"peak for MFU (measured fp32 matmul): {peak / 1e12:.3f} TFLOP/s per device")
                 if pending is None:
                     self._clock = time.perf_counter()  # exclude compilation from the first step's time

@@ -11,12 +11,9 @@ from __future__ import annotations
 import csv
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any, Mapping, TextIO
 
-import jax
-import jax.numpy as jnp
 
 CSV_FIELDS = ("step", "loss", "lr", "grad_norm", "num_tokens", "step_time_s", "samples_per_s", "tokens_per_s",
               "mfu", "dataset")
@@ -31,18 +28,6 @@ def compiled_flops(compiled: Any) -> float:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", 0.0))
-
-
-def measure_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Achieved FLOP/s of one device on an n x n fp32 matmul (a stand-in peak where none is configured)."""
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
-    f(x).block_until_ready()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        y = f(x)
-    y.block_until_ready()
-    return 2.0 * n ** 3 * repeats / (time.perf_counter() - t)
 
 
 class MetricsLogger:
