@@ -1,5 +1,7 @@
 """``cc_sbu`` / ``laion`` webdataset shards: tar files whose members are grouped by key (``{key}.jpg`` +
-``{key}.json`` with a ``caption`` field; a ``{key}.txt`` caption is accepted too).
+``{key}.json`` with a ``caption`` field; a ``{key}.txt`` caption is accepted too). The source is a folder of
+``*.tar``, one tar, a glob, or a brace list as the upstream configs write ``storage``
+(``/path/cc_sbu_dataset/{00000..01255}.tar``, expanded as webdataset's ``braceexpand`` does).
 
 The images live inside the tars, so their bytes are always stored in the records (``media_path`` keeps
 ``shard.tar#key.jpg`` for naming). Upstream reads these shards with resampling and a 1000-element shuffle buffer;
@@ -8,6 +10,7 @@ here the prepared records are shuffled globally at read time instead.
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +19,27 @@ from ..errors import DataError
 from .base import BadItem, FormatDefaults, SourceItem, listed_files
 
 _IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Shard names of an upstream ``storage`` pattern: ``{00000..00002}`` (a numeric range, zero-padded to its
+    bounds' width) and ``{a,b}`` (alternatives), as ``braceexpand``; other braces are kept as written."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[:m.start()], pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        a, b = rng.groups()
+        width = max(len(a), len(b)) if a.startswith("0") or b.startswith("0") else 0
+        step = 1 if int(a) <= int(b) else -1
+        choices = [str(i).zfill(width) for i in range(int(a), int(b) + step, step)]
+    elif "," in body:
+        choices = body.split(",")
+    else:
+        return [head + "{" + body + "}" + t for t in expand_braces(tail)]
+    return [head + c + t for c in choices for t in expand_braces(tail)]
 
 
 def _split_key(name: str) -> tuple[str, str]:
@@ -34,6 +58,13 @@ class WebDatasetCaptions:
 
     def source_files(self, source: Path) -> list[Path]:
         none_found = "no *.tar webdataset shard found"
+        if "{" in str(source):
+            files = [Path(p) for p in expand_braces(str(source))]
+            missing = [p for p in files if not p.is_file()]
+            if missing:
+                raise DataError(missing[0], f"webdataset shard of the list {source.name} does not exist "
+                                            f"({len(missing)} of {len(files)} missing)")
+            return files
         if not any(c in str(source) for c in "*?["):
             return listed_files(source, "*.tar", "webdataset source", none_found)
         files = sorted(Path(source.anchor or ".").glob(str(source.relative_to(source.anchor or "."))))
