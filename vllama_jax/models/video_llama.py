@@ -72,9 +72,17 @@ class VideoLLaMA(nn.Module):
     def video_qformer_memory(self, frame_queries: jax.Array) -> jax.Array:
         """Add the frame position embedding to each frame's queries, then flatten frame-major to (B, T*Q, h)."""
         b, t, q, h = frame_queries.shape
-        pos = self.video_frame_position_embedding(jnp.arange(t))  # fails beyond max_frame_pos, as upstream
+        pos = self._frame_positions(t)
         x = frame_queries + pos[None, :, None, :].astype(frame_queries.dtype)
         return x.reshape(b, t * q, h)
+
+    def _frame_positions(self, t: int) -> jax.Array:
+        """Rows 0..t-1 of the frame position table; more frames than rows is an error, as upstream's nn.Embedding
+        raises (a jnp gather out of range would silently give NaN rows)."""
+        if t > self.config.max_frame_pos:
+            raise ValueError(f"{t} frames exceed the model's max_frame_pos={self.config.max_frame_pos} "
+                             "(one learned position per frame)")
+        return self.video_frame_position_embedding(jnp.arange(t))
 
     def encode_video(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
         """`encode_videoQformer_visual`: (B, T, H, W, 3) -> (B, Nv, D_llm)."""
@@ -96,6 +104,9 @@ class VideoLLaMA(nn.Module):
 
     def _audio_from_segments(self, segments: jax.Array, deterministic: bool) -> jax.Array:
         b, s, _ = segments.shape
+        if s > self.config.num_audio_positions:  # upstream: nn.Embedding raises; a jnp gather would give NaN rows
+            raise ValueError(f"{s} audio clips exceed the model's num_audio_positions="
+                             f"{self.config.num_audio_positions} (one learned position per 2-s clip)")
         x = segments + self.audio_position_embedding(jnp.arange(s))[None].astype(segments.dtype)
         queries = jnp.broadcast_to(self.audio_query_tokens, (b,) + self.audio_query_tokens.shape[1:])
         hidden = self.audio_qformer(queries, x, deterministic=deterministic)
@@ -126,7 +137,7 @@ class VideoLLaMA(nn.Module):
         frame_queries = self.encode_frames(frames)
         b, t = frame_queries.shape[:2]
         feature, _ = self.audio_segments(clips, deterministic=True)
-        pos = self.video_frame_position_embedding(jnp.arange(t))
+        pos = self._frame_positions(t)
         audio_tokens = feature + pos[None].astype(feature.dtype)
         memory = jnp.concatenate([self.video_qformer_memory(frame_queries), audio_tokens], axis=1)
         return self._video_from_memory(memory, deterministic)
