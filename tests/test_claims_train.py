@@ -129,6 +129,7 @@ def test_mfu_and_non_finite_loss_on_a_fake_step(trainer, monkeypatch: pytest.Mon
     assert row["mfu"] == pytest.approx(3e9 / 0.5 / 2e12)  # 0.3%
     assert row["tokens_per_s"] == pytest.approx(800) and row["samples_per_s"] == pytest.approx(8)
     for bad in (np.inf, -np.inf, np.nan):
+        t._clock = 100.0
         with pytest.raises(NonFiniteLossError, match="at step 8; batch of dataset fake example ids \\[0, 1, 2, 3\\]"):
             t._finish(dict(info, step=8, metrics=dict(metrics, loss=np.float32(bad))))
     assert t.history[-1]["step"] == 7  # nothing recorded for the bad step
