@@ -234,3 +234,46 @@ def test_chat_defaults_keep_the_last_1700_positions(tiny_model, tiny_tok):
     assert full.truncated == 0 and full.embeds.shape[0] > 1800
     assert ctx.embeds.shape[0] == 1700 and ctx.truncated == full.embeds.shape[0] - 1700
     np.testing.assert_array_equal(ctx.embeds, full.embeds[-1700:])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# describe sharded over a mesh
+
+
+@pytest.mark.slow
+def test_describe_on_8_devices_writes_the_rows_of_one_device(tiny_model, tiny_tok, tmp_path: Path, capsys,
+                                                             monkeypatch: pytest.MonkeyPatch):
+    """`vllama-jax describe --mesh data=2,fsdp=2,tensor=2` on 8 simulated devices: the model really is spread over
+    the 8 devices, and the JSONL rows (3 videos, batches of 2 padded to the mesh) equal the one-device run's."""
+    import json
+
+    from vllama_jax.cli import main as cli_main
+    from vllama_jax.data.synthetic import write_video
+    from vllama_jax.weights.model_dir import save_model_dir
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    cfg, params = tiny_model
+    model = save_model_dir(tmp_path / "model", cfg, params, tiny_tok)
+    for k in range(3):
+        write_video(tmp_path / "videos" / f"{k}.mp4", num_frames=10, width=64, height=64, seed=k)
+    chats = []
+    load = VideoLLaMAChat.from_model_dir.__func__
+
+    def spy(cls, *a, **kw):
+        chats.append(load(cls, *a, **kw))
+        return chats[-1]
+
+    monkeypatch.setattr(VideoLLaMAChat, "from_model_dir", classmethod(spy))
+    monkeypatch.setenv("VLLAMA_JAX_CACHE_DIR", "off")  # in-process: leave this session's JAX settings alone
+    args = ["describe", "--model", str(model), "--videos", str(tmp_path / "videos"), "--prompt",
+            "Describe the video.", "--batch-size", "2", "--num-frames", "4", "--no-audio", "--greedy",
+            "--max-new-tokens", "6", "--quiet"]
+    assert cli_main(args + ["--out", str(tmp_path / "one.jsonl")]) == 0, capsys.readouterr().err
+    assert cli_main(args + ["--out", str(tmp_path / "mesh.jsonl"), "--mesh", "data=2,fsdp=2,tensor=2"]) == 0, \
+        capsys.readouterr().err
+    kernel = chats[1].params["llama"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert chats[0].mesh is None and len(kernel.sharding.device_set) == 8
+    one, mesh = ([json.loads(x) for x in (tmp_path / f).read_text().splitlines()] for f in ("one.jsonl", "mesh.jsonl"))
+    assert len(one) == 3 and all(isinstance(r.get("answer"), str) for r in one)
+    assert mesh == one
