@@ -58,7 +58,7 @@ def test_vit_blocks_beyond_the_config_depth_are_dropped(tiny_dir: Path, tmp_path
 def test_converter_builds_39_blocks_from_the_40_block_eva_g():
     """Without --config, a 1408-wide 40-block EVA file (the released eva_vit_g.pth, shapes only) gives vit.depth 39;
     other EVA files keep all their blocks."""
-    from vllama_jax.weights import convert as convert_mod
+    from vllama_jax.weights.infer_config import infer_config
 
     def eva(width: int, blocks: int, mlp: int, patch: int = 14, grid: int = 16) -> DictSource:
         z = np.zeros((), np.float32)  # broadcast views: the shapes without the memory
@@ -70,10 +70,10 @@ def test_converter_builds_39_blocks_from_the_40_block_eva_g():
         return DictSource(t, "eva_vit_g.pth")
 
     notes: list[str] = []
-    cfg = convert_mod.infer_config({"eva_vit": eva(1408, 40, 6144)}, notes=notes)
+    cfg = infer_config({"eva_vit": eva(1408, 40, 6144)}, notes=notes)
     assert (cfg.vit.width, cfg.vit.depth, cfg.vit.mlp_dim, cfg.vit.image_size) == (1408, 39, 6144, 224)
     assert any("unused" in n for n in notes)
-    assert convert_mod.infer_config({"eva_vit": eva(1408, 12, 6144)}).vit.depth == 12
+    assert infer_config({"eva_vit": eva(1408, 12, 6144)}).vit.depth == 12
 
 
 # ------------------------------------------------------------------------------------------------------------
