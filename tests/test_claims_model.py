@@ -162,6 +162,19 @@ def test_more_frames_or_clips_than_positions_is_an_error(tiny_model, tiny_tok, t
                             frozen_llama_proj=True, data={"num_frames": 9}))
 
 
+def test_placeholder_ids_embed_as_id_0(tiny_model):
+    """The LLaMA table is not resized for `<ImageHere>` / `<AudioHere>` (512 / 513 in the fixture tokenizer): upstream
+    embeds them as id 0 (pad/unk) before the media rows overwrite them (upstream.md §12.8)."""
+    cfg, params = tiny_model
+    model = build_model(cfg)
+    assert cfg.llama.vocab_size == 512
+    emb = np.asarray(model.apply({"params": params}, jnp.asarray([[512, 513, 0, 7]]), method=VideoLLaMA.embed_tokens))
+    assert np.isfinite(emb).all()
+    np.testing.assert_array_equal(emb[0, 0], emb[0, 2])
+    np.testing.assert_array_equal(emb[0, 1], emb[0, 2])
+    assert not np.array_equal(emb[0, 3], emb[0, 2])
+
+
 # ------------------------------------------------------------------------------------------------------------
 # .pth read with mmap
 

@@ -231,8 +231,11 @@ def test_bf16_compute_fp32_master_weights_and_keep_last_k(tiny_dir: Path, tmp_pa
         assert (p.vit, p.qformer, p.llama, p.llama_params, p.trainable_params) == \
             ("bfloat16", "bfloat16", "bfloat16", "bfloat16", "float32")
         assert {x.dtype for x in jax.tree.leaves(t.frozen["llama"])} == {jnp.dtype(jnp.bfloat16)}
-        before = host(t.state["params"])
+        # copies: a numpy view of a CPU device buffer would keep it alive and block the donation checked below
+        before = {k: np.array(v) for k, v in host(t.state["params"]).items()}
+        donated = jax.tree.leaves(t.state)
         hist = t.run()
+        assert all(x.is_deleted() for x in donated)  # the jitted step consumed (donated) the previous state
         after = host(t.state["params"])
         assert [h["step"] for h in hist] == [1, 2, 3, 4] and all(np.isfinite(h["loss"]) for h in hist)
         assert {v.dtype for v in after.values()} == {np.dtype(np.float32)}  # master weights
