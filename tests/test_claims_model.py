@@ -257,7 +257,8 @@ def test_chat_defaults_keep_the_last_1700_positions(tiny_model, tiny_tok):
 def test_describe_on_8_devices_writes_the_rows_of_one_device(tiny_model, tiny_tok, tmp_path: Path, capsys,
                                                              monkeypatch: pytest.MonkeyPatch):
     """`vllama-jax describe --mesh data=2,fsdp=2,tensor=2` on 8 simulated devices: the model really is spread over
-    the 8 devices, and the JSONL rows (3 videos, batches of 2 padded to the mesh) equal the one-device run's."""
+    the 8 devices, and the JSONL rows (3 videos: a batch of 2 and a batch of 1, padded to the 4 data x fsdp shards)
+    equal the one-device run's."""
     import json
 
     from vllama_jax.cli import main as cli_main
@@ -280,8 +281,8 @@ def test_describe_on_8_devices_writes_the_rows_of_one_device(tiny_model, tiny_to
     monkeypatch.setattr(VideoLLaMAChat, "from_model_dir", classmethod(spy))
     monkeypatch.setenv("VLLAMA_JAX_CACHE_DIR", "off")  # in-process: leave this session's JAX settings alone
     args = ["describe", "--model", str(model), "--videos", str(tmp_path / "videos"), "--prompt",
-            "Describe the video.", "--batch-size", "2", "--num-frames", "4", "--no-audio", "--greedy",
-            "--max-new-tokens", "6", "--quiet"]
+            "Describe the video.", "--batch-size", "2", "--num-frames", "2", "--no-audio", "--greedy",
+            "--max-new-tokens", "4", "--quiet"]
     assert cli_main(args + ["--out", str(tmp_path / "one.jsonl")]) == 0, capsys.readouterr().err
     assert cli_main(args + ["--out", str(tmp_path / "mesh.jsonl"), "--mesh", "data=2,fsdp=2,tensor=2"]) == 0, \
         capsys.readouterr().err

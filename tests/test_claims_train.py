@@ -41,11 +41,13 @@ def _random_like(tree, seed: int, scale: float):
 
 
 def _apply(tx, params, grads_seq):
-    state, p, updates = tx.init(params), params, []
+    """The updates of successive optimizer steps (jitted: op-by-op dispatch over ~200 leaves is slow)."""
+    update = jax.jit(tx.update)
+    state, p, updates = jax.jit(tx.init)(params), params, []
     for g in grads_seq:
-        u, state = tx.update(g, state, p)
+        u, state = update(g, state, p)
         p = optax.apply_updates(p, u)
-        updates.append(u)
+        updates.append(jax.device_get(u))
     return updates
 
 
