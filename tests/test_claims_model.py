@@ -1,7 +1,8 @@
-"""README claims about the model, its weights and chat that no other test pinned (README.md "Faithfulness" and
+"""README claims about the model, its weights and inference that no other test pinned (README.md "Faithfulness" and
 "Features"): the EVA ViT keeps `depth` of the checkpoint's blocks (39 of EVA-g's 40), dropout only in the trained
-Q-Formers, the frame / audio-clip position limits, `.pth` files memory-mapped, ViT remat, and chat's context
-budget defaults (2000 positions, 300 new tokens: the prompt keeps the last 1700)."""
+Q-Formers, the frame / audio-clip position limits, placeholder ids embedded as id 0, `.pth` files memory-mapped,
+ViT remat, chat's context budget defaults (2000 positions, 300 new tokens: the prompt keeps the last 1700), and
+`describe` on a mesh."""
 from __future__ import annotations
 
 from pathlib import Path
