@@ -64,7 +64,8 @@ def test_converter_builds_39_blocks_from_the_40_block_eva_g():
     def eva(width: int, blocks: int, mlp: int, patch: int = 14, grid: int = 16) -> DictSource:
         z = np.zeros((), np.float32)  # broadcast views: the shapes without the memory
         t = {"patch_embed.proj.weight": np.broadcast_to(z, (width, 3, patch, patch)),
-             "pos_embed": np.broadcast_to(z, (1, grid * grid + 1, width)), "cls_token": np.broadcast_to(z, (1, 1, width))}
+             "pos_embed": np.broadcast_to(z, (1, grid * grid + 1, width)),
+             "cls_token": np.broadcast_to(z, (1, 1, width))}
         for i in range(blocks):
             t[f"blocks.{i}.mlp.fc1.weight"] = np.broadcast_to(z, (mlp, width))
             t[f"blocks.{i}.norm1.weight"] = np.broadcast_to(z, (width,))
