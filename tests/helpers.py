@@ -40,6 +40,13 @@ def assert_close(actual, expected, atol=1e-4, rtol=1e-4, name=""):
     np.testing.assert_allclose(a, e, atol=atol, rtol=rtol, err_msg=name)
 
 
+def upstream_rule_no_decay(name: str, ndim: int) -> bool:
+    """Upstream's weight-decay rule, written here independently of the library (upstream.md §8.3,
+    video_llama/runners/runner_base.py: `if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n:` -> no decay),
+    for the PyTorch state-dict name `name` of a parameter with `ndim` dimensions."""
+    return ndim < 2 or "bias" in name or "ln" in name or "bn" in name
+
+
 def load_npz(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as z:
         return {k: z[k] for k in z.files}

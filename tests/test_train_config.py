@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from tests.helpers import upstream_rule_no_decay
 from tests.test_train_support import ROOT, TINY_MODEL, subprocess_env, tiny_config_dict
 from vllama_jax.config import ConfigError, load_model_config
 from vllama_jax.train.config import OptimConfig, load_train_config, train_config_from_dict
@@ -166,13 +167,9 @@ def test_lr_schedule_quirks():
 # weight decay groups and AdamW (upstream.md §8.3)
 
 
-# The upstream side is written here, independently of vllama_jax.train.optimizer: runner_base's rule
-# (upstream.md §8.3) on the PyTorch state-dict names of the released checkpoints, read with torch.
-def upstream_rule_no_decay(name: str, ndim: int) -> bool:
-    """video_llama/runners/runner_base.py: `if p.ndim < 2 or "bias" in n or "ln" in n or "bn" in n:` -> no decay."""
-    return ndim < 2 or "bias" in name or "ln" in name or "bn" in name
-
-
+# The upstream side is written in the tests, independently of vllama_jax.train.optimizer: runner_base's rule
+# (upstream.md §8.3, tests/helpers.py::upstream_rule_no_decay) on the PyTorch state-dict names of the released
+# checkpoints, read with torch.
 # the trainable modules as upstream's VideoLLAMA names them (requires_grad in the stage configs, upstream.md §1.8)
 UPSTREAM_TRAINABLE = {
     "vl_ckpt.pth": ("video_Qformer.", "video_query_tokens", "video_frame_position_embedding.", "llama_proj."),
