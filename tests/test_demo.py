@@ -147,14 +147,28 @@ def test_fast_demo_end_to_end(tmp_path, capsys, smollm2_path):
     header = next(line for line in out.splitlines() if line.startswith("| attribute |"))
     assert [c.strip() for c in header.strip("|").split("|")] == [
         "attribute", "trained: answers", "trained: choice", "untrained: answers", "untrained: choice", "chance"]
-    for attr in C.ATTRIBUTES:
-        assert any(line.startswith(f"| {attr} ") for line in out.splitlines()), attr
-        acc = report["accuracy"][attr]
-        assert acc["n"] == s.heldout_clips and 0 <= acc["trained"] <= 1 and 0 <= acc["untrained"] <= 1
-        assert len(report["answers"]["trained"][attr]) == s.heldout_clips
-        assert len(report["choices"]["untrained"][attr]) == s.heldout_clips
-        choice = report["choice_accuracy"][attr]
-        assert choice["n"] == s.heldout_clips and 0 <= choice["trained"] <= 1 and 0 <= choice["untrained"] <= 1
+    # the held-out clips are the generator's clips after the training ones; every question about every clip is
+    # scored against that clip's truth, and the accuracies and the printed table are exactly those scores
+    heldout = [C.clip_spec(s.seed, i) for i in range(s.train_clips, s.train_clips + s.heldout_clips)]
+    n = s.heldout_clips
+    for attr, (_, values) in C.ATTRIBUTES.items():
+        truths = [h.truth(attr) for h in heldout]
+        counts = []
+        for model in ("trained", "untrained"):
+            answers, choices = report["answers"][model][attr], report["choices"][model][attr]
+            assert [t for _, t in answers] == truths and [t for _, t in choices] == truths, (model, attr)
+            assert all(p in values for p, _ in choices), choices  # a pick is one of the attribute's values
+            right = sum(E.is_correct(attr, a, t) for a, t in answers)
+            picked = sum(p == t for p, t in choices)
+            assert report["accuracy"][attr][model] == right / n, (model, attr)
+            assert report["choice_accuracy"][attr][model] == picked / n, (model, attr)
+            counts += [f"({right}/{n})", f"({picked}/{n})"]
+        assert report["accuracy"][attr]["n"] == report["choice_accuracy"][attr]["n"] == n
+        assert report["accuracy"][attr]["chance"] == 1 / len(values)
+        row = next(line for line in out.splitlines() if line.startswith(f"| {attr} "))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert [c[c.index("("):] for c in cells[1:5]] == counts, (row, counts)
+        assert cells[5].startswith(f"{100 / len(values):.1f}%"), row
     assert report["steps"] == s.steps
     assert all(np.isfinite(report["losses"])), report["losses"]
     assert (tmp_path / "demo" / "train" / "checkpoints" / str(s.steps) / "params").is_dir()

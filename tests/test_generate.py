@@ -4,6 +4,7 @@ persistent compilation cache."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -427,24 +428,40 @@ def test_sharded_generation_equals_single_device(fixture_llama, gen, spec, n_dev
 
 @pytest.mark.slow
 def test_persistent_compilation_cache(tmp_path, tiny_dir):
+    """Two processes generate with the same cache folder: the first compiles and writes every program (cache
+    misses, new files), the second loads every program from the folder (JAX's '/jax/compilation_cache/cache_hits'
+    events, no miss, no file written or rewritten)."""
     script = textwrap.dedent(f"""
-        import os, time, numpy as np
+        import collections, json, os
         os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax
+        events = collections.Counter()
+        jax.monitoring.register_event_listener(lambda event, **kw: events.update([event]))
         from vllama_jax.inference.generate import Generator, GenerationConfig
         from vllama_jax.weights.llama_keys import load_llama
         cfg, params = load_llama({str(tiny_dir / "llama")!r})
         g = Generator(cfg, params, compilation_cache={str(tmp_path / "cache")!r})
         out = g.generate_ids([[1, 5, 6, 7]], GenerationConfig(do_sample=False, max_new_tokens=3))
-        print(len(out.tokens[0]))
+        print(json.dumps({{"tokens": [int(t) for t in out.tokens[0]],
+                          "events": {{k: v for k, v in events.items() if k.startswith("/jax/compilation_cache/")}}}}))
     """)
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "XLA_FLAGS": ""}
+    runs = []
     for run in range(2):
         res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
                              timeout=300)
         assert res.returncode == 0, res.stderr[-2000:]
-        files = sorted(p.name for p in (tmp_path / "cache").iterdir())
-        if run == 0:
-            first = files
-            assert len(first) >= 3  # embed, prefill, decode step
-        else:
-            assert files == first  # second process: every program came from the cache
+        result = json.loads(res.stdout.strip().splitlines()[-1])
+        files = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
+        runs.append((result, files))
+        print(f"run {run}: {result['events']}, {len(files)} cache files")
+    (first, first_files), (second, second_files) = runs
+    hits, misses = "/jax/compilation_cache/cache_hits", "/jax/compilation_cache/cache_misses"
+    assert len(first["tokens"]) == 3 and second["tokens"] == first["tokens"]
+    # first process: every program compiled and written (embed, prefill, decode step at least), nothing read
+    assert first["events"].get(misses, 0) >= 3 and first["events"].get(hits, 0) == 0, first["events"]
+    assert len(first_files) == first["events"][misses], (first_files, first["events"])
+    # second process: the same programs, every one a cache hit; no compilation wrote a new or rewritten entry
+    assert second["events"].get(hits, 0) == first["events"][misses], second["events"]
+    assert second["events"].get(misses, 0) == 0, second["events"]
+    assert second_files == first_files  # same names, same modification times

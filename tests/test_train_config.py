@@ -13,6 +13,7 @@ import numpy as np
 import optax
 import pytest
 
+from tests.helpers import upstream_rule_no_decay
 from tests.test_train_support import ROOT, TINY_MODEL, subprocess_env, tiny_config_dict
 from vllama_jax.config import ConfigError, load_model_config
 from vllama_jax.train.config import OptimConfig, load_train_config, train_config_from_dict
@@ -166,19 +167,32 @@ def test_lr_schedule_quirks():
 # weight decay groups and AdamW (upstream.md §8.3)
 
 
-def _upstream_trainables(path: Path) -> dict[str, np.ndarray]:
-    import re
+# The upstream side is written in the tests, independently of vllama_jax.train.optimizer: runner_base's rule
+# (upstream.md §8.3, tests/helpers.py::upstream_rule_no_decay) on the PyTorch state-dict names of the released
+# checkpoints, read with torch.
+# the trainable modules as upstream's VideoLLAMA names them (requires_grad in the stage configs, upstream.md §1.8)
+UPSTREAM_TRAINABLE = {
+    "vl_ckpt.pth": ("video_Qformer.", "video_query_tokens", "video_frame_position_embedding.", "llama_proj."),
+    "al_ckpt.pth": ("audio_Qformer.", "audio_query_tokens", "audio_position_embedding.", "audio_llama_proj."),
+}
+# buffers the runner saves with the parameters (tests/fixtures/README.md §1.2): not parameters, never in a group
+UPSTREAM_BUFFER_SUFFIXES = ("position_ids", "rotary_emb.inv_freq", ".mask", "log_logit_scale")
 
-    from vllama_jax.weights.keymaps import CHECKPOINT_BUFFERS
-    from vllama_jax.weights.readers import open_weights
 
-    src = open_weights(path)
-    return {k: src.get(k) for k in src.keys() if not any(re.match(b, k) for b in CHECKPOINT_BUFFERS)}
+def _upstream_trainable_params(path: Path) -> dict[str, "torch.Tensor"]:
+    """{PyTorch name: tensor} of the trainable parameters in a released-layout checkpoint, read with torch."""
+    import torch
+
+    sd = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    prefixes = UPSTREAM_TRAINABLE[path.name]
+    return {k: v for k, v in sd.items()
+            if k.startswith(prefixes) and not k.endswith(UPSTREAM_BUFFER_SUFFIXES)}
 
 
 def test_decay_mask_equals_upstream_rule_on_upstream_names(tiny_dir: Path):
-    """Our mask, carried to upstream names through the loader's key maps, equals runner_base's rule applied to the
-    parameter names and shapes of the released-layout VL and AL checkpoints."""
+    """Our decay mask, carried to upstream names through the loader's key maps, equals runner_base's rule applied
+    (in this test) to the names and shapes of the trainable parameters of the released-layout VL and AL
+    checkpoints."""
     from vllama_jax.models import abstract_params
 
     mc = load_model_config(TINY_MODEL)
@@ -187,13 +201,45 @@ def test_decay_mask_equals_upstream_rule_on_upstream_names(tiny_dir: Path):
         tree = {g: abstract[g] for g in groups}
         mask = flatten_params(decay_mask(tree))
         shapes = flatten_params(tree)
-        ours = {k: bool(v.all()) for k, v in km.inverse(
-            {p: np.full(shapes[p].shape, m) for p, m in mask.items()}).items()}
-        upstream = {k: not upstream_no_decay(k, v.ndim) for k, v in _upstream_trainables(tiny_dir / ckpt).items()}
-        assert ours == upstream
-        # the consequences upstream.md §8.3 spells out
-        assert upstream[km.rules[-4].src] and any(v for k, v in upstream.items() if "position_embedding" in k)
+        carried = km.inverse({p: np.full(shapes[p].shape, m) for p, m in mask.items()})
+        assert all(v.all() == v.any() for v in carried.values())  # one decision per tensor
+        ours = {k: bool(v.all()) for k, v in carried.items()}
+        params = _upstream_trainable_params(tiny_dir / ckpt)
+        upstream = {k: not upstream_rule_no_decay(k, v.ndim) for k, v in params.items()}
+        assert set(ours) == set(upstream), (sorted(set(ours) ^ set(upstream)))
+        wrong = {k: (ours[k], upstream[k]) for k in upstream if ours[k] != upstream[k]}
+        assert not wrong, f"{ckpt}: (ours, upstream) decay differ on {len(wrong)}, e.g. {dict(list(wrong.items())[:6])}"
+        # the consequences upstream.md §8.3 spells out: query tokens (3-D), position tables and every matrix are
+        # decayed; LayerNorm gains and biases are not
+        q = "video_query_tokens" if ckpt == "vl_ckpt.pth" else "audio_query_tokens"
+        assert upstream[q] and params[q].ndim == 3
+        assert all(v for k, v in upstream.items() if "position_embedding" in k)
         assert not any(v for k, v in upstream.items() if "LayerNorm" in k or k.endswith("bias"))
+        n_decay = sum(upstream.values())
+        assert n_decay == sum(1 for v in params.values() if v.ndim >= 2) and 0 < n_decay < len(upstream)
+
+
+def test_no_decay_rule_equals_runner_base(tiny_dir: Path):
+    """The library's rule == runner_base's on every parameter name of the whole model (all six fixture files, as
+    VideoLLAMA names them) and on names where each clause of the rule decides alone (on the trainable names only
+    `ndim < 2` decides: no 2-D+ trainable parameter has "bias", "ln" or "bn" in its name)."""
+    import torch
+    from safetensors.numpy import load_file as load_safetensors
+
+    names: dict[str, int] = {}
+    for file, prefix in (("eva_vit.pth", "visual_encoder."), ("blip2_qformer.pth", ""), ("imagebind.pth",
+                         "audio_encoder."), ("vl_ckpt.pth", ""), ("al_ckpt.pth", "")):
+        sd = torch.load(tiny_dir / file, map_location="cpu", weights_only=True)
+        for k, v in sd.get("model", sd).items():
+            names[prefix + k] = v.ndim
+    for f in sorted((tiny_dir / "llama").glob("*.safetensors")):
+        names.update({"llama_model." + k: v.ndim for k, v in load_safetensors(f).items()})
+    # each clause alone: ndim; "bias" (ImageBind's 3-D bias_k / bias_v); "ln", "bn" (case-sensitive substrings)
+    names.update({"a.weight": 2, "a.weight_1d": 1, "a.bias_k": 3, "blocks.0.ln_1.weight": 2, "stem.bn.weight": 2,
+                  "enc.LayerNorm.weight": 2, "enc.Bias": 2, "enc.BN.weight": 2, "tok": 0})
+    assert sum(1 for k, n in names.items() if n >= 2 and "bias" in k) >= 4  # bias_k/bias_v of ImageBind
+    wrong = {k: n for k, n in names.items() if upstream_no_decay(k, n) != upstream_rule_no_decay(k, n)}
+    assert not wrong, f"decay rule differs from runner_base on {len(wrong)} names, e.g. {dict(list(wrong.items())[:6])}"
 
 
 @pytest.mark.slow
@@ -219,9 +265,13 @@ def test_adamw_equals_torch_adamw_with_upstream_groups(tiny_dir: Path):
         upd, state = tx.update(g, state, p)
         p = optax.apply_updates(p, upd)
 
-    named = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in km.inverse(flat).items()}
-    decay = [t for n, t in named.items() if not upstream_no_decay(n, t.ndim)]
-    no_decay = [t for n, t in named.items() if upstream_no_decay(n, t.ndim)]
+    # torch side: the checkpoint's own tensors and names, runner_base's two groups by the rule written in this test
+    named = {k: torch.nn.Parameter(v.clone().float()) for k, v in _upstream_trainable_params(
+        tiny_dir / "vl_ckpt.pth").items()}
+    assert set(named) == set(km.inverse(flat))
+    decay = [t for n, t in named.items() if not upstream_rule_no_decay(n, t.ndim)]
+    no_decay = [t for n, t in named.items() if upstream_rule_no_decay(n, t.ndim)]
+    assert decay and no_decay
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=o.init_lr, betas=(0.9, 0.999), eps=1e-8)
     for i, g in enumerate(grads):

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import upstream_rule_no_decay
 from tests.test_train_support import compiled, host, tiny_config
 from vllama_jax.train.loop import Trainer
 from vllama_jax.train.optimizer import decay_mask
@@ -77,7 +78,12 @@ def test_step_reproduces_upstream_gradients_and_updates_only_trainables(parity_t
     # lr0 = warmup_lr (upstream.md §8.3/8.4)
     frozen_before = host(t.frozen)
     p0 = flatten_params(jax.tree.map(lambda x: np.asarray(x, np.float64), t.params0))
-    mask = flatten_params(decay_mask(t.params0))
+    # upstream's decay groups: runner_base's rule on the PyTorch names of the trained tensors (not the library's)
+    km = video_branch_keymap()
+    up_names = km.inverse({k: np.full(v.shape, k, object) for k, v in p0.items()})  # upstream name -> our path
+    mask = {str(v.flat[0]): float(not upstream_rule_no_decay(n, v.ndim)) for n, v in up_names.items()}
+    assert mask.keys() == p0.keys()
+    assert mask == {k: float(m) for k, m in flatten_params(decay_mask(t.params0)).items()}
     history = t.run(1)
     assert abs(history[0]["loss"] - float(out_ref["stage1.loss"])) < 1e-5
     p1 = flatten_params(jax.device_get(t.state["params"]))

@@ -112,12 +112,18 @@ def test_gradients_of_trainable_parameters(tiny_grads, setup, tag):
     upstream = video_branch_keymap().inverse(flatten_params(jax.tree_util.tree_map(np.asarray, grads)))
     expected = {k.split("/", 1)[1]: v for k, v in grads_ref.items() if k.startswith(tag + "/")}
     assert set(upstream) == set(expected)
+    worst = 0.0
     for name, ref in expected.items():
         g = upstream[name]
         assert g.shape == ref.shape, name
         # README 1.6: max|diff| <= 1e-4 * max|g| per tensor (key-bias grads are ~1e-9 noise: absolute)
         tol = max(1e-4 * float(np.abs(ref).max()), 1e-6)
-        assert float(np.abs(g - ref).max()) <= tol, f"{tag}/{name}: {np.abs(g - ref).max()} > {tol}"
+        err = float(np.abs(g - ref).max())
+        assert err <= tol, f"{tag}/{name}: {err} > {tol}"
+        worst = max(worst, err)
+    # the README's Faithfulness section states every compared tensor, gradients included, is within 4e-6
+    assert worst <= 4e-6, f"{tag}: gradients max |diff| {worst:.2e} > 4e-6 (the README's stated figure)"
+    print(f"{tag}: gradients max |diff| {worst:.2e}")
 
 
 @pytest.mark.parametrize("tag", ["chat_vicuna", "chat_llama2"])
