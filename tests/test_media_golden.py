@@ -7,7 +7,6 @@ import pytest
 
 from tests.helpers import load_json, load_npz
 from vllama_jax import media
-from vllama_jax.media import audio as audio_mod
 
 VIDEOS = ["IronMan", "applausing", "birthday", "boat", "dog_barking", "silence_girl", "skateboarding_dog"]
 WITH_AUDIO = [("IronMan", "mp4"), ("applausing", "mp4"), ("boat", "mp4"), ("dog_barking", "mp4"),
