@@ -171,7 +171,15 @@ def batch_sharding(mesh: Mesh, ndim: int, shape: Sequence[int] | None = None) ->
     return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), shape, mesh))
 
 
+def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    """One leaf onto its sharding. Host arrays go through `make_array_from_callback`: each process supplies only
+    the shards its own devices hold, so the same call places parameters on one device, a mesh or a multi-host pod."""
+    if isinstance(x, jax.Array):
+        return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
 def shard_params(params: Any, logical_axes: Any, mesh: Mesh) -> Any:
-    """Place a host params tree onto `mesh` according to the rules table."""
-    shardings = tree_shardings(params, logical_axes, mesh)
-    return jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s), params, shardings)
+    """Place a params tree onto `mesh` according to the rules table."""
+    return jax.tree_util.tree_map(put, params, tree_shardings(params, logical_axes, mesh))

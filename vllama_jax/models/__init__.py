@@ -11,12 +11,11 @@ from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import linen as nn
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from ..config import ModelConfig
-from ..sharding import logical_axes_of, make_mesh, tree_shardings
+from ..sharding import logical_axes_of, make_mesh, put, tree_shardings
 from ..tree import flatten_params, param_count, unflatten_params
 from . import groups
 from .groups import LLM_GROUP, model_groups
@@ -91,15 +90,6 @@ def param_shardings(config: ModelConfig, params: Any, mesh: Mesh | str | None) -
     return tree_shardings(params, {g: axes[g] for g in params}, mesh)
 
 
-def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-    """One leaf onto its sharding. Host arrays go through `make_array_from_callback`: each process supplies only
-    the shards its own devices hold, so the same call places parameters on one device, a mesh or a multi-host pod."""
-    if isinstance(x, jax.Array):
-        return jax.device_put(x, sharding)
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
-
-
 def place_params(config: ModelConfig, params: dict[str, Any], mesh: Mesh | str | None = None) -> dict[str, Any]:
     """Put a params tree (any subset of the groups; host or device arrays) onto `mesh` (a Mesh or a spec string
     such as "data=1,fsdp=2,tensor=4") by the rules table, or onto the default device. The one placement step:
@@ -108,4 +98,4 @@ def place_params(config: ModelConfig, params: dict[str, Any], mesh: Mesh | str |
 
 
 __all__ = ["LLM_GROUP", "abstract_for_groups", "abstract_params", "build_model", "cast_to_config_dtypes",
-           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params", "put"]
+           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params"]

@@ -29,10 +29,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
 from ..data.batch import llm_positions
 from ..errors import VllamaError
-from ..models import abstract_params, build_model, put
+from ..models import abstract_params, build_model
 from ..models.groups import branch_towers
 from ..runtime import matmul_peak_flops, use_compilation_cache
-from ..sharding import tree_shardings
+from ..sharding import put, tree_shardings
 from ..text import load_tokenizer
 from ..tree import flatten_params
 from ..weights.load import MissingGroupsError, Source, load_groups
