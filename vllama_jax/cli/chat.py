@@ -79,13 +79,18 @@ def _generation_config(args: argparse.Namespace):
         raise UsageError(str(e)) from None
 
 
-def _load_chat(args: argparse.Namespace):
-    """The chat for --model (or the embedded default, with its notice)."""
+def _load_chat(args: argparse.Namespace) -> VideoLLaMAChat:
+    return load_chat(args, _generation_config(args))
+
+
+def load_chat(args: argparse.Namespace, generation_config: GenerationConfig | None) -> VideoLLaMAChat:
+    """The chat for --model (or the embedded default, with its notice) with the --mesh, --template and
+    --num-frames of `args` (`chat`, `describe`, `eval`)."""
     if args.num_frames < 1:
         raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
-    gen = _generation_config(args)
     mesh = mesh_from_flag(args.mesh)
-    kw: dict[str, Any] = dict(template=args.template, num_frames=args.num_frames, generation_config=gen, log=info)
+    kw: dict[str, Any] = dict(template=args.template, num_frames=args.num_frames,
+                              generation_config=generation_config, log=info)
     if args.model:
         if not Path(args.model).exists():
             raise FileNotFoundError(f"{args.model}: model directory not found")
