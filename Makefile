@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/convert.py
 	$(PY) bench/generate.py
 	$(PY) bench/train.py
+	$(PY) bench/eval.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
