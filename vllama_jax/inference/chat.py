@@ -249,6 +249,16 @@ class VideoLLaMAChat:
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         return cls.from_loaded(embedded_model(seed, mesh=mesh), mesh=mesh, **kw)
 
+    def update_params(self, params: dict[str, Any]) -> None:
+        """Swap in new values of the same parameter groups (e.g. a training run's current state, for its eval
+        hook). The compiled encoders, prefill, decode and scoring programs take the parameters as arguments, so
+        nothing is recompiled."""
+        if set(params) != set(self.params):
+            raise ChatError(f"update_params: groups {sorted(params)} differ from the chat's {sorted(self.params)}")
+        self.params = placed(self.config, params, self.mesh)
+        self._towers = {k: v for k, v in self.params.items() if k != LLM_GROUP}
+        self.generator.params = self.params[LLM_GROUP]
+
     @property
     def batch_multiple(self) -> int:
         """Rows a batch is padded to a multiple of (the mesh axes that shard the batch)."""

@@ -147,6 +147,7 @@ class Trainer:
         self.eval_history: list[dict[str, Any]] = []
         self._eval_questions: list[Question] | None = None
         self._eval_task: Task | None = None
+        self._eval_chat: VideoLLaMAChat | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # checks and small helpers
@@ -402,9 +403,14 @@ class Trainer:
             self._eval_questions = load_questions(self._eval_task, resolve_path(e.annotations),
                                                   resolve_path(e.media_dir), e.limit or None)
         params = {**self.frozen, **self.state["params"]}
-        chat = VideoLLaMAChat(self.model_config, params, self.tokenizer, mesh=self.mesh,
-                              num_frames=e.num_frames or self.cfg.data.num_frames, compilation_cache=False,
-                              name=f"{self.cfg.name} step {step}", log=self._log)
+        if self._eval_chat is None:
+            self._eval_chat = VideoLLaMAChat(self.model_config, params, self.tokenizer, mesh=self.mesh,
+                                             num_frames=e.num_frames or self.cfg.data.num_frames,
+                                             compilation_cache=False, log=self._log)
+        else:  # the same compiled programs, this step's parameters
+            self._eval_chat.update_params(params)
+        chat = self._eval_chat
+        chat.name = f"{self.cfg.name} step {step}"
         res = run_eval(chat, self._eval_task.name, self._eval_task.kind, self._eval_questions,
                        Path(self.cfg.output_dir) / "eval" / f"step_{step}", batch_size=e.batch_size,
                        max_new_tokens=e.max_new_tokens, progress=False)
