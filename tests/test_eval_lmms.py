@@ -26,6 +26,18 @@ def test_entry_point_manifest_resolves_to_an_lmms_model():
     assert cls is VllamaJaxLMM and issubclass(cls, lmms) and cls.is_simple
 
 
+def test_model_args_as_lmms_eval_parses_them(monkeypatch):
+    """The documented --model_args reach the chat: a quoted multi-axis mesh arrives whole, numbers as numbers."""
+    from lmms_eval.utils import simple_parse_args_string
+
+    seen = {}
+    monkeypatch.setattr(VideoLLaMAChat, "from_model_dir",
+                        classmethod(lambda cls, path, mesh=None, **kw: seen.update(path=path, mesh=mesh, **kw)))
+    args = simple_parse_args_string('pretrained=models/vl-7b,mesh="data=2,fsdp=4",batch_size=8,num_frames=16')
+    model = VllamaJaxLMM(**args)
+    assert seen == {"path": "models/vl-7b", "mesh": "data=2,fsdp=4", "num_frames": 16} and model.batch_size == 8
+
+
 @pytest.fixture(scope="module")
 def adapter(tiny_model, tiny_tok, tmp_path_factory):
     cfg, params = tiny_model

@@ -1,7 +1,7 @@
 """A vllama-jax model directory as an lmms-eval model (EvolvingLMMs-Lab/lmms-eval, the field's standard harness),
 so its task suite runs on our batched engine:
 
-    python -m lmms_eval --model vllama_jax --model_args pretrained=models/vl-7b,mesh=data=8,batch_size=8 \\
+    python -m lmms_eval --model vllama_jax --model_args 'pretrained=models/vl-7b,mesh="data=2,fsdp=4",batch_size=8' \\
         --tasks mvbench,videomme --batch_size 1
 
 (``pretrained`` empty: the embedded default model.) The model is found through the ``lmms_eval.models``
@@ -56,6 +56,9 @@ class VllamaJaxLMM(lmms):
                  with_audio: bool | str = True, max_new_tokens: int | str = 256, chat: VideoLLaMAChat | None = None,
                  **kwargs: Any) -> None:
         super().__init__()
+        # a mesh of several axes has commas, so --model_args must quote it (mesh="data=2,fsdp=4"); lmms-eval
+        # keeps the quotes
+        mesh = str(mesh or "").strip().strip("'\"")
         if chat is None:
             kw: dict[str, Any] = dict(num_frames=int(num_frames))
             chat = (VideoLLaMAChat.from_model_dir(pretrained, mesh=mesh or None, **kw) if pretrained
