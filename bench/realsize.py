@@ -218,14 +218,12 @@ def _train_tokenizer(folder: Path, pieces: int, work: Path) -> None:
     model = work / f"sp{pieces}.model"
     if not model.is_file():
         rng = np.random.default_rng(0)
-        syll = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + list("aeiou")
-        words = ["".join(rng.choice(syll, size=rng.integers(1, 5))) for _ in range(60000)]
+        syll = np.array([a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + list("aeiou"))
+        words = np.array(["".join(syll[rng.integers(0, syll.size, size=rng.integers(1, 5))]) for _ in range(60000)])
+        lines = words[rng.integers(0, words.size, size=(40000, 12))]
         corpus = work / "corpus.txt"
         text = (ROOT / "README.md").read_text() + (ROOT / "docs" / "upstream.md").read_text()
-        with open(corpus, "w") as f:
-            f.write(text)
-            for _ in range(40000):
-                f.write(" ".join(rng.choice(words, size=12)) + ".\n")
+        corpus.write_text(text + "".join(" ".join(row) + ".\n" for row in lines))
         spm.SentencePieceTrainer.train(
             input=str(corpus), model_prefix=str(work / f"sp{pieces}"), vocab_size=pieces, model_type="bpe",
             byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
