@@ -154,6 +154,27 @@ def test_config_records_the_compute_dtype_asked_for(tiny_dir, tmp_path):
         preset, vit="float32", llama="float32", vit_params="float32", llama_params="float32")
 
 
+@pytest.mark.parametrize("with_torch", [True, False])
+def test_fast_transpose_and_cast_equal_numpy(with_torch, monkeypatch):
+    """The conversion's transpose and cast (torch's blocked copy, or row blocks without torch) give numpy's bits."""
+    import ml_dtypes
+
+    from vllama_jax.weights import arrays
+
+    if not with_torch:
+        monkeypatch.setattr(arrays, "_torch", False)
+    rng = np.random.default_rng(0)
+    for dt in (np.float32, np.float16, ml_dtypes.bfloat16, np.int8):
+        a = (rng.standard_normal((700, 300)) * 100).astype(dt)
+        t = arrays.transpose(a)
+        assert t.flags.c_contiguous and t.dtype == a.dtype and np.array_equal(t, a.T)
+        for to in (np.float32, np.float16, ml_dtypes.bfloat16):
+            c = arrays.cast(a, to)
+            assert c.flags.c_contiguous and c.dtype == to
+            np.testing.assert_array_equal(c.view(np.uint8), a.astype(to).view(np.uint8), err_msg=f"{dt} -> {to}")
+    assert arrays.cast(t, t.dtype) is t  # already right: no copy
+
+
 @pytest.mark.slow
 def test_init_missing_fills_trainable_groups(tiny_dir, tmp_path):
     out = tmp_path / "scratch"

@@ -54,6 +54,7 @@ from ..runtime import return_freed_buffers_to_os
 from ..sharding import tree_shardings
 from ..text import TokenizerError, load_tokenizer
 from ..tree import flatten_params, unflatten_params
+from .arrays import cast
 
 FORMAT = "vllama-jax-model-dir"
 FORMAT_VERSION = 1
@@ -238,9 +239,7 @@ def _stream_handler(producer: Producer, write_buffer_bytes: int, on_written: Cal
                 array = np.asarray(array)
                 if tuple(array.shape) != spec.shape:
                     raise ValueError(f"parameter {path}: shape {tuple(array.shape)}, expected {spec.shape}")
-                if array.dtype != spec.dtype:
-                    array = array.astype(spec.dtype)
-                array = np.ascontiguousarray(array)
+                array = cast(array, spec.dtype)
                 in_flight.append((_write_leaf(stores.pop(path), array), array.nbytes, path))
                 state["bytes"] += array.nbytes
                 # Block the producer until what is in flight fits the buffer again: small tensors overlap with
