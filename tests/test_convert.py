@@ -161,8 +161,7 @@ def test_fast_transpose_and_cast_equal_numpy(with_torch, monkeypatch):
 
     from vllama_jax.weights import arrays
 
-    if not with_torch:
-        monkeypatch.setattr(arrays, "_torch", False)
+    monkeypatch.setattr(arrays, "_torch", torch if with_torch else False)
     rng = np.random.default_rng(0)
     for dt in (np.float32, np.float16, ml_dtypes.bfloat16, np.int8):
         a = (rng.standard_normal((700, 300)) * 100).astype(dt)
