@@ -13,6 +13,8 @@ What it does, in order:
    checked to hold the kind of weights its flag says before anything is written.
 2. Config (`infer_config`). Whatever the shapes decide is read from the files; the rest comes from `--config`,
    else the defaults (the released sizes); a `--config` value the files contradict is an error naming both.
+   `--dtype` / `--dtype-<tower>` set the stored dtypes, and the ViT's and the LLaMA's compute dtype with them
+   (`converted_precision`), so a bf16 conversion's config.yaml computes in bf16.
 3. Streaming. Each file is read tensor by tensor (`load.load_groups(..., on_tensor=...)`; `--init-missing` groups
    come from the same call), converted to the Flax layout and the tower's dtype and handed to TensorStore, with at
    most a write buffer (64 MiB) in flight: resident memory stays near the largest tensor plus that buffer, not the
