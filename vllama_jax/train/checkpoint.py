@@ -26,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ..config import ConfigError
 from ..data import checkpoint_args
 from ..runtime import return_freed_buffers_to_os
 from ..tree import flatten_params
@@ -74,8 +75,8 @@ class Checkpointer:
         largest = max((_largest_shard_bytes(x) for tree in (abstract_params, abstract_opt_state)
                        for x in jax.tree.leaves(tree)), default=0)
         if largest >= self.restore_limit:
-            raise ValueError(f"a checkpointed array of {largest} bytes is larger than the restore buffer "
-                             f"({self.restore_limit} bytes): pass a larger restore_buffer_bytes")
+            raise ConfigError(f"{self.directory}: a checkpointed array of {largest} bytes is larger than the "
+                              f"restore buffer ({self.restore_limit} bytes): pass a larger restore_buffer_bytes")
         return_freed_buffers_to_os()
         items: dict[str, Any] = {"params": ocp.args.StandardRestore(abstract_params),
                                  "opt_state": ocp.args.StandardRestore(abstract_opt_state),
