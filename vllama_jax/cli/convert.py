@@ -26,9 +26,12 @@ def register(sub: Any) -> None:
     ap.add_argument("--config", help="config file or preset name (configs/*.yaml); default: inferred")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, applied last (repeatable), e.g. --set template=vicuna")
-    ap.add_argument("--dtype", choices=DTYPES, help="stored dtype of every tower (default: the config's)")
+    ap.add_argument("--dtype", choices=DTYPES,
+                    help="stored dtype of every tower, and compute dtype of the ViT and the LLaMA (default: the "
+                         "config's)")
     for t in TOWERS:
-        ap.add_argument(f"--dtype-{t}", dest=f"dtype_{t}", choices=DTYPES, help=f"stored dtype of the {t} tower")
+        also = ", and its compute dtype" if t in ("vit", "llama") else ""
+        ap.add_argument(f"--dtype-{t}", dest=f"dtype_{t}", choices=DTYPES, help=f"stored dtype of the {t} tower{also}")
     ap.add_argument("--tokenizer", metavar="PATH", help="tokenizer to use (default: the LLM's)")
     ap.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
     ap.add_argument("--init-missing", action="store_true",

@@ -13,6 +13,8 @@ What it does, in order:
    checked to hold the kind of weights its flag says before anything is written.
 2. Config (`infer_config`). Whatever the shapes decide is read from the files; the rest comes from `--config`,
    else the defaults (the released sizes); a `--config` value the files contradict is an error naming both.
+   `--dtype` / `--dtype-<tower>` set the stored dtypes, and the ViT's and the LLaMA's compute dtype with them
+   (`converted_precision`), so a bf16 conversion's config.yaml computes in bf16.
 3. Streaming. Each file is read tensor by tensor (`load.load_groups(..., on_tensor=...)`; `--init-missing` groups
    come from the same call), converted to the Flax layout and the tower's dtype and handed to TensorStore, with at
    most a write buffer (64 MiB) in flight: resident memory stays near the largest tensor plus that buffer, not the
@@ -44,7 +46,7 @@ import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from ..config import ModelConfig
+from ..config import ModelConfig, PrecisionConfig
 from ..models import abstract_for_groups, model_groups
 from ..models.groups import BY_NAME, FILE_KINDS, TOWERS, branch_groups, groups_of_file
 from ..text import TokenizerError, load_tokenizer
@@ -242,6 +244,23 @@ def tower_dtypes(config: ModelConfig, dtype: str | None, per_tower: Mapping[str,
     return out
 
 
+def converted_precision(config: ModelConfig, dtype: str | None, per_tower: Mapping[str, str | None]
+                        ) -> PrecisionConfig:
+    """The precision the converted config.yaml records: the stored dtypes of `tower_dtypes`, and the ViT and the
+    LLaMA computing in the dtype asked for them (`--dtype bfloat16`: both in bf16, as the released presets run the
+    LLaMA; a float32 compute over bf16 weights would double every matmul's memory traffic). Without a choice for a
+    tower its compute dtype is the config's (the preset's with `--config`)."""
+    stored = tower_dtypes(config, dtype, per_tower)
+    p = config.precision
+
+    def compute(tower: str, current: str) -> str:
+        return per_tower.get(tower) or dtype or current
+
+    return dataclasses.replace(p, vit=compute("vit", p.vit), llama=compute("llama", p.llama),
+                               vit_params=stored["vit"], llama_params=stored["llama"],
+                               trainable_params=stored["trainable"])
+
+
 def _load_tokenizer(tokenizer: str | Path | None, llama_path: Path | None, no_tokenizer: bool) -> Any:
     if no_tokenizer:
         return None
@@ -310,9 +329,7 @@ def convert(
     cfg = infer_config(sources, llama_path=llama_path, config=base, config_label=label, overrides=overrides,
                        name=out.name, notes=notes)
     chosen = tower_dtypes(cfg, dtype, dtypes or {})
-    cfg = dataclasses.replace(cfg, precision=dataclasses.replace(
-        cfg.precision, vit_params=chosen["vit"], llama_params=chosen["llama"],
-        trainable_params=chosen["trainable"])).validate()
+    cfg = dataclasses.replace(cfg, precision=converted_precision(cfg, dtype, dtypes or {})).validate()
     tok = _load_tokenizer(tokenizer, llama_path, no_tokenizer)
     if tok is not None and tok.base_vocab_size > cfg.llama.vocab_size:
         raise ConvertError(f"tokenizer has {tok.base_vocab_size} tokens but the LLM's embedding table only "

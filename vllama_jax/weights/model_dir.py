@@ -19,7 +19,10 @@ placeholders and runs the producer). Every directory is assembled in a hidden te
 place only when complete, so an interrupted or failed write never leaves a half-written model directory.
 
 Reading (`load_model_dir`) restores each leaf with `ArrayRestoreArgs(sharding=...)` built from `abstract_params` +
-`tree_shardings`, so every device reads only its own shard; a subset of the groups can be restored.
+`tree_shardings`, so every device reads only its own shard; a subset of the groups can be restored. The restore
+reads at most `restore_buffer_bytes` (default `RESTORE_BUFFER_BYTES`) at a time: Orbax's default (96 GB) lets it
+start every read at once, so each array's read buffer and its device copy were alive together and a 15.7 GB model
+peaked above 21.7 GB; bounded, the peak is the parameters plus about twice the buffer.
 """
 
 from __future__ import annotations
@@ -47,9 +50,11 @@ from .. import __version__
 from ..config import ConfigError, ModelConfig, config_to_yaml, load_model_config
 from ..errors import VllamaError
 from ..models import abstract_for_groups, model_groups
+from ..runtime import return_freed_buffers_to_os
 from ..sharding import tree_shardings
 from ..text import TokenizerError, load_tokenizer
 from ..tree import flatten_params, unflatten_params
+from .arrays import cast
 
 FORMAT = "vllama-jax-model-dir"
 FORMAT_VERSION = 1
@@ -65,6 +70,9 @@ CHUNK_BYTES = 16 << 20
 # overlap with reading the next ones and a larger tensor is written before the next is read (bench/convert.py:
 # 64 MiB was both faster and leaner than 256 MiB on 2 cores).
 WRITE_BUFFER_BYTES = 64 << 20
+# Bytes of parameters being read (and copied onto their devices) at once while restoring. Bounded, a restore holds
+# the parameters plus about twice this; large enough that reads of many small leaves still overlap.
+RESTORE_BUFFER_BYTES = 256 << 20
 
 Producer = Callable[[Callable[[str, np.ndarray], None]], None]
 
@@ -231,9 +239,7 @@ def _stream_handler(producer: Producer, write_buffer_bytes: int, on_written: Cal
                 array = np.asarray(array)
                 if tuple(array.shape) != spec.shape:
                     raise ValueError(f"parameter {path}: shape {tuple(array.shape)}, expected {spec.shape}")
-                if array.dtype != spec.dtype:
-                    array = array.astype(spec.dtype)
-                array = np.ascontiguousarray(array)
+                array = cast(array, spec.dtype)
                 in_flight.append((_write_leaf(stores.pop(path), array), array.nbytes, path))
                 state["bytes"] += array.nbytes
                 # Block the producer until what is in flight fits the buffer again: small tensors overlap with
@@ -283,6 +289,7 @@ def write_params(
         raise ValueError("no parameters to write")
     tree = unflatten_params({p: _Pending(p, s) for p, s in specs.items()})
     save_args = unflatten_params({p: ocp.SaveArgs(chunk_byte_size=chunk_bytes) for p in specs})
+    return_freed_buffers_to_os()
     handler = _stream_handler(producer, write_buffer_bytes, on_written)
     registry = ocp.type_handlers.create_type_handler_registry((_Pending, handler))
     quiet = _QuietOrbax()
@@ -457,6 +464,32 @@ def _params_metadata(params_dir: Path) -> dict[str, Any]:
     return flat
 
 
+def restore_limit_bytes(buffer_bytes: int | None, largest_bytes: int) -> int:
+    """The in-flight byte limit for an Orbax restore: `buffer_bytes` (default RESTORE_BUFFER_BYTES), raised to fit
+    the largest single read (Orbax refuses a read larger than its limit). `largest_bytes` is the largest array (or
+    shard) read, as stored; a read is counted in whole chunks, hence the margin of one chunk."""
+    limit = RESTORE_BUFFER_BYTES if buffer_bytes is None else int(buffer_bytes)
+    if limit <= 0:
+        raise ValueError(f"restore buffer must be positive, got {limit} bytes")
+    return max(limit, int(largest_bytes) + CHUNK_BYTES + 1)
+
+
+def bounded_pytree_checkpointer(limit_bytes: int) -> ocp.Checkpointer:
+    """A PyTree checkpointer whose restores read at most `limit_bytes` at a time (see `restore_limit_bytes`)."""
+    # Orbax takes the limit in GB and multiplies by 1e9: a fractional value gives the byte limit
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=limit_bytes / 1e9))  # type: ignore[arg-type]
+
+
+def _largest_read_bytes(shardings: Mapping[str, Any], stored: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    """The largest single read of a restore: per leaf, its largest device shard, at the stored dtype."""
+    largest = 0
+    for p, (shape, dt) in stored.items():
+        s = shardings[p]
+        shard = s.shard_shape(shape) if hasattr(s, "shard_shape") else shape
+        largest = max(largest, int(math.prod(shard)) * np.dtype(dt).itemsize)
+    return largest
+
+
 def load_model_dir(
     path: str | Path,
     *,
@@ -465,6 +498,7 @@ def load_model_dir(
     groups: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     dtype: Any = None,
+    restore_buffer_bytes: int | None = None,
 ) -> LoadedModel:
     """Restore a model directory.
 
@@ -474,6 +508,8 @@ def load_model_dir(
     groups: the top-level parameter groups to restore (default: all present); exclude: groups to skip
       (e.g. ("audio_encoder",)). Requesting a group that is not in the directory is an error.
     dtype: cast every parameter to this dtype while reading (default: as stored).
+    restore_buffer_bytes: read at most this many bytes at a time (default RESTORE_BUFFER_BYTES; raised to the
+      largest array when that is bigger): peak memory is the parameters plus about twice this.
     """
     path = Path(path).expanduser().absolute()  # TensorStore resolves relative paths differently
     manifest = read_manifest(path)
@@ -527,8 +563,11 @@ def load_model_dir(
             p: ocp.ArrayRestoreArgs(sharding=flat_shardings[p], global_shape=have[p][0],
                                     dtype=np.dtype(dtype) if dtype is not None else have[p][1])
             for p in expected})
+        largest = _largest_read_bytes(flat_shardings, {p: have[p] for p in expected})
+        return_freed_buffers_to_os()
+        ckptr = bounded_pytree_checkpointer(restore_limit_bytes(restore_buffer_bytes, largest))
         try:
-            params = ocp.PyTreeCheckpointer().restore(
+            params = ckptr.restore(
                 params_dir, args=ocp.args.PyTreeRestore(
                     item=item, restore_args=restore_args, partial_restore=len(wanted) < len(present)))
         except Exception as e:
