@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import PRECISION_MODES
 from ..defaults import EMBEDDED_NOTICE
 from ..inference.chat import VideoLLaMAChat
 from ..inference.describe import describe, find_videos, path_key, read_done
@@ -57,6 +58,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="conversation template (default: the model's)")
     g.add_argument("--num-frames", type=int, default=8, metavar="N", help="frames sampled per video (default 8)")
     g.add_argument("--no-audio", action="store_true", help="ignore the sound track of videos")
+    g.add_argument("--precision", choices=tuple(PRECISION_MODES),
+                   help="upstream: as the original ran (fp16 ViT and encoders, bf16 LLaMA, float32 prompt stream); "
+                        "bf16: fastest; fp32: exact, twice the memory (default: the model's, upstream for the "
+                        "released presets)")
 
     s = p.add_argument_group("decoding (defaults: upstream Chat.answer sampling)")
     s.add_argument("--max-new-tokens", type=int, default=300, metavar="N")
@@ -85,7 +90,8 @@ def _load_chat(args: argparse.Namespace):
         raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
     gen = _generation_config(args)
     mesh = mesh_from_flag(args.mesh)
-    kw: dict[str, Any] = dict(template=args.template, num_frames=args.num_frames, generation_config=gen, log=info)
+    kw: dict[str, Any] = dict(template=args.template, num_frames=args.num_frames, generation_config=gen, log=info,
+                              precision=args.precision)
     if args.model:
         if not Path(args.model).exists():
             raise FileNotFoundError(f"{args.model}: model directory not found")

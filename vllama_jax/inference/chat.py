@@ -39,11 +39,9 @@ from ..config import ModelConfig
 from ..defaults import embedded_model
 from ..errors import VllamaError
 from ..media import MediaError, load_audio, load_image, load_video
-from ..models import build_model
+from ..models import build_model, set_precision
 from ..models.groups import LLM_GROUP, branch_groups
-from ..models.layers import as_dtype
-from ..models.llama import Llama
-from ..models.video_llama import VideoLLaMA
+from ..models.video_llama import VideoLLaMA, llama_module
 from ..runtime import use_compilation_cache
 from ..sharding import batch_sharding, make_mesh
 from ..text import (
@@ -211,8 +209,7 @@ class VideoLLaMAChat:
 
         self.params = placed(config, params, self.mesh)
         self.model: VideoLLaMA = build_model(config)
-        p = config.precision
-        llama = Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params))
+        llama = llama_module(config)
         self.generator = Generator(llama, self.params[LLM_GROUP], mesh=self.mesh, compilation_cache=False)
         self._towers = {k: v for k, v in self.params.items() if k != LLM_GROUP}
         model = self.model
@@ -235,12 +232,17 @@ class VideoLLaMAChat:
         return cls.from_loaded(load_model_dir(path, mesh=mesh), mesh=mesh, **kw)
 
     @classmethod
-    def from_loaded(cls, loaded: Any, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
-        """From a ``LoadedModel`` (or anything with ``config``, ``params``, ``tokenizer``)."""
+    def from_loaded(cls, loaded: Any, mesh: Any = None, precision: str | None = None, **kw: Any
+                    ) -> "VideoLLaMAChat":
+        """From a ``LoadedModel`` (or anything with ``config``, ``params``, ``tokenizer``). ``precision``: a named
+        precision mode ("upstream", "bf16", "fp32") instead of the model's own (its params are cast to it)."""
         manifest = getattr(loaded, "manifest", None) or {}
         kw.setdefault("notice", manifest.get("notice"))
         kw.setdefault("name", manifest.get("name") or str(getattr(loaded, "path", "") or ""))
-        return cls(loaded.config, loaded.params, loaded.tokenizer, mesh=mesh, **kw)
+        config, params = loaded.config, loaded.params
+        if precision is not None:
+            config, params = set_precision(config, params, precision)
+        return cls(config, params, loaded.tokenizer, mesh=mesh, **kw)
 
     @classmethod
     def embedded(cls, seed: int = 0, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
