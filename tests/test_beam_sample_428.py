@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vllama_jax.inference.beam428 import BeamSample428
 from vllama_jax.inference.generate import GenerationConfig, Generator
 from vllama_jax.weights.llama_keys import load_llama
 
@@ -53,7 +52,7 @@ def test_replayed_draws_give_transformers_428_scores_and_beams(engine, arrays, n
     case = REF["cases"][name]
     embeds, mask = engine.pack([arrays["prompt_embeds"]], None)
     trace: list[dict[str, np.ndarray]] = []
-    out = BeamSample428(engine).run(embeds, mask, engine.resolve(_config(case)), None, None,
+    out = engine._beam_sample_428.run(embeds, mask, engine.resolve(_config(case)), None, None,
                                     draws=arrays[f"{name}.draws"][:, None], trace=trace)
     assert len(trace) == case["steps"]
     for t, step in enumerate(trace):
@@ -67,14 +66,19 @@ def test_replayed_draws_give_transformers_428_scores_and_beams(engine, arrays, n
     assert out.tokens[0] == case["sequence"][1:]
 
 
-def test_semantics_differ_from_transformers_5_and_free_run(engine, arrays):
-    """The flag matters (transformers 5 starts beams 1.. at -1e9, so the first draws come from beam 0 only), and an
-    un-replayed run draws from JAX's generator: same seed, same result; ids within the vocabulary."""
+def test_free_run_draws_from_jax_and_starts_from_equal_beams(engine, arrays):
+    """Without replayed draws the candidates come from JAX's generator: the same seed gives the same answer, ids stay
+    in the vocabulary, and the first step samples from num_beams identical beams (4.28 starts every beam at 0;
+    transformers 5, `beam_semantics="5"`, starts beams 1.. at -1e9)."""
     case = REF["cases"]["upstream_defaults"]
-    embeds = [arrays["prompt_embeds"]]
-    cfg = _config(case).replace(max_new_tokens=4)
-    runs = [engine.generate(embeds, config=cfg, rng=s).tokens[0] for s in (3, 3, 4)]
+    cfg = engine.resolve(_config(case).replace(max_new_tokens=4))
+    # `_beam_sample_428`: the Generator's one instance (its jitted steps compile once per engine)
+    embeds, mask = engine.pack([arrays["prompt_embeds"]], None)
+    runs, traces = [], []
+    for seed in (3, 3):
+        traces.append([])
+        runs.append(engine._beam_sample_428.run(embeds, mask, cfg, seed, None, trace=traces[-1]).tokens[0])
     assert runs[0] == runs[1]
-    assert all(0 <= i < engine.config.vocab_size for r in runs for i in r) and all(len(r) <= 4 for r in runs)
-    outs5 = [engine.generate(embeds, config=cfg.replace(beam_semantics="5"), rng=s).tokens[0] for s in (3, 4)]
-    assert [runs[0], runs[2]] != outs5
+    assert all(0 <= i < engine.config.vocab_size for i in runs[0]) and len(runs[0]) <= 4
+    first = traces[0][0]["warped"]
+    assert all(np.array_equal(first[0], first[b]) for b in range(1, case["num_beams"]))
