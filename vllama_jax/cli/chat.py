@@ -18,6 +18,7 @@ from ..defaults import EMBEDDED_NOTICE
 from ..inference.chat import VideoLLaMAChat
 from ..inference.describe import describe, find_videos, path_key, read_done
 from ..inference.generate import GenerationConfig, GenerationConfigError
+from ..inference.generation_config import BEAM_SEMANTICS
 from .common import UsageError, add_common_args, info, mesh_from_flag, run_command
 
 
@@ -57,7 +58,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", choices=("vicuna", "llama_2", "chatml"),
                    help="conversation template (default: the model's)")
     g.add_argument("--num-frames", type=int, default=8, metavar="N", help="frames sampled per video (default 8)")
-    g.add_argument("--no-audio", action="store_true", help="ignore the sound track of videos")
+    g.add_argument("--no-audio", action="store_true",
+                   help="ignore the sound track of videos (upstream demo's default: its Audio box starts unticked)")
+    g.add_argument("--ignore-rotation", action="store_true",
+                   help="ignore phone videos' rotation metadata, as upstream's decord does (default: honour it)")
     g.add_argument("--precision", choices=tuple(PRECISION_MODES),
                    help="upstream: as the original ran (fp16 ViT and encoders, bf16 LLaMA, float32 prompt stream); "
                         "bf16: fastest; fp32: exact, twice the memory (default: the model's, upstream for the "
@@ -72,6 +76,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     s.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    s.add_argument("--beam-semantics", choices=BEAM_SEMANTICS, default=None,
+                   help="beam sampling (--num-beams > 1) as transformers 4.28's beam_sample (upstream's) or as "
+                        "transformers 5 (default: 4.28 for upstream's templates, 5 for ChatML)")
     add_common_args(p, devices=True)
 
 
@@ -79,7 +86,8 @@ def _generation_config(args: argparse.Namespace):
     try:
         return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                num_beams=args.num_beams, repetition_penalty=args.repetition_penalty)
+                                num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+                                beam_semantics=args.beam_semantics)
     except GenerationConfigError as e:
         raise UsageError(str(e)) from None
 
@@ -91,7 +99,7 @@ def _load_chat(args: argparse.Namespace):
     gen = _generation_config(args)
     mesh = mesh_from_flag(args.mesh)
     kw: dict[str, Any] = dict(template=args.template, num_frames=args.num_frames, generation_config=gen, log=info,
-                              precision=args.precision)
+                              precision=args.precision, honour_rotation=not args.ignore_rotation)
     if args.model:
         if not Path(args.model).exists():
             raise FileNotFoundError(f"{args.model}: model directory not found")
@@ -170,10 +178,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("You: ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.readline()
+        if not raw:
             break
-        line = line.strip()
+        line = raw.strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -183,7 +191,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             info("conversation cleared" + (" (the upload is kept)" if chat.upload_info else ""))
             continue
         try:
-            chat.ask(line)
+            chat.ask(raw.rstrip("\r\n"))  # as typed, spaces included: upstream's demo passes the text unstripped
         except ValueError as e:
             info(f"error: {e}")
             continue
