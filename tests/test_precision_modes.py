@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import ROOT, TINY_CONFIG, tiny_files, torch_one_thread
-from vllama_jax.config import PRECISION_MODES, ConfigError, ModelConfig, PrecisionConfig, apply_overrides, load_model_config
+from vllama_jax.config import (PRECISION_MODES, ConfigError, ModelConfig, PrecisionConfig, apply_overrides,
+                               load_model_config)
 from vllama_jax.inference.engine import forward_tokens
 from vllama_jax.models import build_model, set_precision
 from vllama_jax.models.layers import as_dtype
@@ -164,7 +165,8 @@ class RefLlama:
             residual = x
             h = _rms(x, lw["post_attention_layernorm"]["scale"], c.rms_norm_eps)
             m = lw["mlp"]
-            x = residual + (F.silu(h @ m["gate_proj"]["kernel"]) * (h @ m["up_proj"]["kernel"])) @ m["down_proj"]["kernel"]
+            mlp = (F.silu(h @ m["gate_proj"]["kernel"]) * (h @ m["up_proj"]["kernel"])) @ m["down_proj"]["kernel"]
+            x = residual + mlp
         self.hidden = x  # the last layer's output (the residual stream before the final norm)
         h = _rms(x, w["norm"]["scale"], c.rms_norm_eps)
         return h @ w["lm_head"]["kernel"]

@@ -7,7 +7,6 @@ names (`query`, `key`, `value`, `fc1`, ...) so a user can find a checkpoint key 
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -17,10 +16,20 @@ from flax import linen as nn
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
+
+
 def gelu(x: jax.Array) -> jax.Array:
     """The exact erf GELU of upstream's BERT/ViT/ImageBind (not the tanh approximation), evaluated in float32 and
     rounded once to x's dtype, as torch's fp16/bf16 kernel (XLA would round each of its parts)."""
     return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def round_to(x: jax.Array, dtype: Dtype) -> jax.Array:
+    """x (any float dtype, kept) rounded to the precision of `dtype`, as a PyTorch tensor of that dtype stores it.
+    `lax.reduce_precision`, not an astype round trip, which XLA may drop as excess precision inside a fusion."""
+    fmt = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=fmt.nexp, mantissa_bits=fmt.nmant)
+
 
 DTYPES: dict[str, Dtype] = {
     "float32": jnp.float32,
@@ -147,10 +156,7 @@ def dot_product_attention(
         "bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32
     )
     if half_precision_scores:
-        # reduce_precision, not astype round trips, which XLA may drop as excess precision
-        fmt = jnp.finfo(q.dtype)
-        rnd = partial(jax.lax.reduce_precision, exponent_bits=fmt.nexp, mantissa_bits=fmt.nmant)
-        scores = rnd(rnd(scores.astype(jnp.float32)) / (1.0 / scale))
+        scores = round_to(round_to(scores.astype(jnp.float32), q.dtype) / (1.0 / scale), q.dtype)
     else:
         scores = scores.astype(jnp.float32) * scale
     if bias is not None:

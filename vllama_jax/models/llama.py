@@ -39,7 +39,7 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import LlamaConfig
-from .layers import ConfiguredModule, Dtype, RMSNorm, dense, dot_product_attention, normal_init, with_axes
+from .layers import ConfiguredModule, Dtype, RMSNorm, dense, dot_product_attention, normal_init, round_to, with_axes
 
 Cache = dict[str, Any]
 
@@ -176,10 +176,7 @@ class LlamaDecoderLayer(ConfiguredModule):
     def _residual(self, x: jax.Array) -> jax.Array:
         """With torch arithmetic, each residual sum rounded to its dtype where it is computed, as torch stores it:
         XLA may otherwise keep a bf16 sum in float32 inside a fusion (excess precision) and feed that to the norm."""
-        if not self.torch_arithmetic:
-            return x
-        fmt = jnp.finfo(x.dtype)
-        return jax.lax.reduce_precision(x, exponent_bits=fmt.nexp, mantissa_bits=fmt.nmant)
+        return round_to(x, x.dtype) if self.torch_arithmetic else x
 
 
 class Llama(ConfiguredModule):
