@@ -13,10 +13,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import PRECISION_MODES
 from ..defaults import EMBEDDED_NOTICE
 from ..inference.chat import VideoLLaMAChat
 from ..inference.describe import describe, find_videos, path_key, read_done
 from ..inference.generate import GenerationConfig, GenerationConfigError
+from ..inference.generation_config import BEAM_SEMANTICS
 from .common import UsageError, add_common_args, info, mesh_from_flag, run_command
 
 
@@ -48,7 +50,8 @@ def register(sub: Any) -> None:
     desc.set_defaults(run=lambda args: run_command(cmd_describe, args))
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags that choose and load the model (`chat`, `describe`, `eval`: whatever `load_chat` reads)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="converted model directory (default: the embedded SmolLM2 model "
                                                   "with untrained towers)")
@@ -56,8 +59,18 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", choices=("vicuna", "llama_2", "chatml"),
                    help="conversation template (default: the model's)")
     g.add_argument("--num-frames", type=int, default=8, metavar="N", help="frames sampled per video (default 8)")
-    g.add_argument("--no-audio", action="store_true", help="ignore the sound track of videos")
+    g.add_argument("--no-audio", action="store_true",
+                   help="ignore the sound track of videos (upstream demo's default: its Audio box starts unticked)")
+    g.add_argument("--ignore-rotation", action="store_true",
+                   help="ignore phone videos' rotation metadata, as upstream's decord does (default: honour it)")
+    g.add_argument("--precision", choices=tuple(PRECISION_MODES),
+                   help="upstream: as the original ran (fp16 ViT and encoders, bf16 LLaMA, float32 prompt stream); "
+                        "bf16: fastest; fp32: exact, twice the memory (default: the model's, upstream for the "
+                        "released presets)")
 
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
     s = p.add_argument_group("decoding (defaults: upstream Chat.answer sampling)")
     s.add_argument("--max-new-tokens", type=int, default=300, metavar="N")
     s.add_argument("--temperature", type=float, default=1.0)
@@ -67,6 +80,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     s.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    s.add_argument("--beam-semantics", choices=BEAM_SEMANTICS, default=None,
+                   help="beam sampling (--num-beams > 1) as transformers 4.28's beam_sample (upstream's) or as "
+                        "transformers 5 (default: 4.28 for upstream's templates, 5 for ChatML)")
     add_common_args(p, devices=True)
 
 
@@ -74,7 +90,8 @@ def _generation_config(args: argparse.Namespace):
     try:
         return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                num_beams=args.num_beams, repetition_penalty=args.repetition_penalty)
+                                num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+                                beam_semantics=args.beam_semantics)
     except GenerationConfigError as e:
         raise UsageError(str(e)) from None
 
@@ -90,7 +107,8 @@ def load_chat(args: argparse.Namespace, generation_config: GenerationConfig | No
         raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
     mesh = mesh_from_flag(args.mesh)
     kw: dict[str, Any] = dict(template=args.template, num_frames=args.num_frames,
-                              generation_config=generation_config, log=info)
+                              generation_config=generation_config, log=info, precision=args.precision,
+                              honour_rotation=not args.ignore_rotation)
     if args.model:
         if not Path(args.model).exists():
             raise FileNotFoundError(f"{args.model}: model directory not found")
@@ -169,10 +187,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("You: ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.readline()
+        if not raw:
             break
-        line = line.strip()
+        line = raw.strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -182,7 +200,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             info("conversation cleared" + (" (the upload is kept)" if chat.upload_info else ""))
             continue
         try:
-            chat.ask(line)
+            chat.ask(raw.rstrip("\r\n"))  # as typed, spaces included: upstream's demo passes the text unstripped
         except ValueError as e:
             info(f"error: {e}")
             continue

@@ -13,7 +13,7 @@ from ..eval.judge import Judge
 from ..eval.metrics import markdown_table
 from ..eval.runner import PREDICTIONS, SUMMARY, evaluate, read_rows, write_summary
 from ..eval.tasks import TASKS, get_task, load_questions
-from .chat import load_chat
+from .chat import add_model_args, load_chat
 from .common import UsageError, add_common_args, info, run_command
 
 
@@ -40,14 +40,7 @@ def register(sub: Any) -> None:
                    help="judge model name (default gpt-3.5-turbo, as Video-ChatGPT)")
     j.add_argument("--judge-key-env", default="OPENAI_API_KEY", metavar="VAR",
                    help="environment variable holding the endpoint's API key, if it needs one")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", metavar="DIR", help="converted model directory (default: the embedded SmolLM2 model "
-                                                  "with untrained towers)")
-    g.add_argument("--mesh", metavar="AXES", help="device mesh, e.g. data=8 (default: one device)")
-    g.add_argument("--template", choices=("vicuna", "llama_2", "chatml"),
-                   help="conversation template (default: the model's)")
-    g.add_argument("--num-frames", type=int, default=8, metavar="N", help="frames sampled per video (default 8)")
-    g.add_argument("--no-audio", action="store_true", help="ignore the sound track of videos")
+    add_model_args(p)
     add_common_args(p, devices=True)
     p.set_defaults(run=lambda args: run_command(cmd_eval, args))
 

@@ -39,11 +39,9 @@ from ..config import ModelConfig
 from ..defaults import embedded_model
 from ..errors import VllamaError
 from ..media import MediaError, load_audio, load_image, load_video
-from ..models import build_model
+from ..models import build_model, set_precision
 from ..models.groups import LLM_GROUP, branch_groups
-from ..models.layers import as_dtype
-from ..models.llama import Llama
-from ..models.video_llama import VideoLLaMA
+from ..models.video_llama import VideoLLaMA, llama_module
 from ..runtime import use_compilation_cache
 from ..sharding import batch_sharding, make_mesh
 from ..text import (
@@ -174,6 +172,9 @@ class VideoLLaMAChat:
     template: conversation template name (default ``config.template``: "vicuna", "llama_2" or "chatml").
     demo: which demo's system strings to use for video uploads: "audiovideo" (demo_audiovideo.py: "") or "video"
         (demo_video.py). num_frames: frames sampled per video. max_length: upstream's context budget (2000).
+    honour_rotation: turn phone videos upright by their rotation metadata (False: as upstream's decord, which
+        ignores it). audio_fallback: which failures to load a video's sound fall back to the video-only flow:
+        "media" (unreadable or missing audio; other errors propagate) or "any" (upstream's bare ``except``).
     generation_config: the default decoding settings of ``answer`` / ``generate_batch`` (upstream sampling).
     compilation_cache: enable JAX's persistent compilation cache (see ``vllama_jax.runtime.use_compilation_cache``).
     notice: a line to show users about this model (the embedded model's "untrained" notice); log: where notes
@@ -184,7 +185,8 @@ class VideoLLaMAChat:
                  template: str | None = None, demo: Literal["audiovideo", "video"] = "audiovideo",
                  num_frames: int = NUM_FRAMES, max_length: int = MAX_LENGTH,
                  generation_config: GenerationConfig | None = None, compilation_cache: bool | str = True,
-                 notice: str | None = None, name: str = "", log: Callable[[str], None] | None = None) -> None:
+                 notice: str | None = None, name: str = "", log: Callable[[str], None] | None = None,
+                 honour_rotation: bool = True, audio_fallback: Literal["media", "any"] = "media") -> None:
         if tokenizer is None:
             raise ChatError("the model has no tokenizer (a model directory needs its tokenizer/ folder to chat)")
         missing = [g for g in VISION_GROUPS + (LLM_GROUP,) if g not in params]
@@ -195,11 +197,15 @@ class VideoLLaMAChat:
                             f"got {num_frames}")
         if demo not in ("audiovideo", "video"):
             raise ValueError(f"demo must be 'audiovideo' or 'video', got {demo!r}")
+        if audio_fallback not in ("media", "any"):
+            raise ValueError(f"audio_fallback must be 'media' or 'any', got {audio_fallback!r}")
         use_compilation_cache(compilation_cache)  # before the first compilation, so the encoders are cached too
         self.config = config
         self.tokenizer = tokenizer
         self.template = canonical_template_name(template or config.template)
         self.demo = demo
+        self.honour_rotation = bool(honour_rotation)
+        self.audio_fallback = audio_fallback
         self.num_frames = int(num_frames)
         self.max_length = int(max_length)
         self.generation_config = generation_config or GenerationConfig()
@@ -211,8 +217,7 @@ class VideoLLaMAChat:
 
         self.params = placed(config, params, self.mesh)
         self.model: VideoLLaMA = build_model(config)
-        p = config.precision
-        llama = Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params))
+        llama = llama_module(config)
         self.generator = Generator(llama, self.params[LLM_GROUP], mesh=self.mesh, compilation_cache=False)
         self._towers = {k: v for k, v in self.params.items() if k != LLM_GROUP}
         model = self.model
@@ -235,12 +240,17 @@ class VideoLLaMAChat:
         return cls.from_loaded(load_model_dir(path, mesh=mesh), mesh=mesh, **kw)
 
     @classmethod
-    def from_loaded(cls, loaded: Any, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
-        """From a ``LoadedModel`` (or anything with ``config``, ``params``, ``tokenizer``)."""
+    def from_loaded(cls, loaded: Any, mesh: Any = None, precision: str | None = None, **kw: Any
+                    ) -> "VideoLLaMAChat":
+        """From a ``LoadedModel`` (or anything with ``config``, ``params``, ``tokenizer``). ``precision``: a named
+        precision mode ("upstream", "bf16", "fp32") instead of the model's own (its params are cast to it)."""
         manifest = getattr(loaded, "manifest", None) or {}
         kw.setdefault("notice", manifest.get("notice"))
         kw.setdefault("name", manifest.get("name") or str(getattr(loaded, "path", "") or ""))
-        return cls(loaded.config, loaded.params, loaded.tokenizer, mesh=mesh, **kw)
+        config, params = loaded.config, loaded.params
+        if precision is not None:
+            config, params = set_precision(config, params, precision)
+        return cls(config, params, loaded.tokenizer, mesh=mesh, **kw)
 
     @classmethod
     def embedded(cls, seed: int = 0, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
@@ -270,7 +280,8 @@ class VideoLLaMAChat:
     def prepare_video(self, path: str | os.PathLike, with_audio: bool = True) -> Upload:
         """Decode a video (and its audio) into an ``Upload``; raises ``MediaError`` if the video is unreadable.
         A failed audio load falls back to the video-only flow (``note`` says why), as upstream."""
-        video = load_video(path, num_frames=self.num_frames, image_size=self.config.vit.image_size)
+        video = load_video(path, num_frames=self.num_frames, image_size=self.config.vit.image_size,
+                           honour_rotation=self.honour_rotation)
         note = ""
         clips = None
         if with_audio:
@@ -279,8 +290,9 @@ class VideoLLaMAChat:
             else:
                 try:
                     clips = load_audio(path, clips_per_video=self.config.num_audio_positions).clips
-                except MediaError as e:
-                    note = f"no usable audio ({e.reason}); using the video only"
+                except (MediaError if self.audio_fallback == "media" else Exception) as e:
+                    reason = e.reason if isinstance(e, MediaError) else f"{type(e).__name__}: {e}"
+                    note = f"no usable audio ({reason}); using the video only"
         return video_upload(video.frames, clips=clips, frame_message=video.message(), demo=self.demo,
                             path=os.fspath(path), note=note)
 
@@ -432,13 +444,18 @@ class VideoLLaMAChat:
         return stop_token_sequences(self.template, self.tokenizer)
 
     def resolve_config(self, config: GenerationConfig | None = None) -> GenerationConfig:
-        """``config`` (default: the chat's) with the template's stop sequences added."""
+        """``config`` (default: the chat's) with the template's stop sequences added, and, unless it says otherwise,
+        beam sampling as upstream ran it (transformers 4.28's ``beam_sample``) for upstream's templates and as
+        transformers 5 for the others (ChatML)."""
         cfg = config or self.generation_config
         stops = list(cfg.stop_sequences)
         for s in self.stop_sequences():
             if tuple(s) not in stops:
                 stops.append(tuple(s))
-        return cfg.replace(stop_sequences=tuple(stops))
+        semantics = cfg.beam_semantics
+        if semantics is None:
+            semantics = "5" if TEMPLATES[self.template].sep_style == SeparatorStyle.CHATML else "4.28"
+        return cfg.replace(stop_sequences=tuple(stops), beam_semantics=semantics)
 
     def _markers(self) -> list[str]:
         conv = TEMPLATES[self.template]

@@ -7,6 +7,7 @@ default, initialising for training); everything downstream (chat, generation, tr
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 import jax
@@ -14,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from ..config import ModelConfig
+from ..config import ModelConfig, PrecisionConfig
 from ..sharding import logical_axes_of, make_mesh, put, tree_shardings
 from ..tree import flatten_params, param_count, unflatten_params
 from . import groups
@@ -79,6 +80,13 @@ def cast_to_config_dtypes(params: Any, config: ModelConfig) -> Any:
     return unflatten_params({k: (v.astype(want[k]) if k in want and v.dtype != want[k] else v) for k, v in flat.items()})
 
 
+def set_precision(config: ModelConfig, params: Any, mode: str) -> tuple[ModelConfig, Any]:
+    """`config` with the named precision `mode` ("upstream", "bf16", "fp32": `config.PRECISION_MODES`) and `params`
+    (any subset of the groups, host or device arrays) cast to its parameter dtypes."""
+    config = dataclasses.replace(config, precision=PrecisionConfig.named(mode)).validate()
+    return config, cast_to_config_dtypes(params, config)
+
+
 def param_shardings(config: ModelConfig, params: Any, mesh: Mesh | str | None) -> dict[str, Any]:
     """The sharding of every leaf of `params` (any subset of the groups): by the logical-axis rules on a mesh, or
     the default device when `mesh` is None."""
@@ -98,4 +106,5 @@ def place_params(config: ModelConfig, params: dict[str, Any], mesh: Mesh | str |
 
 
 __all__ = ["LLM_GROUP", "abstract_for_groups", "abstract_params", "build_model", "cast_to_config_dtypes",
-           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params"]
+           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params",
+           "set_precision"]

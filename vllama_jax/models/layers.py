@@ -7,7 +7,6 @@ names (`query`, `key`, `value`, `fc1`, ...) so a user can find a checkpoint key 
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -17,8 +16,20 @@ from flax import linen as nn
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
-# Upstream BERT/ViT/ImageBind use the exact erf GELU, not the tanh approximation.
-gelu = partial(jax.nn.gelu, approximate=False)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact erf GELU of upstream's BERT/ViT/ImageBind (not the tanh approximation), evaluated in float32 and
+    rounded once to x's dtype, as torch's fp16/bf16 kernel (XLA would round each of its parts)."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def round_to(x: jax.Array, dtype: Dtype) -> jax.Array:
+    """x (any float dtype, kept) rounded to the precision of `dtype`, as a PyTorch tensor of that dtype stores it.
+    `lax.reduce_precision`, not an astype round trip, which XLA may drop as excess precision inside a fusion."""
+    fmt = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=fmt.nexp, mantissa_bits=fmt.nmant)
+
 
 DTYPES: dict[str, Dtype] = {
     "float32": jnp.float32,
@@ -125,11 +136,15 @@ def dot_product_attention(
     dropout_rng: jax.Array | None = None,
     dropout_rate: float = 0.0,
     deterministic: bool = True,
+    half_precision_scores: bool = False,
 ) -> jax.Array:
     """Softmax attention with the scores and softmax in float32.
 
     q: (B, Lq, H, Dh); k, v: (B, Lk, Hkv, Dh) with H a multiple of Hkv (grouped-query attention);
     bias: additive, broadcastable to (B, H, Lq, Lk). Returns (B, Lq, H, Dh) in q's dtype.
+    half_precision_scores: round the scores to q's dtype after the matmul and again after dividing by sqrt(Dh),
+    as PyTorch's `matmul(q, k^T) / sqrt(Dh)` does on bf16/fp16 tensors (upstream's LLaMA); the bias and the softmax
+    are float32 either way.
     """
     b, lq, h, dh = q.shape
     hkv = k.shape[2]
@@ -140,7 +155,10 @@ def dot_product_attention(
     scores = jnp.einsum(
         "bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32
     )
-    scores = scores.astype(jnp.float32) * scale
+    if half_precision_scores:
+        scores = round_to(round_to(scores.astype(jnp.float32), q.dtype) / (1.0 / scale), q.dtype)
+    else:
+        scores = scores.astype(jnp.float32) * scale
     if bias is not None:
         bias = jnp.asarray(bias, jnp.float32)
         # (B|1, H|1, Lq, Lk) -> grouped layout (B|1, Hkv|1, group|1, Lq, Lk)

@@ -54,8 +54,7 @@ class VideoLLaMA(nn.Module):
             self.audio_qformer = QFormer(c.audio_qformer, dtype=qf_dt, param_dtype=train_pdt)
             self.audio_query_tokens = _query_tokens(self, "audio_query_tokens", c.audio_qformer, train_pdt)
             self.audio_llama_proj = _llm_projection(c.llama.hidden_size, c.audio_qformer, qf_dt, train_pdt)
-        self.llama = Llama(c.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params),
-                           remat=self.remat_llama)
+        self.llama = llama_module(c, remat=self.remat_llama)
 
     # ------------------------------------------------------------------------------------------------------
     # vision branch
@@ -234,6 +233,13 @@ class VideoLLaMA(nn.Module):
             out = out.sum() + self.encode_audio(clips).sum() + self.encode_audio_from_frames(vis_frames).sum()
         logits, _ = self.llm(self.embed_tokens(input_ids))
         return logits.sum() + jnp.sum(out)
+
+
+def llama_module(config: ModelConfig, remat: bool = False) -> Llama:
+    """The LLaMA decoder with the config's precision: compute and parameter dtypes, and the residual stream."""
+    p = config.precision
+    return Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params), remat=remat,
+                 torch_arithmetic=p.llama_arithmetic == "torch")
 
 
 def _torch_linear_init(fan_in: int) -> Any:

@@ -82,6 +82,14 @@ def _write_json(path: Path, obj) -> None:
 
 
 
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization` (4.28 and 5.x alike): drop the space before . ? ! , and English
+    contractions, as `decode(..., clean_up_tokenization_spaces=True)` does."""
+    return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",").replace(" ' ", "'")
+            .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve")
+            .replace(" 're", "'re"))
+
+
 class Tokenizer:
     """Common interface. Use :func:`load_tokenizer` to build one.
 
@@ -89,6 +97,10 @@ class Tokenizer:
     (without the two placeholders), ``image_placeholder_id`` (= ``base_vocab_size``), ``audio_placeholder_id``
     (= ``base_vocab_size + 1``), ``chat_template`` (jinja string or ``None``), ``family`` (``"llama_sp"`` / ``"hf"``),
     ``adds_bos`` / ``adds_eos`` (what the model's own ``tokenizer(text)`` adds by default; LLaMA: BOS only).
+
+    ``clean_up_tokenization_spaces``: whether ``decode`` applies :func:`clean_up_tokenization` by default, as the
+    source tokenizer's files say (transformers semantics; ``decode(..., clean_up_tokenization_spaces=...)``
+    overrides it per call).
 
     ``pad_id`` is the model tokenizer's pad token if its files name one, else ``unk`` (upstream
     ``pad_token = unk_token``). Upstream's *instruction* datasets always pad with ``unk`` (0):
@@ -112,7 +124,11 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         raise NotImplementedError
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
+        raise NotImplementedError
+
+    @property
+    def clean_up_tokenization_spaces(self) -> bool:
         raise NotImplementedError
 
     def save(self, directory) -> None:
@@ -219,6 +235,8 @@ class LlamaSPTokenizer(Tokenizer):
         cfg = dict(config or {})
         stm = dict(special_tokens_map or {})
         self.config = cfg
+        # 4.28's LlamaTokenizer defaults to False when tokenizer_config.json does not say
+        self._clean_up = bool(cfg.get("clean_up_tokenization_spaces", False))
         n_sp = sp.get_piece_size()
 
         def piece_id(tok: str | None, default: int) -> int:
@@ -359,7 +377,11 @@ class LlamaSPTokenizer(Tokenizer):
                 prev_special = False
         return out + self.sp.decode_pieces(cur)
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    @property
+    def clean_up_tokenization_spaces(self) -> bool:
+        return self._clean_up
+
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
         ids = [int(i) for i in _as_list(ids)]
         if skip_special_tokens:
             skip = set(self._special_tokens.values())
@@ -378,7 +400,9 @@ class LlamaSPTokenizer(Tokenizer):
                 cur.append(tok)
         if cur:
             sub_texts.append(self._tokens_to_string(cur))
-        return " ".join(sub_texts)
+        text = " ".join(sub_texts)
+        clean = self._clean_up if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return clean_up_tokenization(text) if clean else text
 
     # ---- save -----------------------------------------------------------------------------------------------
     def save(self, directory) -> None:
@@ -394,7 +418,7 @@ class LlamaSPTokenizer(Tokenizer):
             "eos_token": inv.get(self.eos_id, "</s>"),
             "unk_token": inv.get(self.unk_id, "<unk>") if self.unk_id is not None else None,
             "pad_token": None if self.pad_id == self.unk_id else inv.get(self.pad_id),
-            "clean_up_tokenization_spaces": False,
+            "clean_up_tokenization_spaces": self._clean_up,
             "legacy": True,
         }
         if self.chat_template:
@@ -467,13 +491,17 @@ class HFTokenizer(Tokenizer):
         enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    @property
+    def clean_up_tokenization_spaces(self) -> bool:
+        return bool(self.hf.clean_up_tokenization_spaces)  # transformers read it from the source files
+
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
         ids = [int(i) for i in _as_list(ids)]
         if skip_special_tokens:
             # the model's special tokens; the placeholders are kept (as for the LLaMA tokenizer)
             skip = (self.special_ids | set(self.hf.all_special_ids)) - {self.image_placeholder_id, self.audio_placeholder_id}
             ids = [i for i in ids if i not in skip]
-        return self.hf.decode(ids, skip_special_tokens=False)
+        return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=clean_up_tokenization_spaces)
 
     def id_to_token(self, i: int) -> str:
         tok = self.hf.convert_ids_to_tokens(int(i))
@@ -497,6 +525,7 @@ class HFTokenizer(Tokenizer):
 
 
 __all__ = [
+    "clean_up_tokenization",
     "IMAGE_PLACEHOLDER",
     "AUDIO_PLACEHOLDER",
     "PLACEHOLDERS",

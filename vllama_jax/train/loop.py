@@ -74,7 +74,9 @@ def with_precision(mc: ModelConfig, mode: str) -> ModelConfig:
         p = type(p)()
     elif mode == "bfloat16":
         bf = "bfloat16"
-        p = dataclasses.replace(p, vit=bf, qformer=bf, imagebind=bf, llama=bf, vit_params=bf, llama_params=bf)
+        # jax arithmetic: float32 attention scores, no torch-style rounding of the stream (an inference fidelity mode)
+        p = dataclasses.replace(p, vit=bf, qformer=bf, imagebind=bf, llama=bf, vit_params=bf, llama_params=bf,
+                                llama_arithmetic="jax")
     return dataclasses.replace(mc, precision=dataclasses.replace(p, trainable_params="float32"))
 
 
