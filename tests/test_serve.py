@@ -101,7 +101,7 @@ def ask(client: openai.OpenAI, messages: list[dict], stream: bool = False, **kw)
     return "".join(text), last
 
 
-def http(server: Server, method: str, path: str, body: dict | str | None = None) -> tuple[int, dict | str]:
+def call(server: Server, method: str, path: str, body: dict | str | None = None) -> tuple[int, dict | str]:
     """A plain HTTP call (stdlib): (status, parsed JSON or text)."""
     data = None if body is None else (body if isinstance(body, str) else json.dumps(body)).encode()
     req = urllib.request.Request(server.url + path, data=data, method=method,
@@ -118,7 +118,7 @@ def http(server: Server, method: str, path: str, body: dict | str | None = None)
 
 
 def metrics(server: Server) -> dict[str, float]:
-    text = http(server, "GET", "/metrics")[1]
+    text = call(server, "GET", "/metrics")[1]
     out: dict[str, float] = {}
     for line in text.splitlines():
         m = re.match(r"^(vllama_\w+(?:\{[^}]*\})?) (\S+)$", line)
@@ -134,7 +134,7 @@ def test_openai_client_text_video_image_audio(chat, server, client, media):
     """Each kind of content through the official client: streamed = not streamed = VideoLLaMAChat's answer."""
     models = client.models.list()
     assert [m.id for m in models.data] == [server.app.model_name]
-    assert http(server, "GET", "/health") == (200, {"status": "ok"})
+    assert call(server, "GET", "/health") == (200, {"status": "ok"})
     cases = [("What is the capital of France?", None, None),
              ("What happens in the video?", "video", media_part("video", media["video"])),
              ("What is in the image?", "image", media_part("image", media["image"], as_file_url=False)),
@@ -265,13 +265,13 @@ def test_bad_inputs_are_4xx_and_the_server_goes_on(server, media, tmp_path):
     ]
     before = metrics(server)
     for body, status, code in cases:
-        got, reply = http(server, "POST", "/v1/chat/completions", body)
+        got, reply = call(server, "POST", "/v1/chat/completions", body)
         assert got == status, (code, reply)
         assert reply["error"]["code"] == code and reply["error"]["message"], reply
-        assert http(server, "POST", "/v1/chat/completions", ok)[0] == 200  # still serving
+        assert call(server, "POST", "/v1/chat/completions", ok)[0] == 200  # still serving
     server.scheduler.max_queue, saved = 0, server.scheduler.max_queue  # a full queue: 429 at once
     try:
-        got, reply = http(server, "POST", "/v1/chat/completions", ok)
+        got, reply = call(server, "POST", "/v1/chat/completions", ok)
         assert got == 429 and reply["error"]["code"] == "queue_full"
     finally:
         server.scheduler.max_queue = saved

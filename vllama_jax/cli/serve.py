@@ -61,5 +61,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
                     top_k=args.top_k, max_tokens_default=args.max_tokens, log_level="debug" if args.debug else "info")
     info(f"serving on http://{args.host}:{args.port} (web demo at /, OpenAI API at /v1; Ctrl-C stops)")
-    server.run()  # uvicorn handles Ctrl-C / SIGTERM: stop accepting, finish the open requests, then the lifespan
+    try:
+        # uvicorn handles Ctrl-C / SIGTERM: stop accepting, finish the open requests, drain the decode loop (the
+        # app's lifespan); it then re-raises the signal, which ends here as a clean exit
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    info("stopped")
     return 0

@@ -128,7 +128,7 @@ class ContinuousBatcher:
         self._step_fn = jax.jit(self._step_impl, static_argnames=("spec",), donate_argnums=(1, 2))
         self._extend_fn = jax.jit(self._extend_impl)
         self._set_row_fn = jax.jit(_set_row, donate_argnums=(0,))
-        self._take_rows_fn = jax.jit(_take_rows, donate_argnums=(0,))
+        self._take_rows_fn = jax.jit(_take_rows)  # a new shape: nothing to donate into
 
     # ---- jitted pieces ---------------------------------------------------------------------------------------
     def _extend_impl(self, params: Any, cache: Any, embeds: jax.Array, mask: jax.Array) -> tuple[jax.Array, Any]:
