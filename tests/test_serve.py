@@ -149,6 +149,7 @@ def test_openai_client_text_video_image_audio(chat, server, client, media):
         assert resp.choices[0].finish_reason in ("stop", "length")
 
 
+@pytest.mark.slow
 def test_sampling_seed_n_and_stop(client, media):
     """Sampling with a seed is reproducible whatever runs beside it; n choices; a stop string cuts the text."""
     msgs = [user("Tell me a story about a cat.")]
@@ -164,6 +165,7 @@ def test_sampling_seed_n_and_stop(client, media):
     assert word not in cut and full.startswith(cut) and resp.choices[0].finish_reason == "stop"
 
 
+@pytest.mark.slow
 def test_32_concurrent_streams_equal_their_answers_alone(server, client, media):
     """32 streaming clients at once: each completes with the greedy answer it gets alone, while the running batch
     holds many of them (the throughput figure is bench/serve.py's)."""
@@ -200,8 +202,12 @@ def test_client_killed_mid_stream_frees_its_row(server, client):
     conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
     r = conn.getresponse()
     assert r.status == 200
-    got = [line for line in (r.fp.readline() for _ in range(6)) if line.startswith(b"data:")]
-    assert len(got) >= 3
+    got = []
+    while len(got) < 3:  # the role chunk and two pieces of text
+        line = r.readline()
+        assert line, "the stream ended early"
+        if line.startswith(b"data:"):
+            got.append(line)
     conn.sock.close()  # the client dies: its socket closes mid-stream
     r.close()
     # the connection is closed: the row is dropped at the next step, far before 400 tokens
@@ -216,6 +222,7 @@ def test_client_killed_mid_stream_frees_its_row(server, client):
     assert ask(client, [user("Say hello.")])[0]  # later requests are served
 
 
+@pytest.mark.slow
 def test_caches_prefill_only_new_tokens(chat, server, client, media, tmp_path):
     """A new video is encoded once; a second question about it and a follow-up turn prefill only their own tokens,
     and their answers are VideoLLaMAChat's (no cache there)."""
