@@ -13,7 +13,7 @@ Sampling is per row (temperature, top-p, greedy or not, max new tokens, an own `
 request's seed, so a seeded request draws the same tokens whatever else is in the batch); top-k is one value for
 the whole batch (a compile-time shape). That is why the step is its own jitted function here rather than
 `DecodeEngine`'s, whose processing values are one scalar per call. The processors themselves are the engine's
-(`sampling.process_scores`, `top_k_top_p_filter`, `stop_sequence_hits`).
+(`sampling.process_scores`, `select_tokens`, `stop_sequence_hits`).
 
 Prefix cache: the prefilled cache of a prompt prefix (system prompt + media block, or a whole earlier prompt of a
 conversation) is kept, keyed by a hash of the prefix's items (token ids and media content hashes); a request whose
@@ -24,17 +24,16 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..models.llama import Llama
 from .engine import DecodeEngine, forward_tokens, round_up
 from .generation_config import FINISH_CODES, GenerationConfig, GenerationInputError
-from .sampling import ProcessorSpec, ProcessorValues, process_scores, select_tokens, stop_sequence_hits, top_k_top_p_filter
+from .sampling import ProcessorSpec, ProcessorValues, process_scores, select_tokens, stop_sequence_hits
 
 #: one item of a prompt for prefix matching: a token id, or (media content hash, number of embedding rows)
 PromptItem = int | tuple[str, int]
