@@ -33,7 +33,7 @@ def test_rows_join_and_leave_a_running_batch(gen):
     prompts = [rng.integers(3, vocab, n).tolist() for n in (5, 11, 3, 17, 8, 2)]
     expected = [alone(gen, p) for p in prompts]
     b = ContinuousBatcher(gen, NO_EOS, max_batch=4, slot_length=64)
-    assert b.buckets == (1, 4)
+    assert b.buckets == (1, 2, 4)
     got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     waiting = list(range(len(prompts)))
     sizes = []
@@ -74,4 +74,4 @@ def test_prefix_cache_prefills_only_the_new_positions(gen):
 def test_prefix_digests_and_buckets():
     d = prefix_digests([1, 2, ("video", 32)])
     assert len(d) == 4 and len(set(d)) == 4 and prefix_digests([1, 2])[:3] == d[:3]
-    assert row_buckets(32) == (1, 4, 16, 32) and row_buckets(1) == (1,)
+    assert row_buckets(32) == (1, 2, 4, 8, 16, 32) and row_buckets(6) == (1, 2, 4, 6) and row_buckets(1) == (1,)

@@ -6,7 +6,7 @@ write index, valid mask and next position, so a row can be overwritten by a new 
 decoding. A request is prefilled on its own (batch 1, with a cache already `slot_length` long) and its cache row
 and sampling state are copied into a free row (`insert`); every `step` decodes one token for all rows; a finished
 or cancelled row is simply forgotten (`release`) and its slots are overwritten by the next insert. The number of
-compiled rows follows the load in a few sizes (1, 4, 16, ..., `max_batch`): the batch grows when a request finds no
+compiled rows follows the load in a few sizes (1, 2, 4, 8, ..., `max_batch`): the batch grows when a request finds no
 free row and is compacted when at most a quarter of it is in use, so one client does not pay for 32 rows.
 
 Sampling is per row (temperature, top-p, greedy or not, max new tokens, an own `jax.random` key derived from the
@@ -91,11 +91,12 @@ def prefix_digests(items: Sequence[PromptItem]) -> list[bytes]:
 
 
 def row_buckets(max_batch: int) -> tuple[int, ...]:
-    """Compiled batch sizes: powers of 4 below max_batch, then max_batch (few compilations, at most 4x waste)."""
+    """Compiled batch sizes: powers of 2 below max_batch, then max_batch (at most 2x waste in a step whose cost
+    grows with the rows, as it does on a CPU)."""
     sizes, n = [], 1
     while n < max_batch:
         sizes.append(n)
-        n *= 4
+        n *= 2
     return tuple(sizes) + (max_batch,)
 
 
@@ -144,10 +145,15 @@ class ContinuousBatcher:
                                  suppress=jnp.zeros((logits.shape[-1],), jnp.bool_))
         greedy_tokens = select_tokens(process_scores(logits, None, state["n_gen"], values, ProcessorSpec()), None,
                                       False)
-        sampled_scores = process_scores(logits, None, state["n_gen"], values, spec)
         keys = jax.vmap(jax.random.split)(state["key"])  # (B, 2, 2): the next key, this step's key
-        sampled = jax.vmap(lambda k, s: select_tokens(s[None], k, True)[0])(keys[:, 1], sampled_scores)
-        tokens = jnp.where(state["greedy"], greedy_tokens, sampled)
+
+        def sample(_: Any) -> jax.Array:
+            scores = process_scores(logits, None, state["n_gen"], values, spec)
+            sampled = jax.vmap(lambda k, s: select_tokens(s[None], k, True)[0])(keys[:, 1], scores)
+            return jnp.where(state["greedy"], greedy_tokens, sampled)
+
+        # top-k / top-p and the draws cost a sort and a (B, V) of random bits: skipped when every row is greedy
+        tokens = jax.lax.cond(jnp.all(state["greedy"]), lambda _: greedy_tokens, sample, None)
         n_gen = state["n_gen"] + 1
         recent = jnp.concatenate([state["recent"][:, 1:], tokens[:, None]], axis=1)
         is_eos = jnp.isin(tokens, ctrl["eos"])
