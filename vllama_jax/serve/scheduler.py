@@ -1,7 +1,7 @@
 """The decode loop of the server: one background thread owns the model (`VideoLLaMAChat` and its engine) and a
 `ContinuousBatcher`; requests arrive through a queue and their tokens leave through per-request callbacks.
 
-Each turn of the loop admits waiting requests while the batch has free rows (media encoded through an LRU cache
+Each turn of the loop admits waiting requests (up to `prefills_per_step`) while the batch has free rows (media encoded through an LRU cache
 keyed by the file's content hash; the prompt built by `VideoLLaMAChat.conversation` / `build_context`; prefilled
 on its own, reusing cached prefixes; inserted into free rows, one per choice), drops the rows of requests whose
 client went away, and runs one decode step for every running row. Nothing waits for another request to finish.
@@ -100,10 +100,11 @@ class Scheduler:
 
     def __init__(self, chat: VideoLLaMAChat, *, max_batch: int = 32, max_queue: int = 256,
                  max_context: int = 1024, top_k: int = 50, media_cache_size: int = 32,
-                 prefix_cache_size: int = 16, metrics: Metrics | None = None) -> None:
+                 prefix_cache_size: int = 16, prefills_per_step: int = 4, metrics: Metrics | None = None) -> None:
         self.chat = chat
         self.metrics = metrics or Metrics()
         self.max_queue = int(max_queue)
+        self.prefills_per_step = int(prefills_per_step)
         base = chat.resolve_config(GenerationConfig(do_sample=False, max_new_tokens=1))
         self.batcher = ContinuousBatcher(chat.generator, base, max_batch=max_batch, slot_length=max_context,
                                          top_k=top_k, prefix_cache_size=prefix_cache_size)
@@ -186,7 +187,9 @@ class Scheduler:
             self.metrics.queue_length.set(self._pending)
 
     def _admit(self) -> None:
-        while self._waiting:
+        # a bounded number of prefills between two steps, so a burst of arrivals does not stall the running rows
+        admitted = 0
+        while self._waiting and admitted < self.prefills_per_step:
             job = self._waiting[0]
             if job.cancelled.is_set():
                 self._waiting.popleft()
@@ -197,6 +200,7 @@ class Scheduler:
                 return
             self._waiting.popleft()
             self._dequeued()
+            admitted += 1
             try:
                 self._start(job)
             except APIError as e:
