@@ -50,8 +50,9 @@ def register(sub: Any) -> None:
     desc.set_defaults(run=lambda args: run_command(cmd_describe, args))
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """The flags that choose and load the model (`chat`, `describe`, `eval`: whatever `load_chat` reads)."""
+def add_model_args(p: argparse.ArgumentParser, audio_flag: bool = True) -> None:
+    """The flags that choose and load the model (`chat`, `describe`, `eval`, `serve`: whatever `load_chat`
+    reads); `audio_flag`: also --no-audio (not for `serve`, where each request chooses)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="converted model directory (default: the embedded SmolLM2 model "
                                                   "with untrained towers)")
@@ -59,8 +60,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", choices=("vicuna", "llama_2", "chatml"),
                    help="conversation template (default: the model's)")
     g.add_argument("--num-frames", type=int, default=8, metavar="N", help="frames sampled per video (default 8)")
-    g.add_argument("--no-audio", action="store_true",
-                   help="ignore the sound track of videos (upstream demo's default: its Audio box starts unticked)")
+    if audio_flag:
+        g.add_argument("--no-audio", action="store_true",
+                       help="ignore the sound track of videos (upstream demo's default: its Audio box starts unticked)")
     g.add_argument("--ignore-rotation", action="store_true",
                    help="ignore phone videos' rotation metadata, as upstream's decord does (default: honour it)")
     g.add_argument("--precision", choices=tuple(PRECISION_MODES),

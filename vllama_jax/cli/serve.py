@@ -8,19 +8,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..defaults import EMBEDDED_NOTICE
-from ..inference.chat import VideoLLaMAChat
 from ..serve import Server
-from .common import UsageError, add_common_args, info, mesh_from_flag, run_command
+from .chat import add_model_args, load_chat
+from .common import UsageError, add_common_args, info, run_command
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible chat server with continuous batching, and the web demo",
                        description="Serve POST /v1/chat/completions (OpenAI schema, video/image/audio parts, "
                                    "streaming), GET /v1/models, /health, /metrics and the web demo at /.")
-    p.add_argument("--model", metavar="DIR", help="converted model directory (default: the embedded SmolLM2 model "
-                                                  "with untrained towers)")
-    p.add_argument("--mesh", metavar="AXES", help="device mesh, e.g. data=1,fsdp=1,tensor=8 (default: one device)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--allowed-media-path", action="append", default=[], metavar="DIR",
@@ -35,7 +31,7 @@ def register(sub: Any) -> None:
                    help="max_tokens of a request that gives none (default 256)")
     p.add_argument("--top-k", type=int, default=50, help="top-k of sampled requests, one value for the batch "
                                                          "(default 50, upstream's; 0 = off)")
-    p.add_argument("--num-frames", type=int, default=8, metavar="N", help="frames sampled per video (default 8)")
+    add_model_args(p, audio_flag=False)  # each request says whether it sends audio
     add_common_args(p, devices=True)
     p.set_defaults(run=lambda args: run_command(cmd_serve, args, interrupted="stopped"))
 
@@ -47,15 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for d in args.allowed_media_path:
         if not Path(d).is_dir():
             raise FileNotFoundError(f"--allowed-media-path {d}: no such folder")
-    mesh = mesh_from_flag(args.mesh)
-    if args.model:
-        if not Path(args.model).exists():
-            raise FileNotFoundError(f"{args.model}: model directory not found")
-        info(f"loading {args.model} ...")
-        chat = VideoLLaMAChat.from_model_dir(args.model, mesh=mesh, num_frames=args.num_frames, log=info)
-    else:
-        info(EMBEDDED_NOTICE)
-        chat = VideoLLaMAChat.embedded(mesh=mesh, num_frames=args.num_frames, log=info)
+    chat = load_chat(args, generation_config=None)
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
     server = Server(chat, host=args.host, port=args.port, allowed_media_paths=args.allowed_media_path,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
