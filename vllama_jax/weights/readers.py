@@ -101,7 +101,8 @@ class PthSource(TensorSource):
             ) from None
         except Exception as e:  # noqa: BLE001 - torch's unpickler raises KeyError, IndexError, struct.error...
             # on damaged pickles and zips: whatever torch.load raises on this file is the file's fault
-            raise WeightsError(self.path, f"unreadable or truncated PyTorch file ({_first_line(e)})") from None
+            raise WeightsError(self.path, f"unreadable or truncated PyTorch file ({type(e).__name__}: "
+                                          f"{_first_line(e)})") from None
         if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
             obj = obj["model"]
         elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
