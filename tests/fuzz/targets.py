@@ -232,7 +232,7 @@ _EVIL_CALLS = (("os", "system"), ("posix", "system"), ("subprocess", "check_call
                ("torch.serialization", "_get_layout"))
 
 
-def _evil_opcodes(rng: random.Random, canary: Path) -> bytes:
+def evil_opcodes(rng: random.Random, canary: Path) -> bytes:
     """Protocol-0/2 opcodes that call a global with a string that would create ``canary`` if executed."""
     mod, name = rng.choice(_EVIL_CALLS)
     cmd = {"system": f"touch {canary}", "check_call": f"touch {canary}",
@@ -247,13 +247,14 @@ def _evil_opcodes(rng: random.Random, canary: Path) -> bytes:
     return call + (b"0" if rng.random() < 0.5 else b"")  # POP the result, or leave it on the stack
 
 
-def mutate_pickle(rng: random.Random, data: bytes, canary: Path) -> tuple[str, bytes]:
+def mutate_pickle(rng: random.Random, data: bytes, canary: Path, evil: bool | None = None) -> tuple[str, bytes]:
     """Inject a code-executing call into the pickle stream (the zip's data.pkl, or a legacy file's pickles),
-    or damage the opcodes there; the canary file only appears if a reader executed the call."""
+    or damage the opcodes there (``evil``: which; default 70% injections); the canary file only appears if a
+    reader executed the call."""
     import io
     import zipfile
 
-    evil = rng.random() < 0.7
+    evil = rng.random() < 0.7 if evil is None else evil
     if data[:2] == b"PK":
         zin = zipfile.ZipFile(io.BytesIO(data))
         buf = io.BytesIO()
@@ -270,7 +271,7 @@ def mutate_pickle(rng: random.Random, data: bytes, canary: Path) -> tuple[str, b
 def _pickle_damage(rng: random.Random, body: bytes, canary: Path, evil: bool) -> bytes:
     at = rng.randrange(2, max(3, min(len(body), 400)))  # near the start: the outer dict is built there
     if evil:
-        return body[:at] + _evil_opcodes(rng, canary) + body[at:]
+        return body[:at] + evil_opcodes(rng, canary) + body[at:]
     op = rng.choice((b"R", b"c", b"\x93", b"b", b"i", b"o", b"\x81", b"\x92", b".", b"s", b"u", b"e"))
     return body[:at] + op + body[at + rng.choice((0, 1)):]
 
