@@ -166,6 +166,7 @@ class Stats:
     memory: int = 0
     peak_rss: int = 0
     slowest: float = 0.0
+    seconds: float = 0.0
 
     def add(self, r: Result) -> None:
         self.cases += 1
@@ -173,6 +174,7 @@ class Stats:
         setattr(self, r.status, getattr(self, r.status) + 1)
         self.peak_rss = max(self.peak_rss, r.peak_rss)
         self.slowest = max(self.slowest, r.seconds)
+        self.seconds += r.seconds
 
     @property
     def bad(self) -> int:
@@ -250,11 +252,12 @@ def replay(cases: list[Case], workers: int = 2, timeout: float = 30.0) -> list[R
 def table(stats: dict[str, Stats]) -> str:
     """Markdown: one row per target."""
     head = ("| target | cases | items | results | typed errors | untyped errors | hangs | crashes | ran code "
-            "| over 2 GB | peak RSS | slowest case |")
-    lines = [head, "|" + "---|" * 12]
+            "| over 2 GB | peak RSS | slowest case | mean case |")
+    lines = [head, "|" + "---|" * 13]
     for name, s in stats.items():
+        mean = s.seconds / s.cases if s.cases else 0.0
         lines.append(f"| {name} | {s.cases} | {s.items} | {s.ok} | {s.typed} | {s.untyped} | {s.hang} | {s.crash} "
-                     f"| {s.executed} | {s.memory} | {s.peak_rss / 2**20:.0f} MB | {s.slowest:.1f} s |")
+                     f"| {s.executed} | {s.memory} | {s.peak_rss / 2**20:.0f} MB | {s.slowest:.1f} s | {mean:.2f} s |")
     return "\n".join(lines)
 
 

@@ -248,7 +248,7 @@ def _materialize(item: SourceItem | BadItem, store_bytes: bool, check_media: boo
 def _check_text(item: SourceItem) -> None:
     """Records store UTF-8: a caption or turn holding a lone surrogate (a JSON ``\\ud800`` escape) is a bad entry
     here, not a failure of the shard writer later."""
-    for text in (item.caption, item.media_path, *(t.value for t in item.conversations)):
+    for text in (item.source_id, item.caption, item.media_path, *(t.value for t in item.conversations)):
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
