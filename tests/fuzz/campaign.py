@@ -8,6 +8,7 @@ replaced, the case being attributed to the target it was running.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -57,9 +58,11 @@ class _Worker:
                                      bufsize=1)
         self.case: Case | None = None
         self.started = 0.0
+        self.warm: set[str] = set()  # groups whose libraries this worker has imported (torch, jax, tokenizers)
 
     def send(self, case: Case) -> None:
         self.case, self.started = case, time.monotonic()
+        self.warm.add(_group(case))
         self.proc.stdin.write(json.dumps({"target": case.target, "path": str(case.path)}) + "\n")
         self.proc.stdin.flush()
 
@@ -76,16 +79,17 @@ class Pool:
 
     def run(self, cases: Iterable[Case]) -> Iterator[Result]:
         todo = iter(cases)
+        pending: list[Case] = []
         idle = [_Worker(self.mem_limit, self.log) for _ in range(self.n)]
         busy: list[_Worker] = []
         try:
             while True:
                 while idle:
-                    case = next(todo, None)
-                    if case is None:
+                    pending.extend(itertools.islice(todo, _LOOKAHEAD - len(pending)))
+                    if not pending:
                         break
                     w = idle.pop()
-                    w.send(case)
+                    w.send(pending.pop(_pick(pending, w.warm)))
                     busy.append(w)
                 if not busy:
                     return
@@ -117,6 +121,19 @@ class Pool:
         finally:
             for w in idle + busy:
                 w.kill()
+
+
+_LOOKAHEAD = 64  # cases made ahead, so an idle worker can be given one of a group it has already imported
+
+
+def _group(case: Case) -> str:
+    return TARGETS[case.target].group if case.target in TARGETS else case.target
+
+
+def _pick(pending: list[Case], warm: set[str]) -> int:
+    """The first pending case of a group the worker is warm for (each heavy import then happens in as few
+    workers as possible), else the first one."""
+    return next((i for i, c in enumerate(pending) if _group(c) in warm), 0)
 
 
 def budgets(scale: str) -> dict[str, int]:

@@ -141,13 +141,20 @@ MUTATORS: dict[str, Mutator] = {
 
 
 def mutate(rng: random.Random, data: bytes, header: int) -> tuple[str, bytes]:
-    """One or two stacked mutations; returns (their names joined by '+', the bytes)."""
+    """One or two stacked mutations; returns (their names joined by '+', the bytes). An empty input gets random
+    bytes (there is nothing to flip or cut)."""
+    if not data:
+        return "fill", rng.randbytes(rng.choice((1, 16, 4096)))
     names = [rng.choice(list(MUTATORS))]
     if rng.random() < 0.25:
         names.append(rng.choice(list(MUTATORS)))
+    out = data
     for name in names:
-        data = MUTATORS[name](rng, data, header)
-    return "+".join(names), data
+        out = MUTATORS[name](rng, out, header)
+    if out == data:  # e.g. boxes shuffled back into their order, a field set to the value it had
+        names.append("flip_bytes")
+        out = flip_bytes(rng, out, header)
+    return "+".join(names), out
 
 
 __all__ = ["MUTATORS", "mp4_boxes", "mutate", "riff_chunks"]

@@ -526,7 +526,7 @@ def records_seeds(d: Path) -> list[Path]:
 def make_records(rng: random.Random, seeds: list[Path], out: Path) -> tuple[str, Path, int]:
     folder = out.with_suffix("")
     shutil.copytree(seeds[0], folder)
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p.stat().st_size]
     shards = [p for p in files if "array_record" in p.name]
     victim = rng.choice(shards) if rng.random() < 0.85 else rng.choice(files)
     rel = victim.relative_to(folder)
