@@ -76,7 +76,7 @@ def test_pool_attributes_hangs_crashes_and_memory_and_goes_on(tmp_path: Path):
         p = tmp_path / f"{action}.json"
         p.write_text(f'"{action}"')
         cases.append(Case("probe", p))
-    results = {r.case.path.stem: r for r in Pool(1, timeout=5.0, log=tmp_path / "log").run(cases)}
+    results = {r.case.path.stem: r for r in Pool(1, timeout=5.0, log=tmp_path / "log", warm=False).run(cases)}
     assert results["sleep"].status == "hang"
     assert results["abort"].status == "crash"
     assert results["alloc"].status == "untyped" and "MemoryError" in results["alloc"].error

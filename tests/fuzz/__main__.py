@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -18,6 +19,8 @@ def main() -> int:
     ap.add_argument("--target", action="append", choices=sorted(TARGETS), help="only these targets (repeatable)")
     ap.add_argument("--keep", action="store_true", help="copy findings into tests/fuzz/regressions/")
     args = ap.parse_args()
+    # a plain `kill` then ends the workers too (the pool's finally), not only this process
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
     stats, failures = campaign(args.scale, args.seed, args.target, args.workers, args.timeout, args.keep,
                                log=lambda m: print(m, flush=True))

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
 GIB = 1 << 30
 RSS_LIMIT = 2 * GIB  # the contract: a bad file costs no more than this
+STARTUP_TIMEOUT = 600.0  # a worker's imports, on a loaded machine
 AS_LIMIT = 8 * GIB  # address space per worker: above the RSS limit, as jax/torch reserve far more than they use
 BAD = ("untyped", "hang", "crash", "executed", "memory")
 
@@ -50,15 +51,24 @@ class Result:
 
 
 class _Worker:
-    def __init__(self, mem_limit: int, log: Path):
+    def __init__(self, mem_limit: int, log: Path, warm: bool = True):
         env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                    OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="3")
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz.worker", str(mem_limit), str(log)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz.worker", str(mem_limit), str(log),
+                                      "warm" if warm else "cold"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=env, text=True,
                                      bufsize=1)
         self.case: Case | None = None
         self.started = 0.0
         self.warm: set[str] = set()  # groups whose libraries this worker has imported (torch, jax, tokenizers)
+
+    def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
+        """Block until the worker has imported everything (its start is not counted in any case's time)."""
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line or not json.loads(line).get("ready"):
+            self.kill()
+            raise RuntimeError(f"a fuzz worker did not start within {timeout:.0f} s (see its log)")
 
     def send(self, case: Case) -> None:
         self.case, self.started = case, time.monotonic()
@@ -74,15 +84,18 @@ class _Worker:
 class Pool:
     """``workers`` reusable worker processes; ``run`` yields one Result per case, in completion order."""
 
-    def __init__(self, workers: int, timeout: float, log: Path, mem_limit: int = AS_LIMIT):
-        self.n, self.timeout, self.log, self.mem_limit = workers, timeout, log, mem_limit
+    def __init__(self, workers: int, timeout: float, log: Path, mem_limit: int = AS_LIMIT, warm: bool = True):
+        """``warm=False``: workers skip the warm-up imports (for cases that need none: the pool's own test)."""
+        self.n, self.timeout, self.log, self.mem_limit, self.warm = workers, timeout, log, mem_limit, warm
 
     def run(self, cases: Iterable[Case]) -> Iterator[Result]:
         todo = iter(cases)
         pending: list[Case] = []
-        idle = [_Worker(self.mem_limit, self.log) for _ in range(self.n)]
+        idle = [_Worker(self.mem_limit, self.log, self.warm) for _ in range(self.n)]
         busy: list[_Worker] = []
         try:
+            for w in idle:
+                w.wait_ready()
             while True:
                 while idle:
                     pending.extend(itertools.islice(todo, _LOOKAHEAD - len(pending)))
@@ -117,7 +130,9 @@ class Pool:
                     else:
                         continue
                     busy.remove(w)
-                    idle.append(_Worker(self.mem_limit, self.log))
+                    fresh = _Worker(self.mem_limit, self.log, self.warm)
+                    fresh.wait_ready()
+                    idle.append(fresh)
         finally:
             for w in idle + busy:
                 w.kill()

@@ -1,6 +1,6 @@
 """A fuzz worker process: runs cases one after another under an address-space limit, one JSON line per case.
 
-Protocol: the campaign writes ``{"target": name, "path": case}`` lines to stdin; the worker answers each on its
+Protocol: the worker warms up (imports) and says ``{"ready": true}``; then the campaign writes ``{"target": name, "path": case}`` lines to stdin; the worker answers each on its
 original stdout (its own stdout/stderr go to a log file, FFmpeg and friends write there) with
 ``{"status": "ok"|"typed"|"untyped"|"executed", "error": ..., "peak_rss": bytes}``. A case that kills the process
 or never answers is seen by the campaign as a crash or a hang.
@@ -57,6 +57,30 @@ def classify(target_name: str, path: Path) -> dict:
     return result
 
 
+def warm_up() -> None:
+    """Import and first-use everything the targets call, once per worker, before the first case: torch's first
+    ``torch.load`` alone takes 10 s on a loaded 2-core machine, and the time limit is for the case, not for the
+    worker's start."""
+    import io
+
+    import jax.numpy as jnp
+    import orbax.checkpoint  # noqa: F401
+    import torch
+
+    import vllama_jax.data.pipeline  # noqa: F401
+    import vllama_jax.data.prepare  # noqa: F401
+    import vllama_jax.media  # noqa: F401
+    import vllama_jax.weights.model_dir  # noqa: F401
+    from tests.fuzz.targets import _tokenizers
+
+    buf = io.BytesIO()
+    torch.save({"x": torch.zeros(2)}, buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+    jnp.zeros(2).block_until_ready()
+    _tokenizers()
+
+
 def main() -> None:
     mem_limit = int(sys.argv[1])
     log = sys.argv[2]
@@ -69,6 +93,9 @@ def main() -> None:
     import av  # quiet FFmpeg's per-packet complaints: they are expected here and only slow the run
 
     av.logging.set_level(av.logging.PANIC)
+    if sys.argv[3] == "warm":
+        warm_up()
+    replies.write(json.dumps({"ready": True}) + "\n")
     for line in sys.stdin:
         case = json.loads(line)
         _reset_peak_rss()
