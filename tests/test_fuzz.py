@@ -15,11 +15,18 @@ from tests.fuzz.targets import TARGETS
 REGRESSIONS = regression_cases()
 
 
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """Two warmed-up workers shared by the campaign and the replay (starting them is the costly part)."""
+    with Pool(2, timeout=30.0, log=tmp_path_factory.mktemp("fuzz") / "worker.log") as p:
+        yield p
+
+
 @pytest.mark.slow
-def test_seeded_campaign_keeps_the_error_contract():
+def test_seeded_campaign_keeps_the_error_contract(pool):
     """~50 cases (rows, strings) per target from a fixed seed: no untyped error, hang, crash, executed code, or
     case over 2 GB; and every target really ran its cases (a broken target would show as all-typed errors)."""
-    stats, failures = campaign("ci", seed=0, workers=2, timeout=30.0, log=print)
+    stats, failures = campaign("ci", seed=0, log=print, pool=pool)
     print(table(stats))
     assert not failures, "\n".join(f"{r.case.target} {r.case.path.name} {r.case.label}: {r.status}: {r.error}"
                                    for r in failures)
@@ -31,8 +38,8 @@ def test_seeded_campaign_keeps_the_error_contract():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REGRESSIONS, reason="no finding kept yet")
-def test_every_kept_finding_is_now_a_typed_error_or_a_result():
-    results = replay(REGRESSIONS)
+def test_every_kept_finding_is_now_a_typed_error_or_a_result(pool):
+    results = replay(REGRESSIONS, pool=pool)
     assert len(results) == len(REGRESSIONS)
     bad = [f"{r.case.target}/{r.case.path.name} ({r.case.label}): {r.status}: {r.error}"
            for r in results if r.status in BAD]

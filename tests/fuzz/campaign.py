@@ -82,20 +82,43 @@ class _Worker:
 
 
 class Pool:
-    """``workers`` reusable worker processes; ``run`` yields one Result per case, in completion order."""
+    """``workers`` reusable worker processes; ``run`` yields one Result per case, in completion order.
+
+    As a context manager the workers outlive one ``run`` (a test module shares them: their start is the costly
+    part); otherwise each ``run`` starts and ends its own."""
 
     def __init__(self, workers: int, timeout: float, log: Path, mem_limit: int = AS_LIMIT, warm: bool = True):
         """``warm=False``: workers skip the warm-up imports (for cases that need none: the pool's own test)."""
         self.n, self.timeout, self.log, self.mem_limit, self.warm = workers, timeout, log, mem_limit, warm
+        self._idle: list[_Worker] = []
+        self._kept = False
+
+    def __enter__(self) -> "Pool":
+        self._kept = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._kept = False
+        self._close()
+
+    def _close(self) -> None:
+        for w in self._idle:
+            w.kill()
+        self._idle = []
+
+    def _fill(self) -> None:
+        fresh = [_Worker(self.mem_limit, self.log, self.warm) for _ in range(self.n - len(self._idle))]
+        for w in fresh:
+            w.wait_ready()
+        self._idle.extend(fresh)
 
     def run(self, cases: Iterable[Case]) -> Iterator[Result]:
         todo = iter(cases)
         pending: list[Case] = []
-        idle = [_Worker(self.mem_limit, self.log, self.warm) for _ in range(self.n)]
+        idle = self._idle
         busy: list[_Worker] = []
         try:
-            for w in idle:
-                w.wait_ready()
+            self._fill()
             while True:
                 while idle:
                     pending.extend(itertools.islice(todo, _LOOKAHEAD - len(pending)))
@@ -118,24 +141,25 @@ class Pool:
                             status = r["status"]
                             if status in ("ok", "typed") and r["peak_rss"] > RSS_LIMIT:
                                 status = "memory"
-                            yield Result(w.case, status, r.get("error", ""), r["peak_rss"], elapsed)
                             busy.remove(w)
                             idle.append(w)
+                            yield Result(w.case, status, r.get("error", ""), r["peak_rss"], elapsed)
                             continue
                         code = w.proc.wait()
-                        yield Result(w.case, "crash", f"worker died (exit status {code})", 0, elapsed)
+                        result = Result(w.case, "crash", f"worker died (exit status {code})", 0, elapsed)
                     elif elapsed >= self.timeout:
                         w.kill()
-                        yield Result(w.case, "hang", f"no answer after {self.timeout:.0f} s", 0, elapsed)
+                        result = Result(w.case, "hang", f"no answer after {self.timeout:.0f} s", 0, elapsed)
                     else:
                         continue
                     busy.remove(w)
-                    fresh = _Worker(self.mem_limit, self.log, self.warm)
-                    fresh.wait_ready()
-                    idle.append(fresh)
+                    self._fill()
+                    yield result
         finally:
-            for w in idle + busy:
+            for w in busy:  # a run left early: their cases are still running
                 w.kill()
+            if not self._kept:
+                self._close()
 
 
 _LOOKAHEAD = 64  # cases made ahead, so an idle worker can be given one of a group it has already imported
@@ -228,16 +252,17 @@ def keep_finding(r: Result) -> Path:
 
 
 def campaign(scale: str = "full", seed: int = 0, targets: list[str] | None = None, workers: int = 2,
-             timeout: float = 30.0, keep: bool = False, log=print) -> tuple[dict[str, Stats], list[Result]]:
+             timeout: float = 30.0, keep: bool = False, log=print,
+             pool: Pool | None = None) -> tuple[dict[str, Stats], list[Result]]:
     """Run the seeded campaign; returns per-target stats and the failing results (kept as regressions if
-    ``keep``)."""
+    ``keep``). ``pool``: run on these workers (else a pool of ``workers`` with ``timeout``)."""
     chosen = [TARGETS[n] for n in (targets or list(TARGETS))]
     counts = budgets(scale)
     stats = {t.name: Stats() for t in chosen}
     failures: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="vllama-fuzz-") as tmp:
         work = Path(tmp)
-        pool = Pool(workers, timeout, work / "worker.log")
+        pool = pool or Pool(workers, timeout, work / "worker.log")
         done = 0
         for r in pool.run(make_cases(chosen, counts, seed, work)):
             stats[r.case.target].add(r)
@@ -269,8 +294,8 @@ def regression_cases() -> list[Case]:
     return out
 
 
-def replay(cases: list[Case], workers: int = 2, timeout: float = 30.0) -> list[Result]:
-    """Run kept cases (on copies: prepare writes into its case folder) through the pool."""
+def replay(cases: list[Case], workers: int = 2, timeout: float = 30.0, pool: Pool | None = None) -> list[Result]:
+    """Run kept cases (on copies: prepare writes into its case folder) through ``pool`` (or a new one)."""
     with tempfile.TemporaryDirectory(prefix="vllama-fuzz-replay-") as tmp:
         copies = []
         for c in cases:
@@ -278,7 +303,7 @@ def replay(cases: list[Case], workers: int = 2, timeout: float = 30.0) -> list[R
             dest.parent.mkdir(parents=True, exist_ok=True)
             (shutil.copytree if c.path.is_dir() else shutil.copy2)(c.path, dest)
             copies.append(Case(c.target, dest, c.label))
-        return list(Pool(workers, timeout, Path(tmp) / "worker.log").run(copies))
+        return list((pool or Pool(workers, timeout, Path(tmp) / "worker.log")).run(copies))
 
 
 def table(stats: dict[str, Stats]) -> str:
