@@ -409,16 +409,26 @@ def apply_overrides(cfg: Any, overrides: Sequence[str] | None) -> Any:
     return from_dict(type(cfg), override_dict(dataclasses.asdict(cfg), overrides))
 
 
+def _parse_error(e: BaseException) -> str:
+    """One line for a YAML/JSON parse error (PyYAML's messages span several lines with a quoted snippet)."""
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, yaml.MarkedYAMLError) and mark is not None:
+        return f"{e.problem or e.context} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def load_config_dict(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {_parse_error(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

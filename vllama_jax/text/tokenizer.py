@@ -75,6 +75,16 @@ def _as_list(ids) -> list:
     return list(ids)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scalar_text(text: str) -> str:
+    """``text`` with every surrogate code point replaced by U+FFFD. A Python str can hold lone surrogates (from a
+    JSON ``\\ud800`` escape, a bad decode with ``surrogateescape``); no UTF-8 encoder (SentencePiece, HF tokenizers)
+    accepts them, and replacing is what a UTF-8 reader does with the equivalent bytes."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
 def _write_json(path: Path, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -310,7 +320,7 @@ class LlamaSPTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[str]:
         """Token strings (SentencePiece pieces / special tokens), as 4.28's ``tokenize``."""
         out: list[str] = []
-        for chunk in self._chunks(text):
+        for chunk in self._chunks(scalar_text(text)):
             if chunk in self._no_split:
                 out.append(chunk)
             else:
@@ -333,7 +343,7 @@ class LlamaSPTokenizer(Tokenizer):
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids: list[int] = [self.bos_id] if add_bos else []
-        for chunk in self._chunks(text):
+        for chunk in self._chunks(scalar_text(text)):
             tid = self._no_split.get(chunk)
             if tid is not None:
                 ids.append(tid)
@@ -479,7 +489,7 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        ids = list(self.hf.encode(text, add_special_tokens=False)) if text else []
+        ids = list(self.hf.encode(scalar_text(text), add_special_tokens=False)) if text else []
         if add_bos:
             ids.insert(0, self.bos_id)
         if add_eos:
@@ -488,7 +498,7 @@ class HFTokenizer(Tokenizer):
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids of ``text`` (no BOS) and the character span of every token."""
-        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.hf(scalar_text(text), add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
     @property

@@ -373,6 +373,8 @@ class Trainer:
                 self._finish(pending)
         finally:
             self.checkpointer.wait()
+        if hasattr(self.data_iter, "summary"):  # the pipeline's iterator (the synthetic one has no bad records)
+            self._log(f"{cfg.name}: {self.data_iter.summary()}")
         return self.history[first:]
 
     def _finish(self, info: dict[str, Any]) -> None:
