@@ -11,6 +11,8 @@ models use XLA's dot instead (same results up to summation order) and the reason
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import logging
@@ -20,6 +22,7 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +35,7 @@ TARGET = "vllama_wmatmul"
 ENV_SWITCH = "VLLAMA_JAX_CPU_KERNELS"
 KERNEL_DIR_ENV = "VLLAMA_JAX_KERNEL_DIR"
 DEFAULT_KERNEL_DIR = Path("~/.cache/vllama_jax/kernels")
-CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden")
+CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
 # Up to this many rows of x the kernel streams the weights once (decode); must match SMALL_M in wmatmul.cc.
 SMALL_M = 16
 
@@ -80,6 +83,32 @@ def wmatmul_available() -> bool:
     return True
 
 
+_FORCED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("vllama_cpu_kernels", default=None)
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool | None) -> Iterator[None]:
+    """Within the block, programs *traced* use the CPU kernel (True), XLA's dot (False) or the default rule
+    (None: the kernel in a one-device CPU process, where no partitioning is needed). Read at trace time: an
+    already-compiled jitted function keeps the choice it was traced with."""
+    token = _FORCED.set(enabled)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def use_cpu_kernels() -> bool:
+    """Whether a matmul traced now goes through `wmatmul`: the CPU backend, the kernel built, and either forced by
+    `cpu_kernels(True)` or a one-device process (a mesh keeps XLA's dot, whose partitioning XLA knows)."""
+    forced = _FORCED.get()
+    if forced is False or jax.default_backend() != "cpu":
+        return False
+    if forced is None and jax.device_count() != 1:
+        return False
+    return wmatmul_available()
+
+
 def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: bool = False) -> jax.Array:
     """x (M, K) @ W -> float32 (M, N), W (K, N) (`nk=False`) or (N, K) (`nk=True`), float32 / bfloat16 / int8,
     times `scale` (N,) per output column when given. CPU only; call `wmatmul_available()` first."""
@@ -89,4 +118,4 @@ def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: b
     return call(x.astype(jnp.float32), w, s, nk=nk)
 
 
-__all__ = ["SMALL_M", "wmatmul", "wmatmul_available"]
+__all__ = ["SMALL_M", "cpu_kernels", "use_cpu_kernels", "wmatmul", "wmatmul_available"]

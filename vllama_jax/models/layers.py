@@ -54,15 +54,15 @@ LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _use_cpu_kernel(weight_dtype: Any, rows: int) -> bool:
-    """The FFI kernel on the CPU backend of a one-device process: bf16/int8 weights at any row count (XLA would
-    convert the whole operand first), float32 only for decode-sized row counts (XLA's GEMM wins above that).
-    Multi-device programs keep XLA's dot, whose partitioning XLA knows."""
+    """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default): bf16/int8 weights at
+    any row count (XLA would convert the whole operand first), float32 only for decode-sized row counts (XLA's GEMM
+    wins above that)."""
     wdt = jnp.dtype(weight_dtype)
     if wdt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8)):
         return False
     if wdt == jnp.dtype(jnp.float32) and rows > kernels.SMALL_M:
         return False
-    return jax.default_backend() == "cpu" and jax.device_count() == 1 and kernels.wmatmul_available()
+    return kernels.use_cpu_kernels()
 
 
 def dequantize(w: jax.Array, scale: jax.Array | None, transposed: bool = False) -> jax.Array:
