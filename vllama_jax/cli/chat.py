@@ -57,6 +57,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="conversation template (default: the model's)")
     g.add_argument("--num-frames", type=int, default=8, metavar="N", help="frames sampled per video (default 8)")
     g.add_argument("--no-audio", action="store_true", help="ignore the sound track of videos")
+    add_quantize_arg(g)
 
     s = p.add_argument_group("decoding (defaults: upstream Chat.answer sampling)")
     s.add_argument("--max-new-tokens", type=int, default=300, metavar="N")
@@ -90,9 +91,9 @@ def _load_chat(args: argparse.Namespace):
         if not Path(args.model).exists():
             raise FileNotFoundError(f"{args.model}: model directory not found")
         info(f"loading {args.model} ...")
-        return VideoLLaMAChat.from_model_dir(args.model, mesh=mesh, **kw)
+        return VideoLLaMAChat.from_model_dir(args.model, mesh=mesh, quantize=args.quantize, **kw)
     info(EMBEDDED_NOTICE)
-    return VideoLLaMAChat.embedded(mesh=mesh, **kw)
+    return VideoLLaMAChat.embedded(mesh=mesh, quantize=args.quantize, **kw)
 
 
 def _check_file(path: str, flag: str) -> None:
