@@ -135,3 +135,22 @@ def test_load_model_dir_quantize_int8(saved, monkeypatch):
     assert quant.resident_bytes(m.params["llama"]) < 0.3 * quant.resident_bytes(params["llama"])
     with pytest.raises(quant.QuantizationError):
         load_model_dir(path, quantize="int3")
+
+
+def test_convert_dtype_int8_writes_the_quantized_llm(tiny_dir, tmp_path):
+    """`convert --dtype int8`: the LLM leaves are written as `quantize_params` makes them (manifest says so), the
+    directory loads as int8 without options, and the loaded model runs."""
+    from vllama_jax.cli import main as cli_main
+
+    float_dir, int8_dir = tmp_path / "f32", tmp_path / "int8"
+    for out, extra in ((float_dir, []), (int8_dir, ["--dtype", "int8"])):
+        assert cli_main(["convert", "--llama", str(tiny_dir / "llama"), "--out", str(out), *extra]) == 0
+    ref = load_model_dir(float_dir)
+    m = load_model_dir(int8_dir)
+    assert m.manifest[quant.MANIFEST_KEY] == {"llama": "int8"}
+    want = flatten_params(quant.quantize_params(ref.params))
+    got = flatten_params(m.params)
+    assert set(got) == set(want)
+    for p, v in want.items():
+        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(v), err_msg=p)
+    assert flatten_params(load_model_dir(int8_dir, quantize="int8").params).keys() == got.keys()

@@ -17,7 +17,7 @@ from ..defaults import EMBEDDED_NOTICE
 from ..inference.chat import VideoLLaMAChat
 from ..inference.describe import describe, find_videos, path_key, read_done
 from ..inference.generate import GenerationConfig, GenerationConfigError
-from .common import UsageError, add_common_args, info, mesh_from_flag, run_command
+from .common import UsageError, add_common_args, add_quantize_arg, info, mesh_from_flag, run_command
 
 
 def register(sub: Any) -> None:
