@@ -29,7 +29,7 @@ def _xla_reference(x, w, scale, transposed):
 
 @needs_kernel
 @pytest.mark.parametrize("rows", [1, 3, 8, 17, 40])
-@pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "float16", "int8"])
 @pytest.mark.parametrize("transposed", [False, True])
 def test_kernel_matches_xla(rows, wdtype, transposed):
     """Every path of wmatmul.cc (streamed rows <= 16, panels beyond, ragged column tails, the (N, K) table) equals

@@ -1,8 +1,8 @@
 """CPU kernels registered through XLA FFI: `wmatmul`, the weight-streaming matmul behind `models.layers.matmul`.
 
 XLA's CPU backend converts a whole bfloat16 or int8 dot operand to float32 before the dot (a full-size temporary,
-written at ~1 GB/s), and runs a one-row f32 matvec on one core. `wmatmul.cc` reads float32, bfloat16 or int8
-weights (per-output-channel scale) where they lie, accumulates in float32 and splits columns over XLA's own
+written at ~1 GB/s), and runs a one-row f32 matvec on one core. `wmatmul.cc` reads float32, bfloat16, float16 or
+int8 weights (per-output-channel scale) where they lie, accumulates in float32 and splits columns over XLA's own
 intra-op thread pool. It is compiled from source at first use (`g++ -O3 -march=native`, needs no other files than
 jaxlib's FFI headers) into `$VLLAMA_JAX_CACHE_DIR/../kernels` (default `~/.cache/vllama_jax/kernels`), keyed by the
 source, the compiler flags and the jaxlib version. Without a compiler, or with `VLLAMA_JAX_CPU_KERNELS=0`, the

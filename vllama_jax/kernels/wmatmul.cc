@@ -1,5 +1,5 @@
-// Weight-streaming matmul for the CPU backend: y (M, N) f32 = x (M, K) f32 @ W, W stored as float32, bfloat16 or
-// int8 with a per-output-channel f32 scale, accumulated in float32 without ever materialising a float32 copy of
+// Weight-streaming matmul for the CPU backend: y (M, N) f32 = x (M, K) f32 @ W, W stored as float32, bfloat16,
+// float16 or int8 with a per-output-channel f32 scale, accumulated in float32 without ever materialising a float32 copy of
 // W (XLA CPU converts a whole bf16/int8 operand before its dot: a full-size temporary and ~1 GB/s).
 //
 // Two layouts: "kn" W (K, N) (a Dense kernel, in x out) and "nk" W (N, K) (an embedding table used as the tied
@@ -53,6 +53,35 @@ static inline v16f load16(const int8_t* p) {
   return __builtin_convertvector(__builtin_convertvector(b, v16i), v16f);
 }
 #endif
+// float16, kept apart from bfloat16's uint16_t by its own type.
+struct half_t { uint16_t bits; };
+static inline float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, subnormals included
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
+  if (exp == 0x1f) {
+    u = sign | 0x7f800000 | (man << 13);
+  } else if (exp != 0) {
+    u = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: normalise
+    int e = -1;
+    do { ++e; man <<= 1; } while (!(man & 0x400));
+    u = sign | uint32_t(112 - e) << 23 | ((man & 0x3ff) << 13);
+  }
+  float f; std::memcpy(&f, &u, 4); return f;
+}
+#if defined(__AVX512F__)
+static inline v16f load16(const half_t* p) {
+  return reinterpret_cast<v16f>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+#else
+static inline v16f load16(const half_t* p) {
+  v16f f;
+  for (int i = 0; i < 16; ++i) f[i] = half_to_float(p[i].bits);
+  return f;
+}
+#endif
+static inline float load1(const half_t* p) { return half_to_float(p->bits); }
 static inline float load1(const float* p) { return *p; }
 static inline float load1(const uint16_t* p) { uint32_t u = uint32_t(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static inline float load1(const int8_t* p) { return float(*p); }
@@ -221,7 +250,7 @@ static void dispatch(ffi::ThreadPool& pool, const float* x, const void* wv, cons
   }
 }
 
-// x (M, K) f32; w (K, N) or (N, K) f32/bf16/s8; scale (N,) f32 or (0,) for none; y (M, N) f32.
+// x (M, K) f32; w (K, N) or (N, K) f32/bf16/f16/s8; scale (N,) f32 or (0,) for none; y (M, N) f32.
 static ffi::Error WMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                               ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool nk) {
   auto xd = x.dimensions();
@@ -235,8 +264,9 @@ static ffi::Error WMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi
   switch (w.element_type()) {
     case ffi::DataType::F32: dispatch<float>(pool, x.typed_data(), w.untyped_data(), s, y->typed_data(), M, K, N, nk); break;
     case ffi::DataType::BF16: dispatch<uint16_t>(pool, x.typed_data(), w.untyped_data(), s, y->typed_data(), M, K, N, nk); break;
+    case ffi::DataType::F16: dispatch<half_t>(pool, x.typed_data(), w.untyped_data(), s, y->typed_data(), M, K, N, nk); break;
     case ffi::DataType::S8: dispatch<int8_t>(pool, x.typed_data(), w.untyped_data(), s, y->typed_data(), M, K, N, nk); break;
-    default: return ffi::Error::InvalidArgument("wmatmul: weights must be f32, bf16 or s8");
+    default: return ffi::Error::InvalidArgument("wmatmul: weights must be f32, bf16, f16 or s8");
   }
   return ffi::Error::Success();
 }

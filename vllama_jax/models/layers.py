@@ -54,11 +54,11 @@ LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def _use_cpu_kernel(weight_dtype: Any, rows: int) -> bool:
-    """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default): bf16/int8 weights at
-    any row count (XLA would convert the whole operand first), float32 only for decode-sized row counts (XLA's GEMM
-    wins above that)."""
+    """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default): bf16/fp16/int8
+    weights at any row count (XLA would convert the whole operand first), float32 only for decode-sized row counts
+    (XLA's GEMM wins above that)."""
     wdt = jnp.dtype(weight_dtype)
-    if wdt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.int8)):
+    if wdt not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.int8)):
         return False
     if wdt == jnp.dtype(jnp.float32) and rows > kernels.SMALL_M:
         return False
