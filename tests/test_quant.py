@@ -13,7 +13,7 @@ from tests.helpers import TINY_CONFIG, tiny_files
 from vllama_jax import kernels
 from vllama_jax.config import LlamaConfig, load_model_config
 from vllama_jax.models import quant
-from vllama_jax.models.layers import dequantize, matmul
+from vllama_jax.models.layers import _kernel_matmul, dequantize, matmul
 from vllama_jax.models.llama import Llama
 from vllama_jax.tree import flatten_params
 from vllama_jax.weights.load import load_upstream
@@ -58,7 +58,7 @@ def test_kernel_gradient_matches_xla():
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
     w = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
-    f = lambda x, w: jnp.sum(jnp.sin(matmul(x, w)))  # noqa: E731
+    f = lambda x, w: jnp.sum(jnp.sin(_kernel_matmul(x, w, None, False)))  # noqa: E731
     g = lambda x, w: jnp.sum(jnp.sin(x @ w))  # noqa: E731
     with kernels.cpu_kernels(True):
         got = jax.grad(f, (0, 1))(x, w)
