@@ -19,7 +19,7 @@ from ..inference.chat import VideoLLaMAChat
 from ..inference.describe import describe, find_videos, path_key, read_done
 from ..inference.generate import GenerationConfig, GenerationConfigError
 from ..inference.generation_config import BEAM_SEMANTICS
-from .common import UsageError, add_common_args, info, mesh_from_flag, run_command
+from .common import UsageError, add_common_args, add_quantize_arg, info, mesh_from_flag, run_command
 
 
 def register(sub: Any) -> None:
@@ -69,6 +69,7 @@ def add_model_args(p: argparse.ArgumentParser, audio_flag: bool = True) -> None:
                    help="upstream: as the original ran (fp16 ViT and encoders, bf16 LLaMA, float32 prompt stream); "
                         "bf16: fastest; fp32: exact, twice the memory (default: the model's, upstream for the "
                         "released presets)")
+    add_quantize_arg(g)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -115,9 +116,9 @@ def load_chat(args: argparse.Namespace, generation_config: GenerationConfig | No
         if not Path(args.model).exists():
             raise FileNotFoundError(f"{args.model}: model directory not found")
         info(f"loading {args.model} ...")
-        return VideoLLaMAChat.from_model_dir(args.model, mesh=mesh, **kw)
+        return VideoLLaMAChat.from_model_dir(args.model, mesh=mesh, quantize=args.quantize, **kw)
     info(EMBEDDED_NOTICE)
-    return VideoLLaMAChat.embedded(mesh=mesh, **kw)
+    return VideoLLaMAChat.embedded(mesh=mesh, quantize=args.quantize, **kw)
 
 
 def _check_file(path: str, flag: str) -> None:

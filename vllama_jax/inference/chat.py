@@ -234,10 +234,13 @@ class VideoLLaMAChat:
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_model_dir(cls, path: str | os.PathLike, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
-        """Load a converted model directory (``vllama-jax convert`` / ``save_model_dir``) straight onto ``mesh``."""
+    def from_model_dir(cls, path: str | os.PathLike, mesh: Any = None, quantize: str | None = None,
+                       **kw: Any) -> "VideoLLaMAChat":
+        """Load a converted model directory (``vllama-jax convert`` / ``save_model_dir``) straight onto ``mesh``;
+        ``quantize="int8"``: the LLM's weights as int8 + per-channel scales (``models.quant``), quantized leaf by
+        leaf as they are read."""
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        return cls.from_loaded(load_model_dir(path, mesh=mesh), mesh=mesh, **kw)
+        return cls.from_loaded(load_model_dir(path, mesh=mesh, quantize=quantize), mesh=mesh, **kw)
 
     @classmethod
     def from_loaded(cls, loaded: Any, mesh: Any = None, precision: str | None = None, **kw: Any
@@ -253,11 +256,11 @@ class VideoLLaMAChat:
         return cls(config, params, loaded.tokenizer, mesh=mesh, **kw)
 
     @classmethod
-    def embedded(cls, seed: int = 0, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
+    def embedded(cls, seed: int = 0, mesh: Any = None, quantize: str | None = None, **kw: Any) -> "VideoLLaMAChat":
         """The embedded default model (``vllama_jax.defaults``): SmolLM2-135M-Instruct + untrained CPU towers,
-        built onto ``mesh``."""
+        built onto ``mesh`` (its LLM in int8 with ``quantize="int8"``)."""
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        return cls.from_loaded(embedded_model(seed, mesh=mesh), mesh=mesh, **kw)
+        return cls.from_loaded(embedded_model(seed, mesh=mesh, quantize=quantize), mesh=mesh, **kw)
 
     def update_params(self, params: dict[str, Any]) -> None:
         """Swap in new values of the same parameter groups (e.g. a training run's current state, for its eval

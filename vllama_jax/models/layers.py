@@ -1,4 +1,5 @@
-"""Layers shared by every tower: dense/norm with logical axes, attention, activations.
+"""Layers shared by every tower: **the** matmul of every weight (`matmul`: float32, bf16/fp16 and int8 + scale),
+dense/embedding/norm with logical axes, attention, activations.
 
 Every parameter is created through `nn.with_logical_partitioning`, so `jax.eval_shape(model.init, ...)` yields the
 logical axis names that `vllama_jax.sharding` maps onto the mesh. Parameter names follow the upstream module
@@ -7,11 +8,15 @@ names (`query`, `key`, `value`, `fc1`, ...) so a user can find a checkpoint key 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+
+from .. import kernels
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -53,22 +58,160 @@ def with_axes(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
     return nn.with_logical_partitioning(init, axes)
 
 
+# Names of the per-output-channel float32 scales that sit beside int8 weights (written by `models.quant`): a
+# `kernel` (in, out) int8 has `kernel_scale` (out,), an `embedding` (vocab, d) int8 has `embedding_scale` (vocab,).
+KERNEL_SCALE = "kernel_scale"
+EMBEDDING_SCALE = "embedding_scale"
+LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _use_cpu_kernel(weight_dtype: Any, rows: int) -> bool:
+    """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default), for bf16/fp16/int8
+    weights at any row count (XLA would convert the whole operand first). Float32 weights keep XLA's dot: on the
+    2-core test machine the kernel's f32 decode was not reliably faster (batch 1: 10.8 vs 18.9 tok/s, batch 8:
+    104 vs 74, both under load), so the kernel can serve f32 (`kernels.wmatmul`) but the model does not use it."""
+    del rows  # every row count: the panel path handles prefill, the streaming path decode
+    wdt = jnp.dtype(weight_dtype)
+    if wdt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.int8)):
+        return False
+    return kernels.use_cpu_kernels()
+
+
+def dequantize(w: jax.Array, scale: jax.Array | None, transposed: bool = False) -> jax.Array:
+    """The float32 weight a (possibly int8 + scale) kernel stands for. Materialises it: for gradients and tests,
+    never on the forward path."""
+    w = w.astype(jnp.float32)
+    if scale is None:
+        return w
+    return w * (scale[:, None] if transposed else scale[None, :])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, transposed: bool) -> jax.Array:
+    return kernels.wmatmul(x, w, scale, nk=transposed)
+
+
+def _kernel_matmul_fwd(x, w, scale, transposed):
+    return _kernel_matmul(x, w, scale, transposed), (x, w, scale)
+
+
+def _kernel_matmul_bwd(transposed, res, g):
+    # The FFI call has no derivative of its own; the backward pass (training, small row counts only) uses XLA.
+    x, w, scale = res
+    wf = dequantize(w, scale, transposed)
+    dx = g @ (wf if transposed else wf.T)
+    if jnp.issubdtype(w.dtype, jnp.integer):
+        dw = np.zeros(w.shape, jax.dtypes.float0)
+    else:
+        raw = g.T @ x if transposed else x.T @ g
+        dw = (raw * (scale[:, None] if transposed else scale[None, :]) if scale is not None else raw).astype(w.dtype)
+    ds = None if scale is None else jnp.sum(g * (x @ (w.astype(jnp.float32).T if transposed
+                                                       else w.astype(jnp.float32))), axis=0)
+    return dx.astype(x.dtype), dw, ds
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
+
+
+def matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None, *, transposed: bool = False,
+           dtype: Dtype = jnp.float32) -> jax.Array:
+    """**The** matmul of every weight: x (..., K) @ kernel -> (..., N) in `dtype`.
+
+    kernel: (K, N), or (N, K) with `transposed` (an embedding table as the tied LM head); float32, bfloat16,
+    float16, or int8 with `scale` (N,) per output channel. Low-precision weights are never converted whole: on a
+    one-device CPU program the FFI kernel (`vllama_jax.kernels`) reads them as stored; elsewhere XLA's dot takes
+    them as they are and accumulates in float32 (`preferred_element_type`; int8 is converted inside the dot's
+    fusion on accelerators). Float32 weights with a lower compute dtype are cast to it first, as `nn.Dense` does.
+    """
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    wdt = jnp.dtype(kernel.dtype)
+    if _use_cpu_kernel(wdt, rows):
+        y = _kernel_matmul(x2.astype(jnp.float32), kernel, scale, transposed)
+    else:
+        if wdt in LOW_PRECISION_FLOATS:
+            xc, w = x2.astype(wdt), kernel
+        elif jnp.issubdtype(wdt, jnp.integer):
+            w = kernel.astype(dtype)
+            xc = x2.astype(dtype)
+        else:
+            xc, w = x2.astype(dtype), kernel.astype(dtype)
+        pad = 0
+        if rows == 1 and wdt in LOW_PRECISION_FLOATS and jax.default_backend() == "cpu":
+            # XLA CPU runs a one-row bf16/fp16 dot by converting the weight to float32 (a full copy); two rows
+            # take its native path.
+            pad = 1
+            xc = jnp.pad(xc, ((0, 1), (0, 0)))
+        dims = (((1,), (1 if transposed else 0,)), ((), ()))
+        y = jax.lax.dot_general(xc, w, dims, preferred_element_type=jnp.float32)
+        if pad:
+            y = y[:rows]
+        if scale is not None:
+            y = y * scale.astype(jnp.float32)
+    return y.reshape(*lead, y.shape[-1]).astype(dtype)
+
+
+class Dense(nn.Module):
+    """A linear layer over `matmul`: params `kernel` (in, out) (+ `kernel_scale` (out,) when int8, see
+    `models.quant`) and `bias` (out,), with logical axes `axes` (the scale takes the output axis)."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = normal_init(0.02)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", with_axes(self.kernel_init, self.axes), (x.shape[-1], self.features),
+                            self.param_dtype)
+        scale = self.get_variable("params", KERNEL_SCALE)
+        y = matmul(x, kernel, scale, dtype=jnp.float32 if self.use_bias else self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", with_axes(nn.initializers.zeros, (self.axes[1],)), (self.features,),
+                              self.param_dtype)
+            # in the compute dtype, as nn.Dense adds it
+            y = y.astype(self.dtype) + bias.astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """A token table `embedding` (num, features) (+ `embedding_scale` (num,) when int8) with logical axes
+    ("vocab", "embed"): lookup, and `attend` (the tied LM head: x @ table.T through `matmul`)."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Initializer = normal_init(0.02)
+
+    def setup(self) -> None:
+        self.embedding = self.param("embedding", with_axes(self.embedding_init, ("vocab", "embed")),
+                                    (self.num_embeddings, self.features), self.param_dtype)
+        self.scale = self.get_variable("params", EMBEDDING_SCALE)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        rows = jnp.take(self.embedding, ids, axis=0)
+        if self.scale is not None:
+            rows = rows.astype(jnp.float32) * jnp.take(self.scale, ids, axis=0)[..., None]
+        return rows.astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return matmul(x, self.embedding, self.scale, transposed=True, dtype=self.dtype)
+
+
 def dense(features: int, axes: tuple[str | None, str | None], name: str | None = None, *, use_bias: bool = True,
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          kernel_init: Initializer = normal_init(0.02)) -> nn.Dense:
-    """`nn.Dense` (params `kernel` (in, out) and `bias` (out,) under `name`) with logical axes.
+          kernel_init: Initializer = normal_init(0.02)) -> Dense:
+    """`Dense` (params `kernel` (in, out) and `bias` (out,) under `name`) with logical axes.
 
     Matmul precision follows `jax_default_matmul_precision` (set it to "highest" on GPU/TPU for fp32 parity).
     """
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=with_axes(kernel_init, axes),
-        bias_init=with_axes(nn.initializers.zeros, (axes[1],)),
-        name=name,
-    )
+    return Dense(features, axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                 name=name)
 
 
 class ConfiguredModule(nn.Module):

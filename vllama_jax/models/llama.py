@@ -6,12 +6,13 @@ or tied `lm_head`. Only the decoder is here: embedding lookup (`Llama.embed`) is
 Video-LLaMA splices media embeddings between text embeddings before the decoder runs.
 
 Params tree (paths as in `vllama_jax.weights.llama_keys`):
-    embed_tokens/embedding (V, D)
+    embed_tokens/embedding (V, D)   (+ embed_tokens/embedding_scale (V,) when int8: `models.quant`)
     layers_{i}/self_attn/{q_proj,k_proj,v_proj,o_proj}/kernel
     layers_{i}/mlp/{gate_proj,up_proj,down_proj}/kernel
     layers_{i}/{input_layernorm,post_attention_layernorm}/scale
     norm/scale
     lm_head/kernel (D, V)            (absent when tie_word_embeddings)
+    every `kernel` may be int8 with a `kernel_scale` (out,) beside it (`models.quant`)
 
 KV cache (`init_cache`): a plain dict, so it can be donated to a jitted step and sharded with
 `cache_logical_axes`:
@@ -39,7 +40,7 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import LlamaConfig
-from .layers import ConfiguredModule, Dtype, RMSNorm, dense, dot_product_attention, normal_init, round_to, with_axes
+from .layers import ConfiguredModule, Dense, Dtype, Embed, RMSNorm, dense, dot_product_attention, round_to
 
 Cache = dict[str, Any]
 
@@ -197,18 +198,15 @@ class Llama(ConfiguredModule):
 
     def setup(self) -> None:
         c = self.config
-        self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=with_axes(normal_init(0.02), ("vocab", "embed")),
-        )
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
         layer_cls = nn.remat(LlamaDecoderLayer) if self.remat else LlamaDecoderLayer
         # A list attribute in setup names its modules layers_0, layers_1, ...
         self.layers = [layer_cls(c, self.dtype, self.param_dtype, self.torch_arithmetic) for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
         if not c.tie_word_embeddings:
-            # nn.Dense directly: modules assigned in setup take the attribute name and may not pass `name=`.
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    kernel_init=with_axes(normal_init(0.02), ("embed", "vocab")))
+            # Dense directly: modules assigned in setup take the attribute name and may not pass `name=`.
+            self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token ids (B, L) -> embeddings (B, L, D) in the compute dtype."""

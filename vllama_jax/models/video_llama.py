@@ -21,7 +21,7 @@ from flax import linen as nn
 from ..config import ModelConfig, QFormerConfig
 from .eva_vit import EvaViT
 from .imagebind import ImageBindEncoder
-from .layers import LayerNorm, as_dtype, dense, with_axes
+from .layers import Dense, LayerNorm, as_dtype, dense, with_axes
 from .llama import Llama
 from .qformer import QFormer
 
@@ -260,7 +260,7 @@ def _position_table(num: int, dim: int, param_dtype: Any) -> nn.Embed:
                     embedding_init=with_axes(nn.initializers.normal(1.0), ("positions", "embed")))
 
 
-def _llm_projection(llm_width: int, qformer: QFormerConfig, dtype: Any, param_dtype: Any) -> nn.Dense:
+def _llm_projection(llm_width: int, qformer: QFormerConfig, dtype: Any, param_dtype: Any) -> Dense:
     """A Q-Former's output -> the LLM's embedding space (`llama_proj`, `audio_llama_proj`)."""
     return dense(llm_width, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
                  kernel_init=_torch_linear_init(qformer.hidden_size))
