@@ -169,7 +169,8 @@ class Dense(nn.Module):
         kernel = self.param("kernel", with_axes(self.kernel_init, self.axes), (x.shape[-1], self.features),
                             self.param_dtype)
         scale = self.get_variable("params", KERNEL_SCALE)
-        y = matmul(x, kernel, scale, dtype=jnp.float32 if self.use_bias else self.dtype)
+        # computed in self.dtype (a float32 kernel under a bf16 compute dtype is cast, as nn.Dense does)
+        y = matmul(x, kernel, scale, dtype=self.dtype)
         if self.use_bias:
             bias = self.param("bias", with_axes(nn.initializers.zeros, (self.axes[1],)), (self.features,),
                               self.param_dtype)
