@@ -45,8 +45,8 @@ class EvaBlock(ConfiguredModule):
 
 
 class PatchEmbed(nn.Module):
-    """The stride-`patch` convolution of the patch embedding as one matmul over flattened patches (through `matmul`,
-    so fp16/bf16 weights are never converted whole). Params as `nn.Conv`'s: `kernel` (p, p, 3, width) and
+    """The stride-`patch` convolution of the patch embedding; with fp16/bf16 weights as one matmul over flattened
+    patches (through `matmul`, so the weights are never converted whole). Params as `nn.Conv`'s: `kernel` (p, p, 3, width) and
     `bias` (width,)."""
 
     patch: int
@@ -62,6 +62,11 @@ class PatchEmbed(nn.Module):
                                                                                   "embed")),
                             (p, p, ch, self.width), self.param_dtype)
         bias = self.param("bias", with_axes(nn.initializers.zeros, ("embed",)), (self.width,), self.param_dtype)
+        if jnp.dtype(kernel.dtype) == jnp.float32:
+            # float32 weights: the convolution itself, as nn.Conv computes it (the golden outputs' summation order)
+            y = jax.lax.conv_general_dilated(images.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return y + bias.astype(self.dtype)
         # (N, H/p, p, W/p, p, C) -> (N, H/p, W/p, p, p, C): each patch flattened in the kernel's (p, p, C) order
         x = images.astype(self.dtype).reshape(n, h // p, p, w // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(n, h // p, w // p, p * p * ch)
