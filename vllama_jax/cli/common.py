@@ -22,7 +22,6 @@ import jax
 
 from ..errors import UsageError, VllamaError, first_line
 from ..runtime import simulate_cpu_devices
-from ..models.quant import QUANTIZE_CHOICES
 from ..sharding import MeshSpecError, make_mesh
 
 PROG = "vllama-jax"
@@ -43,14 +42,6 @@ def add_common_args(p: argparse.ArgumentParser, *, devices: bool = False) -> Non
     if devices:
         p.add_argument("--fake-devices", type=int, default=None, metavar="N",
                        help="simulate N CPU devices (try a pod's mesh on one machine)")
-
-
-def add_quantize_arg(p: Any) -> None:
-    """--quantize: the LLM's weights as int8 + per-channel scales at load (`models.quant`); shared by every
-    command that loads a model for inference."""
-    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
-                   help="load the LLM's weights as int8 with per-channel scales (~4x smaller than float32, faster "
-                        "decoding; the vision/audio towers keep their precision)")
 
 
 def info(msg: str) -> None:
@@ -139,5 +130,5 @@ def run_command(command: Command, args: argparse.Namespace, *, input_error_statu
         return 1
 
 
-__all__ = ["add_quantize_arg", "PROG", "Parser", "UsageError", "add_common_args", "cli_environment", "error_line", "info",
+__all__ = ["PROG", "Parser", "UsageError", "add_common_args", "cli_environment", "error_line", "info",
            "mesh_from_flag", "run_command"]

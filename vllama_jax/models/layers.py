@@ -65,14 +65,14 @@ EMBEDDING_SCALE = "embedding_scale"
 LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _use_cpu_kernel(weight_dtype: Any, rows: int) -> bool:
+def _use_cpu_kernel(weight_dtype: Any) -> bool:
     """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default), for bf16/fp16/int8
-    weights at any row count (XLA would convert the whole operand first). Float32 weights keep XLA's dot: on the
-    2-core test machine the kernel's f32 decode was not reliably faster (batch 1: 10.8 vs 18.9 tok/s, batch 8:
-    104 vs 74, both under load), so the kernel can serve f32 (`kernels.wmatmul`) but the model does not use it."""
-    del rows  # every row count: the panel path handles prefill, the streaming path decode
+    weights at any row count (XLA would convert the whole operand first; the kernel's panel path serves prefill,
+    its streaming path decode). Float32 weights keep XLA's dot: on the 2-core test machine the kernel's f32 decode
+    was not reliably faster (batch 1: 10.8 vs 18.9 tok/s, batch 8: 104 vs 74, both under load), so the kernel can
+    serve f32 (`kernels.wmatmul`) but the model does not use it."""
     wdt = jnp.dtype(weight_dtype)
-    if wdt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.int8)):
+    if wdt not in LOW_PRECISION_FLOATS and wdt != jnp.dtype(jnp.int8):
         return False
     return kernels.use_cpu_kernels()
 
@@ -128,7 +128,7 @@ def matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None, *, t
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
     wdt = jnp.dtype(kernel.dtype)
-    if _use_cpu_kernel(wdt, rows):
+    if _use_cpu_kernel(wdt):
         y = _kernel_matmul(x2.astype(jnp.float32), kernel, scale, transposed)
     else:
         if wdt in LOW_PRECISION_FLOATS:
