@@ -2,7 +2,8 @@
 from tests/media_helpers.py. Each writer returns (annotations path, media dir, expected facts).
 
 Every fixture names one video that is not in the media folder (a partial download), so the runner's error rows
-are exercised on every format.
+are exercised on every format. ``expect["truth"]`` is every question's ``{id: (answer text, category)}`` as the
+written files state it (what a by-hand check of the scores compares the predictions with).
 """
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ def video_chatgpt(root: Path, prefix: str = "v_") -> Fixture:
            {"answer": "nobody", "type": 1, "question_id": "vidMissing_0"}]
     (ann / "test_q.json").write_text(json.dumps(qs))
     (ann / "test_a.json").write_text(json.dumps(ans))
-    return ann, media, dict(n=4, missing={"vidMissing_0"}, first_answer="a square", categories={"0", "3", "5", "1"})
+    truth = {q["question_id"]: (a["answer"], str(a["type"])) for q, a in zip(qs, ans)}
+    return ann, media, dict(n=4, missing={"vidMissing_0"}, first_answer="a square", categories={"0", "3", "5", "1"},
+                            truth=truth)
 
 
 def mvbench(root: Path) -> Fixture:
@@ -45,19 +48,22 @@ def mvbench(root: Path) -> Fixture:
     ann.mkdir(parents=True)
     _videos(media / "star" / "Charades_v1_480", ["C1.mp4"])
     _videos(media / "clevrer" / "video_validation", ["video_1.mp4"])
-    (ann / "action_sequence.json").write_text(json.dumps([
+    files = {"action_sequence": ("Action Sequence", [
         {"video": "C1.mp4", "question": "What did the person do first?",
          "candidates": ["Opened the door.", "Sat down.", "Ate food.", "Took a cup."], "answer": "Sat down.",
          "start": 0.0, "end": 0.5},
         {"video": "C1.mp4", "question": "What did the person do last?",
-         "candidates": ["Opened the door.", "Sat down."], "answer": "Opened the door.", "start": 0.1, "end": 0.6}]))
-    (ann / "moving_direction.json").write_text(json.dumps([
+         "candidates": ["Opened the door.", "Sat down."], "answer": "Opened the door.", "start": 0.1, "end": 0.6}]),
+             "moving_direction": ("Moving Direction", [
         {"video": "video_1.mp4", "question": "Which way does the cube move?",
          "candidates": ["left", "right", "up"], "answer": "up"},
         {"video": "video_404.mp4", "question": "Which way does the sphere move?",
-         "candidates": ["left", "right", "up"], "answer": "left"}]))
+         "candidates": ["left", "right", "up"], "answer": "left"}])}
+    for stem, (_, rows) in files.items():
+        (ann / f"{stem}.json").write_text(json.dumps(rows))
+    truth = {f"{stem}/{i}": (r["answer"], cat) for stem, (cat, rows) in files.items() for i, r in enumerate(rows)}
     return ann, media, dict(n=4, missing={"moving_direction/1"}, answer_index=1,
-                            categories={"Action Sequence", "Moving Direction"})
+                            categories={"Action Sequence", "Moving Direction"}, truth=truth)
 
 
 def egoschema(root: Path) -> Fixture:
@@ -70,8 +76,10 @@ def egoschema(root: Path) -> Fixture:
            **{f"option {j}": f"option text {j} of {k}" for j in range(5)}} for k, u in enumerate(uids)]
     (ann / "questions.json").write_text(json.dumps(qs))
     # the subset answers three of the four (the fourth is a full-set question without a public answer)
-    (ann / "subset_answers.json").write_text(json.dumps({uids[0]: 3, uids[1]: 0, uids[2]: 4}))
-    return ann, media, dict(n=3, missing={uids[2]}, answer_index=3, categories=set())
+    subset = {uids[0]: 3, uids[1]: 0, uids[2]: 4}
+    (ann / "subset_answers.json").write_text(json.dumps(subset))
+    truth = {q["q_uid"]: (q[f"option {subset[q['q_uid']]}"], "") for q in qs if q["q_uid"] in subset}
+    return ann, media, dict(n=3, missing={uids[2]}, answer_index=3, categories=set(), truth=truth)
 
 
 def videomme(root: Path) -> Fixture:
@@ -94,8 +102,10 @@ def videomme(root: Path) -> Fixture:
                  task_type="Action Reasoning", question="Why does he run?",
                  options=["A. To win.", "B. To lose.", "C. To rest.", "D. To eat."], answer="A")]
     pq.write_table(pa.Table.from_pylist(rows), ann / "test-00000-of-00001.parquet")
+    # the answer's text: its lettered option without the "C. " Video-MME writes before it
+    truth = {r["question_id"]: (r["options"]["ABCD".index(r["answer"])][3:], r["task_type"]) for r in rows}
     return ann, media, dict(n=3, missing={"002-1"}, answer_index=2,
-                            categories={"Counting Problem", "Object Recognition", "Action Reasoning"})
+                            categories={"Counting Problem", "Object Recognition", "Action Reasoning"}, truth=truth)
 
 
 def nextqa_mc(root: Path) -> Fixture:
@@ -116,7 +126,9 @@ def nextqa_mc(root: Path) -> Fixture:
         w = csv.writer(f)
         w.writerow(cols)
         w.writerows(rows)
-    return ann, media, dict(n=3, missing={"4882821564_0"}, answer_index=2, categories={"CW", "TN", "DC"})
+    truth = {f"{r[0]}_{r[6]}": (r[8 + int(r[5])], r[7]) for r in rows}
+    return ann, media, dict(n=3, missing={"4882821564_0"}, answer_index=2, categories={"CW", "TN", "DC"},
+                            truth=truth)
 
 
 def perceptiontest_mc(root: Path) -> Fixture:
@@ -138,8 +150,10 @@ def perceptiontest_mc(root: Path) -> Fixture:
                                        "tag": []}]},
     }
     (ann / "all_valid.json").write_text(json.dumps(data))
+    truth = {f"{vid}_{q['id']}": (q["options"][q["answer_id"]], q["area"])
+             for vid, entry in data.items() for q in entry["mc_question"]}
     return ann, media, dict(n=3, missing={"video_404_0"}, answer_index=2,
-                            categories={"physics", "memory", "semantics"})
+                            categories={"physics", "memory", "semantics"}, truth=truth)
 
 
 WRITERS: dict[str, Callable[[Path], Fixture]] = {

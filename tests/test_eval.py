@@ -28,6 +28,7 @@ def test_every_task_reads_its_published_format(task, tmp_path):
     missing = {q.id for q in qs if not q.video.is_file()}
     assert missing == expect["missing"]  # resolved paths exist, except the one video the fixture left out
     assert {q.category for q in qs if q.category} == expect["categories"]
+    assert {q.id: (q.answer, q.category) for q in qs} == expect["truth"]  # as the files state them
     first = qs[0]
     if TASKS[task].kind == "mc":
         assert first.is_mc and first.answer_index == expect["answer_index"]

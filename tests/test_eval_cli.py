@@ -1,10 +1,13 @@
-"""`vllama-jax eval` end to end on the fixture tiny model: published-format annotations with tiny generated
-videos, --limit, summary.json's shape, error rows for missing videos, resumption from a pre-seeded
-predictions.jsonl, the same predictions when sharded over 8 simulated devices, and one-line errors."""
+"""`vllama-jax eval` end to end on the fixture tiny model: every task on a small dataset in its published layout
+(real encoded clips) with each summary metric recomputed by hand from predictions.jsonl, --limit, summary.json's
+shape, error rows for missing videos, resumption from a pre-seeded predictions.jsonl, the same predictions when
+sharded over 8 simulated devices, and one-line errors."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.eval_fixtures import WRITERS
+from vllama_jax.cli import evaluate as eval_cli
 from vllama_jax.cli import main
+from vllama_jax.eval.tasks import TASKS
 from vllama_jax.weights.model_dir import save_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +122,124 @@ def test_eval_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch):
         assert main(argv) == status, argv
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len([e for e in err if e.startswith("error:")]) == 1 and needle in err[-1], err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# every task end to end, each summary metric recomputed by hand
+
+
+@pytest.fixture(scope="module")
+def shared_chat() -> dict:
+    """Holds the one chat every case of the all-tasks test loads (same model, frames and batch: compiled once)."""
+    return {}
+
+
+def _by_hand_normalize(text: str) -> str:
+    """The SQuAD normalisation docs/eval.md states, written out here independently of vllama_jax.eval.metrics."""
+    text = "".join(" " if c in string.punctuation else c for c in text.lower())
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def _by_hand_letter(prediction: str, n_options: int) -> int | None:
+    """The option letter docs/eval.md says is the pick: answer prefixes dropped, the first standalone letter."""
+    s = prediction.strip()
+    for prefix in ("the best answer is", "the correct answer is", "the answer is", "the answer", "best answer:",
+                   "best option:", "answer:", "option:", "answer is"):
+        if s.lower().startswith(prefix):
+            s = s[len(prefix):].strip()
+    for tok in re.findall(r"\w+", s):
+        if len(tok) == 1 and tok in "ABCDEFGHIJ"[:n_options]:
+            return "ABCDEFGHIJ".index(tok)
+    return None
+
+
+def _mean(flags: list[bool]) -> float:
+    return sum(flags) / len(flags)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", sorted(WRITERS))
+def test_every_task_end_to_end_metrics_equal_the_by_hand_ones(task, model_dir, shared_chat, tmp_path, monkeypatch,
+                                                              capsys):
+    """The real command (in process) on the task's published layout; the model is loaded by the command's own
+    load_chat once for all tasks. Then every number of summary.json is recomputed from predictions.jsonl and
+    the truth the fixture wrote: for a multiple choice from the `correct` field and, independently, from the
+    option the generated text names (and the best-scored option) against the annotated answer; for open-ended
+    answers from the normalised prediction against the reference; per category where the task has categories."""
+    real_load = eval_cli.load_chat
+
+    def load_once(args, generation_config):
+        if "chat" not in shared_chat:
+            shared_chat["chat"] = real_load(args, generation_config)
+        return shared_chat["chat"]
+
+    monkeypatch.setattr(eval_cli, "load_chat", load_once)
+    monkeypatch.setenv("VLLAMA_JAX_CACHE_DIR", "off")
+    ann, media, expect = WRITERS[task](tmp_path / "data")
+    truth = expect["truth"]
+
+    def run(out: Path) -> tuple[list[dict], dict, str]:
+        status = main(["eval", "--task", task, "--annotations", str(ann), "--media-dir", str(media), "--out",
+                       str(out), "--model", str(model_dir), "--num-frames", "2", "--batch-size", "2",
+                       "--max-new-tokens", "4", "--quiet"])
+        captured = capsys.readouterr()
+        assert status == 0, captured.err[-3000:]
+        return _rows(out / "predictions.jsonl"), json.loads((out / "summary.json").read_text()), captured.out
+
+    def by_hand(sub: list[dict]) -> dict[str, float]:
+        if TASKS[task].kind == "open":
+            em, contains = [], []
+            for r in sub:
+                ref, pred = _by_hand_normalize(truth[r["id"]][0]), _by_hand_normalize(r["prediction"])
+                em.append(pred == ref)
+                contains.append(bool(ref) and f" {ref} " in f" {pred} ")
+            assert [r["exact_match"] for r in sub] == em and [r["contains"] for r in sub] == contains
+            assert [r["correct"] for r in sub] == contains  # no judge: containment is the accuracy
+            return dict(exact_match=_mean(em), contains=_mean(contains), accuracy=_mean(contains))
+        letter, loglik = [], []
+        for r in sub:
+            options, answer = r["options"], truth[r["id"]][0]
+            picked = _by_hand_letter(r["prediction"], len(options))
+            assert r["choice_letter"] == picked
+            letter.append(picked is not None and options[picked] == answer)
+            best = max(range(len(options)), key=r["scores"].__getitem__)
+            loglik.append(options[best] == answer)
+        assert [r["correct"] for r in sub] == letter and [r["correct_letter"] for r in sub] == letter
+        assert [r["correct_loglik"] for r in sub] == loglik
+        return dict(correct_letter=_mean(letter), correct_loglik=_mean(loglik), accuracy=_mean(letter))
+
+    def check(rows: list[dict], s: dict, table: str) -> dict[str, float]:
+        assert sorted(r["id"] for r in rows) == sorted(truth)
+        assert {r["id"] for r in rows if "error" in r} == expect["missing"]
+        answered = [r for r in rows if "error" not in r]
+        for r in answered:
+            assert (r["answer"], r.get("category", "")) == truth[r["id"]]
+        assert (s["task"], s["n"], s["errors"]) == (task, len(truth), len(expect["missing"]))
+        metrics = by_hand(answered)
+        assert s["metrics"] == pytest.approx(metrics)
+        categories = sorted({truth[r["id"]][1] for r in answered if truth[r["id"]][1]})
+        assert list(s["per_category"]) == categories
+        for c in categories:
+            sub = [r for r in answered if truth[r["id"]][1] == c]
+            assert s["per_category"][c] == pytest.approx({"n": len(sub), **by_hand(sub)})
+        assert table.splitlines()[2].startswith(f"| all | {len(answered)} |")  # the Markdown table
+        return metrics
+
+    rows, summary, table = run(tmp_path / "out")
+    check(rows, summary, table)
+    if TASKS[task].kind == "open":
+        # a random model's answers match no reference: once more with references taken from its answers (the
+        # same greedy answers), so the by-hand count also covers matches: an exact one (up to case, articles
+        # and punctuation) and a containment that is not exact
+        preds = {r["id"]: r["prediction"] for r in rows if "error" not in r}
+        first, second = [k for k in sorted(preds) if _by_hand_normalize(preds[k])][:2]
+        refs = {first: f"The {preds[first]}!", second: f"an {_by_hand_normalize(preds[second]).split()[-1]}"}
+        answers = json.loads((ann / "test_a.json").read_text())
+        for a in answers:
+            a["answer"] = refs.get(a["question_id"], a["answer"])
+        (ann / "test_a.json").write_text(json.dumps(answers))
+        truth = {k: (refs.get(k, ans), cat) for k, (ans, cat) in truth.items()}
+        again, summary, table = run(tmp_path / "out2")
+        assert {r["id"]: r["prediction"] for r in again if "error" not in r} == preds
+        metrics = check(again, summary, table)
+        assert metrics["exact_match"] >= 1 / len(preds) and metrics["contains"] >= 2 / len(preds)
