@@ -185,6 +185,42 @@ class LlamaConfig:
         return self.head_dim or self.hidden_size // self.num_heads
 
 
+#: the LLaMA projections a LoRA adapter may target (`lora.targets`), named as PEFT's `target_modules` less "_proj"
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters on the LLM's projections (`models.lora`): y = W x + (alpha / rank) B A dropout(x), the frozen W
+    untouched. rank 0 = off. The defaults of the other fields are PEFT's `LoraConfig` (alpha 8, dropout 0, q and v)."""
+
+    rank: int = 0
+    alpha: float = 8.0
+    dropout: float = 0.0  # on the adapter's input, in training only
+    targets: tuple[str, ...] = ("q", "v")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """PEFT's `scaling`: alpha / rank."""
+        return self.alpha / self.rank
+
+    def validate(self, p: str = "lora.") -> None:
+        require(isinstance(self.rank, int) and self.rank >= 0, f"{p}rank",
+                f"must be an integer >= 0 (0 = off), got {self.rank!r}")
+        require(self.alpha > 0, f"{p}alpha", f"must be positive, got {self.alpha}")
+        require(0 <= self.dropout < 1, f"{p}dropout", f"must be in [0, 1), got {self.dropout}")
+        require(len(self.targets) > 0, f"{p}targets", "needs at least one projection")
+        for i, t in enumerate(self.targets):
+            require(t in LORA_TARGETS, f"{p}targets[{i}]",
+                    f"unknown projection {t!r} (one of {', '.join(LORA_TARGETS)})")
+        require(len(set(self.targets)) == len(self.targets), f"{p}targets",
+                f"repeats a projection: {list(self.targets)}")
+
+
 LLAMA_ARITHMETIC = ("jax", "torch")
 
 
@@ -272,6 +308,8 @@ class ModelConfig:
     llama: LlamaConfig = field(default_factory=LlamaConfig)
     template: str = "llama_2"
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # LoRA adapters on the LLM (a group of their own, `llama_lora`); off unless a training config turns them on
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> "ModelConfig":
         self.vit.validate("vit.")
@@ -282,6 +320,7 @@ class ModelConfig:
         self.imagebind_vision.validate("imagebind_vision.")
         self.llama.validate("llama.")
         self.precision.validate("precision.")
+        self.lora.validate("lora.")
         require_positive(self, "", "max_frame_pos", "num_audio_positions")
         require(self.template in TEMPLATES, "template",
                 f"unknown template {self.template!r} (one of {', '.join(TEMPLATES)})")

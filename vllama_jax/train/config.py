@@ -13,6 +13,7 @@ The layout follows upstream's `train_configs/*.yaml` (upstream.md §8.1) regroup
     checkpoint: every, keep, async_save          (directory: {output_dir}/checkpoints)
     log:        every, peak_tflops               (directory: {output_dir}/logs)
     distributed: coordinator, num_processes, process_id, auto
+    lora:       rank (0 = off), alpha, dropout, targets [q, k, v, o, gate, up, down]   (adapters on the frozen LLM)
 
 Unknown keys and impossible values raise `ConfigError` naming the dotted key (same rules as `vllama_jax.config`).
 """
@@ -26,8 +27,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..config import (ConfigError, from_dict, load_config_dict, override_dict, require, require_at_least,
-                      require_positive)
+from ..config import (ConfigError, LoraConfig, from_dict, load_config_dict, override_dict, require,
+                      require_at_least, require_positive)
 from ..eval.tasks import TASKS
 from ..sharding import MeshSpecError, parse_mesh_spec
 from ..text import IMAGE_PLACEHOLDER, STAGE2_PROMPT_TEMPLATE
@@ -190,6 +191,8 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # LoRA adapters on the frozen LLM, trained with the branch (the model config's `lora`, set from here)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     # ------------------------------------------------------------------------------------------------------------
     @property
@@ -243,6 +246,7 @@ class TrainConfig:
         require_at_least(self.log, "log.", 1, "every")
         require_at_least(self.log, "log.", 0, "peak_tflops")
         self._validate_eval()
+        self.lora.validate("lora.")
         dist = self.distributed
         if dist.num_processes > 1 or dist.coordinator:
             require(bool(dist.coordinator), "distributed.coordinator", "needed with num_processes > 1")
@@ -303,6 +307,7 @@ class TrainConfig:
         d = self.to_dict()
         d["model"]["overrides"] = list(d["model"]["overrides"])
         d["data"]["prompts"] = list(d["data"]["prompts"])
+        d["lora"]["targets"] = list(d["lora"]["targets"])
         return yaml.safe_dump(d, sort_keys=False)
 
 
