@@ -39,6 +39,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("in_channels", None),
     ("positions", None),
     ("tokens", None),
+    ("lora_rank", None),  # LoRA adapters' rank dimension (`models.lora.RANK_AXIS`): small, replicated
 )
 
 

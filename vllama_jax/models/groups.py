@@ -13,8 +13,10 @@ A group is a top-level key of the params tree, named as the upstream attribute (
 | audio_encoder | imagebind | imagebind | audio | (frozen) |
 | audio_qformer, audio_query_tokens, audio_position_embedding, audio_llama_proj | al_ckpt | trainable | audio | frozen_audio_qformer |
 | llama | llama | llama | both | (frozen) |
+| llama_lora | (none: initialised) | trainable | both | lora (trained when configured: `lora.rank` > 0) |
 
-Audio groups exist only in a config with ``equip_audio_branch``.
+Audio groups exist only in a config with ``equip_audio_branch``, ``llama_lora`` (the LLM's LoRA adapters,
+`models.lora`) only in one with ``lora.rank > 0``.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ from ..config import ModelConfig
 @dataclass(frozen=True)
 class Group:
     name: str
-    file: str  # upstream file kind that holds it (see FILE_KINDS)
+    file: str  # upstream file kind that holds it (see FILE_KINDS); "" for none (always initialised)
     tower: str  # which stored-dtype choice applies to it (see TOWERS)
     branch: str  # "video", "audio" or "llm" (read by both branches)
-    trained_by: str | None = None  # the upstream freeze flag that, when False, trains it; None: always frozen
+    # the training switch that trains it: an upstream freeze flag (trains it when False) or LORA_SWITCH (trains it
+    # when configured); None: always frozen
+    trained_by: str | None = None
     projection: bool = False  # its output enters the LLM's embedding space directly
 
 
@@ -41,6 +45,10 @@ FILE_KINDS = ("eva_vit", "blip2", "imagebind", "llama", "vl_ckpt", "al_ckpt")
 TOWERS = ("vit", "qformer", "imagebind", "llama", "trainable")
 #: the upstream freeze flags of the training configs
 FREEZE_FLAGS = ("frozen_video_qformer", "frozen_llama_proj", "frozen_audio_qformer")
+#: the training config section that trains the LoRA adapters when configured (`lora.rank` > 0)
+LORA_SWITCH = "lora"
+#: the LLM's LoRA adapters (`models.lora`)
+LORA_GROUP = "llama_lora"
 
 TABLE: tuple[Group, ...] = (
     Group("visual_encoder", "eva_vit", "vit", "video"),
@@ -57,6 +65,7 @@ TABLE: tuple[Group, ...] = (
     Group("audio_position_embedding", "al_ckpt", "trainable", "audio", "frozen_audio_qformer"),
     Group("audio_llama_proj", "al_ckpt", "trainable", "audio", "frozen_audio_qformer", projection=True),
     Group("llama", "llama", "llama", "llm"),
+    Group(LORA_GROUP, "", "trainable", "llm", LORA_SWITCH),
 )
 BY_NAME: Mapping[str, Group] = {g.name: g for g in TABLE}
 
@@ -75,7 +84,7 @@ def groups_of_file(kind: str) -> tuple[str, ...]:
 
 
 def branch_groups(branch: str, *, towers: bool = True) -> tuple[str, ...]:
-    """Every group of a branch ("video" or "audio"); ``towers=False``: only its trainable groups."""
+    """Every group of a branch ("video", "audio" or "llm"); ``towers=False``: only its trainable groups."""
     return tuple(g.name for g in TABLE if g.branch == branch and (towers or g.trained_by is not None))
 
 
@@ -85,16 +94,18 @@ def branch_towers(branch: str) -> tuple[str, ...]:
     return tuple(g.name for g in TABLE if g.trained_by is None and g.branch in (branch, "llm"))
 
 
-def trained_groups(frozen: Mapping[str, bool]) -> tuple[str, ...]:
+def trained_groups(frozen: Mapping[str, bool], lora: bool = False) -> tuple[str, ...]:
     """The groups a stage trains, from its upstream freeze flags ({"frozen_video_qformer": False, ...}; a missing
-    flag counts as frozen)."""
-    return tuple(g.name for g in TABLE if g.trained_by is not None and not frozen.get(g.trained_by, True))
+    flag counts as frozen) and whether it configures LoRA adapters."""
+    return tuple(g.name for g in TABLE if g.trained_by is not None
+                 and (lora if g.trained_by == LORA_SWITCH else not frozen.get(g.trained_by, True)))
 
 
 def model_groups(config: ModelConfig) -> tuple[str, ...]:
     """Every top-level group of the model `config` describes, in table order (without tracing it)."""
-    return tuple(g.name for g in TABLE if config.equip_audio_branch or g.branch != "audio")
+    return tuple(g.name for g in TABLE if (config.equip_audio_branch or g.branch != "audio")
+                 and (config.lora.enabled or g.name != LORA_GROUP))
 
 
-__all__ = ["BY_NAME", "FILE_KINDS", "FREEZE_FLAGS", "FROZEN_TOWERS", "Group", "LLM_GROUP", "PROJECTIONS", "TABLE",
-           "TOWERS", "branch_groups", "branch_towers", "groups_of_file", "model_groups", "trained_groups"]
+__all__ = ["BY_NAME", "FILE_KINDS", "FREEZE_FLAGS", "FROZEN_TOWERS", "Group", "LLM_GROUP", "LORA_GROUP",
+           "LORA_SWITCH", "PROJECTIONS", "TABLE", "TOWERS", "branch_groups", "branch_towers", "groups_of_file", "model_groups", "trained_groups"]

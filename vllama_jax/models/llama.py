@@ -13,6 +13,7 @@ Params tree (paths as in `vllama_jax.weights.llama_keys`):
     norm/scale
     lm_head/kernel (D, V)            (absent when tie_word_embeddings)
     every `kernel` may be int8 with a `kernel_scale` (out,) beside it (`models.quant`)
+LoRA adapters (`models.lora`) are not in this tree: they come as the `adapters` argument (the `llama_lora` group).
 
 KV cache (`init_cache`): a plain dict, so it can be donated to a jitted step and sharded with
 `cache_logical_axes`:
@@ -39,8 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from ..config import LlamaConfig
+from ..config import LlamaConfig, LoraConfig
 from .layers import ConfiguredModule, Dense, Dtype, Embed, RMSNorm, dense, dot_product_attention, round_to
+from .lora import add_adapter
+
+Adapters = dict[str, Any]  # a `llama_lora` tree (`models.lora`), or the part of it for one layer / submodule
 
 Cache = dict[str, Any]
 
@@ -117,20 +121,32 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 # modules
 
 
-class LlamaAttention(ConfiguredModule):
+class _Projections(ConfiguredModule):
+    """Attention and MLP: bias-free projections, each with its LoRA adapter when `adapters` has one."""
+
+    lora: LoraConfig = LoraConfig()
+
+    def project(self, features: int, axes: tuple[str, str], name: str, x: jax.Array, adapters: Adapters | None,
+                deterministic: bool) -> jax.Array:
+        y = dense(features, axes, name, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(x)
+        return add_adapter(self, name, y, x, adapters, self.lora, deterministic)
+
+
+class LlamaAttention(_Projections):
     torch_arithmetic: bool = False  # see `Llama.torch_arithmetic`
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
-                 layer_cache: dict[str, jax.Array] | None, index: jax.Array | None
+                 layer_cache: dict[str, jax.Array] | None, index: jax.Array | None,
+                 adapters: Adapters | None = None, deterministic: bool = True
                  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         c = self.config
         h, hkv, dh = c.num_heads, c.num_kv_heads, c.head_dim_resolved
         b, l, _ = x.shape
-        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        q = dense(h * dh, ("embed", "heads"), "q_proj", **kw)(x).reshape(b, l, h, dh)
-        k = dense(hkv * dh, ("embed", "kv_heads"), "k_proj", **kw)(x).reshape(b, l, hkv, dh)
-        v = dense(hkv * dh, ("embed", "kv_heads"), "v_proj", **kw)(x).reshape(b, l, hkv, dh)
+        kw = dict(x=x, adapters=adapters, deterministic=deterministic)
+        q = self.project(h * dh, ("embed", "heads"), "q_proj", **kw).reshape(b, l, h, dh)
+        k = self.project(hkv * dh, ("embed", "kv_heads"), "k_proj", **kw).reshape(b, l, hkv, dh)
+        v = self.project(hkv * dh, ("embed", "kv_heads"), "v_proj", **kw).reshape(b, l, hkv, dh)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         new_cache = None
@@ -141,37 +157,42 @@ class LlamaAttention(ConfiguredModule):
             new_cache = {"k": ck, "v": cv}
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
         out = dot_product_attention(q, k, v, bias, half_precision_scores=self.torch_arithmetic)
-        out = dense(c.hidden_size, ("heads", "embed"), "o_proj", **kw)(out.reshape(b, l, h * dh))
+        out = self.project(c.hidden_size, ("heads", "embed"), "o_proj", out.reshape(b, l, h * dh), adapters,
+                           deterministic)
         return out, new_cache
 
 
-class LlamaMLP(ConfiguredModule):
+class LlamaMLP(_Projections):
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, adapters: Adapters | None = None, deterministic: bool = True) -> jax.Array:
         c = self.config
-        kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", **kw)(x)
-        up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj", **kw)(x)
+        gate = self.project(c.intermediate_size, ("embed", "mlp"), "gate_proj", x, adapters, deterministic)
+        up = self.project(c.intermediate_size, ("embed", "mlp"), "up_proj", x, adapters, deterministic)
         # SiLU evaluated in float32 and rounded once, as torch's bf16/fp16 kernel (XLA would round its parts)
         act = jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)
-        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", **kw)(act * up)
+        return self.project(c.hidden_size, ("mlp", "embed"), "down_proj", act * up, adapters, deterministic)
 
 
 class LlamaDecoderLayer(ConfiguredModule):
     torch_arithmetic: bool = False  # see `Llama.torch_arithmetic`
+    lora: LoraConfig = LoraConfig()
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
-                 layer_cache: dict[str, jax.Array] | None = None, index: jax.Array | None = None
+                 layer_cache: dict[str, jax.Array] | None = None, index: jax.Array | None = None,
+                 adapters: Adapters | None = None, deterministic: bool = True
                  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         c = self.config
         stream = x.dtype  # the residual stream's dtype (`Llama.torch_arithmetic`); only the norms' outputs are cast
+        adapters = adapters or {}
         h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
-        attn, new_cache = LlamaAttention(c, self.dtype, self.param_dtype, self.torch_arithmetic, name="self_attn")(
-            h.astype(self.dtype), cos, sin, bias, layer_cache, index)
+        attn, new_cache = LlamaAttention(c, self.dtype, self.param_dtype, lora=self.lora,
+                                         torch_arithmetic=self.torch_arithmetic, name="self_attn")(
+            h.astype(self.dtype), cos, sin, bias, layer_cache, index, adapters.get("self_attn"), deterministic)
         x = self._residual(x + attn)
         h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
-        x = self._residual(x + LlamaMLP(c, self.dtype, self.param_dtype, name="mlp")(h.astype(self.dtype)))
+        mlp = LlamaMLP(c, self.dtype, self.param_dtype, lora=self.lora, name="mlp")
+        x = self._residual(x + mlp(h.astype(self.dtype), adapters.get("mlp"), deterministic))
         return x.astype(stream), new_cache
 
     def _residual(self, x: jax.Array) -> jax.Array:
@@ -195,13 +216,18 @@ class Llama(ConfiguredModule):
     # on a float32 prompt, and attention scores are rounded to the compute dtype as torch's half-precision matmul
     # rounds them. False: the stream in the compute dtype, scores in float32.
     torch_arithmetic: bool = False
+    # scale and dropout of the LoRA adapters passed to `__call__` (`models.lora`); the adapters themselves are an
+    # argument, not parameters of this module: they are a group of their own (`llama_lora`)
+    lora: LoraConfig = LoraConfig()
 
     def setup(self) -> None:
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
-        layer_cls = nn.remat(LlamaDecoderLayer) if self.remat else LlamaDecoderLayer
+        # `deterministic` (argument 8, counting self) is a Python bool: static under remat
+        layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(8,)) if self.remat else LlamaDecoderLayer
         # A list attribute in setup names its modules layers_0, layers_1, ...
-        self.layers = [layer_cls(c, self.dtype, self.param_dtype, self.torch_arithmetic) for _ in range(c.num_layers)]
+        self.layers = [layer_cls(c, self.dtype, self.param_dtype, self.torch_arithmetic, self.lora)
+                       for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
         if not c.tie_word_embeddings:
             # Dense directly: modules assigned in setup take the attribute name and may not pass `name=`.
@@ -228,6 +254,8 @@ class Llama(ConfiguredModule):
         cache: Cache | None = None,
         return_hidden: bool = False,
         logits_slice: slice | jax.Array | None = None,
+        adapters: Adapters | None = None,
+        deterministic: bool = True,
     ) -> tuple[jax.Array, Cache | None]:
         """Run the decoder.
 
@@ -237,6 +265,8 @@ class Llama(ConfiguredModule):
         previous call.
         logits_slice: None (all positions), a Python `slice` of the length axis (e.g. `slice(-1, None)`), or an
         int array (B,) selecting one position per row (-> length 1). Applied before the LM head.
+        adapters: a `llama_lora` tree (`models.lora`), scaled by `self.lora`; deterministic=False applies its
+        dropout (the "dropout" rng).
         Returns (float32 logits (B, L', V) — or the final-normed hidden states (B, L', D) in the compute dtype
         when `return_hidden` — , the updated cache or None).
         """
@@ -274,7 +304,8 @@ class Llama(ConfiguredModule):
         new_cache: Cache | None = None if cache is None else {}
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else cache[f"layers_{i}"]
-            x, updated = layer(x, cos, sin, bias, layer_cache, index)
+            layer_adapters = None if adapters is None else adapters.get(f"layers_{i}")
+            x, updated = layer(x, cos, sin, bias, layer_cache, index, layer_adapters, deterministic)
             self.sow("intermediates", f"layer{i}", x)
             if new_cache is not None:
                 new_cache[f"layers_{i}"] = updated

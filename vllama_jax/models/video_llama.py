@@ -23,6 +23,7 @@ from .eva_vit import EvaViT
 from .imagebind import ImageBindEncoder
 from .layers import Dense, LayerNorm, as_dtype, dense, with_axes
 from .llama import Llama
+from .lora import LlamaLora
 from .qformer import QFormer
 
 IGNORE_INDEX = -100
@@ -55,6 +56,8 @@ class VideoLLaMA(nn.Module):
             self.audio_query_tokens = _query_tokens(self, "audio_query_tokens", c.audio_qformer, train_pdt)
             self.audio_llama_proj = _llm_projection(c.llama.hidden_size, c.audio_qformer, qf_dt, train_pdt)
         self.llama = llama_module(c, remat=self.remat_llama)
+        if c.lora.enabled:  # the LLM's LoRA adapters: trained (fp32 master weights), the LLM stays frozen
+            self.llama_lora = LlamaLora(c.llama, c.lora, param_dtype=train_pdt)
 
     # ------------------------------------------------------------------------------------------------------
     # vision branch
@@ -169,8 +172,13 @@ class VideoLLaMA(nn.Module):
         return jnp.where(is_ph[..., None], picked, embeds)
 
     def llm(self, inputs_embeds: jax.Array, attention_mask: jax.Array | None = None,
-            position_ids: jax.Array | None = None, cache: Any = None, **kw: Any) -> tuple[jax.Array, Any]:
-        return self.llama(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, **kw)
+            position_ids: jax.Array | None = None, cache: Any = None, deterministic: bool = True,
+            **kw: Any) -> tuple[jax.Array, Any]:
+        """The LLaMA decoder, with its LoRA adapters when the config has them (their dropout unless
+        `deterministic`)."""
+        adapters = self.llama_lora() if self.config.lora.enabled else None
+        return self.llama(inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                          adapters=adapters, deterministic=deterministic, **kw)
 
     # ------------------------------------------------------------------------------------------------------
     # training forward (upstream `forward`)
@@ -185,7 +193,7 @@ class VideoLLaMA(nn.Module):
                          deterministic: bool = True) -> dict[str, jax.Array]:
         """Path A (conv_type 'multi'): in-place N-for-N placeholder replacement, labels as the dataset built them."""
         embeds = self.instruction_inputs(frames, input_ids, placeholder_id, branch, deterministic)
-        logits, _ = self.llm(embeds, attention_mask=attention_mask)
+        logits, _ = self.llm(embeds, attention_mask=attention_mask, deterministic=deterministic)
         return causal_lm_loss(logits, labels) | {"logits": logits, "inputs_embeds": embeds}
 
     def caption_inputs(self, frames: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
@@ -217,7 +225,7 @@ class VideoLLaMA(nn.Module):
                      branch: str = "video", deterministic: bool = True) -> dict[str, jax.Array]:
         embeds, mask, labels = self.caption_inputs(frames, text_ids, text_mask, prompt_before, prompt_after,
                                                    branch, deterministic)
-        logits, _ = self.llm(embeds, attention_mask=mask)
+        logits, _ = self.llm(embeds, attention_mask=mask, deterministic=deterministic)
         return causal_lm_loss(logits, labels) | {"logits": logits, "inputs_embeds": embeds, "attention_mask": mask,
                                                  "labels": labels}
 
@@ -239,7 +247,7 @@ def llama_module(config: ModelConfig, remat: bool = False) -> Llama:
     """The LLaMA decoder with the config's precision: compute and parameter dtypes, and the residual stream."""
     p = config.precision
     return Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params), remat=remat,
-                 torch_arithmetic=p.llama_arithmetic == "torch")
+                 torch_arithmetic=p.llama_arithmetic == "torch", lora=config.lora)
 
 
 def _torch_linear_init(fan_in: int) -> Any:
