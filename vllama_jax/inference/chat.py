@@ -41,6 +41,7 @@ from ..errors import VllamaError
 from ..media import MediaError, load_audio, load_image, load_video
 from ..models import build_model, set_precision
 from ..models.groups import LLM_GROUP, branch_groups
+from ..models.lora import with_merged_lora
 from ..models.video_llama import VideoLLaMA, llama_module
 from ..runtime import use_compilation_cache
 from ..sharding import batch_sharding, make_mesh
@@ -215,7 +216,8 @@ class VideoLLaMAChat:
         self.mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
         self.has_audio = config.equip_audio_branch and all(g in params for g in AUDIO_GROUPS)
 
-        self.params = placed(config, params, self.mesh)
+        # LoRA adapters (a training run's eval hook) run merged into the LLM's weights
+        self.params = placed(config, with_merged_lora(params, config.lora), self.mesh)
         self.model: VideoLLaMA = build_model(config)
         llama = llama_module(config)
         self.generator = Generator(llama, self.params[LLM_GROUP], mesh=self.mesh, compilation_cache=False)
@@ -266,6 +268,7 @@ class VideoLLaMAChat:
         """Swap in new values of the same parameter groups (e.g. a training run's current state, for its eval
         hook). The compiled encoders, prefill, decode and scoring programs take the parameters as arguments, so
         nothing is recompiled."""
+        params = with_merged_lora(params, self.config.lora)
         if set(params) != set(self.params):
             raise ChatError(f"update_params: groups {sorted(params)} differ from the chat's {sorted(self.params)}")
         self.params = placed(self.config, params, self.mesh)

@@ -116,15 +116,29 @@ def is_training_checkpoint(path: str | Path) -> bool:
                                                             if c.is_dir() and c.name.isdigit()))
 
 
-def load_trainable_params(path: str | Path) -> dict[str, np.ndarray]:
-    """Flat {params path: array} of the trainable params in a training checkpoint (the latest step of a checkpoints
-    folder, or the given step folder): how stage 2 starts from our stage-1 output (upstream `ckpt`)."""
+def step_dir(path: str | Path) -> Path:
+    """The step folder of a training checkpoint: `path` itself, or the latest step of a checkpoints folder."""
     p = Path(path).absolute()
     if not (p / "params").is_dir():
         steps = sorted(int(c.name) for c in p.iterdir() if c.is_dir() and c.name.isdigit() and (c / "params").is_dir())
         if not steps:
             raise FileNotFoundError(f"{p}: no training checkpoint step inside")
         p = p / str(steps[-1])
+    return p
+
+
+def load_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON record (`meta`: step, trainable_groups, train_config, model_config) of a training checkpoint (the
+    latest step of a checkpoints folder, or the given step folder)."""
+    p = step_dir(path) / "meta"
+    ckptr = ocp.Checkpointer(ocp.JsonCheckpointHandler())
+    return dict(ckptr.restore(p))
+
+
+def load_trainable_params(path: str | Path) -> dict[str, np.ndarray]:
+    """Flat {params path: array} of the trainable params in a training checkpoint (the latest step of a checkpoints
+    folder, or the given step folder): how stage 2 starts from our stage-1 output (upstream `ckpt`)."""
+    p = step_dir(path)
     # as host numpy arrays: the checkpoint may come from another mesh / number of processes
     meta = ocp.PyTreeCheckpointer().metadata(p / "params")
     meta = getattr(meta, "item_metadata", meta)

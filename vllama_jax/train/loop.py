@@ -92,7 +92,8 @@ def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
         mc = apply_overrides(mc, list(cfg.model.overrides)).validate()
     except ConfigError as e:
         raise ConfigError(f"model.overrides: {e}") from None
-    return with_precision(mc, cfg.model.precision)
+    # the LoRA adapters are part of the model the step runs (and of the model config its checkpoints record)
+    return dataclasses.replace(with_precision(mc, cfg.model.precision), lora=cfg.lora)
 
 
 # ----------------------------------------------------------------------------------------------------------------

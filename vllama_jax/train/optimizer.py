@@ -23,17 +23,19 @@ from .config import OptimConfig, TrainConfig
 
 def trainable_groups(cfg: TrainConfig, model_config: ModelConfig) -> tuple[str, ...]:
     """Top-level param groups trained by the stage's freeze flags (the `trained_by` column of `models.groups`,
-    upstream.md §1.8)."""
+    upstream.md §1.8), and the LLM's LoRA adapters when `lora` is configured."""
     if not cfg.frozen_audio_qformer and not model_config.equip_audio_branch:
         raise ConfigError("frozen_audio_qformer: false needs a model with equip_audio_branch: true")
-    return trained_groups({flag: getattr(cfg, flag) for flag in FREEZE_FLAGS})
+    return trained_groups({flag: getattr(cfg, flag) for flag in FREEZE_FLAGS}, lora=cfg.lora.enabled)
 
 
 def forward_groups(branch: str, model_config: ModelConfig, abstract_params: Mapping[str, Any]) -> tuple[str, ...]:
-    """Every group the training forward of `branch` reads: its towers, its own branch groups, and the top-level
-    single-array params (query tokens), which flax creates eagerly in `setup` and must therefore always exist."""
+    """Every group the training forward of `branch` reads: its towers, its own branch groups, the LLM's trained
+    groups (LoRA adapters, when the model has them), and the top-level single-array params (query tokens), which
+    flax creates eagerly in `setup` and must therefore always exist."""
     leaves = tuple(k for k, v in abstract_params.items() if not isinstance(v, Mapping))
-    wanted = set(branch_towers(branch)) | set(branch_groups(branch, towers=False)) | set(leaves)
+    wanted = (set(branch_towers(branch)) | set(branch_groups(branch, towers=False))
+              | set(branch_groups("llm", towers=False)) | set(leaves))
     return tuple(k for k in abstract_params if k in wanted)
 
 
