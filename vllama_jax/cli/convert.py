@@ -1,5 +1,6 @@
 """`vllama-jax convert` (upstream PyTorch files -> a model directory) and `vllama-jax export` (a model directory's
-trained branches -> an upstream-format .pth). `convert_weights.py` at the repository root is the same command."""
+trained branches -> an upstream-format .pth; a training checkpoint's LoRA adapters -> PEFT's format, or merged into
+a new model directory). `convert_weights.py` at the repository root is the same command."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,8 @@ from typing import Any
 from ..models.groups import TOWERS
 from ..weights.convert import DTYPES, LLM_ONLY_DTYPES, convert
 from ..weights.detect import FLAGS, LABELS
-from ..weights.export import export_checkpoint
-from .common import add_common_args, run_command
+from ..weights.export import export_checkpoint, export_merged, export_peft
+from .common import UsageError, add_common_args, run_command
 
 
 def register(sub: Any) -> None:
@@ -49,9 +50,22 @@ def register(sub: Any) -> None:
         "export", help="write a model directory's trained branches as an upstream .pth",
         description="Write the trainable parts of a model directory (video/audio Q-Formers, query tokens, "
                     "position embeddings, projections) as an upstream-format .pth ({'model': {...}}) that the "
-                    "original PyTorch demo loads as its ckpt / ckpt_2.")
-    ex.add_argument("--model", required=True, help="model directory")
-    ex.add_argument("--out", required=True, help=".pth file to write")
+                    "original PyTorch demo loads as its ckpt / ckpt_2. With --format peft / merged: the LoRA "
+                    "adapters of a training checkpoint (--checkpoint) in PEFT's format, or merged into the LLM of "
+                    "a new model directory.")
+    ex.add_argument("--model", help="model directory (needed by --format pth and merged)")
+    ex.add_argument("--out", required=True,
+                    help=".pth file (pth), adapter folder (peft) or model directory (merged) to write")
+    ex.add_argument("--format", choices=("pth", "peft", "merged"), default="pth",
+                    help="pth: upstream .pth of the trained branches (default); peft: the checkpoint's LoRA "
+                         "adapters as adapter_config.json + adapter_model.safetensors; merged: --model with the "
+                         "checkpoint's trained groups and its LoRA adapters merged into the LLM")
+    ex.add_argument("--checkpoint", metavar="PATH",
+                    help="training checkpoint (output_dir/checkpoints or one step folder) with LoRA adapters; "
+                         "for --format peft and merged")
+    ex.add_argument("--base-model", default="",
+                    help="with --format peft: the HF model the adapters belong to (adapter_config.json's "
+                         "base_model_name_or_path)")
     ex.add_argument("--branch", choices=("all", "video", "audio"), default="all",
                     help="which branch to export (default: every branch present)")
     ex.add_argument("--force", action="store_true", help="replace an existing file")
@@ -74,5 +88,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    print(export_checkpoint(args.model, args.out, branch=args.branch, force=args.force).summary())
+    if args.format == "pth":
+        if args.checkpoint:
+            raise UsageError("--checkpoint goes with --format peft or merged (a .pth is written from --model)")
+        if not args.model:
+            raise UsageError("--format pth needs --model")
+        print(export_checkpoint(args.model, args.out, branch=args.branch, force=args.force).summary())
+        return 0
+    if not args.checkpoint:
+        raise UsageError(f"--format {args.format} needs --checkpoint (a training checkpoint with LoRA adapters)")
+    if args.format == "peft":
+        rep = export_peft(args.checkpoint, args.out, base_model=args.base_model, force=args.force)
+    else:
+        if not args.model:
+            raise UsageError("--format merged needs --model (the model directory the run trained on)")
+        rep = export_merged(args.model, args.checkpoint, args.out, force=args.force)
+    print(rep.summary())
     return 0
