@@ -2,6 +2,7 @@
 
     vllama-jax convert RELEASE_FOLDER --out models/vl-llama2-7b       # upstream .pth files -> a model directory
     vllama-jax export --model DIR --out trained.pth                    # trained branches -> upstream .pth
+    vllama-jax export --format peft --checkpoint CKPT --out adapter/   # LoRA adapters -> PEFT (or --format merged)
     vllama-jax prepare webvid --source ANNO --media-dir VIDEOS --out /data/webvid
     vllama-jax train --config configs/train_vl_stage1.yaml
     vllama-jax chat --model DIR --video clip.mp4 --question "What happens?"
