@@ -143,6 +143,7 @@ def test_lora_config_errors_name_the_key(tiny_dir: Path, tmp_path: Path):
             train_config_from_dict({**base, "lora": bad})
 
 
+@pytest.mark.slow
 def test_training_with_lora_changes_only_the_adapters_and_exports(tiny_dir: Path, tmp_path: Path, tiny_tok):
     """(4) A few steps of the tiny VL stage 1 with lora on: the LLM stays bit-identical, the adapters (and the
     branch) change, only they have optimizer state, the checkpoint carries them. (3) Their PEFT export loads with
@@ -159,8 +160,8 @@ def test_training_with_lora_changes_only_the_adapters_and_exports(tiny_dir: Path
         llm_before = host(t.frozen["llama"])
         adapters_before = host(t.state["params"][LORA_GROUP])
         assert all(not v.any() for k, v in adapters_before.items() if k.endswith("['lora_B']"))
-        adam = [s for s in jax.tree.leaves(t.state["opt_state"], is_leaf=lambda s: isinstance(s, optax.ScaleByAdamState))
-                if isinstance(s, optax.ScaleByAdamState)][0]
+        is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
+        adam = [s for s in jax.tree.leaves(t.state["opt_state"], is_leaf=is_adam) if is_adam(s)][0]
         assert set(flatten_params(adam.mu)) == set(flatten_params(t.state["params"]))
         assert "llama" not in adam.mu
         t.run()

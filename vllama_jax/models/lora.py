@@ -232,5 +232,5 @@ def peft_adapter_config(lora: LoraConfig, base_model: str = "") -> dict[str, Any
 
 
 __all__ = ["LORA_A", "LORA_B", "LORA_GROUP", "LlamaLora", "LoraAdapter", "PEFT_PREFIX", "TARGETS", "RANK_AXIS",
-           "adapters_from_peft", "add_adapter", "kaiming_uniform_a_sqrt5", "merge_lora", "peft_adapter_config", "peft_state_dict",
-           "projection_shape", "with_merged_lora"]
+           "adapters_from_peft", "add_adapter", "kaiming_uniform_a_sqrt5", "merge_lora", "peft_adapter_config",
+           "peft_state_dict", "projection_shape", "with_merged_lora"]
