@@ -13,6 +13,10 @@ Shapes are written with the dimension names of `Dims`::
                  int32 (upstream.md §1.8 path B); stage 2 adds one prompt for the whole batch: prompt_before
                  (1, prompt_before) / prompt_after (1, prompt_after) int32
     instruction  frames, input_ids / labels / attention_mask (batch, max_len) int32 (path A)
+    features     path A for both branches from cached frozen-tower outputs instead of frames: frame_queries
+                 (batch, frames, queries, hidden) and audio_embeddings (batch, audio_clips, audio_dim) float32,
+                 with_audio (batch,) int32 (1: the audio+video flow, 0: video only), input_ids / labels /
+                 attention_mask as an instruction batch (``VideoLLaMA.feature_instruction_loss``)
 """
 from __future__ import annotations
 
@@ -38,6 +42,10 @@ class Dims:
     max_len: int = 0
     prompt_before: int = 0
     prompt_after: int = 0
+    queries: int = 0
+    hidden: int = 0
+    audio_clips: int = 0
+    audio_dim: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +63,7 @@ class BatchSpec:
     """One batch layout. `rows` hold one row per example (split over the batch axes of the mesh); `shared` hold one
     row for the whole batch (replicated, left whole by the micro-batch split) and are optional."""
 
-    kind: Kind
+    kind: Kind | str
     rows: tuple[ArraySpec, ...]
     shared: tuple[ArraySpec, ...] = ()
 
@@ -89,11 +97,17 @@ CAPTION = BatchSpec(
     shared=(ArraySpec("prompt_before", np.int32, (1, "prompt_before")),
             ArraySpec("prompt_after", np.int32, (1, "prompt_after"))))
 
-INSTRUCTION = BatchSpec(
-    "instruction",
-    rows=(FRAMES, *(ArraySpec(k, np.int32, ("batch", "max_len")) for k in ("input_ids", "labels", "attention_mask"))))
+_IDS = tuple(ArraySpec(k, np.int32, ("batch", "max_len")) for k in ("input_ids", "labels", "attention_mask"))
 
-LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION)}
+INSTRUCTION = BatchSpec("instruction", rows=(FRAMES, *_IDS))
+
+FEATURES = BatchSpec(
+    "features",
+    rows=(ArraySpec("frame_queries", np.float32, ("batch", "frames", "queries", "hidden")),
+          ArraySpec("audio_embeddings", np.float32, ("batch", "audio_clips", "audio_dim")),
+          ArraySpec("with_audio", np.int32, ("batch",)), *_IDS))
+
+LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION, FEATURES)}
 
 
 def batch_spec(kind: str) -> BatchSpec:
@@ -108,15 +122,15 @@ def kind_of(arrays: Mapping[str, Any]) -> Kind:
     for spec in LAYOUTS.values():
         if all(k in arrays for k in spec.row_keys):
             return spec.kind
-    raise ValueError(f"arrays {sorted(arrays)} are neither a caption {CAPTION.row_keys} nor an instruction "
-                     f"{INSTRUCTION.row_keys} batch")
+    raise ValueError(f"arrays {sorted(arrays)} are neither a caption {CAPTION.row_keys}, an instruction "
+                     f"{INSTRUCTION.row_keys} nor a features {FEATURES.row_keys} batch")
 
 
 def llm_positions(kind: str, arrays: Mapping[str, Any], num_media: int) -> int:
-    """LLaMA sequence positions one batch fills: an instruction batch its ids; a caption batch BOS + the prompt +
-    the `num_media` query tokens + the text, per example."""
-    b = arrays["frames"].shape[0]
-    if kind == INSTRUCTION.kind:
+    """LLaMA sequence positions one batch fills: an instruction (or features) batch its ids; a caption batch BOS +
+    the prompt + the `num_media` query tokens + the text, per example."""
+    b = arrays["input_ids" if kind == FEATURES.kind else "frames"].shape[0]
+    if kind in (INSTRUCTION.kind, FEATURES.kind):
         return b * arrays["input_ids"].shape[1]
     prompt = sum(arrays[k].shape[1] for k in CAPTION.shared_keys if k in arrays)
     return b * (1 + prompt + num_media + arrays["text_ids"].shape[1])

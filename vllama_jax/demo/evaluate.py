@@ -23,9 +23,10 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "purple": ("violet",),
     "left": ("leftward", "leftwards"),
     "right": ("rightward", "rightwards"),
-    "up": ("upward", "upwards"),
-    "down": ("downward", "downwards"),
-    "medium": ("middle",),
+    "hum": ("humming",),
+    "hiss": ("hissing",),
+    "beep": ("beeping",),
+    "whistle": ("whistling",),
 }
 
 

@@ -142,6 +142,17 @@ class VideoLLaMA(nn.Module):
         memory = jnp.concatenate([self.video_qformer_memory(frame_queries), audio_tokens], axis=1)
         return self._video_from_memory(memory, deterministic)
 
+    def media_from_features(self, frame_queries: jax.Array, audio_embeddings: jax.Array, with_audio: jax.Array,
+                            deterministic: bool = True) -> jax.Array:
+        """Both branches' LLM rows from the frozen towers' outputs (``encode_frames`` -> (B, T, Q, hidden),
+        ``audio_segments``' embedding -> (B, S, out_dim)): the rows of ``encode_audio`` then ``encode_video`` (the
+        audio+video upload's placeholder order) where ``with_audio`` (B,) is true, else the video rows first (a
+        video-only upload reads only those)."""
+        video = self._video_from_memory(self.video_qformer_memory(frame_queries), deterministic)
+        audio = self._audio_from_segments(audio_embeddings, deterministic)
+        flag = with_audio.astype(bool)[:, None, None]
+        return jnp.where(flag, jnp.concatenate([audio, video], 1), jnp.concatenate([video, audio], 1))
+
     def encode_media(self, frames: jax.Array, branch: str = "video", deterministic: bool = True) -> jax.Array:
         """Training media path: train_flag 0 -> vision branch, 1 -> audio branch fed with frames (upstream.md §1.8)."""
         if branch == "video":
@@ -188,6 +199,17 @@ class VideoLLaMA(nn.Module):
         embeds = self.instruction_inputs(frames, input_ids, placeholder_id, branch, deterministic)
         logits, _ = self.llm(embeds, attention_mask=attention_mask)
         return causal_lm_loss(logits, labels) | {"logits": logits, "inputs_embeds": embeds}
+
+    def feature_instruction_loss(self, frame_queries: jax.Array, audio_embeddings: jax.Array, with_audio: jax.Array,
+                                 input_ids: jax.Array, labels: jax.Array, attention_mask: jax.Array,
+                                 placeholder_id: int, deterministic: bool = True) -> dict[str, jax.Array]:
+        """Path A for both branches at once, from cached frozen-tower outputs (``media_from_features``): the media
+        rows replace the placeholders in order (audio block, then video block), as the chat splices an audio+video
+        upload."""
+        media = self.media_from_features(frame_queries, audio_embeddings, with_audio, deterministic)
+        embeds = self.splice_media(self.embed_tokens(input_ids), input_ids, media, placeholder_id)
+        logits, _ = self.llm(embeds, attention_mask=attention_mask)
+        return causal_lm_loss(logits, labels)
 
     def caption_inputs(self, frames: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                        prompt_before: jax.Array | None = None, prompt_after: jax.Array | None = None,
