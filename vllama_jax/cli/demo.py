@@ -14,7 +14,7 @@ from .common import UsageError, add_common_args, run_command
 
 def register(sub: Any) -> None:
     d = Settings()
-    p = sub.add_parser("demo", help="the end-to-end demo: generated clips -> prepare -> train -> chat -> accuracy",
+    p = sub.add_parser("demo", help="the end-to-end demo: generated clips -> train both branches -> chat -> ablations",
                        description="Generate clips with sound, train both branches (video and audio) of the embedded "
                                    "CPU model on them, and ask held-out clips about what they show and sound like, "
                                    "with two ablations (frames shuffled, audio removed).")
