@@ -136,6 +136,10 @@ def test_table_layout():
         "attribute", "trained: answers", "trained: choice", "untrained: answers", "chance"]
     assert [c.strip() for c in lines[2].strip("|").split("|")] == [
         "colour", "50.0% (1/2)", "66.7% (2/3)", "0.0% (0/1)", "16.7%"]
+    v = E.Scores("shuffled")  # multiple choice only: no answers column
+    v.add_choice("colour", "red", "red")
+    lines = E.table([v], attributes=["colour"]).splitlines()
+    assert [c.strip() for c in lines[0].strip("|").split("|")] == ["attribute", "shuffled: choice", "chance"]
 
 
 def test_answer_text_is_what_the_scorer_accepts():
@@ -253,3 +257,44 @@ def test_training_sample_first_turn_is_the_chat_context(smollm2_path):
     trained = [t for t in labels.tolist() if t != -100]
     assert tok.decode(trained).count(turns[1][1]) == 1 and tok.decode(trained).count(turns[0][1]) == 1
     assert len(trained) == len(reply) + len(tok.encode(turns[1][1])) + 2  # + each reply's end-of-turn token
+
+
+def test_feature_trainer_trains_both_branches_with_one_compiled_step(tiny_model):
+    """`FeatureTrainer` (the demo's training) compiles its step once, lowers the loss on a repeated batch, and moves
+    exactly the groups its freeze flags train: both branches."""
+    from vllama_jax.models import build_model
+    from vllama_jax.models.groups import trained_groups
+    from vllama_jax.train.config import OptimConfig
+    from vllama_jax.train.features import FeatureTrainer
+
+    config, params = tiny_model
+    flags = {"frozen_video_qformer": False, "frozen_audio_qformer": False, "frozen_llama_proj": True}
+    rng = np.random.default_rng(0)
+    b, t, s, nq, na = 2, 2, 2, config.video_qformer.num_query_tokens, config.audio_qformer.num_query_tokens
+    ph = config.llama.vocab_size
+    ids = rng.integers(3, 100, (b, 24)).astype(np.int32)
+    ids[0, 1:1 + na], ids[0, 2 + na:2 + na + nq] = ph, ph  # audio+video row: two placeholder runs
+    ids[1, 1:1 + nq] = ph  # video-only row
+    labels = np.full_like(ids, -100)
+    labels[:, -6:] = ids[:, -6:]
+    batch = {"frame_queries": rng.standard_normal((b, t, config.qformer.num_query_tokens,
+                                                   config.qformer.hidden_size)).astype(np.float32),
+             "audio_embeddings": rng.standard_normal((b, s, config.imagebind_audio.out_dim)).astype(np.float32),
+             "with_audio": np.array([1, 0], np.int32), "input_ids": ids, "labels": labels,
+             "attention_mask": np.ones_like(ids)}
+    optim = OptimConfig(init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-3, warmup_steps=1, iters_per_epoch=6, max_epoch=1)
+    trainer = FeatureTrainer(build_model(config), params, optim, flags, placeholder_id=ph)
+    history = trainer.run([batch] * 6)
+    assert trainer._step._cache_size() == 1
+    assert history[-1]["loss"] < history[0]["loss"]
+    trained = trainer.trained_params()
+    assert set(trained) == set(trained_groups(flags))
+    for g in ("video_qformer", "audio_qformer"):
+        a, b_ = jax_leaves(trained[g]), jax_leaves(params[g])
+        assert any(not np.array_equal(x, y) for x, y in zip(a, b_)), g
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
