@@ -26,7 +26,8 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr:g})")
-    p.add_argument("--frames", type=int, default=None, dest="num_frames", help=f"frames per clip (default {d.num_frames})")
+    p.add_argument("--frames", type=int, default=None, dest="num_frames",
+                   help=f"frames per clip (default {d.num_frames})")
     p.add_argument("--no-export", action="store_true", help="do not write the trained model directory")
     add_common_args(p)
     p.set_defaults(run=lambda args: run_command(cmd_demo, args))
