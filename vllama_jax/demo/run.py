@@ -76,9 +76,9 @@ COLUMNS = ("trained", "untrained_choice", "shuffled_frames", "no_audio")
 class Settings:
     out: Path = Path("demo_out")
     seed: int = 0
-    train_clips: int = 720
+    train_clips: int = 480
     heldout_clips: int = 48
-    steps: int = 90
+    steps: int = 60
     batch_size: int = 8
     lr: float = 2e-3
     num_frames: int = 4
