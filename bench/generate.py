@@ -1,6 +1,6 @@
 """Generation throughput of the jitted engine on SmolLM2-135M-Instruct, against transformers in the same run.
 
-Reports, at batch 1 and 8 (float32, greedy):
+Reports, at batch 1 and 8 (float32, greedy), and at batch 1 with int8 (`quantize="int8"`) and bf16 weights:
   * prefill tokens/s (prompt of --prompt tokens; ours: the compiled prefill, HF: one `forward` with a cache),
   * decode tokens/s (from `generate` with N+1 vs 1 new tokens, so prefill and the first token cancel out),
   * the memory-bandwidth bound of decoding: bytes read per step (all params — the tied embedding table is read
@@ -8,7 +8,11 @@ Reports, at batch 1 and 8 (float32, greedy):
   * time to first token including compilation, in fresh subprocesses: cold (empty persistent compilation cache)
     and warm (second process on the same cache folder), plus the already-compiled in-process time.
 
-    python bench/generate.py [--gguf PATH] [--prompt 128] [--new 32] [--repeats 3] [--no-torch]
+  * int8 / bf16 quality against float32 on 20 chat prompts: greedy texts equal to float32's, and the mean absolute
+    difference of the next-token logits after each prompt,
+  * resident weight bytes of each precision.
+
+    python bench/generate.py [--gguf PATH] [--prompt 128] [--new 32] [--repeats 3] [--no-torch] [--json PATH]
 """
 
 from __future__ import annotations
@@ -33,8 +37,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllama_jax.inference.generate import GenerationConfig, Generator  # noqa: E402
+from vllama_jax.models.quant import resident_bytes  # noqa: E402
 from vllama_jax.runtime import matmul_peak_flops  # noqa: E402
+from vllama_jax.text import load_tokenizer  # noqa: E402
 from vllama_jax.weights.llama_keys import load_llama  # noqa: E402
+
+# 20 short chat prompts for the int8 / bf16 quality check (SmolLM2's chatml template).
+QUALITY_PROMPTS = [
+    "What is the capital of France?", "Name three primary colors.", "Write a haiku about the sea.",
+    "Explain what a CPU does in one sentence.", "How many legs does a spider have?",
+    "Give me a synonym for happy.", "What is 12 times 7?", "Describe a cat to a child.",
+    "Why is the sky blue?", "List two fruits that are red.", "What does a bee make?",
+    "Translate 'good morning' into French.", "What is the boiling point of water?",
+    "Suggest a name for a pet dog.", "What season comes after winter?", "Who wrote Romeo and Juliet?",
+    "What is the opposite of cold?", "How many days are in a week?", "Tell me a fun fact about octopuses.",
+    "What do plants need to grow?",
+]
 
 
 def find_smollm2() -> Path:
@@ -154,6 +172,25 @@ def ttft_subprocess(gguf: Path, prompt: int, cache: str) -> dict[str, float]:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def chat_prompt_ids(tokenizer, question: str) -> list[int]:
+    return tokenizer.encode_with_special(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n")
+
+
+def quality(ref: Generator, other: Generator, prompts: list[list[int]], new: int) -> dict[str, float]:
+    """Greedy texts of `other` equal to `ref`'s (count over `prompts`, `new` tokens each) and the mean absolute
+    difference of the next-token logits after each prompt."""
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=new)
+    a = ref.generate_ids(prompts, cfg).tokens
+    b = other.generate_ids(prompts, cfg).tokens
+    diffs = []
+    for ids in prompts:
+        la = ref.generate_ids([ids], cfg.replace(max_new_tokens=1), output_logits=True).logits
+        lb = other.generate_ids([ids], cfg.replace(max_new_tokens=1), output_logits=True).logits
+        diffs.append(float(np.mean(np.abs(np.asarray(la, np.float64) - np.asarray(lb, np.float64)))))
+    return {"greedy_equal": int(sum(x == y for x, y in zip(a, b))), "prompts": len(prompts),
+            "mean_abs_logit_diff": float(np.mean(diffs))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", type=Path, default=None)
@@ -164,6 +201,9 @@ def main() -> None:
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--torch-threads", default="1,2", help="thread counts tried for transformers (best kept)")
     ap.add_argument("--no-ttft", action="store_true")
+    ap.add_argument("--no-lowp", action="store_true", help="skip the int8 / bf16 rows")
+    ap.add_argument("--quality-new", type=int, default=24, help="greedy tokens per quality prompt")
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args()
     gguf = args.gguf or find_smollm2()
 
@@ -185,6 +225,7 @@ def main() -> None:
     context = args.prompt + args.new // 2  # mean context length over the timed decode steps
 
     rows = []
+    figures: dict[str, dict[str, float]] = {}
     for b in [int(x) for x in args.batches.split(",")]:
         ids = np.random.default_rng(b).integers(100, 20000, size=(b, args.prompt))
         ours = bench_ours(gen, ids, args.new, args.repeats)
@@ -194,6 +235,28 @@ def main() -> None:
         bound = b * bw / step_bytes
         compute_bound = peak / flops_per_token
         rows.append((b, ours, theirs, step_bytes, bound, compute_bound))
+        figures[f"batch_{b}"] = {"decode_tok_s": ours[1], "decode_bound_tok_s": bound, "prefill_tok_s": ours[0],
+                                 "hf_decode_tok_s": theirs[1], "hf_prefill_tok_s": theirs[0],
+                                 "weight_bytes": param_bytes}
+
+    lowp_rows = []
+    if not args.no_lowp:
+        tok = load_tokenizer(gguf)
+        prompts = [chat_prompt_ids(tok, q) for q in QUALITY_PROMPTS]
+        bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16) if np.ndim(x) == 2 else x, params)
+        ids = np.random.default_rng(1).integers(100, 20000, size=(1, args.prompt))
+        for name, g in (("int8", Generator(cfg, params, quantize="int8", compilation_cache=False)),
+                        ("bf16", Generator(cfg, bf16, compilation_cache=False))):
+            wbytes = resident_bytes(g.params)
+            ours = bench_ours(g, ids, args.new, args.repeats)
+            bound = bw / (wbytes + context * kv_per_token)
+            q = quality(gen, g, prompts, args.quality_new)
+            figures[f"{name}_batch_1"] = {"decode_tok_s": ours[1], "decode_bound_tok_s": bound,
+                                          "prefill_tok_s": ours[0], "weight_bytes": wbytes,
+                                          "weight_bytes_vs_float32": wbytes / param_bytes,
+                                          "decode_vs_float32": ours[1] / figures["batch_1"]["decode_tok_s"]
+                                          if "batch_1" in figures else float("nan"), **q}
+            lowp_rows.append((name, figures[f"{name}_batch_1"]))
 
     ttft = {}
     if not args.no_ttft:
@@ -222,6 +285,18 @@ def main() -> None:
     for b, ours, theirs, step_bytes, bound, cbound in rows:
         print(f"| {b} | {ours[0]:.0f} | {theirs[0]:.0f} | {ours[1]:.1f} | {theirs[1]:.1f} | {theirs[2]} | "
               f"{step_bytes / 1e6:.0f} MB | {bound:.1f} | {ours[1] / bound:.0%} | {cbound:.0f} |")
+    if lowp_rows:
+        print()
+        print("| weights (batch 1) | decode tok/s | vs float32 | decode bound tok/s | ours / bound | prefill tok/s | "
+              "weight bytes (vs float32) | greedy = float32 (of 20) | mean abs logit diff |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, f in lowp_rows:
+            print(f"| {name} | {f['decode_tok_s']:.1f} | {f['decode_vs_float32']:.2f}x | {f['decode_bound_tok_s']:.1f} | "
+                  f"{f['decode_tok_s'] / f['decode_bound_tok_s']:.0%} | {f['prefill_tok_s']:.0f} | "
+                  f"{f['weight_bytes'] / 1e6:.0f} MB ({f['weight_bytes_vs_float32']:.0%}) | {f['greedy_equal']} | "
+                  f"{f['mean_abs_logit_diff']:.4f} |")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if ttft:
         print()
         print(f"time to first token, batch 1, prompt {args.prompt} (fresh process; weights loaded before the clock):")

@@ -290,3 +290,49 @@ def test_chat_on_mesh_equals_one_device(tiny, chats):
     # a batch of 2 rows of different lengths (padded to the 4 data x fsdp shards) gives the one-device answers
     prompts = [("What is it?", fixture_upload(inputs, 0)), "Hi"]
     assert sharded.generate_batch(prompts, GREEDY12) == one.generate_batch(prompts, GREEDY12)
+
+
+def test_demo_flow_options(chats, tmp_path, monkeypatch):
+    """The upstream-demo behaviours a user can switch (README, Faithfulness): rotation metadata, which audio failures
+    fall back to the video-only flow, and which beam sampling the chat asks for."""
+    import vllama_jax.inference.chat as chat_module
+    from vllama_jax.media import load_video
+
+    chat = chats["vicuna"]
+    rotated = make_video(tmp_path / "rot.mp4", n_frames=4, width=96, height=64, rotation=90)
+    try:
+        upright = chat.prepare_video(rotated, with_audio=False).frames
+        chat.honour_rotation = False  # upstream's decord ignores the rotation
+        as_decord = chat.prepare_video(rotated, with_audio=False).frames
+    finally:
+        chat.honour_rotation = True
+    np.testing.assert_array_equal(as_decord, load_video(rotated, num_frames=4, image_size=chat.config.vit.image_size,
+                                                        honour_rotation=False).frames)
+    assert not np.array_equal(upright, as_decord)
+
+    def broken(*a, **k):
+        raise RuntimeError("decoder crashed")
+
+    monkeypatch.setattr(chat_module, "load_audio", broken)
+    with pytest.raises(RuntimeError, match="decoder crashed"):  # default: only media errors fall back
+        chat.prepare_video(rotated, with_audio=True)
+    chat.audio_fallback = "any"  # upstream: any exception falls back
+    try:
+        up = chat.prepare_video(rotated, with_audio=True)
+    finally:
+        chat.audio_fallback = "media"
+    assert up.blocks == ("video",) and "RuntimeError: decoder crashed" in up.note
+
+    beams = GenerationConfig(num_beams=2)
+    assert chat.resolve_config(beams).beam_semantics == "4.28"  # upstream templates: transformers 4.28's
+    assert chats["llama_2"].resolve_config(beams).beam_semantics == "4.28"
+    assert chat.resolve_config(beams.replace(beam_semantics="5")).beam_semantics == "5"
+
+
+def test_cli_flags_for_precision_rotation_and_beams():
+    from vllama_jax.cli import build_parser
+
+    args = build_parser().parse_args(["chat", "--precision", "bf16", "--ignore-rotation", "--beam-semantics", "5"])
+    assert (args.precision, args.ignore_rotation, args.beam_semantics) == ("bf16", True, "5")
+    args = build_parser().parse_args(["describe", "--videos", "v", "--prompt", "p", "--out", "o.jsonl"])
+    assert (args.precision, args.ignore_rotation, args.beam_semantics) == (None, False, None)

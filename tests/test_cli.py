@@ -15,6 +15,7 @@ from vllama_jax.cli import main
 from vllama_jax.weights.model_dir import save_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]
+FUZZ_REGRESSIONS = ROOT / "tests" / "fuzz" / "regressions"
 
 
 def _env(devices: int = 1) -> dict[str, str]:
@@ -92,6 +93,10 @@ def test_describe_folder_with_bad_files_is_resumable(model_dir, media_dir, tmp_p
     shutil.copy(media_dir / "boat.mp4", videos / "sub" / "boat.mp4")
     (videos / "empty.mp4").write_bytes(b"")
     (videos / "notes.mp4").write_text("not a video at all\n")
+    # fuzz findings: bytes flipped inside the streams (the first made PyAV's decoder set-up raise AttributeError)
+    shutil.copy(FUZZ_REGRESSIONS / "media_video" / "0-00017.mkv", videos / "flipped.mkv")
+    dog = (media_dir / "dog_barking.mp4").read_bytes()
+    (videos / "inverted.mp4").write_bytes(dog[:32] + bytes(b ^ 0xFF for b in dog[32:]))
     (videos / "readme.txt").write_text("ignored: not a video extension\n")
     out = tmp_path / "out" / "results.jsonl"
     args = ["describe", "--model", str(model_dir), "--videos", str(videos), "--prompt", "Describe the video.",
@@ -100,20 +105,21 @@ def test_describe_folder_with_bad_files_is_resumable(model_dir, media_dir, tmp_p
     assert res.returncode == 0, res.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     by_name = {Path(r["video"]).name: r for r in rows}
-    assert sorted(by_name) == ["boat.mp4", "dog.mp4", "empty.mp4", "notes.mp4"]
+    assert sorted(by_name) == ["boat.mp4", "dog.mp4", "empty.mp4", "flipped.mkv", "inverted.mp4", "notes.mp4"]
     for name in ("dog.mp4", "boat.mp4"):
         assert isinstance(by_name[name]["answer"], str) and "error" not in by_name[name]
         assert by_name[name]["prompt"] == "Describe the video." and by_name[name]["audio"] is True
         assert by_name[name]["model"] == str(model_dir)
     assert "empty" in by_name["empty.mp4"]["error"] and "answer" not in by_name["empty.mp4"]
-    assert by_name["notes.mp4"]["error"].startswith("UnreadableMediaError")
-    assert "2 answered, 2 error rows" in res.stderr
+    for name in ("notes.mp4", "flipped.mkv", "inverted.mp4"):
+        assert by_name[name]["error"].startswith("UnreadableMediaError") and "answer" not in by_name[name]
+    assert "2 answered, 4 error rows" in res.stderr
 
     before = out.read_text()
     again = _run(args)  # same --out: every video already has a row
     assert again.returncode == 0, again.stderr[-3000:]
     assert out.read_text() == before
-    assert "4 skipped" in again.stderr
+    assert "6 skipped" in again.stderr
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ transformers folders and GGUF, sharded restore, and clean failures (one line, no
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import math
 import os
@@ -127,6 +128,50 @@ def test_llm_only_conversion_infers_everything(tiny_dir, tmp_path):
     assert "visual_encoder" in rep.absent_groups and "llama" not in rep.absent_groups
     m = load_model_dir(tmp_path / "llm")
     assert m.groups == ("llama",) and m.tokenizer is not None
+
+
+@pytest.mark.slow
+def test_config_records_the_compute_dtype_asked_for(tiny_dir, tmp_path):
+    """`--dtype bfloat16` without --config: config.yaml has the ViT and the LLaMA computing in bf16 (not float32
+    over bf16 weights); a per-tower choice wins; no choice keeps the config's precision (the preset's)."""
+    llm = tiny_dir / "llama"
+    heads = [a for h in TINY_HEADS for a in ("--set", h)]
+    res = run_cli(tiny_dir, *heads, "--dtype", "bfloat16", "--out", tmp_path / "bf16", "--quiet")
+    assert res.returncode == 0, res.stderr
+    p = load_model_config(tmp_path / "bf16" / "config.yaml").precision
+    assert (p.vit, p.llama, p.vit_params, p.llama_params) == ("bfloat16",) * 4
+    assert p.qformer == p.imagebind == "float32"  # the Q-Formers compute in float32, as in the released presets
+    assert load_model_dir(tmp_path / "bf16").params["llama"]["norm"]["scale"].dtype == jnp.bfloat16
+
+    rep = convert_mod.convert(tmp_path / "mixed", files={"llama": llm}, dtype="bfloat16",
+                              dtypes={"llama": "float16"}, progress=False)
+    assert (rep.config.precision.llama, rep.config.precision.llama_params) == ("float16", "float16")
+    preset = load_model_config(ROOT / "configs" / "vl_llama2_7b_chat.yaml").precision
+    base = dataclasses.replace(load_model_config(TINY_CONFIG), precision=preset)
+    kept = convert_mod.converted_precision(base, None, {})
+    assert kept == preset  # vit float16, llama bfloat16: the released preset's, untouched
+    assert convert_mod.converted_precision(base, "float32", {}) == dataclasses.replace(
+        preset, vit="float32", llama="float32", vit_params="float32", llama_params="float32")
+
+
+@pytest.mark.parametrize("with_torch", [True, False])
+def test_fast_transpose_and_cast_equal_numpy(with_torch, monkeypatch):
+    """The conversion's transpose and cast (torch's blocked copy, or row blocks without torch) give numpy's bits."""
+    import ml_dtypes
+
+    from vllama_jax.weights import arrays
+
+    monkeypatch.setattr(arrays, "_torch", torch if with_torch else False)
+    rng = np.random.default_rng(0)
+    for dt in (np.float32, np.float16, ml_dtypes.bfloat16, np.int8):
+        a = (rng.standard_normal((700, 300)) * 100).astype(dt)
+        t = arrays.transpose(a)
+        assert t.flags.c_contiguous and t.dtype == a.dtype and np.array_equal(t, a.T)
+        for to in (np.float32, np.float16, ml_dtypes.bfloat16):
+            c = arrays.cast(a, to)
+            assert c.flags.c_contiguous and c.dtype == to
+            np.testing.assert_array_equal(c.view(np.uint8), a.astype(to).view(np.uint8), err_msg=f"{dt} -> {to}")
+    assert arrays.cast(t, t.dtype) is t  # already right: no copy
 
 
 @pytest.mark.slow

@@ -70,7 +70,8 @@ def test_iterator_state_restores_exactly_in_a_new_process(tmp_path: Path, tiny_d
     # replaced (the deleted 1001.mp4), so both the mixture position and the counters must survive. The
     # sequence is fixed by the seed alone (BatchMixture: numpy RNG per block), not by the number of workers.
     assert [b["dataset"] for b in expected] == ["webvid", "cc_sbu_align", "webvid", "webvid"]
-    assert saved_stats == {"batches": k, "replaced": 1}
+    assert (saved_stats["batches"], saved_stats["replaced"]) == (k, 1)
+    assert [(d, len(ids)) for d, ids in saved_stats["skipped"].items()] == [("webvid", 1)]  # 1001.mp4, once
     assert [b["num_replaced"].tolist() for b in expected] == [[0, 2], [0, 0], [0, 0], [0, 1]]
 
     args = {"specs": specs, "cfg": cfg, "ckpt": str(tmp_path / "ckpt"), "step": k, "n": n,
@@ -86,6 +87,7 @@ def test_iterator_state_restores_exactly_in_a_new_process(tmp_path: Path, tiny_d
     stats = json.loads(r.stdout.strip().splitlines()[-1])
     assert stats["batches"] == saved_stats["batches"] + n
     assert stats["replaced"] == saved_stats["replaced"] + sum(int(b["num_replaced"].sum()) for b in expected)
+    assert stats["skipped"] == saved_stats["skipped"]  # the same deleted clip, however often it is drawn
 
 
 def test_state_is_json_and_set_state_rewinds(tmp_path: Path, tiny_dir: Path):

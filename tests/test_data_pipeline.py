@@ -59,7 +59,7 @@ def test_caption_batch_equals_upstream_stage1(tmp_path: Path, tiny_dir: Path, ti
     np.testing.assert_array_equal(b["text_ids"][order], z["stage1.text_ids"])  # caption + "\n", no BOS, 32
     np.testing.assert_array_equal(b["text_mask"][order], z["stage1.text_attention_mask"])
     assert b["text_ids"].dtype == np.int32 and b["example_id"].dtype == np.int64
-    assert set(b) == {"frames", "text_ids", "text_mask", "example_id", "num_replaced", "kind", "dataset"}
+    assert set(b) == {"frames", "text_ids", "text_mask", "example_id", "num_replaced", "replaced_ids", "kind", "dataset"}
 
 
 def test_caption_processor_per_format(toy, tiny_dir: Path, tiny_tok):

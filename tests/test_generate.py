@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import random_hf_llama, torch_one_thread
+from vllama_jax import kernels
 from vllama_jax.inference.generate import (
     GenerationConfig,
     GenerationConfigError,
@@ -420,6 +421,32 @@ def test_sharded_generation_equals_single_device(fixture_llama, gen, spec, n_dev
         one = gen.generate(prompts, config=config, rng=5)
         many = sharded.generate(prompts, config=config, rng=5)
         assert many.tokens == one.tokens, config
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_low_precision_sharded_generation_equals_single_device(fixture_llama, precision):
+    """int8 (quantized at construction) and bf16 weights on the 3-axis mesh give the one-device tokens; the int8
+    one-device run goes through the CPU kernel (when built), the mesh through XLA's dot."""
+    cfg, params, outs = fixture_llama
+    if precision == "bfloat16":
+        params = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16) if np.ndim(x) == 2 else x, params)
+    quantize = "int8" if precision == "int8" else None
+    mesh = make_mesh("data=2,fsdp=2,tensor=2")
+    one = Generator(cfg, params, quantize=quantize, compilation_cache=False)
+    many = Generator(cfg, params, mesh=mesh, quantize=quantize, compilation_cache=False)
+    wq = many.params["layers_0"]["self_attn"]["q_proj"]
+    assert wq["kernel"].dtype == (jnp.int8 if quantize else jnp.bfloat16)
+    assert wq["kernel"].sharding.spec != jax.sharding.PartitionSpec()
+    if quantize:
+        assert wq["kernel_scale"].sharding.spec == jax.sharding.PartitionSpec("tensor")
+    e0, e1 = outs["chat_vicuna.context_embeds"][0], outs["chat_llama2.context_embeds"][0]
+    prompts = [e0, e1[:120], e1, e0[:77]]
+    for config in (GREEDY.replace(max_new_tokens=8), GenerationConfig(max_new_tokens=8, top_k=20, eos_token_id=())):
+        with kernels.cpu_kernels(True if quantize else None):
+            a = one.generate(prompts, config=config, rng=5)
+        b = many.generate(prompts, config=config, rng=5)
+        assert b.tokens == a.tokens, config
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -176,3 +176,17 @@ def test_bad_gguf(tmp_path):
     with pytest.raises(TokenizerError) as e:
         read_gguf_metadata(p)
     assert str(p) in str(e.value) and "GGUF" in str(e.value)
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_decode_clean_up_matches_transformers(smol, smollm2_path, clean):
+    from transformers import AutoTokenizer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoTokenizer.from_pretrained(str(smollm2_path.parent), gguf_file=smollm2_path.name)
+    text = "Hello , world . It 's fine ! Is n't it ? I 'm here ' quoted ' we 've they 're"
+    ids = smol.encode(text)
+    assert smol.decode(ids, clean_up_tokenization_spaces=clean) == ref.decode(ids, clean_up_tokenization_spaces=clean)
+    assert smol.clean_up_tokenization_spaces == bool(ref.clean_up_tokenization_spaces)  # carried from the source
+    assert smol.decode(ids) == ref.decode(ids)

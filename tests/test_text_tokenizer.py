@@ -279,3 +279,34 @@ def test_gguf_with_llama_vocab_is_exact(llama_dir, tiny_tok, tmp_path):
     again = load_tokenizer(tmp_path / "saved" / "tokenizer.model")
     assert again.encode(COMPARE_STRINGS[9]) == tiny_tok.encode(COMPARE_STRINGS[9])
     assert again.chat_template == g.chat_template
+
+
+# --- decode clean-up (transformers' clean_up_tokenization_spaces) -----------------------------------------------------
+CLEAN_UP_TEXT = "Hello , world . It 's fine ! Is n't it ? I 'm here ' quoted ' we 've they 're done ."
+
+
+@pytest.mark.parametrize("clean", [True, False])
+def test_decode_clean_up_matches_transformers(tiny_tok, slow_reference, clean):
+    ids = tiny_tok.encode(CLEAN_UP_TEXT)
+    ours = tiny_tok.decode(ids, clean_up_tokenization_spaces=clean)
+    assert ours == slow_reference.decode(ids, clean_up_tokenization_spaces=clean)
+    assert (" ," in ours) is not clean  # the setting changes this text
+
+
+def test_clean_up_setting_is_carried_from_the_source_files(tiny_tok, llama_dir, tmp_path):
+    # the fixture's tokenizer_config.json says false (as LLaMA-2-chat's); 4.28's LlamaTokenizer defaults to false
+    assert tiny_tok.clean_up_tokenization_spaces is False
+    ids = tiny_tok.encode(CLEAN_UP_TEXT)
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["clean_up_tokenization_spaces"] = True
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    on = load_tokenizer(src)
+    assert on.clean_up_tokenization_spaces is True
+    assert on.decode(ids) == tiny_tok.decode(ids, clean_up_tokenization_spaces=True) != tiny_tok.decode(ids)
+    on.save(tmp_path / "saved")  # what a converted model directory holds
+    assert load_tokenizer(tmp_path / "saved").clean_up_tokenization_spaces is True
+    del cfg["clean_up_tokenization_spaces"]
+    (src / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert load_tokenizer(src).clean_up_tokenization_spaces is False

@@ -171,3 +171,41 @@ def test_frozen_towers_from_a_model_directory(tiny_dir: Path, tiny_tok, tmp_path
         assert np.isfinite(t.run()[0]["loss"])
     finally:
         t.close()
+
+
+def _corrupt_streams(path: Path) -> None:
+    """Keep the first 32 bytes (the ftyp box), invert everything after: the container's index and its streams are
+    gone, as after a bad copy."""
+    data = path.read_bytes()
+    path.write_bytes(data[:32] + bytes(b ^ 0xFF for b in data[32:]))
+
+
+@pytest.mark.slow
+def test_a_run_over_partly_corrupted_clips_finishes_and_counts_exactly_those(tiny_dir: Path, tmp_path: Path,
+                                                                             capsys):
+    """40 clips prepared, then 2 of them (5%) corrupted on disk: the run over more than one epoch finishes, and its
+    summary names exactly those 2 records as skipped (a bad record drawn again is not counted twice)."""
+    from vllama_jax.data import read_records, synthetic
+
+    src, summary = synthetic.make_prepared("webvid", tmp_path / "webvid", 40,
+                                           make={"video": {"num_frames": 6, "width": 32, "height": 32}})
+    assert summary.written == 40
+    corrupted = {5, 26}
+    for i in corrupted:
+        _corrupt_streams(src.media_files[i])
+    prepared = str(tmp_path / "webvid" / "prepared")
+    data = {"datasets": {"webvid": {"path": prepared}}, "synthetic": {"num_examples": 0}, "batch_size": 4,
+            "max_txt_len": 16}
+    cfg = tiny_config(tiny_dir, tmp_path / "run", data=data, max_steps=12, checkpoint={"every": 100})
+    t = Trainer(cfg)
+    try:
+        hist = t.run()
+        skipped = t.data_iter.stats["skipped"]
+    finally:
+        t.close()
+    assert len(hist) == 12 and all(np.isfinite(h["loss"]) for h in hist)
+    records = read_records(prepared)
+    assert {d: sorted(records[g].example_id for g in ids) for d, ids in skipped.items()} == \
+        {"webvid": sorted(corrupted)}
+    out = capsys.readouterr().out
+    assert "data: 12 batches, 2 bad records skipped (webvid: records " in out

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
+import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.fuzz.targets import evil_opcodes, mutate_pickle, pth_legacy_seeds, pth_zip_seeds, run_weights
 from vllama_jax.config import load_model_config
 from vllama_jax.weights.load import load_file
 from vllama_jax.weights.readers import WeightsError, open_weights
@@ -66,6 +69,39 @@ def test_pickle_that_is_not_plain_weights(tmp_path, capsys):
     raw.write_bytes(pickle.dumps({"a": 1}))
     with pytest.raises(WeightsError):
         open_weights(raw)
+
+
+def test_mutated_pickles_never_run_code(tmp_path):
+    """60 real .pth files (zip and legacy), each with a call to os.system / exec / eval / subprocess / open / ...
+    injected at a random place of its pickle: every one is refused with a WeightsError or read as plain
+    tensors, and none runs its call (which would create a canary file). The payloads are live: plain pickle
+    runs one."""
+    seeds = pth_zip_seeds(tmp_path) + pth_legacy_seeds(tmp_path)
+    refused = 0
+    for i in range(60):
+        rng = random.Random(f"evil:{i}")
+        seed = seeds[i % len(seeds)]
+        canary = tmp_path / f"case{i}.pwned"
+        label, data = mutate_pickle(rng, seed.read_bytes(), canary, evil=True)
+        path = tmp_path / f"case{i}.pth"
+        path.write_bytes(data)
+        try:
+            run_weights(path)
+        except WeightsError as e:
+            assert str(path) in str(e)
+            refused += 1
+        assert not canary.exists(), f"{seed.name} {label}: the file ran code"
+    assert refused >= 50  # the rest: a call torch allows (OrderedDict, _rebuild_tensor_v2) or one never reached
+
+    live = tmp_path / "live.pwned"
+    payload = b""
+    for k in range(100):  # the first payload calling os.system / posix.system
+        payload = evil_opcodes(random.Random(k), live)
+        if b"system" in payload:
+            break
+    with contextlib.suppress(pickle.UnpicklingError):  # a payload that pops its result leaves STOP nothing
+        pickle.loads(b"\x80\x02" + payload + b".")
+    assert live.exists()
 
 
 def test_shape_mismatch_names_key_and_file(tiny_dir, tmp_path, cfg):

@@ -185,10 +185,21 @@ class LlamaConfig:
         return self.head_dim or self.hidden_size // self.num_heads
 
 
+LLAMA_ARITHMETIC = ("jax", "torch")
+
+
 @dataclass(frozen=True)
 class PrecisionConfig:
-    """Compute and parameter dtypes per tower. float32 by default (CPU); upstream runs the ViT in fp16 and LLaMA
-    in bf16, which `configs/*` for accelerators select."""
+    """Compute and parameter dtypes per tower, and LLaMA's arithmetic. float32 by default (CPU); `named(mode)` gives
+    the modes of `PRECISION_MODES` ("upstream", "bf16", "fp32"), which a config may name instead of listing the
+    fields (`precision: upstream`).
+
+    llama_arithmetic: "jax" keeps LLaMA's residual stream in the compute dtype (`llama`) and its attention scores
+    in float32; "torch" is upstream's PyTorch arithmetic (upstream.md §1.6): the stream in the wider of the input
+    embeddings' dtype and the compute dtype, as type promotion gives (the chat prompt, bf16 text + fp16 media
+    concatenated as float32, runs a float32 stream; decode steps from bf16 token embeddings a bf16 one), and the
+    scores rounded to the compute dtype after the matmul and after the scaling, as torch's bf16 matmul rounds
+    them."""
 
     vit: str = "float32"
     qformer: str = "float32"
@@ -197,11 +208,46 @@ class PrecisionConfig:
     vit_params: str = "float32"
     llama_params: str = "float32"
     trainable_params: str = "float32"
+    llama_arithmetic: str = "jax"
 
     def validate(self, p: str = "precision.") -> None:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
-            require(v in DTYPE_NAMES, f"{p}{f.name}", f"unknown dtype {v!r} (one of {', '.join(DTYPE_NAMES)})")
+            if f.name == "llama_arithmetic":
+                require(v in LLAMA_ARITHMETIC, f"{p}{f.name}",
+                        f"unknown value {v!r} (one of {', '.join(LLAMA_ARITHMETIC)})")
+            else:
+                require(v in DTYPE_NAMES, f"{p}{f.name}", f"unknown dtype {v!r} (one of {', '.join(DTYPE_NAMES)})")
+
+    @classmethod
+    def named(cls, mode: str) -> "PrecisionConfig":
+        """The precision of a named mode (`PRECISION_MODES`); ConfigError for an unknown name."""
+        if mode not in PRECISION_MODES:
+            raise ConfigError(f"precision: unknown mode {mode!r} (one of {', '.join(PRECISION_MODES)}, or a mapping "
+                              "of per-tower dtypes)")
+        return cls(**PRECISION_MODES[mode])
+
+    @property
+    def mode(self) -> str:
+        """The name of the mode this precision equals, or "custom"."""
+        return next((m for m in PRECISION_MODES if PrecisionConfig.named(m) == self), "custom")
+
+
+# The named precision modes (README "Precision"). Trainable parameters stay float32 in all three: they are small
+# and training keeps fp32 master weights.
+#   upstream: what the released weights ran with upstream (upstream.md §1.6): the ViT's Linear/Conv weights and
+#     compute in fp16, the Q-Formers, ImageBind and projections computing in fp16 (their weights fp32, as under
+#     fp16 autocast), LLaMA weights and matmuls in bf16 with the prompt's float32 residual stream (PyTorch's
+#     arithmetic: `llama_arithmetic: torch`).
+#   bf16: bf16 weights and compute everywhere (the fastest; differs from upstream by bf16 rounding of the stream).
+#   fp32: float32 everywhere (matches the fp32 goldens; twice the memory of bf16).
+PRECISION_MODES: dict[str, dict[str, str]] = {
+    "upstream": dict(vit="float16", vit_params="float16", qformer="float16", imagebind="float16",
+                     llama="bfloat16", llama_params="bfloat16", llama_arithmetic="torch"),
+    "bf16": dict(vit="bfloat16", vit_params="bfloat16", qformer="bfloat16", imagebind="bfloat16",
+                 llama="bfloat16", llama_params="bfloat16"),
+    "fp32": {},
+}
 
 
 @dataclass(frozen=True)
@@ -282,6 +328,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        if isinstance(value, str) and hasattr(tp, "named"):  # a named preset, e.g. `precision: upstream`
+            try:
+                return tp.named(value)
+            except ConfigError as e:
+                raise ConfigError(f"{key}: {str(e).split(': ', 1)[1]}") from None
         return from_dict(tp, value, key + ".")
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
@@ -358,16 +409,26 @@ def apply_overrides(cfg: Any, overrides: Sequence[str] | None) -> Any:
     return from_dict(type(cfg), override_dict(dataclasses.asdict(cfg), overrides))
 
 
+def _parse_error(e: BaseException) -> str:
+    """One line for a YAML/JSON parse error (PyYAML's messages span several lines with a quoted snippet)."""
+    mark = getattr(e, "problem_mark", None)
+    if isinstance(e, yaml.MarkedYAMLError) and mark is not None:
+        return f"{e.problem or e.context} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def load_config_dict(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (yaml.YAMLError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {e}") from e
+    except (yaml.YAMLError, json.JSONDecodeError, RecursionError) as e:
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {_parse_error(e)}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

@@ -56,6 +56,7 @@ from .config import (
 from .errors import VllamaError
 from .models import abstract_params, place_params
 from .models.groups import LLM_GROUP, PROJECTIONS
+from .models.quant import quantize_params
 from .text import load_tokenizer
 from .tree import flatten_params, unflatten_params
 from .weights.llama_keys import load_llama
@@ -246,11 +247,12 @@ def _write_cache(path: Path, params: dict[str, Any], meta: dict) -> None:
 # the model
 
 
-def embedded_model(seed: int = 0, mesh: Any = None, *, use_cache: bool = True):
+def embedded_model(seed: int = 0, mesh: Any = None, *, use_cache: bool = True, quantize: str | None = None):
     """Build the embedded default model: a ``weights.model_dir.LoadedModel`` (config, params, tokenizer, path =
     the GGUF file, manifest with ``"embedded": True``). The params are placed (``models.place_params``) on
     ``mesh`` (a Mesh or a spec string such as ``"data=1,fsdp=2,tensor=4"``) by the logical-axis rules, or on the
-    default device when it is None. ~20 s the first time, ~6 s from the cache."""
+    default device when it is None; ``quantize="int8"``: the LLM as int8 + per-channel scales (``models.quant``).
+    ~20 s the first time, ~6 s from the cache."""
 
     gguf = smollm2_gguf_path()
     llama_config, llama_params = load_smollm2(gguf, use_cache=use_cache)
@@ -258,7 +260,7 @@ def embedded_model(seed: int = 0, mesh: Any = None, *, use_cache: bool = True):
     embed = np.asarray(llama_params["embed_tokens"]["embedding"], np.float32)
     proj_rms = float(np.sqrt(np.mean(np.square(embed[: min(len(embed), 8192)]), dtype=np.float64)))
     params = _cached_towers(config, seed, proj_rms, use_cache)
-    params[LLM_GROUP] = llama_params
+    params[LLM_GROUP] = quantize_params({LLM_GROUP: llama_params}, quantize)[LLM_GROUP] if quantize else llama_params
     tokenizer = load_tokenizer(gguf)
     params = place_params(config, params, mesh)
     manifest = {"embedded": True, "name": EMBEDDED_NAME, "seed": int(seed), "llm_source": str(gguf),

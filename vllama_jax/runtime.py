@@ -1,10 +1,13 @@
-"""Process-level JAX set-up shared by the library and every command: the persistent compilation cache and
-simulated CPU devices. Defined once here; `vllama_jax.cli.common` applies them from flags.
+"""Process-level JAX set-up shared by the library and every command: the persistent compilation cache,
+simulated CPU devices, and the host allocator setting that keeps streamed weights' memory bounded. Defined once
+here; `vllama_jax.cli.common` applies them from flags.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -13,6 +16,30 @@ import jax
 CACHE_DIR_ENV = "VLLAMA_JAX_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/vllama_jax/jax")
 _OFF = ("", "0", "off", "none", "false")
+# glibc mallopt parameter M_MMAP_THRESHOLD, and the value fixed by `return_freed_buffers_to_os`
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 1 << 20
+_allocator_set = False
+
+
+def return_freed_buffers_to_os() -> None:
+    """Make freed host buffers of 1 MiB and more go back to the OS at once (glibc only; elsewhere a no-op).
+
+    glibc raises its mmap threshold to the size of every large buffer freed (up to 32 MiB); buffers below it then
+    come from heap arenas, whose freed space stays in the resident set. Restoring or converting weights frees a
+    stream of 1-32 MiB buffers (TensorStore chunks, read buffers) across many threads, so the resident set grew
+    with the model instead of the in-flight bytes (a 450 MB restore: 0.62 GB above the start, 0.55 GB with this).
+    Fixing the threshold at 1 MiB keeps such buffers mmapped, unmapped when freed. Process-wide, idempotent."""
+    global _allocator_set
+    if _allocator_set or not sys.platform.startswith("linux"):
+        return
+    _allocator_set = True
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+        pass
 
 
 def enable_compilation_cache(path: str | os.PathLike | None = None, min_compile_time_secs: float = 0.0

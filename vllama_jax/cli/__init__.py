@@ -6,6 +6,8 @@
     vllama-jax train --config configs/train_vl_stage1.yaml
     vllama-jax chat --model DIR --video clip.mp4 --question "What happens?"
     vllama-jax describe --model DIR --videos clips/ --prompt "Describe the video." --out results.jsonl
+    vllama-jax eval --task mvbench --annotations MVBench/json --media-dir MVBench/video --out runs/mvbench
+    vllama-jax serve --model DIR --port 8000 --allowed-media-path clips/   # OpenAI API + web demo
     vllama-jax demo
 
 One module per subcommand (`register(subparsers)`); the error contract, `--debug`, library quieting and simulated
@@ -16,16 +18,17 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from . import chat, convert, demo, prepare, train
+from . import chat, convert, demo, evaluate, prepare, serve, train
 from .common import PROG, Parser
 
 #: subcommand modules, in the order `--help` lists them
-COMMANDS = (convert, prepare, train, chat, demo)
+COMMANDS = (convert, prepare, train, chat, evaluate, serve, demo)
 
 
 def build_parser() -> Parser:
     parser = Parser(prog=PROG, description="Video-LLaMA in JAX: convert the released weights, prepare data, train, "
-                                           "chat about a video, image or sound, or describe many videos.")
+                                           "chat about a video, image or sound, describe many videos, "
+                                           "run a video-QA benchmark, or serve a model over HTTP.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in COMMANDS:
         module.register(sub)

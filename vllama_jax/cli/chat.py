@@ -13,10 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import PRECISION_MODES
 from ..defaults import EMBEDDED_NOTICE
 from ..inference.chat import VideoLLaMAChat
 from ..inference.describe import describe, find_videos, path_key, read_done
 from ..inference.generate import GenerationConfig, GenerationConfigError
+from ..inference.generation_config import BEAM_SEMANTICS
+from ..models.quant import QUANTIZE_CHOICES
 from .common import UsageError, add_common_args, info, mesh_from_flag, run_command
 
 
@@ -48,7 +51,9 @@ def register(sub: Any) -> None:
     desc.set_defaults(run=lambda args: run_command(cmd_describe, args))
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, audio_flag: bool = True) -> None:
+    """The flags that choose and load the model (`chat`, `describe`, `eval`, `serve`: whatever `load_chat`
+    reads); `audio_flag`: also --no-audio (not for `serve`, where each request chooses)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="converted model directory (default: the embedded SmolLM2 model "
                                                   "with untrained towers)")
@@ -56,8 +61,22 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--template", choices=("vicuna", "llama_2", "chatml"),
                    help="conversation template (default: the model's)")
     g.add_argument("--num-frames", type=int, default=8, metavar="N", help="frames sampled per video (default 8)")
-    g.add_argument("--no-audio", action="store_true", help="ignore the sound track of videos")
+    if audio_flag:
+        g.add_argument("--no-audio", action="store_true",
+                       help="ignore the sound track of videos (upstream demo's default: its Audio box starts unticked)")
+    g.add_argument("--ignore-rotation", action="store_true",
+                   help="ignore phone videos' rotation metadata, as upstream's decord does (default: honour it)")
+    g.add_argument("--precision", choices=tuple(PRECISION_MODES),
+                   help="upstream: as the original ran (fp16 ViT and encoders, bf16 LLaMA, float32 prompt stream); "
+                        "bf16: fastest; fp32: exact, twice the memory (default: the model's, upstream for the "
+                        "released presets)")
+    g.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
+                   help="load the LLM's weights as int8 with per-channel scales (~4x smaller than float32, faster "
+                        "decoding; the vision/audio towers keep their precision)")
 
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    add_model_args(p)
     s = p.add_argument_group("decoding (defaults: upstream Chat.answer sampling)")
     s.add_argument("--max-new-tokens", type=int, default=300, metavar="N")
     s.add_argument("--temperature", type=float, default=1.0)
@@ -67,6 +86,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--repetition-penalty", type=float, default=1.0)
     s.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     s.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    s.add_argument("--beam-semantics", choices=BEAM_SEMANTICS, default=None,
+                   help="beam sampling (--num-beams > 1) as transformers 4.28's beam_sample (upstream's) or as "
+                        "transformers 5 (default: 4.28 for upstream's templates, 5 for ChatML)")
     add_common_args(p, devices=True)
 
 
@@ -74,25 +96,32 @@ def _generation_config(args: argparse.Namespace):
     try:
         return GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy,
                                 temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                num_beams=args.num_beams, repetition_penalty=args.repetition_penalty)
+                                num_beams=args.num_beams, repetition_penalty=args.repetition_penalty,
+                                beam_semantics=args.beam_semantics)
     except GenerationConfigError as e:
         raise UsageError(str(e)) from None
 
 
-def _load_chat(args: argparse.Namespace):
-    """The chat for --model (or the embedded default, with its notice)."""
+def _load_chat(args: argparse.Namespace) -> VideoLLaMAChat:
+    return load_chat(args, _generation_config(args))
+
+
+def load_chat(args: argparse.Namespace, generation_config: GenerationConfig | None) -> VideoLLaMAChat:
+    """The chat for --model (or the embedded default, with its notice) with the --mesh, --template and
+    --num-frames of `args` (`chat`, `describe`, `eval`)."""
     if args.num_frames < 1:
         raise UsageError(f"--num-frames must be >= 1, got {args.num_frames}")
-    gen = _generation_config(args)
     mesh = mesh_from_flag(args.mesh)
-    kw: dict[str, Any] = dict(template=args.template, num_frames=args.num_frames, generation_config=gen, log=info)
+    kw: dict[str, Any] = dict(template=args.template, num_frames=args.num_frames,
+                              generation_config=generation_config, log=info, precision=args.precision,
+                              honour_rotation=not args.ignore_rotation)
     if args.model:
         if not Path(args.model).exists():
             raise FileNotFoundError(f"{args.model}: model directory not found")
         info(f"loading {args.model} ...")
-        return VideoLLaMAChat.from_model_dir(args.model, mesh=mesh, **kw)
+        return VideoLLaMAChat.from_model_dir(args.model, mesh=mesh, quantize=args.quantize, **kw)
     info(EMBEDDED_NOTICE)
-    return VideoLLaMAChat.embedded(mesh=mesh, **kw)
+    return VideoLLaMAChat.embedded(mesh=mesh, quantize=args.quantize, **kw)
 
 
 def _check_file(path: str, flag: str) -> None:
@@ -164,10 +193,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     while True:
         if interactive:
             print("You: ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.readline()
+        if not raw:
             break
-        line = line.strip()
+        line = raw.strip()
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -177,7 +206,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             info("conversation cleared" + (" (the upload is kept)" if chat.upload_info else ""))
             continue
         try:
-            chat.ask(line)
+            chat.ask(raw.rstrip("\r\n"))  # as typed, spaces included: upstream's demo passes the text unstripped
         except ValueError as e:
             info(f"error: {e}")
             continue

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..models.groups import TOWERS
-from ..weights.convert import DTYPES, convert
+from ..weights.convert import DTYPES, LLM_ONLY_DTYPES, convert
 from ..weights.detect import FLAGS, LABELS
 from ..weights.export import export_checkpoint
 from .common import add_common_args, run_command
@@ -26,9 +26,14 @@ def register(sub: Any) -> None:
     ap.add_argument("--config", help="config file or preset name (configs/*.yaml); default: inferred")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, applied last (repeatable), e.g. --set template=vicuna")
-    ap.add_argument("--dtype", choices=DTYPES, help="stored dtype of every tower (default: the config's)")
+    ap.add_argument("--dtype", choices=DTYPES + LLM_ONLY_DTYPES,
+                    help="stored dtype of every tower, and compute dtype of the ViT and the LLaMA (default: the "
+                         "config's); int8: the LLM's weights as int8 with per-channel scales, the towers as the "
+                         "config says")
     for t in TOWERS:
-        ap.add_argument(f"--dtype-{t}", dest=f"dtype_{t}", choices=DTYPES, help=f"stored dtype of the {t} tower")
+        also = ", and its compute dtype" if t in ("vit", "llama") else ""
+        ap.add_argument(f"--dtype-{t}", dest=f"dtype_{t}", choices=DTYPES + (LLM_ONLY_DTYPES if t == "llama" else ()),
+                        help=f"stored dtype of the {t} tower{also}")
     ap.add_argument("--tokenizer", metavar="PATH", help="tokenizer to use (default: the LLM's)")
     ap.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer")
     ap.add_argument("--init-missing", action="store_true",

@@ -28,7 +28,7 @@ import numpy as np
 from .records import Kind
 
 #: the host-only fields of every batch (never sent to the devices)
-HOST_KEYS = ("kind", "dataset", "example_id", "num_replaced")
+HOST_KEYS = ("kind", "dataset", "example_id", "num_replaced", "replaced_ids")
 
 
 @dataclasses.dataclass(frozen=True)

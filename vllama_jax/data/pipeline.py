@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import sys
 import threading
 import zlib
@@ -35,6 +36,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from ..errors import first_line
 from ..text.conversation import canonical_template_name
 from . import media_io, text_io
 from .batch import CAPTION, batch_spec
@@ -142,9 +144,16 @@ class PreparedDataset:
         if not mpath.is_file():
             raise DataError(path, f"no {MANIFEST}: not a prepared dataset (run vllama-jax prepare)")
         try:
-            m = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise DataError(mpath, f"corrupt manifest ({e})") from None
+            m = json.loads(mpath.read_bytes())
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested too deep
+            raise DataError(mpath, f"corrupt manifest ({first_line(e)})") from None
+        try:
+            return cls._from_manifest(path, mpath, m)
+        except (KeyError, TypeError, ValueError, AttributeError, OSError) as e:  # valid JSON, not a manifest
+            raise DataError(mpath, f"corrupt manifest ({type(e).__name__}: {first_line(e)})") from None
+
+    @classmethod
+    def _from_manifest(cls, path: Path, mpath: Path, m: Any) -> "PreparedDataset":
         if m.get("schema_version") != SCHEMA_VERSION:
             raise DataError(mpath, f"schema version {m.get('schema_version')} != {SCHEMA_VERSION}; prepare again")
         if not m.get("complete"):
@@ -175,13 +184,31 @@ class RecordReader:
         return len(self._open())
 
     def __getitem__(self, index: int) -> Record:
-        raw = self._open()[index]
-        return Record.from_example(self._features.deserialize_example_np(raw))
+        source = self._open()
+        try:
+            raw = source[index]
+            return Record.from_example(self._features.deserialize_example_np(raw))
+        except (IndexError, DataError):
+            raise
+        except Exception as e:  # noqa: BLE001 - array_record raises RuntimeError for a damaged chunk, and the
+            # example's decoding whatever its damaged bytes lead to: either way this record of this shard is bad
+            raise DataError(self._file_of(index), f"record {index} is unreadable ({first_line(e)})") from None
+
+    def _file_of(self, index: int) -> str:
+        try:  # the shard holding a record: array_record knows, through a private helper
+            reader, _ = self._source._reader_idx_and_position(index)
+            return self._source._paths[reader]
+        except Exception:  # noqa: BLE001 - any other array_record version: name the dataset's folder
+            return os.path.commonpath(self._files)
 
     def _open(self):
         if self._source is None:  # features first: another thread may use them as soon as _source is set
             self._features = record_features()
-            self._source = grain.sources.ArrayRecordDataSource(list(self._files))
+            try:
+                self._source = grain.sources.ArrayRecordDataSource(list(self._files))
+            except Exception as e:  # noqa: BLE001 - a shard whose footer/index is damaged fails to open
+                raise DataError(os.path.commonpath(self._files), f"cannot open the record shards "
+                                                                 f"({first_line(e)})") from None
         return self._source
 
     def __getstate__(self):
@@ -218,7 +245,7 @@ class _ExampleLoader:
     only, so an example is the same whichever worker builds it and after any restore. A record that fails
     (missing / corrupt media, too few frames, untokenizable conversation) is replaced by another record of the same
     host drawn from that same RNG (up to ``max_retries`` times, like upstream WebVid) and counted in the example's
-    ``num_replaced``.
+    ``num_replaced``; the global indices of the records it replaced are its ``replaced_ids`` (-1 padded).
     """
 
     def __init__(self, src: _Source, cfg: PipelineConfig):
@@ -230,12 +257,16 @@ class _ExampleLoader:
         src, cfg = self.src, self.cfg
         epoch = position // src.n_host
         failures: list[str] = []
+        replaced = np.full(cfg.max_retries, -1, np.int64)
         for attempt in range(cfg.max_retries + 1):
             g = src.host_start + int(local_index) * src.host_step
             rng = np.random.default_rng([cfg.seed, src.key, epoch, g, attempt])
             try:
-                return self._build(self._reader[g], rng) | {"num_replaced": np.int32(attempt)}
+                return self._build(self._reader[g], rng) | {"num_replaced": np.int32(attempt),
+                                                            "replaced_ids": replaced}
             except DataError as e:
+                if attempt < cfg.max_retries:
+                    replaced[attempt] = g
                 failures.append(str(e))
                 _log.warning("bad record %s #%d replaced: %s", src.name, g, e)
                 local_index = int(rng.integers(src.n_host))
@@ -277,6 +308,7 @@ class _Collate:
         return batch_spec(self.kind).arrays(arrays) | {
             "example_id": np.array([e["example_id"] for e in examples], dtype=np.int64),
             "num_replaced": np.array([e["num_replaced"] for e in examples], dtype=np.int32),
+            "replaced_ids": np.stack([e["replaced_ids"] for e in examples]),
             "kind": self.kind, "dataset": self.name}
 
 
@@ -447,21 +479,39 @@ class _CountReplaced(grain.IterDataset):
 
 
 class DataIterator(grain.DatasetIterator):
-    """The training iterator: grain's, plus ``stats`` = {"batches": n, "replaced": bad records replaced so far}."""
+    """The training iterator: grain's, plus ``stats`` = {"batches": n, "replaced": bad records replaced so far
+    (a bad record drawn twice counts twice), "skipped": {dataset: sorted global indices of the distinct bad
+    records}}."""
 
     def __init__(self, parent: grain.DatasetIterator):
         super().__init__(parent)
-        self.stats = {"batches": 0, "replaced": 0}
+        self.stats: dict[str, Any] = {"batches": 0, "replaced": 0, "skipped": {}}
 
     def __next__(self) -> dict[str, Any]:
         batch = next(self._parent)
         self.stats["batches"] += 1
         self.stats["replaced"] += int(np.sum(batch["num_replaced"]))
+        ids = np.asarray(batch["replaced_ids"])
+        if (ids >= 0).any():
+            seen = set(self.stats["skipped"].get(batch["dataset"], ()))
+            # a new dict, not an update in place: a copy of ``stats`` taken earlier keeps its own counts
+            self.stats["skipped"] = {**self.stats["skipped"],
+                                     batch["dataset"]: sorted(seen | {int(i) for i in ids[ids >= 0]})}
         return batch
 
     def get_state(self) -> dict[str, Any]:
-        return {"parent": self._parent.get_state(), "stats": dict(self.stats)}
+        return {"parent": self._parent.get_state(),
+                "stats": {**self.stats, "skipped": {k: list(v) for k, v in self.stats["skipped"].items()}}}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
-        self.stats = dict(state["stats"])
+        self.stats = {"skipped": {}, **state["stats"]}  # checkpoints written before "skipped" existed
+
+    def summary(self) -> str:
+        """One line for the end of a run: batches read, bad records replaced, distinct bad records skipped."""
+        skipped = self.stats["skipped"]
+        n = sum(len(v) for v in skipped.values())
+        where = "; ".join(f"{d}: records {', '.join(map(str, v[:20]))}{' ...' if len(v) > 20 else ''}"
+                          for d, v in sorted(skipped.items()))
+        return (f"data: {self.stats['batches']} batches, {n} bad records skipped"
+                + (f" ({where}), replaced {self.stats['replaced']} times" if n else ""))

@@ -197,14 +197,23 @@ def _prepare_part(out: Path, name: str, chunk: Sequence[SourceItem | BadItem],
                           config=tfds.core.BuilderConfig(name=name), data_dir=str(out),
                           file_format="array_record")
     tmp_downloads = out / ".tfds_downloads"
-    builder.download_and_prepare(download_dir=str(tmp_downloads))
+    try:
+        builder.download_and_prepare(download_dir=str(tmp_downloads))
+    except AssertionError:
+        # TFDS refuses to finish a split that received no example: a part whose every entry is bad is an empty
+        # part (no shard), not a failed preparation
+        if counts["caption"] + counts["instruction"]:
+            raise
+        shutil.rmtree(part_dir, ignore_errors=True)
+        num_records, files = 0, []
+    else:
+        split = builder.info.splits["train"]
+        num_records, files = int(split.num_examples), [str(Path(f).relative_to(out)) for f in split.filepaths]
     shutil.rmtree(tmp_downloads, ignore_errors=True)
-    split = builder.info.splits["train"]
-    files = [str(Path(f).relative_to(out)) for f in split.filepaths]
     bad_file = out / "bad" / f"{name}.jsonl"
     bad_file.parent.mkdir(parents=True, exist_ok=True)
     bad_file.write_text("".join(json.dumps(b.to_json()) + "\n" for b in bad))
-    return {"name": name, "complete": True, "entries": len(chunk), "num_records": int(split.num_examples),
+    return {"name": name, "complete": True, "entries": len(chunk), "num_records": num_records,
             "num_bad": len(bad), "files": files, "counts": counts,
             "bad_reasons": dict(collections.Counter(_reason_class(b.reason) for b in bad))}
 
@@ -215,6 +224,7 @@ def _materialize(item: SourceItem | BadItem, store_bytes: bool, check_media: boo
         return item
     data = item.media_bytes
     try:
+        _check_text(item)
         if data is None:
             if not os.path.isfile(item.media_path):
                 raise DataError(item.media_path, "media file not found")
@@ -228,9 +238,21 @@ def _materialize(item: SourceItem | BadItem, store_bytes: bool, check_media: boo
         return BadItem(item.index, item.source_id, item.media_path, e.reason)
     except OSError as e:
         return BadItem(item.index, item.source_id, item.media_path, f"cannot read media ({e.strerror or e})")
+    except ValueError as e:  # a NUL byte or a lone surrogate in the media path: no file can have that name
+        return BadItem(item.index, item.source_id, item.media_path[:200], f"not a usable media path ({e})")
     return Record(example_id=item.index, source_id=item.source_id, media_type=item.media_type,
                   media_path=item.media_path, media_bytes=data or b"", caption=item.caption,
                   conversations=item.conversations, meta=item.meta)
+
+
+def _check_text(item: SourceItem) -> None:
+    """Records store UTF-8: a caption or turn holding a lone surrogate (a JSON ``\\ud800`` escape) is a bad entry
+    here, not a failure of the shard writer later."""
+    for text in (item.source_id, item.caption, item.media_path, *(t.value for t in item.conversations)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise DataError(item.source_id, f"text is not valid Unicode ({e.reason} at character {e.start})") from None
 
 
 def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:

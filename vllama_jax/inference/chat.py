@@ -39,11 +39,9 @@ from ..config import ModelConfig
 from ..defaults import embedded_model
 from ..errors import VllamaError
 from ..media import MediaError, load_audio, load_image, load_video
-from ..models import build_model
+from ..models import build_model, set_precision
 from ..models.groups import LLM_GROUP, branch_groups
-from ..models.layers import as_dtype
-from ..models.llama import Llama
-from ..models.video_llama import VideoLLaMA
+from ..models.video_llama import VideoLLaMA, llama_module
 from ..runtime import use_compilation_cache
 from ..sharding import batch_sharding, make_mesh
 from ..text import (
@@ -175,6 +173,9 @@ class VideoLLaMAChat:
     template: conversation template name (default ``config.template``: "vicuna", "llama_2" or "chatml").
     demo: which demo's system strings to use for video uploads: "audiovideo" (demo_audiovideo.py: "") or "video"
         (demo_video.py). num_frames: frames sampled per video. max_length: upstream's context budget (2000).
+    honour_rotation: turn phone videos upright by their rotation metadata (False: as upstream's decord, which
+        ignores it). audio_fallback: which failures to load a video's sound fall back to the video-only flow:
+        "media" (unreadable or missing audio; other errors propagate) or "any" (upstream's bare ``except``).
     generation_config: the default decoding settings of ``answer`` / ``generate_batch`` (upstream sampling).
     compilation_cache: enable JAX's persistent compilation cache (see ``vllama_jax.runtime.use_compilation_cache``).
     notice: a line to show users about this model (the embedded model's "untrained" notice); log: where notes
@@ -185,7 +186,8 @@ class VideoLLaMAChat:
                  template: str | None = None, demo: Literal["audiovideo", "video"] = "audiovideo",
                  num_frames: int = NUM_FRAMES, max_length: int = MAX_LENGTH,
                  generation_config: GenerationConfig | None = None, compilation_cache: bool | str = True,
-                 notice: str | None = None, name: str = "", log: Callable[[str], None] | None = None) -> None:
+                 notice: str | None = None, name: str = "", log: Callable[[str], None] | None = None,
+                 honour_rotation: bool = True, audio_fallback: Literal["media", "any"] = "media") -> None:
         if tokenizer is None:
             raise ChatError("the model has no tokenizer (a model directory needs its tokenizer/ folder to chat)")
         missing = [g for g in VISION_GROUPS + (LLM_GROUP,) if g not in params]
@@ -196,11 +198,15 @@ class VideoLLaMAChat:
                             f"got {num_frames}")
         if demo not in ("audiovideo", "video"):
             raise ValueError(f"demo must be 'audiovideo' or 'video', got {demo!r}")
+        if audio_fallback not in ("media", "any"):
+            raise ValueError(f"audio_fallback must be 'media' or 'any', got {audio_fallback!r}")
         use_compilation_cache(compilation_cache)  # before the first compilation, so the encoders are cached too
         self.config = config
         self.tokenizer = tokenizer
         self.template = canonical_template_name(template or config.template)
         self.demo = demo
+        self.honour_rotation = bool(honour_rotation)
+        self.audio_fallback = audio_fallback
         self.num_frames = int(num_frames)
         self.max_length = int(max_length)
         self.generation_config = generation_config or GenerationConfig()
@@ -212,8 +218,7 @@ class VideoLLaMAChat:
 
         self.params = placed(config, params, self.mesh)
         self.model: VideoLLaMA = build_model(config)
-        p = config.precision
-        llama = Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params))
+        llama = llama_module(config)
         self.generator = Generator(llama, self.params[LLM_GROUP], mesh=self.mesh, compilation_cache=False)
         self._towers = {k: v for k, v in self.params.items() if k != LLM_GROUP}
         model = self.model
@@ -230,25 +235,43 @@ class VideoLLaMAChat:
 
     # ---- construction -------------------------------------------------------------------------------------
     @classmethod
-    def from_model_dir(cls, path: str | os.PathLike, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
-        """Load a converted model directory (``vllama-jax convert`` / ``save_model_dir``) straight onto ``mesh``."""
+    def from_model_dir(cls, path: str | os.PathLike, mesh: Any = None, quantize: str | None = None,
+                       **kw: Any) -> "VideoLLaMAChat":
+        """Load a converted model directory (``vllama-jax convert`` / ``save_model_dir``) straight onto ``mesh``;
+        ``quantize="int8"``: the LLM's weights as int8 + per-channel scales (``models.quant``), quantized leaf by
+        leaf as they are read."""
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        return cls.from_loaded(load_model_dir(path, mesh=mesh), mesh=mesh, **kw)
+        return cls.from_loaded(load_model_dir(path, mesh=mesh, quantize=quantize), mesh=mesh, **kw)
 
     @classmethod
-    def from_loaded(cls, loaded: Any, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
-        """From a ``LoadedModel`` (or anything with ``config``, ``params``, ``tokenizer``)."""
+    def from_loaded(cls, loaded: Any, mesh: Any = None, precision: str | None = None, **kw: Any
+                    ) -> "VideoLLaMAChat":
+        """From a ``LoadedModel`` (or anything with ``config``, ``params``, ``tokenizer``). ``precision``: a named
+        precision mode ("upstream", "bf16", "fp32") instead of the model's own (its params are cast to it)."""
         manifest = getattr(loaded, "manifest", None) or {}
         kw.setdefault("notice", manifest.get("notice"))
         kw.setdefault("name", manifest.get("name") or str(getattr(loaded, "path", "") or ""))
-        return cls(loaded.config, loaded.params, loaded.tokenizer, mesh=mesh, **kw)
+        config, params = loaded.config, loaded.params
+        if precision is not None:
+            config, params = set_precision(config, params, precision)
+        return cls(config, params, loaded.tokenizer, mesh=mesh, **kw)
 
     @classmethod
-    def embedded(cls, seed: int = 0, mesh: Any = None, **kw: Any) -> "VideoLLaMAChat":
+    def embedded(cls, seed: int = 0, mesh: Any = None, quantize: str | None = None, **kw: Any) -> "VideoLLaMAChat":
         """The embedded default model (``vllama_jax.defaults``): SmolLM2-135M-Instruct + untrained CPU towers,
-        built onto ``mesh``."""
+        built onto ``mesh`` (its LLM in int8 with ``quantize="int8"``)."""
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
-        return cls.from_loaded(embedded_model(seed, mesh=mesh), mesh=mesh, **kw)
+        return cls.from_loaded(embedded_model(seed, mesh=mesh, quantize=quantize), mesh=mesh, **kw)
+
+    def update_params(self, params: dict[str, Any]) -> None:
+        """Swap in new values of the same parameter groups (e.g. a training run's current state, for its eval
+        hook). The compiled encoders, prefill, decode and scoring programs take the parameters as arguments, so
+        nothing is recompiled."""
+        if set(params) != set(self.params):
+            raise ChatError(f"update_params: groups {sorted(params)} differ from the chat's {sorted(self.params)}")
+        self.params = placed(self.config, params, self.mesh)
+        self._towers = {k: v for k, v in self.params.items() if k != LLM_GROUP}
+        self.generator.params = self.params[LLM_GROUP]
 
     @property
     def batch_multiple(self) -> int:
@@ -274,7 +297,8 @@ class VideoLLaMAChat:
     def prepare_video(self, path: str | os.PathLike, with_audio: bool = True) -> Upload:
         """Decode a video (and its audio) into an ``Upload``; raises ``MediaError`` if the video is unreadable.
         A failed audio load falls back to the video-only flow (``note`` says why), as upstream."""
-        video = load_video(path, num_frames=self.num_frames, image_size=self.config.vit.image_size)
+        video = load_video(path, num_frames=self.num_frames, image_size=self.config.vit.image_size,
+                           honour_rotation=self.honour_rotation)
         note = ""
         clips = None
         if with_audio:
@@ -283,8 +307,9 @@ class VideoLLaMAChat:
             else:
                 try:
                     clips = load_audio(path, clips_per_video=self.config.num_audio_positions).clips
-                except MediaError as e:
-                    note = f"no usable audio ({e.reason}); using the video only"
+                except (MediaError if self.audio_fallback == "media" else Exception) as e:
+                    reason = e.reason if isinstance(e, MediaError) else f"{type(e).__name__}: {e}"
+                    note = f"no usable audio ({reason}); using the video only"
         return video_upload(video.frames, clips=clips, frame_message=video.message(), demo=self.demo,
                             path=os.fspath(path), note=note)
 
@@ -402,6 +427,27 @@ class VideoLLaMAChat:
         else:
             conversation_ask(conv, text)
 
+    def conversation(self, turns: Sequence[tuple[str, str, Upload | None]], system: str | None = None
+                     ) -> Conversation:
+        """A fresh conversation built from a whole history the way ``upload`` / ``ask`` / ``answer`` build it turn
+        by turn: ``turns`` are ``(role, text, upload)`` with role "user" or "assistant"; a user turn with an upload
+        first puts the upload's message (and system string) in, then its text is asked (joined as ``ask`` joins
+        it). ``system``: replaces the system string (the upload's or the template's). Used by the server."""
+        conv = get_template(self.template, self.tokenizer)
+        for role, text, upload in turns:
+            if role == "assistant":
+                conv.append_message(conv.roles[1], text)
+                continue
+            if role != "user":
+                raise ValueError(f"a turn's role is 'user' or 'assistant', got {role!r}")
+            if upload is not None:
+                conversation_upload(conv, upload.message, upload.system)
+            if text or upload is None:
+                self._ask(conv, text, upload is not None and upload.join_question)
+        if system is not None:
+            conv.system = system
+        return conv
+
     @property
     def history(self) -> list[tuple[str, str | None]]:
         return [(r, m) for r, m in self.conv.messages]
@@ -436,13 +482,18 @@ class VideoLLaMAChat:
         return stop_token_sequences(self.template, self.tokenizer)
 
     def resolve_config(self, config: GenerationConfig | None = None) -> GenerationConfig:
-        """``config`` (default: the chat's) with the template's stop sequences added."""
+        """``config`` (default: the chat's) with the template's stop sequences added, and, unless it says otherwise,
+        beam sampling as upstream ran it (transformers 4.28's ``beam_sample``) for upstream's templates and as
+        transformers 5 for the others (ChatML)."""
         cfg = config or self.generation_config
         stops = list(cfg.stop_sequences)
         for s in self.stop_sequences():
             if tuple(s) not in stops:
                 stops.append(tuple(s))
-        return cfg.replace(stop_sequences=tuple(stops))
+        semantics = cfg.beam_semantics
+        if semantics is None:
+            semantics = "5" if TEMPLATES[self.template].sep_style == SeparatorStyle.CHATML else "4.28"
+        return cfg.replace(stop_sequences=tuple(stops), beam_semantics=semantics)
 
     def _markers(self) -> list[str]:
         conv = TEMPLATES[self.template]

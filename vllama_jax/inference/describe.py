@@ -23,9 +23,10 @@ import json
 import os
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import jax
 from tqdm import tqdm
@@ -75,7 +76,7 @@ def path_key(path: str | os.PathLike) -> str:
     return os.path.normcase(os.path.abspath(os.fspath(path)))
 
 
-def _repair_tail(out: Path) -> None:
+def repair_tail(out: Path) -> None:
     """Drop a trailing partial line (a row whose write was interrupted) so the next row starts on its own line."""
     if not out.is_file() or out.stat().st_size == 0:
         return
@@ -107,7 +108,8 @@ def read_done(out: str | os.PathLike) -> set[str]:
     return done
 
 
-def _error_text(e: BaseException) -> str:
+def error_text(e: BaseException) -> str:
+    """How a failed row names its error: the class and the reason (the path is already in the row)."""
     if isinstance(e, MediaError):
         return f"{type(e).__name__}: {e.reason}"
     return f"{type(e).__name__}: {e}"
@@ -115,6 +117,37 @@ def _error_text(e: BaseException) -> str:
 
 def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
     return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def prefetch_uploads(model: Any, batches: Sequence[Sequence[str | os.PathLike]], *, with_audio: bool = True,
+                     workers: int = 2) -> Iterator[list[Upload | MediaError]]:
+    """For each batch of video paths, its decoded uploads in order (a ``MediaError`` in place of an unreadable or
+    missing file). The next batch is decoded by ``workers`` threads while the caller runs the current one on the
+    device (PyAV releases the GIL). A path listed twice in one batch is decoded once and yields the same
+    ``Upload`` object, so ``VideoLLaMAChat`` encodes it once. Used by ``describe`` and ``vllama_jax.eval``."""
+    pool = ThreadPoolExecutor(max_workers=max(1, workers))
+
+    def prepare(path: str | os.PathLike) -> Upload | MediaError:
+        try:
+            return model.prepare_video(path, with_audio=with_audio)
+        except MediaError as e:
+            return e
+
+    def submit(batch: Sequence[str | os.PathLike]) -> list[Future]:
+        futures: dict[str, Future] = {}
+        for p in batch:
+            if path_key(p) not in futures:
+                futures[path_key(p)] = pool.submit(prepare, p)
+        return [futures[path_key(p)] for p in batch]
+
+    try:
+        pending = submit(batches[0]) if batches else []
+        for bi in range(len(batches)):
+            results = [fut.result() for fut in pending]
+            pending = submit(batches[bi + 1]) if bi + 1 < len(batches) else []  # decode ahead of the device
+            yield results
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def describe(model: VideoLLaMAChat, videos: Sequence[str | os.PathLike], prompt: str, out: str | os.PathLike, *,
@@ -131,7 +164,7 @@ def describe(model: VideoLLaMAChat, videos: Sequence[str | os.PathLike], prompt:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _repair_tail(out)
+    repair_tail(out)
     done = read_done(out)
     unique: dict[str, Path] = {}
     for v in videos:  # a video listed twice is described once
@@ -146,28 +179,16 @@ def describe(model: VideoLLaMAChat, videos: Sequence[str | os.PathLike], prompt:
     answered = errors = 0
     bar = tqdm(total=len(unique), initial=skipped, unit="video", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
-    pool = ThreadPoolExecutor(max_workers=max(1, workers))
-
-    def prepare(path: Path) -> Upload | MediaError:
-        try:
-            return model.prepare_video(path, with_audio=with_audio)
-        except MediaError as e:
-            return e
-
-    def submit(batch: Sequence[Path]) -> list[Future]:
-        return [pool.submit(prepare, p) for p in batch]
-
     try:
-        with open(out, "a", encoding="utf-8") as f:
+        with open(out, "a", encoding="utf-8") as f, ExitStack() as stack:
             def write(row: dict) -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
                 f.flush()
 
             batches = _batches(todo, batch_size)
-            pending = submit(batches[0]) if batches else []
-            for bi, batch in enumerate(batches):
-                results = [fut.result() for fut in pending]
-                pending = submit(batches[bi + 1]) if bi + 1 < len(batches) else []  # decode ahead of the device
+            prepared = stack.enter_context(closing(prefetch_uploads(model, batches, with_audio=with_audio,
+                                                                    workers=workers)))
+            for bi, (batch, results) in enumerate(zip(batches, prepared)):
                 good = [(p, r) for p, r in zip(batch, results) if isinstance(r, Upload)]
                 answers: dict[int, str] = {}
                 if good:
@@ -177,7 +198,7 @@ def describe(model: VideoLLaMAChat, videos: Sequence[str | os.PathLike], prompt:
                     answers = {id(u): t for (_, u), t in zip(good, texts)}
                 for p, r in zip(batch, results):
                     if isinstance(r, MediaError):
-                        write({"video": os.fspath(p), "error": _error_text(r)})
+                        write({"video": os.fspath(p), "error": error_text(r)})
                         errors += 1
                     else:
                         row = {"video": os.fspath(p), "prompt": prompt, "answer": answers[id(r)],
@@ -191,9 +212,9 @@ def describe(model: VideoLLaMAChat, videos: Sequence[str | os.PathLike], prompt:
                 bar.update(len(batch))
                 bar.set_postfix(errors=errors, refresh=False)
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
         bar.close()
     return DescribeResult(total=len(unique), skipped=skipped, answered=answered, errors=errors, out=out)
 
 
-__all__ = ["DescribeResult", "describe", "find_videos", "path_key", "read_done"]
+__all__ = ["DescribeResult", "describe", "error_text", "find_videos", "path_key", "prefetch_uploads", "read_done",
+           "repair_tail"]

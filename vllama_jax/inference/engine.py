@@ -27,7 +27,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ..config import LlamaConfig
+from ..models.groups import LLM_GROUP
 from ..models.llama import Llama, cache_logical_axes, init_cache
+from ..models.quant import check_mode, is_quantized, quantize_params
 from ..runtime import use_compilation_cache
 from ..sharding import batch_sharding, make_mesh, tree_shardings
 from .generation_config import (
@@ -67,11 +69,13 @@ class DecodeEngine:
     min_prompt_bucket / cache_multiple: bucketing of compiled shapes (see `prompt_bucket`, `cache_length`).
     compilation_cache: True = `enable_compilation_cache()` unless a JAX cache dir is already configured;
         a path = use that folder; False = leave JAX's settings alone.
+    quantize: "int8" = run with the projections and token table in int8 + per-channel scales (`models.quant`),
+        quantized here on the host leaf by leaf (params already int8 are taken as they are).
     """
 
     def __init__(self, model: Llama | LlamaConfig, params: Any, *, mesh: Mesh | str | None = None,
                  cache_dtype: Any = None, min_prompt_bucket: int = 16, cache_multiple: int = 64,
-                 compilation_cache: bool | str | os.PathLike = True) -> None:
+                 compilation_cache: bool | str | os.PathLike = True, quantize: str | None = None) -> None:
         if isinstance(model, LlamaConfig):
             model = Llama(model)
         if not isinstance(model, Llama):
@@ -83,6 +87,8 @@ class DecodeEngine:
         self.cache_dtype = jnp.dtype(cache_dtype if cache_dtype is not None else model.dtype)
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.cache_multiple = int(cache_multiple)
+        if check_mode(quantize) and not is_quantized(params):
+            params = quantize_params({LLM_GROUP: params}, quantize)[LLM_GROUP]
         self.params = placed_llm(self.config, params, self.mesh)
 
         self._embed_fn = jax.jit(self._embed_impl)

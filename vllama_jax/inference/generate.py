@@ -37,6 +37,7 @@ import jax
 import numpy as np
 
 from .beam import BeamSearch
+from .beam428 import BeamSample428
 from .engine import DecodeEngine
 from .generation_config import (
     GenerationConfig,
@@ -56,6 +57,10 @@ class Generator(DecodeEngine):
     @functools.cached_property
     def _beams(self) -> BeamSearch:
         return BeamSearch(self)
+
+    @functools.cached_property
+    def _beam_sample_428(self) -> BeamSample428:
+        return BeamSample428(self)
 
     @functools.cached_property
     def _scorer(self) -> Scorer:
@@ -85,6 +90,8 @@ class Generator(DecodeEngine):
                 raise GenerationInputError("streaming is not supported with beam search (num_beams > 1)")
             if output_logits:
                 raise GenerationInputError("output_logits is not supported with beam search")
+            if cfg.do_sample and cfg.beam_semantics == "4.28":
+                return self._beam_sample_428.run(embeds, mask, cfg, rng, penalty_ids)
             return self._beams.run(embeds, mask, cfg, rng, penalty_ids)
         return self.sample(embeds, mask, cfg, rng, stream, penalty_ids, output_logits)
 

@@ -49,6 +49,9 @@ def _id_tuple(value: Any, name: str) -> tuple[int, ...]:
     return ids
 
 
+BEAM_SEMANTICS = ("4.28", "5")  # the transformers versions whose beam sampling `GenerationConfig.beam_semantics` names
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     """Decoding settings. Defaults are upstream `Chat.answer`'s (upstream.md §6.5): sampling, top-k 50, top-p 0.9.
@@ -61,6 +64,11 @@ class GenerationConfig:
     early_stopping: beam search only, HF semantics (True: stop as soon as num_beams hypotheses are finished; False:
         stop when the best running beam at its current length cannot beat the worst hypothesis; "never": same
         with the best length it could still reach when length_penalty > 0).
+    beam_semantics: beam *sampling* (num_beams > 1 with do_sample) as transformers "5" does it (`beam.py`:
+        processors and warpers on the log-probs, then the beam scores added) or as "4.28" does it (`beam428.py`,
+        what upstream's `Chat.answer` runs: warpers on the accumulated scores, beams starting equal, the stop
+        sequences checked on beam 0 only). None: "5" for a plain `Generator`; the chat picks "4.28" for upstream's
+        templates. Beam search without sampling always follows "5".
     """
 
     max_new_tokens: int = 300
@@ -76,6 +84,7 @@ class GenerationConfig:
     stop_sequences: tuple[tuple[int, ...], ...] = ()
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    beam_semantics: str | None = None
 
     def __post_init__(self) -> None:
         def fail(msg: str) -> None:
@@ -101,6 +110,8 @@ class GenerationConfig:
             fail(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
         if self.early_stopping not in (True, False, "never"):
             fail(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.beam_semantics not in (None, *BEAM_SEMANTICS):
+            fail(f"beam_semantics must be one of {', '.join(BEAM_SEMANTICS)} or None, got {self.beam_semantics!r}")
         if self.early_stopping != "never":
             object.__setattr__(self, "early_stopping", bool(self.early_stopping))
         try:

@@ -102,6 +102,12 @@ def process_scores(scores: jax.Array, presence: jax.Array | None, num_generated:
         scores = apply_repetition_penalty(scores, presence, values.repetition_penalty)
     active = jnp.broadcast_to(num_generated < values.min_new_tokens, scores.shape[:1])
     scores = jnp.where(active[:, None] & values.suppress[None, :], NEG_INF, scores)
+    return warp_scores(scores, values, spec)
+
+
+def warp_scores(scores: jax.Array, values: ProcessorValues, spec: ProcessorSpec) -> jax.Array:
+    """The warpers of the chain (sampling only): temperature, then top-k / top-p. transformers 4.28's
+    `beam_sample` runs them apart from the processors, on the beam-accumulated scores."""
     if spec.do_sample:
         scores = scores / values.temperature
         if spec.top_k > 0 or spec.use_top_p:

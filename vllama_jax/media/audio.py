@@ -31,7 +31,7 @@ import av
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .errors import NoAudioStreamError, UnreadableMediaError, open_container, translate_errors
+from .errors import NoAudioStreamError, UnreadableMediaError, check_decoder, open_container, translate_errors
 
 TARGET_SAMPLE_RATE = 16000
 FBANK_MEAN = -4.268
@@ -290,6 +290,7 @@ def _audio_stream(container: av.container.InputContainer, path: str) -> av.audio
     if not container.streams.audio:
         raise NoAudioStreamError(path, "no audio stream")
     stream = container.streams.audio[0]
+    check_decoder(stream, path)
     for other in container.streams:  # skip the video packets while demuxing
         if other.index != stream.index:
             other.discard = av.stream.Discard.all

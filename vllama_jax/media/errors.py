@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import traceback
 from collections.abc import Iterator
+from pathlib import PurePath
 from typing import Any
 
 import av
@@ -49,6 +51,17 @@ _BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Packages that parse the file's bytes. Whatever they raise while doing so (PyAV raises the odd AttributeError or
+# TypeError on damaged streams; PIL an IndexError or struct.error on damaged headers) is the file's fault, whatever
+# its type; an exception raised by our own code is still a bug and propagates.
+_DECODER_PACKAGES = frozenset({"av", "PIL"})
+
+
+def raised_by_decoder(exc: BaseException) -> bool:
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and not _DECODER_PACKAGES.isdisjoint(PurePath(frames[-1].filename).parts)
+
+
 def describe(exc: BaseException) -> str:
     """Short reason text for a low-level exception."""
     msg = str(exc).strip() or type(exc).__name__
@@ -57,13 +70,25 @@ def describe(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def translate_errors(path: str | os.PathLike[str], what: str) -> Iterator[None]:
-    """Turn FFmpeg/OS errors raised inside the block into ``UnreadableMediaError`` (``what`` failed: ...)."""
+    """Turn FFmpeg/OS errors raised inside the block into ``UnreadableMediaError`` (``what`` failed: ...): the
+    errors of ``_BAD_INPUT_ERRORS``, and any exception raised inside PyAV or PIL themselves."""
     try:
         yield
     except MediaError:
         raise
     except _BAD_INPUT_ERRORS as exc:
         raise UnreadableMediaError(path, f"{what} failed ({describe(exc)})") from exc
+    except Exception as exc:
+        if not raised_by_decoder(exc):
+            raise
+        raise UnreadableMediaError(path, f"{what} failed ({describe(exc)})") from exc
+
+
+def check_decoder(stream: av.stream.Stream, path: str) -> None:
+    """PyAV gives a stream whose codec FFmpeg cannot decode (an unknown or damaged codec id) no codec context:
+    that is the file's fault, said here rather than as an AttributeError at the first use."""
+    if stream.codec_context is None:
+        raise UnreadableMediaError(path, f"no decoder for its {stream.type} stream (unknown or damaged codec id)")
 
 
 def check_file(path: str | os.PathLike[str]) -> str:
@@ -91,5 +116,5 @@ def open_container(path: str | os.PathLike[str]) -> av.container.InputContainer:
 
 __all__ = [
     "MediaError", "NoAudioStreamError", "NoVideoStreamError", "UnreadableMediaError",
-    "check_file", "describe", "open_container", "translate_errors",
+    "check_decoder", "check_file", "describe", "raised_by_decoder", "open_container", "translate_errors",
 ]

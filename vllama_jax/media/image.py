@@ -12,7 +12,7 @@ import os
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .errors import UnreadableMediaError, check_file, describe
+from .errors import UnreadableMediaError, check_file, describe, raised_by_decoder
 
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -156,8 +156,10 @@ def open_image(path: str | os.PathLike[str], exif_transpose: bool = False) -> Im
             if exif_transpose:
                 img = ImageOps.exif_transpose(img)
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            EOFError, MemoryError) as exc:
+    except Exception as exc:
+        if not (isinstance(exc, (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError,
+                                 Image.DecompressionBombError)) or raised_by_decoder(exc)):
+            raise
         raise UnreadableMediaError(p, f"cannot decode image ({describe(exc)})") from exc
 
 

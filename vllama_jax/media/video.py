@@ -36,7 +36,7 @@ from typing import Literal
 import av
 import numpy as np
 
-from .errors import NoVideoStreamError, UnreadableMediaError, open_container, translate_errors
+from .errors import NoVideoStreamError, UnreadableMediaError, check_decoder, open_container, translate_errors
 from .image import alpro_video_train, normalize_uint8
 
 Sampling = Literal["uniform", "headtail", "random"]
@@ -154,6 +154,7 @@ def _video_stream(container: av.container.InputContainer, path: str) -> av.video
     """First real video stream (cover art in audio files is an 'attached picture', not a video)."""
     for s in container.streams.video:
         if not (s.disposition & av.stream.Disposition.attached_pic):
+            check_decoder(s, path)
             return s
     raise NoVideoStreamError(path, "no video stream")
 
@@ -415,34 +416,41 @@ def _load(path: str | os.PathLike[str], num_frames: int, sampling: Sampling, ima
     p = os.fspath(path)
     container = open_container(p)
     try:
-        stream = _video_stream(container, p)
-        _configure_decoder(container, stream, threads)
-        with translate_errors(p, "indexing the video stream"):
-            index = _build_index(container, stream, p)
-        fps = _fps(stream, index)
-        indices = sample_frame_indices(index.vlen, num_frames, sampling, rng)
-        frames = None
-        with translate_errors(p, "decoding video frames"):
-            if method == "seek" and index.pts is not None:
-                try:
-                    frames, rotation, decoded = _fetch_seeking(p, container, stream, index, indices,
-                                                               image_size, honour_rotation)
-                except _SeekMiss:
-                    frames = None
-            if frames is None:
-                frames, rotation, decoded = _fetch_sequential(p, index.vlen, indices, image_size,
-                                                              honour_rotation, threads,
-                                                              decode_to_end=(method == "decode_all"))
-        if index.pts is not None:
-            ts = ((index.pts[indices] - index.pts[0]) * float(index.time_base)).astype(np.float64)
-        else:
-            ts = indices / fps
-        meta = VideoMeta(indices=indices, timestamps=ts, fps=fps, num_frames_total=index.vlen,
-                         duration=_duration(container, stream, index.vlen, fps), rotation=rotation,
-                         frames_decoded=decoded)
-        return frames, meta
+        with translate_errors(p, "reading the video"):
+            return _load_open(p, container, num_frames, sampling, image_size, rng, honour_rotation, threads, method)
     finally:
         container.close()
+
+
+def _load_open(p: str, container: av.container.InputContainer, num_frames: int, sampling: Sampling,
+               image_size: int, rng: np.random.Generator | None, honour_rotation: bool, threads: int | None,
+               method: Literal["seek", "sequential", "decode_all"]) -> tuple[np.ndarray, VideoMeta]:
+    stream = _video_stream(container, p)
+    _configure_decoder(container, stream, threads)
+    with translate_errors(p, "indexing the video stream"):
+        index = _build_index(container, stream, p)
+    fps = _fps(stream, index)
+    indices = sample_frame_indices(index.vlen, num_frames, sampling, rng)
+    frames = None
+    with translate_errors(p, "decoding video frames"):
+        if method == "seek" and index.pts is not None:
+            try:
+                frames, rotation, decoded = _fetch_seeking(p, container, stream, index, indices,
+                                                           image_size, honour_rotation)
+            except _SeekMiss:
+                frames = None
+        if frames is None:
+            frames, rotation, decoded = _fetch_sequential(p, index.vlen, indices, image_size,
+                                                          honour_rotation, threads,
+                                                          decode_to_end=(method == "decode_all"))
+    if index.pts is not None:
+        ts = ((index.pts[indices] - index.pts[0]) * float(index.time_base)).astype(np.float64)
+    else:
+        ts = indices / fps
+    meta = VideoMeta(indices=indices, timestamps=ts, fps=fps, num_frames_total=index.vlen,
+                     duration=_duration(container, stream, index.vlen, fps), rotation=rotation,
+                     frames_decoded=decoded)
+    return frames, meta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -492,12 +500,12 @@ def video_info(path: str | os.PathLike[str]) -> dict[str, float | int]:
     p = os.fspath(path)
     container = open_container(p)
     try:
-        stream = _video_stream(container, p)
         with translate_errors(p, "indexing the video stream"):
+            stream = _video_stream(container, p)
             index = _build_index(container, stream, p)
-        fps = _fps(stream, index)
-        return {"num_frames": index.vlen, "fps": fps,
-                "duration": _duration(container, stream, index.vlen, fps)}
+            fps = _fps(stream, index)
+            return {"num_frames": index.vlen, "fps": fps,
+                    "duration": _duration(container, stream, index.vlen, fps)}
     finally:
         container.close()
 

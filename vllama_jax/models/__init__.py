@@ -7,6 +7,7 @@ default, initialising for training); everything downstream (chat, generation, tr
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 import jax
@@ -14,11 +15,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from ..config import ModelConfig
+from ..config import ModelConfig, PrecisionConfig
 from ..sharding import logical_axes_of, make_mesh, put, tree_shardings
 from ..tree import flatten_params, param_count, unflatten_params
 from . import groups
 from .groups import LLM_GROUP, model_groups
+from .quant import axes_with_scales
 from .video_llama import VideoLLaMA
 
 
@@ -76,7 +78,16 @@ def cast_to_config_dtypes(params: Any, config: ModelConfig) -> Any:
     abstract, _ = abstract_for_groups(config, params)
     want = {k: v.dtype for k, v in flatten_params(abstract).items()}
     flat = flatten_params(params)
-    return unflatten_params({k: (v.astype(want[k]) if k in want and v.dtype != want[k] else v) for k, v in flat.items()})
+    # int8 weights (and their scales, absent from the float tree) stay as they are: see `models.quant`
+    return unflatten_params({k: (v.astype(want[k]) if k in want and v.dtype != want[k]
+                                 and not jnp.issubdtype(v.dtype, jnp.integer) else v) for k, v in flat.items()})
+
+
+def set_precision(config: ModelConfig, params: Any, mode: str) -> tuple[ModelConfig, Any]:
+    """`config` with the named precision `mode` ("upstream", "bf16", "fp32": `config.PRECISION_MODES`) and `params`
+    (any subset of the groups, host or device arrays) cast to its parameter dtypes."""
+    config = dataclasses.replace(config, precision=PrecisionConfig.named(mode)).validate()
+    return config, cast_to_config_dtypes(params, config)
 
 
 def param_shardings(config: ModelConfig, params: Any, mesh: Mesh | str | None) -> dict[str, Any]:
@@ -87,7 +98,8 @@ def param_shardings(config: ModelConfig, params: Any, mesh: Mesh | str | None) -
         return jax.tree_util.tree_map(lambda _: dev, params)
     mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
     _, axes = abstract_for_groups(config, params)
-    return tree_shardings(params, {g: axes[g] for g in params}, mesh)
+    axes = axes_with_scales({g: axes[g] for g in params}, params)  # int8 scales shard with their columns
+    return tree_shardings(params, axes, mesh)
 
 
 def place_params(config: ModelConfig, params: dict[str, Any], mesh: Mesh | str | None = None) -> dict[str, Any]:
@@ -98,4 +110,5 @@ def place_params(config: ModelConfig, params: dict[str, Any], mesh: Mesh | str |
 
 
 __all__ = ["LLM_GROUP", "abstract_for_groups", "abstract_params", "build_model", "cast_to_config_dtypes",
-           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params"]
+           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params",
+           "set_precision"]

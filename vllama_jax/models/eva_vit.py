@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import (ConfiguredModule, Dtype, LayerNorm, Mlp, dense, dot_product_attention, merge_heads, split_heads,
-                     with_axes)
+from .layers import (ConfiguredModule, Dtype, LayerNorm, Mlp, dense, dot_product_attention, matmul, merge_heads,
+                     split_heads, with_axes)
 
 
 class EvaAttention(nn.Module):
@@ -44,6 +44,36 @@ class EvaBlock(ConfiguredModule):
         return x
 
 
+class PatchEmbed(nn.Module):
+    """The stride-`patch` convolution of the patch embedding; with fp16/bf16 weights as one matmul over flattened
+    patches (through `matmul`, so the weights are never converted whole). Params as `nn.Conv`'s: `kernel` (p, p, 3, width) and
+    `bias` (width,)."""
+
+    patch: int
+    width: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        p = self.patch
+        n, h, w, ch = images.shape
+        kernel = self.param("kernel", with_axes(nn.initializers.lecun_normal(), ("patch", "patch", "in_channels",
+                                                                                  "embed")),
+                            (p, p, ch, self.width), self.param_dtype)
+        bias = self.param("bias", with_axes(nn.initializers.zeros, ("embed",)), (self.width,), self.param_dtype)
+        if jnp.dtype(kernel.dtype) == jnp.float32:
+            # float32 weights: the convolution itself, as nn.Conv computes it (the golden outputs' summation order)
+            y = jax.lax.conv_general_dilated(images.astype(self.dtype), kernel.astype(self.dtype), (p, p), "VALID",
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return y + bias.astype(self.dtype)
+        # (N, H/p, p, W/p, p, C) -> (N, H/p, W/p, p, p, C): each patch flattened in the kernel's (p, p, C) order
+        x = images.astype(self.dtype).reshape(n, h // p, p, w // p, p, ch).transpose(0, 1, 3, 2, 4, 5)
+        x = x.reshape(n, h // p, w // p, p * p * ch)
+        y = matmul(x, kernel.reshape(p * p * ch, self.width), dtype=jnp.float32)
+        return (y.astype(self.dtype) + bias.astype(self.dtype))
+
+
 class EvaViT(ConfiguredModule):
     """(N, H, W, 3) normalized images -> (N, 1 + (H/14)*(W/14), width) tokens; `config`: a `ViTConfig`."""
 
@@ -53,17 +83,8 @@ class EvaViT(ConfiguredModule):
     def __call__(self, images: jax.Array) -> jax.Array:
         c = self.config
         n = images.shape[0]
-        patches = nn.Conv(
-            c.width,
-            (c.patch_size, c.patch_size),
-            strides=(c.patch_size, c.patch_size),
-            padding="VALID",
-            dtype=self.dtype,
-            param_dtype=self.param_dtype,
-            kernel_init=with_axes(nn.initializers.lecun_normal(), ("patch", "patch", "in_channels", "embed")),
-            bias_init=with_axes(nn.initializers.zeros, ("embed",)),
-            name="patch_embed",
-        )(images.astype(self.dtype))
+        patches = PatchEmbed(c.patch_size, c.width, dtype=self.dtype, param_dtype=self.param_dtype,
+                             name="patch_embed")(images)
         # row-major flatten of the patch grid (h outer, w inner), as upstream's flatten(2).transpose(1, 2)
         x = patches.reshape(n, -1, c.width).astype(jnp.float32)
         cls = self.param("cls_token", with_axes(nn.initializers.normal(0.02), (None, None, "embed")),

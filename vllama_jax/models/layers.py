@@ -1,4 +1,5 @@
-"""Layers shared by every tower: dense/norm with logical axes, attention, activations.
+"""Layers shared by every tower: **the** matmul of every weight (`matmul`: float32, bf16/fp16 and int8 + scale),
+dense/embedding/norm with logical axes, attention, activations.
 
 Every parameter is created through `nn.with_logical_partitioning`, so `jax.eval_shape(model.init, ...)` yields the
 logical axis names that `vllama_jax.sharding` maps onto the mesh. Parameter names follow the upstream module
@@ -12,13 +13,28 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
+
+from .. import kernels
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
-# Upstream BERT/ViT/ImageBind use the exact erf GELU, not the tanh approximation.
-gelu = partial(jax.nn.gelu, approximate=False)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """The exact erf GELU of upstream's BERT/ViT/ImageBind (not the tanh approximation), evaluated in float32 and
+    rounded once to x's dtype, as torch's fp16/bf16 kernel (XLA would round each of its parts)."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
+def round_to(x: jax.Array, dtype: Dtype) -> jax.Array:
+    """x (any float dtype, kept) rounded to the precision of `dtype`, as a PyTorch tensor of that dtype stores it.
+    `lax.reduce_precision`, not an astype round trip, which XLA may drop as excess precision inside a fusion."""
+    fmt = jnp.finfo(dtype)
+    return jax.lax.reduce_precision(x, exponent_bits=fmt.nexp, mantissa_bits=fmt.nmant)
+
 
 DTYPES: dict[str, Dtype] = {
     "float32": jnp.float32,
@@ -42,22 +58,161 @@ def with_axes(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
     return nn.with_logical_partitioning(init, axes)
 
 
+# Names of the per-output-channel float32 scales that sit beside int8 weights (written by `models.quant`): a
+# `kernel` (in, out) int8 has `kernel_scale` (out,), an `embedding` (vocab, d) int8 has `embedding_scale` (vocab,).
+KERNEL_SCALE = "kernel_scale"
+EMBEDDING_SCALE = "embedding_scale"
+LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _use_cpu_kernel(weight_dtype: Any) -> bool:
+    """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default), for bf16/fp16/int8
+    weights at any row count (XLA would convert the whole operand first; the kernel's panel path serves prefill,
+    its streaming path decode). Float32 weights keep XLA's dot: on the 2-core test machine the kernel's f32 decode
+    was not reliably faster (batch 1: 10.8 vs 18.9 tok/s, batch 8: 104 vs 74, both under load), so the kernel can
+    serve f32 (`kernels.wmatmul`) but the model does not use it."""
+    wdt = jnp.dtype(weight_dtype)
+    if wdt not in LOW_PRECISION_FLOATS and wdt != jnp.dtype(jnp.int8):
+        return False
+    return kernels.use_cpu_kernels()
+
+
+def dequantize(w: jax.Array, scale: jax.Array | None, transposed: bool = False) -> jax.Array:
+    """The float32 weight a (possibly int8 + scale) kernel stands for. Materialises it: for gradients and tests,
+    never on the forward path."""
+    w = w.astype(jnp.float32)
+    if scale is None:
+        return w
+    return w * (scale[:, None] if transposed else scale[None, :])
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kernel_matmul(x: jax.Array, w: jax.Array, scale: jax.Array | None, transposed: bool) -> jax.Array:
+    return kernels.wmatmul(x, w, scale, nk=transposed)
+
+
+def _kernel_matmul_fwd(x, w, scale, transposed):
+    return _kernel_matmul(x, w, scale, transposed), (x, w, scale)
+
+
+def _kernel_matmul_bwd(transposed, res, g):
+    # The FFI call has no derivative of its own; the backward pass (training, small row counts only) uses XLA.
+    x, w, scale = res
+    wf = dequantize(w, scale, transposed)
+    dx = g @ (wf if transposed else wf.T)
+    if jnp.issubdtype(w.dtype, jnp.integer):
+        dw = np.zeros(w.shape, jax.dtypes.float0)
+    else:
+        raw = g.T @ x if transposed else x.T @ g
+        dw = (raw * (scale[:, None] if transposed else scale[None, :]) if scale is not None else raw).astype(w.dtype)
+    ds = None if scale is None else jnp.sum(g * (x @ (w.astype(jnp.float32).T if transposed
+                                                       else w.astype(jnp.float32))), axis=0)
+    return dx.astype(x.dtype), dw, ds
+
+
+_kernel_matmul.defvjp(_kernel_matmul_fwd, _kernel_matmul_bwd)
+
+
+def matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None, *, transposed: bool = False,
+           dtype: Dtype = jnp.float32) -> jax.Array:
+    """**The** matmul of every weight: x (..., K) @ kernel -> (..., N) in `dtype`.
+
+    kernel: (K, N), or (N, K) with `transposed` (an embedding table as the tied LM head); float32, bfloat16,
+    float16, or int8 with `scale` (N,) per output channel. Low-precision weights are never converted whole: on a
+    one-device CPU program the FFI kernel (`vllama_jax.kernels`) reads them as stored; elsewhere XLA's dot takes
+    them as they are and accumulates in float32 (`preferred_element_type`; int8 is converted inside the dot's
+    fusion on accelerators). Float32 weights with a lower compute dtype are cast to it first, as `nn.Dense` does.
+    """
+    k = x.shape[-1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    rows = x2.shape[0]
+    wdt = jnp.dtype(kernel.dtype)
+    if _use_cpu_kernel(wdt):
+        y = _kernel_matmul(x2.astype(jnp.float32), kernel, scale, transposed)
+    else:
+        if wdt in LOW_PRECISION_FLOATS:
+            xc, w = x2.astype(wdt), kernel
+        elif jnp.issubdtype(wdt, jnp.integer):
+            w = kernel.astype(dtype)
+            xc = x2.astype(dtype)
+        else:
+            xc, w = x2.astype(dtype), kernel.astype(dtype)
+        pad = 0
+        if rows == 1 and wdt in LOW_PRECISION_FLOATS and jax.default_backend() == "cpu":
+            # XLA CPU runs a one-row bf16/fp16 dot by converting the weight to float32 (a full copy); two rows
+            # take its native path.
+            pad = 1
+            xc = jnp.pad(xc, ((0, 1), (0, 0)))
+        dims = (((1,), (1 if transposed else 0,)), ((), ()))
+        y = jax.lax.dot_general(xc, w, dims, preferred_element_type=jnp.float32)
+        if pad:
+            y = y[:rows]
+        if scale is not None:
+            y = y * scale.astype(jnp.float32)
+    return y.reshape(*lead, y.shape[-1]).astype(dtype)
+
+
+class Dense(nn.Module):
+    """A linear layer over `matmul`: params `kernel` (in, out) (+ `kernel_scale` (out,) when int8, see
+    `models.quant`) and `bias` (out,), with logical axes `axes` (the scale takes the output axis)."""
+
+    features: int
+    axes: tuple[str | None, str | None]
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Initializer = normal_init(0.02)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", with_axes(self.kernel_init, self.axes), (x.shape[-1], self.features),
+                            self.param_dtype)
+        scale = self.get_variable("params", KERNEL_SCALE)
+        # computed in self.dtype (a float32 kernel under a bf16 compute dtype is cast, as nn.Dense does)
+        y = matmul(x, kernel, scale, dtype=self.dtype)
+        if self.use_bias:
+            bias = self.param("bias", with_axes(nn.initializers.zeros, (self.axes[1],)), (self.features,),
+                              self.param_dtype)
+            # in the compute dtype, as nn.Dense adds it
+            y = y.astype(self.dtype) + bias.astype(self.dtype)
+        return y
+
+
+class Embed(nn.Module):
+    """A token table `embedding` (num, features) (+ `embedding_scale` (num,) when int8) with logical axes
+    ("vocab", "embed"): lookup, and `attend` (the tied LM head: x @ table.T through `matmul`)."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    embedding_init: Initializer = normal_init(0.02)
+
+    def setup(self) -> None:
+        self.embedding = self.param("embedding", with_axes(self.embedding_init, ("vocab", "embed")),
+                                    (self.num_embeddings, self.features), self.param_dtype)
+        self.scale = self.get_variable("params", EMBEDDING_SCALE)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        rows = jnp.take(self.embedding, ids, axis=0)
+        if self.scale is not None:
+            rows = rows.astype(jnp.float32) * jnp.take(self.scale, ids, axis=0)[..., None]
+        return rows.astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        return matmul(x, self.embedding, self.scale, transposed=True, dtype=self.dtype)
+
+
 def dense(features: int, axes: tuple[str | None, str | None], name: str | None = None, *, use_bias: bool = True,
           dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-          kernel_init: Initializer = normal_init(0.02)) -> nn.Dense:
-    """`nn.Dense` (params `kernel` (in, out) and `bias` (out,) under `name`) with logical axes.
+          kernel_init: Initializer = normal_init(0.02)) -> Dense:
+    """`Dense` (params `kernel` (in, out) and `bias` (out,) under `name`) with logical axes.
 
     Matmul precision follows `jax_default_matmul_precision` (set it to "highest" on GPU/TPU for fp32 parity).
     """
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=param_dtype,
-        kernel_init=with_axes(kernel_init, axes),
-        bias_init=with_axes(nn.initializers.zeros, (axes[1],)),
-        name=name,
-    )
+    return Dense(features, axes, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=kernel_init,
+                 name=name)
 
 
 class ConfiguredModule(nn.Module):
@@ -125,11 +280,15 @@ def dot_product_attention(
     dropout_rng: jax.Array | None = None,
     dropout_rate: float = 0.0,
     deterministic: bool = True,
+    half_precision_scores: bool = False,
 ) -> jax.Array:
     """Softmax attention with the scores and softmax in float32.
 
     q: (B, Lq, H, Dh); k, v: (B, Lk, Hkv, Dh) with H a multiple of Hkv (grouped-query attention);
     bias: additive, broadcastable to (B, H, Lq, Lk). Returns (B, Lq, H, Dh) in q's dtype.
+    half_precision_scores: round the scores to q's dtype after the matmul and again after dividing by sqrt(Dh),
+    as PyTorch's `matmul(q, k^T) / sqrt(Dh)` does on bf16/fp16 tensors (upstream's LLaMA); the bias and the softmax
+    are float32 either way.
     """
     b, lq, h, dh = q.shape
     hkv = k.shape[2]
@@ -140,7 +299,10 @@ def dot_product_attention(
     scores = jnp.einsum(
         "bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32
     )
-    scores = scores.astype(jnp.float32) * scale
+    if half_precision_scores:
+        scores = round_to(round_to(scores.astype(jnp.float32), q.dtype) / (1.0 / scale), q.dtype)
+    else:
+        scores = scores.astype(jnp.float32) * scale
     if bias is not None:
         bias = jnp.asarray(bias, jnp.float32)
         # (B|1, H|1, Lq, Lk) -> grouped layout (B|1, Hkv|1, group|1, Lq, Lk)

@@ -6,12 +6,13 @@ or tied `lm_head`. Only the decoder is here: embedding lookup (`Llama.embed`) is
 Video-LLaMA splices media embeddings between text embeddings before the decoder runs.
 
 Params tree (paths as in `vllama_jax.weights.llama_keys`):
-    embed_tokens/embedding (V, D)
+    embed_tokens/embedding (V, D)   (+ embed_tokens/embedding_scale (V,) when int8: `models.quant`)
     layers_{i}/self_attn/{q_proj,k_proj,v_proj,o_proj}/kernel
     layers_{i}/mlp/{gate_proj,up_proj,down_proj}/kernel
     layers_{i}/{input_layernorm,post_attention_layernorm}/scale
     norm/scale
     lm_head/kernel (D, V)            (absent when tie_word_embeddings)
+    every `kernel` may be int8 with a `kernel_scale` (out,) beside it (`models.quant`)
 
 KV cache (`init_cache`): a plain dict, so it can be donated to a jitted step and sharded with
 `cache_logical_axes`:
@@ -39,7 +40,7 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import LlamaConfig
-from .layers import ConfiguredModule, Dtype, RMSNorm, dense, dot_product_attention, normal_init, with_axes
+from .layers import ConfiguredModule, Dense, Dtype, Embed, RMSNorm, dense, dot_product_attention, round_to
 
 Cache = dict[str, Any]
 
@@ -117,6 +118,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class LlamaAttention(ConfiguredModule):
+    torch_arithmetic: bool = False  # see `Llama.torch_arithmetic`
+
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
                  layer_cache: dict[str, jax.Array] | None, index: jax.Array | None
@@ -137,7 +140,7 @@ class LlamaAttention(ConfiguredModule):
             cv = _write_rows(layer_cache["v"], v, index)
             new_cache = {"k": ck, "v": cv}
             k, v = ck.astype(self.dtype), cv.astype(self.dtype)
-        out = dot_product_attention(q, k, v, bias)
+        out = dot_product_attention(q, k, v, bias, half_precision_scores=self.torch_arithmetic)
         out = dense(c.hidden_size, ("heads", "embed"), "o_proj", **kw)(out.reshape(b, l, h * dh))
         return out, new_cache
 
@@ -149,22 +152,32 @@ class LlamaMLP(ConfiguredModule):
         kw = dict(use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
         gate = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj", **kw)(x)
         up = dense(c.intermediate_size, ("embed", "mlp"), "up_proj", **kw)(x)
-        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", **kw)(jax.nn.silu(gate) * up)
+        # SiLU evaluated in float32 and rounded once, as torch's bf16/fp16 kernel (XLA would round its parts)
+        act = jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)
+        return dense(c.hidden_size, ("mlp", "embed"), "down_proj", **kw)(act * up)
 
 
 class LlamaDecoderLayer(ConfiguredModule):
+    torch_arithmetic: bool = False  # see `Llama.torch_arithmetic`
+
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
                  layer_cache: dict[str, jax.Array] | None = None, index: jax.Array | None = None
                  ) -> tuple[jax.Array, dict[str, jax.Array] | None]:
         c = self.config
+        stream = x.dtype  # the residual stream's dtype (`Llama.torch_arithmetic`); only the norms' outputs are cast
         h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
-        attn, new_cache = LlamaAttention(c, self.dtype, self.param_dtype, name="self_attn")(
+        attn, new_cache = LlamaAttention(c, self.dtype, self.param_dtype, self.torch_arithmetic, name="self_attn")(
             h.astype(self.dtype), cos, sin, bias, layer_cache, index)
-        x = x + attn
+        x = self._residual(x + attn)
         h = RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
-        x = x + LlamaMLP(c, self.dtype, self.param_dtype, name="mlp")(h.astype(self.dtype))
-        return x.astype(self.dtype), new_cache
+        x = self._residual(x + LlamaMLP(c, self.dtype, self.param_dtype, name="mlp")(h.astype(self.dtype)))
+        return x.astype(stream), new_cache
+
+    def _residual(self, x: jax.Array) -> jax.Array:
+        """With torch arithmetic, each residual sum rounded to its dtype where it is computed, as torch stores it:
+        XLA may otherwise keep a bf16 sum in float32 inside a fusion (excess precision) and feed that to the norm."""
+        return round_to(x, x.dtype) if self.torch_arithmetic else x
 
 
 class Llama(ConfiguredModule):
@@ -177,21 +190,23 @@ class Llama(ConfiguredModule):
     """
 
     remat: bool = False
+    # True: upstream's PyTorch arithmetic (config `precision.llama_arithmetic: torch`): the residual stream runs in
+    # the wider of the input embeddings' dtype and the compute dtype, as type promotion runs upstream's bf16 LLaMA
+    # on a float32 prompt, and attention scores are rounded to the compute dtype as torch's half-precision matmul
+    # rounds them. False: the stream in the compute dtype, scores in float32.
+    torch_arithmetic: bool = False
 
     def setup(self) -> None:
         c = self.config
-        self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
-            embedding_init=with_axes(normal_init(0.02), ("vocab", "embed")),
-        )
+        self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
         layer_cls = nn.remat(LlamaDecoderLayer) if self.remat else LlamaDecoderLayer
         # A list attribute in setup names its modules layers_0, layers_1, ...
-        self.layers = [layer_cls(c, self.dtype, self.param_dtype) for _ in range(c.num_layers)]
+        self.layers = [layer_cls(c, self.dtype, self.param_dtype, self.torch_arithmetic) for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
         if not c.tie_word_embeddings:
-            # nn.Dense directly: modules assigned in setup take the attribute name and may not pass `name=`.
-            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-                                    kernel_init=with_axes(normal_init(0.02), ("embed", "vocab")))
+            # Dense directly: modules assigned in setup take the attribute name and may not pass `name=`.
+            self.lm_head = Dense(c.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token ids (B, L) -> embeddings (B, L, D) in the compute dtype."""
@@ -230,7 +245,8 @@ class Llama(ConfiguredModule):
         if self.is_initializing():
             # setup() submodules are created on first use; make `init` through __call__ create the table too.
             self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
-        x = inputs_embeds.astype(self.dtype)
+        stream = jnp.promote_types(inputs_embeds.dtype, self.dtype) if self.torch_arithmetic else self.dtype
+        x = inputs_embeds.astype(stream)
         if attention_mask is None:
             mask = jnp.ones((b, l), jnp.bool_)
         else:

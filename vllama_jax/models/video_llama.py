@@ -21,7 +21,7 @@ from flax import linen as nn
 from ..config import ModelConfig, QFormerConfig
 from .eva_vit import EvaViT
 from .imagebind import ImageBindEncoder
-from .layers import LayerNorm, as_dtype, dense, with_axes
+from .layers import Dense, LayerNorm, as_dtype, dense, with_axes
 from .llama import Llama
 from .qformer import QFormer
 
@@ -54,8 +54,7 @@ class VideoLLaMA(nn.Module):
             self.audio_qformer = QFormer(c.audio_qformer, dtype=qf_dt, param_dtype=train_pdt)
             self.audio_query_tokens = _query_tokens(self, "audio_query_tokens", c.audio_qformer, train_pdt)
             self.audio_llama_proj = _llm_projection(c.llama.hidden_size, c.audio_qformer, qf_dt, train_pdt)
-        self.llama = Llama(c.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params),
-                           remat=self.remat_llama)
+        self.llama = llama_module(c, remat=self.remat_llama)
 
     # ------------------------------------------------------------------------------------------------------
     # vision branch
@@ -258,6 +257,13 @@ class VideoLLaMA(nn.Module):
         return logits.sum() + jnp.sum(out)
 
 
+def llama_module(config: ModelConfig, remat: bool = False) -> Llama:
+    """The LLaMA decoder with the config's precision: compute and parameter dtypes, and the residual stream."""
+    p = config.precision
+    return Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params), remat=remat,
+                 torch_arithmetic=p.llama_arithmetic == "torch")
+
+
 def _torch_linear_init(fan_in: int) -> Any:
     """PyTorch nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (upstream projections, upstream.md §3.5)."""
     bound = 1.0 / fan_in ** 0.5
@@ -276,7 +282,7 @@ def _position_table(num: int, dim: int, param_dtype: Any) -> nn.Embed:
                     embedding_init=with_axes(nn.initializers.normal(1.0), ("positions", "embed")))
 
 
-def _llm_projection(llm_width: int, qformer: QFormerConfig, dtype: Any, param_dtype: Any) -> nn.Dense:
+def _llm_projection(llm_width: int, qformer: QFormerConfig, dtype: Any, param_dtype: Any) -> Dense:
     """A Q-Former's output -> the LLM's embedding space (`llama_proj`, `audio_llama_proj`)."""
     return dense(llm_width, (None, "embed"), dtype=dtype, param_dtype=param_dtype,
                  kernel_init=_torch_linear_init(qformer.hidden_size))

@@ -75,11 +75,29 @@ def _as_list(ids) -> list:
     return list(ids)
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def scalar_text(text: str) -> str:
+    """``text`` with every surrogate code point replaced by U+FFFD. A Python str can hold lone surrogates (from a
+    JSON ``\\ud800`` escape, a bad decode with ``surrogateescape``); no UTF-8 encoder (SentencePiece, HF tokenizers)
+    accepts them, and replacing is what a UTF-8 reader does with the equivalent bytes."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
 def _write_json(path: Path, obj) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
+
+
+def clean_up_tokenization(text: str) -> str:
+    """transformers' `clean_up_tokenization` (4.28 and 5.x alike): drop the space before . ? ! , and English
+    contractions, as `decode(..., clean_up_tokenization_spaces=True)` does."""
+    return (text.replace(" .", ".").replace(" ?", "?").replace(" !", "!").replace(" ,", ",").replace(" ' ", "'")
+            .replace(" n't", "n't").replace(" 'm", "'m").replace(" 's", "'s").replace(" 've", "'ve")
+            .replace(" 're", "'re"))
 
 
 class Tokenizer:
@@ -89,6 +107,10 @@ class Tokenizer:
     (without the two placeholders), ``image_placeholder_id`` (= ``base_vocab_size``), ``audio_placeholder_id``
     (= ``base_vocab_size + 1``), ``chat_template`` (jinja string or ``None``), ``family`` (``"llama_sp"`` / ``"hf"``),
     ``adds_bos`` / ``adds_eos`` (what the model's own ``tokenizer(text)`` adds by default; LLaMA: BOS only).
+
+    ``clean_up_tokenization_spaces``: whether ``decode`` applies :func:`clean_up_tokenization` by default, as the
+    source tokenizer's files say (transformers semantics; ``decode(..., clean_up_tokenization_spaces=...)``
+    overrides it per call).
 
     ``pad_id`` is the model tokenizer's pad token if its files name one, else ``unk`` (upstream
     ``pad_token = unk_token``). Upstream's *instruction* datasets always pad with ``unk`` (0):
@@ -112,7 +134,11 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         raise NotImplementedError
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
+        raise NotImplementedError
+
+    @property
+    def clean_up_tokenization_spaces(self) -> bool:
         raise NotImplementedError
 
     def save(self, directory) -> None:
@@ -219,6 +245,8 @@ class LlamaSPTokenizer(Tokenizer):
         cfg = dict(config or {})
         stm = dict(special_tokens_map or {})
         self.config = cfg
+        # 4.28's LlamaTokenizer defaults to False when tokenizer_config.json does not say
+        self._clean_up = bool(cfg.get("clean_up_tokenization_spaces", False))
         n_sp = sp.get_piece_size()
 
         def piece_id(tok: str | None, default: int) -> int:
@@ -292,7 +320,7 @@ class LlamaSPTokenizer(Tokenizer):
     def tokenize(self, text: str) -> list[str]:
         """Token strings (SentencePiece pieces / special tokens), as 4.28's ``tokenize``."""
         out: list[str] = []
-        for chunk in self._chunks(text):
+        for chunk in self._chunks(scalar_text(text)):
             if chunk in self._no_split:
                 out.append(chunk)
             else:
@@ -315,7 +343,7 @@ class LlamaSPTokenizer(Tokenizer):
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids: list[int] = [self.bos_id] if add_bos else []
-        for chunk in self._chunks(text):
+        for chunk in self._chunks(scalar_text(text)):
             tid = self._no_split.get(chunk)
             if tid is not None:
                 ids.append(tid)
@@ -359,7 +387,11 @@ class LlamaSPTokenizer(Tokenizer):
                 prev_special = False
         return out + self.sp.decode_pieces(cur)
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    @property
+    def clean_up_tokenization_spaces(self) -> bool:
+        return self._clean_up
+
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
         ids = [int(i) for i in _as_list(ids)]
         if skip_special_tokens:
             skip = set(self._special_tokens.values())
@@ -378,7 +410,9 @@ class LlamaSPTokenizer(Tokenizer):
                 cur.append(tok)
         if cur:
             sub_texts.append(self._tokens_to_string(cur))
-        return " ".join(sub_texts)
+        text = " ".join(sub_texts)
+        clean = self._clean_up if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        return clean_up_tokenization(text) if clean else text
 
     # ---- save -----------------------------------------------------------------------------------------------
     def save(self, directory) -> None:
@@ -394,7 +428,7 @@ class LlamaSPTokenizer(Tokenizer):
             "eos_token": inv.get(self.eos_id, "</s>"),
             "unk_token": inv.get(self.unk_id, "<unk>") if self.unk_id is not None else None,
             "pad_token": None if self.pad_id == self.unk_id else inv.get(self.pad_id),
-            "clean_up_tokenization_spaces": False,
+            "clean_up_tokenization_spaces": self._clean_up,
             "legacy": True,
         }
         if self.chat_template:
@@ -455,7 +489,7 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        ids = list(self.hf.encode(text, add_special_tokens=False)) if text else []
+        ids = list(self.hf.encode(scalar_text(text), add_special_tokens=False)) if text else []
         if add_bos:
             ids.insert(0, self.bos_id)
         if add_eos:
@@ -464,16 +498,20 @@ class HFTokenizer(Tokenizer):
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids of ``text`` (no BOS) and the character span of every token."""
-        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True)
+        enc = self.hf(scalar_text(text), add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    @property
+    def clean_up_tokenization_spaces(self) -> bool:
+        return bool(self.hf.clean_up_tokenization_spaces)  # transformers read it from the source files
+
+    def decode(self, ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool | None = None) -> str:
         ids = [int(i) for i in _as_list(ids)]
         if skip_special_tokens:
             # the model's special tokens; the placeholders are kept (as for the LLaMA tokenizer)
             skip = (self.special_ids | set(self.hf.all_special_ids)) - {self.image_placeholder_id, self.audio_placeholder_id}
             ids = [i for i in ids if i not in skip]
-        return self.hf.decode(ids, skip_special_tokens=False)
+        return self.hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=clean_up_tokenization_spaces)
 
     def id_to_token(self, i: int) -> str:
         tok = self.hf.convert_ids_to_tokens(int(i))
@@ -497,6 +535,7 @@ class HFTokenizer(Tokenizer):
 
 
 __all__ = [
+    "clean_up_tokenization",
     "IMAGE_PLACEHOLDER",
     "AUDIO_PLACEHOLDER",
     "PLACEHOLDERS",

@@ -10,12 +10,14 @@ save leaves the previous steps intact):
 
 The frozen towers are never written here: they are read again from the model directory / upstream files on resume.
 Saves are asynchronous: `save` returns once the arrays are copied off the devices, the files are written by a
-background thread while training goes on.
+background thread while training goes on. Restores read at most `restore_buffer_bytes` at a time (as model
+directories do, `weights.model_dir.restore_limit_bytes`), so a restore holds the arrays plus a bounded buffer.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +26,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ..config import ConfigError
 from ..data import checkpoint_args
+from ..runtime import return_freed_buffers_to_os
 from ..tree import flatten_params
+from ..weights.model_dir import RESTORE_BUFFER_BYTES, bounded_pytree_checkpointer, restore_limit_bytes
 
 
 def _is_grain_iterator(it: Any) -> bool:
@@ -35,12 +40,20 @@ def _is_grain_iterator(it: Any) -> bool:
 class Checkpointer:
     """Thin wrapper over `ocp.CheckpointManager`: save every `every` steps, keep the last `keep`."""
 
-    def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str | Path, *, every: int, keep: int, async_save: bool = True,
+                 restore_buffer_bytes: int = RESTORE_BUFFER_BYTES):
         self.directory = Path(directory).absolute()
         self.every = every
+        self.restore_limit = restore_limit_bytes(restore_buffer_bytes, 0)
         # the save decision is ours (`should_save`); Orbax only keeps the last `keep`
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        for item in ("params", "opt_state"):
+            # Orbax takes the limit in GB and multiplies by 1e9: a fractional value gives the byte limit
+            handler = ocp.StandardCheckpointHandler(restore_concurrent_gb=self.restore_limit / 1e9)  # type: ignore[arg-type]
+            registry.add(item, ocp.args.StandardSave, handler)
+            registry.add(item, ocp.args.StandardRestore, handler)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, handler_registry=registry)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -59,6 +72,12 @@ class Checkpointer:
     def restore(self, step: int, abstract_params: Any, abstract_opt_state: Any, data_iter: Any) -> dict[str, Any]:
         """Restore onto the shardings carried by the abstract trees (`jax.ShapeDtypeStruct(..., sharding=...)`);
         the data iterator is restored in place."""
+        largest = max((_largest_shard_bytes(x) for tree in (abstract_params, abstract_opt_state)
+                       for x in jax.tree.leaves(tree)), default=0)
+        if largest >= self.restore_limit:
+            raise ConfigError(f"{self.directory}: a checkpointed array of {largest} bytes is larger than the "
+                              f"restore buffer ({self.restore_limit} bytes): pass a larger restore_buffer_bytes")
+        return_freed_buffers_to_os()
         items: dict[str, Any] = {"params": ocp.args.StandardRestore(abstract_params),
                                  "opt_state": ocp.args.StandardRestore(abstract_opt_state),
                                  "meta": ocp.args.JsonRestore()}
@@ -81,6 +100,15 @@ class Checkpointer:
         self.manager.close()
 
 
+def _largest_shard_bytes(x: Any) -> int:
+    """Bytes of the largest device shard of an abstract array (the whole array without a sharding)."""
+    shape = tuple(getattr(x, "shape", ()))
+    sharding = getattr(x, "sharding", None)
+    if sharding is not None and hasattr(sharding, "shard_shape"):
+        shape = sharding.shard_shape(shape)
+    return int(math.prod(shape)) * np.dtype(getattr(x, "dtype", np.float32)).itemsize
+
+
 def is_training_checkpoint(path: str | Path) -> bool:
     """A checkpoints folder written by `Checkpointer`, or one step folder of it."""
     p = Path(path)
@@ -98,10 +126,12 @@ def load_trainable_params(path: str | Path) -> dict[str, np.ndarray]:
             raise FileNotFoundError(f"{p}: no training checkpoint step inside")
         p = p / str(steps[-1])
     # as host numpy arrays: the checkpoint may come from another mesh / number of processes
-    ckptr = ocp.PyTreeCheckpointer()
-    meta = ckptr.metadata(p / "params")
+    meta = ocp.PyTreeCheckpointer().metadata(p / "params")
     meta = getattr(meta, "item_metadata", meta)
     meta = getattr(meta, "tree", meta)
+    largest = max((_largest_shard_bytes(x) for x in jax.tree.leaves(meta)), default=0)
+    return_freed_buffers_to_os()
+    ckptr = bounded_pytree_checkpointer(restore_limit_bytes(None, largest))
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
     tree = ckptr.restore(p / "params", args=ocp.args.PyTreeRestore(item=None, restore_args=restore_args))
     return {k: np.asarray(v) for k, v in flatten_params(tree).items()}

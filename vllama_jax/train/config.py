@@ -28,6 +28,7 @@ import yaml
 
 from ..config import (ConfigError, from_dict, load_config_dict, override_dict, require, require_at_least,
                       require_positive)
+from ..eval.tasks import TASKS
 from ..sharding import MeshSpecError, parse_mesh_spec
 from ..text import IMAGE_PLACEHOLDER, STAGE2_PROMPT_TEMPLATE
 
@@ -142,6 +143,21 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class EvalConfig:
+    """A benchmark run on held-out annotations every `every` steps (`vllama_jax.eval`; docs/eval.md); its metrics
+    go to the logs. every = 0: off."""
+
+    task: str = ""  # a `vllama-jax eval --task` name (mvbench, msvd_qa, ...)
+    annotations: str = ""  # the task's annotation file or folder, as published
+    media_dir: str = ""
+    every: int = 0
+    limit: int = 0  # the first N questions; 0 = all
+    batch_size: int = 4
+    num_frames: int = 0  # 0 = data.num_frames
+    max_new_tokens: int = 32  # open-ended answers
+
+
+@dataclass(frozen=True)
 class DistributedConfig:
     """Multi-host: explicit coordinator (GPU clusters, local tests) or `auto` (TPU pods, SLURM: jax detects)."""
 
@@ -172,6 +188,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -225,6 +242,7 @@ class TrainConfig:
         require_at_least(self.checkpoint, "checkpoint.", 1, "keep")
         require_at_least(self.log, "log.", 1, "every")
         require_at_least(self.log, "log.", 0, "peak_tflops")
+        self._validate_eval()
         dist = self.distributed
         if dist.num_processes > 1 or dist.coordinator:
             require(bool(dist.coordinator), "distributed.coordinator", "needed with num_processes > 1")
@@ -255,6 +273,17 @@ class TrainConfig:
             require(d.prompt_template in STAGE2_PROMPT_TEMPLATE or d.prompt_template == "llama_v2",
                     "data.prompt_template", f"{d.prompt_template!r} is neither a template name "
                     f"({', '.join(STAGE2_PROMPT_TEMPLATE)}) nor a format string with {{}}")
+
+    def _validate_eval(self) -> None:
+        e = self.eval
+        require_at_least(e, "eval.", 0, "every", "limit", "num_frames")
+        require_at_least(e, "eval.", 1, "batch_size", "max_new_tokens")
+        if e.every:
+            require(e.task in TASKS, "eval.task", f"unknown task {e.task!r} (one of {', '.join(TASKS)})")
+            require(bool(e.annotations), "eval.annotations", "needed with eval.every > 0")
+            require(bool(e.media_dir), "eval.media_dir", "needed with eval.every > 0")
+            require(self.branch == "video", "eval.every",
+                    "the eval hook asks about videos: it needs the vision branch (frozen_video_qformer: false)")
 
     def _validate_optim(self) -> None:
         o = self.optim

@@ -18,6 +18,7 @@ import sys
 import time
 import warnings
 from functools import partial
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import jax
@@ -29,6 +30,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
 from ..data.batch import llm_positions
 from ..errors import VllamaError
+from ..eval.runner import evaluate as run_eval
+from ..eval.tasks import Question, Task, get_task, load_questions
+from ..inference.chat import VideoLLaMAChat
 from ..models import abstract_params, build_model
 from ..models.groups import branch_towers
 from ..runtime import matmul_peak_flops, use_compilation_cache
@@ -70,7 +74,9 @@ def with_precision(mc: ModelConfig, mode: str) -> ModelConfig:
         p = type(p)()
     elif mode == "bfloat16":
         bf = "bfloat16"
-        p = dataclasses.replace(p, vit=bf, qformer=bf, imagebind=bf, llama=bf, vit_params=bf, llama_params=bf)
+        # jax arithmetic: float32 attention scores, no torch-style rounding of the stream (an inference fidelity mode)
+        p = dataclasses.replace(p, vit=bf, qformer=bf, imagebind=bf, llama=bf, vit_params=bf, llama_params=bf,
+                                llama_arithmetic="jax")
     return dataclasses.replace(mc, precision=dataclasses.replace(p, trainable_params="float32"))
 
 
@@ -139,6 +145,11 @@ class Trainer:
         self.data_iter: Any = None
         self.checkpointer: Checkpointer | None = None
         self.history: list[dict[str, Any]] = []
+        #: the summaries of the eval hook's runs (`cfg.eval`)
+        self.eval_history: list[dict[str, Any]] = []
+        self._eval_questions: list[Question] | None = None
+        self._eval_task: Task | None = None
+        self._eval_chat: VideoLLaMAChat | None = None
 
     # ------------------------------------------------------------------------------------------------------------
     # checks and small helpers
@@ -345,8 +356,15 @@ class Trainer:
                 if pending is not None:  # one step behind: the host reads step i-1 while step i runs
                     self._finish(pending)
                 pending = info
+                if cfg.eval.every and (step + 1) % cfg.eval.every == 0:
+                    if pending is not None:  # log the step before its eval
+                        self._finish(pending)
+                        pending = None
+                    self.evaluate(step + 1)
+                    self._clock = time.perf_counter()  # the eval's time is not the next step's
                 if step + 1 == end or self.checkpointer.should_save(step + 1):
-                    self._finish(pending)  # never save a state whose loss was not checked
+                    if pending is not None:  # never save a state whose loss was not checked
+                        self._finish(pending)
                     pending = None
                     if last_saved != step + 1:
                         self.checkpointer.save(step + 1, self.state, self.data_iter, self._meta())
@@ -355,6 +373,8 @@ class Trainer:
                 self._finish(pending)
         finally:
             self.checkpointer.wait()
+        if hasattr(self.data_iter, "summary"):  # the pipeline's iterator (the synthetic one has no bad records)
+            self._log(f"{cfg.name}: {self.data_iter.summary()}")
         return self.history[first:]
 
     def _finish(self, info: dict[str, Any]) -> None:
@@ -374,6 +394,34 @@ class Trainer:
         self.history.append({"step": step, **row, "example_id": None if ids is None else np.asarray(ids)})
         if step % self.cfg.log.every == 0 or step == self.cfg.total_steps:
             self.metrics.log(step, row)
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """Run the configured benchmark (`cfg.eval`) on the current parameters: OUT = {output_dir}/eval/step_<N>;
+        its metrics go to the logs (eval.csv, TensorBoard). Returns the summary."""
+        e = self.cfg.eval
+        if self.process_count > 1:
+            raise ConfigError("eval.every: the eval hook runs in single-process jobs only (for now); evaluate the "
+                              "saved checkpoints with `vllama-jax eval` instead")
+        if self._eval_questions is None:
+            self._eval_task = get_task(e.task)
+            self._eval_questions = load_questions(self._eval_task, resolve_path(e.annotations),
+                                                  resolve_path(e.media_dir), e.limit or None)
+        params = {**self.frozen, **self.state["params"]}
+        if self._eval_chat is None:
+            self._eval_chat = VideoLLaMAChat(self.model_config, params, self.tokenizer, mesh=self.mesh,
+                                             num_frames=e.num_frames or self.cfg.data.num_frames,
+                                             compilation_cache=False, log=self._log)
+        else:  # the same compiled programs, this step's parameters
+            self._eval_chat.update_params(params)
+        chat = self._eval_chat
+        chat.name = f"{self.cfg.name} step {step}"
+        res = run_eval(chat, self._eval_task.name, self._eval_task.kind, self._eval_questions,
+                       Path(self.cfg.output_dir) / "eval" / f"step_{step}", batch_size=e.batch_size,
+                       max_new_tokens=e.max_new_tokens, progress=False)
+        s = res.summary
+        self.metrics.log_eval(step, s["task"], s["metrics"], s["errors"], s["n"])
+        self.eval_history.append({"step": step, **s})
+        return s
 
     def close(self) -> None:
         if self.checkpointer is not None:

@@ -42,7 +42,7 @@ class MetricsLogger:
         self._csv_file = None
         if not enabled:
             return
-        log_dir = Path(log_dir)
+        self.log_dir = log_dir = Path(log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
         path = log_dir / "metrics.csv"
         new = not path.exists() or path.stat().st_size == 0
@@ -65,6 +65,25 @@ class MetricsLogger:
                 self._tb.add_scalar(f"train/{k}", v, step)
         self._tb.flush()
         print(self.format_line(step, values), file=self.stream, flush=True)
+
+    def log_eval(self, step: int, task: str, metrics: Mapping[str, float], errors: int, n: int) -> None:
+        """A benchmark's metrics at `step`: `{log_dir}/eval.csv` (step, task, metric, value), TensorBoard
+        `eval/<task>/<metric>`, and one line."""
+        if not self.enabled:
+            return
+        path = self.log_dir / "eval.csv"
+        new = not path.exists() or path.stat().st_size == 0
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(["step", "task", "metric", "value"])
+            for k, v in metrics.items():
+                w.writerow([step, task, k, v])
+                self._tb.add_scalar(f"eval/{task}/{k}", v, step)
+        self._tb.flush()
+        shown = ", ".join(f"{k} {100 * v:.1f}%" if k != "judge_score" else f"{k} {v:.2f}" for k, v in metrics.items())
+        print(f"step {step}/{self.total_steps} | eval {task}: {shown} ({n} questions, {errors} errors)",
+              file=self.stream, flush=True)
 
     def format_line(self, step: int, v: Mapping[str, Any]) -> str:
         parts = [f"step {step}/{self.total_steps}", f"loss {v['loss']:.4f}", f"lr {v['lr']:.3e}",

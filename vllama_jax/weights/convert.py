@@ -13,6 +13,8 @@ What it does, in order:
    checked to hold the kind of weights its flag says before anything is written.
 2. Config (`infer_config`). Whatever the shapes decide is read from the files; the rest comes from `--config`,
    else the defaults (the released sizes); a `--config` value the files contradict is an error naming both.
+   `--dtype` / `--dtype-<tower>` set the stored dtypes, and the ViT's and the LLaMA's compute dtype with them
+   (`converted_precision`), so a bf16 conversion's config.yaml computes in bf16.
 3. Streaming. Each file is read tensor by tensor (`load.load_groups(..., on_tensor=...)`; `--init-missing` groups
    come from the same call), converted to the Flax layout and the tower's dtype and handed to TensorStore, with at
    most a write buffer (64 MiB) in flight: resident memory stays near the largest tensor plus that buffer, not the
@@ -40,13 +42,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+import jax
 import ml_dtypes
 import numpy as np
 from tqdm import tqdm
 
-from ..config import ModelConfig
+from ..config import ModelConfig, PrecisionConfig
 from ..models import abstract_for_groups, model_groups
-from ..models.groups import BY_NAME, FILE_KINDS, TOWERS, branch_groups, groups_of_file
+from ..models.groups import BY_NAME, FILE_KINDS, LLM_GROUP, TOWERS, branch_groups, groups_of_file
+from ..models.quant import MANIFEST_KEY as QUANT_MANIFEST_KEY
+from ..models.quant import quantize_flat, quantized_specs, scale_name
 from ..text import TokenizerError, load_tokenizer
 from ..tree import flatten_params
 from .detect import FLAGS, LABELS, ORDER, ConvertError, detect_inputs, llama_weights_path, open_input
@@ -64,6 +69,9 @@ from .model_dir import (
 from .readers import TensorSource
 
 DTYPES = ("float32", "bfloat16", "float16")
+# Output dtypes of the LLM only: "int8" writes its projections and token table as int8 + per-channel scales
+# (`models.quant`); the towers keep the config's precision.
+LLM_ONLY_DTYPES = ("int8",)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -242,6 +250,23 @@ def tower_dtypes(config: ModelConfig, dtype: str | None, per_tower: Mapping[str,
     return out
 
 
+def converted_precision(config: ModelConfig, dtype: str | None, per_tower: Mapping[str, str | None]
+                        ) -> PrecisionConfig:
+    """The precision the converted config.yaml records: the stored dtypes of `tower_dtypes`, and the ViT and the
+    LLaMA computing in the dtype asked for them (`--dtype bfloat16`: both in bf16, as the released presets run the
+    LLaMA; a float32 compute over bf16 weights would double every matmul's memory traffic). Without a choice for a
+    tower its compute dtype is the config's (the preset's with `--config`)."""
+    stored = tower_dtypes(config, dtype, per_tower)
+    p = config.precision
+
+    def compute(tower: str, current: str) -> str:
+        return per_tower.get(tower) or dtype or current
+
+    return dataclasses.replace(p, vit=compute("vit", p.vit), llama=compute("llama", p.llama),
+                               vit_params=stored["vit"], llama_params=stored["llama"],
+                               trainable_params=stored["trainable"])
+
+
 def _load_tokenizer(tokenizer: str | Path | None, llama_path: Path | None, no_tokenizer: bool) -> Any:
     if no_tokenizer:
         return None
@@ -309,10 +334,12 @@ def convert(
     base, label = load_base_config(config)
     cfg = infer_config(sources, llama_path=llama_path, config=base, config_label=label, overrides=overrides,
                        name=out.name, notes=notes)
-    chosen = tower_dtypes(cfg, dtype, dtypes or {})
-    cfg = dataclasses.replace(cfg, precision=dataclasses.replace(
-        cfg.precision, vit_params=chosen["vit"], llama_params=chosen["llama"],
-        trainable_params=chosen["trainable"])).validate()
+    # int8 is a transform of the LLM leaves as they stream to disk, not a tower dtype: take it out first.
+    quantize = next((d for d in (dtype, (dtypes or {}).get("llama")) if d in LLM_ONLY_DTYPES), None)
+    dtypes = {t: d for t, d in (dtypes or {}).items() if d not in LLM_ONLY_DTYPES}
+    dtype = None if dtype in LLM_ONLY_DTYPES else dtype
+    chosen = tower_dtypes(cfg, dtype, dtypes)
+    cfg = dataclasses.replace(cfg, precision=converted_precision(cfg, dtype, dtypes)).validate()
     tok = _load_tokenizer(tokenizer, llama_path, no_tokenizer)
     if tok is not None and tok.base_vocab_size > cfg.llama.vocab_size:
         raise ConvertError(f"tokenizer has {tok.base_vocab_size} tokens but the LLM's embedding table only "
@@ -339,6 +366,10 @@ def convert(
             specs[path] = LeafSpec(shape, _np_dtype(chosen["trainable"]))
     if not specs:
         raise ConvertError("nothing to write: the given files fill no parameter of this model")
+    if quantize:
+        specs = {p: LeafSpec(tuple(a.shape), np.dtype(a.dtype))
+                 for p, a in quantized_specs({p: jax.ShapeDtypeStruct(s.shape, s.dtype) for p, s in specs.items()},
+                                             quantize).items()}
 
     releaser = _PageReleaser([Path(s.path) for s in sources.values()] if release_pages else [])
     for src in sources.values():
@@ -349,7 +380,11 @@ def convert(
     def producer(write: Callable[[str, np.ndarray], None]) -> None:
         def on_tensor(path: str, array: np.ndarray) -> None:
             largest[0] = max(largest[0], array.nbytes)
-            write(path, array)
+            if quantize and scale_name(path) is not None:
+                for p, a in quantize_flat({path: array}, quantize).items():
+                    write(p, a)
+            else:
+                write(path, array)
             bar.update(array.nbytes)
 
         # no dtype while reading: `write` casts only when needed (a cast while reading always copies)
@@ -369,7 +404,7 @@ def convert(
                 components["init"] = {"source": f"random init (seed {seed})", "groups": to_init}
             manifest = build_manifest(specs, components, tok, {
                 "converted_from": {k: str(Path(p).absolute()) for k, p in paths.items()},
-                "notes": notes})
+                "notes": notes, **({QUANT_MANIFEST_KEY: {LLM_GROUP: quantize}} if quantize else {})})
             write_model_files(tmp, cfg, tok, manifest)
     finally:
         bar.close()

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .arrays import transpose
 from .readers import TensorSource, WeightsError
 
 Array = np.ndarray
@@ -26,7 +27,7 @@ Array = np.ndarray
 
 
 def _t(a: Array) -> Array:
-    return np.ascontiguousarray(a.T)
+    return transpose(a)
 
 
 TRANSFORMS: dict[str, tuple[Callable[[Array], list[Array]], Callable[[list[Array]], Array]]] = {

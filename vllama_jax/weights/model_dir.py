@@ -19,7 +19,10 @@ placeholders and runs the producer). Every directory is assembled in a hidden te
 place only when complete, so an interrupted or failed write never leaves a half-written model directory.
 
 Reading (`load_model_dir`) restores each leaf with `ArrayRestoreArgs(sharding=...)` built from `abstract_params` +
-`tree_shardings`, so every device reads only its own shard; a subset of the groups can be restored.
+`tree_shardings`, so every device reads only its own shard; a subset of the groups can be restored. The restore
+reads at most `restore_buffer_bytes` (default `RESTORE_BUFFER_BYTES`) at a time: Orbax's default (96 GB) lets it
+start every read at once, so each array's read buffer and its device copy were alive together and a 15.7 GB model
+peaked above 21.7 GB; bounded, the peak is the parameters plus about twice the buffer.
 """
 
 from __future__ import annotations
@@ -41,15 +44,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from .. import __version__
 from ..config import ConfigError, ModelConfig, config_to_yaml, load_model_config
 from ..errors import VllamaError
 from ..models import abstract_for_groups, model_groups
-from ..sharding import tree_shardings
+from ..models.quant import weight_of, axes_with_scales, check_mode, quantize_flat, quantized_specs, scale_name
+from ..runtime import return_freed_buffers_to_os
+from ..sharding import put, tree_shardings
 from ..text import TokenizerError, load_tokenizer
 from ..tree import flatten_params, unflatten_params
+from .arrays import cast
 
 FORMAT = "vllama-jax-model-dir"
 FORMAT_VERSION = 1
@@ -65,6 +71,9 @@ CHUNK_BYTES = 16 << 20
 # overlap with reading the next ones and a larger tensor is written before the next is read (bench/convert.py:
 # 64 MiB was both faster and leaner than 256 MiB on 2 cores).
 WRITE_BUFFER_BYTES = 64 << 20
+# Bytes of parameters being read (and copied onto their devices) at once while restoring. Bounded, a restore holds
+# the parameters plus about twice this; large enough that reads of many small leaves still overlap.
+RESTORE_BUFFER_BYTES = 256 << 20
 
 Producer = Callable[[Callable[[str, np.ndarray], None]], None]
 
@@ -231,9 +240,7 @@ def _stream_handler(producer: Producer, write_buffer_bytes: int, on_written: Cal
                 array = np.asarray(array)
                 if tuple(array.shape) != spec.shape:
                     raise ValueError(f"parameter {path}: shape {tuple(array.shape)}, expected {spec.shape}")
-                if array.dtype != spec.dtype:
-                    array = array.astype(spec.dtype)
-                array = np.ascontiguousarray(array)
+                array = cast(array, spec.dtype)
                 in_flight.append((_write_leaf(stores.pop(path), array), array.nbytes, path))
                 state["bytes"] += array.nbytes
                 # Block the producer until what is in flight fits the buffer again: small tensors overlap with
@@ -283,6 +290,7 @@ def write_params(
         raise ValueError("no parameters to write")
     tree = unflatten_params({p: _Pending(p, s) for p, s in specs.items()})
     save_args = unflatten_params({p: ocp.SaveArgs(chunk_byte_size=chunk_bytes) for p in specs})
+    return_freed_buffers_to_os()
     handler = _stream_handler(producer, write_buffer_bytes, on_written)
     registry = ocp.type_handlers.create_type_handler_registry((_Pending, handler))
     quiet = _QuietOrbax()
@@ -457,6 +465,77 @@ def _params_metadata(params_dir: Path) -> dict[str, Any]:
     return flat
 
 
+def restore_limit_bytes(buffer_bytes: int | None, largest_bytes: int) -> int:
+    """The in-flight byte limit for an Orbax restore: `buffer_bytes` (default RESTORE_BUFFER_BYTES), raised to fit
+    the largest single read (Orbax refuses a read larger than its limit). `largest_bytes` is the largest array (or
+    shard) read, as stored; a read is counted in whole chunks, hence the margin of one chunk."""
+    limit = RESTORE_BUFFER_BYTES if buffer_bytes is None else int(buffer_bytes)
+    if limit <= 0:
+        raise ValueError(f"restore buffer must be positive, got {limit} bytes")
+    return max(limit, int(largest_bytes) + CHUNK_BYTES + 1)
+
+
+def bounded_pytree_checkpointer(limit_bytes: int) -> ocp.Checkpointer:
+    """A PyTree checkpointer whose restores read at most `limit_bytes` at a time (see `restore_limit_bytes`)."""
+    # Orbax takes the limit in GB and multiplies by 1e9: a fractional value gives the byte limit
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(restore_concurrent_gb=limit_bytes / 1e9))  # type: ignore[arg-type]
+
+
+def _largest_read_bytes(shardings: Mapping[str, Any], stored: Mapping[str, tuple[tuple[int, ...], np.dtype]]) -> int:
+    """The largest single read of a restore: per leaf, its largest device shard, at the stored dtype."""
+    largest = 0
+    for p, (shape, dt) in stored.items():
+        s = shardings[p]
+        shard = s.shard_shape(shape) if hasattr(s, "shard_shape") else shape
+        largest = max(largest, int(math.prod(shard)) * np.dtype(dt).itemsize)
+    return largest
+
+
+QUANTIZE_CHUNK_BYTES = 1 << 30  # float32 bytes read per chunk when quantizing at load
+
+
+def _restore(ckptr: ocp.Checkpointer, params_dir: Path, args: Mapping[str, Any],
+             shapes: Mapping[str, tuple[int, ...]], read_as: Callable[[str], Any]) -> dict[str, Any]:
+    """Flat {path: array} of the leaves `args` names (Orbax restore args per flat path)."""
+    if not args:
+        return {}
+    item = unflatten_params({p: jax.ShapeDtypeStruct(shapes[p], read_as(p)) for p in args})
+    try:
+        tree = ckptr.restore(
+            params_dir, args=ocp.args.PyTreeRestore(item=item, restore_args=unflatten_params(dict(args)),
+                                                    partial_restore=True))
+    except Exception as e:
+        raise ModelDirError(params_dir, f"cannot read the parameters ({_first_line(e)})") from None
+    flat = flatten_params(tree)
+    return {p: flat[p] for p in args}
+
+
+def _chunks(paths: list[str], size: Callable[[str], int], limit: int) -> Iterator[list[str]]:
+    """`paths` in consecutive runs of at most `limit` total size (a larger single leaf is a run of its own)."""
+    run: list[str] = []
+    total = 0
+    for p in paths:
+        if run and total + size(p) > limit:
+            yield run
+            run, total = [], 0
+        run.append(p)
+        total += size(p)
+    if run:
+        yield run
+
+
+def _ordered(expected: Mapping[str, Any], flat: Mapping[str, Any]) -> list[str]:
+    """The paths of `flat` in checkpoint order, each scale right after its weight."""
+    out: list[str] = []
+    for p in expected:
+        if p in flat:
+            out.append(p)
+        s = scale_name(p)
+        if s is not None and s in flat and s not in expected:
+            out.append(s)
+    return out
+
+
 def load_model_dir(
     path: str | Path,
     *,
@@ -465,6 +544,8 @@ def load_model_dir(
     groups: Iterable[str] | None = None,
     exclude: Iterable[str] = (),
     dtype: Any = None,
+    restore_buffer_bytes: int | None = None,
+    quantize: str | None = None,
 ) -> LoadedModel:
     """Restore a model directory.
 
@@ -473,8 +554,15 @@ def load_model_dir(
     shardings: {group: tree of Sharding} to restore onto instead (e.g. a trainer's, already computed); wins over mesh.
     groups: the top-level parameter groups to restore (default: all present); exclude: groups to skip
       (e.g. ("audio_encoder",)). Requesting a group that is not in the directory is an error.
-    dtype: cast every parameter to this dtype while reading (default: as stored).
+    dtype: cast every float parameter to this dtype while reading (default: as stored; int8 weights and their
+      scales stay as they are).
+    quantize: "int8" = the LLM's projections and token table as int8 + per-channel scales (`models.quant`),
+      quantized on the host leaf by leaf as they are read (at most `QUANTIZE_CHUNK_BYTES` of float32 at a time).
+      A directory converted with `--dtype int8` is int8 already (with or without this option).
+    restore_buffer_bytes: read at most this many bytes at a time (default RESTORE_BUFFER_BYTES; raised to the
+      largest array when that is bigger): peak memory is the parameters plus about twice this.
     """
+    mode = check_mode(quantize)
     path = Path(path).expanduser().absolute()  # TensorStore resolves relative paths differently
     manifest = read_manifest(path)
     try:
@@ -502,7 +590,13 @@ def load_model_dir(
     if unknown:
         raise ModelDirError(path, f"group(s) {', '.join(unknown)} are not part of the model config.yaml describes")
     abstract, axes = abstract_for_groups(config, wanted)
-    expected = {p: tuple(v.shape) for p, v in flatten_params(abstract).items()}
+    flat_abstract = flatten_params(abstract)
+    stored_int8 = any(scale_name(p) in stored for p in stored)  # a directory written with --dtype int8
+    if stored_int8:
+        flat_abstract = quantized_specs(flat_abstract)
+        abstract = unflatten_params(flat_abstract)
+        axes = axes_with_scales(axes, abstract)
+    expected = {p: tuple(v.shape) for p, v in flat_abstract.items()}
     have = {p: s for p, s in stored.items() if p.split("/", 1)[0] in wanted}
     if set(expected) != set(have):
         missing, extra = sorted(set(expected) - set(have)), sorted(set(have) - set(expected))
@@ -522,17 +616,38 @@ def load_model_dir(
         else:
             dev = SingleDeviceSharding(jax.devices()[0])
             flat_shardings = {p: dev for p in expected}
-        item = unflatten_params({p: jax.ShapeDtypeStruct(have[p][0], dtype or have[p][1]) for p in expected})
-        restore_args = unflatten_params({
-            p: ocp.ArrayRestoreArgs(sharding=flat_shardings[p], global_shape=have[p][0],
-                                    dtype=np.dtype(dtype) if dtype is not None else have[p][1])
-            for p in expected})
-        try:
-            params = ocp.PyTreeCheckpointer().restore(
-                params_dir, args=ocp.args.PyTreeRestore(
-                    item=item, restore_args=restore_args, partial_restore=len(wanted) < len(present)))
-        except Exception as e:
-            raise ModelDirError(params_dir, f"cannot read the parameters ({_first_line(e)})") from None
+        def read_as(p: str) -> np.dtype:
+            keep = dtype is None or not np.issubdtype(have[p][1], np.floating) or weight_of(p) is not None
+            return have[p][1] if keep else np.dtype(dtype)
+
+        # Leaves quantized here are read to the host in chunks and placed as int8; the rest restore straight
+        # into their shardings.
+        to_quantize = [p for p in expected if mode and not stored_int8 and scale_name(p) is not None]
+        direct = [p for p in expected if p not in set(to_quantize)]
+        largest = _largest_read_bytes(flat_shardings, {p: have[p] for p in expected})
+        return_freed_buffers_to_os()
+        ckptr = bounded_pytree_checkpointer(restore_limit_bytes(restore_buffer_bytes, largest))
+        flat = _restore(ckptr, params_dir, {p: ocp.ArrayRestoreArgs(sharding=flat_shardings[p], global_shape=have[p][0],
+                                                             dtype=read_as(p)) for p in direct},
+                        {p: have[p][0] for p in direct}, read_as)
+        if to_quantize:
+            q_flat = quantized_specs(flat_abstract)
+            if shardings is None and mesh is not None:  # int8 weights and scales by the rules table
+                flat_shardings = flatten_params(tree_shardings(
+                    unflatten_params(q_flat), axes_with_scales(axes, unflatten_params(q_flat)), mesh))
+
+            def target(p: str) -> Any:
+                if p in flat_shardings:
+                    return flat_shardings[p]
+                w = flat_shardings[weight_of(p)]  # a scale, with caller-given shardings: replicated beside it
+                return NamedSharding(w.mesh, PartitionSpec()) if isinstance(w, NamedSharding) else w
+
+            for chunk in _chunks(to_quantize, lambda p: int(np.prod(have[p][0])) * 4, QUANTIZE_CHUNK_BYTES):
+                host = _restore(ckptr, params_dir, {p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)
+                                             for p in chunk}, {p: have[p][0] for p in chunk}, lambda p: np.float32)
+                flat.update(quantize_flat(host, mode, put=lambda p, a: put(a, target(p))))
+                del host
+        params = unflatten_params({p: flat[p] for p in _ordered(expected, flat)})
         params = {g: params[g] for g in wanted}
 
     tokenizer = None

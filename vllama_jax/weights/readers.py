@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import zipfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -100,8 +99,10 @@ class PthSource(TensorSource):
             raise WeightsError(
                 self.path, f"not a plain weights file (refused by torch.load(weights_only=True): {_first_line(e)})"
             ) from None
-        except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
-            raise WeightsError(self.path, f"unreadable or truncated PyTorch file ({_first_line(e)})") from None
+        except Exception as e:  # noqa: BLE001 - torch's unpickler raises KeyError, IndexError, struct.error...
+            # on damaged pickles and zips: whatever torch.load raises on this file is the file's fault
+            raise WeightsError(self.path, f"unreadable or truncated PyTorch file ({type(e).__name__}: "
+                                          f"{_first_line(e)})") from None
         if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
             obj = obj["model"]
         elif isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -124,7 +125,7 @@ class PthSource(TensorSource):
     def get(self, key: str) -> np.ndarray:
         try:
             return _torch_to_numpy(self._t[key])
-        except RuntimeError as e:  # mmap'ed storage beyond the end of a truncated file
+        except Exception as e:  # noqa: BLE001 - mmap'ed storage past the end of a truncated file, a damaged dtype
             raise WeightsError(self.path, f"cannot read tensor {key!r} ({_first_line(e)})") from None
 
 
@@ -295,18 +296,30 @@ def open_hf_folder(folder: str | Path) -> TensorSource:
     ):
         index = folder / index_name
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise WeightsError(index, f"not a valid weight index ({e})") from None
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (folder / f).exists()]
+            files = _index_shards(index)
+            missing = [f for f in files if not (folder / f).is_file()]
             if missing:
                 raise WeightsError(index, f"lists shard files that are missing: {', '.join(missing)}")
             return ShardedSource(folder, [open_weights(folder / f) for f in files])
         if (folder / single_name).exists():
             return open_weights(folder / single_name)
     raise WeightsError(folder, "no model.safetensors(.index.json) or pytorch_model.bin(.index.json) in this folder")
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard files a weight index names: plain file names beside the index (a path that leaves the folder,
+    or a value that is not a file name, is a broken index, not something to open)."""
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise WeightsError(index, f"not a valid weight index ({_first_line(e)})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise WeightsError(index, "not a valid weight index ('weight_map' is not a non-empty object)")
+    for key, f in weight_map.items():
+        if not isinstance(f, str) or not f or Path(f).name != f or f in (".", "..") or len(f) > 255 or "\0" in f:
+            raise WeightsError(index, f"not a valid weight index (tensor {key[:80]!r} maps to {str(f)[:80]!r}, "
+                                      "not a shard file name)")
+    return sorted(set(weight_map.values()))
 
 
 def open_weights(path: str | Path) -> TensorSource:

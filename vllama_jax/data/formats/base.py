@@ -102,7 +102,7 @@ def load_json(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
         raise DataError(path, f"not valid JSON ({e})") from None
 
 

@@ -64,7 +64,8 @@ class LlavaCC3M(CCSBUAlign):
         for i, entry in enumerate(data):
             sid = f"{ann_file.name}[{i}]"
             conv = entry.get("conversations") if isinstance(entry, dict) else None
-            gpt = [t.get("value") for t in conv or [] if isinstance(t, dict) and t.get("from") == "gpt"]
+            turns = conv if isinstance(conv, list) else []
+            gpt = [t.get("value") for t in turns if isinstance(t, dict) and t.get("from") == "gpt"]
             if not isinstance(entry, dict) or not isinstance(entry.get("image"), str) or not gpt \
                     or not isinstance(gpt[0], str):
                 yield BadItem(i, sid, str(ann_file), "entry without 'image' and a gpt caption turn")

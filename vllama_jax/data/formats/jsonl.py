@@ -54,7 +54,7 @@ class JsonLines:
     def _parse(index: int, sid: str, raw: bytes, root: Path) -> "_Parsed":
         try:
             obj = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nested too deep
             raise ValueError(f"malformed JSON line ({e.msg if hasattr(e, 'msg') else e})") from None
         if not isinstance(obj, dict):
             raise ValueError("line is not a JSON object")

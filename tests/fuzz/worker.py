@@ -1,0 +1,108 @@
+"""A fuzz worker process: runs cases one after another under an address-space limit, one JSON line per case.
+
+Protocol: the worker warms up (imports) and says ``{"ready": true}``; then the campaign writes ``{"target": name, "path": case}`` lines to stdin; the worker answers each on its
+original stdout (its own stdout/stderr go to a log file, FFmpeg and friends write there) with
+``{"status": "ok"|"typed"|"untyped"|"executed", "error": ..., "peak_rss": bytes}``. A case that kills the process
+or never answers is seen by the campaign as a crash or a hang.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import traceback
+from pathlib import Path
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0): the peak of *this* case, not of the worker's life.
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def classify(target_name: str, path: Path) -> dict:
+    """Run one case in this process; what happened, as the campaign's result record."""
+    from tests.fuzz.targets import PROBES, TARGETS
+    from vllama_jax.errors import VllamaError
+
+    target = TARGETS[target_name] if target_name in TARGETS else PROBES[target_name]
+    canary = path.with_suffix(".pwned")
+    result: dict = {"status": "ok"}
+    try:
+        target.run(path)
+    except VllamaError as e:
+        result = {"status": "typed", "error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if target.names_file and path.name not in str(e):
+            result = {"status": "untyped", "error": f"typed error that does not name the file: {str(e)[:300]}"}
+        elif "\n" in str(e).strip():
+            result = {"status": "untyped", "error": f"typed error of more than one line: {str(e)[:300]!r}"}
+    except BaseException as e:  # noqa: BLE001 - anything else breaks the contract, and is what we look for
+        tb = traceback.extract_tb(e.__traceback__)[-3:]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(tb))
+        result = {"status": "untyped", "error": f"{type(e).__name__}: {str(e)[:300]} at {where}"}
+    if canary.exists():
+        result = {"status": "executed", "error": f"the file ran code: {canary} was created"}
+    return result
+
+
+def warm_up() -> None:
+    """Import and first-use everything the targets call, once per worker, before the first case: torch's first
+    ``torch.load`` alone takes 10 s on a loaded 2-core machine, and the time limit is for the case, not for the
+    worker's start."""
+    import io
+
+    import jax.numpy as jnp
+    import orbax.checkpoint  # noqa: F401
+    import torch
+
+    import vllama_jax.data.pipeline  # noqa: F401
+    import vllama_jax.data.prepare  # noqa: F401
+    import vllama_jax.media  # noqa: F401
+    import vllama_jax.weights.model_dir  # noqa: F401
+    from tests.fuzz.targets import _tokenizers
+
+    buf = io.BytesIO()
+    torch.save({"x": torch.zeros(2)}, buf)
+    buf.seek(0)
+    torch.load(buf, weights_only=True)
+    jnp.zeros(2).block_until_ready()
+    _tokenizers()
+
+
+def main() -> None:
+    mem_limit = int(sys.argv[1])
+    log = sys.argv[2]
+    resource.setrlimit(resource.RLIMIT_AS, (mem_limit, mem_limit))
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    import av  # quiet FFmpeg's per-packet complaints: they are expected here and only slow the run
+
+    av.logging.set_level(av.logging.PANIC)
+    if sys.argv[3] == "warm":
+        warm_up()
+    replies.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        case = json.loads(line)
+        _reset_peak_rss()
+        result = classify(case["target"], Path(case["path"]))
+        result["peak_rss"] = _peak_rss()
+        replies.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

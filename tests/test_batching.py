@@ -1,0 +1,77 @@
+"""`inference.batching.ContinuousBatcher` on the fixture LLaMA (fast): requests that join a running batch at
+different steps, leave it when done, wait for a free row, and reuse a cached prefix, each decode exactly the
+tokens they decode alone with `Generator`."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllama_jax.inference.batching import ContextTooLong, ContinuousBatcher, RowRequest, prefix_digests, row_buckets
+from vllama_jax.inference.generate import GenerationConfig, Generator
+
+NEW = 6
+NO_EOS = GenerationConfig(do_sample=False, max_new_tokens=NEW, eos_token_id=())
+
+
+@pytest.fixture(scope="module")
+def gen(tiny_llama) -> Generator:
+    cfg, params = tiny_llama
+    return Generator(cfg, params, compilation_cache=False)
+
+
+def alone(gen: Generator, ids: list[int]) -> list[int]:
+    return gen.generate_ids([ids], NO_EOS).tokens[0]
+
+
+def request(gen: Generator, ids: list[int], **kw) -> RowRequest:
+    return RowRequest(np.asarray(gen.embed(np.asarray(ids, np.int32))), ids, NEW, **kw)
+
+
+def test_rows_join_and_leave_a_running_batch(gen):
+    rng = np.random.default_rng(0)
+    vocab = gen.config.vocab_size
+    prompts = [rng.integers(3, vocab, n).tolist() for n in (5, 11, 3, 17, 8, 2)]
+    expected = [alone(gen, p) for p in prompts]
+    b = ContinuousBatcher(gen, NO_EOS, max_batch=4, slot_length=64)
+    assert b.buckets == (1, 2, 4)
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    waiting = list(range(len(prompts)))
+    sizes = []
+    step = 0
+    while waiting or b.active:
+        # one new request every other step, while there is room: rows join mid-decode
+        if waiting and step % 2 == 0 and b.has_room():
+            i = waiting.pop(0)
+            b.insert(b.prefill(request(gen, prompts[i])), i)
+        for owner, token, reason in b.step():
+            got[owner].append(token)
+            if reason:
+                assert reason == "length" and len(got[owner]) == NEW
+                b.release(b.rows.index(owner))
+        sizes.append(len(b.rows))
+        step += 1
+    assert [got[i] for i in range(len(prompts))] == expected
+    assert max(sizes) == 4 and 1 in sizes[2:]  # grew to 4 rows, and compacted again as rows left
+
+
+def test_prefix_cache_prefills_only_the_new_positions(gen):
+    rng = np.random.default_rng(1)
+    vocab = gen.config.vocab_size
+    head = rng.integers(3, vocab, 20).tolist()
+    tail = rng.integers(3, vocab, 7).tolist()
+    b = ContinuousBatcher(gen, NO_EOS, max_batch=2, slot_length=64)
+    first = b.prefill(request(gen, head, cache_points=[len(head)]))
+    assert (first.prefilled_tokens, first.prefix_hit) == (20, False)
+    second = b.prefill(request(gen, head + tail))
+    assert (second.prompt_tokens, second.prefilled_tokens, second.prefix_hit) == (27, 7, True)
+    b.insert(second, "b")
+    tokens = [t for _ in range(NEW) for _, t, _ in b.step()]
+    assert tokens == alone(gen, head + tail)
+    with pytest.raises(ContextTooLong, match="--max-context"):
+        b.prefill(RowRequest(np.asarray(gen.embed(np.asarray(head * 3, np.int32))), head * 3, 40))
+
+
+def test_prefix_digests_and_buckets():
+    d = prefix_digests([1, 2, ("video", 32)])
+    assert len(d) == 4 and len(set(d)) == 4 and prefix_digests([1, 2])[:3] == d[:3]
+    assert row_buckets(32) == (1, 2, 4, 8, 16, 32) and row_buckets(6) == (1, 2, 4, 6) and row_buckets(1) == (1,)

@@ -1,0 +1,98 @@
+"""Half-precision and int8 weights stay that size inside the compiled programs: the LLaMA prefill and decode step
+and the EVA ViT, compiled ahead of time on CPU, need no more temporaries than the same program with float32
+weights (activations, scores: float32 weights need no copies) plus a small fraction of the weight bytes. XLA
+converting a bf16/int8 dot operand to float32 would add a full float32 copy: 2x (bf16) or 4x (int8) the weights."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import linen as nn
+
+from vllama_jax import kernels
+from vllama_jax.config import LlamaConfig, ViTConfig
+from vllama_jax.inference.engine import DecodeEngine
+from vllama_jax.models import quant
+from vllama_jax.models.eva_vit import EvaViT
+from vllama_jax.models.llama import Llama, init_cache
+
+pytestmark = pytest.mark.skipif(not kernels.wmatmul_available(), reason="no C++ compiler for the CPU kernel")
+
+# Mid-size: 6.3M weights in the layers, 4.1M in the (tied) table.
+LLAMA = LlamaConfig(vocab_size=8000, hidden_size=512, intermediate_size=1536, num_layers=2, num_heads=8,
+                    num_kv_heads=4, tie_word_embeddings=True)
+FRACTION = 0.05  # of the weight bytes, beyond the float32 program's temporaries
+
+
+def _weights(config: LlamaConfig, mode: str) -> dict:
+    """Abstract params (no arrays: compiling needs only shapes) in float32, bf16, or int8 + scales."""
+    model = Llama(config)
+    abstract = nn.unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 4, config.hidden_size))))
+    abstract = abstract["params"]
+    if mode == "float32":
+        return abstract
+    if mode == "bfloat16":
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) if x.ndim == 2 else x, abstract)
+    from vllama_jax.tree import flatten_params, unflatten_params
+
+    return unflatten_params(quant.quantized_specs({f"llama/{p}": v for p, v in flatten_params(abstract).items()}
+                                                  ))["llama"]
+
+
+def _temp_and_weights(compiled, params) -> tuple[int, int]:
+    return compiled.memory_analysis().temp_size_in_bytes, quant.resident_bytes(params)
+
+
+def _llama_programs(mode: str, batch: int) -> dict:
+    """{"prefill": (temp bytes, weight bytes), "decode": ...} of the compiled programs with `mode` weights."""
+    params = _weights(LLAMA, mode)
+    engine = DecodeEngine(LLAMA, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params),
+                          compilation_cache=False)
+    with kernels.cpu_kernels(True):  # the test session simulates 8 devices; a real CPU process has one
+        embeds = jax.ShapeDtypeStruct((batch, 32, LLAMA.hidden_size), jnp.float32)
+        mask = jax.ShapeDtypeStruct((batch, 32), jnp.int32)
+        prefill = engine._prefill_fn.lower(params, embeds, mask, cache_length=128).compile()
+        cache = jax.eval_shape(lambda: init_cache(LLAMA, batch, 128))
+        model = engine.module
+        step = jax.jit(lambda p, t, c: model.apply({"params": p}, model.apply({"params": p}, t[:, None],
+                                                                               method=Llama.embed), cache=c),
+                       donate_argnums=(2,)).lower(params, jax.ShapeDtypeStruct((batch,), jnp.int32), cache).compile()
+    return {"prefill": _temp_and_weights(prefill, params), "decode": _temp_and_weights(step, params)}
+
+
+@pytest.mark.parametrize("mode", ["bfloat16", "int8"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_llama_prefill_and_decode_keep_low_precision_weights(mode, batch):
+    ref = _llama_programs("float32", batch)
+    for name, (temp, weights) in _llama_programs(mode, batch).items():
+        allowed = ref[name][0] + FRACTION * weights
+        assert temp <= allowed, f"{mode} {name}: {temp} temp bytes for {weights} weight bytes (allowed {allowed})"
+
+
+def test_float32_copies_would_be_caught():
+    """The same measure sees XLA's float32 copy when the kernel is off (the check can fail)."""
+    params = _weights(LLAMA, "int8")
+    model = Llama(LLAMA)
+    with kernels.cpu_kernels(False):
+        compiled = jax.jit(lambda p, t: model.apply({"params": p}, model.apply({"params": p}, t, method=Llama.embed))
+                           ).lower(params, jax.ShapeDtypeStruct((1, 1), jnp.int32)).compile()
+    temp, weights = _temp_and_weights(compiled, params)
+    assert temp > 2 * weights
+
+
+def _vit_temp(dtype: str) -> tuple[int, int]:
+    cfg = ViTConfig(image_size=56, patch_size=14, width=384, depth=2, num_heads=6, mlp_dim=1536)
+    vit = EvaViT(cfg, dtype=jnp.dtype(dtype), param_dtype=jnp.dtype(dtype))
+    images = jax.ShapeDtypeStruct((2, 56, 56, 3), jnp.float32)
+    params = nn.unbox(jax.eval_shape(vit.init, jax.random.PRNGKey(0), images))["params"]
+    with kernels.cpu_kernels(True):
+        compiled = jax.jit(lambda p, x: vit.apply({"params": p}, x)).lower(params, images).compile()
+    return _temp_and_weights(compiled, params)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_vit_keeps_low_precision_weights(dtype):
+    ref, _ = _vit_temp("float32")
+    temp, weights = _vit_temp(dtype)
+    assert temp <= ref + FRACTION * weights, f"{dtype}: {temp} temp bytes for {weights} weight bytes (f32: {ref})"

@@ -1,0 +1,156 @@
+"""Low-precision weights: the CPU FFI kernel against XLA's dot, int8 quantization (per-channel scales, the
+load option, the int8 model directory), and the LLaMA forward with bf16 and int8 weights close to float32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from tests.helpers import TINY_CONFIG, tiny_files
+from vllama_jax import kernels
+from vllama_jax.config import LlamaConfig, load_model_config
+from vllama_jax.models import quant
+from vllama_jax.models.layers import _kernel_matmul, dequantize, matmul
+from vllama_jax.models.llama import Llama
+from vllama_jax.tree import flatten_params
+from vllama_jax.weights.load import load_upstream
+from vllama_jax.weights.model_dir import load_model_dir, save_model_dir
+
+needs_kernel = pytest.mark.skipif(not kernels.wmatmul_available(), reason="no C++ compiler for the CPU kernel")
+
+
+def _xla_reference(x, w, scale, transposed):
+    wf = np.asarray(dequantize(jnp.asarray(w), None if scale is None else jnp.asarray(scale), transposed), np.float64)
+    return np.asarray(x, np.float64) @ (wf.T if transposed else wf)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 8, 17, 40])
+@pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_kernel_matches_xla(rows, wdtype, transposed):
+    """Every path of wmatmul.cc (streamed rows <= 16, panels beyond, ragged column tails, the (N, K) table) equals
+    the float64 product of the same weights, for each stored dtype."""
+    rng = np.random.default_rng(rows)
+    k, n = 72, 200  # n % 64 != 0 and k % 16 != 0: the scalar tails run too
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((n, k) if transposed else (k, n)).astype(np.float32)
+    scale = None
+    if wdtype == "int8":
+        w = np.clip(np.rint(w * 40), -127, 127).astype(np.int8)
+        scale = rng.uniform(0.5, 2.0, n).astype(np.float32) / 40
+    w = jnp.asarray(w, wdtype)
+    got = np.asarray(jax.jit(lambda x, w, s: kernels.wmatmul(x, w, s, nk=transposed))(x, w, scale))
+    want = _xla_reference(x, w, scale, transposed)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4 * np.abs(want).max())
+    # and the one matmul path (kernel or XLA) gives the same
+    with kernels.cpu_kernels(True):  # this session has 8 simulated devices: the default rule would use XLA
+        via = np.asarray(jax.jit(lambda x, w, s: matmul(x, w, s, transposed=transposed))(x, w, scale))
+    np.testing.assert_allclose(via, want, rtol=2e-5, atol=2e-4 * np.abs(want).max())
+
+
+@needs_kernel
+def test_kernel_gradient_matches_xla():
+    """The kernel's custom VJP (XLA backward) equals the gradient of the plain float32 product."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 32)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((32, 48)), jnp.float32)
+    f = lambda x, w: jnp.sum(jnp.sin(_kernel_matmul(x, w, None, False)))  # noqa: E731
+    g = lambda x, w: jnp.sum(jnp.sin(x @ w))  # noqa: E731
+    with kernels.cpu_kernels(True):
+        got = jax.grad(f, (0, 1))(x, w)
+    for a, b in zip(got, jax.grad(g, (0, 1))(x, w)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_quantize_leaf_per_channel():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((64, 48)).astype(np.float32) * np.linspace(0.1, 3, 48)[None]
+    q, s = quant.quantize_leaf(w, "llama/layers_0/mlp/up_proj/kernel")
+    assert q.dtype == np.int8 and s.shape == (48,) and np.abs(q).max() == 127
+    assert np.all(np.abs(q * s[None] - w) <= s[None] / 2 + 1e-7)  # rounding error at most half a step per column
+    e = rng.standard_normal((10, 8)).astype(np.float32)
+    q, s = quant.quantize_leaf(e, "llama/embed_tokens/embedding")
+    assert s.shape == (10,) and np.all(np.abs(q * s[:, None] - e) <= s[:, None] / 2 + 1e-7)
+    with pytest.raises(quant.QuantizationError, match="choices"):
+        quant.check_mode("int4")
+
+
+def _llama(tie: bool = True) -> tuple[LlamaConfig, Llama, dict]:
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4,
+                      num_kv_heads=2, tie_word_embeddings=tie)
+    model = Llama(cfg)
+    params = nn.unbox(model.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 64)))["params"])
+    return cfg, model, jax.tree.map(lambda x: x * 3 if x.ndim == 2 else x, params)  # spread-out logits
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=needs_kernel), False])
+@pytest.mark.parametrize("tie", [True, False])
+def test_llama_int8_and_bf16_close_to_float32(tie, kernel):
+    """The LLaMA forward (prefill-sized and one-token) with int8 + scales and with bf16 weights stays close to
+    float32; int8 quantizes the projections and the token table (tied head) and keeps the norms."""
+    cfg, model, params = _llama(tie)
+    q = quant.quantize_params({"llama": params})["llama"]
+    flat = flatten_params(q)
+    assert flat["embed_tokens/embedding"].dtype == np.int8 and "embed_tokens/embedding_scale" in flat
+    assert flat["layers_0/mlp/down_proj/kernel"].dtype == np.int8 and flat["norm/scale"].dtype == np.float32
+    bf = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 5)))
+    for length in (5, 1):
+        def run(p):
+            with kernels.cpu_kernels(kernel):  # the FFI kernel, or XLA's dot (as on a mesh or an accelerator)
+                return np.asarray(jax.jit(lambda p, i: model.apply(
+                    {"params": p}, model.apply({"params": p}, i, method=Llama.embed))[0])(p, ids[:, :length]))
+        ref = run(params)
+        spread = np.abs(ref).max()
+        assert np.abs(run(q) - ref).max() < 0.05 * spread
+        assert np.abs(run(bf) - ref).max() < 0.05 * spread
+        assert not np.allclose(run(q), ref, atol=1e-6)  # int8 really is in play
+
+
+@pytest.fixture(scope="module")
+def saved(tiny_dir, tiny_tok, tmp_path_factory):
+    cfg = load_model_config(TINY_CONFIG)
+    params = load_upstream(cfg, tiny_files(tiny_dir, "blip2", "llama", "vl_ckpt"))
+    out = tmp_path_factory.mktemp("q") / "model"
+    save_model_dir(out, cfg, params, tokenizer=tiny_tok)
+    return out, params
+
+
+def test_load_model_dir_quantize_int8(saved, monkeypatch):
+    """quantize="int8" reads the LLM leaf-chunk by leaf-chunk (a 1-byte chunk limit: one leaf at a time) and gives
+    exactly `quantize_params` of the float model; the towers stay float."""
+    path, params = saved
+    monkeypatch.setattr("vllama_jax.weights.model_dir.QUANTIZE_CHUNK_BYTES", 1)
+    m = load_model_dir(path, quantize="int8")
+    want = flatten_params(quant.quantize_params({"llama": params["llama"]}))
+    got = flatten_params(m.params)
+    for p, v in want.items():
+        assert got[p].dtype == v.dtype, p
+        np.testing.assert_array_equal(np.asarray(got[p]), v, err_msg=p)
+    assert got["llama_proj/kernel"].dtype == np.float32
+    assert quant.resident_bytes(m.params["llama"]) < 0.3 * quant.resident_bytes(params["llama"])
+    with pytest.raises(quant.QuantizationError):
+        load_model_dir(path, quantize="int3")
+
+
+def test_convert_dtype_int8_writes_the_quantized_llm(tiny_dir, tmp_path):
+    """`convert --dtype int8`: the LLM leaves are written as `quantize_params` makes them (manifest says so), the
+    directory loads as int8 without options, and the loaded model runs."""
+    from vllama_jax.cli import main as cli_main
+
+    float_dir, int8_dir = tmp_path / "f32", tmp_path / "int8"
+    for out, extra in ((float_dir, []), (int8_dir, ["--dtype", "int8"])):
+        assert cli_main(["convert", "--llama", str(tiny_dir / "llama"), "--out", str(out), *extra]) == 0
+    ref = load_model_dir(float_dir)
+    m = load_model_dir(int8_dir)
+    assert m.manifest[quant.MANIFEST_KEY] == {"llama": "int8"}
+    want = flatten_params(quant.quantize_params(ref.params))
+    got = flatten_params(m.params)
+    assert set(got) == set(want)
+    for p, v in want.items():
+        np.testing.assert_array_equal(np.asarray(got[p]), np.asarray(v), err_msg=p)
+    assert flatten_params(load_model_dir(int8_dir, quantize="int8").params).keys() == got.keys()

@@ -1,0 +1,188 @@
+"""Running a benchmark: batched on the devices, resumable, one row per question (``vllama-jax eval``, the trainer's
+eval hook, ``bench/eval.py``).
+
+OUT/predictions.jsonl gets one row per question as soon as its batch is done (appended and flushed; a line cut by
+an interrupt is dropped at the next start, and questions that already have a row are not asked again):
+
+    {"id", "video", "question", "answer", "category"?, "prediction",
+     open-ended:      "exact_match", "contains", "judge_correct"?, "judge_score"?, "judge_error"?,
+     multiple choice: "options", "answer_index", "scores" (log-likelihood of each option), "choice_loglik",
+                      "choice_letter" (the option the generated letter names, null if none), "correct_letter",
+                      "correct_loglik",
+     "correct" (the task's accuracy metric for this row), "error"? (unreadable or missing video: no prediction)}
+
+OUT/summary.json: ``{"task", "n", "errors", "metrics": {"accuracy", ...}, "accuracy_of", "per_category",
+"model", "seconds", "annotations"}`` over every question of this run (resumed rows included).
+
+Batches reuse the pieces ``describe`` runs on (``prefetch_uploads``: decoding one batch ahead in threads, a video
+asked about several times decoded and encoded once; ``answer_uploads`` / ``score_answers`` padded to one batch
+shape so every batch reuses the compiled programs).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ..inference.describe import error_text, prefetch_uploads, repair_tail
+from ..inference.generate import GenerationConfig
+from ..inference.uploads import Upload
+from .judge import Judge, JudgeError
+from .metrics import contains_answer, exact_match, multiple_choice_prompt, parse_letter, summarize
+from .tasks import Kind, Question
+
+PREDICTIONS = "predictions.jsonl"
+SUMMARY = "summary.json"
+
+
+@dataclass
+class EvalResult:
+    summary: dict[str, Any]
+    out: Path
+    #: questions answered in this run (the rest were already in predictions.jsonl)
+    asked: int
+
+
+def read_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """The rows of a predictions file by id (unparsable lines ignored; a later row for an id wins)."""
+    rows: dict[str, dict[str, Any]] = {}
+    if not path.is_file():
+        return rows
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("id"), str):
+                rows[row["id"]] = row
+    return rows
+
+
+def _base_row(q: Question) -> dict[str, Any]:
+    row: dict[str, Any] = {"id": q.id, "video": os.fspath(q.video), "question": q.question, "answer": q.answer}
+    if q.category:
+        row["category"] = q.category
+    if q.is_mc:
+        row["options"] = list(q.options)
+        row["answer_index"] = q.answer_index
+    return row
+
+
+def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
+def evaluate(model: Any, task: str, kind: Kind, questions: Sequence[Question], out: str | os.PathLike, *,
+             batch_size: int = 4, max_new_tokens: int = 64, letter_tokens: int = 8, judge: Judge | None = None,
+             with_audio: bool = True, workers: int = 2, progress: bool = True, annotations: str = "",
+             on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
+    """Ask every question (greedy decoding) and write OUT/predictions.jsonl and OUT/summary.json.
+
+    model: a ``VideoLLaMAChat`` (or anything with its ``prepare_video`` / ``answer_uploads`` / ``score_answers``);
+    kind: "open" (generated answers, scored by exact match, containment and the optional ``judge``) or "mc"
+    (the generated option letter, and the log-likelihood of each option); max_new_tokens: length of open-ended
+    answers; letter_tokens: of the generated letter; on_batch(done, total): called after each batch.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    start = time.perf_counter()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_path = out / PREDICTIONS
+    repair_tail(pred_path)
+    done = read_rows(pred_path)
+    todo = [q for q in questions if q.id not in done]
+    greedy = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens if kind == "open" else letter_tokens)
+    bar = tqdm(total=len(questions), initial=len(questions) - len(todo), unit="question", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True, desc=task)
+    new_rows: dict[str, dict[str, Any]] = {}
+    errors = sum(1 for q in questions if done.get(q.id, {}).get("error"))
+    batches = _batches(todo, batch_size)
+    try:
+        with open(pred_path, "a", encoding="utf-8") as f, \
+                closing(prefetch_uploads(model, [[q.video for q in b] for b in batches], with_audio=with_audio,
+                                         workers=workers)) as prepared:
+            for batch, uploads in zip(batches, prepared):
+                good = [(q, u) for q, u in zip(batch, uploads) if isinstance(u, Upload)]
+                rows = {q.id: _base_row(q) for q in batch}
+                for q, u in zip(batch, uploads):
+                    if not isinstance(u, Upload):
+                        rows[q.id]["error"] = error_text(u)
+                if good:
+                    qs, ups = [q for q, _ in good], [u for _, u in good]
+                    if kind == "mc":
+                        _multiple_choice(model, qs, ups, greedy, batch_size, rows)
+                    else:
+                        _open_ended(model, qs, ups, greedy, batch_size, judge, rows)
+                for q in batch:
+                    f.write(json.dumps(rows[q.id], ensure_ascii=False) + "\n")
+                    errors += bool(rows[q.id].get("error"))
+                f.flush()
+                new_rows.update(rows)
+                bar.update(len(batch))
+                bar.set_postfix(errors=errors, refresh=False)
+                if on_batch is not None:
+                    on_batch(bar.n, len(questions))
+    finally:
+        bar.close()
+    all_rows = [new_rows.get(q.id) or done[q.id] for q in questions]
+    summary = write_summary(out, task, kind, all_rows, model=getattr(model, "name", ""),
+                            seconds=time.perf_counter() - start, annotations=annotations)
+    return EvalResult(summary, out, len(todo))
+
+
+def _multiple_choice(model: Any, qs: list[Question], ups: list[Upload], greedy: GenerationConfig, pad: int,
+                     rows: dict[str, dict[str, Any]]) -> None:
+    """Both protocols on one batch: the generated letter (prompt with the lettered options) and the
+    log-likelihood of each option's text as the answer to the plain question."""
+    texts = model.answer_uploads([multiple_choice_prompt(q.question, q.options) for q in qs], ups, greedy,
+                                 pad_to=pad)
+    scores = model.score_answers([q.question for q in qs], ups, [list(q.options) for q in qs], pad_to=pad)
+    for q, text, sc in zip(qs, texts, scores):
+        sc = np.asarray(sc, np.float64)
+        letter = parse_letter(text, len(q.options))
+        loglik = int(np.argmax(sc))
+        rows[q.id].update(prediction=text, scores=[round(float(x), 6) for x in sc], choice_loglik=loglik,
+                          choice_letter=letter, correct_letter=letter == q.answer_index,
+                          correct_loglik=loglik == q.answer_index)
+        rows[q.id]["correct"] = rows[q.id]["correct_letter"]
+
+
+def _open_ended(model: Any, qs: list[Question], ups: list[Upload], greedy: GenerationConfig, pad: int,
+                judge: Judge | None, rows: dict[str, dict[str, Any]]) -> None:
+    texts = model.answer_uploads([q.question for q in qs], ups, greedy, pad_to=pad)
+    for q, text in zip(qs, texts):
+        row = rows[q.id]
+        row.update(prediction=text, exact_match=exact_match(text, q.answer),
+                   contains=contains_answer(text, q.answer))
+        if judge is not None:
+            try:
+                v = judge(q.question, q.answer, text)
+                row.update(judge_correct=v.correct, judge_score=v.score)
+            except JudgeError as e:  # the row keeps the prediction; the judge metrics leave it out
+                row["judge_error"] = str(e)
+        row["correct"] = row.get("judge_correct", row["contains"]) if judge is not None else row["contains"]
+
+
+def write_summary(out: Path, task: str, kind: Kind, rows: list[Mapping[str, Any]], *, model: str = "",
+                  seconds: float = 0.0, annotations: str = "") -> dict[str, Any]:
+    metrics, per_category, primary = summarize(kind, list(rows))
+    summary = {"task": task, "n": len(rows), "errors": sum(1 for r in rows if r.get("error")),
+               "metrics": metrics, "accuracy_of": primary, "per_category": per_category, "model": model,
+               "seconds": round(seconds, 3), "annotations": annotations}
+    tmp = out / (SUMMARY + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out / SUMMARY)
+    return summary
+
+
+__all__ = ["EvalResult", "PREDICTIONS", "SUMMARY", "evaluate", "read_rows", "write_summary"]

@@ -1,0 +1,314 @@
+"""Continuous batching on a `DecodeEngine`: a running decode batch whose rows (slots) are filled and freed one request
+at a time, plus a cache of prefilled prompt prefixes. The server (`vllama_jax.serve`) drives it from one thread.
+
+Layout: one batched KV cache of `rows` x `slot_length` slots (`models.llama.init_cache`); each row has its own
+write index, valid mask and next position, so a row can be overwritten by a new request while the others keep
+decoding. A request is prefilled on its own (batch 1, with a cache already `slot_length` long) and its cache row
+and sampling state are copied into a free row (`insert`); every `step` decodes one token for all rows; a finished
+or cancelled row is simply forgotten (`release`) and its slots are overwritten by the next insert. The number of
+compiled rows follows the load in a few sizes (1, 2, 4, 8, ..., `max_batch`): the batch grows when a request finds no
+free row and is compacted when at most a quarter of it is in use, so one client does not pay for 32 rows.
+
+Sampling is per row (temperature, top-p, greedy or not, max new tokens, an own `jax.random` key derived from the
+request's seed, so a seeded request draws the same tokens whatever else is in the batch); top-k is one value for
+the whole batch (a compile-time shape). That is why the step is its own jitted function here rather than
+`DecodeEngine`'s, whose processing values are one scalar per call. The processors themselves are the engine's
+(`sampling.process_scores`, `select_tokens`, `stop_sequence_hits`).
+
+Prefix cache: the prefilled cache of a prompt prefix (system prompt + media block, or a whole earlier prompt of a
+conversation) is kept, keyed by a hash of the prefix's items (token ids and media content hashes); a request whose
+prompt starts with a stored prefix copies that cache and prefills only its remaining positions on top of it
+(`Llama` attends to the cached slots, positions continue from the prefix). Entries are evicted least recently used.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .engine import DecodeEngine, forward_tokens, round_up
+from .generation_config import FINISH_CODES, GenerationConfig, GenerationInputError
+from .sampling import ProcessorSpec, ProcessorValues, process_scores, select_tokens, stop_sequence_hits
+
+#: one item of a prompt for prefix matching: a token id, or (media content hash, number of embedding rows)
+PromptItem = int | tuple[str, int]
+
+
+class ContextTooLong(GenerationInputError):
+    """A prompt (plus the tokens asked for) does not fit in a slot of the running batch."""
+
+
+@dataclass
+class RowRequest:
+    """What one row of the batch decodes: the prompt as embeddings with its items (for the prefix cache) and the
+    per-row sampling settings."""
+
+    embeds: np.ndarray  # (L, D)
+    items: Sequence[PromptItem]  # len(items) positions in total: ints count 1, media tuples their row count
+    max_new_tokens: int
+    greedy: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    #: item counts after which the prefilled prefix is worth keeping (e.g. the end of the media block)
+    cache_points: Sequence[int] = ()
+
+
+@dataclass
+class Prefilled:
+    """A prefilled request ready to be inserted (the cache row and the sampling state of one row)."""
+
+    row: dict[str, Any]
+    prompt_tokens: int
+    prefilled_tokens: int  # positions actually computed (the rest came from the prefix cache)
+    prefix_hit: bool
+
+
+@dataclass
+class _PrefixEntry:
+    cache: Any  # a (1, slot_length) cache holding the prefix
+    positions: int  # real positions in it
+
+
+def item_positions(item: PromptItem) -> int:
+    return 1 if isinstance(item, (int, np.integer)) else int(item[1])
+
+
+def prefix_digests(items: Sequence[PromptItem]) -> list[bytes]:
+    """digests[k] identifies items[:k] (k = 0..len); a chained hash, so all prefixes cost one pass."""
+    h = hashlib.sha256(b"prompt")
+    out = [h.digest()]
+    for it in items:
+        h = h.copy()
+        h.update(repr(int(it) if isinstance(it, (int, np.integer)) else tuple(it)).encode())
+        out.append(h.digest())
+    return out
+
+
+def row_buckets(max_batch: int) -> tuple[int, ...]:
+    """Compiled batch sizes: powers of 2 below max_batch, then max_batch (at most 2x waste in a step whose cost
+    grows with the rows, as it does on a CPU)."""
+    sizes, n = [], 1
+    while n < max_batch:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (max_batch,)
+
+
+class ContinuousBatcher:
+    """The running batch of one `DecodeEngine` (see the module docstring). Not thread-safe: one thread drives it.
+
+    config: the base `GenerationConfig` (resolved by the engine: EOS, pad; the stop sequences of the chat
+        template); per-row settings come with each `RowRequest`. top_k: for sampled rows (0 = off).
+    slot_length: KV slots per row (prompt, padded to compiled shapes, + new tokens); a multiple of the engine's
+        `cache_multiple`. prefix_cache_size: prefixes kept (each is one (1, slot_length) cache).
+    """
+
+    def __init__(self, engine: DecodeEngine, config: GenerationConfig, *, max_batch: int = 32,
+                 slot_length: int = 1024, top_k: int = 0, prefix_cache_size: int = 16) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.config = engine.resolve(config)
+        self.slot_length = round_up(int(slot_length), engine.cache_multiple)
+        self.max_batch = int(max_batch)
+        self.buckets = row_buckets(self.max_batch)
+        self.spec = ProcessorSpec(do_sample=True, top_k=int(top_k), use_top_p=True)
+        self.ctrl = {k: jnp.asarray(v) for k, v in engine.controls(self.config).items() if k != "max_new"}
+        self.prefix_cache_size = int(prefix_cache_size)
+        self.prefixes: OrderedDict[bytes, _PrefixEntry] = OrderedDict()
+        self.rows: list[Any] = []  # per row: the owner's handle, or None when free
+        self.cache: Any = None
+        self.state: dict[str, Any] | None = None
+        self._step_fn = jax.jit(self._step_impl, static_argnames=("spec",), donate_argnums=(1, 2))
+        self._extend_fn = jax.jit(self._extend_impl)
+        self._set_row_fn = jax.jit(_set_row, donate_argnums=(0,))
+        self._take_rows_fn = jax.jit(_take_rows)  # a new shape: nothing to donate into
+
+    # ---- jitted pieces ---------------------------------------------------------------------------------------
+    def _extend_impl(self, params: Any, cache: Any, embeds: jax.Array, mask: jax.Array) -> tuple[jax.Array, Any]:
+        """Prefill `embeds` (1, L, D) on top of a cache that holds a prefix (not donated: the prefix is kept)."""
+        logits, cache = self.engine.module.apply({"params": params}, embeds, attention_mask=mask, cache=cache,
+                                                 logits_slice=slice(-1, None))
+        return logits[:, -1], self.engine.constrain_cache(cache)
+
+    def _step_impl(self, params: Any, cache: Any, state: dict[str, Any], ctrl: dict[str, jax.Array],
+                   spec: ProcessorSpec) -> tuple[jax.Array, jax.Array, dict[str, Any], Any]:
+        logits = state["logits"]
+        values = ProcessorValues(temperature=state["temperature"][:, None], top_p=state["top_p"][:, None],
+                                 repetition_penalty=jnp.float32(1.0), min_new_tokens=jnp.int32(0),
+                                 suppress=jnp.zeros((logits.shape[-1],), jnp.bool_))
+        greedy_tokens = select_tokens(process_scores(logits, None, state["n_gen"], values, ProcessorSpec()), None,
+                                      False)
+        keys = jax.vmap(jax.random.split)(state["key"])  # (B, 2, 2): the next key, this step's key
+
+        def sample(_: Any) -> jax.Array:
+            scores = process_scores(logits, None, state["n_gen"], values, spec)
+            sampled = jax.vmap(lambda k, s: select_tokens(s[None], k, True)[0])(keys[:, 1], scores)
+            return jnp.where(state["greedy"], greedy_tokens, sampled)
+
+        # top-k / top-p and the draws cost a sort and a (B, V) of random bits: skipped when every row is greedy
+        tokens = jax.lax.cond(jnp.all(state["greedy"]), lambda _: greedy_tokens, sample, None)
+        n_gen = state["n_gen"] + 1
+        recent = jnp.concatenate([state["recent"][:, 1:], tokens[:, None]], axis=1)
+        is_eos = jnp.isin(tokens, ctrl["eos"])
+        is_stop = stop_sequence_hits(recent, n_gen, ctrl["stop_ids"], ctrl["stop_lens"])
+        is_len = n_gen >= state["max_new"]
+        code = jnp.where(is_eos, 1, jnp.where(is_stop, 2, jnp.where(is_len, 3, 0))).astype(jnp.int32)
+        new_state = dict(state, key=keys[:, 0], n_gen=n_gen, recent=recent)
+        new_state["logits"], cache = self.engine.module.apply({"params": params}, tokens, cache,
+                                                              method=forward_tokens)
+        return tokens, code, new_state, self.engine.constrain_cache(cache)
+
+    # ---- prefill ---------------------------------------------------------------------------------------------
+    def _pack(self, embeds: np.ndarray) -> tuple[jax.Array, np.ndarray]:
+        return self.engine.pack([np.asarray(embeds)], None)
+
+    def _store_prefix(self, digest: bytes, cache: Any, positions: int) -> None:
+        if self.prefix_cache_size <= 0:
+            return
+        self.prefixes[digest] = _PrefixEntry(cache, positions)
+        self.prefixes.move_to_end(digest)
+        while len(self.prefixes) > self.prefix_cache_size:
+            self.prefixes.popitem(last=False)
+
+    def _lookup(self, digests: list[bytes]) -> tuple[int, _PrefixEntry | None]:
+        """The longest stored prefix that leaves at least one item to prefill: (its item count, entry)."""
+        for k in range(len(digests) - 2, 0, -1):
+            entry = self.prefixes.get(digests[k])
+            if entry is not None:
+                self.prefixes.move_to_end(digests[k])
+                return k, entry
+        return 0, None
+
+    def _fits(self, used_slots: int, max_new: int, prompt_tokens: int) -> None:
+        if used_slots + max_new > self.slot_length:
+            raise ContextTooLong(
+                f"the prompt has {prompt_tokens} positions (using {used_slots} cache slots with the padding of "
+                f"compiled shapes) and {max_new} new tokens were asked for: more than the {self.slot_length} slots "
+                "of the server's context (--max-context)")
+
+    def prefill(self, req: RowRequest) -> Prefilled:
+        """Prefill one request, reusing and extending the prefix cache; raises `ContextTooLong`."""
+        embeds = np.asarray(req.embeds, np.float32)
+        total = embeds.shape[0]
+        if sum(item_positions(i) for i in req.items) != total:
+            raise GenerationInputError("the prompt items do not add up to the embedding rows")
+        if req.max_new_tokens < 1:
+            raise GenerationInputError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        digests = prefix_digests(req.items)
+        starts = np.cumsum([0] + [item_positions(i) for i in req.items])  # embedding row where item k starts
+        hit_items, entry = self._lookup(digests)
+        points = sorted(k for k in set(req.cache_points) if hit_items < k < len(req.items))
+        cache, done, index = None, 0, 0
+        if entry is not None:
+            cache, done = entry.cache, entry.positions
+            index = int(np.asarray(cache["index"])[0])
+        cuts = points + [len(req.items)]
+        prefilled = 0
+        logits = None
+        for k in cuts:  # prefill up to each cache point (storing it), then the rest
+            prev_rows = done
+            rows = int(starts[k])
+            packed, mask = self._pack(embeds[prev_rows:rows])
+            if cache is None:
+                bucket = packed.shape[1]
+                self._fits(bucket, req.max_new_tokens, total)
+                logits, cache = self.engine.prefill(packed, mask, self.slot_length - bucket)
+                logits = logits[:, -1]
+                index = bucket
+            else:
+                index += packed.shape[1]
+                self._fits(index, req.max_new_tokens, total)
+                logits, cache = self._extend_fn(self.engine.params, cache, self.engine.put_batch(packed),
+                                                self.engine.put_batch(mask))
+            prefilled += rows - prev_rows
+            done = rows
+            if k in req.cache_points:
+                self._store_prefix(digests[k], cache, rows)
+        key = self.engine.key(req.seed)
+        row = dict(
+            cache=cache,
+            logits=logits, key=jnp.asarray(key)[None], n_gen=jnp.zeros((1,), jnp.int32),
+            recent=jnp.full((1, self.ctrl["stop_ids"].shape[1]), -1, jnp.int32),
+            greedy=jnp.asarray([bool(req.greedy)]), temperature=jnp.asarray([max(req.temperature, 1e-6)], jnp.float32),
+            top_p=jnp.asarray([req.top_p], jnp.float32), max_new=jnp.asarray([req.max_new_tokens], jnp.int32))
+        return Prefilled(row, total, prefilled, entry is not None)
+
+    def fork(self, pre: Prefilled, seed: int | None) -> Prefilled:
+        """The same prefilled prompt with another sampling key (the n choices of one request)."""
+        row = dict(pre.row, key=jnp.asarray(self.engine.key(seed))[None])
+        return Prefilled(row, pre.prompt_tokens, 0, True)
+
+    # ---- the running batch -------------------------------------------------------------------------------------
+    @property
+    def active(self) -> int:
+        return sum(r is not None for r in self.rows)
+
+    def has_room(self) -> bool:
+        return self.active < self.max_batch
+
+    def _resize(self, size: int) -> None:
+        """Re-layout the batch to `size` rows, active rows first (their order is kept)."""
+        keep = [i for i, r in enumerate(self.rows) if r is not None]
+        idx = np.asarray(keep + [keep[0] if keep else 0] * (size - len(keep)), np.int32)
+        self.cache, self.state = self._take_rows_fn((self.cache, self.state), jnp.asarray(idx))
+        self.rows = [self.rows[i] for i in keep] + [None] * (size - len(keep))
+
+    def insert(self, pre: Prefilled, owner: Any) -> int:
+        """Put a prefilled request into a free row (growing the batch if none is free); returns the row."""
+        if not self.has_room():
+            raise RuntimeError("the batch is full")
+        row_state = {k: v for k, v in pre.row.items() if k != "cache"}
+        if self.cache is None:
+            # a copy: the step donates the batch's buffers, and the prefilled cache may be a kept prefix
+            self.cache = jax.tree_util.tree_map(lambda x: x.copy(), pre.row["cache"])
+            self.state = jax.tree_util.tree_map(lambda x: x.copy(), row_state)
+            self.rows = [owner]
+            return 0
+        if None not in self.rows:
+            self._resize(next(b for b in self.buckets if b > len(self.rows)))
+        i = self.rows.index(None)
+        self.cache, self.state = self._set_row_fn((self.cache, self.state), (pre.row["cache"], row_state),
+                                                  jnp.int32(i))
+        self.rows[i] = owner
+        return i
+
+    def release(self, i: int) -> None:
+        """Forget row i (finished or cancelled); compacts the batch when at most a quarter of it is in use."""
+        self.rows[i] = None
+        n = self.active
+        if n == 0:
+            self.cache, self.state, self.rows = None, None, []
+            return
+        if len(self.rows) > 1 and n <= len(self.rows) // 4:
+            self._resize(next(b for b in self.buckets if b >= n))
+
+    def step(self) -> list[tuple[Any, int, str]]:
+        """One decode step of every row: [(owner, token, finish reason or "")] for the active rows."""
+        if self.cache is None:
+            return []
+        tokens, code, self.state, self.cache = self._step_fn(self.engine.params, self.cache, self.state, self.ctrl,
+                                                             spec=self.spec)
+        tokens, code = np.asarray(tokens), np.asarray(code)
+        return [(owner, int(tokens[i]), FINISH_CODES[int(code[i])]) for i, owner in enumerate(self.rows)
+                if owner is not None]
+
+
+def _set_row(batch: Any, row: Any, i: jax.Array) -> Any:
+    """batch[i] = row[0] for every leaf (leaves are batch-major)."""
+    return jax.tree_util.tree_map(
+        lambda b, r: jax.lax.dynamic_update_slice(b, r.astype(b.dtype), (i,) + (0,) * (b.ndim - 1)), batch, row)
+
+
+def _take_rows(batch: Any, idx: jax.Array) -> Any:
+    return jax.tree_util.tree_map(lambda b: jnp.take(b, idx, axis=0), batch)
+
+
+__all__ = ["ContextTooLong", "ContinuousBatcher", "Prefilled", "PromptItem", "RowRequest", "item_positions",
+           "prefix_digests", "row_buckets"]

@@ -1,0 +1,121 @@
+"""CPU kernels registered through XLA FFI: `wmatmul`, the weight-streaming matmul behind `models.layers.matmul`.
+
+XLA's CPU backend converts a whole bfloat16 or int8 dot operand to float32 before the dot (a full-size temporary,
+written at ~1 GB/s), and runs a one-row f32 matvec on one core. `wmatmul.cc` reads float32, bfloat16, float16 or
+int8 weights (per-output-channel scale) where they lie, accumulates in float32 and splits columns over XLA's own
+intra-op thread pool. It is compiled from source at first use (`g++ -O3 -march=native`, needs no other files than
+jaxlib's FFI headers) into `$VLLAMA_JAX_CACHE_DIR/../kernels` (default `~/.cache/vllama_jax/kernels`), keyed by the
+source, the compiler flags and the jaxlib version. Without a compiler, or with `VLLAMA_JAX_CPU_KERNELS=0`, the
+models use XLA's dot instead (same results up to summation order) and the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("wmatmul.cc")
+TARGET = "vllama_wmatmul"
+ENV_SWITCH = "VLLAMA_JAX_CPU_KERNELS"
+KERNEL_DIR_ENV = "VLLAMA_JAX_KERNEL_DIR"
+DEFAULT_KERNEL_DIR = Path("~/.cache/vllama_jax/kernels")
+CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
+# Up to this many rows of x the kernel streams the weights once (decode); must match SMALL_M in wmatmul.cc.
+SMALL_M = 16
+
+
+def _kernel_dir() -> Path:
+    return Path(os.environ.get(KERNEL_DIR_ENV) or DEFAULT_KERNEL_DIR).expanduser()
+
+
+def _build() -> Path:
+    """The compiled library, built once per (source, flags, jaxlib) into the kernel folder."""
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(CXXFLAGS).encode() + jaxlib.__version__.encode()).hexdigest()[:16]
+    out = _kernel_dir() / f"wmatmul-{key}.so"
+    if out.exists():
+        return out
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build into a temporary name and rename: concurrent first uses never load a half-written library.
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        tmp_out = Path(tmp) / out.name
+        cmd = [cxx, *CXXFLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(tmp_out)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        os.replace(tmp_out, out)
+    return out
+
+
+@lru_cache(maxsize=None)
+def wmatmul_available() -> bool:
+    """Whether the CPU kernel is built and registered (built on the first call); False, with the reason logged,
+    when disabled or when it cannot be built."""
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "false", "no"):
+        log.info("CPU matmul kernel disabled by %s; using XLA's dot", ENV_SWITCH)
+        return False
+    try:
+        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VllamaWMatmul), platform="cpu")
+    except (OSError, RuntimeError, AttributeError) as e:
+        log.warning("CPU matmul kernel unavailable (%s); using XLA's dot (bf16/int8 weights get float32 copies "
+                    "on CPU)", e)
+        return False
+    return True
+
+
+_FORCED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("vllama_cpu_kernels", default=None)
+
+
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool | None) -> Iterator[None]:
+    """Within the block, programs *traced* use the CPU kernel (True), XLA's dot (False) or the default rule
+    (None: the kernel in a one-device CPU process, where no partitioning is needed). Read at trace time: an
+    already-compiled jitted function keeps the choice it was traced with."""
+    token = _FORCED.set(enabled)
+    try:
+        yield
+    finally:
+        _FORCED.reset(token)
+
+
+def use_cpu_kernels() -> bool:
+    """Whether a matmul traced now goes through `wmatmul`: the CPU backend, the kernel built, and either forced by
+    `cpu_kernels(True)` or a one-device process (a mesh keeps XLA's dot, whose partitioning XLA knows)."""
+    forced = _FORCED.get()
+    if forced is False or jax.default_backend() != "cpu":
+        return False
+    if forced is None and jax.device_count() != 1:
+        return False
+    return wmatmul_available()
+
+
+def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: bool = False) -> jax.Array:
+    """x (M, K) @ W -> float32 (M, N), W (K, N) (`nk=False`) or (N, K) (`nk=True`), float32 / bfloat16 / int8,
+    times `scale` (N,) per output column when given. CPU only; call `wmatmul_available()` first."""
+    n = w.shape[0] if nk else w.shape[1]
+    s = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
+    return call(x.astype(jnp.float32), w, s, nk=nk)
+
+
+__all__ = ["SMALL_M", "cpu_kernels", "use_cpu_kernels", "wmatmul", "wmatmul_available"]
