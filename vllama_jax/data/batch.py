@@ -16,7 +16,11 @@ Shapes are written with the dimension names of `Dims`::
     features     path A for both branches from cached frozen-tower outputs instead of frames: frame_queries
                  (batch, frames, queries, hidden) and audio_embeddings (batch, audio_clips, audio_dim) float32,
                  with_audio (batch,) int32 (1: the audio+video flow, 0: video only), input_ids / labels /
-                 attention_mask as an instruction batch (``VideoLLaMA.feature_instruction_loss``)
+                 attention_mask as an instruction batch, and label_positions (batch, max_labels) int32: the
+                 positions t whose next token t+1 is labelled, -1 padded (``label_positions``), so that the LM
+                 head runs only there (``VideoLLaMA.feature_instruction_loss``); optionally one prompt_prefix
+                 (1, prompt_prefix) int32 for the whole batch: the tokens every row starts with (the ids hold only
+                 what follows), run once and attended to by every row
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..text.instruct import IGNORE_INDEX
 from .records import Kind
 
 #: the host-only fields of every batch (never sent to the devices)
@@ -46,6 +51,7 @@ class Dims:
     hidden: int = 0
     audio_clips: int = 0
     audio_dim: int = 0
+    max_labels: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,9 +111,25 @@ FEATURES = BatchSpec(
     "features",
     rows=(ArraySpec("frame_queries", np.float32, ("batch", "frames", "queries", "hidden")),
           ArraySpec("audio_embeddings", np.float32, ("batch", "audio_clips", "audio_dim")),
-          ArraySpec("with_audio", np.int32, ("batch",)), *_IDS))
+          ArraySpec("with_audio", np.int32, ("batch",)), *_IDS,
+          ArraySpec("label_positions", np.int32, ("batch", "max_labels"))),
+    shared=(ArraySpec("prompt_prefix", np.int32, (1, "prompt_prefix")),))
 
 LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION, FEATURES)}
+
+
+def label_positions(labels: np.ndarray, max_labels: int | None = None) -> np.ndarray:
+    """(B, L) labels (-100 = not trained) -> (B, max_labels) int32: per row the positions t with a label at t+1,
+    in order, -1 padded; ``max_labels`` defaults to the most any row has (ValueError when a row has more)."""
+    labels = np.asarray(labels)
+    rows = [np.flatnonzero(r[1:] != IGNORE_INDEX).astype(np.int32) for r in labels]
+    k = max((len(r) for r in rows), default=0) if max_labels is None else max_labels
+    if any(len(r) > k for r in rows):
+        raise ValueError(f"a row has {max(len(r) for r in rows)} labelled tokens, more than max_labels={k}")
+    out = np.full((len(rows), k), -1, np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def batch_spec(kind: str) -> BatchSpec:

@@ -115,8 +115,8 @@ class ClipConfig:
     seconds: float = 2.0
     sample_rate: int = 16000
     codec: str = "libx264"  # falls back to "mpeg4" when this PyAV build lacks it
-    radius: tuple[float, float] = (0.17, 0.21)  # shape radius range, fraction of the frame size
-    travel: tuple[float, float] = (0.45, 0.55)  # distance moved over the clip, fraction of the frame size
+    radius: tuple[float, float] = (0.15, 0.18)  # shape radius range, fraction of the frame size
+    travel: tuple[float, float] = (0.30, 0.36)  # distance moved over the clip, fraction of the frame size
     background: tuple[int, int] = (40, 40)  # grey level range of the background (plain dark grey)
 
     @property
@@ -147,7 +147,10 @@ def clip_spec(seed: int, index: int, cfg: ClipConfig = ClipConfig()) -> ClipSpec
     size = int(rng.integers(round(cfg.radius[0] * n), round(cfg.radius[1] * n) + 1))
     travel = float(rng.uniform(*cfg.travel) * n)
     margin = size + 2
-    start = (float(rng.uniform(0, n)), float(rng.uniform(margin, n - margin)))
+    # the whole path stays in the frame: right-moving clips start in the left part, left-moving in the right part
+    lo = margin + (travel if values["direction"] == "left" else 0.0)
+    hi = n - margin - (travel if values["direction"] == "right" else 0.0)
+    start = (float(rng.uniform(lo, hi)), float(rng.uniform(margin, n - margin)))
     background = int(rng.integers(cfg.background[0], cfg.background[1] + 1))
     jitter = tuple(int(v) for v in rng.integers(-15, 16, size=3))
     return ClipSpec(index, values["colour"], values["shape"], values["direction"], values["sound"], size, start,
@@ -178,11 +181,8 @@ def render_frames(spec: ClipSpec, cfg: ClipConfig = ClipConfig()) -> np.ndarray:
     frames = np.full((t_total, n, n, 3), spec.background, np.uint8)
     for t in range(t_total):
         f = t / max(t_total - 1, 1)
-        cx, cy = (spec.start[0] + _STEP[spec.direction] * spec.travel * f) % n, spec.start[1]
-        mask = np.zeros((n, n), bool)
-        for wrap in (-n, 0, n):
-            mask |= _mask(spec.shape, cx + wrap, cy, spec.size, n)
-        frames[t][mask] = colour
+        cx, cy = spec.start[0] + _STEP[spec.direction] * spec.travel * f, spec.start[1]
+        frames[t][_mask(spec.shape, cx, cy, spec.size, n)] = colour
     return frames
 
 

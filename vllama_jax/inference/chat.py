@@ -147,6 +147,31 @@ class _TextStream:
         self._show(final)
 
 
+def shared_contexts(contexts: Sequence[Any], uploads: Sequence[Any]) -> tuple[list, list[int], list] | None:
+    """Split the single-turn contexts of questions about the same upload into the prefix they share and each
+    one's tail: ``(prefixes, group of each context, tails)`` (every tail keeps at least its last position), or None
+    when no upload is asked about twice (nothing to share)."""
+    members: dict[int, list[int]] = {}
+    for i, u in enumerate(uploads):
+        members.setdefault(id(u) if u is not None else -1 - i, []).append(i)
+    if all(len(m) == 1 for m in members.values()):
+        return None
+    host = [np.asarray(c) for c in contexts]
+    prefixes: list[np.ndarray] = []
+    group = [0] * len(host)
+    tails: list[np.ndarray] = [host[0]] * len(host)
+    for m in members.values():
+        n = min(len(host[i]) for i in m) - 1
+        for i in m[1:]:
+            differ = np.flatnonzero(np.any(host[m[0]][:n] != host[i][:n], axis=1))
+            n = int(differ[0]) if differ.size else n
+        n = max(n, 1)  # a prefix of at least one position (the prompts all start with BOS / the template)
+        for i in m:
+            group[i], tails[i] = len(prefixes), host[i][n:]
+        prefixes.append(host[m[0]][:n])
+    return prefixes, group, tails
+
+
 def _stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -590,7 +615,13 @@ class VideoLLaMAChat:
             return []
         ids = [[self.tokenizer.encode(o) for o in opts] for opts in options]
         n = len(contexts)
-        return self.generator.score(self._pad_rows(contexts, pad_to), self._pad_rows(ids, pad_to))[:n]
+        shared = shared_contexts(contexts, uploads)
+        if shared is None:
+            return self.generator.score(self._pad_rows(contexts, pad_to), self._pad_rows(ids, pad_to))[:n]
+        prefixes, group, tails = shared
+        rows = self._pad_rows(list(range(n)), pad_to)
+        return self.generator.score_shared(self._pad_rows(prefixes, None), [group[i] for i in rows],
+                                           [tails[i] for i in rows], [ids[i] for i in rows])[:n]
 
     def _single_turn_contexts(self, questions: Sequence[str], uploads: Sequence[Upload | None],
                               max_new_tokens: int) -> list[np.ndarray]:

@@ -46,8 +46,9 @@ def make_loss_fn(model: Any, branch: str, placeholder_id: int, dropout: bool) ->
         kind = kind or kind_of(mb)
         if kind == FEATURES.kind:  # both branches from cached frozen-tower outputs (`branch` does not apply)
             out = model.apply(variables, mb["frame_queries"], mb["audio_embeddings"], mb["with_audio"],
-                              mb["input_ids"], mb["labels"], mb["attention_mask"], placeholder_id,
-                              deterministic=not dropout, rngs=rngs, method=model.feature_instruction_loss)
+                              mb["input_ids"], mb["labels"], mb["attention_mask"], mb["label_positions"],
+                              placeholder_id, mb.get("prompt_prefix"), deterministic=not dropout, rngs=rngs,
+                              method=model.feature_instruction_loss)
         elif kind == CAPTION.kind:
             out = model.apply(variables, mb["frames"], mb["text_ids"], mb["text_mask"], mb.get("prompt_before"),
                               mb.get("prompt_after"), branch=branch, deterministic=not dropout, rngs=rngs,
