@@ -6,6 +6,8 @@ its already-preprocessed `inputs.npz` video/audio tensors instead of decoding fi
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -256,6 +258,15 @@ def test_score_answers_is_the_log_likelihood_of_each_option(chats, tiny):
             - logits.max(-1, keepdims=True)
         ref = sum(logp[len(context) - 1 + j, t] for j, t in enumerate(ids))
         assert abs(value - ref) < 1e-3 * max(1.0, abs(ref)), (option, value, ref)
+    # several questions about one upload share its context's prefix (``score_shared``: prefilled once); the same
+    # rows with a copy of the upload each (nothing shared, the plain path) score the same
+    qs = [question, "Is there any sound?", question, "What colour is it?"]
+    opts = [options, options[:2], options[1:], ["Brown.", "White and black.", "Red", "It is grey."]]
+    shared = chat.score_answers(qs, [up] * 4, opts, pad_to=6)
+    apart = chat.score_answers(qs, [dataclasses.replace(up) for _ in qs], opts, pad_to=6)
+    for x, y in zip(shared, apart):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(shared[0], got[0], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="non-empty option"):
         chat.score_answers([question], [up], [["yes", ""]])
     with pytest.raises(ValueError, match="option lists"):

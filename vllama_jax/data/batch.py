@@ -13,6 +13,14 @@ Shapes are written with the dimension names of `Dims`::
                  int32 (upstream.md §1.8 path B); stage 2 adds one prompt for the whole batch: prompt_before
                  (1, prompt_before) / prompt_after (1, prompt_after) int32
     instruction  frames, input_ids / labels / attention_mask (batch, max_len) int32 (path A)
+    features     path A for both branches from cached frozen-tower outputs instead of frames: frame_queries
+                 (batch, frames, queries, hidden) and audio_embeddings (batch, audio_clips, audio_dim) float32,
+                 with_audio (batch,) int32 (1: the audio+video flow, 0: video only), input_ids / labels /
+                 attention_mask as an instruction batch, and label_positions (batch, max_labels) int32: the
+                 positions t whose next token t+1 is labelled, -1 padded (``label_positions``), so that the LM
+                 head runs only there (``VideoLLaMA.feature_instruction_loss``); optionally one prompt_prefix
+                 (1, prompt_prefix) int32 for the whole batch: the tokens every row starts with (the ids hold only
+                 what follows), run once and attended to by every row
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..text.instruct import IGNORE_INDEX
 from .records import Kind
 
 #: the host-only fields of every batch (never sent to the devices)
@@ -38,6 +47,11 @@ class Dims:
     max_len: int = 0
     prompt_before: int = 0
     prompt_after: int = 0
+    queries: int = 0
+    hidden: int = 0
+    audio_clips: int = 0
+    audio_dim: int = 0
+    max_labels: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +69,7 @@ class BatchSpec:
     """One batch layout. `rows` hold one row per example (split over the batch axes of the mesh); `shared` hold one
     row for the whole batch (replicated, left whole by the micro-batch split) and are optional."""
 
-    kind: Kind
+    kind: Kind | str
     rows: tuple[ArraySpec, ...]
     shared: tuple[ArraySpec, ...] = ()
 
@@ -89,11 +103,33 @@ CAPTION = BatchSpec(
     shared=(ArraySpec("prompt_before", np.int32, (1, "prompt_before")),
             ArraySpec("prompt_after", np.int32, (1, "prompt_after"))))
 
-INSTRUCTION = BatchSpec(
-    "instruction",
-    rows=(FRAMES, *(ArraySpec(k, np.int32, ("batch", "max_len")) for k in ("input_ids", "labels", "attention_mask"))))
+_IDS = tuple(ArraySpec(k, np.int32, ("batch", "max_len")) for k in ("input_ids", "labels", "attention_mask"))
 
-LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION)}
+INSTRUCTION = BatchSpec("instruction", rows=(FRAMES, *_IDS))
+
+FEATURES = BatchSpec(
+    "features",
+    rows=(ArraySpec("frame_queries", np.float32, ("batch", "frames", "queries", "hidden")),
+          ArraySpec("audio_embeddings", np.float32, ("batch", "audio_clips", "audio_dim")),
+          ArraySpec("with_audio", np.int32, ("batch",)), *_IDS,
+          ArraySpec("label_positions", np.int32, ("batch", "max_labels"))),
+    shared=(ArraySpec("prompt_prefix", np.int32, (1, "prompt_prefix")),))
+
+LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION, FEATURES)}
+
+
+def label_positions(labels: np.ndarray, max_labels: int | None = None) -> np.ndarray:
+    """(B, L) labels (-100 = not trained) -> (B, max_labels) int32: per row the positions t with a label at t+1,
+    in order, -1 padded; ``max_labels`` defaults to the most any row has (ValueError when a row has more)."""
+    labels = np.asarray(labels)
+    rows = [np.flatnonzero(r[1:] != IGNORE_INDEX).astype(np.int32) for r in labels]
+    k = max((len(r) for r in rows), default=0) if max_labels is None else max_labels
+    if any(len(r) > k for r in rows):
+        raise ValueError(f"a row has {max(len(r) for r in rows)} labelled tokens, more than max_labels={k}")
+    out = np.full((len(rows), k), -1, np.int32)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def batch_spec(kind: str) -> BatchSpec:
@@ -108,15 +144,15 @@ def kind_of(arrays: Mapping[str, Any]) -> Kind:
     for spec in LAYOUTS.values():
         if all(k in arrays for k in spec.row_keys):
             return spec.kind
-    raise ValueError(f"arrays {sorted(arrays)} are neither a caption {CAPTION.row_keys} nor an instruction "
-                     f"{INSTRUCTION.row_keys} batch")
+    raise ValueError(f"arrays {sorted(arrays)} are neither a caption {CAPTION.row_keys}, an instruction "
+                     f"{INSTRUCTION.row_keys} nor a features {FEATURES.row_keys} batch")
 
 
 def llm_positions(kind: str, arrays: Mapping[str, Any], num_media: int) -> int:
-    """LLaMA sequence positions one batch fills: an instruction batch its ids; a caption batch BOS + the prompt +
-    the `num_media` query tokens + the text, per example."""
-    b = arrays["frames"].shape[0]
-    if kind == INSTRUCTION.kind:
+    """LLaMA sequence positions one batch fills: an instruction (or features) batch its ids; a caption batch BOS +
+    the prompt + the `num_media` query tokens + the text, per example."""
+    b = arrays["input_ids" if kind == FEATURES.kind else "frames"].shape[0]
+    if kind in (INSTRUCTION.kind, FEATURES.kind):
         return b * arrays["input_ids"].shape[1]
     prompt = sum(arrays[k].shape[1] for k in CAPTION.shared_keys if k in arrays)
     return b * (1 + prompt + num_media + arrays["text_ids"].shape[1])

@@ -1,2 +1,3 @@
-"""``make demo``: a CPU-scale end-to-end run (generated clips -> prepare -> train the video branch -> chat about
-held-out clips -> accuracy table). Entry point: ``python -m vllama_jax.demo`` (:mod:`vllama_jax.demo.run`)."""
+"""``make demo``: a CPU-scale end-to-end run (generated clips with sound -> frozen towers once per clip -> both
+branches trained -> chat about held-out clips, with two ablations -> accuracy table, report.json, picture). Entry
+point: ``python -m vllama_jax.demo`` (:mod:`vllama_jax.demo.run`)."""

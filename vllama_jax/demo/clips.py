@@ -1,14 +1,14 @@
 """The demo's dataset: short generated videos with sound, and their ground truth.
 
 Each clip is ``seconds`` long at ``fps`` frames per second: one coloured shape (circle / square / triangle) on a
-plain dark background moves in one direction (left / right / up / down), while a sine tone plays whose pitch is set
-by the shape (circle low, square medium, triangle high). Everything is drawn with numpy and encoded with PyAV
-(H.264 or MPEG-4 video + AAC audio in an .mp4), deterministically from ``(seed, clip index)``.
+plain dark background moves left or right (wrapping around the frame, from a random start), while one of four
+sounds plays (a hum, a beep, a whistle or a hiss). Colour, shape, direction and sound are drawn independently of
+each other. Everything is drawn with numpy and encoded with PyAV (H.264 or MPEG-4 video + Opus or AAC audio in an .mp4),
+deterministically from ``(seed, clip index)``.
 
-The generator also writes what a model should say about each clip: a caption ("a red circle moves to the left")
-and question/answer pairs, one per attribute. Those become the training conversations (our JSONL format, see
-``vllama_jax/data/FORMATS.md`` section 3) and, for held-out clips, the ground truth the demo scores answers
-against (:mod:`vllama_jax.demo.evaluate`).
+The generator also says what a model should answer about each clip (``ClipSpec.conversation``: one question and
+answer per attribute); for held-out clips that is the ground truth the demo scores answers against
+(:mod:`vllama_jax.demo.evaluate`).
 """
 from __future__ import annotations
 
@@ -31,22 +31,27 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
 }
 SHAPES = ("circle", "square", "triangle")
-DIRECTIONS = ("left", "right", "up", "down")
-#: the tone each shape makes: (word used in answers, frequency in Hz)
-TONES: dict[str, tuple[str, float]] = {"circle": ("low", 220.0), "square": ("medium", 523.25),
-                                       "triangle": ("high", 1318.5)}
-SOUNDS = tuple(TONES[s][0] for s in SHAPES)
+#: left and right only: a shuffled clip keeps the *set* of its frames, and the set of positions of a straight
+#: motion tells its axis (horizontal or vertical); with up/down as well, destroying the temporal order could only
+#: halve the direction accuracy instead of taking it to chance, so the ablation would not show what order carries
+DIRECTIONS = ("left", "right")
+#: the sounds, each in its own frequency band so that even a random frozen audio tower hears them apart:
+#: word -> (kind, frequency in Hz; 0 for broadband noise)
+SOUNDS: dict[str, tuple[str, float]] = {"hum": ("harmonic", 150.0), "beep": ("sine", 1000.0),
+                                        "whistle": ("sine", 3600.0), "hiss": ("noise", 0.0)}
 
 #: attribute -> (the question asked, the possible answer words)
 ATTRIBUTES: dict[str, tuple[str, tuple[str, ...]]] = {
     "colour": ("What colour is the shape?", tuple(COLOURS)),
     "shape": ("What shape is it?", SHAPES),
     "direction": ("Which way does it move?", DIRECTIONS),
-    "sound": ("What does it sound like?", SOUNDS),
+    "sound": ("What do you hear?", tuple(SOUNDS)),
 }
+#: attributes answerable from the picture alone (a conversation without the audio block asks only these)
+VISUAL = ("colour", "shape", "direction")
 
-_DIRECTION_TEXT = {"left": "to the left", "right": "to the right", "up": "up", "down": "down"}
-_STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+_DIRECTION_TEXT = {"left": "to the left", "right": "to the right"}
+_STEP = {"left": -1, "right": 1}
 
 
 def answer_text(attribute: str, value: str) -> str:
@@ -61,7 +66,7 @@ def answer_text(attribute: str, value: str) -> str:
         return f"The shape is a {value}."
     if attribute == "direction":
         return f"The shape moves {_DIRECTION_TEXT[value]}."
-    return f"The shape makes a {value} tone."  # sound
+    return f"I hear a {value}."  # sound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,19 +77,12 @@ class ClipSpec:
     colour: str
     shape: str
     direction: str
+    sound: str
     size: int  # shape radius in pixels
     start: tuple[float, float]  # (x, y) centre at t = 0
     travel: float  # pixels moved over the whole clip
     background: int  # grey level of the background
     jitter: tuple[int, int, int]  # small per-clip colour offset
-
-    @property
-    def sound(self) -> str:
-        return TONES[self.shape][0]
-
-    @property
-    def pitch(self) -> float:
-        return TONES[self.shape][1]
 
     def answer(self, attribute: str) -> str:
         """The generator's answer to ``ATTRIBUTES[attribute]``'s question (see :func:`answer_text`)."""
@@ -95,7 +93,7 @@ class ClipSpec:
 
     @property
     def caption(self) -> str:
-        return f"A {self.colour} {self.shape} moves {_DIRECTION_TEXT[self.direction]} with a {self.sound} tone."
+        return f"A {self.colour} {self.shape} moves {_DIRECTION_TEXT[self.direction]}; you hear a {self.sound}."
 
     def conversation(self, rng: np.random.Generator,
                      attributes: Sequence[str] = tuple(ATTRIBUTES)) -> list[dict[str, str]]:
@@ -106,25 +104,19 @@ class ClipSpec:
             turns += [{"from": "human", "value": ATTRIBUTES[a][0]}, {"from": "gpt", "value": self.answer(a)}]
         return turns
 
-    def training_conversations(self) -> list[list[dict[str, str]]]:
-        """What the demo trains on for this clip: two single-question conversations, the colour question and one
-        of the other three (in turn by clip index), so half of all training answers are about colour."""
-        others = [a for a in ATTRIBUTES if a != "colour"]
-        rng = np.random.default_rng(0)  # one attribute per conversation: the order is moot
-        return [self.conversation(rng, ("colour",)), self.conversation(rng, (others[self.index % len(others)],))]
-
 
 @dataclasses.dataclass(frozen=True)
 class ClipConfig:
-    """How clips look and sound. The defaults make a 2 s, 8 fps, 64x64 clip with 16 kHz mono audio."""
+    """How clips look and sound. The defaults make a 2 s, 8 fps, 112x112 clip (the demo model's frame size, so
+    nothing is lost to a resize) with 16 kHz mono audio."""
 
-    size: int = 64
+    size: int = 112
     fps: int = 8
     seconds: float = 2.0
     sample_rate: int = 16000
     codec: str = "libx264"  # falls back to "mpeg4" when this PyAV build lacks it
-    radius: tuple[float, float] = (0.2, 0.26)  # shape radius range, fraction of the frame size
-    travel: tuple[float, float] = (0.25, 0.35)  # distance moved over the clip, fraction of the frame size
+    radius: tuple[float, float] = (0.15, 0.18)  # shape radius range, fraction of the frame size
+    travel: tuple[float, float] = (0.30, 0.36)  # distance moved over the clip, fraction of the frame size
     background: tuple[int, int] = (40, 40)  # grey level range of the background (plain dark grey)
 
     @property
@@ -132,26 +124,37 @@ class ClipConfig:
         return int(round(self.fps * self.seconds))
 
 
+#: clips are drawn in blocks of this many (the least common multiple of the attributes' value counts): within a
+#: block every value of every attribute occurs equally often, each attribute in its own random order
+BLOCK = 12
+
+
 def clip_spec(seed: int, index: int, cfg: ClipConfig = ClipConfig()) -> ClipSpec:
-    """Draw clip ``index`` of the dataset with ``seed``; attributes cycle through every combination in a
-    seed-shuffled order so that any 72 consecutive clips cover all colour x shape x direction combinations."""
-    combos = [(c, s, d) for c in COLOURS for s in SHAPES for d in DIRECTIONS]
-    cycle, k = divmod(index, len(combos))
-    order = np.random.default_rng([seed, 0xC0B0, cycle]).permutation(len(combos))
-    colour, shape, direction = combos[int(order[k])]
+    """Draw clip ``index`` of the dataset with ``seed``. Each attribute is drawn independently of the others (its
+    own permutation per block of ``BLOCK`` clips), so no attribute can be told from another and any run of whole
+    blocks is exactly balanced.
+
+    The shape moves horizontally on a wrap-around strip (leaving on one side, it enters on the other), from a start
+    drawn uniformly over the frame: the position in any one frame is uniform whatever the direction, and so is the
+    set of positions of a clip, so only the order of the frames tells the direction."""
+    block, k = divmod(index, BLOCK)
+    values = {}
+    for i, (a, (_, options)) in enumerate(ATTRIBUTES.items()):
+        order = np.random.default_rng([seed, 0xC0B0, i, block]).permutation(BLOCK)
+        values[a] = options[int(order[k]) % len(options)]
     rng = np.random.default_rng([seed, index])
     n = cfg.size
     size = int(rng.integers(round(cfg.radius[0] * n), round(cfg.radius[1] * n) + 1))
     travel = float(rng.uniform(*cfg.travel) * n)
-    dx, dy = _STEP[direction]
-    margin = size + 1
-    # start so that the whole path stays inside the frame
-    lo_x, hi_x = margin + max(0, -dx) * travel, n - margin - max(0, dx) * travel
-    lo_y, hi_y = margin + max(0, -dy) * travel, n - margin - max(0, dy) * travel
-    start = (float(rng.uniform(lo_x, hi_x)), float(rng.uniform(lo_y, hi_y)))
+    margin = size + 2
+    # the whole path stays in the frame: right-moving clips start in the left part, left-moving in the right part
+    lo = margin + (travel if values["direction"] == "left" else 0.0)
+    hi = n - margin - (travel if values["direction"] == "right" else 0.0)
+    start = (float(rng.uniform(lo, hi)), float(rng.uniform(margin, n - margin)))
     background = int(rng.integers(cfg.background[0], cfg.background[1] + 1))
     jitter = tuple(int(v) for v in rng.integers(-15, 16, size=3))
-    return ClipSpec(index, colour, shape, direction, size, start, travel, background, jitter)  # type: ignore[arg-type]
+    return ClipSpec(index, values["colour"], values["shape"], values["direction"], values["sound"], size, start,
+                    travel, background, jitter)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------------------------ drawing
@@ -171,46 +174,54 @@ def _mask(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarray:
 
 
 def render_frames(spec: ClipSpec, cfg: ClipConfig = ClipConfig()) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames of the clip."""
+    """(T, H, W, 3) uint8 frames of the clip; the strip wraps around horizontally (a shape crossing the edge shows
+    on both sides)."""
     n, t_total = cfg.size, cfg.num_frames
     colour = np.clip(np.array(COLOURS[spec.colour]) + np.array(spec.jitter), 0, 255).astype(np.uint8)
-    dx, dy = _STEP[spec.direction]
     frames = np.full((t_total, n, n, 3), spec.background, np.uint8)
     for t in range(t_total):
         f = t / max(t_total - 1, 1)
-        cx, cy = spec.start[0] + dx * spec.travel * f, spec.start[1] + dy * spec.travel * f
+        cx, cy = spec.start[0] + _STEP[spec.direction] * spec.travel * f, spec.start[1]
         frames[t][_mask(spec.shape, cx, cy, spec.size, n)] = colour
     return frames
 
 
 def render_audio(spec: ClipSpec, cfg: ClipConfig = ClipConfig()) -> np.ndarray:
-    """(samples,) float32 mono: the shape's sine tone with short fades."""
+    """(samples,) float32 mono: the clip's sound (``SOUNDS``) with short fades."""
     n = int(round(cfg.seconds * cfg.sample_rate))
     t = np.arange(n, dtype=np.float64) / cfg.sample_rate
-    wave = 0.4 * np.sin(2 * math.pi * spec.pitch * t)
+    kind, freq = SOUNDS[spec.sound]
+    if kind == "sine":
+        wave = 0.4 * np.sin(2 * math.pi * freq * t)
+    elif kind == "harmonic":  # a low buzz: the fundamental and two overtones
+        wave = sum(0.4 / k * np.sin(2 * math.pi * k * freq * t) for k in (1, 2, 3))
+    else:  # broadband noise, drawn from the clip's own seed
+        wave = 0.25 * np.random.default_rng([spec.index, 0x5EED]).standard_normal(n)
     fade = min(n // 2, int(0.02 * cfg.sample_rate))
     env = np.ones(n)
     env[:fade] = np.linspace(0, 1, fade)
     env[n - fade:] = np.linspace(1, 0, fade)
-    return (wave * env).astype(np.float32)
+    return np.clip(wave * env, -1, 1).astype(np.float32)
 
 
-def _video_codec(preferred: str) -> str:
-    for name in (preferred, "libx264", "mpeg4"):
+def _codec(names: Sequence[str]) -> str:
+    """The first of ``names`` this PyAV build can encode with."""
+    for name in names:
         try:
             av.codec.Codec(name, "w")
             return name
         except Exception:  # noqa: BLE001 - codec missing from this PyAV build
             continue
-    raise RuntimeError("PyAV has neither libx264 nor mpeg4 encoders")
+    raise RuntimeError(f"PyAV has none of the encoders {', '.join(names)}")
 
 
 def write_clip(path: str | Path, spec: ClipSpec, cfg: ClipConfig = ClipConfig(), audio: bool = True) -> Path:
-    """Encode the clip as an .mp4 (video + AAC audio)."""
+    """Encode the clip as an .mp4 (H.264 video + Opus audio; FFmpeg's AAC encoder, the fallback, takes ~4x as
+    long as everything else together)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames = render_frames(spec, cfg)
-    codec = _video_codec(cfg.codec)
+    codec = _codec((cfg.codec, "libx264", "mpeg4"))
     with av.open(str(path), "w") as out:
         vs = out.add_stream(codec, rate=cfg.fps)
         vs.width = vs.height = cfg.size
@@ -221,7 +232,7 @@ def write_clip(path: str | Path, spec: ClipSpec, cfg: ClipConfig = ClipConfig(),
             vs.bit_rate = 400_000
         as_ = None
         if audio:
-            as_ = out.add_stream("aac", rate=cfg.sample_rate)
+            as_ = out.add_stream(_codec(("libopus", "aac")), rate=cfg.sample_rate)
             as_.layout = "mono"
         _encode(out, vs, ((av.VideoFrame.from_ndarray(img, format="rgb24"), k) for k, img in enumerate(frames)),
                 cfg.fps)
@@ -255,7 +266,6 @@ class DemoData:
     """What :func:`make_dataset` wrote."""
 
     root: Path
-    train_jsonl: Path  # conversations, our JSONL format
     train: tuple[ClipSpec, ...]
     heldout: tuple[ClipSpec, ...]
     clip_config: ClipConfig
@@ -268,20 +278,16 @@ def _write_truth(path: Path, split_specs: Iterable[tuple[str, Sequence[ClipSpec]
     with open(path, "w") as f:
         for split, specs in split_specs:
             for s in specs:
-                f.write(json.dumps({"video": f"clips/{s.index:05d}.mp4", "split": split, "colour": s.colour,
-                                    "shape": s.shape, "direction": s.direction, "sound": s.sound,
-                                    "caption": s.caption}) + "\n")
+                f.write(json.dumps({"video": f"clips/{s.index:05d}.mp4", "split": split,
+                                    **{a: s.truth(a) for a in ATTRIBUTES}, "caption": s.caption}) + "\n")
 
 
 def make_dataset(root: str | Path, num_train: int, num_heldout: int, seed: int = 0,
                  cfg: ClipConfig = ClipConfig(), progress=None) -> DemoData:
-    """Write ``num_train + num_heldout`` clips under ``root/clips`` plus
-
-    * ``root/train.jsonl``: the training clips' conversations (``ClipSpec.training_conversations``: one question
-      each, the colour question and one other), ready for ``prepare(dataset="jsonl", ...)``;
-    * ``root/truth.jsonl``: every clip's split, attributes and caption (the held-out clips are never trained on).
-
-    Existing files are overwritten; the whole folder is a pure function of the arguments.
+    """Write ``num_train + num_heldout`` clips under ``root/clips`` plus ``root/truth.jsonl``: every clip's split,
+    attributes and caption (the held-out clips are the last ones, never trained on). With both counts multiples
+    of ``BLOCK`` every attribute is exactly balanced in each split, so a model that always gives the same answer
+    scores exactly chance. Existing files are overwritten; the whole folder is a pure function of the arguments.
     """
     root = Path(root)
     (root / "clips").mkdir(parents=True, exist_ok=True)
@@ -291,10 +297,5 @@ def make_dataset(root: str | Path, num_train: int, num_heldout: int, seed: int =
         write_clip(root / "clips" / f"{s.index:05d}.mp4", s, cfg)
         if progress is not None:
             progress(k + 1, len(specs))
-    with open(root / "train.jsonl", "w") as f:
-        for s in train:
-            for c, conv in enumerate(s.training_conversations()):
-                f.write(json.dumps({"video": f"clips/{s.index:05d}.mp4", "id": f"clip-{s.index}-{c}",
-                                    "conversations": conv}) + "\n")
     _write_truth(root / "truth.jsonl", (("train", train), ("heldout", heldout)))
-    return DemoData(root, root / "train.jsonl", tuple(train), tuple(heldout), cfg)
+    return DemoData(root, tuple(train), tuple(heldout), cfg)

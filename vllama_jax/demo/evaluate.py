@@ -23,9 +23,10 @@ _ALIASES: dict[str, tuple[str, ...]] = {
     "purple": ("violet",),
     "left": ("leftward", "leftwards"),
     "right": ("rightward", "rightwards"),
-    "up": ("upward", "upwards"),
-    "down": ("downward", "downwards"),
-    "medium": ("middle",),
+    "hum": ("humming",),
+    "hiss": ("hissing",),
+    "beep": ("beeping",),
+    "whistle": ("whistling",),
 }
 
 
@@ -88,10 +89,11 @@ def _cell(acc: float, n: int) -> str:
 def table(columns: Sequence[Scores], attributes: Sequence[str] = tuple(ATTRIBUTES),
           notes: Mapping[str, str] | None = None) -> str:
     """attribute | <column> answers | <column> choice ... | chance  (+ an optional note per attribute). A column's
-    choice cell is only shown when it has multiple-choice results."""
+    answers / choice cell is only shown when it has free-form / multiple-choice results."""
     head = ["attribute"]
     for c in columns:
-        head.append(f"{c.name}: answers")
+        if c.answers:
+            head.append(f"{c.name}: answers")
         if c.choices:
             head.append(f"{c.name}: choice")
     head.append("chance")
@@ -99,7 +101,8 @@ def table(columns: Sequence[Scores], attributes: Sequence[str] = tuple(ATTRIBUTE
     for a in attributes:
         cells = [a]
         for c in columns:
-            cells.append(_cell(c.accuracy(a), c.count(a)))
+            if c.answers:
+                cells.append(_cell(c.accuracy(a), c.count(a)))
             if c.choices:
                 cells.append(_cell(c.choice_accuracy(a), c.choice_count(a)))
         cells.append(f"{100 * chance(a):5.1f}%")

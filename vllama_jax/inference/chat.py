@@ -46,6 +46,7 @@ from ..models.video_llama import VideoLLaMA, llama_module
 from ..runtime import use_compilation_cache
 from ..sharding import batch_sharding, make_mesh
 from ..text import (
+    IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     Conversation,
     Tokenizer,
@@ -145,6 +146,31 @@ class _TextStream:
 
     def finish(self, final: str) -> None:
         self._show(final)
+
+
+def shared_contexts(contexts: Sequence[Any], uploads: Sequence[Any]) -> tuple[list, list[int], list] | None:
+    """Split the single-turn contexts of questions about the same upload into the prefix they share and each
+    one's tail: ``(prefixes, group of each context, tails)`` (every tail keeps at least its last position), or None
+    when no upload is asked about twice (nothing to share)."""
+    members: dict[int, list[int]] = {}
+    for i, u in enumerate(uploads):
+        members.setdefault(id(u) if u is not None else -1 - i, []).append(i)
+    if all(len(m) == 1 for m in members.values()):
+        return None
+    host = [np.asarray(c) for c in contexts]
+    prefixes: list[np.ndarray] = []
+    group = [0] * len(host)
+    tails: list[np.ndarray] = [host[0]] * len(host)
+    for m in members.values():
+        n = min(len(host[i]) for i in m) - 1
+        for i in m[1:]:
+            differ = np.flatnonzero(np.any(host[m[0]][:n] != host[i][:n], axis=1))
+            n = int(differ[0]) if differ.size else n
+        n = max(n, 1)  # a prefix of at least one position (the prompts all start with BOS / the template)
+        for i in m:
+            group[i], tails[i] = len(prefixes), host[i][n:]
+        prefixes.append(host[m[0]][:n])
+    return prefixes, group, tails
 
 
 def _stderr_log(message: str) -> None:
@@ -281,6 +307,19 @@ class VideoLLaMAChat:
         if self.mesh is None:
             return 1
         return int(self.mesh.shape.get("data", 1) * self.mesh.shape.get("fsdp", 1))
+
+    def swap_media_params(self, params: dict[str, Any]) -> None:
+        """Use other values for the media groups (every group but the LLM; same shapes, e.g. the branches before
+        and after training). The LLM and every compiled program are kept: no recompilation. The conversation's
+        already encoded media are not re-encoded."""
+        if LLM_GROUP in params:
+            raise ValueError("swap_media_params keeps the LLM; pass the media groups only")
+        unknown = sorted(set(params) - set(self._towers))
+        if unknown:
+            raise ValueError(f"unknown media group(s) {', '.join(unknown)}")
+        new = placed(self.config, dict(params), self.mesh)
+        self.params = {**self.params, **new}
+        self._towers = {**self._towers, **new}
 
     # ---- media preparation (host) -------------------------------------------------------------------------
     def prepare_video(self, path: str | os.PathLike, with_audio: bool = True) -> Upload:
@@ -579,7 +618,13 @@ class VideoLLaMAChat:
             return []
         ids = [[self.tokenizer.encode(o) for o in opts] for opts in options]
         n = len(contexts)
-        return self.generator.score(self._pad_rows(contexts, pad_to), self._pad_rows(ids, pad_to))[:n]
+        shared = shared_contexts(contexts, uploads)
+        if shared is None:
+            return self.generator.score(self._pad_rows(contexts, pad_to), self._pad_rows(ids, pad_to))[:n]
+        prefixes, group, tails = shared
+        rows = self._pad_rows(list(range(n)), pad_to)
+        return self.generator.score_shared(self._pad_rows(prefixes, None), [group[i] for i in rows],
+                                           [tails[i] for i in rows], [ids[i] for i in rows])[:n]
 
     def _single_turn_contexts(self, questions: Sequence[str], uploads: Sequence[Upload | None],
                               max_new_tokens: int) -> list[np.ndarray]:
@@ -599,6 +644,51 @@ class VideoLLaMAChat:
             self._ask(conv, q, u is not None and u.join_question)
             contexts.append(self.build_context(conv, media, max_new_tokens).embeds)
         return contexts
+
+    def conversation_sample(self, upload: Upload, turns: Sequence[tuple[str, str]],
+                            media_rows: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """A training sample of a conversation about ``upload``: ``(input_ids, labels)`` (1-D int32, labels -100
+        except on the replies and their end-of-turn token), with ``media_rows[k]`` placeholder ids where media block
+        k goes. Its first turn is token for token the context ``answer_uploads`` / ``score_answers`` build for that
+        question (the reply tokenized as ``score_answers`` tokenizes an option); each later turn adds the text the
+        template renders for it."""
+        if len(media_rows) != len(upload.blocks):
+            raise ValueError(f"{len(upload.blocks)} media blocks but {len(media_rows)} row counts")
+        placeholder = int(self.tokenizer.image_placeholder_id)
+        conv = get_template(self.template, self.tokenizer)
+        conversation_upload(conv, upload.message, upload.system)
+        ids: list[int] = []
+        labels: list[int] = []
+
+        def add(tokens: Sequence[int], trained: Sequence[bool]) -> None:
+            ids.extend(tokens)
+            labels.extend(t if y else IGNORE_INDEX for t, y in zip(tokens, trained))
+
+        before = ""
+        for k, (question, reply) in enumerate(turns):
+            self._ask(conv, question, k == 0 and upload.join_question)
+            prompt = chat_prompt(conv)
+            if k == 0:
+                for j, seg in enumerate(segment_token_ids(prompt_segments(prompt, len(media_rows)), self.tokenizer)):
+                    add(seg, [False] * len(seg))
+                    if j < len(media_rows):
+                        add([placeholder] * media_rows[j], [False] * media_rows[j])
+            else:  # the previous reply's end of turn (trained) and this turn's question (not)
+                delta = self._rendered_after(prompt, before)
+                add(delta, [True] + [False] * (len(delta) - 1))
+            answer = self.tokenizer.encode(reply)
+            add(answer, [True] * len(answer))
+            conv.messages[-1][1] = reply
+            before = prompt + reply
+        end = self._rendered_after(conv.render(), before)
+        add(end[:1], [True])
+        return np.asarray(ids, np.int32), np.asarray(labels, np.int32)
+
+    def _rendered_after(self, rendered: str, before: str) -> list[int]:
+        if not rendered.startswith(before):
+            raise ChatError(f"the {self.template} template does not render a conversation as a prefix of its "
+                            "continuation; cannot build multi-turn samples")
+        return self.tokenizer.encode(rendered[len(before):])
 
     @staticmethod
     def _as_prompt(p: PromptLike) -> Prompt:

@@ -139,6 +139,12 @@ class Generator(DecodeEngine):
         """
         return self._scorer.score(prompt_embeds, candidates, attention_mask)
 
+    def score_shared(self, prefixes: Sequence[Any], group: Sequence[int], tails: Sequence[Any],
+                     candidates: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
+        """`score` for prompts ``prefixes[group[i]] + tails[i]`` (embeddings): each shared prefix is prefilled
+        once (see `score.py`)."""
+        return self._scorer.score_shared(prefixes, group, tails, candidates)
+
 
 # Generator is defined here; the rest is re-exported for callers that import the generation API from this module.
 __all__ = ["GenerationConfig", "GenerationConfigError", "GenerationInputError", "GenerationOutput", "Generator",

@@ -35,26 +35,14 @@ class Scorer:
     def __init__(self, engine: DecodeEngine) -> None:
         self.engine = engine
         self._score_fn = jax.jit(self._score_impl)
+        self._tail_fn = jax.jit(self._tail_impl)
 
     def score(self, prompt_embeds: Any, candidates: Sequence[Sequence[Sequence[int]]], attention_mask: Any = None
               ) -> list[np.ndarray]:
         """`Generator.score`: per prompt, the summed log-probability of each candidate (float64 array)."""
         engine = self.engine
         embeds, mask = engine.pack(prompt_embeds, attention_mask)
-        if len(candidates) != embeds.shape[0]:
-            raise GenerationInputError(f"{embeds.shape[0]} prompts but candidates for {len(candidates)}")
-        rows = []
-        for i, opts in enumerate(candidates):
-            opts = [np.asarray(c, np.int64).reshape(-1) for c in opts]
-            if not opts:
-                raise GenerationInputError(f"prompt {i} has no candidates")
-            for j, c in enumerate(opts):
-                if c.size == 0:
-                    raise GenerationInputError(f"candidate {j} of prompt {i} is empty")
-                if c.min() < 0 or c.max() >= engine.config.vocab_size:
-                    raise GenerationInputError(f"candidate {j} of prompt {i} has ids outside "
-                                               f"[0, {engine.config.vocab_size})")
-            rows.append(opts)
+        rows = self._checked(candidates, embeds.shape[0])
         batch = len(rows)
         shared = [shared_prefix(opts) for opts in rows]  # each candidate keeps >= 1 token of its own
         p = max(shared)
@@ -86,7 +74,70 @@ class Scorer:
             out.append(head + tails[b, :len(opts)])
         return out
 
+    def score_shared(self, prefixes: Sequence[Any], group: Sequence[int], tails: Sequence[Any],
+                     candidates: Sequence[Sequence[Sequence[int]]]) -> list[np.ndarray]:
+        """`score` for prompts that share prefixes: prompt i is ``prefixes[group[i]]`` followed by ``tails[i]``
+        (embeddings (P_g, D) and (T_i >= 1, D)). Each prefix is prefilled once; its cache is copied to the prompts
+        of its group, which prefill only their tails (one right-padded chunk), then the candidates run as in
+        `score`. Several questions about one video pay for the video's context once."""
+        engine = self.engine
+        rows = self._checked(candidates, len(tails))
+        if len(group) != len(tails) or not prefixes or min(group) < 0 or max(group) >= len(prefixes):
+            raise GenerationInputError(f"{len(tails)} tails but a group index list of {len(group)} entries "
+                                       f"into {len(prefixes)} prefixes")
+        tails = [np.asarray(x, np.float32) for x in tails]
+        if any(x.ndim != 2 or x.shape[0] == 0 for x in tails):
+            raise GenerationInputError("every tail needs at least one position: (T >= 1, D)")
+        batch = len(rows)
+        k = round_up(max(len(r) for r in rows), 2)
+        t = round_up(max(c.size for r in rows for c in r), 4)
+        tt = round_up(max(x.shape[0] for x in tails), 4)
+        embeds, mask = engine.pack(list(prefixes), None)
+        _, cache = engine.prefill(embeds, mask, tt + t)
+        tail = np.zeros((batch, tt, tails[0].shape[1]), np.float32)
+        tmask = np.zeros((batch, tt), np.int32)
+        for b, x in enumerate(tails):
+            tail[b, :len(x)], tmask[b, :len(x)] = x, 1
+        logits, cache = self._tail_fn(engine.params, cache, engine.put_batch(np.asarray(group, np.int32)),
+                                      engine.put_batch(tail.astype(embeds.dtype)), engine.put_batch(tmask))
+        ids = np.zeros((batch, k, t), np.int32)
+        cmask = np.zeros((batch, k, t), np.int32)
+        for b, opts in enumerate(rows):
+            for j, c in enumerate(opts + [opts[0]] * (k - len(opts))):
+                ids[b, j, :c.size], cmask[b, j, :c.size] = c, 1
+        out = np.asarray(self._score_fn(engine.params, logits, cache, engine.put_batch(ids),
+                                        engine.put_batch(cmask)), np.float64)
+        return [out[b, :len(opts)] for b, opts in enumerate(rows)]
+
+    def _checked(self, candidates: Sequence[Sequence[Sequence[int]]], prompts: int) -> list[list[np.ndarray]]:
+        """The candidates as 1-D int arrays, checked (GenerationInputError naming the prompt and candidate)."""
+        if len(candidates) != prompts:
+            raise GenerationInputError(f"{prompts} prompts but candidates for {len(candidates)}")
+        vocab = self.engine.config.vocab_size
+        rows = []
+        for i, opts in enumerate(candidates):
+            opts = [np.asarray(c, np.int64).reshape(-1) for c in opts]
+            if not opts:
+                raise GenerationInputError(f"prompt {i} has no candidates")
+            for j, c in enumerate(opts):
+                if c.size == 0:
+                    raise GenerationInputError(f"candidate {j} of prompt {i} is empty")
+                if c.min() < 0 or c.max() >= vocab:
+                    raise GenerationInputError(f"candidate {j} of prompt {i} has ids outside [0, {vocab})")
+            rows.append(opts)
+        return rows
+
     # ---- jitted pieces -------------------------------------------------------------------------------------
+    def _tail_impl(self, params: Any, cache: Any, group: jax.Array, tail: jax.Array, mask: jax.Array
+                   ) -> tuple[jax.Array, Any]:
+        """Prefilled prefixes (cache of G rows), each prompt's group (B,) and right-padded tails (B, T, D) ->
+        the logits after each prompt's last real tail position (B, V) and the cache of the B prompts."""
+        cache = self.engine.constrain_cache(jax.tree_util.tree_map(lambda x: jnp.take(x, group, axis=0), cache))
+        last = jnp.sum(mask, axis=1) - 1
+        logits, cache = self.engine.module.apply({"params": params}, tail, attention_mask=mask, cache=cache,
+                                                 logits_slice=last)
+        return logits[:, 0], self.engine.constrain_cache(cache)
+
     def _score_impl(self, params: Any, logits: jax.Array, cache: Any, ids: jax.Array, mask: jax.Array
                     ) -> jax.Array:
         """Prefilled prompts (last logits (B, V), cache of B rows) and candidates ids/mask (B, K, T), right-padded

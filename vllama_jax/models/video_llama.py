@@ -22,7 +22,7 @@ from ..config import ModelConfig, QFormerConfig
 from .eva_vit import EvaViT
 from .imagebind import ImageBindEncoder
 from .layers import Dense, LayerNorm, as_dtype, dense, with_axes
-from .llama import Llama
+from .llama import Llama, init_cache
 from .lora import LlamaLora
 from .qformer import QFormer
 
@@ -144,6 +144,17 @@ class VideoLLaMA(nn.Module):
         memory = jnp.concatenate([self.video_qformer_memory(frame_queries), audio_tokens], axis=1)
         return self._video_from_memory(memory, deterministic)
 
+    def media_from_features(self, frame_queries: jax.Array, audio_embeddings: jax.Array, with_audio: jax.Array,
+                            deterministic: bool = True) -> jax.Array:
+        """Both branches' LLM rows from the frozen towers' outputs (``encode_frames`` -> (B, T, Q, hidden),
+        ``audio_segments``' embedding -> (B, S, out_dim)): the rows of ``encode_audio`` then ``encode_video`` (the
+        audio+video upload's placeholder order) where ``with_audio`` (B,) is true, else the video rows first (a
+        video-only upload reads only those)."""
+        video = self._video_from_memory(self.video_qformer_memory(frame_queries), deterministic)
+        audio = self._audio_from_segments(audio_embeddings, deterministic)
+        flag = with_audio.astype(bool)[:, None, None]
+        return jnp.where(flag, jnp.concatenate([audio, video], 1), jnp.concatenate([video, audio], 1))
+
     def encode_media(self, frames: jax.Array, branch: str = "video", deterministic: bool = True) -> jax.Array:
         """Training media path: train_flag 0 -> vision branch, 1 -> audio branch fed with frames (upstream.md §1.8)."""
         if branch == "video":
@@ -195,6 +206,35 @@ class VideoLLaMA(nn.Module):
         embeds = self.instruction_inputs(frames, input_ids, placeholder_id, branch, deterministic)
         logits, _ = self.llm(embeds, attention_mask=attention_mask, deterministic=deterministic)
         return causal_lm_loss(logits, labels) | {"logits": logits, "inputs_embeds": embeds}
+
+    def feature_instruction_loss(self, frame_queries: jax.Array, audio_embeddings: jax.Array, with_audio: jax.Array,
+                                 input_ids: jax.Array, labels: jax.Array, attention_mask: jax.Array,
+                                 label_positions: jax.Array, placeholder_id: int,
+                                 prompt_prefix: jax.Array | None = None,
+                                 deterministic: bool = True) -> dict[str, jax.Array]:
+        """Path A for both branches at once, from cached frozen-tower outputs (``media_from_features``): the media
+        rows replace the placeholders in order (audio block, then video block), as the chat splices an audio+video
+        upload. The LM head runs only at ``label_positions`` (B, K) (``data.batch.label_positions``; -1 = none):
+        the loss of ``causal_lm_loss`` without the vocabulary projection of the unlabelled positions (most of a
+        conversation's tokens, and a fifth of a small LLM's work). ``prompt_prefix`` (1, P): tokens every row
+        starts with, ahead of ``input_ids``: run once into a KV cache that every row continues from (without LoRA
+        it depends on nothing trained, so nothing flows back through it)."""
+        media = self.media_from_features(frame_queries, audio_embeddings, with_audio, deterministic)
+        embeds = self.splice_media(self.embed_tokens(input_ids), input_ids, media, placeholder_id)
+        cache = None
+        if prompt_prefix is not None:
+            b, n = input_ids.shape[0], prompt_prefix.shape[1]
+            cache = init_cache(self.config.llama, 1, n + input_ids.shape[1], embeds.dtype)
+            _, cache = self.llm(self.embed_tokens(prompt_prefix), cache=cache, deterministic=deterministic,
+                                logits_slice=slice(-1, None))
+            cache = jax.tree_util.tree_map(lambda x: jnp.repeat(x, b, axis=0), cache)
+        hidden, _ = self.llm(embeds, attention_mask=attention_mask, cache=cache, deterministic=deterministic,
+                             return_hidden=True)
+        valid = label_positions >= 0
+        pos = jnp.where(valid, label_positions, 0)
+        logits = self.llama.logits(jnp.take_along_axis(hidden, pos[..., None], axis=1))
+        targets = jnp.take_along_axis(labels, pos + 1, axis=1)
+        return causal_lm_loss(logits, jnp.where(valid, targets, IGNORE_INDEX), shifted=True)
 
     def caption_inputs(self, frames: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                        prompt_before: jax.Array | None = None, prompt_after: jax.Array | None = None,
@@ -274,14 +314,16 @@ def _llm_projection(llm_width: int, qformer: QFormerConfig, dtype: Any, param_dt
                  kernel_init=_torch_linear_init(qformer.hidden_size))
 
 
-def causal_lm_loss(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+def causal_lm_loss(logits: jax.Array, labels: jax.Array, shifted: bool = False) -> dict[str, jax.Array]:
     """HF causal-LM loss: logits[:, :-1] vs labels[:, 1:], ignore -100, mean over all kept tokens of the batch.
 
     The labels are shifted instead of the logits (the last position gets -100): the same sum, but no slice of the
     (batch, length, vocab) tensor, which the TPU compiler mis-fuses with the fsdp reduce-scatter of the batch
-    (a RET_CHECK failure compiling stage 1 for v5p), and one fewer copy of the largest activation.
+    (a RET_CHECK failure compiling stage 1 for v5p), and one fewer copy of the largest activation. ``shifted``:
+    the labels are aligned with the logits already (``labels[:, t]`` is the target of ``logits[:, t]``).
     """
-    shift_labels = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    shift_labels = labels if shifted else jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)],
+                                                          axis=1)
     valid = shift_labels != IGNORE_INDEX
     safe = jnp.where(valid, shift_labels, 0)
     logits = logits.astype(jnp.float32)

@@ -7,7 +7,8 @@
   tree only, so no weight gradient of a frozen tower is ever computed; the backward pass still runs through the
   frozen LLaMA to reach the soft prompts).
 * `batch` = the device arrays of one global batch, laid out by the spec (`vllama_jax.data.batch`) of its `kind`: a
-  caption batch (upstream.md §1.8 path B; with the shared stage-2 prompt rows) or an instruction batch (path A).
+  caption batch (upstream.md §1.8 path B; with the shared stage-2 prompt rows), an instruction batch (path A), or
+  a features batch (path A for both branches from cached frozen-tower outputs, `train.features`).
   `kind` is the one the pipeline emitted with the batch, a static argument: each layout compiles once.
 
 Gradient accumulation splits the batch into `grad_accum` micro-batches and sums `loss_sum` gradients, then divides
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..data.batch import CAPTION, batch_spec, kind_of
+from ..data.batch import CAPTION, FEATURES, batch_spec, kind_of
 from ..sharding import logical_to_mesh_spec
 
 TrainState = dict  # {"step": int32 scalar, "params": trainable tree, "opt_state": optax state}
@@ -42,7 +43,13 @@ def make_loss_fn(model: Any, branch: str, placeholder_id: int, dropout: bool) ->
                 kind: str | None = None) -> tuple[Any, Any]:
         variables = {"params": {**frozen, **trainable}}
         rngs = {"dropout": key} if dropout else {}
-        if (kind or kind_of(mb)) == CAPTION.kind:
+        kind = kind or kind_of(mb)
+        if kind == FEATURES.kind:  # both branches from cached frozen-tower outputs (`branch` does not apply)
+            out = model.apply(variables, mb["frame_queries"], mb["audio_embeddings"], mb["with_audio"],
+                              mb["input_ids"], mb["labels"], mb["attention_mask"], mb["label_positions"],
+                              placeholder_id, mb.get("prompt_prefix"), deterministic=not dropout, rngs=rngs,
+                              method=model.feature_instruction_loss)
+        elif kind == CAPTION.kind:
             out = model.apply(variables, mb["frames"], mb["text_ids"], mb["text_mask"], mb.get("prompt_before"),
                               mb.get("prompt_after"), branch=branch, deterministic=not dropout, rngs=rngs,
                               method=model.caption_loss)
