@@ -4,6 +4,7 @@ model. The real model runs in tests/test_eval_cli.py."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests.eval_fixtures import WRITERS
 from vllama_jax.eval import AnnotationError, Judge, JudgeError, evaluate, load_questions, markdown_table
 from vllama_jax.eval.judge import parse_verdict
 from vllama_jax.eval.metrics import contains_answer, exact_match, normalize_answer, parse_letter, summarize
+from vllama_jax.eval.subtitles import SubtitleError, lines_at, read_srt, with_subtitles
 from vllama_jax.eval.tasks import MVBENCH_TASKS, TASKS
 from vllama_jax.inference.uploads import video_upload
 from vllama_jax.media import UnreadableMediaError
@@ -41,6 +43,50 @@ def test_every_task_reads_its_published_format(task, tmp_path):
 
 def test_mvbench_lists_the_twenty_tasks():
     assert len(MVBENCH_TASKS) == 20 and len({f for f, _, _ in MVBENCH_TASKS.values()}) == 20
+
+
+def test_mvbench_bounds_become_windows_and_bad_ones_name_the_entry(tmp_path):
+    ann, media, _ = WRITERS["mvbench"](tmp_path)
+    by = {q.id: q for q in load_questions("mvbench", ann, media)}
+    assert by["action_sequence/0"].window == (0.0, 0.5) and by["action_sequence/1"].window == (0.1, 0.6)
+    assert by["moving_direction/0"].window is None  # a task without bounds (MVBENCH_TASKS' third field)
+    rows = json.loads((ann / "action_sequence.json").read_text())
+    for bad, needle in [({"start": "0:01"}, "entry 1: 'start' is '0:01', not a number"),
+                        ({"end": None}, "entry 1: 'end' is None, not a number"),
+                        ({"start": True}, "entry 1: 'start' is True"),
+                        ({"end": float("nan")}, "entry 1: 'end' is nan")]:
+        (ann / "action_sequence.json").write_text(json.dumps([rows[0], {**rows[1], **bad}]))
+        with pytest.raises(AnnotationError, match=re.escape(f"action_sequence.json: {needle}")):
+            load_questions("mvbench", ann, media)
+    del rows[1]["end"]
+    (ann / "action_sequence.json").write_text(json.dumps(rows))
+    with pytest.raises(AnnotationError, match="action_sequence.json: entry 1 has no 'end' field"):
+        load_questions("mvbench", ann, media)
+
+
+def test_srt_parsing_and_the_subtitled_prompt(tmp_path):
+    srt = tmp_path / "v.srt"
+    # Video-MME's layout: a BOM, CRLF, every line in a <font> tag; a cue of two lines; the last block unterminated
+    srt.write_bytes("\ufeff1\r\n00:00:01,000 --> 00:00:02,500\r\n<font color=\"white\" size=\".72c\">Hello</font>"
+                    "\r\n\r\n2\r\n00:00:02,500 --> 00:00:04,000\r\n<font color=\"white\" size=\".72c\">two</font>"
+                    "\r\nlines\r\n\r\n3\r\n01:00:00.5 --> 01:00:01,000 X1:10\r\nlate".encode())
+    cues = read_srt(srt)
+    assert [(c.start, c.end, c.text) for c in cues] == [(1.0, 2.5, "Hello"), (2.5, 4.0, "two lines"),
+                                                        (3600.5, 3601.0, "late")]
+    assert lines_at(cues, [0.5, 2.0, 2.4]) == ["Hello"]  # once, though two frames are in it
+    assert lines_at(cues, [2.5, 3600.9]) == ["two lines", "late"]  # start <= t < end
+    assert with_subtitles("Q?", ["Hello", "two lines"]) == \
+        "This video's subtitles are listed below: \nHello\ntwo lines\nQ?"
+    assert with_subtitles("Q?", []) == "This video's subtitles are listed below: \nNo subtitles available\nQ?"
+    for text, needle in [("1\n00:00:01 --> 00:00:02\nx\n", "line 2: expected a timing line"),
+                         ("1\n00:00:01,000 --> 00:00:02,000\nx\n\nsome text\n", "line 5: expected a timing line"),
+                         ("00:00:03,000 --> 00:00:02,000\nx\n", "line 1: the cue ends before it starts")]:
+        srt.write_text(text)
+        with pytest.raises(SubtitleError, match=f"v.srt: {needle}"):
+            read_srt(srt)
+    srt.write_bytes(b"1\n00:00:01,000 --> 00:00:02,000\n\xff\xfe\n")
+    with pytest.raises(SubtitleError, match="v.srt: not UTF-8"):
+        read_srt(srt)
 
 
 def test_annotation_errors_name_the_file(tmp_path):
@@ -167,7 +213,7 @@ class StubChat:
         self.calls: list[tuple[str, int, int | None]] = []
         self.interrupt_at = interrupt_at
 
-    def prepare_video(self, path, with_audio=True):
+    def prepare_video(self, path, with_audio=True, window=None):
         if not Path(path).is_file():
             raise UnreadableMediaError(path, "no such file")
         return video_upload(np.zeros((2, 4, 4, 3), np.float32), frame_message="m. ", path=str(path))

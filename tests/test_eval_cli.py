@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.eval_fixtures import WRITERS
+from tests.media_helpers import make_video
 from vllama_jax.cli import evaluate as eval_cli
 from vllama_jax.cli import main
 from vllama_jax.eval.tasks import TASKS
@@ -111,6 +112,7 @@ def test_eval_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch):
         (base + ["--batch-size", "0"], 2, "--batch-size must be >= 1"),
         (base + ["--limit", "0"], 2, "--limit must be >= 1"),
         (base + ["--judge-url", "http://127.0.0.1:1/v1"], 2, "multiple choice"),
+        (base + ["--subtitles", str(tmp_path)], 2, "egoschema has no subtitles"),
         (["eval", "--task", "egoschema", "--annotations", str(ann), "--media-dir", str(tmp_path / "none"),
           "--out", str(tmp_path / "o")], 1, "no such folder"),
         (["eval", "--task", "egoschema", "--annotations", str(ann), "--media-dir", str(media),
@@ -122,6 +124,111 @@ def test_eval_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch):
         assert main(argv) == status, argv
         err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert len([e for e in err if e.startswith("error:")]) == 1 and needle in err[-1], err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# MVBench's time windows and Video-MME's subtitles: the real command and the real chat's video preparation, with
+# stand-in answers (what is checked is which frames and which prompt each question got, not the LLM)
+
+
+class _Recorder:
+    """The real chat's ``prepare_video`` (sampling, windows, frame times); records every prompt with its upload."""
+
+    name = "recorder"
+
+    def __init__(self, chat):
+        self.chat = chat
+        self.asked: list[tuple[str, object]] = []
+
+    def prepare_video(self, path, with_audio=True, window=None):
+        return self.chat.prepare_video(path, with_audio=with_audio, window=window)
+
+    def answer_uploads(self, questions, uploads, generation_config=None, rng=None, pad_to=None):
+        self.asked += zip(questions, uploads)
+        return ["A"] * len(uploads)
+
+    def score_answers(self, questions, uploads, options, pad_to=None):
+        self.asked += zip(questions, uploads)
+        return [[0.0] * len(o) for o in options]
+
+
+@pytest.fixture
+def recorder(model_dir, shared_chat, monkeypatch) -> _Recorder:
+    """A fresh recorder around the module's one real chat (loaded by the command's own load_chat, 2 frames)."""
+    real_load = eval_cli.load_chat
+    rec = _Recorder(None)
+
+    def load(args, generation_config):
+        if "chat" not in shared_chat:
+            shared_chat["chat"] = real_load(args, generation_config)
+        rec.chat = shared_chat["chat"]
+        return rec
+
+    monkeypatch.setattr(eval_cli, "load_chat", load)
+    monkeypatch.setenv("VLLAMA_JAX_CACHE_DIR", "off")
+    return rec
+
+
+def _run_eval(task: str, ann: Path, media: Path, out: Path, model_dir: Path, *extra: str) -> list[dict]:
+    assert main(["eval", "--task", task, "--annotations", str(ann), "--media-dir", str(media), "--out", str(out),
+                 "--model", str(model_dir), "--num-frames", "2", "--batch-size", "2", "--quiet", *extra]) == 0
+    return _rows(out / "predictions.jsonl")
+
+
+def test_mvbench_windows_pick_the_frames_and_bad_ones_are_error_rows(recorder, model_dir, tmp_path):
+    ann, media, _ = WRITERS["mvbench"](tmp_path / "data")
+    make_video(media / "star" / "Charades_v1_480" / "C2.mp4", n_frames=20, width=48, height=32)  # frame k: k/10 s
+    entry = {"video": "C2.mp4", "candidates": ["yes", "no"], "answer": "no"}
+    (ann / "action_sequence.json").write_text(json.dumps([
+        {**entry, "question": "inside?", "start": 1.0, "end": 1.5},
+        {**entry, "question": "after the end?", "start": 5.0, "end": 6.0},
+        {**entry, "question": "backwards?", "start": 1.0, "end": 0.5}]))
+    rows = {r["id"]: r for r in _run_eval("mvbench", ann, media, tmp_path / "out", model_dir)}
+    ups = {prompt: up for prompt, up in recorder.asked}
+    # frames 10..15 lie in [1.0, 1.5] s; 2 of them uniformly: 10 and 13, and the model is told their times
+    assert ups["inside?"].times == pytest.approx((1.0, 1.3)) and "sampled at 1.0, 1.3 seconds" in ups["inside?"].message
+    assert rows["action_sequence/0"]["window"] == [1.0, 1.5] and "error" not in rows["action_sequence/0"]
+    assert ups["Which way does the cube move?"].times == pytest.approx((0.0, 0.3))  # no bounds: the whole clip
+    assert "window" not in rows["moving_direction/0"]
+    assert rows["action_sequence/1"]["error"] == ("TimeWindowError: time window [5, 6] s holds no frame of the "
+                                                  "video (2.000 s long)")
+    assert rows["action_sequence/2"]["error"] == "TimeWindowError: time window [1, 0.5] s is empty (end <= start)"
+    assert rows["action_sequence/1"]["video"].endswith("C2.mp4") and "prediction" not in rows["action_sequence/1"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["errors"] == 3  # + the missing video
+
+
+def test_videomme_subtitles_at_the_sampled_frames_go_before_the_question(recorder, model_dir, tmp_path):
+    ann, media, _ = WRITERS["videomme"](tmp_path / "data")
+    subs = ann.parent / "subtitle"
+    subs.mkdir()
+    srt = subs / "fFjv93ACGo8.srt"  # the clip's 2 frames are at 0.0 and 0.3 s
+    srt.write_text('1\n00:00:00,000 --> 00:00:00,200\n<font color="white" size=".72c">Hello there</font>\n\n'
+                   '2\n00:00:00,200 --> 00:00:00,300\n<font color="white" size=".72c">between frames</font>\n\n'
+                   '3\n00:00:00,300 --> 00:00:01,000\n<font color="white" size=".72c">Second line</font>\n')
+    rows = {r["id"]: r for r in _run_eval("videomme", ann, media, tmp_path / "out", model_dir, "--subtitles",
+                                          str(subs))}
+    header = "This video's subtitles are listed below: \nHello there\nSecond line\n"
+    asked = [p for p, up in recorder.asked if "How many shapes" in p]
+    assert asked == [header + "Question: How many shapes are there?\nOptions:\n(A) 1.\n(B) 2.\n(C) 3.\n(D) 4.\n"
+                     "Answer with the option's letter from the given choices directly.",
+                     header + "How many shapes are there?"]  # the letter prompt, then the likelihood one
+    assert rows["001-1"]["subtitles"] == ["Hello there", "Second line"]
+    assert "error" in rows["002-1"] and "subtitles" not in rows["002-1"]  # its video is missing
+
+    srt.unlink()  # no file: no subtitles
+    recorder.asked.clear()
+    rows = {r["id"]: r for r in _run_eval("videomme", ann, media, tmp_path / "out2", model_dir, "--subtitles",
+                                          str(subs))}
+    prompts = [p for p, _ in recorder.asked]
+    assert len(prompts) == 4 and all(p.startswith("This video's subtitles are listed below: \nNo subtitles "
+                                                  "available\n") for p in prompts)
+    assert rows["001-1"]["subtitles"] == [] and "Hello" not in "".join(prompts)
+
+    srt.write_text("1\nHello\n")  # malformed: an error row naming the file, the run goes on
+    rows = {r["id"]: r for r in _run_eval("videomme", ann, media, tmp_path / "out3", model_dir, "--subtitles",
+                                          str(subs))}
+    assert rows["001-1"]["error"] == f"SubtitleError: {srt}: line 2: expected a timing line 'HH:MM:SS,mmm --> " \
+                                     "HH:MM:SS,mmm' (cue starting at line 1)"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Video decoding: sampling rules, seek path == decode-all path, formats, rotation, train transform."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from tests.media_helpers import frame_image, make_video, read_index
@@ -106,6 +108,25 @@ def test_variable_frame_rate(tmp_path):
     assert meta.timestamps[0] == 0 and (np.diff(meta.timestamps) > 0).all()
     gaps = np.diff(media.load_video_uint8(p, num_frames=30, image_size=32)[1].timestamps)
     assert len(set(np.round(gaps, 3).tolist())) > 1
+
+
+def test_time_window_samples_inside_it(tmp_path):
+    """A (start, end) window: the uniform rule over the frames shown in it (MVBench's bounds); both fetch paths
+    agree; a window past the end is clipped to the video; an empty or outside one is a TimeWindowError."""
+    p = make_video(tmp_path / "w.mp4", n_frames=20, fps=10, gop=4)  # frame k at k / 10 s
+    u8, meta = media.load_video_uint8(p, num_frames=3, image_size=96, window=(0.3, 0.8))
+    assert meta.indices.tolist() == [3, 5, 7]  # 3 + uniform(6 frames: 0.3 .. 0.8 s, 3)
+    assert [read_index(f) for f in u8] == [3, 5, 7]
+    np.testing.assert_allclose(meta.timestamps, [0.3, 0.5, 0.7])
+    ref, ref_meta = media.decode_all_frames(p, num_frames=3, image_size=96, window=(0.3, 0.8))
+    np.testing.assert_array_equal(u8, ref)
+    assert ref_meta.indices.tolist() == [3, 5, 7]
+    clipped = media.load_video(p, num_frames=8, image_size=32, window=(1.5, 9.0))
+    assert clipped.indices.tolist() == list(range(15, 20))
+    for window, reason in [((3.0, 4.0), "holds no frame of the video (2.000 s long)"),
+                           ((0.5, 0.5), "end <= start"), ((0.8, 0.3), "end <= start")]:
+        with pytest.raises(media.TimeWindowError, match=re.escape(reason)):
+            media.load_video_uint8(p, num_frames=3, image_size=32, window=window)
 
 
 @pytest.mark.parametrize("codec,pix_fmt,ext", [

@@ -26,6 +26,9 @@ def register(sub: Any) -> None:
     p.add_argument("--annotations", required=True, metavar="FILE_OR_DIR",
                    help="the benchmark's annotation file, or the folder holding it (as published)")
     p.add_argument("--media-dir", required=True, metavar="DIR", help="folder of the benchmark's videos")
+    p.add_argument("--subtitles", metavar="DIR",
+                   help="videomme only: folder of Video-MME's subtitle/<videoID>.srt files; the lines shown at the "
+                        "sampled frames go before each question (lmms-eval's videomme_w_subtitle)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (predictions.jsonl, summary.json)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
     p.add_argument("--batch-size", type=int, default=4, metavar="N", help="questions per device batch (default 4)")
@@ -55,6 +58,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     media = Path(args.media_dir)
     if not media.is_dir():
         raise FileNotFoundError(f"--media-dir {media}: no such folder")
+    if args.subtitles is not None:
+        if not task.subtitles:
+            raise UsageError(f"--subtitles: {task.name} has no subtitles (only videomme)")
+        if not Path(args.subtitles).is_dir():
+            raise FileNotFoundError(f"--subtitles {args.subtitles}: no such folder")
     out = Path(args.out)
     if out.is_file():
         raise UsageError(f"--out {out}: is a file (give a folder)")
@@ -63,7 +71,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if task.kind != "open":
             raise UsageError(f"--judge-url: {task.name} is multiple choice; the judge scores open-ended answers")
         judge = Judge(args.judge_url, args.judge_model, api_key=os.environ.get(args.judge_key_env))
-    questions = load_questions(task, args.annotations, media, args.limit)
+    questions = load_questions(task, args.annotations, media, args.limit, subtitles=args.subtitles)
     if not questions:
         raise UsageError(f"--annotations {args.annotations}: no questions")
     done = read_rows(out / PREDICTIONS)

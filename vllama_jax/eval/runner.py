@@ -9,7 +9,10 @@ an interrupt is dropped at the next start, and questions that already have a row
      multiple choice: "options", "answer_index", "scores" (log-likelihood of each option), "choice_loglik",
                       "choice_letter" (the option the generated letter names, null if none), "correct_letter",
                       "correct_loglik",
-     "correct" (the task's accuracy metric for this row), "error"? (unreadable or missing video: no prediction)}
+     "window"? (MVBench's [start, end] seconds the frames were sampled in), "subtitles"? (the subtitle lines
+     put before the question: --subtitles),
+     "correct" (the task's accuracy metric for this row), "error"? (unreadable or missing video, a time window
+     outside it, a malformed subtitle file: no prediction)}
 
 OUT/summary.json: ``{"task", "n", "errors", "metrics": {"accuracy", ...}, "accuracy_of", "per_category",
 "model", "seconds", "annotations"}`` over every question of this run (resumed rows included).
@@ -37,6 +40,7 @@ from ..inference.generate import GenerationConfig
 from ..inference.uploads import Upload
 from .judge import Judge, JudgeError
 from .metrics import contains_answer, exact_match, multiple_choice_prompt, parse_letter, summarize
+from .subtitles import Cue, SubtitleError, lines_at, read_srt, with_subtitles
 from .tasks import Kind, Question
 
 PREDICTIONS = "predictions.jsonl"
@@ -74,6 +78,8 @@ def _base_row(q: Question) -> dict[str, Any]:
     if q.is_mc:
         row["options"] = list(q.options)
         row["answer_index"] = q.answer_index
+    if q.window is not None:
+        row["window"] = list(q.window)
     return row
 
 
@@ -105,18 +111,21 @@ def evaluate(model: Any, task: str, kind: Kind, questions: Sequence[Question], o
     bar = tqdm(total=len(questions), initial=len(questions) - len(todo), unit="question", disable=not progress,
                file=sys.stderr, dynamic_ncols=True, desc=task)
     new_rows: dict[str, dict[str, Any]] = {}
+    subtitle_cache: dict[Path, list[Cue] | SubtitleError] = {}  # a video has several questions: read it once
     errors = sum(1 for q in questions if done.get(q.id, {}).get("error"))
     batches = _batches(todo, batch_size)
     try:
         with open(pred_path, "a", encoding="utf-8") as f, \
                 closing(prefetch_uploads(model, [[q.video for q in b] for b in batches], with_audio=with_audio,
-                                         workers=workers)) as prepared:
+                                         workers=workers, windows=[[q.window for q in b] for b in batches])
+                        ) as prepared:
             for batch, uploads in zip(batches, prepared):
-                good = [(q, u) for q, u in zip(batch, uploads) if isinstance(u, Upload)]
                 rows = {q.id: _base_row(q) for q in batch}
                 for q, u in zip(batch, uploads):
                     if not isinstance(u, Upload):
                         rows[q.id]["error"] = error_text(u)
+                good = _add_subtitles([(q, u) for q, u in zip(batch, uploads) if isinstance(u, Upload)], rows,
+                                      subtitle_cache)
                 if good:
                     qs, ups = [q for q, _ in good], [u for _, u in good]
                     if kind == "mc":
@@ -140,13 +149,39 @@ def evaluate(model: Any, task: str, kind: Kind, questions: Sequence[Question], o
     return EvalResult(summary, out, len(todo))
 
 
+def _add_subtitles(good: list[tuple[Question, Upload]], rows: dict[str, dict[str, Any]],
+                   cache: dict[Path, list[Cue] | SubtitleError]) -> list[tuple[Question, Upload]]:
+    """Put into each row with a subtitle file the lines shown at its sampled frames (``row["subtitles"]``, what
+    ``_prompt`` prepends); a malformed file makes the row an error row. Returns the pairs still to ask."""
+    for q, u in good:
+        if q.subtitles is None:
+            continue
+        if q.subtitles not in cache:
+            try:  # no file: no subtitles (lmms-eval's "No subtitles available")
+                cache[q.subtitles] = read_srt(q.subtitles) if q.subtitles.is_file() else []
+            except SubtitleError as e:
+                cache[q.subtitles] = e
+        cues = cache[q.subtitles]
+        if isinstance(cues, SubtitleError):
+            rows[q.id]["error"] = error_text(cues)
+        else:
+            rows[q.id]["subtitles"] = lines_at(cues, u.times)
+    return [(q, u) for q, u in good if "error" not in rows[q.id]]
+
+
+def _prompt(text: str, row: dict[str, Any]) -> str:
+    """A question's text as asked: with its subtitle lines before it when it has a subtitle file."""
+    return with_subtitles(text, row["subtitles"]) if "subtitles" in row else text
+
+
 def _multiple_choice(model: Any, qs: list[Question], ups: list[Upload], greedy: GenerationConfig, pad: int,
                      rows: dict[str, dict[str, Any]]) -> None:
     """Both protocols on one batch: the generated letter (prompt with the lettered options) and the
     log-likelihood of each option's text as the answer to the plain question."""
-    texts = model.answer_uploads([multiple_choice_prompt(q.question, q.options) for q in qs], ups, greedy,
+    texts = model.answer_uploads([_prompt(multiple_choice_prompt(q.question, q.options), rows[q.id]) for q in qs],
+                                 ups, greedy, pad_to=pad)
+    scores = model.score_answers([_prompt(q.question, rows[q.id]) for q in qs], ups, [list(q.options) for q in qs],
                                  pad_to=pad)
-    scores = model.score_answers([q.question for q in qs], ups, [list(q.options) for q in qs], pad_to=pad)
     for q, text, sc in zip(qs, texts, scores):
         sc = np.asarray(sc, np.float64)
         letter = parse_letter(text, len(q.options))
@@ -159,7 +194,7 @@ def _multiple_choice(model: Any, qs: list[Question], ups: list[Upload], greedy: 
 
 def _open_ended(model: Any, qs: list[Question], ups: list[Upload], greedy: GenerationConfig, pad: int,
                 judge: Judge | None, rows: dict[str, dict[str, Any]]) -> None:
-    texts = model.answer_uploads([q.question for q in qs], ups, greedy, pad_to=pad)
+    texts = model.answer_uploads([_prompt(q.question, rows[q.id]) for q in qs], ups, greedy, pad_to=pad)
     for q, text in zip(qs, texts):
         row = rows[q.id]
         row.update(prediction=text, exact_match=exact_match(text, q.answer),

@@ -4,11 +4,14 @@ question, the options of a multiple choice (none for an open-ended question) and
 
 A video the annotations name but the media folder lacks still becomes a `Question` (its path does not exist): the
 runner turns it into an error row, so a partial download is evaluated on what is there and says what is missing.
+The same goes for what can only be checked against the video or another file (a time window outside the video, a
+malformed subtitle file): an error row, not an error of the whole run.
 """
 from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,9 @@ class AnnotationError(VllamaError, ValueError):
 @dataclass(frozen=True)
 class Question:
     """One benchmark question. ``options`` is empty for an open-ended question; ``answer`` is the reference answer
-    text (for a multiple choice: the text of the correct option, ``answer_index`` its position)."""
+    text (for a multiple choice: the text of the correct option, ``answer_index`` its position). ``window``: the
+    (start, end) seconds the frames are sampled in (MVBench's bounds; None: the whole video); ``subtitles``: the
+    video's .srt file whose lines go into the prompt (Video-MME with subtitles; it need not exist)."""
 
     id: str
     video: Path
@@ -39,6 +44,8 @@ class Question:
     options: tuple[str, ...] = ()
     answer_index: int | None = None
     category: str = ""
+    window: tuple[float, float] | None = None
+    subtitles: Path | None = None
 
     @property
     def is_mc(self) -> bool:
@@ -52,9 +59,12 @@ class Task:
     name: str
     kind: Kind
     source: str
-    load: Callable[[Path, Path], list[Question]] = field(repr=False)
+    #: (annotations, media_dir[, subtitles=DIR]) -> questions
+    load: Callable[..., list[Question]] = field(repr=False)
     #: the file names looked for when --annotations is a folder
     files: tuple[str, ...] = ()
+    #: whether the benchmark ships subtitles (``load_questions(subtitles=DIR)``)
+    subtitles: bool = False
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -104,13 +114,22 @@ def find_video(media_dir: Path, stems: Sequence[str]) -> Path:
     return media_dir / (first if Path(first).suffix.lower() in VIDEO_EXTENSIONS else f"{first}.mp4")
 
 
+def _seconds(row: dict, key: str, path: Path, where: str) -> float:
+    """A finite number of seconds (MVBench's start / end); anything else names the file and the entry."""
+    value = _field(row, key, path, where)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise AnnotationError(f"{path}: {where}: {key!r} is {value!r}, not a number of seconds")
+    return float(value)
+
+
 def _mc(qid: str, video: Path, question: str, options: Sequence[str], answer_index: int, category: str,
-        path: Path) -> Question:
+        path: Path, **extra: Any) -> Question:
     options = tuple(str(o).strip() for o in options)
     if not 0 <= answer_index < len(options):
         raise AnnotationError(f"{path}: question {qid}: answer {answer_index} is not one of its "
                               f"{len(options)} options")
-    return Question(qid, video, str(question).strip(), options[answer_index], options, answer_index, category)
+    return Question(qid, video, str(question).strip(), options[answer_index], options, answer_index, category,
+                    **extra)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -174,17 +193,19 @@ MVBENCH_TASKS: dict[str, tuple[str, str, bool]] = {
 def load_mvbench(annotations: Path, media_dir: Path) -> list[Question]:
     """MVBench's ``json/<task>.json`` files (``[{"video", "question", "candidates", "answer", "start"?, "end"?}]``,
     the answer being the text of one candidate) with the videos under ``media_dir/<task's folder>/<video>``.
-    ``annotations``: the ``json`` folder (every task file present is read) or one task's file."""
+    ``annotations``: the ``json`` folder (every task file present is read) or one task's file. The tasks
+    ``MVBENCH_TASKS`` marks as bounded get their entries' ``start`` / ``end`` as the question's ``window`` (as
+    mvbench.ipynb, which reads them only for those tasks)."""
     files = [annotations] if annotations.is_file() else [annotations / f for f, _, _ in MVBENCH_TASKS.values()
                                                          if (annotations / f).is_file()]
     if not files:
         raise AnnotationError(f"{annotations}: no MVBench task file (action_sequence.json, ...) found")
-    by_file = {f: (name, sub) for name, (f, sub, _) in MVBENCH_TASKS.items()}
+    by_file = {f: (name, sub, bounded) for name, (f, sub, bounded) in MVBENCH_TASKS.items()}
     out = []
     for path in files:
         if path.name not in by_file:
             raise AnnotationError(f"{path}: not one of MVBench's 20 task files")
-        category, sub = by_file[path.name]
+        category, sub, bounded = by_file[path.name]
         rows = _read_json(path)
         for i, r in enumerate(rows):
             cands = [str(c) for c in _field(r, "candidates", path, f"entry {i}")]
@@ -192,8 +213,11 @@ def load_mvbench(annotations: Path, media_dir: Path) -> list[Question]:
             if answer not in cands:
                 raise AnnotationError(f"{path}: entry {i}: answer {answer!r} is not one of its candidates")
             video = media_dir / sub / str(_field(r, "video", path, f"entry {i}"))
+            # an empty window or one outside the video is checked against the video: an error row, not here
+            window = (_seconds(r, "start", path, f"entry {i}"), _seconds(r, "end", path, f"entry {i}")) \
+                if bounded else None
             out.append(_mc(f"{path.stem}/{i}", video, _field(r, "question", path, f"entry {i}"), cands,
-                           cands.index(answer), category, path))
+                           cands.index(answer), category, path, window=window))
     return out
 
 
@@ -223,11 +247,12 @@ def _strip_letter(option: str) -> str:
     return s[2:].strip() if len(s) > 1 and s[0] in LETTERS and s[1] in ".)" else s
 
 
-def load_videomme(annotations: Path, media_dir: Path) -> list[Question]:
+def load_videomme(annotations: Path, media_dir: Path, subtitles: Path | None = None) -> list[Question]:
     """Video-MME as published on the Hugging Face hub (``videomme/test-00000-of-00001.parquet``; the same rows as
     JSON / JSONL are read too): ``videoID``, ``question_id``, ``duration``, ``task_type``, ``question``,
     ``options`` (``["A. ...", ...]``), ``answer`` (a letter); the video is ``<videoID>.mp4``. Per category:
-    ``task_type``; ``duration`` (short / medium / long) is kept in the id's row."""
+    ``task_type``; ``duration`` (short / medium / long) is kept in the id's row. ``subtitles``: the folder of
+    the published ``subtitle/<videoID>.srt`` files (each question then names its video's file)."""
     path = _find(annotations, ("test-00000-of-00001.parquet", "videomme/test-00000-of-00001.parquet",
                                "videomme.json", "videomme.jsonl"))
     if path.suffix == ".parquet":
@@ -247,9 +272,11 @@ def load_videomme(annotations: Path, media_dir: Path) -> list[Question]:
         letter = str(_field(r, "answer", path, f"row {i}")).strip()[:1]
         if letter not in LETTERS[:len(opts)]:
             raise AnnotationError(f"{path}: row {i}: answer {letter!r} is not an option letter")
-        video = find_video(media_dir, [str(_field(r, "videoID", path, f"row {i}"))])
-        out.append(_mc(str(r.get("question_id", i)), video, _field(r, "question", path, f"row {i}"), opts,
-                       LETTERS.index(letter), str(r.get("task_type", "")), path))
+        video_id = str(_field(r, "videoID", path, f"row {i}"))
+        out.append(_mc(str(r.get("question_id", i)), find_video(media_dir, [video_id]),
+                       _field(r, "question", path, f"row {i}"), opts, LETTERS.index(letter),
+                       str(r.get("task_type", "")), path,
+                       subtitles=subtitles / f"{video_id}.srt" if subtitles is not None else None))
     return out
 
 
@@ -306,7 +333,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("activitynet_qa", "open", VIDEO_CHATGPT, load_video_chatgpt_qa, ("test_q.json",)),
     Task("mvbench", "mc", "OpenGVLab/MVBench json/<task>.json (Ask-Anything video_chat2)", load_mvbench),
     Task("egoschema", "mc", "egoschema/EgoSchema questions.json + subset_answers.json", load_egoschema),
-    Task("videomme", "mc", "lmms-lab/Video-MME videomme/test-00000-of-00001.parquet", load_videomme),
+    Task("videomme", "mc", "lmms-lab/Video-MME videomme/test-00000-of-00001.parquet", load_videomme,
+         subtitles=True),
     Task("nextqa_mc", "mc", "doc-doc/NExT-QA nextqa/val.csv + map_vid_vidorID.json", load_nextqa_mc),
     Task("perceptiontest_mc", "mc", "google-deepmind/perception_test all_valid.json (mc_question)",
          load_perceptiontest_mc),
@@ -320,13 +348,17 @@ def get_task(name: str) -> Task:
 
 
 def load_questions(task: str | Task, annotations: str | os.PathLike, media_dir: str | os.PathLike,
-                   limit: int | None = None) -> list[Question]:
-    """The task's questions in file order (the first ``limit`` if given); ids must be unique."""
+                   limit: int | None = None, subtitles: str | os.PathLike | None = None) -> list[Question]:
+    """The task's questions in file order (the first ``limit`` if given); ids must be unique. ``subtitles``: the
+    folder of the task's subtitle files (only for a task that has them, i.e. ``Task.subtitles``)."""
     t = get_task(task) if isinstance(task, str) else task
     ann = Path(annotations)
     if not ann.exists():
         raise AnnotationError(f"{ann}: no such annotation file or folder")
-    questions = t.load(ann, Path(media_dir))
+    if subtitles is not None and not t.subtitles:
+        raise ValueError(f"{t.name} has no subtitles (only {', '.join(n for n, x in TASKS.items() if x.subtitles)})")
+    extra = {"subtitles": Path(subtitles)} if subtitles is not None else {}
+    questions = t.load(ann, Path(media_dir), **extra)
     seen: set[str] = set()
     for q in questions:
         if q.id in seen:

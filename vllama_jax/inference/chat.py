@@ -38,7 +38,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..defaults import embedded_model
 from ..errors import VllamaError
-from ..media import MediaError, load_audio, load_image, load_video
+from ..media import MediaError, Window, load_audio, load_image, load_video
 from ..models import build_model, set_precision
 from ..models.groups import LLM_GROUP, branch_groups
 from ..models.lora import with_merged_lora
@@ -322,11 +322,13 @@ class VideoLLaMAChat:
         self._towers = {**self._towers, **new}
 
     # ---- media preparation (host) -------------------------------------------------------------------------
-    def prepare_video(self, path: str | os.PathLike, with_audio: bool = True) -> Upload:
+    def prepare_video(self, path: str | os.PathLike, with_audio: bool = True, window: Window | None = None
+                      ) -> Upload:
         """Decode a video (and its audio) into an ``Upload``; raises ``MediaError`` if the video is unreadable.
-        A failed audio load falls back to the video-only flow (``note`` says why), as upstream."""
+        A failed audio load falls back to the video-only flow (``note`` says why), as upstream. ``window``:
+        (start, end) seconds the frames are sampled in (``load_video``); the audio clips still span the file."""
         video = load_video(path, num_frames=self.num_frames, image_size=self.config.vit.image_size,
-                           honour_rotation=self.honour_rotation)
+                           honour_rotation=self.honour_rotation, window=window)
         note = ""
         clips = None
         if with_audio:
@@ -339,7 +341,7 @@ class VideoLLaMAChat:
                     reason = e.reason if isinstance(e, MediaError) else f"{type(e).__name__}: {e}"
                     note = f"no usable audio ({reason}); using the video only"
         return video_upload(video.frames, clips=clips, frame_message=video.message(), demo=self.demo,
-                            path=os.fspath(path), note=note)
+                            path=os.fspath(path), note=note, times=video.timestamps)
 
     def prepare_image(self, path: str | os.PathLike) -> Upload:
         return image_upload(load_image(path, image_size=self.config.vit.image_size), path=os.fspath(path))

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import jax
 from tqdm import tqdm
 
-from ..media import MediaError
+from ..media import MediaError, Window
 from .chat import VideoLLaMAChat
 from .generate import GenerationConfig
 from .uploads import VIDEO_EXTENSIONS, Upload
@@ -120,31 +120,40 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 
 
 def prefetch_uploads(model: Any, batches: Sequence[Sequence[str | os.PathLike]], *, with_audio: bool = True,
-                     workers: int = 2) -> Iterator[list[Upload | MediaError]]:
+                     workers: int = 2, windows: Sequence[Sequence[Window | None]] | None = None,
+                     ) -> Iterator[list[Upload | MediaError]]:
     """For each batch of video paths, its decoded uploads in order (a ``MediaError`` in place of an unreadable or
     missing file). The next batch is decoded by ``workers`` threads while the caller runs the current one on the
-    device (PyAV releases the GIL). A path listed twice in one batch is decoded once and yields the same
-    ``Upload`` object, so ``VideoLLaMAChat`` encodes it once. Used by ``describe`` and ``vllama_jax.eval``."""
+    device (PyAV releases the GIL). A path listed twice in one batch (with the same window) is decoded once and
+    yields the same ``Upload`` object, so ``VideoLLaMAChat`` encodes it once. ``windows``: per batch, per path,
+    the (start, end) seconds its frames are sampled in (``prepare_video(window=)``) or None. Used by
+    ``describe`` and ``vllama_jax.eval``."""
     pool = ThreadPoolExecutor(max_workers=max(1, workers))
 
-    def prepare(path: str | os.PathLike) -> Upload | MediaError:
+    def prepare(path: str | os.PathLike, window: Window | None) -> Upload | MediaError:
         try:
-            return model.prepare_video(path, with_audio=with_audio)
+            if window is None:  # models without windows (stand-ins) keep working
+                return model.prepare_video(path, with_audio=with_audio)
+            return model.prepare_video(path, with_audio=with_audio, window=window)
         except MediaError as e:
             return e
 
-    def submit(batch: Sequence[str | os.PathLike]) -> list[Future]:
-        futures: dict[str, Future] = {}
-        for p in batch:
-            if path_key(p) not in futures:
-                futures[path_key(p)] = pool.submit(prepare, p)
-        return [futures[path_key(p)] for p in batch]
+    def submit(batch: Sequence[str | os.PathLike], wins: Sequence[Window | None]) -> list[Future]:
+        futures: dict[tuple[str, Window | None], Future] = {}
+        keys = [(path_key(p), w) for p, w in zip(batch, wins)]
+        for p, w, key in zip(batch, wins, keys):
+            if key not in futures:
+                futures[key] = pool.submit(prepare, p, w)
+        return [futures[key] for key in keys]
 
+    if windows is None:
+        windows = [[None] * len(b) for b in batches]
     try:
-        pending = submit(batches[0]) if batches else []
+        pending = submit(batches[0], windows[0]) if batches else []
         for bi in range(len(batches)):
             results = [fut.result() for fut in pending]
-            pending = submit(batches[bi + 1]) if bi + 1 < len(batches) else []  # decode ahead of the device
+            # decode ahead of the device
+            pending = submit(batches[bi + 1], windows[bi + 1]) if bi + 1 < len(batches) else []
             yield results
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import numpy as np
 
@@ -79,6 +79,8 @@ class Upload:
     path: str = ""
     note: str = ""
     join_question: bool = False
+    #: seconds of the sampled video frames from the video's start (what frame-aligned text, e.g. subtitles, needs)
+    times: tuple[float, ...] = ()
 
     @property
     def with_audio(self) -> bool:
@@ -86,17 +88,20 @@ class Upload:
 
 
 def video_upload(frames: np.ndarray, *, clips: np.ndarray | None = None, frame_message: str = "",
-                 demo: str = "audiovideo", path: str = "", note: str = "") -> Upload:
+                 demo: str = "audiovideo", path: str = "", note: str = "", times: Sequence[float] = ()) -> Upload:
     """The video flows of upstream.md §9: with ``clips`` the audio+video flow, otherwise video only (with the frame-time
-    message ``frame_message``; system per ``demo``: "audiovideo" -> "", "video" -> demo_video.py's string)."""
+    message ``frame_message``; system per ``demo``: "audiovideo" -> "", "video" -> demo_video.py's string).
+    ``times``: the frames' seconds (``Upload.times``)."""
     frames = np.asarray(frames, np.float32)
     if frames.ndim != 4:
         raise ValueError(f"video frames must be (T, H, W, 3), got shape {frames.shape}")
+    times = tuple(float(t) for t in times)
     if clips is not None:
         return Upload("video", AUDIO_VIDEO_UPLOAD_MESSAGE, DEMO_SYSTEM_AUDIOVIDEO, ("audio", "video"), frames,
-                      np.asarray(clips, np.float32), path, note)
+                      np.asarray(clips, np.float32), path, note, times=times)
     system = DEMO_SYSTEM_VIDEO if demo == "video" else DEMO_SYSTEM_AUDIOVIDEO
-    return Upload("video", video_upload_message(frame_message), system, ("video",), frames, None, path, note)
+    return Upload("video", video_upload_message(frame_message), system, ("video",), frames, None, path, note,
+                  times=times)
 
 
 def image_upload(image: np.ndarray, *, path: str = "") -> Upload:

@@ -15,19 +15,19 @@ from .audio import (
     mel_banks, resample, waveform_to_clips,
 )
 from .batch import BatchResult, load_batch, load_video_with_audio
-from .errors import MediaError, NoAudioStreamError, NoVideoStreamError, UnreadableMediaError
+from .errors import MediaError, NoAudioStreamError, NoVideoStreamError, TimeWindowError, UnreadableMediaError
 from .image import (
     CLIP_MEAN, CLIP_STD, alpro_video_eval, alpro_video_train, bicubic_resize, blip2_image_eval, blip2_image_train,
     float_to_uint8, image_as_video, load_image, normalize_uint8, random_resized_crop_params,
 )
 from .video import (
-    Video, VideoMeta, decode_all_frames, load_video, load_video_uint8, sample_frame_indices, video_info,
+    Video, VideoMeta, Window, decode_all_frames, load_video, load_video_uint8, sample_frame_indices, video_info,
 )
 
 __all__ = [
     "CLIP_MEAN", "CLIP_STD", "FBANK_MEAN", "FBANK_STD", "TARGET_SAMPLE_RATE",
-    "MediaError", "NoAudioStreamError", "NoVideoStreamError", "UnreadableMediaError",
-    "Video", "VideoMeta", "load_video", "load_video_uint8", "decode_all_frames", "sample_frame_indices",
+    "MediaError", "NoAudioStreamError", "NoVideoStreamError", "TimeWindowError", "UnreadableMediaError",
+    "Video", "VideoMeta", "Window", "load_video", "load_video_uint8", "decode_all_frames", "sample_frame_indices",
     "video_info",
     "load_image", "image_as_video", "blip2_image_eval", "blip2_image_train", "alpro_video_eval",
     "alpro_video_train", "normalize_uint8", "random_resized_crop_params", "bicubic_resize", "float_to_uint8",

@@ -44,6 +44,10 @@ class UnreadableMediaError(MediaError):
     """Missing, empty, truncated, corrupt or not a media file at all; or no frame/sample could be decoded."""
 
 
+class TimeWindowError(MediaError):
+    """A time window (start, end seconds) asked of a video is empty or holds none of its frames."""
+
+
 # Errors that FFmpeg (through PyAV) or the OS raise for bad input. Programming errors (TypeError,
 # AttributeError, ...) are deliberately not in the list so they are not disguised as "bad file".
 _BAD_INPUT_ERRORS: tuple[type[BaseException], ...] = (
@@ -115,6 +119,6 @@ def open_container(path: str | os.PathLike[str]) -> av.container.InputContainer:
 
 
 __all__ = [
-    "MediaError", "NoAudioStreamError", "NoVideoStreamError", "UnreadableMediaError",
+    "MediaError", "NoAudioStreamError", "NoVideoStreamError", "TimeWindowError", "UnreadableMediaError",
     "check_decoder", "check_file", "describe", "raised_by_decoder", "open_container", "translate_errors",
 ]

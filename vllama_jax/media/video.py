@@ -8,7 +8,8 @@ How a video becomes model input
    trust ``stream.frames`` (0 for 3 of the 7 example mp4s) nor ``duration * fps`` (301 instead of 299 frames
    for applausing.mp4); the pass reads packets only and costs ~1 ms per 200 frames.
 2. **Sampling** (``sample_frame_indices``): ``n = min(num_frames, vlen)`` indices, "uniform" / "headtail" /
-   "random" (see there).
+   "random" (see there). With a time ``window`` (start, end seconds; MVBench's per-question bounds) the same
+   rule runs over the frames whose timestamp lies inside it, as if they were the whole video.
 3. **Fetch by seeking.** For each wanted frame (in pts order): seek to the last keyframe at or before it,
    decode forward to its pts; consecutive targets inside one GOP share one decode run. Output is identical to
    decoding every frame and keeping the ``k``-th (``decode_all_frames``, kept as the reference/fallback path
@@ -36,10 +37,14 @@ from typing import Literal
 import av
 import numpy as np
 
-from .errors import NoVideoStreamError, UnreadableMediaError, check_decoder, open_container, translate_errors
+from .errors import (
+    NoVideoStreamError, TimeWindowError, UnreadableMediaError, check_decoder, open_container, translate_errors,
+)
 from .image import alpro_video_train, normalize_uint8
 
 Sampling = Literal["uniform", "headtail", "random"]
+#: (start, end) seconds from the first frame: only the frames shown inside it are sampled
+Window = tuple[float, float]
 
 # Errors that end a decode/demux run early on a damaged file (we then work with what was decoded).
 _DECODE_ERRORS = (av.error.FFmpegError, OSError, EOFError, ValueError, RuntimeError)
@@ -220,6 +225,29 @@ def _fps(stream: av.video.stream.VideoStream, index: _FrameIndex) -> float:
         if span > 0:
             return (index.vlen - 1) / span
     return 1.0
+
+
+def _frame_times(index: _FrameIndex, fps: float) -> np.ndarray:
+    """Seconds of every frame from the first one: pts-based, else nominal (k / fps) when pts are unusable."""
+    if index.pts is not None:
+        return ((index.pts - index.pts[0]) * float(index.time_base)).astype(np.float64)
+    return np.arange(index.vlen, dtype=np.float64) / fps
+
+
+def _window_range(path: str, times: np.ndarray, window: Window | None, duration: float) -> tuple[int, int]:
+    """``[lo, hi)``: the frames whose time lies in ``window`` (all of them without one)."""
+    if window is None:
+        return 0, len(times)
+    start, end = float(window[0]), float(window[1])
+    if not end > start:  # also NaN
+        raise TimeWindowError(path, f"time window [{start:g}, {end:g}] s is empty (end <= start)")
+    eps = 1e-6  # pts times are rounded: a frame at 0.5 s may read 0.49999999
+    lo = int(np.searchsorted(times, start - eps, side="left"))
+    hi = int(np.searchsorted(times, end + eps, side="right"))
+    if hi <= lo:
+        raise TimeWindowError(path, f"time window [{start:g}, {end:g}] s holds no frame of the video "
+                                    f"({duration:.3f} s long)")
+    return lo, hi
 
 
 def _duration(container: av.container.InputContainer, stream: av.video.stream.VideoStream, vlen: int,
@@ -412,25 +440,31 @@ def _sequential(path: str, container: av.container.InputContainer, stream: av.vi
 
 def _load(path: str | os.PathLike[str], num_frames: int, sampling: Sampling, image_size: int,
           rng: np.random.Generator | None, honour_rotation: bool, threads: int | None,
-          method: Literal["seek", "sequential", "decode_all"]) -> tuple[np.ndarray, VideoMeta]:
+          method: Literal["seek", "sequential", "decode_all"], window: Window | None = None,
+          ) -> tuple[np.ndarray, VideoMeta]:
     p = os.fspath(path)
     container = open_container(p)
     try:
         with translate_errors(p, "reading the video"):
-            return _load_open(p, container, num_frames, sampling, image_size, rng, honour_rotation, threads, method)
+            return _load_open(p, container, num_frames, sampling, image_size, rng, honour_rotation, threads, method,
+                              window)
     finally:
         container.close()
 
 
 def _load_open(p: str, container: av.container.InputContainer, num_frames: int, sampling: Sampling,
                image_size: int, rng: np.random.Generator | None, honour_rotation: bool, threads: int | None,
-               method: Literal["seek", "sequential", "decode_all"]) -> tuple[np.ndarray, VideoMeta]:
+               method: Literal["seek", "sequential", "decode_all"], window: Window | None,
+               ) -> tuple[np.ndarray, VideoMeta]:
     stream = _video_stream(container, p)
     _configure_decoder(container, stream, threads)
     with translate_errors(p, "indexing the video stream"):
         index = _build_index(container, stream, p)
     fps = _fps(stream, index)
-    indices = sample_frame_indices(index.vlen, num_frames, sampling, rng)
+    duration = _duration(container, stream, index.vlen, fps)
+    times = _frame_times(index, fps)
+    lo, hi = _window_range(p, times, window, duration)
+    indices = lo + sample_frame_indices(hi - lo, num_frames, sampling, rng)
     frames = None
     with translate_errors(p, "decoding video frames"):
         if method == "seek" and index.pts is not None:
@@ -443,13 +477,8 @@ def _load_open(p: str, container: av.container.InputContainer, num_frames: int, 
             frames, rotation, decoded = _fetch_sequential(p, index.vlen, indices, image_size,
                                                           honour_rotation, threads,
                                                           decode_to_end=(method == "decode_all"))
-    if index.pts is not None:
-        ts = ((index.pts[indices] - index.pts[0]) * float(index.time_base)).astype(np.float64)
-    else:
-        ts = indices / fps
-    meta = VideoMeta(indices=indices, timestamps=ts, fps=fps, num_frames_total=index.vlen,
-                     duration=_duration(container, stream, index.vlen, fps), rotation=rotation,
-                     frames_decoded=decoded)
+    meta = VideoMeta(indices=indices, timestamps=times[indices], fps=fps, num_frames_total=index.vlen,
+                     duration=duration, rotation=rotation, frames_decoded=decoded)
     return frames, meta
 
 
@@ -459,28 +488,31 @@ def _load_open(p: str, container: av.container.InputContainer, num_frames: int, 
 
 def load_video_uint8(path: str | os.PathLike[str], num_frames: int = 8, sampling: Sampling = "uniform",
                      image_size: int = 224, rng: np.random.Generator | None = None, honour_rotation: bool = True,
-                     threads: int | None = None) -> tuple[np.ndarray, VideoMeta]:
+                     threads: int | None = None, window: Window | None = None) -> tuple[np.ndarray, VideoMeta]:
     """Decode the sampled frames: ``(frames (T, S, S, 3) uint8 RGB, VideoMeta)`` - upstream decord output,
     before any transform.
 
     ``rng`` feeds "headtail"/"random" sampling. ``threads``: decoder threads (None/0 = one per core; use 1
-    when decoding many files in parallel). If a damaged file has fewer decodable frames than packets, indices
+    when decoding many files in parallel). ``window``: (start, end) seconds; the frames are sampled among those
+    whose timestamp lies in it (``TimeWindowError`` when end <= start or none does); indices and timestamps
+    stay those of the whole video. If a damaged file has fewer decodable frames than packets, indices
     past the last decodable frame get that frame; if none decodes, ``UnreadableMediaError``.
     """
-    return _load(path, num_frames, sampling, image_size, rng, honour_rotation, threads, "seek")
+    return _load(path, num_frames, sampling, image_size, rng, honour_rotation, threads, "seek", window)
 
 
 def load_video(path: str | os.PathLike[str], num_frames: int = 8, sampling: Sampling = "uniform",
                image_size: int = 224, train: bool = False, rng: np.random.Generator | None = None,
-               honour_rotation: bool = True, threads: int | None = None, clamp: bool = False) -> Video:
+               honour_rotation: bool = True, threads: int | None = None, clamp: bool = False,
+               window: Window | None = None) -> Video:
     """Video file -> ``Video`` with (T, S, S, 3) float32 CLIP-normalised frames.
 
     ``train=False``: ``alpro_video_eval``; ``train=True``: ``alpro_video_train`` (random crop from ``rng``;
     ``clamp=True`` clips bicubic overshoot instead of upstream's uint8 wraparound). One ``rng`` drives both
-    the sampling and the crop (a fresh unseeded Generator if None).
+    the sampling and the crop (a fresh unseeded Generator if None). ``window``: see ``load_video_uint8``.
     """
     rng = rng if rng is not None else np.random.default_rng()
-    u8, meta = load_video_uint8(path, num_frames, sampling, image_size, rng, honour_rotation, threads)
+    u8, meta = load_video_uint8(path, num_frames, sampling, image_size, rng, honour_rotation, threads, window)
     frames = alpro_video_train(u8, rng, image_size, clamp=clamp) if train else normalize_uint8(u8)
     return Video(frames=frames, indices=meta.indices, timestamps=meta.timestamps, fps=meta.fps,
                  num_frames_total=meta.num_frames_total, duration=meta.duration, rotation=meta.rotation,
@@ -489,10 +521,10 @@ def load_video(path: str | os.PathLike[str], num_frames: int = 8, sampling: Samp
 
 def decode_all_frames(path: str | os.PathLike[str], num_frames: int = 8, sampling: Sampling = "uniform",
                       image_size: int = 224, rng: np.random.Generator | None = None, honour_rotation: bool = True,
-                      threads: int | None = None) -> tuple[np.ndarray, VideoMeta]:
+                      threads: int | None = None, window: Window | None = None) -> tuple[np.ndarray, VideoMeta]:
     """Reference path: decode every frame of the file in order and keep the sampled ones (frame ``k`` = the
     ``k``-th decoded frame). Same output as ``load_video_uint8``; slow on long videos (benchmark baseline)."""
-    return _load(path, num_frames, sampling, image_size, rng, honour_rotation, threads, "decode_all")
+    return _load(path, num_frames, sampling, image_size, rng, honour_rotation, threads, "decode_all", window)
 
 
 def video_info(path: str | os.PathLike[str]) -> dict[str, float | int]:
@@ -511,6 +543,6 @@ def video_info(path: str | os.PathLike[str]) -> dict[str, float | int]:
 
 
 __all__ = [
-    "Video", "VideoMeta", "decode_all_frames", "load_video", "load_video_uint8", "sample_frame_indices",
+    "Video", "VideoMeta", "Window", "decode_all_frames", "load_video", "load_video_uint8", "sample_frame_indices",
     "video_info",
 ]
