@@ -60,7 +60,9 @@ class _Worker:
                                      bufsize=1)
         self.case: Case | None = None
         self.started = 0.0
+        self.limit = 0.0  # seconds the running case (and the setup it waits for, if any) may take
         self.warm: set[str] = set()  # groups whose libraries this worker has imported (torch, jax, tokenizers)
+        self.set_up: set[str] = set()  # targets whose once-per-worker setup has been asked of this worker
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
         """Block until the worker has imported everything (its start is not counted in any case's time)."""
@@ -70,9 +72,13 @@ class _Worker:
             self.kill()
             raise RuntimeError(f"a fuzz worker did not start within {timeout:.0f} s (see its log)")
 
-    def send(self, case: Case) -> None:
-        self.case, self.started = case, time.monotonic()
+    def send(self, case: Case, timeout: float) -> None:
+        self.case, self.started, self.limit = case, time.monotonic(), timeout
         self.warm.add(_group(case))
+        target = TARGETS.get(case.target)
+        if target is not None and target.setup is not None and case.target not in self.set_up:
+            self.set_up.add(case.target)
+            self.limit += STARTUP_TIMEOUT  # its setup runs first; the reply says how long it took
         self.proc.stdin.write(json.dumps({"target": case.target, "path": str(case.path)}) + "\n")
         self.proc.stdin.flush()
 
@@ -125,12 +131,12 @@ class Pool:
                     if not pending:
                         break
                     w = idle.pop()
-                    w.send(pending.pop(_pick(pending, w.warm)))
+                    w.send(pending.pop(_pick(pending, w.warm)), self.timeout)
                     busy.append(w)
                 if not busy:
                     return
                 now = time.monotonic()
-                wait = max(0.0, min(w.started + self.timeout - now for w in busy))
+                wait = max(0.0, min(w.started + w.limit - now for w in busy))
                 ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], wait)
                 for w in list(busy):
                     elapsed = time.monotonic() - w.started
@@ -138,18 +144,21 @@ class Pool:
                         line = w.proc.stdout.readline()
                         if line:
                             r = json.loads(line)
-                            status = r["status"]
+                            status, error = r["status"], r.get("error", "")
+                            elapsed -= r.get("setup_seconds", 0.0)
                             if status in ("ok", "typed") and r["peak_rss"] > RSS_LIMIT:
                                 status = "memory"
+                            elif r.get("setup_seconds") and elapsed > self.timeout:  # the limit was lifted for it
+                                status, error = "hang", f"answered after {elapsed:.0f} s (limit {self.timeout:.0f} s)"
                             busy.remove(w)
                             idle.append(w)
-                            yield Result(w.case, status, r.get("error", ""), r["peak_rss"], elapsed)
+                            yield Result(w.case, status, error, r["peak_rss"], elapsed)
                             continue
                         code = w.proc.wait()
                         result = Result(w.case, "crash", f"worker died (exit status {code})", 0, elapsed)
-                    elif elapsed >= self.timeout:
+                    elif elapsed >= w.limit:
                         w.kill()
-                        result = Result(w.case, "hang", f"no answer after {self.timeout:.0f} s", 0, elapsed)
+                        result = Result(w.case, "hang", f"no answer after {w.limit:.0f} s", 0, elapsed)
                     else:
                         continue
                     busy.remove(w)

@@ -32,6 +32,9 @@ class Target:
     make: Callable[[random.Random, list[Path], Path], tuple[str, Path, int]]  # -> (label, case path, items)
     run: Callable[[Path], None]
     names_file: bool = True  # a typed error must name the case's file (false for in-memory inputs: strings)
+    # once per worker process, before its first case of this target (a server to start and warm up): its time
+    # is not the case's (the campaign allows STARTUP_TIMEOUT for it); a failure there surfaces in the case's run
+    setup: Callable[[], None] | None = None
 
 
 def _header_len(data: bytes) -> int:
