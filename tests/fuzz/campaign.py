@@ -185,16 +185,17 @@ def _pick(pending: list[Case], warm: set[str]) -> int:
 
 
 def budgets(scale: str) -> dict[str, int]:
-    """Cases per target. full: 2,000 media cases, 500 per weight format, 1,000 data rows, 1,000 strings;
-    ci (``make test``): 40 cases per media and weight target (15 model directories), 48 rows per data target,
-    50 strings."""
+    """Cases per target. full: 2,000 media cases, 500 per weight format, 1,000 data rows, 1,000 strings, 1,000
+    request bodies; ci (``make test``): 40 cases per media and weight target (15 model directories), 48 rows per
+    data target, 50 strings, 50 request bodies."""
     media = [t for t in TARGETS.values() if t.group == "media"]
     data = [t for t in TARGETS.values() if t.group == "data"]
     if scale == "full":
         per = {"media": math.ceil(2000 / len(media)), "weights": 500,
-               "data": math.ceil(1000 / len(data) / ROWS_PER_CASE), "text": math.ceil(1000 / STRINGS_PER_CASE)}
+               "data": math.ceil(1000 / len(data) / ROWS_PER_CASE), "text": math.ceil(1000 / STRINGS_PER_CASE),
+               "serve": 1000}
     elif scale == "ci":
-        per = {"media": 40, "weights": 40, "data": 4, "text": 1}
+        per = {"media": 40, "weights": 40, "data": 4, "text": 1, "serve": 50}
     else:
         raise ValueError(f"unknown scale {scale!r}")
     counts = {t.name: per[t.group] for t in TARGETS.values()}
