@@ -758,8 +758,9 @@ def _media_parts(body: Any) -> list[dict]:
     for msg in body.get("messages", []) if isinstance(body, dict) and isinstance(body.get("messages"), list) else []:
         content = msg.get("content") if isinstance(msg, dict) else None
         for part in content if isinstance(content, list) else []:
-            if isinstance(part, dict) and isinstance(part.get(part.get("type")), dict):
-                found.append(part[part["type"]])
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and isinstance(part.get(kind), dict):
+                found.append(part[kind])
     return found
 
 
