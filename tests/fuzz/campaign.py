@@ -126,12 +126,14 @@ class Pool:
         try:
             self._fill()
             while True:
-                while idle:
+                for w in list(idle):
                     pending.extend(itertools.islice(todo, _LOOKAHEAD - len(pending)))
-                    if not pending:
-                        break
-                    w = idle.pop()
-                    w.send(pending.pop(_pick(pending, w.warm)), self.timeout)
+                    others = {t for o in idle + busy if o is not w for t in o.set_up}
+                    i = _pick(pending, w, others)
+                    if i is None:  # nothing left but cases another worker is set up for
+                        continue
+                    idle.remove(w)
+                    w.send(pending.pop(i), self.timeout)
                     busy.append(w)
                 if not busy:
                     return
@@ -178,10 +180,12 @@ def _group(case: Case) -> str:
     return TARGETS[case.target].group if case.target in TARGETS else case.target
 
 
-def _pick(pending: list[Case], warm: set[str]) -> int:
+def _pick(pending: list[Case], w: _Worker, others_set_up: set[str]) -> int | None:
     """The first pending case of a group the worker is warm for (each heavy import then happens in as few
-    workers as possible), else the first one."""
-    return next((i for i, c in enumerate(pending) if _group(c) in warm), 0)
+    workers as possible), else the first one; never a case of a target with a setup that another worker has
+    done and this one has not (a second server costs more than the cases it would take: those wait)."""
+    allowed = [i for i, c in enumerate(pending) if c.target not in others_set_up or c.target in w.set_up]
+    return next((i for i in allowed if _group(pending[i]) in w.warm), allowed[0] if allowed else None)
 
 
 def budgets(scale: str) -> dict[str, int]:
