@@ -2,6 +2,7 @@
 ever kept (tests/fuzz/regressions/). ``make fuzz`` runs the full campaign."""
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def test_seeded_campaign_keeps_the_error_contract(pool):
                                    for r in failures)
     for name, count in budgets("ci").items():
         assert stats[name].cases == count and stats[name].bad == 0
-    for group in ("media", "weights", "data"):
+    for group in ("media", "weights", "data", "serve"):
         ok = sum(s.ok for n, s in stats.items() if TARGETS[n].group == group)
         typed = sum(s.typed for n, s in stats.items() if TARGETS[n].group == group)
         assert ok > 0 and typed > 0, f"{group}: {ok} results, {typed} typed errors"
@@ -55,6 +56,30 @@ def test_regressions_cover_the_first_findings():
     assert {"media_video", "weights_pth_zip", "weights_sharded", "data_records", "weights_model_dir"} <= kept
     for c in REGRESSIONS:
         assert c.target in TARGETS and c.path.exists(), c.path
+
+
+def test_request_bodies_are_seeded_and_reach_every_part_of_the_request(tmp_path: Path):
+    """The serve target's cases: the same (seed, case) gives the same bytes; the mutations touch the settings,
+    the messages, the media (data:, file:// and base64) and the bytes, and most bodies still parse as JSON."""
+    target = TARGETS["serve_requests"]
+    (tmp_path / "seeds").mkdir()
+    seeds = target.seeds(tmp_path / "seeds")
+    for s in seeds:
+        assert isinstance(json.loads(s.read_text())["messages"], list), s
+    labels, parsed = [], 0
+    for i in range(120):
+        label, path, _ = target.make(random.Random(f"0:{i}"), seeds, tmp_path / f"a{i}")
+        _, again, _ = target.make(random.Random(f"0:{i}"), seeds, tmp_path / f"b{i}")
+        assert path.read_bytes() == again.read_bytes(), label
+        labels.append(label)
+        try:
+            json.loads(path.read_bytes())
+            parsed += 1
+        except (ValueError, RecursionError):
+            pass
+    for family in ("fields:", "messages:", "media:file_url", "media:data_url", "media:media_bytes", "bytes:"):
+        assert any(family in lab for lab in labels), family
+    assert 60 < parsed < 120
 
 
 def test_mutations_are_seeded_and_change_the_file():

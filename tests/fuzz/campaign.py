@@ -60,7 +60,9 @@ class _Worker:
                                      bufsize=1)
         self.case: Case | None = None
         self.started = 0.0
+        self.limit = 0.0  # seconds the running case (and the setup it waits for, if any) may take
         self.warm: set[str] = set()  # groups whose libraries this worker has imported (torch, jax, tokenizers)
+        self.set_up: set[str] = set()  # targets whose once-per-worker setup has been asked of this worker
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT) -> None:
         """Block until the worker has imported everything (its start is not counted in any case's time)."""
@@ -70,9 +72,13 @@ class _Worker:
             self.kill()
             raise RuntimeError(f"a fuzz worker did not start within {timeout:.0f} s (see its log)")
 
-    def send(self, case: Case) -> None:
-        self.case, self.started = case, time.monotonic()
+    def send(self, case: Case, timeout: float) -> None:
+        self.case, self.started, self.limit = case, time.monotonic(), timeout
         self.warm.add(_group(case))
+        target = TARGETS.get(case.target)
+        if target is not None and target.setup is not None and case.target not in self.set_up:
+            self.set_up.add(case.target)
+            self.limit += STARTUP_TIMEOUT  # its setup runs first; the reply says how long it took
         self.proc.stdin.write(json.dumps({"target": case.target, "path": str(case.path)}) + "\n")
         self.proc.stdin.flush()
 
@@ -120,17 +126,19 @@ class Pool:
         try:
             self._fill()
             while True:
-                while idle:
+                for w in list(idle):
                     pending.extend(itertools.islice(todo, _LOOKAHEAD - len(pending)))
-                    if not pending:
-                        break
-                    w = idle.pop()
-                    w.send(pending.pop(_pick(pending, w.warm)))
+                    others = {t for o in idle + busy if o is not w for t in o.set_up}
+                    i = _pick(pending, w, others)
+                    if i is None:  # nothing left but cases another worker is set up for
+                        continue
+                    idle.remove(w)
+                    w.send(pending.pop(i), self.timeout)
                     busy.append(w)
                 if not busy:
                     return
                 now = time.monotonic()
-                wait = max(0.0, min(w.started + self.timeout - now for w in busy))
+                wait = max(0.0, min(w.started + w.limit - now for w in busy))
                 ready, _, _ = select.select([w.proc.stdout for w in busy], [], [], wait)
                 for w in list(busy):
                     elapsed = time.monotonic() - w.started
@@ -138,18 +146,21 @@ class Pool:
                         line = w.proc.stdout.readline()
                         if line:
                             r = json.loads(line)
-                            status = r["status"]
+                            status, error = r["status"], r.get("error", "")
+                            elapsed -= r.get("setup_seconds", 0.0)
                             if status in ("ok", "typed") and r["peak_rss"] > RSS_LIMIT:
                                 status = "memory"
+                            elif r.get("setup_seconds") and elapsed > self.timeout:  # the limit was lifted for it
+                                status, error = "hang", f"answered after {elapsed:.0f} s (limit {self.timeout:.0f} s)"
                             busy.remove(w)
                             idle.append(w)
-                            yield Result(w.case, status, r.get("error", ""), r["peak_rss"], elapsed)
+                            yield Result(w.case, status, error, r["peak_rss"], elapsed)
                             continue
                         code = w.proc.wait()
                         result = Result(w.case, "crash", f"worker died (exit status {code})", 0, elapsed)
-                    elif elapsed >= self.timeout:
+                    elif elapsed >= w.limit:
                         w.kill()
-                        result = Result(w.case, "hang", f"no answer after {self.timeout:.0f} s", 0, elapsed)
+                        result = Result(w.case, "hang", f"no answer after {w.limit:.0f} s", 0, elapsed)
                     else:
                         continue
                     busy.remove(w)
@@ -169,23 +180,26 @@ def _group(case: Case) -> str:
     return TARGETS[case.target].group if case.target in TARGETS else case.target
 
 
-def _pick(pending: list[Case], warm: set[str]) -> int:
+def _pick(pending: list[Case], w: _Worker, others_set_up: set[str]) -> int | None:
     """The first pending case of a group the worker is warm for (each heavy import then happens in as few
-    workers as possible), else the first one."""
-    return next((i for i, c in enumerate(pending) if _group(c) in warm), 0)
+    workers as possible), else the first one; never a case of a target with a setup that another worker has
+    done and this one has not (a second server costs more than the cases it would take: those wait)."""
+    allowed = [i for i, c in enumerate(pending) if c.target not in others_set_up or c.target in w.set_up]
+    return next((i for i in allowed if _group(pending[i]) in w.warm), allowed[0] if allowed else None)
 
 
 def budgets(scale: str) -> dict[str, int]:
-    """Cases per target. full: 2,000 media cases, 500 per weight format, 1,000 data rows, 1,000 strings;
-    ci (``make test``): 40 cases per media and weight target (15 model directories), 48 rows per data target,
-    50 strings."""
+    """Cases per target. full: 2,000 media cases, 500 per weight format, 1,000 data rows, 1,000 strings, 1,000
+    request bodies; ci (``make test``): 40 cases per media and weight target (15 model directories), 48 rows per
+    data target, 50 strings, 50 request bodies."""
     media = [t for t in TARGETS.values() if t.group == "media"]
     data = [t for t in TARGETS.values() if t.group == "data"]
     if scale == "full":
         per = {"media": math.ceil(2000 / len(media)), "weights": 500,
-               "data": math.ceil(1000 / len(data) / ROWS_PER_CASE), "text": math.ceil(1000 / STRINGS_PER_CASE)}
+               "data": math.ceil(1000 / len(data) / ROWS_PER_CASE), "text": math.ceil(1000 / STRINGS_PER_CASE),
+               "serve": 1000}
     elif scale == "ci":
-        per = {"media": 40, "weights": 40, "data": 4, "text": 1}
+        per = {"media": 40, "weights": 40, "data": 4, "text": 1, "serve": 50}
     else:
         raise ValueError(f"unknown scale {scale!r}")
     counts = {t.name: per[t.group] for t in TARGETS.values()}

@@ -6,11 +6,17 @@ library exactly as a user would, reading everything the call returns, so lazy fa
 """
 from __future__ import annotations
 
+import base64
+import contextlib
+import ctypes
 import dataclasses
+import http.client
 import json
+import os
 import random
 import shutil
 import struct
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from tests.fuzz.mutate import mp4_boxes, mutate
+from vllama_jax.errors import VllamaError
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY_LLAMA_TOKENIZER = ROOT / "tests" / "fixtures" / "tiny_vl" / "llama"
@@ -32,6 +39,9 @@ class Target:
     make: Callable[[random.Random, list[Path], Path], tuple[str, Path, int]]  # -> (label, case path, items)
     run: Callable[[Path], None]
     names_file: bool = True  # a typed error must name the case's file (false for in-memory inputs: strings)
+    # once per worker process, before its first case of this target (a server to start and warm up): its time
+    # is not the case's (the campaign allows STARTUP_TIMEOUT for it); a failure there surfaces in the case's run
+    setup: Callable[[], None] | None = None
 
 
 def _header_len(data: bytes) -> int:
@@ -622,6 +632,391 @@ def no_seeds(d: Path) -> list[Path]:
     return []
 
 
+# ------------------------------------------------------------------------------------------------------ serve
+
+# Media the server may read by file:// (its --allowed-media-path); a fixed folder, so a kept request body that names
+# a file there means the same thing in any later worker (each worker makes it if it is missing).
+SERVE_MEDIA = Path(tempfile.gettempdir()) / "vllama-fuzz-serve-media"
+SERVE_MAX_TOKENS = 3  # generation stays tiny: the cases are about parsing and refusals, not decoding
+
+
+class RequestRefused(VllamaError):
+    """The server's typed refusal of a request body: a 4xx answer carrying an OpenAI error object with a message."""
+
+
+def serve_media() -> dict[str, Path]:
+    """The allowed folder's files (made once, atomically: workers and the campaign may race): real media, a file
+    that is not media, an empty file, a folder, a FIFO, and symlinks pointing out of the folder."""
+    from tests.media_helpers import make_audio, make_video
+
+    SERVE_MEDIA.mkdir(exist_ok=True)
+    tag = f".{os.getpid()}.tmp"
+    files = {"video": SERVE_MEDIA / "clip.mp4", "image": SERVE_MEDIA / "image.png", "audio": SERVE_MEDIA / "sound.wav",
+             "not_media": SERVE_MEDIA / "not_media.mp4", "empty": SERVE_MEDIA / "empty.png"}
+    makers: dict[str, Callable[[Path], Any]] = {
+        "video": lambda p: make_video(p, n_frames=8, width=64, height=48, audio={"seconds": 1.0}),
+        "image": lambda p: _png(p),
+        "audio": lambda p: make_audio(p, rate=16000, layout="mono", seconds=1.0),
+        "not_media": lambda p: p.write_bytes(b"this is not a video" * 50),
+        "empty": lambda p: p.write_bytes(b""),
+    }
+    for key, path in files.items():
+        if not path.exists():
+            tmp = path.with_name(path.stem + tag + path.suffix)  # the suffix picks the encoder
+            makers[key](tmp)
+            os.replace(tmp, path)
+    (SERVE_MEDIA / "folder").mkdir(exist_ok=True)
+    for name, dest in (("escape.mp4", "/etc/hostname"), ("up.mp4", "../")):
+        if not (SERVE_MEDIA / name).is_symlink():
+            os.symlink(dest, SERVE_MEDIA / (name + tag))
+            os.replace(SERVE_MEDIA / (name + tag), SERVE_MEDIA / name)
+    with contextlib.suppress(FileExistsError):
+        os.mkfifo(SERVE_MEDIA / "fifo.mp4")  # never a media file: opening it would wait for a writer forever
+    return files
+
+
+def _png(path: Path) -> None:
+    from PIL import Image
+
+    from tests.media_helpers import frame_image
+
+    Image.fromarray(frame_image(3, 64, 48)).save(path, format="PNG")
+
+
+def _data_url(mime: str, path: Path) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def serve_bodies(media: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Valid chat-completions bodies, one per way of sending media and per decoding setting the server takes."""
+    def user(text: str, part: dict | None = None) -> dict:
+        return {"role": "user", "content": text if part is None else [part, {"type": "text", "text": text}]}
+
+    base = {"model": "vllama-jax", "max_tokens": SERVE_MAX_TOKENS, "temperature": 0}
+    video_url = {"url": _data_url("video/mp4", media["video"])}
+    return {
+        "text.json": {**base, "messages": [{"role": "system", "content": "Be brief."}, user("Say hello.")]},
+        "image_data.json": {**base, "temperature": 0.7, "top_p": 0.9, "seed": 3, "messages": [
+            user("What is in the image?", {"type": "image_url", "image_url": {"url": _data_url("image/png",
+                                                                                              media["image"])}})]},
+        "video_data_stream.json": {**base, "stream": True, "stream_options": {"include_usage": True}, "messages": [
+            user("What happens?", {"type": "video_url", "video_url": video_url})]},
+        "input_audio.json": {**base, "temperature": 1.0, "seed": 1, "n": 2, "stream": False, "messages": [
+            user("What do you hear?", {"type": "input_audio", "input_audio": {
+                "data": base64.b64encode(media["audio"].read_bytes()).decode(), "format": "wav"}})]},
+        "audio_url.json": {**base, "messages": [
+            user("What do you hear?", {"type": "audio_url", "audio_url": {"url": _data_url("audio/wav",
+                                                                                            media["audio"])}})]},
+        "video_file.json": {**base, "with_audio": False, "stop": ["."], "messages": [
+            user("Describe it.", {"type": "video_url", "video_url": {"url": media["video"].as_uri()}})]},
+        "image_file_turns.json": {"model": "m", "max_completion_tokens": SERVE_MAX_TOKENS, "temperature": 0.5,
+                                  "top_p": 0.5, "seed": 9, "messages": [
+            user("What is shown?", {"type": "image_url", "image_url": {"url": media["image"].as_uri()}}),
+            {"role": "assistant", "content": "A picture."}, user("Which colours?")]},
+        "text_stream_n.json": {**base, "temperature": 0.9, "n": 2, "stream": True, "stop": ["!", "\n"],
+                               "messages": [user("Name a fruit.")]},
+    }
+
+
+def serve_seeds(d: Path) -> list[Path]:
+    out = []
+    for name, body in serve_bodies(serve_media()).items():
+        (d / name).write_text(json.dumps(body))
+        out.append(d / name)
+    return out
+
+
+_DEEP = 100_000  # past any recursion limit of a JSON parser or of code walking the parsed tree
+_BAD_NUMBERS = (0, -1, -2**31, 2**31, 2**63, 2**64 + 1, 10**400, 1e308, -1e-300, 0.5, 3.0, float("nan"),
+                float("inf"), -float("inf"), True, None, "1", [], {})
+_NUMBER_KEYS = ("max_tokens", "max_completion_tokens", "n", "seed", "temperature", "top_p", "num_beams")
+_EXTRA_KEYS = {"num_beams": (2, 9, 0), "with_audio": (False, "no", None), "stream": ("yes", 1, None, {}),
+               "stream_options": ({"include_usage": "x"}, [], "on"), "stop": ([], [""], ["a"] * 5, 3, [None]),
+               "logprobs": (True,), "tools": ([{"type": "function"}],), "response_format": ({"type": "json"},),
+               "user": ("x" * 10_000,), "\u0000": (1,), "": ({},)}
+_BAD_FILE_URLS = (
+    "file:///etc/passwd", f"file://{SERVE_MEDIA}/../../etc/passwd", f"file://{SERVE_MEDIA}/%2e%2e/%2e%2e/etc/passwd",
+    f"file://{SERVE_MEDIA}/escape.mp4", f"file://{SERVE_MEDIA}/up.mp4/etc/passwd", f"file://{SERVE_MEDIA}/fifo.mp4",
+    f"file://{SERVE_MEDIA}/folder", f"file://{SERVE_MEDIA}/", f"file://{SERVE_MEDIA}/missing.mp4",
+    f"file://{SERVE_MEDIA}/not_media.mp4", f"file://{SERVE_MEDIA}/empty.png", f"file://{SERVE_MEDIA}/a%00.mp4",
+    f"file://{SERVE_MEDIA}/" + "a" * 300 + ".mp4", f"file://{SERVE_MEDIA}/" + "a/" * 3000, "file://evil.example/x.mp4",
+    f"file://localhost{SERVE_MEDIA}/clip.mp4", f"file://localhost:99{SERVE_MEDIA}/clip.mp4", "file://[::1/x.mp4",
+    "file:", "file://", "file:///dev/zero", "file:///proc/self/environ", f"FILE://{SERVE_MEDIA}/clip.mp4",
+    f"file://{SERVE_MEDIA}/clip.mp4?x=1#frag", f"file://{SERVE_MEDIA}/%ff%fe.mp4", "http://127.0.0.1/a.mp4",
+    "ftp://x/a.mp4", "javascript:alert(1)", "clip.mp4", "/etc/passwd", "\u0000", " data:image/png;base64,AA==")
+_BAD_DATA_URLS = ("data:", "data:,", "data:image/png,iVBORw0KGgo=", "data:;base64,", "data:image/png;base64",
+                  "data:image/png;base64,", "data:image/png;base64,====", "data:image/png;base64,***",
+                  "data:video/../../x;base64,AAAA", "data:" + "x" * 5000 + ";base64,AAAA",
+                  "data:image/png;charset=utf-8;base64,AAAA", "data:image/svg+xml;base64,PHN2Zy8+",
+                  "data:application/x-sh;base64,IyEvYmluL3NoCg==", "data:video/mp4;base64,AAAA",
+                  "data:audio/wav;base64," + "A" * 400_000, "data:image/png;BASE64,AAAA")
+
+
+def _media_parts(body: Any) -> list[dict]:
+    """The media parts' inner objects ({"url"} or {"data", "format"}) of a parsed body, wherever they are."""
+    found: list[dict] = []
+    for msg in body.get("messages", []) if isinstance(body, dict) and isinstance(body.get("messages"), list) else []:
+        content = msg.get("content") if isinstance(msg, dict) else None
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if isinstance(kind, str) and isinstance(part.get(kind), dict):
+                found.append(part[kind])
+    return found
+
+
+def _mutate_base64(rng: random.Random, text: str) -> tuple[str, str]:
+    """Bad base64 (alphabet, padding, whitespace, cut) or good base64 of damaged media bytes."""
+    op = rng.choice(("media_bytes", "media_bytes", "cut", "alphabet", "padding", "whitespace", "empty"))
+    if op == "media_bytes":
+        try:
+            raw = base64.b64decode(text, validate=True)
+        except ValueError:  # already damaged by an earlier mutation of this case
+            raw = text.encode("utf-8", "surrogatepass")
+        label, raw = mutate(rng, raw, _header_len(raw))
+        return f"media_bytes:{label}", base64.b64encode(raw).decode()
+    if op == "cut":
+        return op, text[:rng.randrange(len(text) + 1)]
+    if op == "alphabet":
+        at = rng.randrange(len(text) + 1)
+        return op, text[:at] + rng.choice(("-", "_", "!", "\u00e9", "\u0000", "%2B")) + text[at:]
+    if op == "padding":
+        return op, text.rstrip("=") + rng.choice(("", "=", "===", "=A="))
+    if op == "whitespace":
+        return op, "\n".join(text[i:i + 76] for i in range(0, len(text), 76))
+    return op, ""
+
+
+def _mutate_media(rng: random.Random, body: Any) -> str:
+    """Damage one media part: bad data:/file:// URLs, bad base64, or the media's own bytes."""
+    parts = _media_parts(body)
+    if not parts:  # a text-only body gets a media part, with a URL from the bad ones
+        msgs = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict):
+            return ""
+        kind = rng.choice(("image_url", "video_url", "audio_url"))
+        url = rng.choice(_BAD_FILE_URLS + _BAD_DATA_URLS)
+        msgs[-1]["content"] = [{"type": kind, kind: {"url": url}}, {"type": "text", "text": "What is it?"}]
+        return "media:added"
+    inner = rng.choice(parts)
+    key = "url" if "url" in inner else "data"
+    value = inner.get(key)
+    op = rng.choice(("file_url", "data_url", "base64", "base64", "format"))
+    if op == "file_url":
+        inner[key] = rng.choice(_BAD_FILE_URLS)
+    elif op == "data_url":
+        inner[key] = rng.choice(_BAD_DATA_URLS)
+    elif op == "format" and key == "data":
+        inner["format"] = rng.choice(("", "exe", "../wav", "WAV", "mp4", "png", "x" * 300, 3, None))
+    elif isinstance(value, str) and value.startswith("data:"):
+        head, _, payload = value.partition(",")
+        label, payload = _mutate_base64(rng, payload)
+        inner[key] = f"{head},{payload}"
+        return f"media:{label}"
+    elif isinstance(value, str) and key == "data":
+        label, inner[key] = _mutate_base64(rng, value)
+        return f"media:{label}"
+    else:
+        inner[key] = rng.choice(_BAD_FILE_URLS + _BAD_DATA_URLS)
+    return f"media:{op}"
+
+
+def _mutate_messages(rng: random.Random, body: Any) -> str:
+    """Conversations the parser must refuse or survive: roles, part types, media where it may not be, many or
+    long turns, text the tokenizers dislike."""
+    msgs = body.get("messages") if isinstance(body, dict) else None
+    if not isinstance(msgs, list) or not msgs:
+        return ""
+    op = rng.choice(("role", "part_type", "two_media", "media_elsewhere", "last_assistant", "many", "long",
+                     "odd_text", "content_type"))
+    msg = rng.choice(msgs)
+    if not isinstance(msg, dict):
+        return ""
+    if op == "role":
+        msg["role"] = rng.choice(("tool", "function", "USER", "", None, 1, ["user"], {"user": 1}, "developer"))
+    elif op == "part_type":
+        msg["content"] = [{"type": rng.choice(("hologram", "", "image_url", "video_url", "input_audio", "text",
+                                               None, 5, ["text"]))}]
+    elif op == "two_media":
+        parts = [p for p in msg.get("content", []) if isinstance(p, dict) and p.get("type") != "text"] \
+            if isinstance(msg.get("content"), list) else []
+        if parts:
+            msg["content"] = parts * 2
+        else:
+            msgs.insert(0, {"role": "user", "content": [{"type": "image_url", "image_url": {
+                "url": (SERVE_MEDIA / "image.png").as_uri()}}]})
+    elif op == "media_elsewhere":
+        msgs.insert(0, {"role": rng.choice(("system", "assistant", "developer")), "content": [
+            {"type": "image_url", "image_url": {"url": (SERVE_MEDIA / "image.png").as_uri()}}]})
+    elif op == "last_assistant":
+        msgs.append({"role": "assistant", "content": rng.choice(("ok", None, [], [{"type": "text", "text": "x"}]))})
+    elif op == "many":
+        msgs[:] = msgs + [{"role": r, "content": "hi"} for _ in range(rng.choice((50, 2000))) for r in
+                          ("user", "assistant")] + [msgs[-1]]
+    elif op == "long":
+        msg["content"] = rng.choice(("word " * 400, "x" * 200_000, "<ImageHere>" * 300, "\n" * 5000))
+    elif op == "odd_text":
+        msg["content"] = rng.choice(_HANDMADE)
+    else:
+        msg["content"] = rng.choice((None, 5, True, {"text": "hi"}, [], [None], [[]], ["text"], "", {}))
+    return f"messages:{op}"
+
+
+def _mutate_fields(rng: random.Random, body: Any) -> str:
+    """Top-level settings: numbers out of range or of the wrong type, keys dropped, extension/unknown keys added."""
+    if not isinstance(body, dict):
+        return ""
+    op = rng.choice(("number", "number", "drop", "extra"))
+    if op == "number":
+        key = rng.choice(_NUMBER_KEYS)
+        body[key] = rng.choice(_BAD_NUMBERS)
+        return f"fields:{key}={body[key]!r}"[:80]
+    if op == "drop" and body:
+        key = rng.choice(sorted(body))
+        del body[key]
+        return f"fields:drop:{key}"
+    key = rng.choice(sorted(_EXTRA_KEYS))
+    body[key] = rng.choice(_EXTRA_KEYS[key])
+    return f"fields:extra:{key!r}"
+
+
+def _splice_json(rng: random.Random, text: str) -> tuple[str, str]:
+    """Values spliced in as text, as building them as objects would hit our own limits first: nesting past any
+    recursion limit, and number literals longer than Python converts."""
+    if rng.random() < 0.3:
+        literal = rng.choice(("1" * 5000, "-" + "9" * 10_000, "1e99999", "0." + "0" * 5000 + "1"))
+        label = "long_number"
+    else:
+        depth = rng.choice((900, 5000, _DEEP))
+        open_, close = rng.choice((("[", "]"), ('{"a":', "}")))
+        literal, label = open_ * depth + "1" + close * depth, f"deep{depth}"
+    where = rng.choice(("body", "messages", "model", "max_tokens", "temperature", "stop"))
+    if where == "body" or not text.endswith("}"):
+        return f"{label}:body", literal
+    return f"{label}:{where}", f'{text[:-1]}, "{where}": {literal}}}'  # the last of a duplicated key wins
+
+
+def _to_bytes(rng: random.Random, text: str) -> tuple[str, bytes]:
+    """The body's bytes, or bytes a broken client sends: cut JSON, non-UTF-8, other encodings, byte damage."""
+    data = text.encode("utf-8", "surrogatepass")
+    if rng.random() < 0.75:  # most cases test what is inside a parsable body
+        return "", data
+    op = rng.choice(("truncate", "latin1", "utf16", "bom", "invalid_utf8", "bytes", "empty"))
+    if op == "truncate":
+        return "bytes:truncate", data[:rng.randrange(len(data))]
+    if op == "latin1":
+        return "bytes:latin1", text.replace("hello", "h\u00e9llo").encode("latin-1", "replace")
+    if op == "utf16":
+        return "bytes:utf16", text.encode("utf-16", "surrogatepass")
+    if op == "bom":
+        return "bytes:bom", b"\xef\xbb\xbf" + data
+    if op == "invalid_utf8":
+        at = rng.randrange(len(data) + 1)
+        bad = rng.choice((b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80"))
+        return "bytes:invalid_utf8", data[:at] + bad + data[at:]
+    if op == "bytes":
+        label, new = mutate(rng, data, 0)
+        return f"bytes:{label}", new
+    return "bytes:empty", b""
+
+
+def make_request(rng: random.Random, seeds: list[Path], out: Path) -> tuple[str, Path, int]:
+    """One to three structural mutations of a seed body (fields, messages, media, JSON values anywhere), then
+    maybe a deep nesting or damage to its bytes."""
+    seed = rng.choice(seeds)
+    body = json.loads(seed.read_text())
+    labels = [seed.stem]
+    for _ in range(rng.choice((1, 1, 2, 3))):
+        kind = rng.choice(("fields", "fields", "messages", "media", "media", "json"))
+        if kind == "json":
+            label, body = _mutate_json(rng, body)
+            label = f"json:{label}"
+        else:
+            label = {"fields": _mutate_fields, "messages": _mutate_messages, "media": _mutate_media}[kind](rng, body)
+        labels.append(label or kind + ":none")
+    text = json.dumps(body)  # NaN and Infinity come out as the bare words some clients send
+    if rng.random() < 0.08:
+        label, text = _splice_json(rng, text)
+        labels.append(label)
+    label, data = _to_bytes(rng, text)
+    labels += [label] if label else []
+    path = out.with_suffix(".json")
+    path.write_bytes(data)
+    return "+".join(labels), path, 1
+
+
+_SERVER: list[Any] = []
+
+
+def serve_setup() -> None:
+    """Start the server on the embedded default model (as tests/test_serve.py; a small batch and context keep
+    the worker's memory low) and send every seed body once, so the compilations they need are not any case's."""
+    if _SERVER:
+        return
+    from vllama_jax.inference import VideoLLaMAChat
+    from vllama_jax.serve import Server
+
+    media = serve_media()
+    server = Server(VideoLLaMAChat.embedded(quantize="int8"), port=0, allowed_media_paths=[SERVE_MEDIA], max_batch=2,
+                    max_queue=8, max_context=256, max_tokens_default=SERVE_MAX_TOKENS).start()
+    _SERVER.append(server)
+    for body in serve_bodies(media).values():
+        post_request(server.url, json.dumps(body).encode())
+    _trim_heap()
+
+
+def post_request(url: str, body: bytes) -> None:
+    """POST a body to /v1/chat/completions and read the whole answer. Returns on a 2xx that is a completion (or a
+    stream ending in [DONE]); raises ``RequestRefused`` on a 4xx carrying an OpenAI error message (the typed
+    refusal); anything else (5xx, a 4xx without that object, a broken answer, a dropped connection) raises
+    another exception, which the worker counts as untyped. No client timeout: the campaign's is the limit."""
+    host, _, port = url.removeprefix("http://").partition(":")
+    conn = http.client.HTTPConnection(host, int(port))
+    try:
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        raw = resp.read()
+        kind = resp.getheader("Content-Type", "")
+    finally:
+        conn.close()
+    if 200 <= resp.status < 300:
+        if kind.startswith("text/event-stream"):
+            events = [line[5:].strip() for line in raw.decode().splitlines() if line.startswith("data:")]
+            if not events or events[-1] != "[DONE]":
+                raise AssertionError(f"a stream that does not end with [DONE]: {raw[-300:]!r}")
+            for e in events[:-1]:
+                if "error" in json.loads(e):  # only a failing decode loop answers this way, after the 200
+                    raise AssertionError(f"an error event in a {resp.status} stream: {e[:300]}")
+        elif not isinstance(json.loads(raw).get("choices"), list):
+            raise AssertionError(f"a {resp.status} answer without choices: {raw[:300]!r}")
+        return
+    try:
+        err = json.loads(raw)["error"]
+        message, code = err["message"], err.get("code")
+    except (ValueError, KeyError, TypeError):
+        raise AssertionError(f"HTTP {resp.status} without an OpenAI error object: {raw[:300]!r}") from None
+    if 400 <= resp.status < 500 and isinstance(message, str) and message:
+        raise RequestRefused(f"HTTP {resp.status} {code}: {message}")
+    raise AssertionError(f"HTTP {resp.status} {code}: {str(message)[:300]}")
+
+
+def run_request(path: Path) -> None:
+    """The case's bytes, as the body of a chat-completions request to the worker's running server."""
+    if not _SERVER:
+        serve_setup()  # the setup failed (or the case is replayed alone): fail, or start, here
+    try:
+        post_request(_SERVER[0].url, path.read_bytes())
+    finally:
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap back to the OS (glibc's malloc_trim). The server's threads each keep a malloc arena whose
+    freed pages would otherwise stay resident: measured, ~60 MB more RSS per 100 cases without it, flat with it;
+    the next case's peak RSS is then its own, not what earlier cases left in the allocator."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 # ----------------------------------------------------------------------------------------------------- registry
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
@@ -639,6 +1034,7 @@ TARGETS: dict[str, Target] = {t.name: t for t in [
     *[Target(f"data_{f}", "data", data_seeds(f), make_data, run_prepare) for f in DATA_FORMATS],
     Target("data_records", "data", records_seeds, make_records, run_records),
     Target("text_tokenizer", "text", no_seeds, make_strings, run_tokenizer, names_file=False),
+    Target("serve_requests", "serve", serve_seeds, make_request, run_request, names_file=False, setup=serve_setup),
 ]}
 
 

@@ -2,8 +2,9 @@
 
 Protocol: the worker warms up (imports) and says ``{"ready": true}``; then the campaign writes ``{"target": name, "path": case}`` lines to stdin; the worker answers each on its
 original stdout (its own stdout/stderr go to a log file, FFmpeg and friends write there) with
-``{"status": "ok"|"typed"|"untyped"|"executed", "error": ..., "peak_rss": bytes}``. A case that kills the process
-or never answers is seen by the campaign as a crash or a hang.
+``{"status": "ok"|"typed"|"untyped"|"executed", "error": ..., "peak_rss": bytes, "setup_seconds": s}`` (the time of
+the target's once-per-worker ``Target.setup``, the HTTP server, run before the first such case; not the case's). A
+case that kills the process or never answers is seen by the campaign as a crash or a hang.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import resource
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -81,6 +83,22 @@ def warm_up() -> None:
     _tokenizers()
 
 
+def set_up_target(target_name: str) -> float:
+    """Run the target's once-per-worker setup, if it has one; its seconds. A setup that fails is not an answer
+    here: the case's own run needs what it makes, and fails there, classified like any case."""
+    from tests.fuzz.targets import TARGETS
+
+    target = TARGETS.get(target_name)
+    if target is None or target.setup is None:
+        return 0.0
+    t0 = time.monotonic()
+    try:
+        target.setup()
+    except Exception:  # noqa: BLE001 - see the docstring; the traceback goes to the worker's log
+        traceback.print_exc()
+    return time.monotonic() - t0
+
+
 def main() -> None:
     mem_limit = int(sys.argv[1])
     log = sys.argv[2]
@@ -96,11 +114,17 @@ def main() -> None:
     if sys.argv[3] == "warm":
         warm_up()
     replies.write(json.dumps({"ready": True}) + "\n")
+    set_up: set[str] = set()
     for line in sys.stdin:
         case = json.loads(line)
+        setup_seconds = 0.0
+        if case["target"] not in set_up:
+            set_up.add(case["target"])
+            setup_seconds = set_up_target(case["target"])
         _reset_peak_rss()
         result = classify(case["target"], Path(case["path"]))
         result["peak_rss"] = _peak_rss()
+        result["setup_seconds"] = setup_seconds
         replies.write(json.dumps(result) + "\n")
 
 

@@ -61,6 +61,7 @@ from ..text import (
 )
 from ..text.conversation import TEMPLATES, SeparatorStyle, canonical_template_name
 from ..weights.model_dir import load_model_dir
+from .batching import ContextTooLong
 from .engine import round_up
 from .generate import GenerationConfig, GenerationOutput, Generator
 from .placement import placed
@@ -489,11 +490,19 @@ class VideoLLaMAChat:
         return self.build_context(conv, self.media, max_new_tokens)
 
     def build_context(self, conv: Conversation, media: Sequence[np.ndarray],
-                      max_new_tokens: int | None = None) -> ChatContext:
-        """``get_context_emb`` on ``conv`` (appends the pending assistant turn to it) and its media blocks."""
+                      max_new_tokens: int | None = None, max_positions: int | None = None) -> ChatContext:
+        """``get_context_emb`` on ``conv`` (appends the pending assistant turn to it) and its media blocks.
+        ``max_positions`` (a server's slots per row): a longer prompt raises ``ContextTooLong`` before its text is
+        embedded, so a 200,000-character question costs its tokenization, not a 65,536-row embedding."""
         prompt = chat_prompt(conv)
         segments = prompt_segments(prompt, len(media))
         seg_ids = segment_token_ids(segments, self.tokenizer)
+        if max_positions is not None:
+            width = self.config.llama.hidden_size
+            positions = sum(len(s) for s in seg_ids) + sum(int(np.size(m)) // width for m in media)
+            if positions > max_positions:
+                raise ContextTooLong(f"the conversation has {positions} positions, more than the {max_positions} "
+                                     "a row of the batch holds")
         seg_embs = self.embed_ids(seg_ids)
         parts: list[np.ndarray] = []
         for k, emb in enumerate(seg_embs):

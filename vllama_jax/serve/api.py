@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import first_line
 from ..inference.uploads import MediaKind
 
 #: MIME subtype -> file extension for data: URLs (the media loaders pick their decoder from the file)
@@ -254,19 +255,28 @@ def _stored(data: bytes, ext: str, kind: MediaKind, limits: Limits) -> MediaRef:
 
 
 def _allowed_file(url: str, where: str, limits: Limits) -> tuple[str, Path]:
-    parsed = urllib.parse.urlparse(url)
+    try:
+        parsed = urllib.parse.urlparse(url)
+        # the path is the client's: a NUL byte is a ValueError, a loop of links an OSError
+        path = Path(urllib.parse.unquote(parsed.path)).resolve()
+    except (OSError, ValueError) as e:
+        raise APIError(400, f"{where}: not a usable file:// URL: {first_line(e)}", code="invalid_url",
+                       param=where) from None
     if parsed.netloc not in ("", "localhost"):
         raise APIError(400, f"{where}: file:// URLs must name a local path", code="invalid_url", param=where)
-    path = Path(urllib.parse.unquote(parsed.path)).resolve()
+    shown = repr(str(path))[:300]  # quoted: a client's path may hold newlines
     if not any(path.is_relative_to(root) for root in limits.allowed_media_paths):
-        raise APIError(403, f"{where}: {path} is not under an allowed media path (server flag "
+        raise APIError(403, f"{where}: {shown} is not under an allowed media path (server flag "
                             "--allowed-media-path)", code="media_path_not_allowed", param=where)
-    if not path.is_file():
-        raise bad(f"{where}: {path}: no such file", where, code="media_not_found")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        if not path.is_file():
+            raise bad(f"{where}: {shown}: no such file", where, code="media_not_found")
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:  # a name too long, a file that cannot be read
+        raise bad(f"{where}: {shown} cannot be read: {first_line(e)}"[:500], where, code="media_not_found") from None
     return h.hexdigest(), path
 
 

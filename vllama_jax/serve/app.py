@@ -22,6 +22,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from ..errors import first_line
 from ..media import MediaError
 from .api import APIError, ChatRequest, Limits, parse_request
 from .scheduler import Job, Scheduler
@@ -83,8 +84,9 @@ class ServeApp:
         try:
             try:
                 body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+            except (ValueError, RecursionError) as e:  # also: nesting past the recursion limit, 5,000-digit numbers
+                raise APIError(400, f"the request body is not valid JSON: {first_line(e)}",
+                               code="invalid_json") from None
             req = await asyncio.to_thread(parse_request, body, self.limits)
             upload = await self._prepare_media(req)
         except APIError as e:

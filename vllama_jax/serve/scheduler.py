@@ -246,7 +246,7 @@ class Scheduler:
         upload, blocks, key = self._media(job)
         turns = [(role, text, upload if media is not None else None) for role, text, media in req.turns]
         conv = self.chat.conversation(turns, system=req.system)
-        ctx = self.chat.build_context(conv, blocks, max_new_tokens=0)
+        ctx = self.chat.build_context(conv, blocks, max_new_tokens=0, max_positions=self.batcher.slot_length)
         if ctx.truncated:
             raise ContextTooLong(f"the conversation has {ctx.embeds.shape[0] + ctx.truncated} positions, more than "
                                  f"the model's context budget ({self.chat.max_length})")
