@@ -1,7 +1,7 @@
 """The demo's dataset: short generated videos with sound, and their ground truth.
 
 Each clip is ``seconds`` long at ``fps`` frames per second: one coloured shape (circle / square / triangle) on a
-plain dark background moves left or right (wrapping around the frame, from a random start), while one of four
+plain dark background moves left or right (its whole path inside the frame, from a random start), while one of four
 sounds plays (a hum, a beep, a whistle or a hiss). Colour, shape, direction and sound are drawn independently of
 each other. Everything is drawn with numpy and encoded with PyAV (H.264 or MPEG-4 video + Opus or AAC audio in an .mp4),
 deterministically from ``(seed, clip index)``.
@@ -134,9 +134,12 @@ def clip_spec(seed: int, index: int, cfg: ClipConfig = ClipConfig()) -> ClipSpec
     own permutation per block of ``BLOCK`` clips), so no attribute can be told from another and any run of whole
     blocks is exactly balanced.
 
-    The shape moves horizontally on a wrap-around strip (leaving on one side, it enters on the other), from a start
-    drawn uniformly over the frame: the position in any one frame is uniform whatever the direction, and so is the
-    set of positions of a clip, so only the order of the frames tells the direction."""
+    The shape moves horizontally by ``travel`` over the clip and stays inside the frame: a right-moving clip starts
+    uniformly in [margin, n - margin - travel], a left-moving one in [margin + travel, n - margin]. The set of
+    positions a clip visits is then the same interval [a, a + travel], a uniform, whatever the direction, so only
+    the order of the frames tells the direction (the first frame's position alone is a weak hint). No wrap-around:
+    a shape that leaves on one side and enters on the other jumps, and frozen random features then saw no motion
+    (a ridge probe on them read the direction at chance with wrap-around, 98% without)."""
     block, k = divmod(index, BLOCK)
     values = {}
     for i, (a, (_, options)) in enumerate(ATTRIBUTES.items()):
@@ -174,8 +177,7 @@ def _mask(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarray:
 
 
 def render_frames(spec: ClipSpec, cfg: ClipConfig = ClipConfig()) -> np.ndarray:
-    """(T, H, W, 3) uint8 frames of the clip; the strip wraps around horizontally (a shape crossing the edge shows
-    on both sides)."""
+    """(T, H, W, 3) uint8 frames of the clip."""
     n, t_total = cfg.size, cfg.num_frames
     colour = np.clip(np.array(COLOURS[spec.colour]) + np.array(spec.jitter), 0, 255).astype(np.uint8)
     frames = np.full((t_total, n, n, 3), spec.background, np.uint8)

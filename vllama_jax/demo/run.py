@@ -7,9 +7,9 @@
 3. **features**: each training clip is read by the chat's own ``prepare_video`` (frames and audio fbank, as for any
    user's video), and the frozen towers' outputs are computed once per clip (``train.features.frozen_features``:
    batched jitted passes through the model's own ``encode_frames`` / ``audio_segments``).
-4. **train**: both branches at once (the video Q-Former with its query tokens and frame positions, the audio
-   Q-Former with its query tokens, positions and projection; upstream's freeze flags ``frozen_video_qformer`` /
-   ``frozen_audio_qformer`` false) with the project's train step on the cached features
+4. **train**: both branches at once (the video Q-Former with its query tokens, frame positions and projection, the
+   audio Q-Former with its query tokens, positions and projection; upstream's freeze flags ``frozen_video_qformer``
+   / ``frozen_audio_qformer`` / ``frozen_llama_proj`` false) with the project's train step on the cached features
    (``train.features.FeatureTrainer``). A training row is a conversation in the chat's audio+video flow asking
    all four questions in a random order, or (a quarter of them) in the video-only flow asking the visual ones; its
    first turn is token for token what the chat builds (``VideoLLaMAChat.conversation_sample``). Upstream trains
