@@ -477,6 +477,11 @@ def _load_open(p: str, container: av.container.InputContainer, num_frames: int, 
             frames, rotation, decoded = _fetch_sequential(p, index.vlen, indices, image_size,
                                                           honour_rotation, threads,
                                                           decode_to_end=(method == "decode_all"))
+    if window is not None and 0 < len(indices) < num_frames:
+        # a window shorter than num_frames frames still gives num_frames (repeats), as MVBench's get_index does:
+        # every question of a batch keeps one frame count, so one compiled encoder serves them all
+        take = (np.arange(num_frames) * len(indices)) // num_frames
+        frames, indices = frames[take], indices[take]
     meta = VideoMeta(indices=indices, timestamps=times[indices], fps=fps, num_frames_total=index.vlen,
                      duration=duration, rotation=rotation, frames_decoded=decoded)
     return frames, meta
