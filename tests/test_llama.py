@@ -312,9 +312,11 @@ def test_logits_slice_and_return_hidden(small):
     x = jax.random.normal(jax.random.key(3), (2, 6, cfg.hidden_size))
     full = small.full(x)
     last, _ = m.apply({"params": params}, x, logits_slice=slice(-1, None))
-    np.testing.assert_allclose(np.asarray(last), full[:, -1:], atol=1e-6)
+    # a slice changes the head's matmul shape and so its summation order: equal up to float32 rounding (1.4e-6
+    # seen on logits of size ~1)
+    np.testing.assert_allclose(np.asarray(last), full[:, -1:], atol=1e-5)
     rows, _ = m.apply({"params": params}, x, logits_slice=jnp.array([2, 4]))
-    np.testing.assert_allclose(np.asarray(rows)[:, 0], full[[0, 1], [2, 4]], atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rows)[:, 0], full[[0, 1], [2, 4]], atol=1e-5)
     hidden, _ = m.apply({"params": params}, x, return_hidden=True)
     assert hidden.shape == (2, 6, cfg.hidden_size)
     np.testing.assert_allclose(np.asarray(m.apply({"params": params}, hidden, method=Llama.logits)), full, atol=1e-5)
