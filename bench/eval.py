@@ -1,13 +1,25 @@
-"""Questions per second of the batched benchmark runner (`vllama_jax.eval.evaluate`, what `vllama-jax eval`
-runs) against a plain one-question-at-a-time loop over the same chat API, in the same run, on the same questions.
+"""Questions per second of the batched benchmark runner (`vllama_jax.eval.evaluate`, what `vllama-jax eval` runs) at
+several batch sizes, against a plain one-question-at-a-time loop over the same chat API, in the same run, on the
+same questions, for both kinds of benchmark:
 
-The questions: the demo's generated clips (coloured shapes with a tone), written as an MVBench task file (four
-questions per clip, multiple choice over the attribute's values), so both sides do what `eval --task mvbench`
-does per question: decode the video, encode it, generate the option letter greedily, and score every option's
-log-likelihood. The plain loop is what a user writes with the chat API: `upload_video`, `ask`, `answer`, and
-`score_answers` for one question. Both run once on a few questions first (compilation excluded from the timing).
+- multiple choice ("mc", as `eval --task mvbench`): decode the video, encode it, generate the option letter
+  greedily and score every option's log-likelihood. The plain loop: `upload_video`, `ask`, `answer`,
+  `score_answers` for one question.
+- open-ended ("open", as `eval --task msvd_qa`): decode, encode, generate a short answer greedily (scored by the
+  runner with exact match / containment, which costs nothing next to the model). The plain loop: `upload_video`,
+  `ask`, `answer`.
 
-    python bench/eval.py [--clips 8] [--batch-size 8] [--num-frames 4] [--model DIR] [--json PATH]
+The questions: the demo's generated clips (coloured shapes with a tone), four questions per clip (colour, shape,
+direction, sound), written once as an MVBench task file and once in the Video-ChatGPT layout (test_q.json /
+test_a.json) the open-ended tasks are read from. Each batch size, and the plain loop, runs first untimed on a few
+questions (at least one question per attribute, and one whole batch) so that compilation stays out of the timing;
+the programs compiled during the timed runs are counted and reported all the same.
+
+To keep the default run within ~15 minutes on a loaded 2-core CPU, open-ended answers are limited to
+--max-new-tokens 16 (the runner's default is 64; the embedded model is untrained, so its answers rarely stop early).
+
+    python bench/eval.py [--clips 8] [--batch-sizes 1,8,32] [--num-frames 4] [--max-new-tokens 16] [--model DIR]
+                         [--json PATH]
 """
 from __future__ import annotations
 
@@ -20,99 +32,182 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import jax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vllama_jax.demo.clips import ATTRIBUTES, ClipConfig, clip_spec, write_clip  # noqa: E402
+from vllama_jax.demo.clips import ATTRIBUTES, ClipConfig, ClipSpec, clip_spec, write_clip  # noqa: E402
 from vllama_jax.eval.metrics import multiple_choice_prompt  # noqa: E402
 from vllama_jax.eval.runner import evaluate  # noqa: E402
-from vllama_jax.eval.tasks import MVBENCH_TASKS, load_questions  # noqa: E402
+from vllama_jax.eval.tasks import MVBENCH_TASKS, Kind, Question, load_questions  # noqa: E402
 from vllama_jax.inference.chat import VideoLLaMAChat  # noqa: E402
 from vllama_jax.inference.generate import GenerationConfig  # noqa: E402
 
+#: the benchmark each path is read as, and how the table names it
+PATHS: dict[Kind, tuple[str, str]] = {"mc": ("mvbench", "multiple choice"), "open": ("msvd_qa", "open-ended")}
+#: where MVBench's "Moving Attribute" task keeps its videos; the open-ended task reads the same folder
+MVBENCH_FILE, MVBENCH_SUB, _ = MVBENCH_TASKS["Moving Attribute"]
+#: JAX records one of these per program it compiles (or loads from the persistent cache): jax._src.dispatch's
+#: BACKEND_COMPILE_EVENT, spelled out because that module is private
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
-def write_task(root: Path, n_clips: int, seed: int = 0) -> tuple[Path, Path]:
-    """n_clips generated clips and an MVBench task file asking about each clip's four attributes."""
-    json_dir = root / "json"
-    json_dir.mkdir(parents=True)
-    file, sub, _ = MVBENCH_TASKS["Moving Attribute"]
+
+def write_tasks(root: Path, n_clips: int, seed: int = 0) -> dict[Kind, list[Question]]:
+    """n_clips generated clips, asked about their four attributes as an MVBench task file (multiple choice over
+    the attribute's values) and as a Video-ChatGPT test_q.json / test_a.json pair (open-ended; the reference
+    answer is the value, as MSVD-QA's one-word answers). Returns each path's questions, in the same order."""
     media = root / "video"
-    (media / sub).mkdir(parents=True)
     cfg = ClipConfig()
-    entries = []
+    specs: list[ClipSpec] = []
     for i in range(n_clips):
-        spec = clip_spec(seed, i, cfg)
-        write_clip(media / sub / f"{i:03d}.mp4", spec, cfg)
+        specs.append(clip_spec(seed, i, cfg))
+        write_clip(media / MVBENCH_SUB / f"{i:03d}.mp4", specs[-1], cfg)
+    mc, test_q, test_a = [], [], []
+    for i, spec in enumerate(specs):
         for attr, (question, values) in ATTRIBUTES.items():
-            entries.append({"video": f"{i:03d}.mp4", "question": question, "candidates": list(values),
-                            "answer": spec.truth(attr)})
-    (json_dir / file).write_text(json.dumps(entries))
-    return json_dir, media
+            mc.append({"video": f"{i:03d}.mp4", "question": question, "candidates": list(values),
+                       "answer": spec.truth(attr)})
+            qid = f"{i:03d}_{attr}"
+            test_q.append({"video_name": f"{i:03d}", "question": question, "question_id": qid})
+            test_a.append({"answer": spec.truth(attr), "question_id": qid, "type": attr})
+    (root / "mvbench").mkdir(parents=True)
+    (root / "mvbench" / MVBENCH_FILE).write_text(json.dumps(mc))
+    (root / "msvd_qa").mkdir(parents=True)
+    (root / "msvd_qa" / "test_q.json").write_text(json.dumps(test_q))
+    (root / "msvd_qa" / "test_a.json").write_text(json.dumps(test_a))
+    return {"mc": load_questions("mvbench", root / "mvbench", media),
+            "open": load_questions("msvd_qa", root / "msvd_qa", media / MVBENCH_SUB)}
 
 
-def plain_loop(chat: VideoLLaMAChat, questions: list, letter_tokens: int = 8) -> None:
-    """One question at a time through the chat API (the loop a user would write)."""
-    cfg = GenerationConfig(do_sample=False, max_new_tokens=letter_tokens)
+def plain_loop(chat: VideoLLaMAChat, kind: Kind, questions: list[Question], max_new_tokens: int,
+               letter_tokens: int) -> None:
+    """One question at a time through the chat API (the loop a user would write), doing per question what the
+    runner does for that path (same prompts, same greedy settings: `evaluate`'s max_new_tokens / letter_tokens)."""
+    cfg = GenerationConfig(do_sample=False, max_new_tokens=letter_tokens if kind == "mc" else max_new_tokens)
     for q in questions:
         up = chat.upload_video(q.video)
-        chat.ask(multiple_choice_prompt(q.question, q.options))
-        chat.answer(cfg)
-        chat.score_answers([q.question], [up], [list(q.options)])
+        if kind == "mc":
+            chat.ask(multiple_choice_prompt(q.question, q.options))
+            chat.answer(cfg)
+            chat.score_answers([q.question], [up], [list(q.options)])
+        else:
+            chat.ask(q.question)
+            chat.answer(cfg)
+
+
+class CompileCounter:
+    """Counts the programs JAX compiles (or loads from its cache) while ``active``: a timed run that compiles is
+    not measuring the steady state, and the table says so instead of hiding it."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.count = 0
+        self.seconds = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **_: Any) -> None:
+        if self.active and event == COMPILE_EVENT:
+            self.count += 1
+            self.seconds += duration
+
+    def timed(self, fn: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
+        """fn's result, and its wall-clock seconds and what it compiled."""
+        self.active, self.count, self.seconds = True, 0, 0.0
+        t = time.perf_counter()
+        try:
+            result = fn()
+        finally:
+            self.active = False
+        return result, {"seconds": time.perf_counter() - t, "compiled": self.count, "compile_s": self.seconds}
+
+
+def bench_path(chat: VideoLLaMAChat, kind: Kind, questions: list[Question], batch_sizes: list[int], out: Path,
+               counter: CompileCounter, max_new_tokens: int, letter_tokens: int) -> list[dict[str, Any]]:
+    """The plain loop, then the runner at each batch size, on the same questions; one row per loop."""
+    task, _ = PATHS[kind]
+    per_clip = len(ATTRIBUTES)  # every attribute's question has its own prompt and option shapes: warm them all
+    run_kw = dict(max_new_tokens=max_new_tokens, letter_tokens=letter_tokens, progress=False)
+    rows = []
+    plain_loop(chat, kind, questions[:per_clip], max_new_tokens, letter_tokens)  # warm-up
+    _, t = counter.timed(lambda: plain_loop(chat, kind, questions, max_new_tokens, letter_tokens))
+    rows.append({"loop": "one at a time", "batch": None, **t})
+    for b in batch_sizes:
+        # warm-up: one whole batch (its padded shape, its number of distinct videos) and every attribute
+        evaluate(chat, task, kind, questions[:max(b, per_clip)], out / f"{kind}-warm-{b}", batch_size=b, **run_kw)
+        res, t = counter.timed(lambda: evaluate(chat, task, kind, questions, out / f"{kind}-{b}", batch_size=b,
+                                                **run_kw))
+        rows.append({"loop": "batched runner", "batch": b, **t, "metrics": res.summary["metrics"]})
+    n, one_at_a_time = len(questions), rows[0]["seconds"]
+    for r in rows:
+        r.update(path=kind, questions=n, questions_per_s=round(n / r["seconds"], 4),
+                 speedup=round(one_at_a_time / r["seconds"], 3), seconds=round(r["seconds"], 3),
+                 compile_s=round(r["compile_s"], 3))
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| path | loop | batch | seconds | questions/s | speed-up vs one at a time |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        compiled = f" ({r['compiled']} programs compiled while timed)" if r["compiled"] else ""
+        lines.append(f"| {PATHS[r['path']][1]} | {r['loop']}{compiled} | {r['batch'] or '-'} | {r['seconds']:.1f} "
+                     f"| {r['questions_per_s']:.3f} | {r['speedup']:.2f}x |")
+    return "\n".join(lines)
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    sizes = [int(s) for s in text.split(",") if s.strip()]
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--clips", type=int, default=8, help="generated clips (4 questions each; default 8)")
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--clips", type=int, default=8, help="generated clips (4 questions each; default 8: 32 questions)")
+    ap.add_argument("--batch-sizes", type=parse_batch_sizes, default=[1, 8, 32], metavar="B,B,...",
+                    help="batch sizes of the runner (default 1,8,32)")
     ap.add_argument("--num-frames", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=16, help="length of open-ended answers (default 16)")
+    ap.add_argument("--letter-tokens", type=int, default=8, help="length of the generated option letter (default 8)")
     ap.add_argument("--model", help="model directory (default: the embedded SmolLM2 model)")
     ap.add_argument("--json", metavar="PATH", help="also write the figures here")
     args = ap.parse_args()
 
     load_before = os.getloadavg()
+    started = datetime.datetime.now(datetime.timezone.utc)
+    counter = CompileCounter()
+    rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        ann, media = write_task(Path(tmp) / "data", args.clips)
-        questions = load_questions("mvbench", ann, media)
+        questions = write_tasks(Path(tmp) / "data", args.clips)
         kw = dict(num_frames=args.num_frames, log=lambda m: None)
-        chat = (VideoLLaMAChat.from_model_dir(args.model, **kw) if args.model else VideoLLaMAChat.embedded(**kw))
-        warm = questions[:args.batch_size]
-        evaluate(chat, "mvbench", "mc", warm, Path(tmp) / "warm", batch_size=args.batch_size, progress=False)
-        plain_loop(chat, warm[:2])
-
-        t = time.perf_counter()
-        res = evaluate(chat, "mvbench", "mc", questions, Path(tmp) / "batched", batch_size=args.batch_size,
-                       progress=False)
-        batched_s = time.perf_counter() - t
-        t = time.perf_counter()
-        plain_loop(chat, questions)
-        plain_s = time.perf_counter() - t
-
-    n = len(questions)
+        chat = VideoLLaMAChat.from_model_dir(args.model, **kw) if args.model else VideoLLaMAChat.embedded(**kw)
+        for kind in PATHS:
+            rows += bench_path(chat, kind, questions[kind], args.batch_sizes, Path(tmp) / "out", counter,
+                               args.max_new_tokens, args.letter_tokens)
     load_after = os.getloadavg()
-    result = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.default_backend()} "
-                   f"({jax.device_count()} device(s))",
-        "jax": jax.__version__, "model": chat.name, "questions": n, "clips": args.clips,
-        "num_frames": args.num_frames, "batch_size": args.batch_size,
-        "batched_s": round(batched_s, 2), "plain_s": round(plain_s, 2),
-        "batched_questions_per_s": round(n / batched_s, 3), "plain_questions_per_s": round(n / plain_s, 3),
-        "speedup": round(plain_s / batched_s, 2), "accuracy": res.summary["metrics"],
-        "load_average_before": [round(x, 2) for x in load_before],
-        "load_average_after": [round(x, 2) for x in load_after],
-    }
-    print(f"{n} questions ({args.clips} clips x 4, {args.num_frames} frames, multiple choice: letter + option "
-          f"log-likelihoods), {result['machine']}")
-    print("| loop | s | questions / s |")
-    print("|---|---|---|")
-    print(f"| batched runner (batch {args.batch_size}) | {batched_s:.1f} | {n / batched_s:.2f} |")
-    print(f"| one question at a time (chat API) | {plain_s:.1f} | {n / plain_s:.2f} |")
-    print(f"speed-up {plain_s / batched_s:.2f}x; load average before {load_before[0]:.1f}, after "
-          f"{load_after[0]:.1f} (1 min)")
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.default_backend()} "
+               f"({jax.device_count()} device(s))")
+    n = len(questions["mc"])
+    print(f"{n} questions per path ({args.clips} clips x {len(ATTRIBUTES)}, {args.num_frames} frames), model "
+          f"{chat.name}, {machine}, jax {jax.__version__}")
+    print(f"multiple choice: option letter ({args.letter_tokens} tokens) + option log-likelihoods; open-ended: "
+          f"answer of {args.max_new_tokens} tokens at most; greedy")
+    print(markdown(rows))
+    print("load average (1, 5, 15 min): before " + ", ".join(f"{x:.2f}" for x in load_before) + "; after "
+          + ", ".join(f"{x:.2f}" for x in load_after))
     if args.json:
+        result = {
+            "date": started.isoformat(timespec="seconds"), "machine": machine, "jax": jax.__version__,
+            "model": chat.name, "clips": args.clips, "questions_per_path": n, "num_frames": args.num_frames,
+            "max_new_tokens": args.max_new_tokens, "letter_tokens": args.letter_tokens,
+            "batch_sizes": args.batch_sizes, "rows": rows,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after],
+        }
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
 
 
