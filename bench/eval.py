@@ -15,8 +15,12 @@ test_a.json) the open-ended tasks are read from. Each batch size, and the plain 
 questions (at least one question per attribute, and one whole batch) so that compilation stays out of the timing;
 the programs compiled during the timed runs are counted and reported all the same.
 
-To keep the default run within ~15 minutes on a loaded 2-core CPU, open-ended answers are limited to
---max-new-tokens 16 (the runner's default is 64; the embedded model is untrained, so its answers rarely stop early).
+To keep the default run within ~15 minutes on a loaded 2-core CPU (8.2 minutes on 2026-12-02, sharing the cores
+with another job), open-ended answers are limited to --max-new-tokens 16 (the runner's default is 64).
+
+The runner groups a clip's questions: within a batch each video is decoded and encoded once (and, for multiple
+choice, the shared prompt prefix is prefilled once), while the plain loop does it per question; at batch 1 neither
+shares anything.
 
     python bench/eval.py [--clips 8] [--batch-sizes 1,8,32] [--num-frames 4] [--max-new-tokens 16] [--model DIR]
                          [--json PATH]
