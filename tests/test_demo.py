@@ -262,6 +262,45 @@ def test_training_sample_first_turn_is_the_chat_context(smollm2_path):
     assert len(trained) == len(reply) + len(tok.encode(turns[1][1])) + 2  # + each reply's end-of-turn token
 
 
+@pytest.mark.parametrize("video_only_share", [0.0, 1.0, 0.25])
+def test_training_batches_keep_every_rows_media_out_of_the_shared_prefix(smollm2_path, video_only_share):
+    """The tokens all rows share run once as ``prompt_prefix``, embedded as plain text: it must end before the first
+    media placeholder, or the media of every row would be dropped (with one flow only, every row's text is the same
+    up to the first answer, placeholders included). Each row keeps all of its placeholders."""
+    from vllama_jax.defaults import embedded_model
+    from vllama_jax.demo.clips import clip_spec
+    from vllama_jax.demo.run import Settings, training_batches
+    from vllama_jax.inference.chat import VideoLLaMAChat
+    from vllama_jax.inference.uploads import video_upload
+
+    chat = VideoLLaMAChat.from_loaded(embedded_model(), num_frames=2, compilation_cache=False, log=lambda m: None)
+    ph = chat.tokenizer.image_placeholder_id
+    specs = [clip_spec(0, i) for i in range(8)]
+    with_audio = video_upload(np.zeros((2, 8, 8, 3)), clips=np.zeros((2, 1, 128, 204)))
+    video_only = video_upload(np.zeros((2, 8, 8, 3)))
+    feats = {"frame_queries": np.zeros((8, 2, 4, 8), np.float32), "audio_embeddings": np.zeros((8, 2, 8), np.float32)}
+    s = Settings(steps=3, batch_size=4, video_only_share=video_only_share)
+    batches = training_batches(chat, specs, (with_audio, video_only), feats, s, {"video": 3, "audio": 5})
+    assert "prompt_prefix" in batches[0]  # the system prompt is shared
+    for b in batches:
+        assert not np.any(b["prompt_prefix"] == ph)
+        counts = np.sum(b["input_ids"] == ph, axis=1)
+        assert counts.tolist() == [8 if a else 3 for a in b["with_audio"]]
+
+
+def test_feature_trainer_refuses_media_in_the_shared_prefix(tiny_model):
+    from vllama_jax.models import build_model
+    from vllama_jax.train.config import OptimConfig
+    from vllama_jax.train.features import FeatureTrainer
+
+    config, params = tiny_model
+    ph = config.llama.vocab_size
+    optim = OptimConfig(init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-3, warmup_steps=1, iters_per_epoch=1, max_epoch=1)
+    trainer = FeatureTrainer(build_model(config), params, optim, {"frozen_video_qformer": False}, placeholder_id=ph)
+    with pytest.raises(ValueError, match="placeholders"):
+        trainer.run([{"prompt_prefix": np.array([[5, ph]], np.int32)}])
+
+
 def test_feature_trainer_trains_both_branches_with_one_compiled_step(tiny_model):
     """`FeatureTrainer` (the demo's training) compiles its step once, lowers the loss on a repeated batch, and moves
     exactly the groups its freeze flags train: both branches."""

@@ -204,7 +204,10 @@ def training_batches(chat: VideoLLaMAChat, specs: Sequence[ClipSpec], uploads: t
     # the tokens every row starts with (system prompt and the text before the first media block) are run once
     # per step as the batch's prompt_prefix, not once per row
     first_label = min(int(np.argmax(r[1] != IGNORE_INDEX)) for r in rows)
-    cut = max(0, min(common_prefix([r[0] for r in rows]), first_label - 1))  # a label needs its position
+    placeholder = int(chat.tokenizer.image_placeholder_id)
+    first_media = min(int(np.argmax(r[0] == placeholder)) for r in rows)
+    # a label needs its position; the media differ per row, so the shared prefix stops before the first one
+    cut = max(0, min(common_prefix([r[0] for r in rows]), first_label - 1, first_media))
     prefix = rows[0][0][None, :cut].astype(np.int32)
     rows = [(ids[cut:], labels[cut:]) for ids, labels in rows]
     pad_to = max(len(r[0]) for r in rows)

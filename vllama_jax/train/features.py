@@ -88,11 +88,17 @@ class FeatureTrainer:
         step_fn = make_train_step(model, self.tx, self.lr_fn, branch="video", placeholder_id=placeholder_id,
                                   seed=seed, dropout=dropout)
         self._step = jit_train_step(step_fn, state_sh, jax.tree.map(lambda _: rep, self.frozen), self.mesh)
+        self.placeholder_id = placeholder_id
         self.history: list[dict[str, float]] = []
 
     def run(self, batches: Iterable[Mapping[str, np.ndarray]], log: Any = None, log_every: int = 0) -> list[dict]:
         """One optimizer step per batch (arrays of the ``FEATURES`` layout); returns per-step metrics."""
         for batch in batches:
+            prefix = batch.get("prompt_prefix")
+            if prefix is not None and np.any(np.asarray(prefix) == self.placeholder_id):
+                # the prefix is embedded as plain tokens, once for all rows: media placed there would be lost
+                raise ValueError("prompt_prefix holds media placeholders; a shared prefix must end before the "
+                                 "first media block (each row's media differ)")
             arrays = FEATURES.arrays(batch)
             t = time.perf_counter()
             self.state, m = self._step(self.state, self.frozen, arrays, FEATURES.kind)
