@@ -233,6 +233,41 @@ def test_feature_path_is_the_chat_encoders(tiny_model):
     assert jax.tree.leaves(rows)[0].shape[1] == na + video.shape[1]
 
 
+def test_calibrated_towers_give_standardised_frame_outputs_and_centred_audio(tiny_model):
+    """``calibrate_towers`` changes only the two frozen LayerNorms; on its sample, the image Q-Former outputs then
+    have zero mean and unit variance per channel, the audio head's outputs zero mean, and every other parameter and
+    every other input's output relation is kept (an affine map of the old outputs)."""
+    from vllama_jax.demo.run import calibrate_towers
+    from vllama_jax.models import build_model
+    from vllama_jax.models.video_llama import VideoLLaMA
+    from vllama_jax.tree import flatten_params
+
+    config, params = tiny_model
+    model = build_model(config)
+    rng = np.random.default_rng(0)
+    size = config.vit.image_size
+    frames = rng.standard_normal((5, 2, size, size, 3)).astype(np.float32)
+    clips = rng.standard_normal((5, 2, 1, 128, 204)).astype(np.float32)
+    new = calibrate_towers(model, params, frames, clips)
+    before, after = flatten_params(params), flatten_params(new)
+    changed = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    last = f"qformer/layer_{config.qformer.num_layers - 1}/output_query_layernorm/"
+    assert changed == {last + "scale", last + "bias", "audio_encoder/audio/head_norm/bias"}
+    out = np.asarray(model.apply({"params": new}, frames, method=VideoLLaMA.encode_frames))
+    out = out.reshape(-1, out.shape[-1])
+    np.testing.assert_allclose(out.mean(0), 0, atol=1e-4)
+    np.testing.assert_allclose(out.std(0), 1, atol=1e-3)
+    feature, _ = model.apply({"params": new}, clips, method=VideoLLaMA.audio_segments)
+    np.testing.assert_allclose(np.asarray(feature).mean(axis=(0, 1)), 0, atol=1e-4)
+    # another input: the calibrated output is the old one standardised with the sample's statistics
+    other = rng.standard_normal((1, 2, size, size, 3)).astype(np.float32)
+    old = np.asarray(model.apply({"params": params}, frames, method=VideoLLaMA.encode_frames)).reshape(out.shape)
+    mean, std = old.mean(0), old.std(0)
+    y_old = np.asarray(model.apply({"params": params}, other, method=VideoLLaMA.encode_frames))
+    y_new = np.asarray(model.apply({"params": new}, other, method=VideoLLaMA.encode_frames))
+    np.testing.assert_allclose(y_new, (y_old - mean) / std, atol=1e-3)
+
+
 def test_training_sample_first_turn_is_the_chat_context(smollm2_path):
     """A demo training conversation starts token for token with what the chat feeds the LLM for that question
     (the media rows at the placeholders), its replies tokenized as the multiple-choice options are; only the

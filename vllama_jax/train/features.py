@@ -37,13 +37,15 @@ def frozen_features(model: VideoLLaMA, params: Mapping[str, Any], frames: np.nda
     towers = {k: v for k, v in params.items() if k != LLM_GROUP}
     video = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VideoLLaMA.encode_frames))
     audio = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VideoLLaMA.audio_segments)[1])
-    out = {"frame_queries": _batched(video, towers, frames, batch_size)}
+    out = {"frame_queries": batched_map(video, towers, frames, batch_size)}
     if clips is not None:
-        out["audio_embeddings"] = _batched(audio, towers, clips, batch_size)
+        out["audio_embeddings"] = batched_map(audio, towers, clips, batch_size)
     return out
 
 
-def _batched(fn: Any, params: Any, xs: np.ndarray, batch_size: int) -> np.ndarray:
+def batched_map(fn: Any, params: Any, xs: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """``fn(params, x)`` over ``xs`` in batches of ``batch_size`` rows (one compiled shape: the last batch is
+    padded), as one host array."""
     n = len(xs)
     b = min(batch_size, n)
     outs = []
@@ -116,4 +118,4 @@ class FeatureTrainer:
         return jax.tree.map(np.asarray, jax.device_get(self.state["params"]))
 
 
-__all__ = ["FeatureTrainer", "frozen_features"]
+__all__ = ["FeatureTrainer", "batched_map", "frozen_features"]
