@@ -216,10 +216,7 @@ def test_feature_path_is_the_chat_encoders(tiny_model):
 
     config, params = tiny_model
     model = build_model(config)
-    rng = np.random.default_rng(0)
-    size = config.vit.image_size
-    frames = rng.standard_normal((3, 2, size, size, 3)).astype(np.float32)
-    clips = rng.standard_normal((3, 2, 1, 128, 204)).astype(np.float32)
+    frames, clips = random_media(config, 3)
     feats = frozen_features(model, params, frames, clips, batch_size=2)  # 3 clips in padded batches of 2
     video = model.apply({"params": params}, frames, method=VideoLLaMA.encode_video)
     audio = model.apply({"params": params}, clips, method=VideoLLaMA.encode_audio)
@@ -244,10 +241,7 @@ def test_calibrated_towers_give_standardised_frame_outputs_and_centred_audio(tin
 
     config, params = tiny_model
     model = build_model(config)
-    rng = np.random.default_rng(0)
-    size = config.vit.image_size
-    frames = rng.standard_normal((5, 2, size, size, 3)).astype(np.float32)
-    clips = rng.standard_normal((5, 2, 1, 128, 204)).astype(np.float32)
+    frames, clips = random_media(config, 5)
     new = calibrate_towers(model, params, frames, clips)
     before, after = flatten_params(params), flatten_params(new)
     changed = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
@@ -260,7 +254,7 @@ def test_calibrated_towers_give_standardised_frame_outputs_and_centred_audio(tin
     feature, _ = model.apply({"params": new}, clips, method=VideoLLaMA.audio_segments)
     np.testing.assert_allclose(np.asarray(feature).mean(axis=(0, 1)), 0, atol=1e-4)
     # another input: the calibrated output is the old one standardised with the sample's statistics
-    other = rng.standard_normal((1, 2, size, size, 3)).astype(np.float32)
+    other, _ = random_media(config, 1, seed=1)
     old = np.asarray(model.apply({"params": params}, frames, method=VideoLLaMA.encode_frames)).reshape(out.shape)
     mean, std = old.mean(0), old.std(0)
     y_old = np.asarray(model.apply({"params": params}, other, method=VideoLLaMA.encode_frames))
@@ -430,6 +424,14 @@ def test_label_position_loss_equals_the_full_causal_loss(tiny_model):
     gr = jax.grad(lambda p: full({**params, "video_qformer": p})["loss"])(params["video_qformer"])
     for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gr)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-7)
+
+
+def random_media(config, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` random clips for a model: frames (n, 2, H, W, 3) and fbank clips (n, 2, 1, 128, 204)."""
+    rng = np.random.default_rng(seed)
+    size = config.vit.image_size
+    frames = rng.standard_normal((n, 2, size, size, 3)).astype(np.float32)
+    return frames, rng.standard_normal((n, 2, 1, 128, 204)).astype(np.float32)
 
 
 def nn_apply(model, fn, params):
