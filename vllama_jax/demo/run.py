@@ -3,11 +3,11 @@
 1. **clips**: generate short videos with sound (:mod:`vllama_jax.demo.clips`): colour, shape, direction of motion
    and sound drawn independently; the last clips are held out (never trained on).
 2. **model**: the embedded CPU model (``vllama_jax.defaults``: frozen SmolLM2-135M-Instruct + small random frozen
-   towers), sized for the demo (``DEMO_MODEL_OVERRIDES``); the frozen towers' output LayerNorms are calibrated on
-   training clips (``calibrate_towers``: what a pretrained tower's varied outputs give the real model), and the
-   towers are written as a model directory.
+   towers), sized for the demo (``DEMO_MODEL_OVERRIDES``).
 3. **features**: each training clip is read by the chat's own ``prepare_video`` (frames and audio fbank, as for any
-   user's video), and the frozen towers' outputs are computed once per clip (``train.features.frozen_features``:
+   user's video); the frozen towers' output LayerNorms are calibrated on the first of them (``calibrate_towers``:
+   what a pretrained tower's varied outputs give the real model) and the towers are written as a model directory;
+   then the frozen towers' outputs are computed once per clip (``train.features.frozen_features``:
    batched jitted passes through the model's own ``encode_frames`` / ``audio_segments``).
 4. **train**: both branches at once (the video Q-Former with its query tokens and frame positions, the audio
    Q-Former with its query tokens, positions and projection; upstream's freeze flags ``frozen_video_qformer`` /
@@ -345,23 +345,24 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
     kw = dict(num_frames=s.num_frames, generation_config=gen, compilation_cache=False, log=lambda m: None)
     base_chat = VideoLLaMAChat.from_loaded(_loaded(config, params, tokenizer, base_dir, "demo (untrained)"), **kw)
     model = build_model(config)
-    sample = [base_chat.prepare_video(data.clip_path(c), with_audio=True) for c in data.train[:CALIBRATION_CLIPS]]
+    media_rows = {"video": config.video_qformer.num_query_tokens, "audio": config.audio_qformer.num_query_tokens}
+    say(f"      LLM {param_count(params['llama']) / 1e6:.0f}M params, towers "
+        f"{param_count({g: v for g, v in params.items() if g != LLM_GROUP}) / 1e6:.1f}M (random, signal-preserving "
+        f"scale); {config.vit.image_size}px frames x {s.num_frames}, {media_rows['video']} video + "
+        f"{media_rows['audio']} audio query tokens")
+
+    # 3. features --------------------------------------------------------------------------------------------
+    nar.step("features", f"Reading the {s.train_clips} training clips like the chat does (frames + audio fbank) "
+                         "and running the frozen towers once per clip ...")
+    train_uploads = [base_chat.prepare_video(data.clip_path(c), with_audio=True) for c in data.train]
+    sample = train_uploads[:CALIBRATION_CLIPS]
     params = calibrate_towers(model, params, np.stack([u.frames for u in sample]), np.stack([u.clips for u in sample]))
     towers = {g: v for g, v in params.items() if g != LLM_GROUP}
     base_chat.swap_media_params(towers)
     save_model_dir(base_dir, config, towers, tokenizer, force=True,
                    manifest_extra={"demo": "towers of the demo model; the LLM is the SmolLM2 GGUF",
                                    "llm_source": str(gguf)})
-    media_rows = {"video": config.video_qformer.num_query_tokens, "audio": config.audio_qformer.num_query_tokens}
-    say(f"      LLM {param_count(params['llama']) / 1e6:.0f}M params, towers {param_count(towers) / 1e6:.1f}M "
-        f"(random, signal-preserving scale, calibrated on {len(sample)} training clips); {config.vit.image_size}px "
-        f"frames x {s.num_frames}, {media_rows['video']} video + {media_rows['audio']} audio query tokens; towers in "
-        f"{_rel(base_dir)}")
-
-    # 3. features --------------------------------------------------------------------------------------------
-    nar.step("features", f"Reading the {s.train_clips} training clips like the chat does (frames + audio fbank) "
-                         "and running the frozen towers once per clip ...")
-    train_uploads = [base_chat.prepare_video(data.clip_path(c), with_audio=True) for c in data.train]
+    say(f"      towers calibrated on {len(sample)} training clips (calibrate_towers), written to {_rel(base_dir)}")
     features = frozen_features(model, params, np.stack([u.frames for u in train_uploads]),
                                np.stack([u.clips for u in train_uploads]))
     video_only = base_chat.prepare_video(data.clip_path(data.train[0]), with_audio=False)
