@@ -50,12 +50,11 @@ from ..inference.generate import GenerationConfig
 from ..inference.uploads import Upload
 from ..models import build_model, param_count
 from ..models.groups import LLM_GROUP, trained_groups
-from ..models.video_llama import VideoLLaMA
 from ..runtime import enable_compilation_cache
 from ..text import load_tokenizer
 from ..text.instruct import IGNORE_INDEX, collate_instruction
 from ..train.config import OptimConfig
-from ..train.features import FeatureTrainer, batched_map, frozen_features
+from ..train.features import FeatureTrainer, frozen_features
 from ..tree import flatten_params, unflatten_params
 from ..weights.model_dir import LoadedModel, save_model_dir
 from .clips import ATTRIBUTES, BLOCK, VISUAL, ClipSpec, answer_text, make_dataset
@@ -193,13 +192,10 @@ def calibrate_towers(model: Any, params: dict[str, Any], frames: np.ndarray, cli
     wording and nothing about the clips (held-out colour 31% after 150 steps of 8, video rows differing by 1.3%
     between clips). Calibrated, the variation is the feature, as with a real tower (colour 77% after 80 steps).
     Only the LayerNorm parameters of frozen towers change; the trained branches start as upstream's."""
-    towers = {k: v for k, v in params.items() if k != LLM_GROUP}
-    video = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VideoLLaMA.encode_frames))
-    audio = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VideoLLaMA.audio_segments)[0])
-    frame_out = batched_map(video, towers, frames)
-    frame_out = frame_out.reshape(-1, frame_out.shape[-1]).astype(np.float64)
+    out = frozen_features(model, params, frames, clips, audio_output="feature")
+    frame_out = out["frame_queries"].reshape(-1, out["frame_queries"].shape[-1]).astype(np.float64)
     mean, std = frame_out.mean(0), frame_out.std(0) + 1e-6
-    audio_mean = batched_map(audio, towers, clips).mean(axis=(0, 1))
+    audio_mean = out["audio_embeddings"].mean(axis=(0, 1))
     flat = flatten_params(params)
     last = f"qformer/layer_{model.config.qformer.num_layers - 1}/output_query_layernorm/"
     updates = {last + "scale": lambda v: v / std, last + "bias": lambda v: (v - mean) / std,

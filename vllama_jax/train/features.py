@@ -30,20 +30,22 @@ from .step import jit_train_step, make_train_step
 
 
 def frozen_features(model: VideoLLaMA, params: Mapping[str, Any], frames: np.ndarray, clips: np.ndarray | None,
-                    batch_size: int = 16) -> dict[str, np.ndarray]:
+                    batch_size: int = 16, audio_output: str = "embedding") -> dict[str, np.ndarray]:
     """The frozen towers' outputs for N clips: ``frame_queries`` (N, T, Q, hidden) from frames (N, T, H, W, 3) and,
-    with ``clips`` (N, S, 1, mel, time), ``audio_embeddings`` (N, S, out_dim). One compiled shape: the last batch
-    is padded. ``params`` needs only the frozen towers (and the top-level query tokens flax creates eagerly)."""
+    with ``clips`` (N, S, 1, mel, time), ``audio_embeddings`` (N, S, out_dim) (``audio_output="feature"``: the
+    audio head's LayerNorm output (N, S, width) instead, under that name). One compiled shape: the last batch is
+    padded. ``params`` needs only the frozen towers (and the top-level query tokens flax creates eagerly)."""
+    index = {"feature": 0, "embedding": 1}[audio_output]
     towers = {k: v for k, v in params.items() if k != LLM_GROUP}
     video = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VideoLLaMA.encode_frames))
-    audio = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VideoLLaMA.audio_segments)[1])
-    out = {"frame_queries": batched_map(video, towers, frames, batch_size)}
+    audio = jax.jit(lambda p, x: model.apply({"params": p}, x, method=VideoLLaMA.audio_segments)[index])
+    out = {"frame_queries": _batched(video, towers, frames, batch_size)}
     if clips is not None:
-        out["audio_embeddings"] = batched_map(audio, towers, clips, batch_size)
+        out["audio_embeddings"] = _batched(audio, towers, clips, batch_size)
     return out
 
 
-def batched_map(fn: Any, params: Any, xs: np.ndarray, batch_size: int = 16) -> np.ndarray:
+def _batched(fn: Any, params: Any, xs: np.ndarray, batch_size: int) -> np.ndarray:
     """``fn(params, x)`` over ``xs`` in batches of ``batch_size`` rows (one compiled shape: the last batch is
     padded), as one host array."""
     n = len(xs)
@@ -118,4 +120,4 @@ class FeatureTrainer:
         return jax.tree.map(np.asarray, jax.device_get(self.state["params"]))
 
 
-__all__ = ["FeatureTrainer", "batched_map", "frozen_features"]
+__all__ = ["FeatureTrainer", "frozen_features"]
