@@ -3,6 +3,7 @@ GPT judge against a real local HTTP server, and the runner's batching, error row
 model. The real model runs in tests/test_eval_cli.py."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -16,6 +17,7 @@ from tests.eval_fixtures import WRITERS
 from vllama_jax.eval import AnnotationError, Judge, JudgeError, evaluate, load_questions, markdown_table
 from vllama_jax.eval.judge import parse_verdict
 from vllama_jax.eval.metrics import contains_answer, exact_match, normalize_answer, parse_letter, summarize
+from vllama_jax.eval.runner import shuffled_frames
 from vllama_jax.eval.subtitles import SubtitleError, lines_at, read_srt, with_subtitles
 from vllama_jax.eval.tasks import MVBENCH_TASKS, TASKS
 from vllama_jax.inference.uploads import video_upload
@@ -275,6 +277,49 @@ def test_resume_after_an_interrupt_asks_only_the_rest(tmp_path):
     rows = _rows(out / "predictions.jsonl")
     assert [r["id"] for r in rows] == [q.id for q in qs]
     assert res.summary["n"] == 3 and res.summary["errors"] == 1
+
+
+class RecordingStub(StubChat):
+    """A StubChat whose videos have 4 distinct frames, and which keeps the uploads it was asked about."""
+
+    def __init__(self):
+        super().__init__()
+        self.uploads = []
+
+    def prepare_video(self, path, with_audio=True, window=None):
+        up = super().prepare_video(path, with_audio, window)
+        return dataclasses.replace(up, frames=np.arange(4, dtype=np.float32)[:, None, None, None]
+                                   * np.ones((4, 4, 4, 3), np.float32))
+
+    def score_answers(self, questions, uploads, options, pad_to=None):
+        self.uploads += list(uploads)
+        return super().score_answers(questions, uploads, options, pad_to)
+
+
+def test_loglik_protocol_alone_and_the_shuffled_frames_ablation(tmp_path):
+    ann, media, _ = WRITERS["mvbench"](tmp_path)
+    qs = [q for q in load_questions("mvbench", ann, media) if q.video.is_file()]
+    stub = RecordingStub()
+    res = evaluate(stub, "mvbench", "mc", qs, tmp_path / "out", batch_size=3, progress=False,
+                   protocols=("loglik",), ablation="shuffled_frames")
+    assert [c[0] for c in stub.calls] == ["score"]  # no letter generated
+    rows = _rows(tmp_path / "out" / "predictions.jsonl")
+    assert all(r["protocols"] == ["loglik"] and "correct_letter" not in r and r["ablation"] == "shuffled_frames"
+               for r in rows)
+    assert [r["correct"] for r in rows] == [r["correct_loglik"] for r in rows]
+    assert rows[0]["prediction"] == rows[0]["options"][0]  # the option it picked
+    assert res.summary["accuracy_of"] == "correct_loglik"
+    assert res.summary["metrics"]["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / len(rows))
+    # every upload's frames are a permutation other than the true order, the same one for the same video
+    for up in stub.uploads:
+        order = up.frames[:, 0, 0, 0].astype(int)
+        assert sorted(order) == [0, 1, 2, 3] and list(order) != [0, 1, 2, 3]
+        again = shuffled_frames(RecordingStub().prepare_video(up.path))
+        assert np.array_equal(again.frames, up.frames)
+    with pytest.raises(ValueError, match="protocols"):
+        evaluate(stub, "mvbench", "mc", qs, tmp_path / "o2", protocols=("guess",), progress=False)
+    with pytest.raises(ValueError, match="unknown ablation"):
+        evaluate(stub, "mvbench", "mc", qs, tmp_path / "o3", ablation="mirror", progress=False)
 
 
 def test_open_ended_with_judge(tmp_path, judge_server):

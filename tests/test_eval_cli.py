@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.eval_fixtures import WRITERS
@@ -119,6 +120,8 @@ def test_eval_errors_are_one_line(model_dir, tmp_path, capsys, monkeypatch):
           "--out", str(tmp_path / "afile")], 2, "is a file"),
         (["eval", "--task", "msvd_qa", "--annotations", str(ann), "--media-dir", str(media),
           "--out", str(tmp_path / "o")], 1, "test_q.json"),
+        (["eval", "--task", "msvd_qa", "--annotations", str(ann), "--media-dir", str(media), "--protocol",
+          "loglik", "--out", str(tmp_path / "o")], 2, "open-ended"),
     ]
     for argv, status, needle in cases:
         assert main(argv) == status, argv
@@ -195,6 +198,21 @@ def test_mvbench_windows_pick_the_frames_and_bad_ones_are_error_rows(recorder, m
     assert rows["action_sequence/2"]["error"] == "TimeWindowError: time window [1, 0.5] s is empty (end <= start)"
     assert rows["action_sequence/1"]["video"].endswith("C2.mp4") and "prediction" not in rows["action_sequence/1"]
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["errors"] == 3  # + the missing video
+
+
+def test_loglik_protocol_and_shuffled_frames_ablation_from_the_command(recorder, model_dir, tmp_path):
+    ann, media, _ = WRITERS["mvbench"](tmp_path / "data")
+    make_video(media / "star" / "Charades_v1_480" / "C1.mp4", n_frames=20, width=48, height=32)
+    rows = _run_eval("mvbench", ann / "action_sequence.json", media, tmp_path / "out", model_dir, "--protocol",
+                     "loglik", "--ablation", "shuffled_frames")
+    assert all(r["protocols"] == ["loglik"] and r["ablation"] == "shuffled_frames" for r in rows)
+    assert all(r["correct"] == r["correct_loglik"] and "choice_letter" not in r for r in rows)
+    assert len(recorder.asked) == len(rows)  # scored only: no letter generated
+    windows = {r["question"]: tuple(r["window"]) for r in rows}
+    for question, up in recorder.asked:
+        true = recorder.chat.prepare_video(up.path, window=windows[question])
+        perm = [int(np.argmin(np.abs(true.frames - f).sum(axis=(1, 2, 3)))) for f in up.frames]
+        assert sorted(perm) == list(range(len(perm))) and perm != sorted(perm)
 
 
 def test_videomme_subtitles_at_the_sampled_frames_go_before_the_question(recorder, model_dir, tmp_path):

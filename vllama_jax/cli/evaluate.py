@@ -11,7 +11,7 @@ from typing import Any
 
 from ..eval.judge import Judge
 from ..eval.metrics import markdown_table
-from ..eval.runner import PREDICTIONS, SUMMARY, evaluate, read_rows, write_summary
+from ..eval.runner import ABLATIONS, MC_PROTOCOLS, PREDICTIONS, SUMMARY, evaluate, read_rows, write_summary
 from ..eval.tasks import TASKS, get_task, load_questions
 from .chat import add_model_args, load_chat
 from .common import UsageError, add_common_args, info, run_command
@@ -36,6 +36,12 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                    help="length limit of open-ended answers (default 64; greedy decoding)")
+    p.add_argument("--protocol", choices=("both",) + MC_PROTOCOLS, default="both",
+                   help="multiple-choice tasks: the generated option letter (lmms-eval's), the options' "
+                        "log-likelihood, or both (default; the accuracy is the letter's)")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS),
+                   help="ask about altered videos: shuffled_frames puts the sampled frames in a random order "
+                        "(fixed per video); use a separate --out (with --no-audio: the audio removed)")
     j = p.add_argument_group("GPT judge (open-ended tasks; off unless --judge-url is given)")
     j.add_argument("--judge-url", metavar="URL",
                    help="an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (Video-ChatGPT's protocol)")
@@ -66,6 +72,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.is_file():
         raise UsageError(f"--out {out}: is a file (give a folder)")
+    if args.protocol != "both" and task.kind != "mc":
+        raise UsageError(f"--protocol: {task.name} is open-ended; protocols are for multiple-choice tasks")
     judge = None
     if args.judge_url:
         if task.kind != "open":
@@ -85,8 +93,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
              f"to ask), batch {args.batch_size}")
         summary = evaluate(chat, task.name, task.kind, questions, out, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, judge=judge, with_audio=not args.no_audio,
-                           workers=args.workers, progress=not args.quiet,
-                           annotations=str(args.annotations)).summary
+                           workers=args.workers, progress=not args.quiet, annotations=str(args.annotations),
+                           protocols=MC_PROTOCOLS if args.protocol == "both" else (args.protocol,),
+                           ablation=args.ablation).summary
     print(markdown_table(summary))
     info(f"{summary['n']} questions, {summary['errors']} error rows; accuracy ({summary['accuracy_of']}) "
          f"{100 * summary['metrics']['accuracy']:.1f}%; {out / SUMMARY}")

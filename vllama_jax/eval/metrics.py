@@ -70,8 +70,9 @@ ROW_METRICS = {"open": ("exact_match", "contains", "judge_correct", "judge_score
 def primary_metric(kind: str, rows: Iterable[Mapping[str, Any]]) -> str:
     """The metric reported as "accuracy": the generated letter for a multiple choice (lmms-eval's protocol), the
     judge's verdict for open-ended answers when a judge ran, else containment."""
-    if kind == "mc":
-        return "correct_letter"
+    if kind == "mc":  # the loglik when the letter protocol was not run (``evaluate(protocols=("loglik",))``)
+        rows = list(rows)
+        return "correct_letter" if not rows or any("correct_letter" in r for r in rows) else "correct_loglik"
     return "judge_correct" if any("judge_correct" in r for r in rows) else "contains"
 
 

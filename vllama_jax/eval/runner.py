@@ -11,11 +11,16 @@ an interrupt is dropped at the next start, and questions that already have a row
                       "correct_loglik",
      "window"? (MVBench's [start, end] seconds the frames were sampled in), "subtitles"? (the subtitle lines
      put before the question: --subtitles),
+     "protocols" (multiple choice: those run), "ablation"? (``ABLATIONS``),
      "correct" (the task's accuracy metric for this row), "error"? (unreadable or missing video, a time window
      outside it, a malformed subtitle file: no prediction)}
 
 OUT/summary.json: ``{"task", "n", "errors", "metrics": {"accuracy", ...}, "accuracy_of", "per_category",
 "model", "seconds", "annotations"}`` over every question of this run (resumed rows included).
+
+Ablations (``ABLATIONS``, ``--ablation``) ask the same questions of altered uploads, to show where answers come
+from: ``shuffled_frames`` (the sampled frames in a random order other than the true one, fixed by the video's path,
+so a resumed run shuffles as the first did); removing the audio is ``with_audio=False`` (``--no-audio``).
 
 Batches reuse the pieces ``describe`` runs on (``prefetch_uploads``: decoding one batch ahead in threads, a video
 asked about several times decoded and encoded once; ``answer_uploads`` / ``score_answers`` padded to one batch
@@ -23,12 +28,13 @@ shape so every batch reuses the compiled programs).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -45,6 +51,28 @@ from .tasks import Kind, Question
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
+#: the multiple-choice protocols: the option letter the model generates (lmms-eval's), the option with the highest
+#: log-likelihood as the answer to the plain question
+MC_PROTOCOLS = ("letter", "loglik")
+
+
+def shuffled_frames(upload: Upload) -> Upload:
+    """``upload`` with its frames in a random order other than the true one (the temporal order destroyed; the
+    frames' times stay, so the model is told the true times of the wrong frames). The order is fixed by the
+    video's path."""
+    t = len(upload.frames)
+    if t < 2:
+        return upload
+    seed = int.from_bytes(hashlib.sha256(str(upload.path).encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    perm = np.arange(t)
+    while np.array_equal(perm, np.arange(t)):
+        perm = rng.permutation(t)
+    return replace(upload, frames=upload.frames[perm])
+
+
+#: name -> what it does to every prepared upload
+ABLATIONS: dict[str, Callable[[Upload], Upload]] = {"shuffled_frames": shuffled_frames}
 
 
 @dataclass
@@ -90,16 +118,24 @@ def _batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
 def evaluate(model: Any, task: str, kind: Kind, questions: Sequence[Question], out: str | os.PathLike, *,
              batch_size: int = 4, max_new_tokens: int = 64, letter_tokens: int = 8, judge: Judge | None = None,
              with_audio: bool = True, workers: int = 2, progress: bool = True, annotations: str = "",
-             on_batch: Callable[[int, int], None] | None = None) -> EvalResult:
+             on_batch: Callable[[int, int], None] | None = None, protocols: Sequence[str] = MC_PROTOCOLS,
+             ablation: str | None = None) -> EvalResult:
     """Ask every question (greedy decoding) and write OUT/predictions.jsonl and OUT/summary.json.
 
     model: a ``VideoLLaMAChat`` (or anything with its ``prepare_video`` / ``answer_uploads`` / ``score_answers``);
     kind: "open" (generated answers, scored by exact match, containment and the optional ``judge``) or "mc"
     (the generated option letter, and the log-likelihood of each option); max_new_tokens: length of open-ended
-    answers; letter_tokens: of the generated letter; on_batch(done, total): called after each batch.
+    answers; letter_tokens: of the generated letter; on_batch(done, total): called after each batch; protocols:
+    the multiple-choice protocols run (``MC_PROTOCOLS``; the summary's accuracy is the letter's when it ran);
+    ablation: one of ``ABLATIONS``, applied to every upload.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not protocols or any(p not in MC_PROTOCOLS for p in protocols):
+        raise ValueError(f"protocols must be a non-empty subset of {MC_PROTOCOLS}, got {tuple(protocols)}")
+    if ablation is not None and ablation not in ABLATIONS:
+        raise ValueError(f"unknown ablation {ablation!r} (one of {', '.join(ABLATIONS)})")
+    transform = ABLATIONS[ablation] if ablation else None
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,16 +156,19 @@ def evaluate(model: Any, task: str, kind: Kind, questions: Sequence[Question], o
                                          workers=workers, windows=[[q.window for q in b] for b in batches])
                         ) as prepared:
             for batch, uploads in zip(batches, prepared):
-                rows = {q.id: _base_row(q) for q in batch}
+                rows = {q.id: _base_row(q) | ({"ablation": ablation} if ablation else {}) for q in batch}
                 for q, u in zip(batch, uploads):
                     if not isinstance(u, Upload):
                         rows[q.id]["error"] = error_text(u)
+                if transform is not None:  # one object per distinct upload stays one (encoded once)
+                    altered = {id(u): transform(u) for u in uploads if isinstance(u, Upload)}
+                    uploads = [altered.get(id(u), u) for u in uploads]
                 good = _add_subtitles([(q, u) for q, u in zip(batch, uploads) if isinstance(u, Upload)], rows,
                                       subtitle_cache)
                 if good:
                     qs, ups = [q for q, _ in good], [u for _, u in good]
                     if kind == "mc":
-                        _multiple_choice(model, qs, ups, greedy, batch_size, rows)
+                        _multiple_choice(model, qs, ups, greedy, batch_size, rows, protocols)
                     else:
                         _open_ended(model, qs, ups, greedy, batch_size, judge, rows)
                 for q in batch:
@@ -175,21 +214,29 @@ def _prompt(text: str, row: dict[str, Any]) -> str:
 
 
 def _multiple_choice(model: Any, qs: list[Question], ups: list[Upload], greedy: GenerationConfig, pad: int,
-                     rows: dict[str, dict[str, Any]]) -> None:
-    """Both protocols on one batch: the generated letter (prompt with the lettered options) and the
+                     rows: dict[str, dict[str, Any]], protocols: Sequence[str]) -> None:
+    """The chosen protocols on one batch: the generated letter (prompt with the lettered options) and the
     log-likelihood of each option's text as the answer to the plain question."""
-    texts = model.answer_uploads([_prompt(multiple_choice_prompt(q.question, q.options), rows[q.id]) for q in qs],
-                                 ups, greedy, pad_to=pad)
-    scores = model.score_answers([_prompt(q.question, rows[q.id]) for q in qs], ups, [list(q.options) for q in qs],
-                                 pad_to=pad)
-    for q, text, sc in zip(qs, texts, scores):
-        sc = np.asarray(sc, np.float64)
-        letter = parse_letter(text, len(q.options))
-        loglik = int(np.argmax(sc))
-        rows[q.id].update(prediction=text, scores=[round(float(x), 6) for x in sc], choice_loglik=loglik,
-                          choice_letter=letter, correct_letter=letter == q.answer_index,
-                          correct_loglik=loglik == q.answer_index)
-        rows[q.id]["correct"] = rows[q.id]["correct_letter"]
+    for q in qs:
+        rows[q.id]["protocols"] = list(protocols)
+    if "letter" in protocols:
+        texts = model.answer_uploads([_prompt(multiple_choice_prompt(q.question, q.options), rows[q.id])
+                                      for q in qs], ups, greedy, pad_to=pad)
+        for q, text in zip(qs, texts):
+            letter = parse_letter(text, len(q.options))
+            rows[q.id].update(prediction=text, choice_letter=letter, correct_letter=letter == q.answer_index)
+    if "loglik" in protocols:
+        scores = model.score_answers([_prompt(q.question, rows[q.id]) for q in qs], ups,
+                                     [list(q.options) for q in qs], pad_to=pad)
+        for q, sc in zip(qs, scores):
+            sc = np.asarray(sc, np.float64)
+            loglik = int(np.argmax(sc))
+            rows[q.id].update(scores=[round(float(x), 6) for x in sc], choice_loglik=loglik,
+                              correct_loglik=loglik == q.answer_index)
+            rows[q.id].setdefault("prediction", q.options[loglik])
+    for q in qs:
+        row = rows[q.id]
+        row["correct"] = row["correct_letter"] if "letter" in protocols else row["correct_loglik"]
 
 
 def _open_ended(model: Any, qs: list[Question], ups: list[Upload], greedy: GenerationConfig, pad: int,
@@ -220,4 +267,5 @@ def write_summary(out: Path, task: str, kind: Kind, rows: list[Mapping[str, Any]
     return summary
 
 
-__all__ = ["EvalResult", "PREDICTIONS", "SUMMARY", "evaluate", "read_rows", "write_summary"]
+__all__ = ["ABLATIONS", "EvalResult", "MC_PROTOCOLS", "PREDICTIONS", "SUMMARY", "evaluate", "read_rows",
+           "shuffled_frames", "write_summary"]
