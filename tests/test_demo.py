@@ -162,10 +162,11 @@ def test_answer_text_is_what_the_scorer_accepts():
 @pytest.mark.slow
 def test_fast_demo_end_to_end(tmp_path, capsys, smollm2_path):
     """The whole demo at toy size: clips -> frozen features -> both branches trained with the project's step -> chat
-    API (trained, untrained, frames shuffled, audio removed) -> table, report.json, picture. No accuracy claim at
-    this size; what is pinned: every stage ran, both branches' groups moved and nothing else did, every question
-    about every held-out clip was scored against that clip's truth under every column, the report's numbers are
-    exactly those scores, the exported model directory holds the trained values."""
+    API through the benchmark harness (trained, untrained, frames shuffled, audio removed) -> table, report.json,
+    picture. No accuracy claim at this size; what is pinned: every stage ran, both branches' groups moved and
+    nothing else did, every question about every held-out clip was scored against that clip's truth under every
+    column, the report's numbers are exactly those scores and the harness's summaries, the exported model directory
+    holds the trained values."""
     from vllama_jax.demo.run import COLUMNS, FAST, FREEZE_FLAGS, Settings, run
     from vllama_jax.models.groups import trained_groups
     from vllama_jax.tree import flatten_params
@@ -191,6 +192,14 @@ def test_fast_demo_end_to_end(tmp_path, capsys, smollm2_path):
         answers = report["answers"][attr]
         assert [t for _, t in answers] == truths
         assert row["trained_answers"] == sum(E.is_correct(attr, a, t) for a, t in answers) / n
+    # the figures are the benchmark harness's: its summaries per column (per category = attribute) say the same
+    for col in COLUMNS:
+        summary = json.loads((tmp_path / "demo" / "eval" / col / "summary.json").read_text())
+        assert summary["n"] == 4 * n and summary["errors"] == 0 and summary["accuracy_of"] == "correct_loglik"
+        for attr in C.ATTRIBUTES:
+            assert summary["per_category"][attr]["correct_loglik"] == pytest.approx(report["attributes"][attr][col])
+    answers_rows = (tmp_path / "demo" / "eval" / "trained_answers" / "predictions.jsonl").read_text().splitlines()
+    assert len(answers_rows) == 4 * n
     assert report["steps"] == s.steps and all(np.isfinite(report["losses"]))
     assert report["seconds"] > 0
     assert json.loads((tmp_path / "demo" / "report.json").read_text())["attributes"] == report["attributes"]
@@ -228,6 +237,33 @@ def test_feature_path_is_the_chat_encoders(tiny_model):
     np.testing.assert_allclose(rows[0, na:], video[0], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(rows[1, :video.shape[1]], video[1], atol=1e-5, rtol=1e-5)  # video-only: video first
     assert jax.tree.leaves(rows)[0].shape[1] == na + video.shape[1]
+
+
+def test_signal_preserving_rescales_only_the_frozen_vision_towers(tiny_model):
+    """LeCun scale for every 2-D kernel of the ViT and image Q-Former, the image Q-Former's cross-attention output
+    kernels ``CROSS_ATTENTION_GAIN`` times more, the ViT position table to ``POS_EMBED_STD``; nothing else moves
+    (the trained branches keep upstream's start)."""
+    from vllama_jax.demo.run import CROSS_ATTENTION_GAIN, POS_EMBED_STD, signal_preserving
+    from vllama_jax.tree import flatten_params
+
+    _, params = tiny_model
+    before = flatten_params(params)
+    after = flatten_params(signal_preserving(params))
+    gains = {}
+    for k, v in before.items():
+        v, w = np.asarray(v), np.asarray(after[k])
+        if not np.array_equal(v, w):
+            gains[k] = float(np.sum(w * v) / np.sum(v * v))
+    assert {k.split("/")[0] for k in gains} == {"visual_encoder", "qformer"}
+    for k, g in gains.items():
+        if k == "visual_encoder/pos_embed":
+            assert g == pytest.approx(POS_EMBED_STD / 0.02, rel=1e-5)
+            continue
+        assert k.endswith("kernel") and np.asarray(before[k]).ndim == 2, k
+        lecun = 1 / np.sqrt(np.asarray(before[k]).shape[0]) / 0.02
+        extra = CROSS_ATTENTION_GAIN if k.startswith("qformer/") and "/crossattention/output/" in k else 1
+        assert g == pytest.approx(lecun * extra, rel=1e-5), k
+    assert any("/crossattention/output/" in k for k in gains)
 
 
 def test_calibrated_towers_give_standardised_frame_outputs_and_centred_audio(tiny_model):

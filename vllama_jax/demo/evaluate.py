@@ -1,5 +1,12 @@
 """Scoring the demo's answers against the generator's ground truth, and the final table.
 
+The held-out clips are asked about through the benchmark harness (``vllama_jax.eval.evaluate``, what
+``vllama-jax eval`` runs), as two tasks written in published formats by :func:`write_heldout_tasks`: a multiple
+choice in Perception Test's layout (``all_valid.json``; options: the attribute's possible answers, as trained) and
+the open-ended questions in Video-ChatGPT's (``test_q.json`` / ``test_a.json``; the reference answer: the value).
+So a user can ask any model the demo's questions with ``vllama-jax eval --task perceptiontest_mc`` /
+``--task msvd_qa``. :func:`scores_from_rows` reads the harness's predictions back into the demo's :class:`Scores`.
+
 An answer is read for the attribute's words only (``ATTRIBUTES`` in :mod:`vllama_jax.demo.clips`): it is correct
 when it names the true value and no other value of that attribute ("Red." and "The shape is red" are right for a
 red clip; "Red or blue" and "I cannot see a video" are wrong). Chance is one over the number of values.
@@ -12,10 +19,12 @@ likelihood, and its pick is right or wrong; a model that ignores the clip scores
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
-from typing import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
-from .clips import ATTRIBUTES
+from .clips import ATTRIBUTES, ClipSpec, answer_text
 
 # extra spellings accepted for a value (the model is never *taught* these; they only make the untrained model's
 # free-form answers count when they say the right thing)
@@ -115,3 +124,54 @@ def table(columns: Sequence[Scores], attributes: Sequence[str] = tuple(ATTRIBUTE
     for r in rows:
         out.append(line(r[: len(head)]) + ("  " + r[-1] if len(r) > len(head) else ""))
     return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------------- as benchmarks
+def question_id(spec: ClipSpec, attribute: str) -> str:
+    return f"{spec.index:05d}_{attribute}"
+
+
+def write_heldout_tasks(root: Path, specs: Sequence[ClipSpec]) -> dict[str, Path]:
+    """Every attribute question about every clip of ``specs`` (clip by clip, so that a batch holds all of a clip's
+    questions and the harness decodes, encodes and prefills its video once) as
+    ``root/perceptiontest_mc/all_valid.json`` (Perception Test's multiple-choice layout: ``{video_id:
+    {"mc_question": [{"id", "question", "options", "answer_id", "area"}]}}``, the area being the attribute) and
+    ``root/video_chatgpt/test_q.json`` + ``test_a.json`` (Video-ChatGPT's QA layout, ``type``: the attribute).
+    The videos are ``<index:05d>.mp4`` (``DemoData.clip_path``). Returns {"mc": folder, "open": folder}."""
+    mc: dict[str, Any] = {}
+    test_q, test_a = [], []
+    for spec in specs:
+        vid = f"{spec.index:05d}"
+        mc[vid] = {"mc_question": []}
+        for attr, (question, values) in ATTRIBUTES.items():
+            mc[vid]["mc_question"].append({"id": attr, "question": question,
+                                           "options": [answer_text(attr, v) for v in values],
+                                           "answer_id": values.index(spec.truth(attr)), "area": attr})
+            test_q.append({"video_name": vid, "question": question, "question_id": question_id(spec, attr)})
+            test_a.append({"answer": spec.truth(attr), "question_id": question_id(spec, attr), "type": attr})
+    dirs = {"mc": root / "perceptiontest_mc", "open": root / "video_chatgpt"}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    (dirs["mc"] / "all_valid.json").write_text(json.dumps(mc, indent=1))
+    (dirs["open"] / "test_q.json").write_text(json.dumps(test_q, indent=1))
+    (dirs["open"] / "test_a.json").write_text(json.dumps(test_a, indent=1))
+    return dirs
+
+
+def scores_from_rows(name: str, specs: Sequence[ClipSpec], rows: Mapping[str, Mapping[str, Any]],
+                     into: Scores | None = None) -> Scores:
+    """The harness's prediction rows (``eval.read_rows``) of the tasks ``write_heldout_tasks`` wrote, as the demo's
+    scores (added to ``into`` when given): a multiple-choice row gives the value of the option with the highest
+    log-likelihood, an open-ended row its greedy answer. Every question must have a row without an error."""
+    scores = into or Scores(name)
+    for attr, (_, values) in ATTRIBUTES.items():
+        for spec in specs:
+            key = question_id(spec, attr)  # both tasks' loaders give this id
+            row = rows.get(key)
+            if row is None or row.get("error"):
+                raise RuntimeError(f"question {key}: {row.get('error') if row else 'no prediction row'}")
+            if "choice_loglik" in row:
+                scores.add_choice(attr, values[int(row["choice_loglik"])], spec.truth(attr))
+            else:
+                scores.add(attr, str(row["prediction"]), spec.truth(attr))
+    return scores
