@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) bench/serve.py
 	$(PY) bench/train.py
 	$(PY) bench/eval.py
+	$(PY) bench/demo_probe.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

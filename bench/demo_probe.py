@@ -1,0 +1,159 @@
+"""What `make demo`'s frozen features carry, and how much of it the demo's training budget can teach.
+
+`make demo` trains the video branch on the frozen towers' outputs of its clips, through the frozen LLM, for 160
+steps of 4 rows (640 rows). Whether an attribute fails because the features lack it or because 640 rows are too few
+to learn it decides what to change next. This benchmark builds the demo's model and features exactly as the demo
+does (same clips, same towers, same calibration; ``--seed``) and reads colour, shape and direction from them on
+clips not trained on, three ways:
+
+* ``ridge``: a closed-form ridge-regression probe on the per-frame features averaged over the image Q-Former's
+  queries (frames concatenated in order): what a linear reader with the best fit can read;
+* ``linear_sgd``: the same linear reader trained with Adam on the demo's budget (``--steps`` x ``--batch-size``);
+* ``video_branch``: the demo's trained video branch (video Q-Former with its query tokens and frame positions, the
+  frozen projection into the LLM) plus a linear head per attribute, trained directly on the labels with AdamW at the
+  demo's learning rate and budget, without the LLM: an upper bound for what training through the LLM reaches.
+
+    python bench/demo_probe.py [--seed 0] [--clips 480] [--steps 160] [--batch-size 4] [--lr 2e-3] [--json PATH]
+
+The last 80 of the ``--clips`` clips are held out. Prints a table, and the load average before and after.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from vllama_jax.demo.clips import ATTRIBUTES, VISUAL, make_dataset  # noqa: E402
+from vllama_jax.demo.run import CALIBRATION_CLIPS, _loaded, calibrate_towers, demo_model  # noqa: E402
+from vllama_jax.inference.chat import VideoLLaMAChat  # noqa: E402
+from vllama_jax.models import build_model  # noqa: E402
+from vllama_jax.models.groups import trained_groups  # noqa: E402
+from vllama_jax.models.video_llama import VideoLLaMA  # noqa: E402
+from vllama_jax.train.features import frozen_features  # noqa: E402
+
+HELD_OUT = 80
+#: the video branch's groups (trained in the demo)
+VIDEO_GROUPS = tuple(g for g in trained_groups({"frozen_video_qformer": False}) if g.startswith("video"))
+
+
+def demo_features(seed: int, n: int, root: Path) -> tuple[np.ndarray, dict[str, np.ndarray], Any, dict]:
+    """The demo's calibrated model and the frozen per-frame image Q-Former outputs (n, T, Q, H) of n clips."""
+    config, params, tokenizer, _ = demo_model(seed)
+    data = make_dataset(root, n, 0, seed=seed)
+    chat = VideoLLaMAChat.from_loaded(_loaded(config, params, tokenizer, root, "probe"), num_frames=4,
+                                      compilation_cache=False, log=lambda m: None)
+    model = build_model(config)
+    frames = np.stack([chat.prepare_video(data.clip_path(c), with_audio=False).frames for c in data.train])
+    sample = frames[:CALIBRATION_CLIPS]
+    clips = np.zeros((len(sample), config.num_audio_positions, 1, 128, 204), np.float32)  # audio is not probed
+    params = calibrate_towers(model, params, sample, clips)
+    feats = frozen_features(model, params, frames, None)["frame_queries"]
+    labels = {a: np.array([ATTRIBUTES[a][1].index(c.truth(a)) for c in data.train]) for a in VISUAL}
+    return feats, labels, model, params
+
+
+def ridge(x: np.ndarray, y: np.ndarray, n_train: int, classes: int, alpha: float = 10.0) -> float:
+    xtr = x[:n_train]
+    targets = np.eye(classes)[y[:n_train]]
+    w = xtr.T @ np.linalg.solve(xtr @ xtr.T + alpha * np.eye(n_train), targets)
+    return float(np.mean(np.argmax(x[n_train:] @ w, 1) == y[n_train:]))
+
+
+def sgd(loss: Callable, params: Any, data: tuple, order: np.ndarray, steps: int, batch: int, opt) -> Any:
+    state = opt.init(params)
+
+    @jax.jit
+    def step(p, s, *xs):
+        g = jax.grad(loss)(p, *xs)
+        u, s = opt.update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+    for k in range(steps):
+        idx = order[k * batch:(k + 1) * batch]
+        params, state = step(params, state, *(d[idx] for d in data))
+    return params
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--clips", type=int, default=480, help="clips made (the last 80 held out; a multiple of 12)")
+    ap.add_argument("--steps", type=int, default=160)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        feats, labels, model, params = demo_features(args.seed, args.clips, Path(tmp))
+    t_feats = time.perf_counter() - t0
+    n_train = args.clips - HELD_OUT
+    rng = np.random.default_rng(args.seed)
+    order = np.concatenate([rng.permutation(n_train) for _ in range(args.steps * args.batch_size // n_train + 1)])
+    per_frame = feats.mean(2).reshape(len(feats), -1)
+    per_frame = (per_frame - per_frame[:n_train].mean(0)) / (per_frame[:n_train].std(0) + 1e-6)
+    results: dict[str, dict[str, float]] = {"ridge": {}, "linear_sgd": {}}
+    for a in VISUAL:
+        k = len(ATTRIBUTES[a][1])
+        results["ridge"][a] = ridge(per_frame, labels[a], n_train, k)
+        w = sgd(lambda w, x, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean(),
+                jnp.zeros((per_frame.shape[1], k)), (per_frame, labels[a]), order, args.steps, args.batch_size,
+                optax.adam(args.lr))
+        results["linear_sgd"][a] = float(np.mean(np.argmax(per_frame[n_train:] @ np.asarray(w), 1)
+                                                 == labels[a][n_train:]))
+    # the video branch + a linear head per attribute, on its LLM rows (flattened, unit-normalised)
+    frozen = {g: v for g, v in params.items() if g not in VIDEO_GROUPS and g != "llama"}
+
+    def rows(branch, x):
+        def fn(m: VideoLLaMA, x):
+            return m._video_from_memory(m.video_qformer_memory(x), True)
+        r = model.apply({"params": {**frozen, **branch}}, x, method=fn).reshape(x.shape[0], -1)
+        return r / (jnp.linalg.norm(r, axis=-1, keepdims=True) + 1e-6) * 10
+
+    def branch_loss(p, x, *ys):
+        r = rows(p["branch"], x)
+        return sum(optax.softmax_cross_entropy_with_integer_labels(r @ p["heads"][a], y).mean()
+                   for a, y in zip(VISUAL, ys))
+
+    width = model.config.llama.hidden_size * model.config.video_qformer.num_query_tokens
+    p0 = {"branch": {g: params[g] for g in VIDEO_GROUPS},
+          "heads": {a: jnp.zeros((width, len(ATTRIBUTES[a][1]))) for a in VISUAL}}
+    p = sgd(branch_loss, p0, (feats,) + tuple(labels[a] for a in VISUAL), order, args.steps, args.batch_size,
+            optax.adamw(args.lr, weight_decay=0.05))
+    r = np.asarray(rows(p["branch"], feats[n_train:]))
+    results["video_branch"] = {a: float(np.mean(np.argmax(r @ np.asarray(p["heads"][a]), 1) == labels[a][n_train:]))
+                               for a in VISUAL}
+    load_after = os.getloadavg()
+    chance = {a: 1 / len(ATTRIBUTES[a][1]) for a in VISUAL}
+    print(f"demo features of {args.clips} clips (seed {args.seed}) in {t_feats:.0f} s; {HELD_OUT} held out; "
+          f"budget {args.steps} steps x {args.batch_size}, lr {args.lr:g}")
+    print("| reader | " + " | ".join(VISUAL) + " |\n|---|" + "---|" * len(VISUAL))
+    for name, accs in list(results.items()) + [("chance", chance)]:
+        print(f"| {name} | " + " | ".join(f"{100 * accs[a]:.0f}%" for a in VISUAL) + " |")
+    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "results": results, "chance": chance, "settings": vars(args), "held_out": HELD_OUT,
+            "features_s": round(t_feats, 1), "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after], "machine": platform.platform(),
+            "cpus": os.cpu_count(), "date": datetime.date.today().isoformat(), "jax": jax.__version__}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
