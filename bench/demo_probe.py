@@ -59,9 +59,7 @@ def demo_features(seed: int, n: int, root: Path) -> tuple[np.ndarray, dict[str, 
                                       compilation_cache=False, log=lambda m: None)
     model = build_model(config)
     frames = np.stack([chat.prepare_video(data.clip_path(c), with_audio=False).frames for c in data.train])
-    sample = frames[:CALIBRATION_CLIPS]
-    clips = np.zeros((len(sample), config.num_audio_positions, 1, 128, 204), np.float32)  # audio is not probed
-    params = calibrate_towers(model, params, sample, clips)
+    params = calibrate_towers(model, params, frames[:CALIBRATION_CLIPS], None)  # audio is not probed
     feats = frozen_features(model, params, frames, None)["frame_queries"]
     labels = {a: np.array([ATTRIBUTES[a][1].index(c.truth(a)) for c in data.train]) for a in VISUAL}
     return feats, labels, model, params

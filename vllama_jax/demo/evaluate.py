@@ -5,7 +5,8 @@ The held-out clips are asked about through the benchmark harness (``vllama_jax.e
 choice in Perception Test's layout (``all_valid.json``; options: the attribute's possible answers, as trained) and
 the open-ended questions in Video-ChatGPT's (``test_q.json`` / ``test_a.json``; the reference answer: the value).
 So a user can ask any model the demo's questions with ``vllama-jax eval --task perceptiontest_mc`` /
-``--task msvd_qa``. :func:`scores_from_rows` reads the harness's predictions back into the demo's :class:`Scores`.
+``--task msvd_qa``. :func:`scores_from_rows` reads the harness's predictions back into the demo's
+:class:`Scores`.
 
 An answer is read for the attribute's words only (``ATTRIBUTES`` in :mod:`vllama_jax.demo.clips`): it is correct
 when it names the true value and no other value of that attribute ("Red." and "The shape is red" are right for a
@@ -158,12 +159,11 @@ def write_heldout_tasks(root: Path, specs: Sequence[ClipSpec]) -> dict[str, Path
     return dirs
 
 
-def scores_from_rows(name: str, specs: Sequence[ClipSpec], rows: Mapping[str, Mapping[str, Any]],
-                     into: Scores | None = None) -> Scores:
-    """The harness's prediction rows (``eval.read_rows``) of the tasks ``write_heldout_tasks`` wrote, as the demo's
-    scores (added to ``into`` when given): a multiple-choice row gives the value of the option with the highest
-    log-likelihood, an open-ended row its greedy answer. Every question must have a row without an error."""
-    scores = into or Scores(name)
+def scores_from_rows(scores: Scores, specs: Sequence[ClipSpec], rows: Mapping[str, Mapping[str, Any]]
+                     ) -> None:
+    """Add the harness's prediction rows (``eval.read_rows``) of the tasks ``write_heldout_tasks`` wrote to the
+    demo's ``scores``: a multiple-choice row gives the value of the option with the highest log-likelihood, an
+    open-ended row its greedy answer. Every question must have a row without an error."""
     for attr, (_, values) in ATTRIBUTES.items():
         for spec in specs:
             key = question_id(spec, attr)  # both tasks' loaders give this id
@@ -174,4 +174,3 @@ def scores_from_rows(name: str, specs: Sequence[ClipSpec], rows: Mapping[str, Ma
                 scores.add_choice(attr, values[int(row["choice_loglik"])], spec.truth(attr))
             else:
                 scores.add(attr, str(row["prediction"]), spec.truth(attr))
-    return scores

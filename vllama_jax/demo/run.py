@@ -199,10 +199,12 @@ def signal_preserving(params: dict[str, Any], init_std: float = 0.02) -> dict[st
     return unflatten_params(out)
 
 
-def calibrate_towers(model: Any, params: dict[str, Any], frames: np.ndarray, clips: np.ndarray) -> dict[str, Any]:
+def calibrate_towers(model: Any, params: dict[str, Any], frames: np.ndarray,
+                     clips: np.ndarray | None) -> dict[str, Any]:
     """Calibrate the random frozen towers on sample clips (frames (N, T, H, W, 3), fbank clips (N, S, 1, mel, time)):
     the affine of the image Q-Former's last LayerNorm is set so that its outputs have zero mean and unit variance
-    per channel over the sample, and the bias of ImageBind's audio head LayerNorm loses the sample's mean output.
+    per channel over the sample, and the bias of ImageBind's audio head LayerNorm loses the sample's mean output
+    (left as it is when ``clips`` is None).
 
     A pretrained tower's normalised outputs differ from input to input; a random one's are mostly a constant (its
     query tokens, the average patch): the demo's image Q-Former outputs vary across clips by ~11% of their size,
@@ -213,11 +215,12 @@ def calibrate_towers(model: Any, params: dict[str, Any], frames: np.ndarray, cli
     out = frozen_features(model, params, frames, clips, audio_output="feature")
     frame_out = out["frame_queries"].reshape(-1, out["frame_queries"].shape[-1]).astype(np.float64)
     mean, std = frame_out.mean(0), frame_out.std(0) + 1e-6
-    audio_mean = out["audio_embeddings"].mean(axis=(0, 1))
     flat = flatten_params(params)
     last = f"qformer/layer_{model.config.qformer.num_layers - 1}/output_query_layernorm/"
-    updates = {last + "scale": lambda v: v / std, last + "bias": lambda v: (v - mean) / std,
-               "audio_encoder/audio/head_norm/bias": lambda v: v - audio_mean}
+    updates = {last + "scale": lambda v: v / std, last + "bias": lambda v: (v - mean) / std}
+    if clips is not None:
+        audio_mean = out["audio_embeddings"].mean(axis=(0, 1))
+        updates["audio_encoder/audio/head_norm/bias"] = lambda v: v - audio_mean
     for path, fn in updates.items():
         v = np.asarray(flat[path])
         flat[path] = fn(v.astype(np.float64)).astype(v.dtype)
@@ -403,7 +406,7 @@ def run(s: Settings, stream=None) -> dict[str, Any]:
             chat.swap_media_params({g: params[g] for g in groups})
         name = _NAMES[column.removesuffix("_answers")]
         rows = ask_heldout(chat, column, tasks, eval_dir, batch, s.max_new_tokens)
-        scores_from_rows(name, data.heldout, rows, into=results.setdefault(name, Scores(name)))
+        scores_from_rows(results.setdefault(name, Scores(name)), data.heldout, rows)
     del chat, base_chat
     trained = results["trained"]
     say(f"      asked through the benchmark harness: {_rel(task_dirs['mc'])} (Perception Test layout), "
