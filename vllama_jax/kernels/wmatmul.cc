@@ -7,7 +7,11 @@
 // it for the same cores); each block streams its weight panel once per tile of MR rows of x, so a decode step
 // (M = batch) reads every weight byte once and a prefill re-reads a panel from cache, not memory.
 //
-// Portable SIMD through GCC vector extensions: -march=native turns them into AVX-512 / AVX2 / NEON as available.
+// Portable SIMD through GCC vector extensions at the machine's native width (-march=native): 16 lanes with AVX-512,
+// 8 otherwise (AVX2, NEON pairs). The widening loads of bf16 / fp16 / int8 use the intrinsics where they exist: GCC
+// lowers a narrowing-type __builtin_convertvector to scalar code, which made an AVX2 int8 decode step 6x slower
+// than float32's. The register tiles are sized to the register file (an AVX2 tile of 16 accumulators spilled to
+// the stack and ran at 6 GFLOP/s against XLA's 140).
 
 #include <algorithm>
 #include <atomic>
@@ -16,7 +20,7 @@
 #include <memory>
 #include <thread>
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -24,35 +28,15 @@
 
 namespace ffi = xla::ffi;
 
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef int8_t v16b __attribute__((vector_size(16)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-
-static inline v16f load16(const float* p) { v16f v; std::memcpy(&v, p, 64); return v; }
 #if defined(__AVX512F__)
-// GCC lowers a narrowing-type __builtin_convertvector (int8/uint16 -> 32-bit lanes) to scalar code: widen with the
-// intrinsics where AVX-512 exists.
-static inline v16f load16(const uint16_t* p) {  // bfloat16: the high half of a float32
-  __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
-  return reinterpret_cast<v16f>(_mm512_castsi512_ps(u));
-}
-static inline v16f load16(const int8_t* p) {
-  __m512i i = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return reinterpret_cast<v16f>(_mm512_cvtepi32_ps(i));
-}
+constexpr int L = 16;  // float lanes per vector
+constexpr int TR = 4, TC = 4;  // prefill register tile: TR rows of x by TC vectors of columns (16 of 32 registers)
 #else
-static inline v16f load16(const uint16_t* p) {  // bfloat16: the high half of a float32
-  v16h h; std::memcpy(&h, p, 32);
-  v16u u = __builtin_convertvector(h, v16u) << 16;
-  v16f f; std::memcpy(&f, &u, 64); return f;
-}
-static inline v16f load16(const int8_t* p) {
-  v16b b; std::memcpy(&b, p, 16);
-  return __builtin_convertvector(__builtin_convertvector(b, v16i), v16f);
-}
+constexpr int L = 8;
+constexpr int TR = 6, TC = 2;  // 12 accumulators + 2 weight vectors + a broadcast fit AVX2's 16 registers
 #endif
+typedef float vf __attribute__((vector_size(4 * L)));
+
 // float16, kept apart from bfloat16's uint16_t by its own type.
 struct half_t { uint16_t bits; };
 static inline float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, subnormals included
@@ -70,24 +54,50 @@ static inline float half_to_float(uint16_t h) {  // IEEE binary16 -> binary32, s
   }
   float f; std::memcpy(&f, &u, 4); return f;
 }
-#if defined(__AVX512F__)
-static inline v16f load16(const half_t* p) {
-  return reinterpret_cast<v16f>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-}
-#else
-static inline v16f load16(const half_t* p) {
-  v16f f;
-  for (int i = 0; i < 16; ++i) f[i] = half_to_float(p[i].bits);
-  return f;
-}
-#endif
 static inline float load1(const half_t* p) { return half_to_float(p->bits); }
 static inline float load1(const float* p) { return *p; }
 static inline float load1(const uint16_t* p) { uint32_t u = uint32_t(*p) << 16; float f; std::memcpy(&f, &u, 4); return f; }
 static inline float load1(const int8_t* p) { return float(*p); }
 
-constexpr int NB = 64;       // columns per register-tiled block (4 vectors of 16)
-constexpr int MR = 4;        // rows of x per register tile
+static inline vf loadv(const float* p) { vf v; std::memcpy(&v, p, sizeof(vf)); return v; }
+#if defined(__AVX512F__)
+static inline vf loadv(const uint16_t* p) {  // bfloat16: the high half of a float32
+  __m512i u = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+  return reinterpret_cast<vf>(_mm512_castsi512_ps(u));
+}
+static inline vf loadv(const int8_t* p) {
+  __m512i i = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return reinterpret_cast<vf>(_mm512_cvtepi32_ps(i));
+}
+static inline vf loadv(const half_t* p) {
+  return reinterpret_cast<vf>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
+}
+#else
+#if defined(__AVX2__)
+static inline vf loadv(const uint16_t* p) {
+  __m256i u = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+  return reinterpret_cast<vf>(_mm256_castsi256_ps(u));
+}
+static inline vf loadv(const int8_t* p) {
+  __m256i i = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return reinterpret_cast<vf>(_mm256_cvtepi32_ps(i));
+}
+#else
+static inline vf loadv(const uint16_t* p) { vf v; for (int i = 0; i < L; ++i) v[i] = load1(p + i); return v; }
+static inline vf loadv(const int8_t* p) { vf v; for (int i = 0; i < L; ++i) v[i] = load1(p + i); return v; }
+#endif
+#if defined(__F16C__)
+static inline vf loadv(const half_t* p) {
+  return reinterpret_cast<vf>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#else
+static inline vf loadv(const half_t* p) { vf v; for (int i = 0; i < L; ++i) v[i] = load1(p + i); return v; }
+#endif
+#endif
+static inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
+
+constexpr int NB = 64;       // columns per block (a multiple of TC * L)
+constexpr int MR = 4;        // rows of x per tile of the (N, K) table path
 constexpr int KC = 256;      // rows of W per converted panel (KC x NB f32 = 64 KiB: stays in L2)
 constexpr int SMALL_M = 16;  // up to this many rows of x: stream W once, row by row (decode)
 
@@ -96,7 +106,7 @@ constexpr int SMALL_M = 16;  // up to this many rows of x: stream W once, row by
 template <typename W>
 static void stream_kn(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
                       int64_t n0, int64_t n1) {
-  int64_t width = n1 - n0, w16 = width - width % 16;
+  int64_t width = n1 - n0, wl = width - width % L;
   float acc[SMALL_M * 2048] __attribute__((aligned(64)));
   std::memset(acc, 0, sizeof(float) * M * width);
   int64_t k = 0;
@@ -105,16 +115,16 @@ static void stream_kn(const float* x, const W* w, const float* scale, float* y, 
     const W* r1 = r0 + N;
     const W* r2 = r1 + N;
     const W* r3 = r2 + N;
-    for (int64_t j = 0; j < w16; j += 16) {
-      v16f a = load16(r0 + j), b = load16(r1 + j), c = load16(r2 + j), d = load16(r3 + j);
+    for (int64_t j = 0; j < wl; j += L) {
+      vf a = loadv(r0 + j), b = loadv(r1 + j), c = loadv(r2 + j), d = loadv(r3 + j);
       for (int64_t m = 0; m < M; ++m) {
         const float* xm = x + m * K + k;
-        v16f t = load16(acc + m * width + j);
+        vf t = loadv(acc + m * width + j);
         t += xm[0] * a + xm[1] * b + xm[2] * c + xm[3] * d;
-        std::memcpy(acc + m * width + j, &t, 64);
+        storev(acc + m * width + j, t);
       }
     }
-    for (int64_t j = w16; j < width; ++j)
+    for (int64_t j = wl; j < width; ++j)
       for (int64_t m = 0; m < M; ++m) {
         const float* xm = x + m * K + k;
         acc[m * width + j] += xm[0] * load1(r0 + j) + xm[1] * load1(r1 + j) + xm[2] * load1(r2 + j) +
@@ -130,27 +140,38 @@ static void stream_kn(const float* x, const W* w, const float* scale, float* y, 
     for (int64_t j = 0; j < width; ++j) y[m * N + n0 + j] = scale ? acc[m * width + j] * scale[n0 + j] : acc[m * width + j];
 }
 
-// y[m0:m0+R, n0:n0+64] += x[m0:m0+R, k0:k0+kc] @ panel (kc x 64, f32, contiguous rows).
+// y[m0:m0+R, col:col+TC*L] += x[m0:m0+R, k0:k0+kc] @ panel[:, pcol:pcol+TC*L] (the panel: kc rows of NB f32).
 template <int R>
-static void tile_panel(const float* x, const float* panel, float* y, int64_t K, int64_t N, int64_t m0, int64_t n0,
-                       int64_t k0, int64_t kc) {
-  v16f acc[R][4];
+static void tile_panel(const float* x, const float* panel, float* y, int64_t K, int64_t N, int64_t m0, int64_t col,
+                       int64_t pcol, int64_t k0, int64_t kc) {
+  vf acc[R][TC];
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) acc[r][j] = load16(y + (m0 + r) * N + n0 + 16 * j);
+    for (int j = 0; j < TC; ++j) acc[r][j] = loadv(y + (m0 + r) * N + col + L * j);
+  const float* xr = x + m0 * K + k0;
   for (int64_t k = 0; k < kc; ++k) {
-    const float* p = panel + k * NB;
-    v16f w0 = load16(p), w1 = load16(p + 16), w2 = load16(p + 32), w3 = load16(p + 48);
+    const float* p = panel + k * NB + pcol;
+    vf wv[TC];
+    for (int j = 0; j < TC; ++j) wv[j] = loadv(p + L * j);
     for (int r = 0; r < R; ++r) {
-      float xv = x[(m0 + r) * K + k0 + k];
-      acc[r][0] += xv * w0; acc[r][1] += xv * w1; acc[r][2] += xv * w2; acc[r][3] += xv * w3;
+      float xv = xr[r * K + k];
+      for (int j = 0; j < TC; ++j) acc[r][j] += xv * wv[j];
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) std::memcpy(y + (m0 + r) * N + n0 + 16 * j, &acc[r][j], 64);
+    for (int j = 0; j < TC; ++j) storev(y + (m0 + r) * N + col + L * j, acc[r][j]);
+}
+
+template <int R>
+static void tile_rest(int64_t rest, const float* x, const float* panel, float* y, int64_t K, int64_t N, int64_t m0,
+                      int64_t col, int64_t pcol, int64_t k0, int64_t kc) {
+  if constexpr (R > 0) {
+    if (rest == R) return tile_panel<R>(x, panel, y, K, N, m0, col, pcol, k0, kc);
+    tile_rest<R - 1>(rest, x, panel, y, K, N, m0, col, pcol, k0, kc);
+  }
 }
 
 // Many rows of x (prefill): a 64-column block, KC rows of W at a time converted once to a float32 panel, then
-// register tiles of MR x 64 over every row of x (the panel is reused from cache M / MR times).
+// register tiles of TR rows x TC vectors over every row of x, strip by strip (a strip of the panel stays in L1).
 template <typename W>
 static void panel_kn(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
                      int64_t n0) {
@@ -160,14 +181,12 @@ static void panel_kn(const float* x, const W* w, const float* scale, float* y, i
     int64_t kc = std::min<int64_t>(KC, K - k0);
     for (int64_t k = 0; k < kc; ++k) {
       const W* row = w + (k0 + k) * N + n0;
-      for (int j = 0; j < NB; j += 16) { v16f v = load16(row + j); std::memcpy(panel + k * NB + j, &v, 64); }
+      for (int j = 0; j < NB; j += L) storev(panel + k * NB + j, loadv(row + j));
     }
-    int64_t m = 0;
-    for (; m + MR <= M; m += MR) tile_panel<MR>(x, panel, y, K, N, m, n0, k0, kc);
-    switch (M - m) {
-      case 3: tile_panel<3>(x, panel, y, K, N, m, n0, k0, kc); break;
-      case 2: tile_panel<2>(x, panel, y, K, N, m, n0, k0, kc); break;
-      case 1: tile_panel<1>(x, panel, y, K, N, m, n0, k0, kc); break;
+    for (int64_t s = 0; s < NB; s += TC * L) {
+      int64_t m = 0;
+      for (; m + TR <= M; m += TR) tile_panel<TR>(x, panel, y, K, N, m, n0 + s, s, k0, kc);
+      tile_rest<TR - 1>(M - m, x, panel, y, K, N, m, n0 + s, s, k0, kc);
     }
   }
   if (scale)
@@ -180,21 +199,21 @@ template <typename W>
 static void block_nk(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
                      int64_t block) {
   int64_t n1 = std::min<int64_t>(N, (block + 1) * NB);
-  int64_t k16 = K - K % 16;
+  int64_t kl = K - K % L;
   for (int64_t n = block * NB; n < n1; ++n) {
     const W* row = w + n * K;
     float s = scale ? scale[n] : 1.f;
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
       int R = int(std::min<int64_t>(MR, M - m0));
-      v16f acc[MR] = {};
-      for (int64_t k = 0; k < k16; k += 16) {
-        v16f wv = load16(row + k);
-        for (int r = 0; r < R; ++r) acc[r] += load16(x + (m0 + r) * K + k) * wv;
+      vf acc[MR] = {};
+      for (int64_t k = 0; k < kl; k += L) {
+        vf wv = loadv(row + k);
+        for (int r = 0; r < R; ++r) acc[r] += loadv(x + (m0 + r) * K + k) * wv;
       }
       for (int r = 0; r < R; ++r) {
         float t = 0.f;
-        for (int j = 0; j < 16; ++j) t += acc[r][j];
-        for (int64_t k = k16; k < K; ++k) t += x[(m0 + r) * K + k] * load1(row + k);
+        for (int j = 0; j < L; ++j) t += acc[r][j];
+        for (int64_t k = kl; k < K; ++k) t += x[(m0 + r) * K + k] * load1(row + k);
         y[(m0 + r) * N + n] = t * s;
       }
     }
