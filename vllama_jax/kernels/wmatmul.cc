@@ -101,16 +101,18 @@ constexpr int MR = 4;        // rows of x per tile of the (N, K) table path
 constexpr int KC = 256;      // rows of W per converted panel (KC x NB f32 = 64 KiB: stays in L2)
 constexpr int SMALL_M = 16;  // up to this many rows of x: stream W once, row by row (decode)
 
-// Few rows of x (decode): columns [n0, n1) of W (K, N) streamed row by row, 4 rows of W at a time, so every
-// weight byte is read once in long contiguous runs; the M x width accumulators stay in L1/L2.
+// Few rows of x (decode): rows [k0, k1) and columns [n0, n1) of W (K, N) streamed row by row, 4 rows of W at a
+// time; every weight byte is read once. The M x width accumulators (at most ACC floats) stay in L1/L2. The sums go
+// to out (row stride N), times the column scale when one is given.
+constexpr int64_t ACC = 32768;
 template <typename W>
-static void stream_kn(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
-                      int64_t n0, int64_t n1) {
+static void stream_kn(const float* x, const W* w, const float* scale, float* out, int64_t M, int64_t K, int64_t N,
+                      int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
   int64_t width = n1 - n0, wl = width - width % L;
-  float acc[SMALL_M * 2048] __attribute__((aligned(64)));
+  float acc[ACC] __attribute__((aligned(64)));
   std::memset(acc, 0, sizeof(float) * M * width);
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) {
     const W* r0 = w + k * N + n0;
     const W* r1 = r0 + N;
     const W* r2 = r1 + N;
@@ -131,13 +133,14 @@ static void stream_kn(const float* x, const W* w, const float* scale, float* y, 
                               xm[3] * load1(r3 + j);
       }
   }
-  for (; k < K; ++k) {
+  for (; k < k1; ++k) {
     const W* r0 = w + k * N + n0;
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < width; ++j) acc[m * width + j] += x[m * K + k] * load1(r0 + j);
   }
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < width; ++j) y[m * N + n0 + j] = scale ? acc[m * width + j] * scale[n0 + j] : acc[m * width + j];
+    for (int64_t j = 0; j < width; ++j)
+      out[m * N + n0 + j] = scale ? acc[m * width + j] * scale[n0 + j] : acc[m * width + j];
 }
 
 // y[m0:m0+R, col:col+TC*L] += x[m0:m0+R, k0:k0+kc] @ panel[:, pcol:pcol+TC*L] (the panel: kc rows of NB f32).
@@ -252,19 +255,43 @@ static void dispatch(ffi::ThreadPool& pool, const float* x, const void* wv, cons
   if (nk) {
     run_blocks(pool, (N + NB - 1) / NB, [=](int64_t b) { block_nk<W>(x, w, scale, y, M, K, N, b); });
   } else if (M <= SMALL_M) {
-    // Two chunks per thread (some balance when a helper starts late), 16-aligned, at most 2048 wide.
-    int64_t chunks = std::max<int64_t>(2 * std::max<int64_t>(1, pool.num_threads()), (N + 2047) / 2048);
-    int64_t width = std::min<int64_t>(2048, ((N + chunks - 1) / chunks + 15) / 16 * 16);
-    run_blocks(pool, (N + width - 1) / width, [=](int64_t b) {
-      stream_kn<W>(x, w, scale, y, M, K, N, b * width, std::min(N, (b + 1) * width));
+    // Blocks as wide as the accumulators allow (whole rows of W at batch 1: long contiguous reads, which the
+    // hardware prefetchers follow; 2048-column slices of rows 22 KB apart ran at half the copy bandwidth), and
+    // the rows split into ranges so that every thread has two blocks; the ranges' partial sums are added after.
+    int64_t threads = std::max<int64_t>(1, pool.num_threads());
+    int64_t width = std::min<int64_t>(N, std::max<int64_t>(L, ACC / M / L * L));
+    int64_t col_blocks = (N + width - 1) / width;
+    int64_t row_blocks = std::min<int64_t>(std::max<int64_t>(1, (2 * threads + col_blocks - 1) / col_blocks),
+                                           std::max<int64_t>(1, K / 64));
+    int64_t rows = (K + row_blocks - 1) / row_blocks;
+    rows = (rows + 3) / 4 * 4;
+    row_blocks = (K + rows - 1) / rows;
+    if (row_blocks == 1) {
+      run_blocks(pool, col_blocks, [=](int64_t b) {
+        stream_kn<W>(x, w, scale, y, M, K, N, b * width, std::min(N, (b + 1) * width), 0, K);
+      });
+      return;
+    }
+    std::unique_ptr<float[]> part(new float[row_blocks * M * N]);
+    float* pp = part.get();
+    run_blocks(pool, row_blocks * col_blocks, [=](int64_t b) {
+      int64_t r = b / col_blocks, c = b % col_blocks;
+      stream_kn<W>(x, w, nullptr, pp + r * M * N, M, K, N, c * width, std::min(N, (c + 1) * width), r * rows,
+                   std::min(K, (r + 1) * rows));
     });
+    for (int64_t i = 0; i < M * N; ++i) {
+      float t = 0.f;
+      for (int64_t r = 0; r < row_blocks; ++r) t += pp[r * M * N + i];
+      y[i] = scale ? t * scale[i % N] : t;
+    }
   } else {
     // Full 64-column blocks through the panel path, the ragged rest streamed in SMALL_M-row slices.
     int64_t full = N / NB;
     run_blocks(pool, full + (N % NB ? 1 : 0), [=](int64_t b) {
       if (b < full) { panel_kn<W>(x, w, scale, y, M, K, N, b * NB); return; }
       for (int64_t m = 0; m < M; m += SMALL_M)
-        stream_kn<W>(x + m * K, w, scale, y + m * N, std::min<int64_t>(SMALL_M, M - m), K, N, full * NB, N);
+        stream_kn<W>(x + m * K, w, scale, y + m * N, std::min<int64_t>(SMALL_M, M - m), K, N, full * NB, N, 0,
+                     K);
     });
   }
 }

@@ -491,7 +491,7 @@ def _largest_read_bytes(shardings: Mapping[str, Any], stored: Mapping[str, tuple
     return largest
 
 
-QUANTIZE_CHUNK_BYTES = 1 << 30  # float32 bytes read per chunk when quantizing at load
+QUANTIZE_CHUNK_BYTES = 1 << 29  # bytes (as stored) read per chunk when quantizing at load
 
 
 def _restore(ckptr: ocp.Checkpointer, params_dir: Path, args: Mapping[str, Any],
@@ -557,7 +557,7 @@ def load_model_dir(
     dtype: cast every float parameter to this dtype while reading (default: as stored; int8 weights and their
       scales stay as they are).
     quantize: "int8" = the LLM's projections and token table as int8 + per-channel scales (`models.quant`),
-      quantized on the host leaf by leaf as they are read (at most `QUANTIZE_CHUNK_BYTES` of float32 at a time).
+      quantized on the host leaf by leaf as they are read (at most `QUANTIZE_CHUNK_BYTES` as stored at a time).
       A directory converted with `--dtype int8` is int8 already (with or without this option).
     restore_buffer_bytes: read at most this many bytes at a time (default RESTORE_BUFFER_BYTES; raised to the
       largest array when that is bigger): peak memory is the parameters plus about twice this.
@@ -642,9 +642,11 @@ def load_model_dir(
                 w = flat_shardings[weight_of(p)]  # a scale, with caller-given shardings: replicated beside it
                 return NamedSharding(w.mesh, PartitionSpec()) if isinstance(w, NamedSharding) else w
 
-            for chunk in _chunks(to_quantize, lambda p: int(np.prod(have[p][0])) * 4, QUANTIZE_CHUNK_BYTES):
-                host = _restore(ckptr, params_dir, {p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.float32)
-                                             for p in chunk}, {p: have[p][0] for p in chunk}, lambda p: np.float32)
+            # read as stored (bf16 is half of float32's bytes); quantize_leaf converts a block of rows at a time
+            for chunk in _chunks(to_quantize, lambda p: int(np.prod(have[p][0])) * np.dtype(have[p][1]).itemsize,
+                                 QUANTIZE_CHUNK_BYTES):
+                host = _restore(ckptr, params_dir, {p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=have[p][1])
+                                             for p in chunk}, {p: have[p][0] for p in chunk}, lambda p: have[p][1])
                 flat.update(quantize_flat(host, mode, put=lambda p, a: put(a, target(p))))
                 del host
         params = unflatten_params({p: flat[p] for p in _ordered(expected, flat)})
