@@ -129,7 +129,9 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoint (reused next time)")
     ap.add_argument("--variants", default="float32:release,bfloat16:release,float32:no-release",
                     help="comma list of OUT_DTYPE:release|no-release")
+    ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args()
+    load_before = os.getloadavg()
 
     work = Path(args.workdir)
     llama = work / f"llama-{args.hidden}x{args.layers}"
@@ -146,11 +148,14 @@ def main() -> None:
     nshards = len(list(llama.glob("*.safetensors")))
     print(f"checkpoint: {total / 1e9:.2f} GB fp32 in {nshards} safetensors shards, largest tensor "
           f"{largest / 1e6:.0f} MB; {os.cpu_count()} CPUs")
-    rows = []
+    rows, figures = [], {}
     for v in args.variants.split(","):
         dtype, mode = v.split(":")
         rep = run_variant(llama, work / "out", dtype, mode == "release")
         peak, start = rep["peak_rss_bytes"], rep["start_rss_bytes"]
+        figures[v] = {"seconds": rep["seconds"], "mb_per_s": total / rep["seconds"] / 1e6,
+                      "out_gb": rep["out_bytes"] / 1e9, "peak_rss_gb": peak / 1e9, "start_rss_gb": start / 1e9,
+                      "peak_over_largest": peak / largest, "above_start_over_largest": (peak - start) / largest}
         rows.append((f"fp32 -> {dtype}" + ("" if mode == "release" else " (no page release)"),
                      f"{rep['seconds']:.1f}", f"{total / rep['seconds'] / 1e6:.0f}", f"{rep['out_bytes'] / 1e9:.2f}",
                      f"{peak / 1e9:.2f}", f"{(peak - start) / 1e9:.2f}", f"{peak / largest:.1f}",
@@ -162,6 +167,14 @@ def main() -> None:
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
         print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+    load_after = os.getloadavg()
+    print(f"load average: {load_before[0]:.2f} before, {load_after[0]:.2f} after")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "checkpoint_gb": total / 1e9, "largest_tensor_mb": largest / 1e6, "shards": nshards,
+            "load_average_before": [round(x, 2) for x in load_before],
+            "load_average_after": [round(x, 2) for x in load_after], "variants": figures}, indent=2) + "\n")
     shutil.rmtree(work / "out", ignore_errors=True)
     if not args.keep:
         shutil.rmtree(llama, ignore_errors=True)
