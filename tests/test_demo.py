@@ -401,6 +401,50 @@ def test_feature_trainer_trains_both_branches_with_one_compiled_step(tiny_model)
         assert any(not np.array_equal(x, y) for x, y in zip(a, b_)), g
 
 
+def test_cached_feature_step_equals_the_uncached_step(tiny_model):
+    """The step on cached frozen-tower outputs (a features batch) is the step on the frames (an instruction batch,
+    the video branch): the same loss, token count and gradients of every trained leaf, from the same step function
+    (`train.step.make_loss_fn`), dropout off. Rows of different lengths and label counts."""
+    import jax
+
+    from vllama_jax.data.batch import FEATURES, INSTRUCTION
+    from vllama_jax.models import build_model
+    from vllama_jax.models.groups import trained_groups
+    from vllama_jax.train.features import frozen_features
+    from vllama_jax.train.step import make_loss_fn
+
+    config, params = tiny_model
+    model = build_model(config)
+    ph, nq = config.llama.vocab_size, config.video_qformer.num_query_tokens
+    frames, _ = random_media(config, 2, seed=3)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, 100, (2, 12 + nq)).astype(np.int32)
+    ids[:, 1:1 + nq] = ph  # the video block of path A
+    mask = np.ones_like(ids)
+    mask[1, -3:] = 0  # a shorter second row
+    labels = np.full_like(ids, -100)
+    labels[0, -5:] = ids[0, -5:]
+    labels[1, -6:-3] = ids[1, -6:-3]
+    feats = frozen_features(model, params, frames, None)
+    uncached = {"frames": frames, "input_ids": ids, "labels": labels, "attention_mask": mask}
+    cached = {"frame_queries": feats["frame_queries"], "with_audio": np.zeros(2, np.int32),
+              "audio_embeddings": np.zeros((2, 1, config.imagebind_audio.out_dim), np.float32),
+              "input_ids": ids, "labels": labels, "attention_mask": mask, "label_positions": label_positions(labels)}
+    groups = trained_groups({"frozen_video_qformer": False})
+    trainable = {g: params[g] for g in groups}
+    frozen = {g: v for g, v in params.items() if g not in groups}
+    loss_fn = jax.value_and_grad(make_loss_fn(model, "video", ph, dropout=False), has_aux=True)
+    key = jax.random.PRNGKey(0)
+    (l_u, n_u), g_u = loss_fn(trainable, frozen, uncached, key, INSTRUCTION.kind)
+    (l_c, n_c), g_c = loss_fn(trainable, frozen, cached, key, FEATURES.kind)
+    assert int(n_u) == int(n_c) == 8
+    np.testing.assert_allclose(float(l_c) / 8, float(l_u) / 8, rtol=0, atol=1e-5)
+    flat_u, flat_c = jax_leaves(g_u), jax_leaves(g_c)
+    assert len(flat_u) == len(flat_c) and any(np.abs(x).max() > 0 for x in flat_u)
+    for x, y in zip(flat_c, flat_u):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
 def test_label_position_loss_equals_the_full_causal_loss(tiny_model):
     """The features loss runs the LM head only at ``label_positions``; its loss, token count and gradients equal
     ``causal_lm_loss`` over the full logits (rows with different label counts, -1 padding)."""
