@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllama_jax import kernels  # noqa: E402
+from vllama_jax.models.quant import quantize_leaf  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
 from generate import copy_bandwidth  # noqa: E402
@@ -56,12 +57,12 @@ def best_seconds(fn: Callable[[], Any], min_seconds: float, repeats: int) -> flo
 
 
 def stored(w32: np.ndarray, dtype: str) -> tuple[jax.Array, jax.Array | None]:
-    """The weights as stored in `dtype` (int8: rounded with a per-column scale) and the scale."""
+    """The weights as stored in `dtype` and their scale (int8: `quantize_leaf`'s per-column scales, as a Dense
+    kernel of the LLM is quantized at load; None otherwise)."""
     if dtype != "int8":
         return jnp.asarray(w32, dtype), None
-    scale = np.abs(w32).max(axis=0) / 127
-    q = np.clip(np.rint(w32 / scale), -127, 127).astype(np.int8)
-    return jnp.asarray(q), jnp.asarray(scale, jnp.float32)
+    q, scale = quantize_leaf(w32, "llama/layers_0/mlp/up_proj/kernel")
+    return jnp.asarray(q), jnp.asarray(scale)
 
 
 def main() -> None:

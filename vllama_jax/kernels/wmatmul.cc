@@ -3,9 +3,9 @@
 // W (XLA CPU converts a whole bf16/int8 operand before its dot: a full-size temporary and ~1 GB/s).
 //
 // Two layouts: "kn" W (K, N) (a Dense kernel, in x out) and "nk" W (N, K) (an embedding table used as the tied
-// LM head). Work is split into column blocks scheduled on XLA's own intra-op thread pool (no second pool fighting
-// it for the same cores); each block streams its weight panel once per tile of MR rows of x, so a decode step
-// (M = batch) reads every weight byte once and a prefill re-reads a panel from cache, not memory.
+// LM head). Work is split into blocks scheduled on XLA's own intra-op thread pool (no second pool fighting it for
+// the same cores): a decode step (M = batch <= SMALL_M) streams ranges of whole rows of W, reading every weight byte
+// once; a prefill converts 64-column panels once and re-reads them from cache for every register tile of rows of x.
 //
 // Portable SIMD through GCC vector extensions at the machine's native width (-march=native): 16 lanes with AVX-512,
 // 8 otherwise (AVX2, NEON pairs). The widening loads of bf16 / fp16 / int8 use the intrinsics where they exist: GCC

@@ -34,6 +34,7 @@ class QuantizationError(VllamaError, ValueError):
 #: float32 values a block of `quantize_leaf` holds (16 MB)
 QUANTIZE_BLOCK_ELEMENTS = 1 << 22
 
+
 def check_mode(mode: str | None) -> str | None:
     """`mode` if it is None or one of `QUANTIZE_CHOICES`, else a typed error."""
     if mode is not None and mode not in QUANTIZE_CHOICES:
