@@ -43,7 +43,8 @@ import jax
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from vllama_jax.demo.clips import ATTRIBUTES, ClipConfig, ClipSpec, clip_spec, write_clip  # noqa: E402
+from vllama_jax.demo.clips import ATTRIBUTES, ClipConfig, clip_spec, write_clip  # noqa: E402
+from vllama_jax.demo.evaluate import video_id, write_open_ended_task  # noqa: E402
 from vllama_jax.eval.metrics import multiple_choice_prompt  # noqa: E402
 from vllama_jax.eval.runner import evaluate  # noqa: E402
 from vllama_jax.eval.tasks import MVBENCH_TASKS, Kind, Question, load_questions  # noqa: E402
@@ -61,29 +62,22 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 def write_tasks(root: Path, n_clips: int, seed: int = 0) -> dict[Kind, list[Question]]:
     """n_clips generated clips, asked about their four attributes as an MVBench task file (multiple choice over
-    the attribute's values) and as a Video-ChatGPT test_q.json / test_a.json pair (open-ended; the reference
-    answer is the value, as MSVD-QA's one-word answers). Returns each path's questions, in the same order."""
+    the attribute's values) and as the demo's open-ended task (``write_open_ended_task``: Video-ChatGPT's
+    test_q.json / test_a.json, the reference answer being the value). Returns each path's questions, in the same
+    order."""
     media = root / "video"
     cfg = ClipConfig()
-    specs: list[ClipSpec] = []
-    for i in range(n_clips):
-        specs.append(clip_spec(seed, i, cfg))
-        write_clip(media / MVBENCH_SUB / f"{i:03d}.mp4", specs[-1], cfg)
-    mc, test_q, test_a = [], [], []
-    for i, spec in enumerate(specs):
-        for attr, (question, values) in ATTRIBUTES.items():
-            mc.append({"video": f"{i:03d}.mp4", "question": question, "candidates": list(values),
-                       "answer": spec.truth(attr)})
-            qid = f"{i:03d}_{attr}"
-            test_q.append({"video_name": f"{i:03d}", "question": question, "question_id": qid})
-            test_a.append({"answer": spec.truth(attr), "question_id": qid, "type": attr})
+    specs = [clip_spec(seed, i, cfg) for i in range(n_clips)]
+    mc = []
+    for spec in specs:
+        write_clip(media / MVBENCH_SUB / f"{video_id(spec)}.mp4", spec, cfg)
+        mc += [{"video": f"{video_id(spec)}.mp4", "question": question, "candidates": list(values),
+                "answer": spec.truth(attr)} for attr, (question, values) in ATTRIBUTES.items()]
     (root / "mvbench").mkdir(parents=True)
     (root / "mvbench" / MVBENCH_FILE).write_text(json.dumps(mc))
-    (root / "msvd_qa").mkdir(parents=True)
-    (root / "msvd_qa" / "test_q.json").write_text(json.dumps(test_q))
-    (root / "msvd_qa" / "test_a.json").write_text(json.dumps(test_a))
+    open_dir = write_open_ended_task(root / "msvd_qa", specs)
     return {"mc": load_questions("mvbench", root / "mvbench", media),
-            "open": load_questions("msvd_qa", root / "msvd_qa", media / MVBENCH_SUB)}
+            "open": load_questions("msvd_qa", open_dir, media / MVBENCH_SUB)}
 
 
 def plain_loop(chat: VideoLLaMAChat, kind: Kind, questions: list[Question], max_new_tokens: int,
