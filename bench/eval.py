@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vllama_jax.demo.clips import ATTRIBUTES, ClipConfig, clip_spec, write_clip  # noqa: E402
-from vllama_jax.demo.evaluate import video_id, write_open_ended_task  # noqa: E402
+from vllama_jax.demo.evaluate import write_open_ended_task  # noqa: E402
 from vllama_jax.eval.metrics import multiple_choice_prompt  # noqa: E402
 from vllama_jax.eval.runner import evaluate  # noqa: E402
 from vllama_jax.eval.tasks import MVBENCH_TASKS, Kind, Question, load_questions  # noqa: E402
@@ -70,8 +70,8 @@ def write_tasks(root: Path, n_clips: int, seed: int = 0) -> dict[Kind, list[Ques
     specs = [clip_spec(seed, i, cfg) for i in range(n_clips)]
     mc = []
     for spec in specs:
-        write_clip(media / MVBENCH_SUB / f"{video_id(spec)}.mp4", spec, cfg)
-        mc += [{"video": f"{video_id(spec)}.mp4", "question": question, "candidates": list(values),
+        write_clip(media / MVBENCH_SUB / f"{spec.video_id}.mp4", spec, cfg)
+        mc += [{"video": f"{spec.video_id}.mp4", "question": question, "candidates": list(values),
                 "answer": spec.truth(attr)} for attr, (question, values) in ATTRIBUTES.items()]
     (root / "mvbench").mkdir(parents=True)
     (root / "mvbench" / MVBENCH_FILE).write_text(json.dumps(mc))

@@ -92,6 +92,11 @@ class ClipSpec:
         return getattr(self, attribute)
 
     @property
+    def video_id(self) -> str:
+        """The clip's file name without ``.mp4`` (its index, zero-padded)."""
+        return f"{self.index:05d}"
+
+    @property
     def caption(self) -> str:
         return f"A {self.colour} {self.shape} moves {_DIRECTION_TEXT[self.direction]}; you hear a {self.sound}."
 
@@ -278,14 +283,14 @@ class DemoData:
     clip_config: ClipConfig
 
     def clip_path(self, spec: ClipSpec) -> Path:
-        return self.root / "clips" / f"{spec.index:05d}.mp4"
+        return self.root / "clips" / f"{spec.video_id}.mp4"
 
 
 def _write_truth(path: Path, split_specs: Iterable[tuple[str, Sequence[ClipSpec]]]) -> None:
     with open(path, "w") as f:
         for split, specs in split_specs:
             for s in specs:
-                f.write(json.dumps({"video": f"clips/{s.index:05d}.mp4", "split": split,
+                f.write(json.dumps({"video": f"clips/{s.video_id}.mp4", "split": split,
                                     **{a: s.truth(a) for a in ATTRIBUTES}, "caption": s.caption}) + "\n")
 
 
@@ -301,7 +306,7 @@ def make_dataset(root: str | Path, num_train: int, num_heldout: int, seed: int =
     specs = [clip_spec(seed, i, cfg) for i in range(num_train + num_heldout)]
     train, heldout = specs[:num_train], specs[num_train:]
     for k, s in enumerate(specs):
-        write_clip(root / "clips" / f"{s.index:05d}.mp4", s, cfg)
+        write_clip(root / "clips" / f"{s.video_id}.mp4", s, cfg)
         if progress is not None:
             progress(k + 1, len(specs))
     _write_truth(root / "truth.jsonl", (("train", train), ("heldout", heldout)))

@@ -129,7 +129,7 @@ def table(columns: Sequence[Scores], attributes: Sequence[str] = tuple(ATTRIBUTE
 
 # --------------------------------------------------------------------------------------------------- as benchmarks
 def question_id(spec: ClipSpec, attribute: str) -> str:
-    return f"{video_id(spec)}_{attribute}"
+    return f"{spec.video_id}_{attribute}"
 
 
 def write_heldout_tasks(root: Path, specs: Sequence[ClipSpec]) -> dict[str, Path]:
@@ -138,10 +138,10 @@ def write_heldout_tasks(root: Path, specs: Sequence[ClipSpec]) -> dict[str, Path
     ``root/perceptiontest_mc/all_valid.json`` (Perception Test's multiple-choice layout: ``{video_id:
     {"mc_question": [{"id", "question", "options", "answer_id", "area"}]}}``, the area being the attribute) and
     ``root/video_chatgpt/test_q.json`` + ``test_a.json`` (``write_open_ended_task``).
-    The videos are ``<index:05d>.mp4`` (``DemoData.clip_path``). Returns {"mc": folder, "open": folder}."""
+    The videos are ``<video_id>.mp4`` (``DemoData.clip_path``). Returns {"mc": folder, "open": folder}."""
     mc: dict[str, Any] = {}
     for spec in specs:
-        mc[video_id(spec)] = {"mc_question": [
+        mc[spec.video_id] = {"mc_question": [
             {"id": attr, "question": question, "options": [answer_text(attr, v) for v in values],
              "answer_id": values.index(spec.truth(attr)), "area": attr}
             for attr, (question, values) in ATTRIBUTES.items()]}
@@ -154,21 +154,17 @@ def write_heldout_tasks(root: Path, specs: Sequence[ClipSpec]) -> dict[str, Path
 def write_open_ended_task(folder: Path, specs: Sequence[ClipSpec]) -> Path:
     """Every attribute question about every clip of ``specs`` as ``folder/test_q.json`` + ``test_a.json``
     (Video-ChatGPT's QA layout, read by ``--task msvd_qa``; the reference answer is the value, as MSVD-QA's
-    one-word answers; ``type``: the attribute). Videos ``<index:05d>.mp4``. Returns ``folder``."""
+    one-word answers; ``type``: the attribute). Videos ``<video_id>.mp4``. Returns ``folder``."""
     test_q, test_a = [], []
     for spec in specs:
         for attr, (question, _) in ATTRIBUTES.items():
-            test_q.append({"video_name": video_id(spec), "question": question, "question_id": question_id(spec, attr)})
-            test_a.append({"answer": spec.truth(attr), "question_id": question_id(spec, attr), "type": attr})
+            qid = question_id(spec, attr)
+            test_q.append({"video_name": spec.video_id, "question": question, "question_id": qid})
+            test_a.append({"answer": spec.truth(attr), "question_id": qid, "type": attr})
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "test_q.json").write_text(json.dumps(test_q, indent=1))
     (folder / "test_a.json").write_text(json.dumps(test_a, indent=1))
     return folder
-
-
-def video_id(spec: ClipSpec) -> str:
-    """The clip's file name without ``.mp4`` (``DemoData.clip_path``)."""
-    return f"{spec.index:05d}"
 
 
 def scores_from_rows(scores: Scores, specs: Sequence[ClipSpec], rows: Mapping[str, Mapping[str, Any]]
