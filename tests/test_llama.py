@@ -304,7 +304,7 @@ def test_cache_logical_axes_match_cache_tree():
     assert jax.tree_util.tree_structure(axes, is_leaf=is_axes) == jax.tree_util.tree_structure(cache)
     for a, names in zip(jax.tree_util.tree_leaves(cache), jax.tree_util.tree_leaves(axes, is_leaf=is_axes)):
         assert a.ndim == len(names)
-    assert cache["layers_0"]["k"].shape == (2, 8, 2, 4) and cache["layers_0"]["k"].dtype == jnp.bfloat16
+    assert cache["layers_0"]["k"].shape == (2, 2, 8, 4) and cache["layers_0"]["k"].dtype == jnp.bfloat16
 
 
 def test_logits_slice_and_return_hidden(small):

@@ -12,7 +12,7 @@ from flax import linen as nn
 from tests.helpers import TINY_CONFIG, tiny_files
 from vllama_jax import kernels
 from vllama_jax.config import LlamaConfig, load_model_config
-from vllama_jax.models import quant
+from vllama_jax.models import layers, quant
 from vllama_jax.models.layers import _kernel_matmul, dequantize, matmul
 from vllama_jax.models.llama import Llama
 from vllama_jax.tree import flatten_params
@@ -111,6 +111,24 @@ def test_llama_int8_and_bf16_close_to_float32(tie, kernel):
         assert np.abs(run(q) - ref).max() < 0.05 * spread
         assert np.abs(run(bf) - ref).max() < 0.05 * spread
         assert not np.allclose(run(q), ref, atol=1e-6)  # int8 really is in play
+
+
+def test_which_matmuls_take_the_cpu_kernel():
+    """Low-precision and int8 weights always (XLA would widen them whole); float32 weights only at the few rows of
+    batched decoding and short prefills (`F32_KERNEL_ROWS`), and only when computed in float32; and a float32
+    product through the kernel equals XLA's up to summation order."""
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    with kernels.cpu_kernels(True):
+        assert all(layers._use_cpu_kernel(w, rows, f32) for w in (bf16, jnp.float16, jnp.int8) for rows in (1, 64))
+        assert [layers._use_cpu_kernel(f32, rows, f32) for rows in (1, 2, 8, 16, 128)] == [False, True, True, False,
+                                                                                            False]
+        assert not layers._use_cpu_kernel(f32, 4, bf16)  # cast to the compute dtype first, as nn.Dense does
+        rng = np.random.default_rng(0)
+        x, w = jnp.asarray(rng.standard_normal((4, 96)), f32), jnp.asarray(rng.standard_normal((96, 40)), f32)
+        np.testing.assert_allclose(np.asarray(jax.jit(layers.matmul)(x, w)), np.asarray(x) @ np.asarray(w),
+                                   rtol=1e-5, atol=1e-4)
+    with kernels.cpu_kernels(False):
+        assert not layers._use_cpu_kernel(bf16, 4, f32)
 
 
 @pytest.fixture(scope="module")

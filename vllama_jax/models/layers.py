@@ -65,14 +65,22 @@ EMBEDDING_SCALE = "embedding_scale"
 LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def _use_cpu_kernel(weight_dtype: Any) -> bool:
-    """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default), for bf16/fp16/int8
+#: row counts at which float32 weights go through the FFI kernel too. SmolLM2-135M on the 2-core test machine, its
+#: 30 layers' projections alone (ms, XLA's dot vs the kernel): 1 row 29 vs 46, 4 rows 96 vs 53, 8 rows 104 vs 63,
+#: 32 rows 158 vs 106, 128 rows 296 vs 325; a whole batched decode step (two runs each): 4 rows 82-84 vs 120-126,
+#: 16 rows 230-235 vs 221-222, 32 rows 307-364 vs 282-307. So: XLA's one-row matvec, and XLA from 16 rows on
+F32_KERNEL_ROWS = (2, 8)
+
+
+def _use_cpu_kernel(weight_dtype: Any, rows: int, dtype: Any) -> bool:
+    """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default): for bf16/fp16/int8
     weights at any row count (XLA would convert the whole operand first; the kernel's panel path serves prefill,
-    its streaming path decode). Float32 weights keep XLA's dot: on the 2-core test machine the kernel's f32 decode
-    was not reliably faster (batch 1: 10.8 vs 18.9 tok/s, batch 8: 104 vs 74, both under load), so the kernel can
-    serve f32 (`kernels.wmatmul`) but the model does not use it."""
+    its streaming path decode), and for float32 weights computed in float32 at `F32_KERNEL_ROWS` rows."""
     wdt = jnp.dtype(weight_dtype)
-    if wdt not in LOW_PRECISION_FLOATS and wdt != jnp.dtype(jnp.int8):
+    if wdt == jnp.dtype(jnp.float32):
+        if jnp.dtype(dtype) != wdt or not F32_KERNEL_ROWS[0] <= rows <= F32_KERNEL_ROWS[1]:
+            return False
+    elif wdt not in LOW_PRECISION_FLOATS and wdt != jnp.dtype(jnp.int8):
         return False
     return kernels.use_cpu_kernels()
 
@@ -128,7 +136,7 @@ def matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None, *, t
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
     wdt = jnp.dtype(kernel.dtype)
-    if _use_cpu_kernel(wdt):
+    if _use_cpu_kernel(wdt, rows, dtype):
         y = _kernel_matmul(x2.astype(jnp.float32), kernel, scale, transposed)
     else:
         if wdt in LOW_PRECISION_FLOATS:
@@ -281,6 +289,7 @@ def dot_product_attention(
     dropout_rate: float = 0.0,
     deterministic: bool = True,
     half_precision_scores: bool = False,
+    kv_heads_first: bool = False,
 ) -> jax.Array:
     """Softmax attention with the scores and softmax in float32.
 
@@ -289,33 +298,44 @@ def dot_product_attention(
     half_precision_scores: round the scores to q's dtype after the matmul and again after dividing by sqrt(Dh),
     as PyTorch's `matmul(q, k^T) / sqrt(Dh)` does on bf16/fp16 tensors (upstream's LLaMA); the bias and the softmax
     are float32 either way.
+    kv_heads_first: k and v are (B, Hkv, Lk, Dh) (the KV cache's layout, `models.llama.init_cache`).
     """
     b, lq, h, dh = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1] if kv_heads_first else k.shape[2]
     if scale is None:
         scale = dh ** -0.5
     group = h // hkv
-    qg = q.reshape(b, lq, hkv, group, dh)
-    scores = jnp.einsum(
-        "bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32
-    )
+    if kv_heads_first:
+        # the queries of a KV head (lq x group) are the rows of one matmul per (row, KV head): at decode (lq = 1)
+        # a size-1 query axis between the batch axes made XLA's CPU dots 1.7x slower
+        qr = q.reshape(b, lq, hkv, group, dh).transpose(0, 2, 1, 3, 4).reshape(b, hkv, lq * group, dh)
+        scores = jnp.einsum("bkrd,bksd->bkrs", qr, k, preferred_element_type=jnp.float32)
+    else:
+        qg = q.reshape(b, lq, hkv, group, dh)
+        scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
     if half_precision_scores:
         scores = round_to(round_to(scores.astype(jnp.float32), q.dtype) / (1.0 / scale), q.dtype)
     else:
         scores = scores.astype(jnp.float32) * scale
     if bias is not None:
         bias = jnp.asarray(bias, jnp.float32)
-        # (B|1, H|1, Lq, Lk) -> grouped layout (B|1, Hkv|1, group|1, Lq, Lk)
+        # (B|1, H|1, Lq, Lk) -> the scores' grouped layout
         bb, bh = bias.shape[0], bias.shape[1]
-        bias = bias.reshape(bb, hkv if bh == h else 1, group if bh == h else 1, bias.shape[2], bias.shape[3])
+        bk, bg = (hkv, group) if bh == h else (1, 1)
+        bias = bias.reshape(bb, bk, bg, bias.shape[2], bias.shape[3])  # (B|1, Hkv|1, group|1, Lq, Lk)
+        if kv_heads_first:
+            bias = jnp.broadcast_to(bias.transpose(0, 1, 3, 2, 4), (bb, bk, lq, group, bias.shape[4]))
+            bias = bias.reshape(bb, bk, lq * group, bias.shape[4])
         scores = scores + bias
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0.0 and not deterministic:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum(
-        "bkgqs,bskd->bqkgd", probs.astype(v.dtype), v
-    )
+    if kv_heads_first:
+        out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(v.dtype), v)
+        out = out.reshape(b, hkv, lq, group, dh).transpose(0, 2, 1, 3, 4)
+    else:
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)
     return out.reshape(b, lq, h, dh).astype(q.dtype)
 
 

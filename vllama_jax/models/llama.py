@@ -17,7 +17,9 @@ LoRA adapters (`models.lora`) are not in this tree: they come as the `adapters` 
 
 KV cache (`init_cache`): a plain dict, so it can be donated to a jitted step and sharded with
 `cache_logical_axes`:
-    layers_{i}: {"k": (B, S, Hkv, Dh), "v": (B, S, Hkv, Dh)}   keys after RoPE / values, cache dtype
+    layers_{i}: {"k": (B, Hkv, S, Dh), "v": (B, Hkv, S, Dh)}   keys after RoPE / values, cache dtype; heads before
+                slots, so the attention's dots read the cache as stored (slots last but one: XLA's batched matmul
+                layout) instead of transposing the whole cache in every layer of every decode step
     valid:      (B, S) bool      which slots hold a real (non-padding) token
     index:      (B,) int32       next slot to write, per row
     next_pos:   (B,) int32       position id of the next real token, per row (= real tokens seen so far)
@@ -48,7 +50,7 @@ Adapters = dict[str, Any]  # a `llama_lora` tree (`models.lora`), or the part of
 
 Cache = dict[str, Any]
 
-CACHE_KV_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
+CACHE_KV_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -57,7 +59,7 @@ CACHE_KV_AXES = ("batch", "cache_length", "kv_heads", "head_dim")
 
 def init_cache(config: LlamaConfig, batch: int, max_length: int, dtype: Dtype = jnp.float32) -> Cache:
     """An empty KV cache for `batch` rows of up to `max_length` tokens (prompt + generated, padding included)."""
-    shape = (batch, max_length, config.num_kv_heads, config.head_dim_resolved)
+    shape = (batch, config.num_kv_heads, max_length, config.head_dim_resolved)
     cache: Cache = {
         f"layers_{i}": {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for i in range(config.num_layers)
     }
@@ -76,11 +78,11 @@ def cache_logical_axes(config: LlamaConfig) -> Cache:
     return axes
 
 
-def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
-    """buf[b, index[b] : index[b] + L] = new[b] for every row b (per-row offsets)."""
+def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
+    """buf[b, ..., index[b] : index[b] + L, ...] = new[b] along `axis` for every row b (per-row offsets)."""
 
     def one(b_buf: jax.Array, b_new: jax.Array, i: jax.Array) -> jax.Array:
-        start = (i,) + (0,) * (b_buf.ndim - 1)
+        start = tuple(i if d == axis - 1 else 0 for d in range(b_buf.ndim))
         return jax.lax.dynamic_update_slice(b_buf, b_new.astype(b_buf.dtype), start)
 
     return jax.vmap(one)(buf, new, index)
@@ -152,11 +154,13 @@ class LlamaAttention(_Projections):
         new_cache = None
         if layer_cache is not None:
             # Keys are cached after RoPE, so old entries never need re-rotation.
-            ck = _write_rows(layer_cache["k"], k, index)
-            cv = _write_rows(layer_cache["v"], v, index)
+            ck = _write_rows(layer_cache["k"], k.transpose(0, 2, 1, 3), index, axis=2)
+            cv = _write_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index, axis=2)
             new_cache = {"k": ck, "v": cv}
-            k, v = ck.astype(self.dtype), cv.astype(self.dtype)
-        out = dot_product_attention(q, k, v, bias, half_precision_scores=self.torch_arithmetic)
+            out = dot_product_attention(q, ck.astype(self.dtype), cv.astype(self.dtype), bias,
+                                        half_precision_scores=self.torch_arithmetic, kv_heads_first=True)
+        else:
+            out = dot_product_attention(q, k, v, bias, half_precision_scores=self.torch_arithmetic)
         out = self.project(c.hidden_size, ("heads", "embed"), "o_proj", out.reshape(b, l, h * dh), adapters,
                            deterministic)
         return out, new_cache
