@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vllama_jax.inference.batching import ContextTooLong, ContinuousBatcher, RowRequest, prefix_digests, row_buckets
+from vllama_jax.inference.batching import (ContextTooLong, ContinuousBatcher, RowRequest, prefix_digests, row_buckets,
+                                           slot_buckets)
 from vllama_jax.inference.generate import GenerationConfig, Generator
 
 NEW = 6
@@ -71,7 +72,39 @@ def test_prefix_cache_prefills_only_the_new_positions(gen):
         b.prefill(RowRequest(np.asarray(gen.embed(np.asarray(head * 3, np.int32))), head * 3, 40))
 
 
+def test_the_batch_has_the_slots_its_running_rows_need(tiny_llama):
+    """Each request's cache is sized to its prompt and new tokens (a slot bucket); the batch takes the largest
+    its running rows need, grows when a longer one joins and shrinks when it leaves; every row decodes what it
+    decodes alone (short rows padded into a longer batch, a long row joining short ones)."""
+    cfg, params = tiny_llama
+    gen = Generator(cfg, params, compilation_cache=False, cache_multiple=16)
+    b = ContinuousBatcher(gen, NO_EOS, max_batch=4, slot_length=128)
+    assert b.slot_buckets == (16, 32, 64, 128)
+    rng = np.random.default_rng(2)
+    vocab = gen.config.vocab_size
+    short, long_ = rng.integers(3, vocab, 5).tolist(), rng.integers(3, vocab, 40).tolist()
+    slots = lambda: int(b.cache["valid"].shape[1])  # noqa: E731
+    got: dict[str, list[int]] = {"a": [], "b": [], "c": []}
+    b.insert(b.prefill(request(gen, short)), "a")  # 16 (prompt bucket) + 6 new -> 32 slots
+    assert slots() == 32
+    for owner, token, _ in b.step():
+        got[owner].append(token)
+    b.insert(b.prefill(request(gen, long_)), "b")  # 64 + 6 -> 128: the batch grows
+    assert slots() == 128
+    b.insert(b.prefill(request(gen, short[::-1])), "c")  # 32 slots of its own, padded into the batch
+    assert slots() == 128
+    while b.active:
+        for owner, token, reason in b.step():
+            got[owner].append(token)
+            if reason:
+                b.release(b.rows.index(owner))
+                if owner == "b":
+                    assert b.active == 0 or slots() == 32  # the long row left: back to what the others need
+    assert got == {"a": alone(gen, short), "b": alone(gen, long_), "c": alone(gen, short[::-1])}
+
+
 def test_prefix_digests_and_buckets():
     d = prefix_digests([1, 2, ("video", 32)])
     assert len(d) == 4 and len(set(d)) == 4 and prefix_digests([1, 2])[:3] == d[:3]
     assert row_buckets(32) == (1, 2, 4, 8, 16, 32) and row_buckets(6) == (1, 2, 4, 6) and row_buckets(1) == (1,)
+    assert slot_buckets(1024, 64) == (64, 128, 256, 512, 1024) and slot_buckets(320, 64) == (64, 128, 256, 320)

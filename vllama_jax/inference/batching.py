@@ -1,13 +1,16 @@
 """Continuous batching on a `DecodeEngine`: a running decode batch whose rows (slots) are filled and freed one request
 at a time, plus a cache of prefilled prompt prefixes. The server (`vllama_jax.serve`) drives it from one thread.
 
-Layout: one batched KV cache of `rows` x `slot_length` slots (`models.llama.init_cache`); each row has its own
-write index, valid mask and next position, so a row can be overwritten by a new request while the others keep
-decoding. A request is prefilled on its own (batch 1, with a cache already `slot_length` long) and its cache row
-and sampling state are copied into a free row (`insert`); every `step` decodes one token for all rows; a finished
-or cancelled row is simply forgotten (`release`) and its slots are overwritten by the next insert. The number of
-compiled rows follows the load in a few sizes (1, 2, 4, 8, ..., `max_batch`): the batch grows when a request finds no
-free row and is compacted when at most a quarter of it is in use, so one client does not pay for 32 rows.
+Layout: one batched KV cache of `rows` x S slots (`models.llama.init_cache`); each row has its own write index,
+valid mask and next position, so a row can be overwritten by a new request while the others keep decoding. A
+request is prefilled on its own (batch 1) into a cache just long enough for its prompt and its new tokens (a slot
+bucket: powers of two times the engine's `cache_multiple`, up to `slot_length`), and its cache row and sampling
+state are copied into a free row (`insert`); every `step` decodes one token for all rows; a finished or cancelled
+row is simply forgotten (`release`) and its slots are overwritten by the next insert. Both sizes follow the load
+in a few compiled shapes: the rows (1, 2, 4, 8, ..., `max_batch`) grow when a request finds no free row and are
+compacted when at most a quarter of them is in use, so one client does not pay for 32 rows; the slots S are the
+largest bucket a running row needs, so short requests do not pay for `slot_length` (every step reads all S slots
+of every row: at 32 rows the attention over 512 slots cost 3x the step's matmuls).
 
 Sampling is per row (temperature, top-p, greedy or not, max new tokens, an own `jax.random` key derived from the
 request's seed, so a seeded request draws the same tokens whatever else is in the batch); top-k is one value for
@@ -90,6 +93,16 @@ def prefix_digests(items: Sequence[PromptItem]) -> list[bytes]:
     return out
 
 
+def slot_buckets(slot_length: int, multiple: int) -> tuple[int, ...]:
+    """KV slot counts a row's cache is sized to: `multiple` times powers of two below slot_length, then
+    slot_length."""
+    sizes, n = [], multiple
+    while n < slot_length:
+        sizes.append(n)
+        n *= 2
+    return tuple(sizes) + (slot_length,)
+
+
 def row_buckets(max_batch: int) -> tuple[int, ...]:
     """Compiled batch sizes: powers of 2 below max_batch, then max_batch (at most 2x waste in a step whose cost
     grows with the rows, as it does on a CPU)."""
@@ -118,17 +131,20 @@ class ContinuousBatcher:
         self.slot_length = round_up(int(slot_length), engine.cache_multiple)
         self.max_batch = int(max_batch)
         self.buckets = row_buckets(self.max_batch)
+        self.slot_buckets = slot_buckets(self.slot_length, engine.cache_multiple)
         self.spec = ProcessorSpec(do_sample=True, top_k=int(top_k), use_top_p=True)
         self.ctrl = {k: jnp.asarray(v) for k, v in engine.controls(self.config).items() if k != "max_new"}
         self.prefix_cache_size = int(prefix_cache_size)
         self.prefixes: OrderedDict[bytes, _PrefixEntry] = OrderedDict()
         self.rows: list[Any] = []  # per row: the owner's handle, or None when free
+        self.row_slots: list[int] = []  # per row: the KV slots its request needs (its cache's bucket)
         self.cache: Any = None
         self.state: dict[str, Any] | None = None
         self._step_fn = jax.jit(self._step_impl, static_argnames=("spec",), donate_argnums=(1, 2))
         self._extend_fn = jax.jit(self._extend_impl)
         self._set_row_fn = jax.jit(_set_row, donate_argnums=(0,))
         self._take_rows_fn = jax.jit(_take_rows)  # a new shape: nothing to donate into
+        self._fit_slots_fn = jax.jit(fit_slots, static_argnums=(1,))
 
     # ---- jitted pieces ---------------------------------------------------------------------------------------
     def _extend_impl(self, params: Any, cache: Any, embeds: jax.Array, mask: jax.Array) -> tuple[jax.Array, Any]:
@@ -210,24 +226,25 @@ class ContinuousBatcher:
             cache, done = entry.cache, entry.positions
             index = int(np.asarray(cache["index"])[0])
         cuts = points + [len(req.items)]
+        chunks = []  # (rows, packed, mask): the prompt's pieces as they are prefilled, padded to compiled shapes
+        for k in cuts:
+            rows = int(starts[k])
+            chunks.append((rows, *self._pack(embeds[done if not chunks else chunks[-1][0]:rows])))
+        used = index + sum(p.shape[1] for _, p, _ in chunks)
+        self._fits(used, req.max_new_tokens, total)
+        slots = next(n for n in self.slot_buckets if n >= used + req.max_new_tokens)
+        if cache is not None and _slots(cache) < slots:
+            cache = self._fit_slots_fn(cache, slots)  # a longer copy: the stored prefix keeps its own
         prefilled = 0
         logits = None
-        for k in cuts:  # prefill up to each cache point (storing it), then the rest
-            prev_rows = done
-            rows = int(starts[k])
-            packed, mask = self._pack(embeds[prev_rows:rows])
+        for k, (rows, packed, mask) in zip(cuts, chunks):  # prefill up to each cache point (storing it), then the rest
             if cache is None:
-                bucket = packed.shape[1]
-                self._fits(bucket, req.max_new_tokens, total)
-                logits, cache = self.engine.prefill(packed, mask, self.slot_length - bucket)
+                logits, cache = self.engine.prefill(packed, mask, slots - packed.shape[1])
                 logits = logits[:, -1]
-                index = bucket
             else:
-                index += packed.shape[1]
-                self._fits(index, req.max_new_tokens, total)
                 logits, cache = self._extend_fn(self.engine.params, cache, self.engine.put_batch(packed),
                                                 self.engine.put_batch(mask))
-            prefilled += rows - prev_rows
+            prefilled += rows - done
             done = rows
             if k in req.cache_points:
                 self._store_prefix(digests[k], cache, rows)
@@ -259,35 +276,43 @@ class ContinuousBatcher:
         idx = np.asarray(keep + [keep[0] if keep else 0] * (size - len(keep)), np.int32)
         self.cache, self.state = self._take_rows_fn((self.cache, self.state), jnp.asarray(idx))
         self.rows = [self.rows[i] for i in keep] + [None] * (size - len(keep))
+        self.row_slots = [self.row_slots[i] for i in keep] + [0] * (size - len(keep))
 
     def insert(self, pre: Prefilled, owner: Any) -> int:
         """Put a prefilled request into a free row (growing the batch if none is free); returns the row."""
         if not self.has_room():
             raise RuntimeError("the batch is full")
         row_state = {k: v for k, v in pre.row.items() if k != "cache"}
+        row_cache, need = pre.row["cache"], _slots(pre.row["cache"])
         if self.cache is None:
             # a copy: the step donates the batch's buffers, and the prefilled cache may be a kept prefix
-            self.cache = jax.tree_util.tree_map(lambda x: x.copy(), pre.row["cache"])
+            self.cache = jax.tree_util.tree_map(lambda x: x.copy(), row_cache)
             self.state = jax.tree_util.tree_map(lambda x: x.copy(), row_state)
-            self.rows = [owner]
+            self.rows, self.row_slots = [owner], [need]
             return 0
         if None not in self.rows:
             self._resize(next(b for b in self.buckets if b > len(self.rows)))
+        if need > _slots(self.cache):
+            self.cache = self._fit_slots_fn(self.cache, need)
+        elif need < _slots(self.cache):
+            row_cache = self._fit_slots_fn(row_cache, _slots(self.cache))
         i = self.rows.index(None)
-        self.cache, self.state = self._set_row_fn((self.cache, self.state), (pre.row["cache"], row_state),
-                                                  jnp.int32(i))
-        self.rows[i] = owner
+        self.cache, self.state = self._set_row_fn((self.cache, self.state), (row_cache, row_state), jnp.int32(i))
+        self.rows[i], self.row_slots[i] = owner, need
         return i
 
     def release(self, i: int) -> None:
         """Forget row i (finished or cancelled); compacts the batch when at most a quarter of it is in use."""
-        self.rows[i] = None
+        self.rows[i], self.row_slots[i] = None, 0
         n = self.active
         if n == 0:
-            self.cache, self.state, self.rows = None, None, []
+            self.cache, self.state, self.rows, self.row_slots = None, None, [], []
             return
         if len(self.rows) > 1 and n <= len(self.rows) // 4:
             self._resize(next(b for b in self.buckets if b >= n))
+        need = max(self.row_slots)
+        if need < _slots(self.cache):  # the rows still running fit in fewer slots (theirs are at the front)
+            self.cache = self._fit_slots_fn(self.cache, need)
 
     def step(self) -> list[tuple[Any, int, str]]:
         """One decode step of every row: [(owner, token, finish reason or "")] for the active rows."""
@@ -306,9 +331,28 @@ def _set_row(batch: Any, row: Any, i: jax.Array) -> Any:
         lambda b, r: jax.lax.dynamic_update_slice(b, r.astype(b.dtype), (i,) + (0,) * (b.ndim - 1)), batch, row)
 
 
+def _slots(cache: Any) -> int:
+    return int(cache["valid"].shape[1])
+
+
+def fit_slots(cache: Any, slots: int) -> Any:
+    """A KV cache (`models.llama.init_cache` layout) with `slots` slots per row: cut at the end, or padded with
+    empty (invalid) slots. Cutting is only right when no row uses the slots cut."""
+    def fit(x: jax.Array, axis: int) -> jax.Array:
+        n = x.shape[axis]
+        if slots <= n:
+            return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, slots - n)
+        return jnp.pad(x, pad)
+
+    return {name: (fit(v, 1) if name == "valid" else v) if not isinstance(v, dict)
+            else {kv: fit(a, 2) for kv, a in v.items()} for name, v in cache.items()}
+
+
 def _take_rows(batch: Any, idx: jax.Array) -> Any:
     return jax.tree_util.tree_map(lambda b: jnp.take(b, idx, axis=0), batch)
 
 
-__all__ = ["ContextTooLong", "ContinuousBatcher", "Prefilled", "PromptItem", "RowRequest", "item_positions",
-           "prefix_digests", "row_buckets"]
+__all__ = ["ContextTooLong", "ContinuousBatcher", "Prefilled", "PromptItem", "RowRequest", "fit_slots",
+           "item_positions", "prefix_digests", "row_buckets", "slot_buckets"]
