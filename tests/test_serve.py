@@ -224,17 +224,23 @@ def test_client_killed_mid_stream_frees_its_row(server, client):
 
 @pytest.mark.slow
 def test_caches_prefill_only_new_tokens(chat, server, client, media, tmp_path):
-    """A new video is encoded once; a second question about it and a follow-up turn prefill only their own tokens,
-    and their answers are VideoLLaMAChat's (no cache there)."""
+    """A new video is encoded once; its first question reuses the system prompt every conversation starts with,
+    a second question about it and a follow-up turn prefill only their own tokens, and their answers are
+    VideoLLaMAChat's (no cache there)."""
     clip = shutil.copy(make_video(tmp_path / "other.mp4", n_frames=8, width=64, audio={"seconds": 1.0}),
                        media["dir"] / "other.mp4")
     part = media_part("video", Path(clip))
     q1, q2, q3 = "What is shown?", "Is it daytime?", "Why?"
+    ask(client, [user("Say hello.")])  # the system prompt's prefill is kept (whatever ran before)
+    conv = chat.conversation([("user", "Say hello.", None)])
+    head = chat.head_tokens(conv, chat.build_context(conv, []))
+    assert head > 10  # ChatML's system prompt and the user tag
     m0 = metrics(server)
     a1, r1 = ask(client, [user(q1, part)])
     m1 = metrics(server)
     assert m1["vllama_encoder_cache_misses_total"] == m0["vllama_encoder_cache_misses_total"] + 1
-    assert m1["vllama_prefill_tokens_total"] - m0["vllama_prefill_tokens_total"] == r1.usage.prompt_tokens
+    assert m1["vllama_prefix_cache_hits_total"] == m0["vllama_prefix_cache_hits_total"] + 1
+    assert m1["vllama_prefill_tokens_total"] - m0["vllama_prefill_tokens_total"] == r1.usage.prompt_tokens - head
 
     a2, r2 = ask(client, [user(q2, part)])
     m2 = metrics(server)

@@ -479,6 +479,23 @@ class VideoLLaMAChat:
             conv.system = system
         return conv
 
+    def head_tokens(self, conv: Conversation, ctx: ChatContext) -> int:
+        """How many leading ids of ``ctx`` (built from ``conv``) render what comes before the conversation's first
+        message (the system prompt and the first role tag): a prefix every conversation with the same system
+        prompt shares, which a server prefills once. Where that text tokenizes differently on its own (a merge across
+        the boundary), the ids both agree on; 0 when none."""
+        if not conv.messages or not isinstance(conv.messages[0][1], str) or not ctx.segment_ids:
+            return 0
+        at = ctx.prompt.find(conv.messages[0][1])
+        if at <= 0:
+            return 0
+        head = segment_token_ids([ctx.prompt[:at]], self.tokenizer)[0]
+        first = list(ctx.segment_ids[0])
+        n = 0
+        while n < min(len(head), len(first) - 1) and head[n] == first[n]:
+            n += 1
+        return n
+
     @property
     def history(self) -> list[tuple[str, str | None]]:
         return [(r, m) for r, m in self.conv.messages]

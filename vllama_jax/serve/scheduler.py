@@ -257,8 +257,10 @@ class Scheduler:
             if k < len(blocks):
                 items.append((f"{key}/{k}", int(np.asarray(blocks[k]).reshape(-1, ctx.embeds.shape[1]).shape[0])))
                 media_end = len(items)
-        points = [media_end] if media_end else []
-        points.append(len(items))  # the whole prompt: a follow-up turn starts with it
+        # kept prefixes: the system prompt (every conversation with it starts there), the media block (the next
+        # question about the same media), the whole prompt (a follow-up turn starts with it)
+        points = [p for p in (self.chat.head_tokens(conv, ctx), media_end) if p]
+        points.append(len(items))
         if req.num_beams > 1:
             self._beam(job, ctx.embeds)
             return
