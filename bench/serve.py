@@ -9,22 +9,32 @@ request's chunks after the first) p50. The baseline answers the same requests on
 `VideoLLaMAChat` (no server, media encoded once, the same greedy settings). Compilation is done by a warm-up round
 (every batch size the run uses) before anything is timed.
 
-    python bench/serve.py [--requests 32] [--max-tokens 32] [--clients 1,8,32] [--json out.json]
+The server runs as users run it: `vllama-jax serve` in its own process (``--server process``, the default), so
+the clients' threads (HTTP, SSE parsing) do not share the server's interpreter lock; ``--server thread`` starts it
+inside the benchmark's process instead (the clients then slow the server down).
+
+    python bench/serve.py [--requests 32] [--max-tokens 32] [--clients 1,8,32] [--server process|thread]
+                          [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import openai
@@ -45,6 +55,52 @@ TEXT_QUESTIONS = ["Name a fruit.", "What is the capital of France?", "Give me a 
 
 def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server_process(media_dir: str, args: argparse.Namespace, max_batch: int) -> Iterator[str]:
+    """`vllama-jax serve` on the embedded default in a child process; yields its URL once /health answers."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vllama_jax.cli", "serve", "--port", str(port), "--allowed-media-path", media_dir,
+           "--max-batch", str(max_batch), "--max-context", str(args.max_context), "--max-tokens",
+           str(args.max_tokens)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 600
+        while True:
+            if proc.poll() is not None:
+                raise SystemExit(f"the server exited with status {proc.returncode}: {proc.stderr.read()[-2000:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("the server did not answer /health within 600 s") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGINT)  # drains and exits cleanly
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def server_thread(chat: VideoLLaMAChat, media_dir: str, args: argparse.Namespace, max_batch: int) -> Iterator[str]:
+    server = Server(chat, port=0, allowed_media_paths=[media_dir], max_batch=max_batch, max_context=args.max_context,
+                    max_tokens_default=args.max_tokens).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
 
 
 def requests_for(n: int, clip: Path) -> list[list[dict]]:
@@ -108,6 +164,8 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--server", choices=("process", "thread"), default="process",
+                    help="run the server as its own process (as users do) or as a thread of this one")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -119,13 +177,16 @@ def main() -> None:
         clip = make_video(Path(tmp) / "clip.mp4", n_frames=8, audio={"seconds": 1.0})
         chat = VideoLLaMAChat.embedded()
         reqs = requests_for(args.requests, clip)
-        server = Server(chat, port=0, allowed_media_paths=[tmp], max_batch=max(levels), max_context=args.max_context,
-                        max_tokens_default=args.max_tokens).start()
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=3600)
-        try:
+        serving = (server_process(tmp, args, max(levels)) if args.server == "process"
+                   else server_thread(chat, tmp, args, max(levels)))
+        with serving as url:
+            client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
             print("warm-up (compiles every shape the run uses) ...", flush=True)
+            # every prompt's prefill shapes at the top level, then each level's batch and slot shapes (a video
+            # and a text request at least)
+            run_level(client, reqs, max(levels), args.max_tokens)
             for level in sorted(set(levels)):
-                run_level(client, reqs[:level], level, args.max_tokens)
+                run_level(client, reqs[:max(2, level)], level, args.max_tokens)
             one_at_a_time(chat, reqs[:2], clip, args.max_tokens)
             results = []
             for level in levels:
@@ -134,10 +195,8 @@ def main() -> None:
                 print(f"  {level:3d} clients: {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, "
                       f"TTFT p50 {r['ttft_p50_s']:.2f} s p99 {r['ttft_p99_s']:.2f} s, per-token p50 "
                       f"{(r['per_token_p50_s'] or 0) * 1000:.0f} ms ({r['wall_s']:.1f} s)", flush=True)
-            base = one_at_a_time(chat, reqs, clip, args.max_tokens)
-            print(f"  one at a time (VideoLLaMAChat): {base['requests_per_s']:.2f} req/s ({base['wall_s']:.1f} s)")
-        finally:
-            server.stop()
+        base = one_at_a_time(chat, reqs, clip, args.max_tokens)
+        print(f"  one at a time (VideoLLaMAChat): {base['requests_per_s']:.2f} req/s ({base['wall_s']:.1f} s)")
     for r in results:
         r["speedup_vs_one_at_a_time"] = r["requests_per_s"] / base["requests_per_s"]
         print(f"  {r['clients']:3d} clients: {r['speedup_vs_one_at_a_time']:.1f}x the one-at-a-time throughput")
@@ -146,6 +205,7 @@ def main() -> None:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "command": " ".join(sys.argv),
               "load_before": load_before, "load_after": load_after, "max_tokens": args.max_tokens,
+              "server": args.server,
               "levels": results, "one_at_a_time": base}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
