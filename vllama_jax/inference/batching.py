@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..models.llama import resize_cache
 from .engine import DecodeEngine, forward_tokens, round_up
 from .generation_config import FINISH_CODES, GenerationConfig, GenerationInputError
 from .sampling import ProcessorSpec, ProcessorValues, process_scores, select_tokens, stop_sequence_hits
@@ -144,7 +145,7 @@ class ContinuousBatcher:
         self._extend_fn = jax.jit(self._extend_impl)
         self._set_row_fn = jax.jit(_set_row, donate_argnums=(0,))
         self._take_rows_fn = jax.jit(_take_rows)  # a new shape: nothing to donate into
-        self._fit_slots_fn = jax.jit(fit_slots, static_argnums=(1,))
+        self._fit_slots_fn = jax.jit(resize_cache, static_argnums=(1,))
 
     # ---- jitted pieces ---------------------------------------------------------------------------------------
     def _extend_impl(self, params: Any, cache: Any, embeds: jax.Array, mask: jax.Array) -> tuple[jax.Array, Any]:
@@ -335,24 +336,9 @@ def _slots(cache: Any) -> int:
     return int(cache["valid"].shape[1])
 
 
-def fit_slots(cache: Any, slots: int) -> Any:
-    """A KV cache (`models.llama.init_cache` layout) with `slots` slots per row: cut at the end, or padded with
-    empty (invalid) slots. Cutting is only right when no row uses the slots cut."""
-    def fit(x: jax.Array, axis: int) -> jax.Array:
-        n = x.shape[axis]
-        if slots <= n:
-            return jax.lax.slice_in_dim(x, 0, slots, axis=axis)
-        pad = [(0, 0)] * x.ndim
-        pad[axis] = (0, slots - n)
-        return jnp.pad(x, pad)
-
-    return {name: (fit(v, 1) if name == "valid" else v) if not isinstance(v, dict)
-            else {kv: fit(a, 2) for kv, a in v.items()} for name, v in cache.items()}
-
-
 def _take_rows(batch: Any, idx: jax.Array) -> Any:
     return jax.tree_util.tree_map(lambda b: jnp.take(b, idx, axis=0), batch)
 
 
-__all__ = ["ContextTooLong", "ContinuousBatcher", "Prefilled", "PromptItem", "RowRequest", "fit_slots",
-           "item_positions", "prefix_digests", "row_buckets", "slot_buckets"]
+__all__ = ["ContextTooLong", "ContinuousBatcher", "Prefilled", "PromptItem", "RowRequest", "item_positions",
+           "prefix_digests", "row_buckets", "slot_buckets"]

@@ -51,6 +51,7 @@ Adapters = dict[str, Any]  # a `llama_lora` tree (`models.lora`), or the part of
 Cache = dict[str, Any]
 
 CACHE_KV_AXES = ("batch", "kv_heads", "cache_length", "head_dim")
+SLOT_AXIS = CACHE_KV_AXES.index("cache_length")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -76,6 +77,20 @@ def cache_logical_axes(config: LlamaConfig) -> Cache:
     axes["index"] = ("batch",)
     axes["next_pos"] = ("batch",)
     return axes
+
+
+def resize_cache(cache: Cache, length: int) -> Cache:
+    """`cache` with `length` slots per row: cut at the end, or padded with empty (invalid) slots. Cutting is only
+    right where no row uses the slots cut."""
+    def fit(x: jax.Array, axis: int) -> jax.Array:
+        if length <= x.shape[axis]:
+            return jax.lax.slice_in_dim(x, 0, length, axis=axis)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, length - x.shape[axis])
+        return jnp.pad(x, pad)
+
+    return {name: {kv: fit(a, SLOT_AXIS) for kv, a in v.items()} if isinstance(v, dict)
+            else fit(v, 1) if name == "valid" else v for name, v in cache.items()}
 
 
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
@@ -154,8 +169,8 @@ class LlamaAttention(_Projections):
         new_cache = None
         if layer_cache is not None:
             # Keys are cached after RoPE, so old entries never need re-rotation.
-            ck = _write_rows(layer_cache["k"], k.transpose(0, 2, 1, 3), index, axis=2)
-            cv = _write_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index, axis=2)
+            ck = _write_rows(layer_cache["k"], k.transpose(0, 2, 1, 3), index, axis=SLOT_AXIS)  # (B, Hkv, L, Dh)
+            cv = _write_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index, axis=SLOT_AXIS)
             new_cache = {"k": ck, "v": cv}
             out = dot_product_attention(q, ck.astype(self.dtype), cv.astype(self.dtype), bias,
                                         half_precision_scores=self.torch_arithmetic, kv_heads_first=True)
