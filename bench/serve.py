@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ import openai
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.helpers import free_port  # noqa: E402
 from tests.media_helpers import make_video  # noqa: E402
 from vllama_jax.inference import GenerationConfig, VideoLLaMAChat  # noqa: E402
 from vllama_jax.serve import Server  # noqa: E402
@@ -57,12 +57,6 @@ def uptime() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def server_process(media_dir: str, args: argparse.Namespace, max_batch: int) -> Iterator[str]:
     """`vllama-jax serve` on the embedded default in a child process; yields its URL once /health answers."""
@@ -70,13 +64,16 @@ def server_process(media_dir: str, args: argparse.Namespace, max_batch: int) -> 
     cmd = [sys.executable, "-m", "vllama_jax.cli", "serve", "--port", str(port), "--allowed-media-path", media_dir,
            "--max-batch", str(max_batch), "--max-context", str(args.max_context), "--max-tokens",
            str(args.max_tokens)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # its log goes to a file: a pipe nobody reads would block the server once its access log filled the buffer
+    log = open(Path(media_dir) / "server.log", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 600
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"the server exited with status {proc.returncode}: {proc.stderr.read()[-2000:]}")
+                log.seek(0)
+                raise SystemExit(f"the server exited with status {proc.returncode}: {log.read()[-2000:]}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=5):
                     break
@@ -91,6 +88,7 @@ def server_process(media_dir: str, args: argparse.Namespace, max_batch: int) -> 
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log.close()
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -96,3 +97,10 @@ def random_hf_llama(*, seed: int = 0, unit_embeddings: bool = False, lm_head_sca
                 scale = lm_head_scale if "lm_head" in name else 1.0
                 p.copy_(scale * torch.randn_like(p) / math.sqrt(p.shape[1]))
     return model
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a server or a coordinator started by a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

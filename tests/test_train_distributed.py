@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.helpers import free_port
 from tests.test_train_support import subprocess_env, tiny_config, tiny_config_dict
 from vllama_jax.train.checkpoint import load_trainable_params
 from vllama_jax.train.loop import Trainer
@@ -39,12 +39,6 @@ WORKER = textwrap.dedent('''
     t.close()
     print("LOSSES", json.dumps([h["loss"] for h in hist]))
 ''')
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 DIST = dict(mesh="data=2,fsdp=2,tensor=2", max_steps=2, data={"batch_size": 8}, optim={"grad_accum": 2},
