@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from tests.fuzz import worker
 from tests.fuzz.campaign import BAD, Case, Pool, budgets, campaign, regression_cases, replay, table
 from tests.fuzz.mutate import MUTATORS, mp4_boxes, mutate, riff_chunks
 from tests.fuzz.targets import TARGETS
@@ -115,3 +118,22 @@ def test_pool_attributes_hangs_crashes_and_memory_and_goes_on(tmp_path: Path):
     assert results["abort"].status == "crash"
     assert results["alloc"].status == "untyped" and "MemoryError" in results["alloc"].error
     assert results["fine"].status == "ok" and results["fine"].peak_rss > 0
+
+
+@pytest.mark.parametrize("reset", [True, False], ids=["high-water-mark", "sampled"])
+def test_a_case_is_charged_only_the_memory_it_adds(monkeypatch, reset: bool):
+    """The memory limit is on what a case adds: a worker that already holds a server (or once held a large
+    buffer) does not charge it to the next case, whether the kernel's high-water mark can be reset or not (then
+    the RSS is sampled)."""
+    if not reset:
+        monkeypatch.setattr(worker, "_status_kb", lambda field: 1 << 50)  # a mark that no reset brings down
+    before = np.ones(300 << 20, np.uint8)  # held before the case: not its cost
+    with worker.CaseMemory() as idle:
+        time.sleep(0.05)
+    del before
+    with worker.CaseMemory() as busy:
+        held = np.ones(200 << 20, np.uint8)
+        time.sleep(0.05)
+        del held
+    assert idle.base >= 300 << 20 and idle.peak - idle.base < 64 << 20
+    assert busy.peak - busy.base >= 190 << 20

@@ -27,7 +27,7 @@ from tests.fuzz.targets import DATA_FORMATS, ROWS_PER_CASE, STRINGS_PER_CASE, TA
 ROOT = Path(__file__).resolve().parents[2]
 REGRESSIONS = Path(__file__).resolve().parent / "regressions"
 GIB = 1 << 30
-RSS_LIMIT = 2 * GIB  # the contract: a bad file costs no more than this
+RSS_LIMIT = 2 * GIB  # the contract: a bad file costs no more than this on top of what its reader already held
 STARTUP_TIMEOUT = 600.0  # a worker's imports, on a loaded machine
 AS_LIMIT = 8 * GIB  # address space per worker: above the RSS limit, as jax/torch reserve far more than they use
 BAD = ("untyped", "hang", "crash", "executed", "memory")
@@ -46,8 +46,9 @@ class Result:
     case: Case
     status: str  # ok | typed | untyped | executed | hang | crash | memory
     error: str = ""
-    peak_rss: int = 0
+    peak_rss: int = 0  # the worker's resident memory at its peak during the case
     seconds: float = 0.0
+    added_rss: int = 0  # of which the case added (the peak less what the worker held when the case began)
 
 
 class _Worker:
@@ -148,13 +149,14 @@ class Pool:
                             r = json.loads(line)
                             status, error = r["status"], r.get("error", "")
                             elapsed -= r.get("setup_seconds", 0.0)
-                            if status in ("ok", "typed") and r["peak_rss"] > RSS_LIMIT:
-                                status = "memory"
+                            added = r["peak_rss"] - r.get("base_rss", 0)
+                            if status in ("ok", "typed") and added > RSS_LIMIT:
+                                status, error = "memory", f"the case added {added / GIB:.1f} GB of resident memory"
                             elif r.get("setup_seconds") and elapsed > self.timeout:  # the limit was lifted for it
                                 status, error = "hang", f"answered after {elapsed:.0f} s (limit {self.timeout:.0f} s)"
                             busy.remove(w)
                             idle.append(w)
-                            yield Result(w.case, status, error, r["peak_rss"], elapsed)
+                            yield Result(w.case, status, error, r["peak_rss"], elapsed, added)
                             continue
                         code = w.proc.wait()
                         result = Result(w.case, "crash", f"worker died (exit status {code})", 0, elapsed)
@@ -239,6 +241,7 @@ class Stats:
     executed: int = 0
     memory: int = 0
     peak_rss: int = 0
+    most_added: int = 0
     slowest: float = 0.0
     seconds: float = 0.0
 
@@ -247,6 +250,7 @@ class Stats:
         self.items += r.case.items
         setattr(self, r.status, getattr(self, r.status) + 1)
         self.peak_rss = max(self.peak_rss, r.peak_rss)
+        self.most_added = max(self.most_added, r.added_rss)
         self.slowest = max(self.slowest, r.seconds)
         self.seconds += r.seconds
 
@@ -327,12 +331,13 @@ def replay(cases: list[Case], workers: int = 2, timeout: float = 30.0, pool: Poo
 def table(stats: dict[str, Stats]) -> str:
     """Markdown: one row per target."""
     head = ("| target | cases | items | results | typed errors | untyped errors | hangs | crashes | ran code "
-            "| over 2 GB | peak RSS | slowest case | mean case |")
-    lines = [head, "|" + "---|" * 13]
+            "| added over 2 GB | most added | peak RSS | slowest case | mean case |")
+    lines = [head, "|" + "---|" * 14]
     for name, s in stats.items():
         mean = s.seconds / s.cases if s.cases else 0.0
         lines.append(f"| {name} | {s.cases} | {s.items} | {s.ok} | {s.typed} | {s.untyped} | {s.hang} | {s.crash} "
-                     f"| {s.executed} | {s.memory} | {s.peak_rss / 2**20:.0f} MB | {s.slowest:.1f} s | {mean:.2f} s |")
+                     f"| {s.executed} | {s.memory} | {s.most_added / 2**20:.0f} MB | {s.peak_rss / 2**20:.0f} MB "
+                     f"| {s.slowest:.1f} s | {mean:.2f} s |")
     return "\n".join(lines)
 
 

@@ -2,7 +2,8 @@
 
 Protocol: the worker warms up (imports) and says ``{"ready": true}``; then the campaign writes ``{"target": name, "path": case}`` lines to stdin; the worker answers each on its
 original stdout (its own stdout/stderr go to a log file, FFmpeg and friends write there) with
-``{"status": "ok"|"typed"|"untyped"|"executed", "error": ..., "peak_rss": bytes, "setup_seconds": s}`` (the time of
+``{"status": "ok"|"typed"|"untyped"|"executed", "error": ..., "peak_rss": bytes, "base_rss": bytes,
+"setup_seconds": s}`` (the case's peak resident memory and what the worker held when it began; the time of
 the target's once-per-worker ``Target.setup``, the HTTP server, run before the first such case; not the case's). A
 case that kills the process or never answers is seen by the campaign as a crash or a hang.
 """
@@ -12,26 +13,62 @@ import json
 import os
 import resource
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 
 
-def _peak_rss() -> int:
+def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) * 1024
     return 0
 
 
-def _reset_peak_rss() -> None:
-    # Writing 5 to clear_refs resets VmHWM (Linux >= 4.0): the peak of *this* case, not of the worker's life.
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
+
+
+class CaseMemory:
+    """The resident memory of one case: ``base`` when it began and ``peak`` while it ran.
+
+    The peak is the kernel's high-water mark (VmHWM) after resetting it (writing 5 to clear_refs, Linux >= 4.0);
+    where the reset is refused or does not take (some sandboxes), the mark would be the worker's lifetime peak,
+    so a thread samples the RSS every 2 ms instead (it can miss a spike shorter than that)."""
+
+    def __init__(self) -> None:
+        self.base = self.peak = 0
+        self._samples: list[int] = []
+        self._stop = threading.Event()
+        self._sampler: threading.Thread | None = None
+
+    def __enter__(self) -> "CaseMemory":
+        self.base = _rss()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            reset = _status_kb("VmHWM:") <= _rss() + (16 << 20)
+        except OSError:
+            reset = False
+        if not reset:
+            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.002):
+            self._samples.append(_rss())
+
+    def __exit__(self, *exc: object) -> None:
+        if self._sampler is None:
+            self.peak = max(_status_kb("VmHWM:"), self.base)
+        else:
+            self._stop.set()
+            self._sampler.join()
+            self.peak = max([self.base, _rss(), *self._samples])
 
 
 def classify(target_name: str, path: Path) -> dict:
@@ -121,9 +158,9 @@ def main() -> None:
         if case["target"] not in set_up:
             set_up.add(case["target"])
             setup_seconds = set_up_target(case["target"])
-        _reset_peak_rss()
-        result = classify(case["target"], Path(case["path"]))
-        result["peak_rss"] = _peak_rss()
+        with CaseMemory() as mem:
+            result = classify(case["target"], Path(case["path"]))
+        result["peak_rss"], result["base_rss"] = mem.peak, mem.base
         result["setup_seconds"] = setup_seconds
         replies.write(json.dumps(result) + "\n")
 
