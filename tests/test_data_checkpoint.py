@@ -79,6 +79,7 @@ def test_iterator_state_restores_exactly_in_a_new_process(tmp_path: Path, tiny_d
     r = subprocess.run([sys.executable, "-c", RESTORE, json.dumps(args)], capture_output=True, text=True,
                        timeout=300, env=os.environ | {"JAX_PLATFORMS": "cpu"})
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "leaked shared_memory" not in r.stderr  # the workers' batches are all unlinked by the end
     got = np.load(tmp_path / "restored.npz")
     want = _arrays(expected)
     assert sorted(got.files) == sorted(want)

@@ -99,7 +99,7 @@ class InjectNaN:
         batch = next(self.it)
         self.n += 1
         if self.n == self.at:
-            batch = dict(batch, frames=np.full_like(batch["frames"], np.nan))
+            batch = dict(batch, frames=np.full(batch["frames"].shape, np.nan, np.float32))
         return batch
 
 

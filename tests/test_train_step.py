@@ -16,6 +16,7 @@ import pytest
 
 from tests.helpers import upstream_rule_no_decay
 from tests.test_train_support import compiled, host, tiny_config
+from vllama_jax.media.image import normalize_uint8
 from vllama_jax.train.loop import Trainer
 from vllama_jax.train.optimizer import decay_mask
 from vllama_jax.train.step import make_loss_fn
@@ -130,6 +131,28 @@ def test_prompt_and_instruction_batches_reproduce_upstream_gradients(parity_trai
     for name, ref in expected.items():
         tol = max(1e-4 * float(np.abs(ref).max()), 1e-6)
         assert float(np.abs(ours[name] - ref).max()) <= tol, name
+
+
+def test_pixel_frames_are_normalised_on_the_device(parity_trainer, tiny_inputs):
+    """The pipeline ships uint8 pixels (data.batch.FRAMES); the loss on them equals the loss on the same pixels
+    CLIP-normalised on the host (the float32 path of the fixtures and of inference), gradients too."""
+    t = parity_trainer
+    z = tiny_inputs
+    pixels = np.random.default_rng(0).integers(0, 256, z["video"].transpose(0, 2, 3, 4, 1).shape, np.uint8)
+    ids = {"text_ids": z["stage1.text_ids"].astype(np.int32),
+           "text_mask": z["stage1.text_attention_mask"].astype(np.int32)}
+    loss_fn = jax.value_and_grad(make_loss_fn(t.model, "video", t.placeholder_id, dropout=False), has_aux=True)
+    outs = []
+    for frames in (pixels, normalize_uint8(pixels)):
+        args = (t.params0, t.frozen, {"frames": frames, **ids}, jax.random.PRNGKey(0))
+        outs.append(jax.device_get(compiled(loss_fn, *args)(*args)))
+    (loss_u8, _), grads_u8 = outs[0]
+    (loss_f32, _), grads_f32 = outs[1]
+    assert abs(float(loss_u8) - float(loss_f32)) <= 1e-6 * abs(float(loss_f32))
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads_f32))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_u8), jax.tree.leaves(grads_f32)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * scale, err_msg=str(path))
+    np.testing.assert_array_equal(jax.jit(lambda x: normalize_uint8(x, jax.numpy))(pixels), normalize_uint8(pixels))
 
 
 @pytest.mark.slow

@@ -9,7 +9,9 @@ run's abstract batches and the token count behind the MFU (``llm_positions``).
 
 Shapes are written with the dimension names of `Dims`::
 
-    caption      frames (batch, frames, image_size, image_size, 3) float32, text_ids / text_mask (batch, max_txt_len)
+    caption      frames (batch, frames, image_size, image_size, 3) uint8 RGB pixels (the train step normalises
+                 them on the device; float32 values already CLIP-normalised are taken as they are: the fixtures,
+                 synthetic data), text_ids / text_mask (batch, max_txt_len)
                  int32 (upstream.md §1.8 path B); stage 2 adds one prompt for the whole batch: prompt_before
                  (1, prompt_before) / prompt_after (1, prompt_after) int32
     instruction  frames, input_ids / labels / attention_mask (batch, max_len) int32 (path A)
@@ -57,8 +59,19 @@ class Dims:
 @dataclasses.dataclass(frozen=True)
 class ArraySpec:
     name: str
-    dtype: type
+    dtype: type  # what the pipeline emits (and the dry run assumes)
     shape: tuple[str | int, ...]  # names of `Dims` fields, or sizes
+    also: tuple[type, ...] = ()  # other dtypes the step takes as they are
+
+    def convert(self, x: Any) -> np.ndarray:
+        """``x`` in an accepted dtype: kept if it is one, else cast to the first of the same kind (a float64 array
+        to float32, never to uint8 pixels), else to ``dtype``."""
+        x = np.asarray(x)
+        accepted = [np.dtype(d) for d in (self.dtype, *self.also)]
+        if x.dtype in accepted:
+            return x
+        same_kind = [d for d in accepted if d.kind == x.dtype.kind]
+        return x.astype(same_kind[0] if same_kind else accepted[0])
 
     def shape_for(self, dims: Dims) -> tuple[int, ...]:
         return tuple(getattr(dims, d) if isinstance(d, str) else d for d in self.shape)
@@ -86,7 +99,7 @@ class BatchSpec:
         missing = [k for k in self.row_keys if k not in batch]
         if missing:
             raise ValueError(f"{self.kind} batch without {missing} (keys: {sorted(batch)})")
-        return {a.name: np.asarray(batch[a.name], a.dtype) for a in self.rows + self.shared if a.name in batch}
+        return {a.name: a.convert(batch[a.name]) for a in self.rows + self.shared if a.name in batch}
 
     def shapes(self, dims: Dims, *, shared: bool = False) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """{name: (shape, dtype)} of a batch of these sizes (with the shared arrays if `shared`)."""
@@ -94,7 +107,7 @@ class BatchSpec:
         return {a.name: (a.shape_for(dims), np.dtype(a.dtype)) for a in specs}
 
 
-FRAMES = ArraySpec("frames", np.float32, ("batch", "frames", "image_size", "image_size", 3))
+FRAMES = ArraySpec("frames", np.uint8, ("batch", "frames", "image_size", "image_size", 3), also=(np.float32,))
 
 CAPTION = BatchSpec(
     "caption",

@@ -48,7 +48,10 @@ def load_frames(
     rng: np.random.Generator | None = None,
     need_message: bool = False,
 ) -> tuple[np.ndarray, str]:
-    """Decode + preprocess one media item -> (frames (T, H, W, 3) float32, frame-time message or "").
+    """Decode + preprocess one media item -> (frames (T, H, W, 3) uint8 pixels, frame-time message or "").
+
+    The pixels are the processor's output before its CLIP normalisation, which the train step applies on the
+    device (``media.normalize_uint8``): a quarter of the bytes to move between processes and to the device.
 
     Videos must yield exactly ``num_frames`` frames (fixed batch shapes; upstream WebVid also rejects shorter
     clips), otherwise :class:`MediaDecodeError` is raised like for any undecodable file.
@@ -58,12 +61,11 @@ def load_frames(
             if media_type == "video":
                 # threads=1: the pipeline parallelizes over records (worker processes), not inside one video
                 video = load_video(f, num_frames=num_frames, sampling=sampling, image_size=image_size,
-                                   train=train, rng=rng, threads=1)
-                frames = np.asarray(video.frames, dtype=np.float32)
+                                   train=train, rng=rng, threads=1, normalize=False)
+                frames = video.frames
                 message = video.message() if need_message else ""
             elif media_type == "image":
-                frames = np.asarray(load_image(f, image_size=image_size, train=train, rng=rng),
-                                    dtype=np.float32)[None]
+                frames = load_image(f, image_size=image_size, train=train, rng=rng, normalize=False)[None]
                 message = ""
             else:
                 raise MediaDecodeError(path, f"unknown media type {media_type!r}")

@@ -2,12 +2,15 @@
 and the random-resized-crop + bicubic machinery shared with the video train transform (``alpro_video_train``).
 
 Layout is channels-last everywhere: an image is (H, W, 3), a video (T, H, W, 3); the model takes float32
-CLIP-normalised values.
+CLIP-normalised values. Every processor ends in uint8 pixels (upstream casts to uint8 before ``ToTensor``), so
+``normalize=False`` gives those pixels instead: the training pipeline ships them (a quarter of the bytes between
+processes) and the train step normalises on the device with the same ``normalize_uint8``.
 """
 from __future__ import annotations
 
 import math
 import os
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -21,10 +24,18 @@ _MEAN32 = np.asarray(CLIP_MEAN, np.float32)
 _STD32 = np.asarray(CLIP_STD, np.float32)
 
 
-def normalize_uint8(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (..., 3) -> float32 ``(u8 / 255 - mean) / std``, in float32 like torchvision's ToTensor + Normalize."""
-    x = np.asarray(pixels).astype(np.float32) / np.float32(255.0)
-    return (x - _MEAN32) / _STD32
+def normalize_uint8(pixels: Any, xp: Any = np) -> Any:
+    """uint8 (..., 3) -> float32 ``(u8 / 255 - mean) / std``, in float32 like torchvision's ToTensor + Normalize.
+
+    ``xp=jax.numpy`` (inside a jitted step): a lookup in the 256 x 3 table of this function's own numpy values,
+    so the device gives the host's floats bit for bit (XLA would turn the divisions into multiplications)."""
+    if xp is np:
+        x = np.asarray(pixels).astype(np.float32) / np.float32(255.0)
+        return (x - _MEAN32) / _STD32
+    return xp.asarray(_NORMALIZED)[pixels.astype(xp.int32), xp.arange(3)]
+
+
+_NORMALIZED = normalize_uint8(np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1))  # (256, 3)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -95,21 +106,33 @@ def bicubic_resize(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Resize float frames (..., H, W, C) to (..., out_h, out_w, C) like torch bicubic (no antialias).
 
     Separable: width first, then height, each a 4-tap weighted sum accumulated in float32 in tap order (the
-    order ATen uses), so results agree with torch to float32 rounding.
+    order ATen uses), so results agree with torch to float32 rounding. Each tap is one ``np.take`` along a
+    contiguous axis into a reused buffer (width taps index the merged W*C axis), multiplied and added in place:
+    3.5x faster than fancy indexing (it was most of a training sample's CPU), the same arithmetic.
     """
     x = np.asarray(frames, np.float32)
-    h, w = x.shape[-3], x.shape[-2]
+    *lead, h, w, c = x.shape
     ix, wx = _bicubic_taps(w, out_w)
     iy, wy = _bicubic_taps(h, out_h)
-    # width pass: (..., H, out_w, C)
-    cols = x[..., :, ix[:, 0], :] * wx[:, 0, None]
-    for k in range(1, 4):
-        cols += x[..., :, ix[:, k], :] * wx[:, k, None]
-    # height pass: (..., out_h, out_w, C)
-    out = cols[..., iy[:, 0], :, :] * wy[:, 0, None, None]
-    for k in range(1, 4):
-        out += cols[..., iy[:, k], :, :] * wy[:, k, None, None]
-    return out
+    rows = x.reshape(-1, w * c)  # (N*H, W*C)
+    cols = np.empty((rows.shape[0], out_w * c), np.float32)  # width pass: (N*H, out_w*C)
+    _taps_into(cols, rows, [(ix[:, k, None] * c + np.arange(c)).reshape(-1) for k in range(4)],
+               [np.repeat(wx[:, k], c) for k in range(4)])
+    cols = cols.reshape(-1, h, out_w * c)
+    out = np.empty((cols.shape[0], out_h, out_w * c), np.float32)  # height pass: (N, out_h, out_w*C)
+    _taps_into(out, cols, [iy[:, k] for k in range(4)], [wy[:, k, None] for k in range(4)])
+    return out.reshape(*lead, out_h, out_w, c)
+
+
+def _taps_into(out: np.ndarray, src: np.ndarray, index: list[np.ndarray], weight: list[np.ndarray]) -> None:
+    """out = sum_k src[:, index[k]] * weight[k] along axis 1, accumulated left to right in float32."""
+    tmp = np.empty_like(out)
+    for k, (i, w) in enumerate(zip(index, weight)):
+        dst = out if k == 0 else tmp
+        np.take(src, i, axis=1, out=dst)
+        dst *= w
+        if k:
+            out += tmp
 
 
 def float_to_uint8(x: np.ndarray, clamp: bool = False) -> np.ndarray:
@@ -121,21 +144,22 @@ def float_to_uint8(x: np.ndarray, clamp: bool = False) -> np.ndarray:
     x = np.asarray(x)
     if clamp:
         x = np.clip(x, 0.0, 255.0)
-    return (np.trunc(x).astype(np.int64) & 0xFF).astype(np.uint8)
+    return x.astype(np.int64).astype(np.uint8)  # the float cast truncates, the integer cast wraps
 
 
 def alpro_video_train(frames_uint8: np.ndarray, rng: np.random.Generator, image_size: int = 224,
-                      scale: tuple[float, float] = (0.5, 1.0), clamp: bool = False) -> np.ndarray:
+                      scale: tuple[float, float] = (0.5, 1.0), clamp: bool = False,
+                      normalize: bool = True) -> np.ndarray:
     """``alpro_video_train`` transform of decoded frames (T, H, W, 3) uint8 -> (T, S, S, 3) float32.
 
     One RandomResizedCrop box for all frames, bicubic resize of the float values, cast to uint8 without
-    clamping (wraparound quirk; ``clamp=True`` to clip), /255, CLIP normalise.
+    clamping (wraparound quirk; ``clamp=True`` to clip), /255, CLIP normalise (``normalize=False``: the uint8).
     """
     frames = np.asarray(frames_uint8)
     top, left, h, w = random_resized_crop_params(frames.shape[1], frames.shape[2], rng, scale=scale)
     crop = frames[:, top:top + h, left:left + w, :].astype(np.float32)
-    resized = bicubic_resize(crop, image_size, image_size)
-    return normalize_uint8(float_to_uint8(resized, clamp=clamp))
+    pixels = float_to_uint8(bicubic_resize(crop, image_size, image_size), clamp=clamp)
+    return normalize_uint8(pixels) if normalize else pixels
 
 
 def alpro_video_eval(frames_uint8: np.ndarray) -> np.ndarray:
@@ -163,25 +187,26 @@ def open_image(path: str | os.PathLike[str], exif_transpose: bool = False) -> Im
         raise UnreadableMediaError(p, f"cannot decode image ({describe(exc)})") from exc
 
 
-def blip2_image_eval(img: Image.Image, image_size: int = 224) -> np.ndarray:
+def blip2_image_eval(img: Image.Image, image_size: int = 224, normalize: bool = True) -> np.ndarray:
     """``blip2_image_eval``: PIL bicubic resize to (S, S) (aspect not kept, no crop) -> [0,1] -> normalise."""
-    resized = img.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return normalize_uint8(np.asarray(resized, np.uint8))
+    resized = np.asarray(img.resize((image_size, image_size), Image.Resampling.BICUBIC), np.uint8)
+    return normalize_uint8(resized) if normalize else resized
 
 
 def blip2_image_train(img: Image.Image, rng: np.random.Generator, image_size: int = 224,
-                      scale: tuple[float, float] = (0.5, 1.0)) -> np.ndarray:
+                      scale: tuple[float, float] = (0.5, 1.0), normalize: bool = True) -> np.ndarray:
     """``blip2_image_train``: PIL RandomResizedCrop(S, scale, bicubic) -> [0,1] -> normalise (no flip)."""
     top, left, h, w = random_resized_crop_params(img.height, img.width, rng, scale=scale)
     # crop then resize (as torchvision does); resize(box=...) would also read pixels outside the box
     crop = img.crop((left, top, left + w, top + h))
-    resized = crop.resize((image_size, image_size), Image.Resampling.BICUBIC)
-    return normalize_uint8(np.asarray(resized, np.uint8))
+    resized = np.asarray(crop.resize((image_size, image_size), Image.Resampling.BICUBIC), np.uint8)
+    return normalize_uint8(resized) if normalize else resized
 
 
 def load_image(path: str | os.PathLike[str], image_size: int = 224, train: bool = False,
-               rng: np.random.Generator | None = None, exif_transpose: bool = False) -> np.ndarray:
-    """Image file -> (S, S, 3) float32 CLIP-normalised model input.
+               rng: np.random.Generator | None = None, exif_transpose: bool = False,
+               normalize: bool = True) -> np.ndarray:
+    """Image file -> (S, S, 3) float32 CLIP-normalised model input (``normalize=False``: its uint8 pixels).
 
     ``train=False``: ``blip2_image_eval`` (what the chat demo does); ``train=True``: ``blip2_image_train``
     with randomness from ``rng`` (a fresh unseeded Generator if None). EXIF orientation is ignored by default,
@@ -189,8 +214,9 @@ def load_image(path: str | os.PathLike[str], image_size: int = 224, train: bool 
     """
     img = open_image(path, exif_transpose=exif_transpose)
     if train:
-        return blip2_image_train(img, rng if rng is not None else np.random.default_rng(), image_size)
-    return blip2_image_eval(img, image_size)
+        return blip2_image_train(img, rng if rng is not None else np.random.default_rng(), image_size,
+                                 normalize=normalize)
+    return blip2_image_eval(img, image_size, normalize=normalize)
 
 
 def image_as_video(image: np.ndarray) -> np.ndarray:

@@ -509,8 +509,9 @@ def load_video_uint8(path: str | os.PathLike[str], num_frames: int = 8, sampling
 def load_video(path: str | os.PathLike[str], num_frames: int = 8, sampling: Sampling = "uniform",
                image_size: int = 224, train: bool = False, rng: np.random.Generator | None = None,
                honour_rotation: bool = True, threads: int | None = None, clamp: bool = False,
-               window: Window | None = None) -> Video:
-    """Video file -> ``Video`` with (T, S, S, 3) float32 CLIP-normalised frames.
+               window: Window | None = None, normalize: bool = True) -> Video:
+    """Video file -> ``Video`` with (T, S, S, 3) float32 CLIP-normalised frames (``normalize=False``: the uint8
+    pixels they are normalised from).
 
     ``train=False``: ``alpro_video_eval``; ``train=True``: ``alpro_video_train`` (random crop from ``rng``;
     ``clamp=True`` clips bicubic overshoot instead of upstream's uint8 wraparound). One ``rng`` drives both
@@ -518,7 +519,10 @@ def load_video(path: str | os.PathLike[str], num_frames: int = 8, sampling: Samp
     """
     rng = rng if rng is not None else np.random.default_rng()
     u8, meta = load_video_uint8(path, num_frames, sampling, image_size, rng, honour_rotation, threads, window)
-    frames = alpro_video_train(u8, rng, image_size, clamp=clamp) if train else normalize_uint8(u8)
+    if train:
+        frames = alpro_video_train(u8, rng, image_size, clamp=clamp, normalize=normalize)
+    else:
+        frames = normalize_uint8(u8) if normalize else u8
     return Video(frames=frames, indices=meta.indices, timestamps=meta.timestamps, fps=meta.fps,
                  num_frames_total=meta.num_frames_total, duration=meta.duration, rotation=meta.rotation,
                  frames_decoded=meta.frames_decoded)

@@ -29,6 +29,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..data.batch import CAPTION, FEATURES, batch_spec, kind_of
+from ..media.image import normalize_uint8
 from ..sharding import logical_to_mesh_spec
 
 TrainState = dict  # {"step": int32 scalar, "params": trainable tree, "opt_state": optax state}
@@ -44,6 +45,8 @@ def make_loss_fn(model: Any, branch: str, placeholder_id: int, dropout: bool) ->
         variables = {"params": {**frozen, **trainable}}
         rngs = {"dropout": key} if dropout else {}
         kind = kind or kind_of(mb)
+        if "frames" in mb and mb["frames"].dtype == jnp.uint8:  # the pipeline's pixels (data.batch.FRAMES)
+            mb = {**mb, "frames": normalize_uint8(mb["frames"], jnp)}
         if kind == FEATURES.kind:  # both branches from cached frozen-tower outputs (`branch` does not apply)
             out = model.apply(variables, mb["frame_queries"], mb["audio_embeddings"], mb["with_audio"],
                               mb["input_ids"], mb["labels"], mb["attention_mask"], mb["label_positions"],
