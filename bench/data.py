@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from vllama_jax.data import DatasetSpec, PipelineConfig, build_train_iterator, synthetic  # noqa: E402
 from vllama_jax.data.pipeline import PreparedDataset, _Collate, _ExampleLoader, _Source  # noqa: E402
 from vllama_jax.data import text_io  # noqa: E402
+from vllama_jax.media.image import bicubic_resize  # noqa: E402
 
 
 def default_tokenizer() -> str:
@@ -110,8 +111,6 @@ def bench_grain(path: Path, cfg: PipelineConfig, batches: int) -> tuple[float, f
 
 def _resize_work(seconds: float) -> float:
     """Resizes of 8-frame 240x320 crops to 224x224 (the heaviest step of a sample) for ``seconds``; per second."""
-    from vllama_jax.media.image import bicubic_resize
-
     x = np.random.default_rng(0).integers(0, 256, (8, 240, 320, 3)).astype(np.float32)
     n, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
