@@ -17,6 +17,7 @@ import pytest
 from tests.helpers import upstream_rule_no_decay
 from tests.test_train_support import compiled, host, tiny_config
 from vllama_jax.media.image import normalize_uint8
+from vllama_jax.train.features import frozen_features
 from vllama_jax.train.loop import Trainer
 from vllama_jax.train.optimizer import decay_mask
 from vllama_jax.train.step import make_loss_fn
@@ -131,6 +132,35 @@ def test_prompt_and_instruction_batches_reproduce_upstream_gradients(parity_trai
     for name, ref in expected.items():
         tol = max(1e-4 * float(np.abs(ref).max()), 1e-6)
         assert float(np.abs(ours[name] - ref).max()) <= tol, name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tag", ["stage1", "stage1_prompt"])
+def test_cached_caption_step_equals_the_step_on_frames(parity_trainer, tiny_inputs, tag: str):
+    """Path B (stage 1, and with a stage-2 prompt) on the frozen towers' cached output (a caption_features batch)
+    is the step on the frames: the same loss, token count and gradient of every trained leaf (issue 20, must-show
+    1 for caption batches; `test_demo.py::test_cached_feature_step_equals_the_uncached_step` pins path A)."""
+    t = parity_trainer
+    z = tiny_inputs
+    frames = z["video"].transpose(0, 2, 3, 4, 1).astype(np.float32)
+    queries = frozen_features(t.model, {**t.frozen, **t.params0}, frames, None)["frame_queries"]
+    text = {"text_ids": z[f"{tag}.text_ids"].astype(np.int32),
+            "text_mask": z[f"{tag}.text_attention_mask"].astype(np.int32)}
+    if tag == "stage1_prompt":
+        text |= {"prompt_before": z[f"{tag}.p_before_ids"].astype(np.int32),
+                 "prompt_after": z[f"{tag}.p_after_ids"].astype(np.int32)}
+    loss_fn = jax.value_and_grad(make_loss_fn(t.model, "video", t.placeholder_id, dropout=False), has_aux=True)
+    outs = []
+    for kind, batch in (("caption", {"frames": frames, **text}), ("caption_features", {"frame_queries": queries,
+                                                                                         **text})):
+        args = (t.params0, t.frozen, batch, jax.random.PRNGKey(0), kind)
+        outs.append(jax.device_get(jax.jit(loss_fn, static_argnums=4)(*args)))
+    ((loss, ntok), grads), ((loss_c, ntok_c), grads_c) = outs
+    assert int(ntok) == int(ntok_c) > 0
+    assert abs(float(loss_c) - float(loss)) <= 1e-5 * abs(float(loss))
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(grads_c), jax.tree.leaves(grads)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale, err_msg=str(path))
 
 
 def test_pixel_frames_are_normalised_on_the_device(parity_trainer, tiny_inputs):

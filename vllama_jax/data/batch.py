@@ -23,6 +23,8 @@ Shapes are written with the dimension names of `Dims`::
                  head runs only there (``VideoLLaMA.feature_instruction_loss``); optionally one prompt_prefix
                  (1, prompt_prefix) int32 for the whole batch: the tokens every row starts with (the ids hold only
                  what follows), run once and attended to by every row
+    caption_features  a caption batch (path B, video branch) with frame_queries (batch, frames, queries, hidden)
+                 float32, the frozen towers' output, in place of the frames
 """
 from __future__ import annotations
 
@@ -120,15 +122,20 @@ _IDS = tuple(ArraySpec(k, np.int32, ("batch", "max_len")) for k in ("input_ids",
 
 INSTRUCTION = BatchSpec("instruction", rows=(FRAMES, *_IDS))
 
+#: the frozen towers' output per frame (`VideoLLaMA.encode_frames`), cached in place of the frames
+FRAME_QUERIES = ArraySpec("frame_queries", np.float32, ("batch", "frames", "queries", "hidden"))
+
 FEATURES = BatchSpec(
     "features",
-    rows=(ArraySpec("frame_queries", np.float32, ("batch", "frames", "queries", "hidden")),
+    rows=(FRAME_QUERIES,
           ArraySpec("audio_embeddings", np.float32, ("batch", "audio_clips", "audio_dim")),
           ArraySpec("with_audio", np.int32, ("batch",)), *_IDS,
           ArraySpec("label_positions", np.int32, ("batch", "max_labels"))),
     shared=(ArraySpec("prompt_prefix", np.int32, (1, "prompt_prefix")),))
 
-LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION, FEATURES)}
+CAPTION_FEATURES = BatchSpec("caption_features", rows=(FRAME_QUERIES, *CAPTION.rows[1:]), shared=CAPTION.shared)
+
+LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION, FEATURES, CAPTION_FEATURES)}
 
 
 def label_positions(labels: np.ndarray, max_labels: int | None = None) -> np.ndarray:
@@ -157,14 +164,14 @@ def kind_of(arrays: Mapping[str, Any]) -> Kind:
     for spec in LAYOUTS.values():
         if all(k in arrays for k in spec.row_keys):
             return spec.kind
-    raise ValueError(f"arrays {sorted(arrays)} are neither a caption {CAPTION.row_keys}, an instruction "
-                     f"{INSTRUCTION.row_keys} nor a features {FEATURES.row_keys} batch")
+    layouts = "; ".join(f"{k}: {s.row_keys}" for k, s in LAYOUTS.items())
+    raise ValueError(f"arrays {sorted(arrays)} hold the rows of no batch layout ({layouts})")
 
 
 def llm_positions(kind: str, arrays: Mapping[str, Any], num_media: int) -> int:
     """LLaMA sequence positions one batch fills: an instruction (or features) batch its ids; a caption batch BOS +
     the prompt + the `num_media` query tokens + the text, per example."""
-    b = arrays["input_ids" if kind == FEATURES.kind else "frames"].shape[0]
+    b = arrays[batch_spec(kind).row_keys[0]].shape[0]
     if kind in (INSTRUCTION.kind, FEATURES.kind):
         return b * arrays["input_ids"].shape[1]
     prompt = sum(arrays[k].shape[1] for k in CAPTION.shared_keys if k in arrays)

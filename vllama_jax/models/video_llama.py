@@ -155,8 +155,15 @@ class VideoLLaMA(nn.Module):
         flag = with_audio.astype(bool)[:, None, None]
         return jnp.where(flag, jnp.concatenate([audio, video], 1), jnp.concatenate([video, audio], 1))
 
-    def encode_media(self, frames: jax.Array, branch: str = "video", deterministic: bool = True) -> jax.Array:
-        """Training media path: train_flag 0 -> vision branch, 1 -> audio branch fed with frames (upstream.md §1.8)."""
+    def encode_media(self, frames: jax.Array, branch: str = "video", deterministic: bool = True,
+                     cached: bool = False) -> jax.Array:
+        """Training media path: train_flag 0 -> vision branch, 1 -> audio branch fed with frames (upstream.md §1.8).
+        ``cached``: ``frames`` holds the frozen towers' output instead (``encode_frames``, (B, T, Q, hidden)); the
+        towers are skipped (the video branch only: the audio branch's frozen ImageBind output is not cached)."""
+        if cached:
+            if branch != "video":
+                raise ValueError(f"cached frozen-tower outputs feed the video branch, not the {branch!r} branch")
+            return self._video_from_memory(self.video_qformer_memory(frames), deterministic)
         if branch == "video":
             return self.encode_video(frames, deterministic)
         if branch == "audio":
@@ -238,10 +245,12 @@ class VideoLLaMA(nn.Module):
 
     def caption_inputs(self, frames: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                        prompt_before: jax.Array | None = None, prompt_after: jax.Array | None = None,
-                       branch: str = "video", deterministic: bool = True) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Path B: [BOS, p_before, media, p_after, text] embeddings, mask and labels (upstream.md §1.8 B, 7.7)."""
+                       branch: str = "video", deterministic: bool = True,
+                       cached: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Path B: [BOS, p_before, media, p_after, text] embeddings, mask and labels (upstream.md §1.8 B, 7.7).
+        ``cached``: see ``encode_media``."""
         c = self.config.llama
-        media = self.encode_media(frames, branch, deterministic)
+        media = self.encode_media(frames, branch, deterministic, cached)
         b = media.shape[0]
         parts = []
         if prompt_before is not None:
@@ -262,9 +271,9 @@ class VideoLLaMA(nn.Module):
 
     def caption_loss(self, frames: jax.Array, text_ids: jax.Array, text_mask: jax.Array,
                      prompt_before: jax.Array | None = None, prompt_after: jax.Array | None = None,
-                     branch: str = "video", deterministic: bool = True) -> dict[str, jax.Array]:
+                     branch: str = "video", deterministic: bool = True, cached: bool = False) -> dict[str, jax.Array]:
         embeds, mask, labels = self.caption_inputs(frames, text_ids, text_mask, prompt_before, prompt_after,
-                                                   branch, deterministic)
+                                                   branch, deterministic, cached)
         logits, _ = self.llm(embeds, attention_mask=mask, deterministic=deterministic)
         return causal_lm_loss(logits, labels) | {"logits": logits, "inputs_embeds": embeds, "attention_mask": mask,
                                                  "labels": labels}
