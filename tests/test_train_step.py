@@ -163,6 +163,7 @@ def test_cached_caption_step_equals_the_step_on_frames(parity_trainer, tiny_inpu
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_pixel_frames_are_normalised_on_the_device(parity_trainer, tiny_inputs):
     """The pipeline ships uint8 pixels (data.batch.FRAMES); the loss on them equals the loss on the same pixels
     CLIP-normalised on the host (the float32 path of the fixtures and of inference), gradients too."""

@@ -88,8 +88,11 @@ class VideoLLaMA(nn.Module):
 
     def encode_video(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
         """`encode_videoQformer_visual`: (B, T, H, W, 3) -> (B, Nv, D_llm)."""
-        memory = self.video_qformer_memory(self.encode_frames(frames))
-        return self._video_from_memory(memory, deterministic)
+        return self.video_from_frame_queries(self.encode_frames(frames), deterministic)
+
+    def video_from_frame_queries(self, frame_queries: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The video branch's trained part: frozen towers' output (B, T, Q, hidden) -> LLM rows (B, Nv, D_llm)."""
+        return self._video_from_memory(self.video_qformer_memory(frame_queries), deterministic)
 
     def _video_from_memory(self, memory: jax.Array, deterministic: bool) -> jax.Array:
         b = memory.shape[0]
@@ -150,7 +153,7 @@ class VideoLLaMA(nn.Module):
         ``audio_segments``' embedding -> (B, S, out_dim)): the rows of ``encode_audio`` then ``encode_video`` (the
         audio+video upload's placeholder order) where ``with_audio`` (B,) is true, else the video rows first (a
         video-only upload reads only those)."""
-        video = self._video_from_memory(self.video_qformer_memory(frame_queries), deterministic)
+        video = self.video_from_frame_queries(frame_queries, deterministic)
         audio = self._audio_from_segments(audio_embeddings, deterministic)
         flag = with_audio.astype(bool)[:, None, None]
         return jnp.where(flag, jnp.concatenate([audio, video], 1), jnp.concatenate([video, audio], 1))
@@ -163,7 +166,7 @@ class VideoLLaMA(nn.Module):
         if cached:
             if branch != "video":
                 raise ValueError(f"cached frozen-tower outputs feed the video branch, not the {branch!r} branch")
-            return self._video_from_memory(self.video_qformer_memory(frames), deterministic)
+            return self.video_from_frame_queries(frames, deterministic)
         if branch == "video":
             return self.encode_video(frames, deterministic)
         if branch == "audio":
