@@ -6,8 +6,10 @@ greedy, at most --max-tokens new tokens each. Each is sent through the official 
 by C concurrent clients (C = 1, 8, 32), each client sending its share back to back. Reported per C: requests/s,
 generated tokens/s, time to first token (client side) p50 / p99, and per-token latency (the mean gap between a
 request's chunks after the first) p50. The baseline answers the same requests one after another with
-`VideoLLaMAChat` (no server, media encoded once, the same greedy settings). Compilation is done by a warm-up round
-(every batch size the run uses) before anything is timed.
+`VideoLLaMAChat` (no server, media encoded once, the same greedy settings), right before each level (this shared
+machine's speed drifts by 2x within minutes: each ratio compares two runs seconds apart). The server starts with
+``--warmup`` (every batch shape compiled before it answers /health) and a warm-up round compiles the prefill
+shapes, so nothing timed waits for a compilation.
 
 The server runs as users run it: `vllama-jax serve` in its own process (``--server process``, the default), so
 the clients' threads (HTTP, SSE parsing) do not share the server's interpreter lock; ``--server thread`` starts it
@@ -63,7 +65,7 @@ def server_process(media_dir: str, args: argparse.Namespace, max_batch: int) -> 
     port = free_port()
     cmd = [sys.executable, "-m", "vllama_jax.cli", "serve", "--port", str(port), "--allowed-media-path", media_dir,
            "--max-batch", str(max_batch), "--max-context", str(args.max_context), "--max-tokens",
-           str(args.max_tokens)]
+           str(args.max_tokens), "--warmup"]
     # its log goes to a file: a pipe nobody reads would block the server once its access log filled the buffer
     log = open(Path(media_dir) / "server.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -94,7 +96,7 @@ def server_process(media_dir: str, args: argparse.Namespace, max_batch: int) -> 
 @contextlib.contextmanager
 def server_thread(chat: VideoLLaMAChat, media_dir: str, args: argparse.Namespace, max_batch: int) -> Iterator[str]:
     server = Server(chat, port=0, allowed_media_paths=[media_dir], max_batch=max_batch, max_context=args.max_context,
-                    max_tokens_default=args.max_tokens).start()
+                    max_tokens_default=args.max_tokens, warmup=True).start()
     try:
         yield server.url
     finally:
@@ -188,23 +190,25 @@ def main() -> None:
             one_at_a_time(chat, reqs[:2], clip, args.max_tokens)
             results = []
             for level in levels:
+                # the baseline right before each level: this shared machine's speed drifts by 2x within minutes,
+                # so each ratio compares two runs a few seconds apart
+                base = one_at_a_time(chat, reqs, clip, args.max_tokens)
                 r = run_level(client, reqs, level, args.max_tokens)
+                r["one_at_a_time"] = base
+                r["speedup_vs_one_at_a_time"] = r["requests_per_s"] / base["requests_per_s"]
                 results.append(r)
+                print(f"  one at a time (VideoLLaMAChat): {base['requests_per_s']:.2f} req/s ({base['wall_s']:.1f} s)")
                 print(f"  {level:3d} clients: {r['requests_per_s']:.2f} req/s, {r['tokens_per_s']:.1f} tok/s, "
                       f"TTFT p50 {r['ttft_p50_s']:.2f} s p99 {r['ttft_p99_s']:.2f} s, per-token p50 "
-                      f"{(r['per_token_p50_s'] or 0) * 1000:.0f} ms ({r['wall_s']:.1f} s)", flush=True)
-        base = one_at_a_time(chat, reqs, clip, args.max_tokens)
-        print(f"  one at a time (VideoLLaMAChat): {base['requests_per_s']:.2f} req/s ({base['wall_s']:.1f} s)")
-    for r in results:
-        r["speedup_vs_one_at_a_time"] = r["requests_per_s"] / base["requests_per_s"]
-        print(f"  {r['clients']:3d} clients: {r['speedup_vs_one_at_a_time']:.1f}x the one-at-a-time throughput")
+                      f"{(r['per_token_p50_s'] or 0) * 1000:.0f} ms ({r['wall_s']:.1f} s): "
+                      f"{r['speedup_vs_one_at_a_time']:.1f}x the one-at-a-time throughput", flush=True)
     load_after = uptime()
     print(f"load after: {load_after}")
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "command": " ".join(sys.argv),
               "load_before": load_before, "load_after": load_after, "max_tokens": args.max_tokens,
               "server": args.server,
-              "levels": results, "one_at_a_time": base}
+              "levels": results}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
 

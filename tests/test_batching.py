@@ -108,3 +108,52 @@ def test_prefix_digests_and_buckets():
     assert len(d) == 4 and len(set(d)) == 4 and prefix_digests([1, 2])[:3] == d[:3]
     assert row_buckets(32) == (1, 2, 4, 8, 16, 32) and row_buckets(6) == (1, 2, 4, 6) and row_buckets(1) == (1,)
     assert slot_buckets(1024, 64) == (64, 128, 256, 512, 1024) and slot_buckets(320, 64) == (64, 128, 256, 320)
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_every_shape_the_batch_then_takes(tiny_llama):
+    """After `warm_up`, requests of every length joining and leaving at every batch size compile nothing more,
+    and each still decodes what it decodes alone."""
+    cfg, params = tiny_llama
+    gen = Generator(cfg, params, compilation_cache=False, cache_multiple=16)
+    b = ContinuousBatcher(gen, NO_EOS, max_batch=2, slot_length=64)
+    assert b.warm_up() > 0 and b.active == 0 and not b.prefixes
+    fns = (b._step_fn, b._set_row_fn, b._take_rows_fn, b._fit_slots_fn)
+    compiled = [f._cache_size() for f in fns]
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(3, gen.config.vocab_size, n).tolist() for n in (3, 20, 9, 2, 17)]
+    got: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    waiting, step = list(range(len(prompts))), 0
+    while waiting or b.active:
+        if waiting and step % 3 != 2 and b.has_room():
+            i = waiting.pop(0)
+            b.insert(b.prefill(request(gen, prompts[i])), i)
+        for owner, token, reason in b.step():
+            got[owner].append(token)
+            if reason:
+                b.release(b.rows.index(owner), expect_more=bool(waiting))
+        step += 1
+    assert [f._cache_size() for f in fns] == compiled
+    assert [got[i] for i in range(len(prompts))] == [alone(gen, p) for p in prompts]
+    assert b.warm_up() == 0
+
+
+def test_a_draining_batch_compacts_at_half(gen):
+    """With requests waiting the batch keeps its rows until a quarter is in use; draining, it halves at half."""
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(3, gen.config.vocab_size, 4).tolist() for _ in range(4)]
+    for expect_more, rows_after in ((True, 4), (False, 2)):
+        b = ContinuousBatcher(gen, NO_EOS, max_batch=4, slot_length=64)
+        for i, p in enumerate(prompts):
+            b.insert(b.prefill(request(gen, p)), i)
+        b.step()
+        b.release(0, expect_more=expect_more)
+        b.release(2, expect_more=expect_more)
+        assert (len(b.rows), b.active) == (rows_after, 2)
+        tokens = {owner: [] for owner in (1, 3)}
+        while b.active:
+            for owner, token, reason in b.step():
+                tokens[owner].append(token)
+                if reason:
+                    b.release(b.rows.index(owner))
+        assert [len(t) for t in tokens.values()] == [NEW - 1] * 2

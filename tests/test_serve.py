@@ -225,8 +225,8 @@ def test_client_killed_mid_stream_frees_its_row(server, client):
 @pytest.mark.slow
 def test_caches_prefill_only_new_tokens(chat, server, client, media, tmp_path):
     """A new video is encoded once; its first question reuses the system prompt every conversation starts with,
-    a second question about it and a follow-up turn prefill only their own tokens, and their answers are
-    VideoLLaMAChat's (no cache there)."""
+    a second question about it (past the media and the template's fixed text after them) and a follow-up turn
+    prefill only their own tokens, and their answers are VideoLLaMAChat's (no cache there)."""
     clip = shutil.copy(make_video(tmp_path / "other.mp4", n_frames=8, width=64, audio={"seconds": 1.0}),
                        media["dir"] / "other.mp4")
     part = media_part("video", Path(clip))
@@ -257,6 +257,12 @@ def test_caches_prefill_only_new_tokens(chat, server, client, media, tmp_path):
 
     assert [a1, a3] == reference(chat, "video", Path(clip), q1, q3)
     assert [a2] == reference(chat, "video", Path(clip), q2)
+    chat.upload_video(Path(clip))
+    chat.ask(q2)
+    ctx = chat.context()
+    tail = chat.tail_tokens(ctx, q2)
+    assert ctx.segments[-1].startswith("</Video>") and tail > 5  # the closing tag and the fixed instruction
+    assert new2 == len(ctx.segment_ids[-1]) - tail  # the question and the assistant tag, nothing before them
 
 
 def test_bad_inputs_are_4xx_and_the_server_goes_on(server, media, tmp_path):

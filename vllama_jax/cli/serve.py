@@ -31,6 +31,10 @@ def register(sub: Any) -> None:
                    help="max_tokens of a request that gives none (default 256)")
     p.add_argument("--top-k", type=int, default=50, help="top-k of sampled requests, one value for the batch "
                                                          "(default 50, upstream's; 0 = off)")
+    p.add_argument("--warmup", action="store_true",
+                   help="compile the decode step for every batch size and context length before serving (about a "
+                        "minute on a CPU for the embedded default, less with the compilation cache), so no client "
+                        "waits for a compilation when the load reaches a new shape")
     add_model_args(p, audio_flag=False)  # each request says whether it sends audio
     add_common_args(p, devices=True)
     p.set_defaults(run=lambda args: run_command(cmd_serve, args, interrupted="stopped"))
@@ -45,9 +49,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--allowed-media-path {d}: no such folder")
     chat = load_chat(args, generation_config=None)
     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+    if args.warmup:
+        info("compiling the decode step for every batch shape (--warmup) ...")
     server = Server(chat, host=args.host, port=args.port, allowed_media_paths=args.allowed_media_path,
                     max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
-                    top_k=args.top_k, max_tokens_default=args.max_tokens, log_level="debug" if args.debug else "info")
+                    top_k=args.top_k, max_tokens_default=args.max_tokens, log_level="debug" if args.debug else "info",
+                    warmup=args.warmup)
     info(f"serving on http://{args.host}:{args.port} (web demo at /, OpenAI API at /v1; Ctrl-C stops)")
     try:
         # uvicorn handles Ctrl-C / SIGTERM: stop accepting, finish the open requests, drain the decode loop (the

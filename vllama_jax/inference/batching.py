@@ -286,9 +286,10 @@ class ContinuousBatcher:
         row_state = {k: v for k, v in pre.row.items() if k != "cache"}
         row_cache, need = pre.row["cache"], _slots(pre.row["cache"])
         if self.cache is None:
-            # a copy: the step donates the batch's buffers, and the prefilled cache may be a kept prefix
-            self.cache = jax.tree_util.tree_map(lambda x: x.copy(), row_cache)
-            self.state = jax.tree_util.tree_map(lambda x: x.copy(), row_state)
+            # a copy (the step donates the batch's buffers, and the prefilled cache may be a kept prefix), made by
+            # a compiled program: its arrays are then placed as every later batch's are (the step compiled for
+            # uncommitted arrays, as an eager copy gives, would be another program than the one `warm_up` made)
+            self.cache, self.state = self._take_rows_fn((row_cache, row_state), jnp.zeros((1,), jnp.int32))
             self.rows, self.row_slots = [owner], [need]
             return 0
         if None not in self.rows:
@@ -302,18 +303,53 @@ class ContinuousBatcher:
         self.rows[i], self.row_slots[i] = owner, need
         return i
 
-    def release(self, i: int) -> None:
-        """Forget row i (finished or cancelled); compacts the batch when at most a quarter of it is in use."""
+    def release(self, i: int, *, expect_more: bool = True) -> None:
+        """Forget row i (finished or cancelled). The batch is compacted to the smallest row bucket that holds the
+        rows left when at most a quarter of it is in use, or, with `expect_more=False` (nothing is waiting to join),
+        at most half: every step costs all its rows on a CPU, and a batch that is only draining gains nothing from
+        keeping free rows for arrivals (the quarter rule keeps a batch that new requests keep filling from
+        shrinking and growing again every few steps)."""
         self.rows[i], self.row_slots[i] = None, 0
         n = self.active
         if n == 0:
             self.cache, self.state, self.rows, self.row_slots = None, None, [], []
             return
-        if len(self.rows) > 1 and n <= len(self.rows) // 4:
+        if len(self.rows) > 1 and n <= len(self.rows) // (4 if expect_more else 2):
             self._resize(next(b for b in self.buckets if b >= n))
         need = max(self.row_slots)
         if need < _slots(self.cache):  # the rows still running fit in fewer slots (theirs are at the front)
             self.cache = self._fit_slots_fn(self.cache, need)
+
+    def warm_up(self) -> int:
+        """Compile, before any request, every program the running batch can need: the decode step for each row
+        bucket x slot bucket, the row insert, the compactions and growths between row buckets and the slot
+        resizes (a server that compiled them on first use would stall all its clients for seconds each time the
+        load reached a new shape). Run on a stand-in batch (one prefilled padding position), which is then dropped;
+        the prefix cache is untouched. Returns the number of programs compiled (0 when all were already)."""
+        if self.active:
+            raise RuntimeError("warm_up runs before the batch takes requests")
+        stand_in = self.prefill(RowRequest(np.zeros((1, self.engine.config.hidden_size), np.float32), [0], 1))
+        row_state = {k: v for k, v in stand_in.row.items() if k != "cache"}
+        row_cache = stand_in.row["cache"]
+        fns = (self._step_fn, self._set_row_fn, self._take_rows_fn, self._fit_slots_fn)
+        before = sum(f._cache_size() for f in fns)  # noqa: SLF001 - jax's own count of compiled shapes
+        for slots in self.slot_buckets:
+            row = self._fit_slots_fn(row_cache, slots)
+            for size in self.slot_buckets:  # a request's own cache padded to (or cut to) the batch's slots
+                if size != slots:
+                    self._fit_slots_fn(row, size)
+            for rows in self.buckets:
+                batch = self._take_rows_fn((row, row_state), jnp.zeros((rows,), jnp.int32))
+                grown = next((b for b in self.buckets if b > rows), rows)
+                for other in self.buckets:  # growth (to the next bucket) and compaction (to any smaller one)
+                    if other < rows or other == grown != rows:
+                        self._take_rows_fn(batch, jnp.zeros((other,), jnp.int32))
+                for size in self.slot_buckets:  # the batch's slots following its longest row
+                    if size != slots:
+                        self._fit_slots_fn(batch[0], size)
+                cache, state = self._set_row_fn(batch, (row, row_state), jnp.int32(0))
+                jax.block_until_ready(self._step_fn(self.engine.params, cache, state, self.ctrl, spec=self.spec))
+        return sum(f._cache_size() for f in fns) - before  # noqa: SLF001
 
     def step(self) -> list[tuple[Any, int, str]]:
         """One decode step of every row: [(owner, token, finish reason or "")] for the active rows."""

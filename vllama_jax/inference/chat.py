@@ -489,10 +489,28 @@ class VideoLLaMAChat:
         at = ctx.prompt.find(conv.messages[0][1])
         if at <= 0:
             return 0
-        head = segment_token_ids([ctx.prompt[:at]], self.tokenizer)[0]
-        first = list(ctx.segment_ids[0])
+        return self._agreeing_ids(ctx.prompt[:at], ctx.segment_ids[0], first=True)
+
+    def tail_tokens(self, ctx: ChatContext, text: str) -> int:
+        """How many leading ids of ``ctx``'s last text segment render what comes before the last occurrence of
+        ``text`` in it (the ids both agree on, as in `head_tokens`); 0 when ``text`` is not there. With the last
+        user message as ``text``: the part of the prompt after the media that is the same for every question
+        about them (the closing media tag, the template's fixed instruction), which a server prefills once per
+        media."""
+        if not ctx.segments or not text:
+            return 0
+        at = ctx.segments[-1].rfind(text)
+        if at <= 0:
+            return 0
+        return self._agreeing_ids(ctx.segments[-1][:at], ctx.segment_ids[-1], first=len(ctx.segments) == 1)
+
+    def _agreeing_ids(self, before: str, ids: Sequence[int], first: bool) -> int:
+        """The leading ids of ``ids`` (a segment's, the prompt's first when ``first``: it may start with BOS) that
+        ``before`` tokenized on its own agrees on (at most all but one)."""
+        head = segment_token_ids(["", before] if not first else [before], self.tokenizer)[-1]
+        ids = list(ids)
         n = 0
-        while n < min(len(head), len(first) - 1) and head[n] == first[n]:
+        while n < min(len(head), len(ids) - 1) and head[n] == ids[n]:
             n += 1
         return n
 

@@ -122,6 +122,13 @@ class Scheduler:
         self._ids = itertools.count()
 
     # ---- outside the loop ------------------------------------------------------------------------------------
+    def warm_up(self) -> int:
+        """Compile every shape of the running batch now (`ContinuousBatcher.warm_up`), before the loop starts;
+        returns the number of programs compiled."""
+        if self.alive:
+            raise RuntimeError("warm_up runs before the decode loop starts")
+        return self.batcher.warm_up()
+
     def start(self) -> None:
         self._thread.start()
 
@@ -257,9 +264,11 @@ class Scheduler:
             if k < len(blocks):
                 items.append((f"{key}/{k}", int(np.asarray(blocks[k]).reshape(-1, ctx.embeds.shape[1]).shape[0])))
                 media_end = len(items)
-        # kept prefixes: the system prompt (every conversation with it starts there), the media block (the next
-        # question about the same media), the whole prompt (a follow-up turn starts with it)
-        points = [p for p in (self.chat.head_tokens(conv, ctx), media_end) if p]
+        # kept prefixes: the system prompt (every conversation with it starts there), the media block and what
+        # the template puts between it and the question (the next question about the same media), the whole
+        # prompt (a follow-up turn starts with it)
+        question = len(items) - len(ctx.segment_ids[-1]) + self.chat.tail_tokens(ctx, req.turns[-1][1])
+        points = sorted({p for p in (self.chat.head_tokens(conv, ctx), media_end, question) if p})
         points.append(len(items))
         if req.num_beams > 1:
             self._beam(job, ctx.embeds)
@@ -300,7 +309,7 @@ class Scheduler:
                 self._release(i, owner, "cancelled")
 
     def _release(self, row: int, owner: _Choice, outcome: str | None) -> None:
-        self.batcher.release(row)
+        self.batcher.release(row, expect_more=bool(self._waiting) or not self._inbox.empty())
         self.metrics.running.set(self.batcher.active)
         owner.job.choices_left -= 1
         if outcome == "cancelled" and owner.job.choices_left == 0:
