@@ -8,9 +8,10 @@ bucket: powers of two times the engine's `cache_multiple`, up to `slot_length`),
 state are copied into a free row (`insert`); every `step` decodes one token for all rows; a finished or cancelled
 row is simply forgotten (`release`) and its slots are overwritten by the next insert. Both sizes follow the load
 in a few compiled shapes: the rows (1, 2, 4, 8, ..., `max_batch`) grow when a request finds no free row and are
-compacted when at most a quarter of them is in use, so one client does not pay for 32 rows; the slots S are the
-largest bucket a running row needs, so short requests do not pay for `slot_length` (every step reads all S slots
-of every row: at 32 rows the attention over 512 slots cost 3x the step's matmuls).
+compacted when at most a quarter of them is in use (half, when nothing waits to join), so one client does not pay
+for 32 rows; the slots S are the largest bucket a running row needs, so short requests do not pay for
+`slot_length` (every step reads all S slots of every row: at 32 rows the attention over 512 slots cost 3x the
+step's matmuls). `warm_up` compiles every (rows, slots) shape before the first request.
 
 Sampling is per row (temperature, top-p, greedy or not, max new tokens, an own `jax.random` key derived from the
 request's seed, so a seeded request draws the same tokens whatever else is in the batch); top-k is one value for
