@@ -336,8 +336,8 @@ class ContinuousBatcher:
         before = sum(f._cache_size() for f in fns)  # noqa: SLF001 - jax's own count of compiled shapes
         for slots in self.slot_buckets:
             row = self._fit_slots_fn(row_cache, slots)
-            for size in self.slot_buckets:  # a request's own cache padded to (or cut to) the batch's slots
-                if size != slots:
+            for size in self.slot_buckets:  # a request's (or a kept prefix's) cache padded to more slots
+                if size > slots:
                     self._fit_slots_fn(row, size)
             for rows in self.buckets:
                 batch = self._take_rows_fn((row, row_state), jnp.zeros((rows,), jnp.int32))

@@ -507,7 +507,7 @@ class VideoLLaMAChat:
     def _agreeing_ids(self, before: str, ids: Sequence[int], first: bool) -> int:
         """The leading ids of ``ids`` (a segment's, the prompt's first when ``first``: it may start with BOS) that
         ``before`` tokenized on its own agrees on (at most all but one)."""
-        head = segment_token_ids(["", before] if not first else [before], self.tokenizer)[-1]
+        head = segment_token_ids([before], self.tokenizer, add_bos=None if first else False)[0]
         ids = list(ids)
         n = 0
         while n < min(len(head), len(ids) - 1) and head[n] == ids[n]:
