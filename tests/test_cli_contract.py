@@ -11,7 +11,7 @@ import pytest
 from vllama_jax.cli import COMMANDS, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ("convert", "export", "prepare", "train", "chat", "describe", "eval", "serve", "demo")
+SUBCOMMANDS = ("convert", "export", "prepare", "encode", "train", "chat", "describe", "eval", "serve", "demo")
 
 
 def test_help_lists_every_subcommand():
@@ -21,7 +21,7 @@ def test_help_lists_every_subcommand():
     for name in SUBCOMMANDS:
         assert f"    {name} " in res.stdout, res.stdout
     registered = set(build_parser()._subparsers._group_actions[0].choices)  # noqa: SLF001 - argparse's registry
-    assert registered == set(SUBCOMMANDS) and len(COMMANDS) == 7
+    assert registered == set(SUBCOMMANDS) and len(COMMANDS) == 8
 
 
 def _bad_path_cases(tmp: Path) -> list[tuple[list[str], int, str]]:
@@ -32,6 +32,7 @@ def _bad_path_cases(tmp: Path) -> list[tuple[list[str], int, str]]:
         (["convert", str(missing), "--out", str(tmp / "out")], 1, str(missing)),
         (["export", "--model", str(missing), "--out", str(tmp / "x.pth")], 1, str(missing)),
         (["prepare", "webvid", "--source", str(missing), "--out", str(tmp / "p")], 2, str(missing)),
+        (["encode", str(missing), "--model", str(tmp)], 2, str(missing)),
         (["train", "--config", str(missing / "train.yaml")], 2, "train.yaml"),
         (["chat", "--model", str(missing)], 1, str(missing)),
         (["describe", "--videos", str(missing), "--prompt", "x", "--out", str(tmp / "o.jsonl")], 1, str(missing)),

@@ -139,7 +139,8 @@ def test_prompt_and_instruction_batches_reproduce_upstream_gradients(parity_trai
 def test_cached_caption_step_equals_the_step_on_frames(parity_trainer, tiny_inputs, tag: str):
     """Path B (stage 1, and with a stage-2 prompt) on the frozen towers' cached output (a caption_features batch)
     is the step on the frames: the same loss, token count and gradient of every trained leaf (issue 20, must-show
-    1 for caption batches; `test_demo.py::test_cached_feature_step_equals_the_uncached_step` pins path A)."""
+    1 for caption batches; `test_feature_cache.py` pins both branches and both kinds, `test_demo.py::
+    test_cached_feature_step_equals_the_uncached_step` the demo's both-branch layout)."""
     t = parity_trainer
     z = tiny_inputs
     frames = z["video"].transpose(0, 2, 3, 4, 1).astype(np.float32)
@@ -151,7 +152,7 @@ def test_cached_caption_step_equals_the_step_on_frames(parity_trainer, tiny_inpu
                  "prompt_after": z[f"{tag}.p_after_ids"].astype(np.int32)}
     loss_fn = jax.value_and_grad(make_loss_fn(t.model, "video", t.placeholder_id, dropout=False), has_aux=True)
     outs = []
-    for kind, batch in (("caption", {"frames": frames, **text}), ("caption_features", {"frame_queries": queries,
+    for kind, batch in (("caption", {"frames": frames, **text}), ("caption_features", {"frame_features": queries,
                                                                                          **text})):
         args = (t.params0, t.frozen, batch, jax.random.PRNGKey(0), kind)
         outs.append(jax.device_get(jax.jit(loss_fn, static_argnums=4)(*args)))

@@ -4,6 +4,7 @@
     vllama-jax export --model DIR --out trained.pth                    # trained branches -> upstream .pth
     vllama-jax export --format peft --checkpoint CKPT --out adapter/   # LoRA adapters -> PEFT (or --format merged)
     vllama-jax prepare webvid --source ANNO --media-dir VIDEOS --out /data/webvid
+    vllama-jax encode /data/webvid --model models/vl-llama2-7b             # cache the frozen towers' output
     vllama-jax train --config configs/train_vl_stage1.yaml
     vllama-jax chat --model DIR --video clip.mp4 --question "What happens?"
     vllama-jax describe --model DIR --videos clips/ --prompt "Describe the video." --out results.jsonl
@@ -19,11 +20,11 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from . import chat, convert, demo, evaluate, prepare, serve, train
+from . import chat, convert, demo, encode, evaluate, prepare, serve, train
 from .common import PROG, Parser
 
 #: subcommand modules, in the order `--help` lists them
-COMMANDS = (convert, prepare, train, chat, evaluate, serve, demo)
+COMMANDS = (convert, prepare, encode, train, chat, evaluate, serve, demo)
 
 
 def build_parser() -> Parser:

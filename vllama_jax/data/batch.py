@@ -23,14 +23,19 @@ Shapes are written with the dimension names of `Dims`::
                  head runs only there (``VideoLLaMA.feature_instruction_loss``); optionally one prompt_prefix
                  (1, prompt_prefix) int32 for the whole batch: the tokens every row starts with (the ids hold only
                  what follows), run once and attended to by every row
-    caption_features  a caption batch (path B, video branch) with frame_queries (batch, frames, queries, hidden)
-                 float32, the frozen towers' output, in place of the frames
+    caption_features      a caption batch (path B) with frame_features (batch, frames, *frame_feature) in place of
+                 the frames: the branch's frozen towers' output per frame (``VideoLLaMA.frozen_frame_features``: the
+                 video branch's image Q-Former queries (queries, hidden), the audio branch's ImageBind vision
+                 embedding (audio_dim,)), float32 or as cached (bfloat16, float16); read from a feature cache
+                 (``data.features``, written by ``vllama-jax encode``)
+    instruction_features  an instruction batch (path A) with frame_features in place of the frames
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from ..text.instruct import IGNORE_INDEX
@@ -56,6 +61,7 @@ class Dims:
     audio_clips: int = 0
     audio_dim: int = 0
     max_labels: int = 0
+    frame_feature: tuple[int, ...] = ()  # the trailing shape of one frame's cached features (per branch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +82,11 @@ class ArraySpec:
         return x.astype(same_kind[0] if same_kind else accepted[0])
 
     def shape_for(self, dims: Dims) -> tuple[int, ...]:
-        return tuple(getattr(dims, d) if isinstance(d, str) else d for d in self.shape)
+        out: list[int] = []
+        for d in self.shape:
+            size = getattr(dims, d) if isinstance(d, str) else d
+            out.extend(size if isinstance(size, tuple) else (size,))  # a tuple-valued dim is several axes
+        return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,9 +143,18 @@ FEATURES = BatchSpec(
           ArraySpec("label_positions", np.int32, ("batch", "max_labels"))),
     shared=(ArraySpec("prompt_prefix", np.int32, (1, "prompt_prefix")),))
 
-CAPTION_FEATURES = BatchSpec("caption_features", rows=(FRAME_QUERIES, *CAPTION.rows[1:]), shared=CAPTION.shared)
+#: a branch's frozen towers' output per frame, read from a feature cache in place of the frames (the dtype it was
+#: cached in travels to the device as it is: half the bytes of float32 for bfloat16)
+FRAME_FEATURES = ArraySpec("frame_features", np.float32, ("batch", "frames", "frame_feature"),
+                           also=(ml_dtypes.bfloat16, np.float16))
 
-LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION, FEATURES, CAPTION_FEATURES)}
+CAPTION_FEATURES = BatchSpec("caption_features", rows=(FRAME_FEATURES, *CAPTION.rows[1:]), shared=CAPTION.shared)
+INSTRUCTION_FEATURES = BatchSpec("instruction_features", rows=(FRAME_FEATURES, *INSTRUCTION.rows[1:]))
+
+LAYOUTS: dict[str, BatchSpec] = {s.kind: s for s in (CAPTION, INSTRUCTION, FEATURES, CAPTION_FEATURES,
+                                                     INSTRUCTION_FEATURES)}
+#: the layout of a dataset kind's batches when its frames come from a feature cache
+CACHED_KIND = {CAPTION.kind: CAPTION_FEATURES.kind, INSTRUCTION.kind: INSTRUCTION_FEATURES.kind}
 
 
 def label_positions(labels: np.ndarray, max_labels: int | None = None) -> np.ndarray:
@@ -172,7 +191,7 @@ def llm_positions(kind: str, arrays: Mapping[str, Any], num_media: int) -> int:
     """LLaMA sequence positions one batch fills: an instruction (or features) batch its ids; a caption batch BOS +
     the prompt + the `num_media` query tokens + the text, per example."""
     b = arrays[batch_spec(kind).row_keys[0]].shape[0]
-    if kind in (INSTRUCTION.kind, FEATURES.kind):
+    if kind in (INSTRUCTION.kind, FEATURES.kind, INSTRUCTION_FEATURES.kind):
         return b * arrays["input_ids"].shape[1]
     prompt = sum(arrays[k].shape[1] for k in CAPTION.shared_keys if k in arrays)
     return b * (1 + prompt + num_media + arrays["text_ids"].shape[1])

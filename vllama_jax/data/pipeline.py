@@ -41,8 +41,9 @@ from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 from ..errors import first_line
 from ..text.conversation import canonical_template_name
 from . import media_io, text_io
-from .batch import CAPTION, batch_spec
+from .batch import CACHED_KIND, CAPTION, batch_spec
 from .errors import DataError
+from .features import FEATURES_DIR, FeatureCache, FeatureReader
 from .records import MANIFEST, SCHEMA_VERSION, Kind, MediaType, Record, record_features
 
 _log = logging.getLogger(__name__)
@@ -101,6 +102,10 @@ class PipelineConfig:
     process_count: int | None = None  # None: jax.process_count()
     prompts: tuple[str, ...] = ()  # stage-2 caption prompts; () = none (stage 1)
     prompt_template: str = ""  # "", a template name ("vicuna", "llama_2") or a format string with {}
+    # read the frozen towers' output from each dataset's feature cache of this name (`features.cache_name`)
+    # instead of decoding the media; "" = decode the media
+    features: str = ""
+    feature_towers: str = ""  # the towers' fingerprint the cache must have been encoded with ("" = not checked)
 
     def validate(self) -> "PipelineConfig":
         for name in ("batch_size", "num_frames", "image_size", "max_txt_len", "max_len"):
@@ -238,6 +243,7 @@ class _Source:
     sampling: str
     text_processor: str
     video_message: bool
+    features: FeatureReader | None = None  # the feature cache to read instead of the media
 
 
 class _ExampleLoader:
@@ -264,8 +270,8 @@ class _ExampleLoader:
             g = src.host_start + int(local_index) * src.host_step
             rng = np.random.default_rng([cfg.seed, src.key, epoch, g, attempt])
             try:
-                return self._build(self._reader[g], rng) | {"num_replaced": np.int32(attempt),
-                                                            "replaced_ids": replaced}
+                return self._build(self._reader[g], rng, g, epoch) | {"num_replaced": np.int32(attempt),
+                                                                      "replaced_ids": replaced}
             except DataError as e:
                 if attempt < cfg.max_retries:
                     replaced[attempt] = g
@@ -274,15 +280,21 @@ class _ExampleLoader:
                 local_index = int(rng.integers(src.n_host))
         raise DataError(src.files[0], f"{len(failures)} bad records in a row in {src.name}; last: {failures[-1]}")
 
-    def _build(self, rec: Record, rng: np.random.Generator) -> dict[str, Any]:
+    def _build(self, rec: Record, rng: np.random.Generator, g: int, epoch: int) -> dict[str, Any]:
         src, cfg = self.src, self.cfg
         if rec.media_type != src.media_type:
             raise DataError(rec.media_path, f"{rec.media_type} record in a {src.media_type} dataset")
-        frames, msg = media_io.load_frames(
-            rec.media_type, rec.media_path, rec.media_bytes, num_frames=cfg.num_frames, sampling=src.sampling,
-            image_size=cfg.image_size, train=cfg.train, rng=rng,
-            need_message=src.kind == "instruction" and src.video_message)
-        ex: dict[str, Any] = {"frames": frames, "example_id": np.int64(rec.example_id)}
+        if src.features is not None:  # the frozen towers' output, cached: view e % views at epoch e
+            views, msg = src.features[g]
+            ex: dict[str, Any] = {"frame_features": views[epoch % len(views)]}
+            msg = msg if src.video_message else ""
+        else:
+            frames, msg = media_io.load_frames(
+                rec.media_type, rec.media_path, rec.media_bytes, num_frames=cfg.num_frames, sampling=src.sampling,
+                image_size=cfg.image_size, train=cfg.train, rng=rng,
+                need_message=src.kind == "instruction" and src.video_message)
+            ex = {"frames": frames}
+        ex["example_id"] = np.int64(rec.example_id)
         try:
             if src.kind == "caption":
                 ids, mask = self._text.caption(rec.caption, src.text_processor)
@@ -298,20 +310,22 @@ class _ExampleLoader:
 class _Collate:
     """Examples of one dataset -> the fixed-shape batch dict of its kind (``batch.py``), with the host fields."""
 
-    def __init__(self, kind: Kind, name: str, text: text_io.TextProcessor):
-        self.kind, self.name, self.text = kind, name, text
+    def __init__(self, kind: Kind, name: str, text: text_io.TextProcessor, cached: bool = False):
+        self.kind, self.name, self.text, self.cached = kind, name, text, cached
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, Any]:
-        arrays = {"frames": np.stack([e["frames"] for e in examples])}
+        media = "frame_features" if self.cached else "frames"
+        arrays = {media: np.stack([e[media] for e in examples])}
+        kind = CACHED_KIND[self.kind] if self.cached else self.kind
         if self.kind == CAPTION.kind:
             arrays |= {k: np.stack([e[k] for e in examples]) for k in ("text_ids", "text_mask")}
         else:  # input_ids, labels, attention_mask: padded to max_len
             arrays |= self.text.collate_instruction([(e["input_ids"], e["labels"]) for e in examples])
-        return batch_spec(self.kind).arrays(arrays) | {
+        return batch_spec(kind).arrays(arrays) | {
             "example_id": np.array([e["example_id"] for e in examples], dtype=np.int64),
             "num_replaced": np.array([e["num_replaced"] for e in examples], dtype=np.int32),
             "replaced_ids": np.stack([e["replaced_ids"] for e in examples]),
-            "kind": self.kind, "dataset": self.name}
+            "kind": kind, "dataset": self.name}
 
 
 class _CaptionPrompt:
@@ -321,7 +335,7 @@ class _CaptionPrompt:
         self.text, self.seed = text, seed
 
     def __call__(self, step: int, batch: dict[str, Any]) -> dict[str, Any]:
-        if batch["kind"] != CAPTION.kind:
+        if batch["kind"] not in (CAPTION.kind, CACHED_KIND[CAPTION.kind]):
             return batch
         return batch | self.text.caption_prompt(step, self.seed)
 
@@ -421,14 +435,23 @@ def build_dataset(datasets: Sequence[DatasetSpec], cfg: PipelineConfig) -> grain
         text_processor = spec.text_processor or pd.defaults.get("text_processor", "none")
         if sampling not in ("uniform", "headtail", "random") or text_processor not in ("blip_caption", "none"):
             raise DataError(spec.path, f"unknown sampling {sampling!r} or text_processor {text_processor!r}")
+        features = None
+        if cfg.features:
+            cache = FeatureCache.open(pd.path / FEATURES_DIR / cfg.features, pd.files)
+            want = {"num_frames": cfg.num_frames, "image_size": cfg.image_size, "sampling": sampling,
+                    "augment": cfg.train}
+            cache.check(want | ({"towers": cfg.feature_towers} if cfg.feature_towers else {}))
+            features = cache.reader()
         src = _Source(key=_dataset_key(name), name=name, kind=pd.kind, media_type=pd.media_type, files=pd.files,
                       host_start=host, host_step=hosts, n_host=n_host,
-                      sampling=sampling, text_processor=text_processor, video_message=spec.video_message)
+                      sampling=sampling, text_processor=text_processor, video_message=spec.video_message,
+                      features=features)
         ds = (grain.MapDataset.range(n_host)
               .shuffle(seed=(cfg.seed * 1_000_003 + src.key) % _SEED_MOD)  # new permutation every epoch
               .repeat()
               .map_with_index(_ExampleLoader(src, cfg))
-              .batch(cfg.batch_size, drop_remainder=True, batch_fn=_Collate(pd.kind, name, text)))
+              .batch(cfg.batch_size, drop_remainder=True,
+                     batch_fn=_Collate(pd.kind, name, text, cached=features is not None)))
         batched.append(ds)
     mixed = grain.MapDataset.select_from_datasets(batched, BatchMixture([s.sample_ratio for s in datasets],
                                                                         cfg.seed))

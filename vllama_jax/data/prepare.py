@@ -182,7 +182,7 @@ def _prepare_part(out: Path, name: str, chunk: Sequence[SourceItem | BadItem],
     bad_before = sum(p["num_bad"] for p in manifest["parts"] if p["name"] < name)  # for the progress bar
 
     def examples() -> Iterator[Record]:
-        for result in _ordered_map(lambda it: _materialize(it, store_bytes, check_media), chunk, workers):
+        for result in ordered_map(lambda it: _materialize(it, store_bytes, check_media), chunk, workers):
             bar.update(1)
             if isinstance(result, BadItem):
                 bad.append(result)
@@ -255,7 +255,7 @@ def _check_text(item: SourceItem) -> None:
             raise DataError(item.source_id, f"text is not valid Unicode ({e.reason} at character {e.start})") from None
 
 
-def _ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], workers: int) -> Iterator[Any]:
     """``map`` on a thread pool, in order, with a bounded number of items in flight (bytes can be large)."""
     if workers <= 1:
         yield from map(fn, items)

@@ -24,8 +24,11 @@ from .quant import axes_with_scales
 from .video_llama import VideoLLaMA
 
 
-def build_model(config: ModelConfig, *, remat_vit: bool = False, remat_llama: bool = False) -> VideoLLaMA:
-    return VideoLLaMA(config, remat_vit=remat_vit, remat_llama=remat_llama)
+def build_model(config: ModelConfig, *, remat_vit: bool = False, remat_llama: bool = False,
+                scan_llama: bool = False) -> VideoLLaMA:
+    """``scan_llama``: the LLaMA layers as one scan over stacked parameters (`models.llama.Llama.scan_layers`;
+    its params view is `stack_layers` of the usual tree)."""
+    return VideoLLaMA(config, remat_vit=remat_vit, remat_llama=remat_llama, scan_llama=scan_llama)
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1, frames: int = 1) -> tuple[jax.Array, jax.Array | None, jax.Array]:
@@ -36,8 +39,8 @@ def dummy_inputs(config: ModelConfig, batch: int = 1, frames: int = 1) -> tuple[
     return f, c, ids
 
 
-def _init_fn(config: ModelConfig):
-    model = build_model(config)
+def _init_fn(config: ModelConfig, scan_llama: bool = False):
+    model = build_model(config, scan_llama=scan_llama)
     f, c, ids = dummy_inputs(config)
 
     def init(rng: jax.Array) -> Any:
@@ -46,9 +49,10 @@ def _init_fn(config: ModelConfig):
     return init
 
 
-def abstract_params(config: ModelConfig) -> tuple[Any, Any]:
-    """(tree of ShapeDtypeStruct, tree of logical-axis tuples) of the whole model, without allocating it."""
-    boxed = jax.eval_shape(_init_fn(config), jax.random.PRNGKey(0))
+def abstract_params(config: ModelConfig, scan_llama: bool = False) -> tuple[Any, Any]:
+    """(tree of ShapeDtypeStruct, tree of logical-axis tuples) of the whole model, without allocating it
+    (``scan_llama``: with the LLaMA layers stacked, as `build_model(..., scan_llama=True)` reads them)."""
+    boxed = jax.eval_shape(_init_fn(config, scan_llama), jax.random.PRNGKey(0))
     return nn.unbox(boxed), logical_axes_of(boxed)
 
 

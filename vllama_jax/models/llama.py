@@ -220,6 +220,41 @@ class LlamaDecoderLayer(ConfiguredModule):
         return round_to(x, x.dtype) if self.torch_arithmetic else x
 
 
+class _ScannedLayer(LlamaDecoderLayer):
+    """One decoder layer as the body of `nn.scan` (`Llama.scan_layers`): the residual stream is the carry, the rest
+    is the same for every layer; no cache, no adapters (so nothing random: the decoder's only dropout is theirs)."""
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,  # type: ignore[override]
+                 bias: jax.Array) -> tuple[jax.Array, None]:
+        out, _ = super().__call__(x, cos, sin, bias)
+        return out, None
+
+
+#: the leading axis of the scanned (stacked) layer parameters (`Llama.scan_layers`)
+LAYERS_AXIS = "layers"
+#: the params key of the stacked layers
+SCANNED_LAYERS = "layers"
+
+
+def stack_layers(params: Any, num_layers: int, stack: Any = jnp.stack) -> dict[str, Any]:
+    """A LLaMA params tree (``layers_{i}/...``, the layout of checkpoints and model directories) -> the scanned
+    view (``layers/...`` with a leading axis of length ``num_layers``); other entries unchanged. ``stack``: how
+    the L per-layer arrays of one leaf become one (``np.stack`` on the host)."""
+    per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    out[SCANNED_LAYERS] = jax.tree.map(lambda *xs: stack(xs), *per_layer)
+    return out
+
+
+def unstack_layers(params: Any) -> dict[str, Any]:
+    """The inverse of `stack_layers`: the scanned view -> ``layers_{i}/...``."""
+    stacked = params[SCANNED_LAYERS]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != SCANNED_LAYERS}
+    out |= {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
+    return out
+
+
 class Llama(ConfiguredModule):
     """The LLaMA decoder + LM head (`config`: a `LlamaConfig`). See the module docstring for the params tree and
     the cache layout.
@@ -238,15 +273,27 @@ class Llama(ConfiguredModule):
     # scale and dropout of the LoRA adapters passed to `__call__` (`models.lora`); the adapters themselves are an
     # argument, not parameters of this module: they are a group of their own (`llama_lora`)
     lora: LoraConfig = LoraConfig()
+    # True: the decoder layers run as one `nn.scan` over stacked parameters (``layers/...``, leading axis
+    # LAYERS_AXIS; `stack_layers` makes that view of a checkpoint's ``layers_{i}``): the layer is traced and
+    # compiled once instead of num_layers times. Training only: no KV cache, no LoRA adapters, no per-layer
+    # intermediates. With `remat`, each scanned layer is rematerialised.
+    scan_layers: bool = False
 
     def setup(self) -> None:
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
-        # `deterministic` (argument 8, counting self) is a Python bool: static under remat
-        layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(8,)) if self.remat else LlamaDecoderLayer
-        # A list attribute in setup names its modules layers_0, layers_1, ...
-        self.layers = [layer_cls(c, self.dtype, self.param_dtype, self.torch_arithmetic, self.lora)
-                       for _ in range(c.num_layers)]
+        if self.scan_layers:
+            body = nn.remat(_ScannedLayer, prevent_cse=False) if self.remat else _ScannedLayer
+            scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
+                              metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+            self.layers = scanned(c, self.dtype, self.param_dtype, self.torch_arithmetic, self.lora)
+        else:
+            # `deterministic` (argument 8, counting self) is a Python bool: static under remat
+            layer_cls = nn.remat(LlamaDecoderLayer, static_argnums=(8,)) if self.remat else LlamaDecoderLayer
+            # A list attribute in setup names its modules layers_0, layers_1, ...
+            self.layers = [layer_cls(c, self.dtype, self.param_dtype, self.torch_arithmetic, self.lora)
+                           for _ in range(c.num_layers)]
         self.norm = RMSNorm(c.rms_norm_eps, self.param_dtype)
         if not c.tie_word_embeddings:
             # Dense directly: modules assigned in setup take the attribute name and may not pass `name=`.
@@ -291,6 +338,9 @@ class Llama(ConfiguredModule):
         """
         c = self.config
         b, l, _ = inputs_embeds.shape
+        if self.scan_layers and (cache is not None or adapters is not None):
+            raise ValueError("scanned LLaMA layers (scan_layers) run the training forward only: no KV cache, "
+                             "no LoRA adapters")
         if self.is_initializing():
             # setup() submodules are created on first use; make `init` through __call__ create the table too.
             self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
@@ -321,7 +371,9 @@ class Llama(ConfiguredModule):
         cos, sin = rope_cos_sin(position_ids, c.head_dim_resolved, c.rope_theta)
 
         new_cache: Cache | None = None if cache is None else {}
-        for i, layer in enumerate(self.layers):
+        if self.scan_layers:
+            x, _ = self.layers(x, cos, sin, bias)
+        for i, layer in enumerate(() if self.scan_layers else self.layers):
             layer_cache = None if cache is None else cache[f"layers_{i}"]
             layer_adapters = None if adapters is None else adapters.get(f"layers_{i}")
             x, updated = layer(x, cos, sin, bias, layer_cache, index, layer_adapters, deterministic)

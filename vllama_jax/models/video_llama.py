@@ -33,6 +33,7 @@ class VideoLLaMA(nn.Module):
     config: ModelConfig
     remat_vit: bool = False
     remat_llama: bool = False
+    scan_llama: bool = False  # the LLaMA layers as one scan (training only: `models.llama.Llama.scan_layers`)
 
     def setup(self) -> None:
         c = self.config
@@ -55,7 +56,7 @@ class VideoLLaMA(nn.Module):
             self.audio_qformer = QFormer(c.audio_qformer, dtype=qf_dt, param_dtype=train_pdt)
             self.audio_query_tokens = _query_tokens(self, "audio_query_tokens", c.audio_qformer, train_pdt)
             self.audio_llama_proj = _llm_projection(c.llama.hidden_size, c.audio_qformer, qf_dt, train_pdt)
-        self.llama = llama_module(c, remat=self.remat_llama)
+        self.llama = llama_module(c, remat=self.remat_llama, scan=self.scan_llama)
         if c.lora.enabled:  # the LLM's LoRA adapters: trained (fp32 master weights), the LLM stays frozen
             self.llama_lora = LlamaLora(c.llama, c.lora, param_dtype=train_pdt)
 
@@ -131,10 +132,7 @@ class VideoLLaMA(nn.Module):
 
     def encode_audio_from_frames(self, frames: jax.Array, deterministic: bool = True) -> jax.Array:
         """`encode_audioQformer` (vision modality), how upstream trains the audio branch: (B, T, H, W, 3)."""
-        b, t = frames.shape[:2]
-        _, embedding = self.audio_encoder.encode_vision(frames.reshape((b * t,) + frames.shape[2:]),
-                                                        deterministic=deterministic)
-        return self._audio_from_segments(embedding.reshape(b, t, -1), deterministic)
+        return self.encode_media(frames, "audio", deterministic)
 
     def encode_audiovideo(self, frames: jax.Array, clips: jax.Array, deterministic: bool = True) -> jax.Array:
         """`encode_videoQformer_audiovideo` (unused upstream): the ImageBind audio *features* (768-d, pre-projection)
@@ -158,20 +156,31 @@ class VideoLLaMA(nn.Module):
         flag = with_audio.astype(bool)[:, None, None]
         return jnp.where(flag, jnp.concatenate([audio, video], 1), jnp.concatenate([video, audio], 1))
 
+    def frozen_frame_features(self, frames: jax.Array, branch: str = "video") -> jax.Array:
+        """The frozen towers' output for a branch's training media, the part a feature cache stores
+        (`train.encode`): the video branch's per-frame image Q-Former outputs (B, T, Q, hidden) (``encode_frames``),
+        the audio branch's per-frame ImageBind vision embeddings (B, T, out_dim) (upstream trains the audio branch
+        on frames, upstream.md §1.8). Frames (B, T, H, W, 3). Always eval mode."""
+        if branch == "video":
+            return self.encode_frames(frames)
+        if branch == "audio":
+            b, t = frames.shape[:2]
+            _, embedding = self.audio_encoder.encode_vision(frames.reshape((b * t,) + frames.shape[2:]),
+                                                            deterministic=True)
+            return embedding.reshape(b, t, -1)
+        raise ValueError(f"unknown branch {branch!r} (video or audio)")
+
     def encode_media(self, frames: jax.Array, branch: str = "video", deterministic: bool = True,
                      cached: bool = False) -> jax.Array:
         """Training media path: train_flag 0 -> vision branch, 1 -> audio branch fed with frames (upstream.md §1.8).
-        ``cached``: ``frames`` holds the frozen towers' output instead (``encode_frames``, (B, T, Q, hidden)); the
-        towers are skipped (the video branch only: the audio branch's frozen ImageBind output is not cached)."""
-        if cached:
-            if branch != "video":
-                raise ValueError(f"cached frozen-tower outputs feed the video branch, not the {branch!r} branch")
-            return self.video_from_frame_queries(frames, deterministic)
+        ``cached``: ``frames`` holds the frozen towers' output instead (``frozen_frame_features`` of the branch);
+        the towers are skipped."""
+        if branch not in ("video", "audio"):
+            raise ValueError(f"unknown branch {branch!r} (video or audio)")
+        features = frames.astype(jnp.float32) if cached else self.frozen_frame_features(frames, branch)
         if branch == "video":
-            return self.encode_video(frames, deterministic)
-        if branch == "audio":
-            return self.encode_audio_from_frames(frames, deterministic)
-        raise ValueError(f"unknown branch {branch!r} (video or audio)")
+            return self.video_from_frame_queries(features, deterministic)
+        return self._audio_from_segments(features, deterministic)
 
     # ------------------------------------------------------------------------------------------------------
     # LLM side
@@ -205,15 +214,16 @@ class VideoLLaMA(nn.Module):
     # training forward (upstream `forward`)
 
     def instruction_inputs(self, frames: jax.Array, input_ids: jax.Array, placeholder_id: int,
-                           branch: str = "video", deterministic: bool = True) -> jax.Array:
-        media = self.encode_media(frames, branch, deterministic)
+                           branch: str = "video", deterministic: bool = True, cached: bool = False) -> jax.Array:
+        media = self.encode_media(frames, branch, deterministic, cached)
         return self.splice_media(self.embed_tokens(input_ids), input_ids, media, placeholder_id)
 
     def instruction_loss(self, frames: jax.Array, input_ids: jax.Array, labels: jax.Array,
                          attention_mask: jax.Array, placeholder_id: int, branch: str = "video",
-                         deterministic: bool = True) -> dict[str, jax.Array]:
-        """Path A (conv_type 'multi'): in-place N-for-N placeholder replacement, labels as the dataset built them."""
-        embeds = self.instruction_inputs(frames, input_ids, placeholder_id, branch, deterministic)
+                         deterministic: bool = True, cached: bool = False) -> dict[str, jax.Array]:
+        """Path A (conv_type 'multi'): in-place N-for-N placeholder replacement, labels as the dataset built them.
+        ``cached``: see ``encode_media``."""
+        embeds = self.instruction_inputs(frames, input_ids, placeholder_id, branch, deterministic, cached)
         logits, _ = self.llm(embeds, attention_mask=attention_mask, deterministic=deterministic)
         return causal_lm_loss(logits, labels) | {"logits": logits, "inputs_embeds": embeds}
 
@@ -295,11 +305,11 @@ class VideoLLaMA(nn.Module):
         return logits.sum() + jnp.sum(out)
 
 
-def llama_module(config: ModelConfig, remat: bool = False) -> Llama:
+def llama_module(config: ModelConfig, remat: bool = False, scan: bool = False) -> Llama:
     """The LLaMA decoder with the config's precision: compute and parameter dtypes, and the residual stream."""
     p = config.precision
     return Llama(config.llama, dtype=as_dtype(p.llama), param_dtype=as_dtype(p.llama_params), remat=remat,
-                 torch_arithmetic=p.llama_arithmetic == "torch", lora=config.lora)
+                 torch_arithmetic=p.llama_arithmetic == "torch", lora=config.lora, scan_layers=scan)
 
 
 def _torch_linear_init(fan_in: int) -> Any:

@@ -4,10 +4,10 @@ The layout follows upstream's `train_configs/*.yaml` (upstream.md §8.1) regroup
 
     name, seed, mesh, max_steps, output_dir, compilation_cache, compiler_options,
     frozen_video_qformer, frozen_audio_qformer, frozen_llama_proj, dropout
-    model:      config | dir, overrides, precision, remat_vit, remat_llama
+    model:      config | dir, overrides, precision, remat_vit, remat_llama, scan_layers
     weights:    upstream files of the frozen towers (when no model dir), llama_proj_model, ckpt, ckpt_2, tokenizer
     data:       datasets {name: {path, sample_ratio, ...}} | synthetic, batch_size (global), num_frames, end_sym,
-                max_txt_len, prompts, prompt_template, template, max_len, num_workers, augment
+                max_txt_len, prompts, prompt_template, template, max_len, num_workers, augment, features
     optim:      lr_sched, init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch, max_epoch, weight_decay,
                 beta1, beta2, eps, grad_accum, clip_grad_norm
     checkpoint: every, keep, async_save          (directory: {output_dir}/checkpoints)
@@ -34,6 +34,8 @@ from ..sharding import MeshSpecError, parse_mesh_spec
 from ..text import IMAGE_PLACEHOLDER, STAGE2_PROMPT_TEMPLATE
 
 PRECISIONS = ("model", "float32", "bfloat16")
+#: where a step's media input comes from (`data.features`)
+FEATURE_SOURCES = ("frames", "cached")
 LR_SCHEDULES = ("linear_warmup_cosine_lr",)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,6 +54,9 @@ class ModelSource:
     precision: str = "model"
     remat_vit: bool = False
     remat_llama: bool = False
+    # the LLaMA layers as one scan over stacked parameters: compiled once instead of once per layer (the stacked
+    # layout is the step's view; checkpoints and model directories keep layers_{i}); not with LoRA (for now)
+    scan_layers: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,9 @@ class DataConfig:
     template: str = ""  # instruction conversation template; "" = the model config's
     max_len: int = 512  # instruction batches: padded length
     num_workers: int = 0  # grain worker processes
+    # "frames": decode the media and run the frozen towers every step; "cached": read the towers' output from
+    # each dataset's feature cache (`vllama-jax encode`), the step skips the towers
+    features: str = "frames"
 
 
 @dataclass(frozen=True)
@@ -247,6 +255,8 @@ class TrainConfig:
         require_at_least(self.log, "log.", 0, "peak_tflops")
         self._validate_eval()
         self.lora.validate("lora.")
+        require(not (m.scan_layers and self.lora.enabled), "model.scan_layers",
+                "scanned LLaMA layers do not take LoRA adapters yet: set lora.rank: 0 or model.scan_layers: false")
         dist = self.distributed
         if dist.num_processes > 1 or dist.coordinator:
             require(bool(dist.coordinator), "distributed.coordinator", "needed with num_processes > 1")
@@ -268,6 +278,10 @@ class TrainConfig:
         require_at_least(s, "data.synthetic.", 1, "num_classes")
         require_positive(d, "data.", "batch_size", "num_frames", "max_txt_len", "max_len")
         require_at_least(d, "data.", 0, "num_workers")
+        require(d.features in FEATURE_SOURCES, "data.features",
+                f"{d.features!r} is not one of {', '.join(FEATURE_SOURCES)}")
+        require(d.features != "cached" or not d.synthetic.num_examples, "data.features",
+                "the synthetic captions have no feature cache (their frames are made in memory): use frames")
         require(d.batch_size % self.optim.grad_accum == 0, "data.batch_size",
                 f"{d.batch_size} is not divisible by optim.grad_accum={self.optim.grad_accum}")
         for i, p in enumerate(d.prompts):
@@ -288,6 +302,9 @@ class TrainConfig:
             require(bool(e.media_dir), "eval.media_dir", "needed with eval.every > 0")
             require(self.branch == "video", "eval.every",
                     "the eval hook asks about videos: it needs the vision branch (frozen_video_qformer: false)")
+            require(self.data.features != "cached", "eval.every",
+                    "the eval hook encodes its videos with the frozen towers, which a run on cached features "
+                    "(data.features: cached) does not load; evaluate the saved checkpoints with `vllama-jax eval`")
 
     def _validate_optim(self) -> None:
         o = self.optim

@@ -7,6 +7,8 @@ dataset); `global_batch` joins them with `jax.make_array_from_process_local_data
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from typing import Any, Mapping
 
@@ -17,14 +19,36 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ..config import ConfigError, ModelConfig
 from ..data import CAPTION, DatasetSpec, PipelineConfig, batch_spec, build_train_iterator, with_caption_prompts
+from ..data.features import cache_name
 from ..sharding import batch_sharding
 from ..text import caption_tokens, load_tokenizer
 from .config import SyntheticDataConfig, TrainConfig, resolve_path
 
 
-def branch_image_size(cfg: TrainConfig, model_config: ModelConfig) -> int:
+def branch_image_size(branch: str, model_config: ModelConfig) -> int:
     """Frames go to the EVA ViT (vision branch) or to ImageBind's vision tower (audio branch, upstream.md §1.3)."""
-    return model_config.imagebind_vision.image_size if cfg.branch == "audio" else model_config.vit.image_size
+    return model_config.imagebind_vision.image_size if branch == "audio" else model_config.vit.image_size
+
+
+def frame_feature_shape(branch: str, model_config: ModelConfig) -> tuple[int, ...]:
+    """The shape of one frame's frozen-tower output for a branch (`VideoLLaMA.frozen_frame_features`): the image
+    Q-Former's (queries, hidden), or ImageBind's vision embedding (out_dim,)."""
+    if branch == "audio":
+        return (model_config.imagebind_vision.out_dim,)
+    return (model_config.qformer.num_query_tokens, model_config.qformer.hidden_size)
+
+
+def towers_fingerprint(branch: str, model_config: ModelConfig) -> str:
+    """What a feature cache's frozen towers are, as far as the model config tells: a hash of the config sections
+    of the towers the branch's cache comes from (architecture, image size, compute precision). Two model
+    directories with the same architecture but other weights hash the same: the cache records its model folder
+    too, for the user to see."""
+    d = model_config.to_dict()
+    keys = ("vit", "qformer") if branch == "video" else ("imagebind_vision",)
+    p = d["precision"]
+    prec = {k: p[k] for k in (("vit", "qformer", "vit_params") if branch == "video" else ("imagebind",))}
+    blob = json.dumps({"branch": branch, **{k: d[k] for k in keys}, "precision": prec}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def num_query_tokens(cfg: TrainConfig, model_config: ModelConfig) -> int:
@@ -39,11 +63,13 @@ def pipeline_config(cfg: TrainConfig, model_config: ModelConfig, tokenizer_path:
         raise ConfigError(f"data.batch_size: {d.batch_size} is not divisible by the {process_count} processes")
     return PipelineConfig(
         tokenizer=tokenizer_path, batch_size=d.batch_size // process_count, seed=cfg.seed, num_frames=d.num_frames,
-        image_size=branch_image_size(cfg, model_config), train=d.augment, end_sym=d.end_sym,
+        image_size=branch_image_size(cfg.branch, model_config), train=d.augment, end_sym=d.end_sym,
         max_txt_len=d.max_txt_len, template=d.template or model_config.template,
         num_query_tokens=num_query_tokens(cfg, model_config), max_len=d.max_len, num_workers=d.num_workers,
         process_index=process_index, process_count=process_count, prompts=d.prompts,
-        prompt_template=d.prompt_template)
+        prompt_template=d.prompt_template,
+        features=cache_name(cfg.branch, d.num_frames) if d.features == "cached" else "",
+        feature_towers=towers_fingerprint(cfg.branch, model_config) if d.features == "cached" else "")
 
 
 def build_data_iterator(cfg: TrainConfig, model_config: ModelConfig, tokenizer_path: str, *,

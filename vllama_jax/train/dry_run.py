@@ -15,10 +15,11 @@ from jax.experimental import topologies
 
 from ..config import ConfigError
 from ..data import LAYOUTS, Dims, PreparedDataset, batch_spec, caption_prompt_list
+from ..data.batch import CACHED_KIND
 from ..sharding import batch_sharding
 from ..text import prompt_wrap_ids, split_prompt
 from .config import TrainConfig, resolve_path
-from .data import branch_image_size
+from .data import branch_image_size, frame_feature_shape
 from .metrics import compiled_flops
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,16 +77,20 @@ def _prompt_lengths(trainer: "Trainer", prompt: str) -> tuple[list[int], list[in
 
 
 def abstract_batches(trainer: "Trainer") -> dict[str, dict[str, jax.ShapeDtypeStruct]]:
-    """{kind: batch shapes} of the stage (`data.batch` specs: caption and/or instruction), largest frame count,
+    """{kind: batch shapes} of the stage (`data.batch` specs: caption and/or instruction, or their cached-feature
+    layouts with ``data.features: cached``), largest frame count,
     longest prompt, sharded as the device put shards them."""
     cfg, d = trainer.cfg, trainer.cfg.data
     prompts = caption_prompt_list(d.prompts, d.prompt_template)
     before, after = 0, 0
     if prompts:
         before, after = max(((len(x), len(y)) for x, y in (_prompt_lengths(trainer, p) for p in prompts)), key=sum)
-    dims = Dims(batch=d.batch_size, frames=d.num_frames, image_size=branch_image_size(cfg, trainer.model_config),
-                max_txt_len=d.max_txt_len, max_len=d.max_len, prompt_before=before, prompt_after=after)
+    dims = Dims(batch=d.batch_size, frames=d.num_frames, image_size=branch_image_size(cfg.branch, trainer.model_config),
+                max_txt_len=d.max_txt_len, max_len=d.max_len, prompt_before=before, prompt_after=after,
+                frame_feature=frame_feature_shape(cfg.branch, trainer.model_config))
     kinds = dataset_kinds(cfg)
+    if trainer.cached:  # the layouts of a feature cache's batches
+        kinds = {CACHED_KIND[k] for k in kinds}
     out = {}
     for kind in (k for k in LAYOUTS if k in kinds):
         spec = batch_spec(kind)

@@ -28,13 +28,14 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ..config import ConfigError, ModelConfig, apply_overrides, load_model_config
-from ..data.batch import llm_positions
+from ..data.batch import batch_spec, llm_positions
 from ..errors import VllamaError
 from ..eval.runner import evaluate as run_eval
 from ..eval.tasks import Question, Task, get_task, load_questions
 from ..inference.chat import VideoLLaMAChat
 from ..models import abstract_params, build_model
-from ..models.groups import branch_towers
+from ..models.groups import LLM_GROUP, branch_towers
+from ..models.llama import stack_layers, unstack_layers
 from ..runtime import matmul_peak_flops, use_compilation_cache
 from ..sharding import put, tree_shardings
 from ..text import load_tokenizer
@@ -112,13 +113,21 @@ class Trainer:
         self._check_data_fits_model()
         self.mesh = build_mesh(cfg.mesh, devices)
         self._check_batch_fits_mesh()
-        self.model = build_model(mc, remat_vit=cfg.model.remat_vit, remat_llama=cfg.model.remat_llama)
-        abstract, axes = abstract_params(mc)
+        self.scan = cfg.model.scan_layers
+        self.model = build_model(mc, remat_vit=cfg.model.remat_vit, remat_llama=cfg.model.remat_llama,
+                                 scan_llama=self.scan)
+        abstract, axes = abstract_params(mc)  # the layout of the files and checkpoints
         self.trainable_groups = trainable_groups(cfg, mc)
-        self.forward_groups = forward_groups(self.branch, mc, abstract)
+        self.cached = cfg.data.features == "cached"  # the frozen towers' output comes from a feature cache
+        self.forward_groups = forward_groups(self.branch, mc, abstract, cached=self.cached)
         self.frozen_groups = tuple(g for g in self.forward_groups if g not in self.trainable_groups)
         shardings = tree_shardings(abstract, axes, self.mesh)
         self.param_shapes = {p: tuple(v.shape) for p, v in flatten_params(abstract).items()}  # for the loaders
+        self.load_shardings = {g: shardings[g] for g in self.forward_groups}  # as the loaders restore them
+        if self.scan:  # the step's view of the LLM: its layers stacked (`models.llama.stack_layers`)
+            view, view_axes = abstract_params(mc, scan_llama=True)
+            abstract = {**abstract, LLM_GROUP: view[LLM_GROUP]}
+            shardings = {**shardings, LLM_GROUP: tree_shardings(view[LLM_GROUP], view_axes[LLM_GROUP], self.mesh)}
         self.abstract = {g: abstract[g] for g in self.forward_groups}
         self.shardings = {g: shardings[g] for g in self.forward_groups}
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -238,7 +247,7 @@ class Trainer:
         The towers the branch reads must come from files (unless `weights.random_frozen`, for benchmarks)."""
         wanted = set(groups)
         order = [g for g in self.forward_groups if g in wanted]
-        towers = () if self.cfg.weights.random_frozen else branch_towers(self.branch)
+        towers = () if self.cfg.weights.random_frozen else self._required_towers()
 
         def announce(name: str, groups: tuple[str, ...]) -> None:
             fresh_trained = [g for g in groups if g in self.trainable_groups] if name == "init" else []
@@ -248,14 +257,21 @@ class Trainer:
         try:
             params = load_groups(self.model_config, self._weight_sources(), order, seed=self.cfg.seed,
                                  required=[g for g in towers if g in wanted], shapes=self.param_shapes,
-                                 shardings=self.shardings, on_source=announce)
+                                 shardings=self.load_shardings, on_source=announce)
         except MissingGroupsError as e:
             hint = "model.dir" if self.cfg.model.dir else "weights.eva_vit / weights.blip2 / weights.imagebind / " \
                                                           "weights.llama"
             raise ConfigError(f"weights: no file gives the frozen group(s) {', '.join(e.groups)} needed by the "
                               f"{self.branch} branch (set {hint}, or weights.random_frozen: true for a benchmark)") \
                 from None
+        if self.scan and LLM_GROUP in params:
+            params[LLM_GROUP] = stack_layers(params[LLM_GROUP], self.model_config.llama.num_layers)
         return self._place(params, order)
+
+    def _required_towers(self) -> tuple[str, ...]:
+        """The frozen groups that must come from files: the branch's towers and the LLM (only the LLM when the
+        towers' output is cached)."""
+        return tuple(g for g in branch_towers(self.branch) if g in self.forward_groups)
 
     def new_state(self, params: Mapping[str, Any]) -> dict[str, Any]:
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(params)
@@ -352,7 +368,7 @@ class Trainer:
                     warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
                     self.state, metrics = compiled(self.state, self.frozen, batch)
                 info = {"step": step + 1, "metrics": metrics, "example_id": local.get("example_id"),
-                        "dataset": local.get("dataset"), "samples": batch["frames"].shape[0],
+                        "dataset": local.get("dataset"), "samples": batch[batch_spec(kind).row_keys[0]].shape[0],
                         "tokens": llm_positions(kind, batch, num_media), "flops": flops, "peak": peak}
                 if pending is not None:  # one step behind: the host reads step i-1 while step i runs
                     self._finish(pending)
@@ -408,6 +424,8 @@ class Trainer:
             self._eval_questions = load_questions(self._eval_task, resolve_path(e.annotations),
                                                   resolve_path(e.media_dir), e.limit or None)
         params = {**self.frozen, **self.state["params"]}
+        if self.scan:  # the chat runs the layers one by one, on the checkpoints' layout
+            params[LLM_GROUP] = unstack_layers(params[LLM_GROUP])
         if self._eval_chat is None:
             self._eval_chat = VideoLLaMAChat(self.model_config, params, self.tokenizer, mesh=self.mesh,
                                              num_frames=e.num_frames or self.cfg.data.num_frames,

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from ..config import ConfigError, ModelConfig
-from ..models.groups import FREEZE_FLAGS, branch_groups, branch_towers, trained_groups
+from ..models.groups import FREEZE_FLAGS, LLM_GROUP, branch_groups, branch_towers, trained_groups
 from ..tree import flatten_params, unflatten_params
 from ..weights.keymaps import KeyMap, audio_branch_keymap, video_branch_keymap
 from .config import OptimConfig, TrainConfig
@@ -29,12 +29,15 @@ def trainable_groups(cfg: TrainConfig, model_config: ModelConfig) -> tuple[str, 
     return trained_groups({flag: getattr(cfg, flag) for flag in FREEZE_FLAGS}, lora=cfg.lora.enabled)
 
 
-def forward_groups(branch: str, model_config: ModelConfig, abstract_params: Mapping[str, Any]) -> tuple[str, ...]:
-    """Every group the training forward of `branch` reads: its towers, its own branch groups, the LLM's trained
-    groups (LoRA adapters, when the model has them), and the top-level single-array params (query tokens), which
-    flax creates eagerly in `setup` and must therefore always exist."""
+def forward_groups(branch: str, model_config: ModelConfig, abstract_params: Mapping[str, Any],
+                   cached: bool = False) -> tuple[str, ...]:
+    """Every group the training forward of `branch` reads: its towers (not with ``cached`` features: the step
+    starts from their output), its own branch groups, the LLM and its trained groups (LoRA adapters, when the
+    model has them), and the top-level single-array params (query tokens), which flax creates eagerly in `setup`
+    and must therefore always exist."""
     leaves = tuple(k for k, v in abstract_params.items() if not isinstance(v, Mapping))
-    wanted = (set(branch_towers(branch)) | set(branch_groups(branch, towers=False))
+    towers = [g for g in branch_towers(branch) if not cached or g == LLM_GROUP]
+    wanted = (set(towers) | set(branch_groups(branch, towers=False))
               | set(branch_groups("llm", towers=False)) | set(leaves))
     return tuple(k for k in abstract_params if k in wanted)
 

@@ -9,7 +9,7 @@
 * `batch` = the device arrays of one global batch, laid out by the spec (`vllama_jax.data.batch`) of its `kind`: a
   caption batch (upstream.md §1.8 path B; with the shared stage-2 prompt rows), an instruction batch (path A),
   a features batch (path A for both branches from cached frozen-tower outputs, `train.features`), or a
-  caption_features batch (path B from the frames' cached frozen-tower outputs).
+  caption_features / instruction_features batch (path B / A of the branch from a feature cache, `train.encode`).
   `kind` is the one the pipeline emitted with the batch, a static argument: each layout compiles once.
 
 Gradient accumulation splits the batch into `grad_accum` micro-batches and sums `loss_sum` gradients, then divides
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ..data.batch import CAPTION, CAPTION_FEATURES, FEATURES, batch_spec, kind_of
+from ..data.batch import CAPTION, CAPTION_FEATURES, FEATURES, INSTRUCTION_FEATURES, batch_spec, kind_of
 from ..media.image import normalize_uint8
 from ..sharding import logical_to_mesh_spec
 
@@ -55,13 +55,14 @@ def make_loss_fn(model: Any, branch: str, placeholder_id: int, dropout: bool) ->
                               method=model.feature_instruction_loss)
         elif kind in (CAPTION.kind, CAPTION_FEATURES.kind):  # path B, on frames or on their cached towers' output
             cached = kind == CAPTION_FEATURES.kind
-            out = model.apply(variables, mb["frame_queries" if cached else "frames"], mb["text_ids"], mb["text_mask"],
-                              mb.get("prompt_before"), mb.get("prompt_after"), branch=branch,
+            out = model.apply(variables, mb["frame_features" if cached else "frames"], mb["text_ids"],
+                              mb["text_mask"], mb.get("prompt_before"), mb.get("prompt_after"), branch=branch,
                               deterministic=not dropout, cached=cached, rngs=rngs, method=model.caption_loss)
-        else:
-            out = model.apply(variables, mb["frames"], mb["input_ids"], mb["labels"], mb["attention_mask"],
-                              placeholder_id, branch=branch, deterministic=not dropout, rngs=rngs,
-                              method=model.instruction_loss)
+        else:  # path A, on frames or on their cached towers' output
+            cached = kind == INSTRUCTION_FEATURES.kind
+            out = model.apply(variables, mb["frame_features" if cached else "frames"], mb["input_ids"],
+                              mb["labels"], mb["attention_mask"], placeholder_id, branch=branch,
+                              deterministic=not dropout, cached=cached, rngs=rngs, method=model.instruction_loss)
         return out["loss_sum"], out["num_tokens"]
 
     return loss_fn
