@@ -223,6 +223,8 @@ DRY_RUNS = [  # (label, train config, --set overrides)
     ("LLaMA-2-7B  VL stage 1, batch 256, cached features", "configs/train_vl_stage1.yaml",
      ["data.features=cached"]),
     ("LLaMA-2-7B  VL stage 1, batch 256, scan layers", "configs/train_vl_stage1.yaml", ["model.scan_layers=true"]),
+    ("LLaMA-2-7B  VL stage 1, batch 256, scan layers + remat", "configs/train_vl_stage1.yaml",
+     ["model.scan_layers=true", "model.remat_llama=true"]),
     ("LLaMA-2-7B  VL stage 2, batch 32", "configs/train_vl_stage2.yaml", []),
     ("LLaMA-2-13B VL stage 1, batch 256", "configs/train_vl_stage1.yaml",
      ["model.config=configs/vl_llama2_13b_chat.yaml"]),

@@ -8,7 +8,10 @@ encode, the grain pipeline, the Trainer), training on the cache gives the losses
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -16,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.helpers import TINY_FILES
+from tests.helpers import TINY_FILES, free_port
 from tests.test_data_pipeline import TINY_VIDEO
-from tests.test_train_support import tiny_config
+from tests.test_train_support import subprocess_env, tiny_config
 from vllama_jax.cli import main as cli_main
 from vllama_jax.data import (DataError, DatasetSpec, PipelineConfig, PreparedDataset, build_train_iterator,
                              read_records, synthetic)
@@ -184,6 +187,9 @@ def test_cache_resumes_refuses_mismatches_and_replaces_bad_records(tiny_dir: Pat
     for kw, words in ((dict(train=True), "augment"), (dict(num_frames=3, features="video-3f"), "vllama-jax encode"),):
         with pytest.raises(DataError, match=words):
             build_train_iterator([DatasetSpec(str(data), sampling="uniform")], _pipeline(tiny_dir, data, **kw))
+    with pytest.raises(DataError, match="compute precision"):  # towers of another config or precision
+        build_train_iterator([DatasetSpec(str(data), sampling="uniform")],
+                             _pipeline(tiny_dir, data, feature_towers="0123456789abcdef"))
     with pytest.raises(DataError, match="sampling"):
         build_train_iterator([DatasetSpec(str(data), sampling="headtail")], _pipeline(tiny_dir, data))
     with pytest.raises(DataError, match="other settings"):
@@ -229,3 +235,37 @@ def test_resume_on_the_cache_equals_an_uninterrupted_run(tiny_dir: Path, chain, 
     finally:
         second.close()
     assert len(want) == 4 and np.allclose(got, want, rtol=0, atol=1e-6), (got, want)
+
+
+@pytest.mark.slow
+def test_two_hosts_encode_their_own_shards_into_one_cache(tiny_dir: Path, chain, tmp_path: Path):
+    """Two processes joined by jax.distributed (`vllama-jax encode --coordinator ...`) each encode their own record
+    shards; together they write the cache one process writes, record for record (each shard marked by its host)."""
+    data = tmp_path / "two_parts"
+    synthetic.make_prepared("webvid", data, 6, make={"video": TINY_VIDEO}, records_per_part=3)
+    data = data / "prepared"
+    assert len(PreparedDataset.open(data).files) == 2
+    single = tmp_path / "single"
+    shutil.copytree(data, single)
+    args = ["--model", str(chain["model"]), "--num-frames", "4", "--sampling", "uniform", "--quiet"]
+    assert cli_main(["encode", str(single), *args]) == 0
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "vllama_jax.cli", "encode", str(data), *args, "--coordinator",
+                               f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=subprocess_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "encoded 3 records (0 bad) in 1 shards" in out, out
+    hosts = sorted(json.loads(f.read_text())["host"] for f in cache_dir(data, "video", 4).rglob("*" + DONE_SUFFIX))
+    assert hosts == [0, 1]
+    files = PreparedDataset.open(data).files
+    a = FeatureCache.open(cache_dir(data, "video", 4), files).reader()
+    b = FeatureCache.open(cache_dir(single, "video", 4), PreparedDataset.open(single).files).reader()
+    for i in range(6):
+        (fa, ma), (fb, mb) = a[i], b[i]
+        # the single process batches over this session's 8 simulated devices, each host over its 1: the same
+        # values up to the bfloat16 rounding of slightly different float32 sums (one ulp, 2^-8)
+        np.testing.assert_allclose(fa.astype(np.float32), fb.astype(np.float32), rtol=2**-7, atol=1e-6)
+        assert ma == mb

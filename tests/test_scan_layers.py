@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import linen as nn
 
-from tests.test_train_support import tiny_config
+from tests.conftest import require_devices
+from tests.test_train_support import host, tiny_config
 from vllama_jax.config import ConfigError, LlamaConfig
 from vllama_jax.models.llama import Llama, stack_layers, unstack_layers
 from vllama_jax.train.loop import Trainer
@@ -73,3 +74,28 @@ def test_training_with_scanned_layers_equals_the_loop(tiny_dir: Path, tmp_path: 
         np.testing.assert_allclose(a, b, rtol=0, atol=tol, err_msg=name)
     with pytest.raises(ConfigError, match="model.scan_layers"):
         tiny_config(tiny_dir, tmp_path / "lora", model={"scan_layers": True}, lora={"rank": 4})
+
+
+@pytest.mark.slow
+def test_scanned_layers_on_8_devices_equal_the_loop_on_one(tiny_dir: Path, tmp_path: Path):
+    """Scanned layers on (data 2, fsdp 2, tensor 2) with dropout and 2 micro-batches train as the loop on one
+    device (the stacked weights shard by the same rules, their layer axis replicated)."""
+    require_devices(8)
+    runs = {}
+    for mesh, scan in (("data=1", False), ("data=2,fsdp=2,tensor=2", True)):
+        cfg = tiny_config(tiny_dir, tmp_path / str(scan), mesh=mesh, max_steps=2, data={"batch_size": 8},
+                          optim={"grad_accum": 2}, checkpoint={"every": 100}, model={"scan_layers": scan})
+        t = Trainer(cfg)
+        try:
+            runs[scan] = (t.run(), host(t.state["params"]))
+            if scan:
+                q = t.frozen["llama"]["layers"]["self_attn"]["q_proj"]["kernel"]
+                assert q.shape[0] == 2 and not q.sharding.is_fully_replicated
+        finally:
+            t.close()
+    (h1, s1), (h8, s8) = runs[False], runs[True]
+    for a, b in zip(h1, h8):
+        assert abs(a["loss"] - b["loss"]) < 1e-5 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4 * a["grad_norm"]
+    for k in s1:
+        tol = 6e-3 if "['key']['bias']" in k else 2e-6
+        np.testing.assert_allclose(s8[k], s1[k], atol=tol, rtol=1e-5, err_msg=k)

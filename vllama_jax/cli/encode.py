@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.features import DTYPES
-from ..train.config import DistributedConfig
+from ..train.config import PRECISIONS, DistributedConfig
 from ..train.distributed import init_distributed
 from ..train.encode import BRANCHES, encode_dataset
 from .common import UsageError, add_common_args, info, run_command
@@ -31,6 +31,9 @@ def register(sub: Any) -> None:
     p.add_argument("--views", type=int, default=1,
                    help="random draws of the preprocessing cached per record; epoch e trains on view e %% N")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16", help="stored dtype (default bfloat16)")
+    p.add_argument("--precision", choices=PRECISIONS, default="model",
+                   help="compute precision of the towers, as the training config's model.precision (default: the "
+                        "model directory's); training refuses a cache made in another")
     p.add_argument("--batch-size", type=int, default=16, help="frames sequences per device batch (default 16)")
     p.add_argument("--workers", type=int, default=4, help="threads decoding media (default 4)")
     p.add_argument("--seed", type=int, default=42, help="seed of the random draws (default 42)")
@@ -61,6 +64,6 @@ def cmd_encode(args: argparse.Namespace) -> int:
     summary = encode_dataset(args.data, args.model, branch=args.branch, num_frames=args.num_frames,
                              sampling=args.sampling, augment=args.augment, views=args.views, dtype=args.dtype,
                              batch_size=args.batch_size, workers=args.workers, seed=args.seed, mesh_spec=args.mesh,
-                             overwrite=args.overwrite, progress=not args.quiet, log=info)
+                             precision=args.precision, overwrite=args.overwrite, progress=not args.quiet, log=info)
     print(summary.line())
     return 0

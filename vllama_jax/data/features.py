@@ -141,7 +141,9 @@ class FeatureCache:
             what = "; ".join(f"{k}: cached {a!r}, this run {b!r}" for k, (a, b) in diff.items())
             hint = (" (data.augment draws new random crops every epoch, which a cache of fixed views cannot "
                     "give: set data.augment: false, or encode augmented views with `vllama-jax encode --augment "
-                    "--views N`)" if "augment" in diff else "")
+                    "--views N`)" if "augment" in diff else
+                    " (the towers' architecture or compute precision differ: encode with the run's model and "
+                    "`--precision` = its model.precision)" if "towers" in diff else "")
             raise DataError(self.path, f"the cached features do not fit this run ({what}){hint}; encode again "
                                        "with matching settings (--overwrite)")
 

@@ -45,12 +45,14 @@ from ..data.features import (DONE_SUFFIX, DTYPES, FEATURES_MANIFEST, FEATURES_SC
 from ..data.pipeline import RecordReader
 from ..data.prepare import ordered_map
 from ..media.image import normalize_uint8
-from ..models import abstract_params, build_model
+from ..models import abstract_params, build_model, cast_to_config_dtypes
 from ..models.groups import LLM_GROUP, branch_towers
 from ..models.video_llama import VideoLLaMA
 from ..sharding import make_mesh
 from ..weights.model_dir import CONFIG_FILE, load_model_dir, read_manifest
+from .config import PRECISIONS
 from .data import branch_image_size, frame_feature_shape, towers_fingerprint
+from .loop import with_precision
 
 BRANCHES = ("video", "audio")
 
@@ -94,10 +96,12 @@ def tower_groups(branch: str, abstract: dict[str, Any]) -> tuple[str, ...]:
 def encode_dataset(data_dir: str | os.PathLike[str], model_dir: str | os.PathLike[str], *, branch: str = "video",
                    num_frames: int = 8, sampling: str | None = None, augment: bool = False, views: int = 1,
                    dtype: str = "bfloat16", batch_size: int = 16, workers: int = 4, seed: int = 42,
-                   mesh_spec: str | None = None, overwrite: bool = False, progress: bool = True,
-                   log: Callable[[str], None] = print) -> EncodeSummary:
+                   mesh_spec: str | None = None, precision: str = "model", overwrite: bool = False,
+                   progress: bool = True, log: Callable[[str], None] = print) -> EncodeSummary:
     """Encode the prepared dataset at ``data_dir`` with the frozen towers of ``model_dir`` (see the module
-    docstring); resumable. Raises `DataError` for an unusable dataset or a cache of other settings."""
+    docstring); resumable. ``precision``: the compute precision of the towers, as the training config's
+    ``model.precision`` ("model": the model directory's; "float32"; "bfloat16"): a run trains on the cache only
+    with the precision it was made in. Raises `DataError` for an unusable dataset or a cache of other settings."""
     if branch not in BRANCHES:
         raise DataError(None, f"unknown branch {branch!r} (one of {', '.join(BRANCHES)})")
     if dtype not in DTYPES:
@@ -109,7 +113,9 @@ def encode_dataset(data_dir: str | os.PathLike[str], model_dir: str | os.PathLik
     pd = PreparedDataset.open(data_dir)
     model_dir = Path(model_dir).expanduser().absolute()
     read_manifest(model_dir)  # a clear error for a folder that is not a model directory
-    config = load_model_config(model_dir / CONFIG_FILE)
+    if precision not in PRECISIONS:
+        raise DataError(None, f"unknown precision {precision!r} (one of {', '.join(PRECISIONS)})")
+    config = with_precision(load_model_config(model_dir / CONFIG_FILE), precision)
     if branch == "audio" and not config.equip_audio_branch:
         raise DataError(model_dir, "the model has no audio branch (equip_audio_branch: false)")
     settings = encode_settings(config, pd, branch=branch, num_frames=num_frames, sampling=sampling,
@@ -125,8 +131,8 @@ def encode_dataset(data_dir: str | os.PathLike[str], model_dir: str | os.PathLik
     mesh = make_mesh(mesh_spec or f"data={len(jax.local_devices())}", jax.local_devices())
     model = build_model(config)
     abstract, _ = abstract_params(config)
-    loaded = load_model_dir(model_dir, mesh=mesh, groups=tower_groups(branch, abstract))
-    params = loaded.params
+    params = cast_to_config_dtypes(load_model_dir(model_dir, mesh=mesh, groups=tower_groups(branch, abstract)).params,
+                                   config)
     t = 1 if pd.media_type == "image" else num_frames
     size = settings["image_size"]
     rows = -(-batch_size // mesh.shape["data"]) * mesh.shape["data"]  # a whole number of rows per device

@@ -336,7 +336,9 @@ class Trainer:
             compiled = self.jitted.lower(self.state, self.frozen, batch, kind).compile(self.compiler_options)
             self._compiled[sig], self._flops[sig] = compiled, compiled_flops(compiled)
             self._log(f"compiled the {kind} step for {dict((k, s) for k, s, _ in sig[1:])} in "
-                      f"{time.perf_counter() - t:.1f} s ({self._flops[sig] / 1e9:.2f} GFLOP per device per step)")
+                      f"{time.perf_counter() - t:.1f} s ({self._flops[sig] / 1e9:.2f} GFLOP per device per step"
+                      + ("; XLA counts the scanned LLaMA layer once, so FLOPs and MFU under-count" if self.scan
+                         else "") + ")")
         return self._compiled[sig], self._flops[sig]
 
     def run(self, steps: int | None = None) -> list[dict[str, Any]]:
