@@ -40,7 +40,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("positions", None),
     ("tokens", None),
     ("lora_rank", None),  # LoRA adapters' rank dimension (`models.lora.RANK_AXIS`): small, replicated
-    ("layers", None),  # the stacked axis of scanned layers (`models.llama.LAYERS_AXIS`): each device holds all
+    ("layers", None),  # the stacked axis of scanned layers (`models.layers.LAYERS_AXIS`): each device holds all
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -44,3 +45,29 @@ def top_group(path: str) -> str:
 def param_count(tree: Any) -> int:
     """Number of scalars in every leaf that has a shape (arrays, ShapeDtypeStructs)."""
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
+
+
+def stack_layers(params: Mapping[str, Any], prefix: str, num: int, stack: Any = None) -> dict[str, Any]:
+    """A scanned module's view of a tree of numbered layers: ``{prefix}_{i}`` (i < ``num``, the layout of
+    checkpoints and model directories) -> ``prefix`` whose leaves have a leading axis of length ``num``; other
+    entries unchanged. ``stack``: how the per-layer arrays of one leaf become one (default ``jnp.stack``)."""
+    stack = stack or jnp.stack
+    per_layer = [params[f"{prefix}_{i}"] for i in range(num)]
+    out = {k: v for k, v in params.items() if not _is_layer(k, prefix)}
+    out[prefix] = jax.tree.map(lambda *xs: stack(xs), *per_layer)
+    return out
+
+
+def unstack_layers(params: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The inverse of `stack_layers`: ``prefix`` (stacked) -> ``{prefix}_{i}``."""
+    stacked = params[prefix]
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in params.items() if k != prefix}
+    out.update({f"{prefix}_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)})
+    return out
+
+
+def _is_layer(key: str, prefix: str) -> bool:
+    head, _, num = key.rpartition("_")
+    return head == prefix and num.isdigit()
+

@@ -8,7 +8,7 @@ default, initialising for training); everything downstream (chat, generation, tr
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,18 +17,46 @@ from jax.sharding import Mesh, SingleDeviceSharding
 
 from ..config import ModelConfig, PrecisionConfig
 from ..sharding import logical_axes_of, make_mesh, put, tree_shardings
-from ..tree import flatten_params, param_count, unflatten_params
+from ..tree import flatten_params, param_count, stack_layers, unflatten_params, unstack_layers
 from . import groups
 from .groups import LLM_GROUP, model_groups
+from .eva_vit import SCANNED_BLOCKS
+from .llama import SCANNED_LAYERS
 from .quant import axes_with_scales
 from .video_llama import VideoLLaMA
 
 
 def build_model(config: ModelConfig, *, remat_vit: bool = False, remat_llama: bool = False,
-                scan_llama: bool = False) -> VideoLLaMA:
-    """``scan_llama``: the LLaMA layers as one scan over stacked parameters (`models.llama.Llama.scan_layers`;
-    its params view is `stack_layers` of the usual tree)."""
-    return VideoLLaMA(config, remat_vit=remat_vit, remat_llama=remat_llama, scan_llama=scan_llama)
+                scan_layers: bool = False) -> VideoLLaMA:
+    """``scan_layers``: the LLaMA layers and the ViT blocks each as one scan over stacked parameters (their
+    params view: `scanned_view` of the usual tree)."""
+    return VideoLLaMA(config, remat_vit=remat_vit, remat_llama=remat_llama, scan_layers=scan_layers)
+
+
+#: the groups `build_model(..., scan_layers=True)` holds stacked: group -> (its key of the stacked layers, the count)
+SCANNED_GROUPS: dict[str, tuple[str, Any]] = {
+    LLM_GROUP: (SCANNED_LAYERS, lambda c: c.llama.num_layers),
+    "visual_encoder": (SCANNED_BLOCKS, lambda c: c.vit.depth),
+}
+
+
+def scanned_view(params: Mapping[str, Any], config: ModelConfig) -> dict[str, Any]:
+    """The params (any subset of the groups, the checkpoints' per-layer layout) as a model with ``scan_layers``
+    reads them: the numbered layers of the `SCANNED_GROUPS` stacked (`tree.stack_layers`)."""
+    out = dict(params)
+    for group, (key, count) in SCANNED_GROUPS.items():
+        if group in out:
+            out[group] = stack_layers(out[group], key, count(config))
+    return out
+
+
+def unscanned_view(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `scanned_view`: the checkpoints' per-layer layout."""
+    out = dict(params)
+    for group, (key, _) in SCANNED_GROUPS.items():
+        if group in out and key in out[group]:
+            out[group] = unstack_layers(out[group], key)
+    return out
 
 
 def dummy_inputs(config: ModelConfig, batch: int = 1, frames: int = 1) -> tuple[jax.Array, jax.Array | None, jax.Array]:
@@ -39,8 +67,8 @@ def dummy_inputs(config: ModelConfig, batch: int = 1, frames: int = 1) -> tuple[
     return f, c, ids
 
 
-def _init_fn(config: ModelConfig, scan_llama: bool = False):
-    model = build_model(config, scan_llama=scan_llama)
+def _init_fn(config: ModelConfig, scan_layers: bool = False):
+    model = build_model(config, scan_layers=scan_layers)
     f, c, ids = dummy_inputs(config)
 
     def init(rng: jax.Array) -> Any:
@@ -49,10 +77,11 @@ def _init_fn(config: ModelConfig, scan_llama: bool = False):
     return init
 
 
-def abstract_params(config: ModelConfig, scan_llama: bool = False) -> tuple[Any, Any]:
+def abstract_params(config: ModelConfig, scan_layers: bool = False) -> tuple[Any, Any]:
     """(tree of ShapeDtypeStruct, tree of logical-axis tuples) of the whole model, without allocating it
-    (``scan_llama``: with the LLaMA layers stacked, as `build_model(..., scan_llama=True)` reads them)."""
-    boxed = jax.eval_shape(_init_fn(config, scan_llama), jax.random.PRNGKey(0))
+    (``scan_layers``: with the LLaMA layers and ViT blocks stacked, as `build_model(..., scan_layers=True)` reads
+    them)."""
+    boxed = jax.eval_shape(_init_fn(config, scan_layers), jax.random.PRNGKey(0))
     return nn.unbox(boxed), logical_axes_of(boxed)
 
 
@@ -113,6 +142,6 @@ def place_params(config: ModelConfig, params: dict[str, Any], mesh: Mesh | str |
     return jax.tree.map(put, params, param_shardings(config, params, mesh))
 
 
-__all__ = ["LLM_GROUP", "abstract_for_groups", "abstract_params", "build_model", "cast_to_config_dtypes",
-           "dummy_inputs", "groups", "init_params", "model_groups", "param_count", "param_shardings", "place_params",
-           "set_precision"]
+__all__ = ["LLM_GROUP", "SCANNED_GROUPS", "abstract_for_groups", "abstract_params", "build_model",
+           "cast_to_config_dtypes", "dummy_inputs", "groups", "init_params", "model_groups", "param_count",
+           "param_shardings", "place_params", "scanned_view", "set_precision", "unscanned_view"]

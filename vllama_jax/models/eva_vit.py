@@ -12,8 +12,11 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from .layers import (ConfiguredModule, Dtype, LayerNorm, Mlp, dense, dot_product_attention, matmul, merge_heads,
-                     split_heads, with_axes)
+from .layers import (LAYERS_AXIS, ConfiguredModule, Dtype, LayerNorm, Mlp, dense, dot_product_attention, matmul,
+                     merge_heads, split_heads, with_axes)
+
+#: the params key of the stacked blocks (`EvaViT.scan_layers`; `tree.stack_layers(params, SCANNED_BLOCKS, depth)`)
+SCANNED_BLOCKS = "blocks"
 
 
 class EvaAttention(nn.Module):
@@ -42,6 +45,13 @@ class EvaBlock(ConfiguredModule):
         x = x + EvaAttention(c.num_heads, name="attn", **kw)(LayerNorm(c.layer_norm_eps, name="norm1")(x))
         x = x + Mlp(c.mlp_dim, name="mlp", **kw)(LayerNorm(c.layer_norm_eps, name="norm2")(x))
         return x
+
+
+class _ScannedBlock(EvaBlock):
+    """A block as the body of `nn.scan` (`EvaViT.scan_layers`): the tokens are the carry."""
+
+    def __call__(self, x: jax.Array, _: None = None) -> tuple[jax.Array, None]:  # type: ignore[override]
+        return super().__call__(x), None
 
 
 class PatchEmbed(nn.Module):
@@ -78,6 +88,9 @@ class EvaViT(ConfiguredModule):
     """(N, H, W, 3) normalized images -> (N, 1 + (H/14)*(W/14), width) tokens; `config`: a `ViTConfig`."""
 
     remat: bool = False
+    # True: the blocks run as one `nn.scan` over stacked parameters (``blocks/...``, leading logical axis
+    # LAYERS_AXIS): traced and compiled once instead of `depth` times; no per-block intermediates
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, images: jax.Array) -> jax.Array:
@@ -92,6 +105,12 @@ class EvaViT(ConfiguredModule):
         pos = self.param("pos_embed", with_axes(nn.initializers.normal(0.02), (None, "positions", "embed")),
                          (1, c.num_patches + 1, c.width), jnp.float32)
         x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, c.width)), x], axis=1) + pos
+        if self.scan_layers:
+            body = nn.remat(_ScannedBlock, prevent_cse=False) if self.remat else _ScannedBlock
+            scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.depth,
+                              metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+            x, _ = scanned(c, dtype=self.dtype, param_dtype=self.param_dtype, name=SCANNED_BLOCKS)(x, None)
+            return x
         block = nn.remat(EvaBlock) if self.remat else EvaBlock
         for i in range(c.depth):
             x = block(c, dtype=self.dtype, param_dtype=self.param_dtype, name=f"blocks_{i}")(x)

@@ -54,6 +54,10 @@ def normal_init(stddev: float = 0.02) -> Initializer:
     return nn.initializers.normal(stddev)
 
 
+#: the leading logical axis of scanned (stacked) layer parameters (`Llama.scan_layers`, `EvaViT.scan_layers`)
+LAYERS_AXIS = "layers"
+
+
 def with_axes(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
     return nn.with_logical_partitioning(init, axes)
 

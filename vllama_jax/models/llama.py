@@ -43,7 +43,8 @@ import numpy as np
 from flax import linen as nn
 
 from ..config import LlamaConfig, LoraConfig
-from .layers import ConfiguredModule, Dense, Dtype, Embed, RMSNorm, dense, dot_product_attention, round_to
+from .layers import (LAYERS_AXIS, ConfiguredModule, Dense, Dtype, Embed, RMSNorm, dense, dot_product_attention,
+                     round_to)
 from .lora import add_adapter
 
 Adapters = dict[str, Any]  # a `llama_lora` tree (`models.lora`), or the part of it for one layer / submodule
@@ -230,29 +231,8 @@ class _ScannedLayer(LlamaDecoderLayer):
         return out, None
 
 
-#: the leading axis of the scanned (stacked) layer parameters (`Llama.scan_layers`)
-LAYERS_AXIS = "layers"
-#: the params key of the stacked layers
+#: the params key of the stacked layers (`Llama.scan_layers`; `tree.stack_layers(params, SCANNED_LAYERS, n)`)
 SCANNED_LAYERS = "layers"
-
-
-def stack_layers(params: Any, num_layers: int, stack: Any = jnp.stack) -> dict[str, Any]:
-    """A LLaMA params tree (``layers_{i}/...``, the layout of checkpoints and model directories) -> the scanned
-    view (``layers/...`` with a leading axis of length ``num_layers``); other entries unchanged. ``stack``: how
-    the L per-layer arrays of one leaf become one (``np.stack`` on the host)."""
-    per_layer = [params[f"layers_{i}"] for i in range(num_layers)]
-    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
-    out[SCANNED_LAYERS] = jax.tree.map(lambda *xs: stack(xs), *per_layer)
-    return out
-
-
-def unstack_layers(params: Any) -> dict[str, Any]:
-    """The inverse of `stack_layers`: the scanned view -> ``layers_{i}/...``."""
-    stacked = params[SCANNED_LAYERS]
-    n = jax.tree.leaves(stacked)[0].shape[0]
-    out = {k: v for k, v in params.items() if k != SCANNED_LAYERS}
-    out |= {f"layers_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)}
-    return out
 
 
 class Llama(ConfiguredModule):
@@ -273,8 +253,8 @@ class Llama(ConfiguredModule):
     # scale and dropout of the LoRA adapters passed to `__call__` (`models.lora`); the adapters themselves are an
     # argument, not parameters of this module: they are a group of their own (`llama_lora`)
     lora: LoraConfig = LoraConfig()
-    # True: the decoder layers run as one `nn.scan` over stacked parameters (``layers/...``, leading axis
-    # LAYERS_AXIS; `stack_layers` makes that view of a checkpoint's ``layers_{i}``): the layer is traced and
+    # True: the decoder layers run as one `nn.scan` over stacked parameters (``layers/...``, leading logical axis
+    # LAYERS_AXIS; `tree.stack_layers` makes that view of a checkpoint's ``layers_{i}``): the layer is traced and
     # compiled once instead of num_layers times. Training only: no KV cache, no LoRA adapters, no per-layer
     # intermediates. With `remat`, each scanned layer is rematerialised.
     scan_layers: bool = False

@@ -33,14 +33,17 @@ class VideoLLaMA(nn.Module):
     config: ModelConfig
     remat_vit: bool = False
     remat_llama: bool = False
-    scan_llama: bool = False  # the LLaMA layers as one scan (training only: `models.llama.Llama.scan_layers`)
+    # the LLaMA layers and the ViT blocks each as one scan over stacked parameters (`Llama.scan_layers`,
+    # `EvaViT.scan_layers`; training: no KV cache, no LoRA)
+    scan_layers: bool = False
 
     def setup(self) -> None:
         c = self.config
         p = c.precision
         vit_dt, qf_dt = as_dtype(p.vit), as_dtype(p.qformer)
         train_pdt = as_dtype(p.trainable_params)
-        self.visual_encoder = EvaViT(c.vit, dtype=vit_dt, param_dtype=as_dtype(p.vit_params), remat=self.remat_vit)
+        self.visual_encoder = EvaViT(c.vit, dtype=vit_dt, param_dtype=as_dtype(p.vit_params), remat=self.remat_vit,
+                                     scan_layers=self.scan_layers)
         self.ln_vision = LayerNorm(c.vit.ln_vision_eps)
         self.qformer = QFormer(c.qformer, dtype=qf_dt)
         self.query_tokens = _query_tokens(self, "query_tokens", c.qformer, jnp.float32)
@@ -56,7 +59,7 @@ class VideoLLaMA(nn.Module):
             self.audio_qformer = QFormer(c.audio_qformer, dtype=qf_dt, param_dtype=train_pdt)
             self.audio_query_tokens = _query_tokens(self, "audio_query_tokens", c.audio_qformer, train_pdt)
             self.audio_llama_proj = _llm_projection(c.llama.hidden_size, c.audio_qformer, qf_dt, train_pdt)
-        self.llama = llama_module(c, remat=self.remat_llama, scan=self.scan_llama)
+        self.llama = llama_module(c, remat=self.remat_llama, scan=self.scan_layers)
         if c.lora.enabled:  # the LLM's LoRA adapters: trained (fp32 master weights), the LLM stays frozen
             self.llama_lora = LlamaLora(c.llama, c.lora, param_dtype=train_pdt)
 

@@ -54,8 +54,9 @@ class ModelSource:
     precision: str = "model"
     remat_vit: bool = False
     remat_llama: bool = False
-    # the LLaMA layers as one scan over stacked parameters: compiled once instead of once per layer (the stacked
-    # layout is the step's view; checkpoints and model directories keep layers_{i}); not with LoRA (for now)
+    # the LLaMA layers and the ViT blocks each as one scan over stacked parameters: compiled once instead of once
+    # per layer (the stacked layout is the step's view; checkpoints and model directories keep layers_{i} /
+    # blocks_{i}); not with LoRA (for now)
     scan_layers: bool = False
 
 

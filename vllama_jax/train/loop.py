@@ -33,9 +33,8 @@ from ..errors import VllamaError
 from ..eval.runner import evaluate as run_eval
 from ..eval.tasks import Question, Task, get_task, load_questions
 from ..inference.chat import VideoLLaMAChat
-from ..models import abstract_params, build_model
-from ..models.groups import LLM_GROUP, branch_towers
-from ..models.llama import stack_layers, unstack_layers
+from ..models import SCANNED_GROUPS, abstract_params, build_model, scanned_view, unscanned_view
+from ..models.groups import branch_towers
 from ..runtime import matmul_peak_flops, use_compilation_cache
 from ..sharding import put, tree_shardings
 from ..text import load_tokenizer
@@ -115,7 +114,7 @@ class Trainer:
         self._check_batch_fits_mesh()
         self.scan = cfg.model.scan_layers
         self.model = build_model(mc, remat_vit=cfg.model.remat_vit, remat_llama=cfg.model.remat_llama,
-                                 scan_llama=self.scan)
+                                 scan_layers=self.scan)
         abstract, axes = abstract_params(mc)  # the layout of the files and checkpoints
         self.trainable_groups = trainable_groups(cfg, mc)
         self.cached = cfg.data.features == "cached"  # the frozen towers' output comes from a feature cache
@@ -124,10 +123,11 @@ class Trainer:
         shardings = tree_shardings(abstract, axes, self.mesh)
         self.param_shapes = {p: tuple(v.shape) for p, v in flatten_params(abstract).items()}  # for the loaders
         self.load_shardings = {g: shardings[g] for g in self.forward_groups}  # as the loaders restore them
-        if self.scan:  # the step's view of the LLM: its layers stacked (`models.llama.stack_layers`)
-            view, view_axes = abstract_params(mc, scan_llama=True)
-            abstract = {**abstract, LLM_GROUP: view[LLM_GROUP]}
-            shardings = {**shardings, LLM_GROUP: tree_shardings(view[LLM_GROUP], view_axes[LLM_GROUP], self.mesh)}
+        if self.scan:  # the step's view of the LLM and the ViT: their layers stacked (`models.scanned_view`)
+            view, view_axes = abstract_params(mc, scan_layers=True)
+            abstract = {**abstract, **{g: view[g] for g in SCANNED_GROUPS if g in view}}
+            shardings = {**shardings, **{g: tree_shardings(view[g], view_axes[g], self.mesh)
+                                         for g in SCANNED_GROUPS if g in view}}
         self.abstract = {g: abstract[g] for g in self.forward_groups}
         self.shardings = {g: shardings[g] for g in self.forward_groups}
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -264,8 +264,8 @@ class Trainer:
             raise ConfigError(f"weights: no file gives the frozen group(s) {', '.join(e.groups)} needed by the "
                               f"{self.branch} branch (set {hint}, or weights.random_frozen: true for a benchmark)") \
                 from None
-        if self.scan and LLM_GROUP in params:
-            params[LLM_GROUP] = stack_layers(params[LLM_GROUP], self.model_config.llama.num_layers)
+        if self.scan:
+            params = scanned_view(params, self.model_config)
         return self._place(params, order)
 
     def _required_towers(self) -> tuple[str, ...]:
@@ -337,7 +337,7 @@ class Trainer:
             self._compiled[sig], self._flops[sig] = compiled, compiled_flops(compiled)
             self._log(f"compiled the {kind} step for {dict((k, s) for k, s, _ in sig[1:])} in "
                       f"{time.perf_counter() - t:.1f} s ({self._flops[sig] / 1e9:.2f} GFLOP per device per step"
-                      + ("; XLA counts the scanned LLaMA layer once, so FLOPs and MFU under-count" if self.scan
+                      + ("; XLA counts a scanned layer once, so FLOPs and MFU under-count" if self.scan
                          else "") + ")")
         return self._compiled[sig], self._flops[sig]
 
@@ -427,7 +427,7 @@ class Trainer:
                                                   resolve_path(e.media_dir), e.limit or None)
         params = {**self.frozen, **self.state["params"]}
         if self.scan:  # the chat runs the layers one by one, on the checkpoints' layout
-            params[LLM_GROUP] = unstack_layers(params[LLM_GROUP])
+            params = unscanned_view(params)
         if self._eval_chat is None:
             self._eval_chat = VideoLLaMAChat(self.model_config, params, self.tokenizer, mesh=self.mesh,
                                              num_frames=e.num_frames or self.cfg.data.num_frames,
