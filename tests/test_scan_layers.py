@@ -3,7 +3,6 @@
 one without; checkpoints and model directories keep the per-layer layout (the stacked one is the step's view)."""
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -14,7 +13,7 @@ from flax import linen as nn
 
 from tests.conftest import require_devices
 from tests.test_train_support import host, tiny_config
-from vllama_jax.config import ConfigError, LlamaConfig, ViTConfig
+from vllama_jax.config import LlamaConfig, ViTConfig
 from vllama_jax.models.eva_vit import EvaViT
 from vllama_jax.models.llama import Llama
 from vllama_jax.tree import stack_layers, unstack_layers
@@ -82,14 +81,15 @@ def test_scanned_vit_blocks_equal_the_loop(remat: bool):
 
 
 @pytest.mark.slow
-def test_training_with_scanned_layers_equals_the_loop(tiny_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("lora", [0, 4])
+def test_training_with_scanned_layers_equals_the_loop(tiny_dir: Path, tmp_path: Path, lora: int):
     """The fixture model, 3 steps on the synthetic captions: scanned LLaMA layers and ViT blocks give the loop's
-    losses and trained parameters; the frozen LLM and ViT are held stacked; LoRA with scan is refused naming the
-    key."""
+    losses and trained parameters, with and without LoRA adapters on the LLM (which keep their per-layer layout in
+    the state, so checkpoints and the PEFT export do not change); the frozen LLM and ViT are held stacked."""
     runs = {}
     for scan in (False, True):
         cfg = tiny_config(tiny_dir, tmp_path / str(scan), dropout=False, max_steps=3, checkpoint={"every": 100},
-                          model={"scan_layers": scan})
+                          model={"scan_layers": scan}, lora={"rank": lora, "alpha": 8, "dropout": 0.0})
         t = Trainer(cfg)
         try:
             runs[scan] = ([h["loss"] for h in t.run()], jax.device_get(t.state["params"]), t.frozen["llama"],
@@ -99,13 +99,15 @@ def test_training_with_scanned_layers_equals_the_loop(tiny_dir: Path, tmp_path: 
     (loss_loop, p_loop, llm_loop, vit_loop), (loss_scan, p_scan, llm_scan, vit_scan) = runs[False], runs[True]
     assert "layers" in llm_scan and "layers_0" in llm_loop and "layers_0" not in llm_scan
     assert "blocks" in vit_scan and "blocks_0" in vit_loop and "blocks_0" not in vit_scan
+    if lora:
+        assert "layers_0" in p_scan["llama_lora"] and jax.tree.structure(p_scan) == jax.tree.structure(p_loop)
+        b = p_scan["llama_lora"]["layers_1"]["self_attn"]["q_proj"]["lora_B"]
+        assert np.abs(b).max() > 0  # the adapters trained (B starts at zero)
     np.testing.assert_allclose(loss_scan, loss_loop, rtol=1e-5)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(p_scan), jax.tree.leaves(p_loop)):
         name = jax.tree_util.keystr(path)
         tol = 6e-3 if "['key']['bias']" in name else 1e-5  # noise-level gradients: see test_feature_cache
         np.testing.assert_allclose(a, b, rtol=0, atol=tol, err_msg=name)
-    with pytest.raises(ConfigError, match="model.scan_layers"):
-        tiny_config(tiny_dir, tmp_path / "lora", model={"scan_layers": True}, lora={"rank": 4})
 
 
 @pytest.mark.slow

@@ -45,6 +45,7 @@ from flax import linen as nn
 from ..config import LlamaConfig, LoraConfig
 from .layers import (LAYERS_AXIS, ConfiguredModule, Dense, Dtype, Embed, RMSNorm, dense, dot_product_attention,
                      round_to)
+from ..tree import stack_layers
 from .lora import add_adapter
 
 Adapters = dict[str, Any]  # a `llama_lora` tree (`models.lora`), or the part of it for one layer / submodule
@@ -222,12 +223,12 @@ class LlamaDecoderLayer(ConfiguredModule):
 
 
 class _ScannedLayer(LlamaDecoderLayer):
-    """One decoder layer as the body of `nn.scan` (`Llama.scan_layers`): the residual stream is the carry, the rest
-    is the same for every layer; no cache, no adapters (so nothing random: the decoder's only dropout is theirs)."""
+    """One decoder layer as the body of `nn.scan` (`Llama.scan_layers`): the residual stream is the carry, the
+    layer's LoRA adapters (stacked, or None) the scanned input, the rest the same for every layer; no cache."""
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array,  # type: ignore[override]
-                 bias: jax.Array) -> tuple[jax.Array, None]:
-        out, _ = super().__call__(x, cos, sin, bias)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,  # type: ignore[override]
+                 adapters: Adapters | None, deterministic: bool) -> tuple[jax.Array, None]:
+        out, _ = super().__call__(x, cos, sin, bias, adapters=adapters, deterministic=deterministic)
         return out, None
 
 
@@ -255,18 +256,20 @@ class Llama(ConfiguredModule):
     lora: LoraConfig = LoraConfig()
     # True: the decoder layers run as one `nn.scan` over stacked parameters (``layers/...``, leading logical axis
     # LAYERS_AXIS; `tree.stack_layers` makes that view of a checkpoint's ``layers_{i}``): the layer is traced and
-    # compiled once instead of num_layers times. Training only: no KV cache, no LoRA adapters, no per-layer
-    # intermediates. With `remat`, each scanned layer is rematerialised.
+    # compiled once instead of num_layers times. Training only: no KV cache, no per-layer intermediates; LoRA
+    # adapters come per layer as always and are stacked for the scan. With `remat`, each scanned layer is
+    # rematerialised.
     scan_layers: bool = False
 
     def setup(self) -> None:
         c = self.config
         self.embed_tokens = Embed(c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype)
         if self.scan_layers:
-            body = nn.remat(_ScannedLayer, prevent_cse=False) if self.remat else _ScannedLayer
+            # `deterministic` (argument 6, counting self) is a Python bool: static under remat, broadcast by scan
+            body = nn.remat(_ScannedLayer, prevent_cse=False, static_argnums=(6,)) if self.remat else _ScannedLayer
             scanned = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers,
-                              metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                              length=c.num_layers, metadata_params={nn.PARTITION_NAME: LAYERS_AXIS})
             self.layers = scanned(c, self.dtype, self.param_dtype, self.torch_arithmetic, self.lora)
         else:
             # `deterministic` (argument 8, counting self) is a Python bool: static under remat
@@ -318,9 +321,8 @@ class Llama(ConfiguredModule):
         """
         c = self.config
         b, l, _ = inputs_embeds.shape
-        if self.scan_layers and (cache is not None or adapters is not None):
-            raise ValueError("scanned LLaMA layers (scan_layers) run the training forward only: no KV cache, "
-                             "no LoRA adapters")
+        if self.scan_layers and cache is not None:
+            raise ValueError("scanned LLaMA layers (scan_layers) run the training forward only: no KV cache")
         if self.is_initializing():
             # setup() submodules are created on first use; make `init` through __call__ create the table too.
             self.embed_tokens(jnp.zeros((1, 1), jnp.int32))
@@ -352,7 +354,9 @@ class Llama(ConfiguredModule):
 
         new_cache: Cache | None = None if cache is None else {}
         if self.scan_layers:
-            x, _ = self.layers(x, cos, sin, bias)
+            # the adapters keep their per-layer layout (checkpoints, PEFT export); stacked here, a small copy per call
+            stacked = None if adapters is None else stack_layers(adapters, SCANNED_LAYERS, c.num_layers)[SCANNED_LAYERS]
+            x, _ = self.layers(x, cos, sin, bias, stacked, deterministic)
         for i, layer in enumerate(() if self.scan_layers else self.layers):
             layer_cache = None if cache is None else cache[f"layers_{i}"]
             layer_adapters = None if adapters is None else adapters.get(f"layers_{i}")

@@ -56,7 +56,7 @@ class ModelSource:
     remat_llama: bool = False
     # the LLaMA layers and the ViT blocks each as one scan over stacked parameters: compiled once instead of once
     # per layer (the stacked layout is the step's view; checkpoints and model directories keep layers_{i} /
-    # blocks_{i}); not with LoRA (for now)
+    # blocks_{i}; LoRA adapters too)
     scan_layers: bool = False
 
 
@@ -256,8 +256,6 @@ class TrainConfig:
         require_at_least(self.log, "log.", 0, "peak_tflops")
         self._validate_eval()
         self.lora.validate("lora.")
-        require(not (m.scan_layers and self.lora.enabled), "model.scan_layers",
-                "scanned LLaMA layers do not take LoRA adapters yet: set lora.rank: 0 or model.scan_layers: false")
         dist = self.distributed
         if dist.num_processes > 1 or dist.coordinator:
             require(bool(dist.coordinator), "distributed.coordinator", "needed with num_processes > 1")
