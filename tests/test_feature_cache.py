@@ -269,3 +269,42 @@ def test_two_hosts_encode_their_own_shards_into_one_cache(tiny_dir: Path, chain,
         # values up to the bfloat16 rounding of slightly different float32 sums (one ulp, 2^-8)
         np.testing.assert_allclose(fa.astype(np.float32), fb.astype(np.float32), rtol=2**-7, atol=1e-6)
         assert ma == mb
+
+
+TRAIN_WORKER = """
+import json, sys
+from vllama_jax.train.config import train_config_from_dict
+from vllama_jax.train.loop import Trainer
+
+t = Trainer(train_config_from_dict(json.loads(sys.argv[1])))
+hist = t.run()
+t.close()
+print("LOSSES", json.dumps([h["loss"] for h in hist]))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_train_on_the_cache_as_on_frames(tiny_dir: Path, chain, tmp_path: Path):
+    """Two processes of 4 simulated devices each (jax.distributed on 127.0.0.1), each reading its own records:
+    training on the cache gives the losses of the same two processes training on the frames."""
+    encode_dataset(chain["webvid"], chain["model"], num_frames=4, sampling="uniform", dtype="float32",
+                   progress=False, log=lambda s: None)
+    losses = {}
+    for features in ("frames", "cached"):
+        port = free_port()
+        procs = []
+        for pid in range(2):
+            cfg = _train_config(tiny_dir, chain, tmp_path / features, "video", "webvid", features)
+            d = cfg.to_dict() | {"mesh": "data=2,fsdp=2,tensor=2", "max_steps": 2,
+                                 "distributed": {"coordinator": f"127.0.0.1:{port}", "num_processes": 2,
+                                                 "process_id": pid, "auto": False}}
+            d["data"]["batch_size"] = 8
+            procs.append(subprocess.Popen([sys.executable, "-c", TRAIN_WORKER, json.dumps(d)],
+                                          env=subprocess_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+        outs = [p.communicate(timeout=900) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+        losses[features] = json.loads(next(o for o, _ in outs if "LOSSES" in o).split("LOSSES", 1)[1])
+    assert len(losses["cached"]) == 2
+    np.testing.assert_allclose(losses["cached"], losses["frames"], rtol=0, atol=1e-5)
