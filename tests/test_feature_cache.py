@@ -308,3 +308,25 @@ def test_two_processes_train_on_the_cache_as_on_frames(tiny_dir: Path, chain, tm
         losses[features] = json.loads(next(o for o, _ in outs if "LOSSES" in o).split("LOSSES", 1)[1])
     assert len(losses["cached"]) == 2
     np.testing.assert_allclose(losses["cached"], losses["frames"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_augmented_views_are_read_one_per_epoch(tiny_dir: Path, chain, tmp_path: Path):
+    """`--augment --views 2` caches two random-crop draws per record (different features); a run with
+    data.augment trains on view 0 in epoch 0 and view 1 in epoch 1."""
+    data = tmp_path / "webvid"
+    shutil.copytree(chain["webvid"], data, ignore=shutil.ignore_patterns("features"))
+    s = encode_dataset(data, chain["model"], num_frames=4, sampling="uniform", augment=True, views=2,
+                       dtype="float32", progress=False, log=lambda s: None)
+    assert s.frames == 6 * 2 * 4
+    cache = FeatureCache.open(cache_dir(data, "video", 4), PreparedDataset.open(data).files)
+    reader = cache.reader()
+    views = [reader[i][0] for i in range(6)]
+    assert all(v.shape == (2, 4, 8, 32) and not np.allclose(v[0], v[1]) for v in views)
+    it = build_train_iterator([DatasetSpec(str(data), sampling="uniform")], _pipeline(tiny_dir, data, train=True))
+    for epoch in range(2):
+        for _ in range(3):  # 6 records, batches of 2: one epoch
+            b = next(it)
+            for row, i in zip(b["frame_features"], b["example_id"]):
+                np.testing.assert_array_equal(row, views[int(i)][epoch])
+    it.close()
