@@ -205,6 +205,13 @@ def test_cache_resumes_refuses_mismatches_and_replaces_bad_records(tiny_dir: Pat
     assert line.startswith("encoded 6 records (0 bad) in 1 shards (0 resumed)"), line  # the video is back
     assert cli_main(["encode", str(tmp_path / "nope"), "--model", str(chain["model"])]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    # other settings replace the cache only with --overwrite
+    assert cli_main(["encode", str(data), "--model", str(chain["model"]), "--num-frames", "4", "--sampling",
+                     "uniform", "--dtype", "float32", "--quiet"]) == 1  # a DataError: one line, status 1
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(["encode", str(data), "--model", str(chain["model"]), "--num-frames", "4", "--sampling",
+                     "uniform", "--dtype", "float32", "--overwrite", "--quiet"]) == 0
+    assert FeatureCache.open(out, PreparedDataset.open(data).files).settings["dtype"] == "float32"
 
 
 @pytest.mark.slow

@@ -23,7 +23,6 @@ import collections
 import dataclasses
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -135,7 +134,8 @@ def encode_dataset(data_dir: str | os.PathLike[str], model_dir: str | os.PathLik
                                    config)
     t = 1 if pd.media_type == "image" else num_frames
     size = settings["image_size"]
-    rows = -(-batch_size // mesh.shape["data"]) * mesh.shape["data"]  # a whole number of rows per device
+    split = mesh.shape["data"] * mesh.shape["fsdp"]  # the batch axis of `in_sharding`
+    rows = -(-batch_size // split) * split  # a whole number of rows per device
     frame_shape = (t,) + frame_feature_shape(branch, config)
     np_dtype = DTYPES[dtype]
     in_sharding = NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
@@ -145,7 +145,7 @@ def encode_dataset(data_dir: str | os.PathLike[str], model_dir: str | os.PathLik
         x = normalize_uint8(pixels, jnp)
         return model.apply({"params": p}, x, branch, method=VideoLLaMA.frozen_frame_features).astype(np_dtype)
 
-    shards = _write_manifest(out, pd, settings, frame_shape, overwrite, host)
+    shards = _write_manifest(out, pd, settings, frame_shape, overwrite, mine)
     counts = [len(grain.sources.ArrayRecordDataSource([f])) for f in pd.files]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
     todo = [i for i in mine if overwrite or not (out / (shards[i]["file"] + DONE_SUFFIX)).is_file()]
@@ -188,9 +188,10 @@ def encode_dataset(data_dir: str | os.PathLike[str], model_dir: str | os.PathLik
 
 
 def _write_manifest(out: Path, pd: PreparedDataset, settings: dict[str, Any], frame_shape: tuple[int, ...],
-                    overwrite: bool, host: int) -> list[dict[str, str]]:
-    """The cache's manifest (every host writes the same one; a different one there needs ``overwrite``); returns
-    the per-shard entries (record shard -> feature file)."""
+                    overwrite: bool, mine: Sequence[int]) -> list[dict[str, str]]:
+    """The cache's manifest (every host writes the same one; a different one there needs ``overwrite``, and then
+    each host removes the old files of its own shards, ``mine``); returns the per-shard entries (record shard ->
+    feature file)."""
     shards = [{"records": rel, "file": rel} for rel in (str(Path(f).relative_to(pd.path)) for f in pd.files)]
     manifest = {"schema_version": FEATURES_SCHEMA_VERSION, "settings": settings, "frame_shape": list(frame_shape),
                 "shards": shards}
@@ -204,10 +205,11 @@ def _write_manifest(out: Path, pd: PreparedDataset, settings: dict[str, Any], fr
             if not overwrite:
                 raise DataError(out, "holds features encoded with other settings or from other records; pass "
                                      "--overwrite to replace them")
-            if host == 0:
-                shutil.rmtree(out)
+            for i in mine:
+                for name in (shards[i]["file"], shards[i]["file"] + DONE_SUFFIX):
+                    (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{FEATURES_MANIFEST}.{host}.tmp"
+    tmp = out / f".{FEATURES_MANIFEST}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, mpath)
     return shards
