@@ -3,6 +3,7 @@
 * ``vllama-jax prepare <dataset> --source ... --out ...`` (see :mod:`vllama_jax.data.prepare`)
 * :func:`build_train_iterator` (``DatasetSpec`` list + ``PipelineConfig``) -> checkpointable batch iterator
 * the caption and instruction batch layouts, defined once: :mod:`vllama_jax.data.batch`
+* a dataset's cache of the frozen towers' output (``vllama-jax encode``): :mod:`vllama_jax.data.features`
 * formats and batch layouts explained: ``vllama_jax/data/FORMATS.md``
 """
 from .batch import CAPTION, HOST_KEYS, INSTRUCTION, LAYOUTS, BatchSpec, Dims, batch_spec

@@ -10,6 +10,10 @@ How a batch is made (all indices are deterministic functions of the seed, so any
                     -> stage 2: the caption prompt drawn for step i (``with_caption_prompts``)
     grain:          select_from_datasets -> to_iter_dataset -> mp_prefetch(num_workers) -> bad-record counter
 
+With ``PipelineConfig.features`` the media are not decoded: each record's frozen-tower output is read from the
+dataset's feature cache (`features`, written by ``vllama-jax encode``) and the batches are of the cached kinds
+(``caption_features`` / ``instruction_features``).
+
 Decoding, augmentation and tokenization all run where the batch is built, i.e. in the ``mp_prefetch`` worker
 processes (one whole batch per worker at a time, as a PyTorch DataLoader worker does). Hosts: host ``h`` of ``H``
 reads records ``h, h + H, h + 2H, ...`` of every dataset (disjoint, together the whole dataset) and all hosts draw
