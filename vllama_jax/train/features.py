@@ -7,8 +7,9 @@ computation the chat's `encode_video` / `encode_audio` start with), and `Feature
 with the project's step (`train.step.make_train_step` with the "features" batch layout of `data.batch`, AdamW and the
 learning-rate schedule of `train.optimizer`, the trained groups from the freeze flags of `models.groups`).
 
-This is what `make_demo` trains with; a general frozen-feature cache for `Trainer` (datasets on disk, sharded
-meshes, checkpoints) would grow from these two pieces.
+This is what `make demo` trains with: clips held in memory, both branches in one step. The Trainer's cache of the
+frozen towers' output on disk (prepared datasets, meshes, hosts, checkpoints) is `train.encode` +
+``data.features: cached``; both start from `VideoLLaMA`'s own tower functions.
 """
 from __future__ import annotations
 
