@@ -47,14 +47,13 @@ def param_count(tree: Any) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def stack_layers(params: Mapping[str, Any], prefix: str, num: int, stack: Any = None) -> dict[str, Any]:
+def stack_layers(params: Mapping[str, Any], prefix: str, num: int) -> dict[str, Any]:
     """A scanned module's view of a tree of numbered layers: ``{prefix}_{i}`` (i < ``num``, the layout of
     checkpoints and model directories) -> ``prefix`` whose leaves have a leading axis of length ``num``; other
-    entries unchanged. ``stack``: how the per-layer arrays of one leaf become one (default ``jnp.stack``)."""
-    stack = stack or jnp.stack
+    entries unchanged."""
     per_layer = [params[f"{prefix}_{i}"] for i in range(num)]
     out = {k: v for k, v in params.items() if not _is_layer(k, prefix)}
-    out[prefix] = jax.tree.map(lambda *xs: stack(xs), *per_layer)
+    out[prefix] = jax.tree.map(lambda *xs: jnp.stack(xs), *per_layer)
     return out
 
 

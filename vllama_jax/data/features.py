@@ -99,10 +99,6 @@ class FeatureCache:
     def dtype(self) -> np.dtype:
         return DTYPES[self.settings["dtype"]]
 
-    @property
-    def views(self) -> int:
-        return int(self.settings["views"])
-
     @classmethod
     def open(cls, path: str | Path, record_files: Sequence[str]) -> "FeatureCache":
         """The cache at ``path`` (``DATA/features/<name>``) for a dataset whose record shards are ``record_files``

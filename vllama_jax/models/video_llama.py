@@ -34,7 +34,7 @@ class VideoLLaMA(nn.Module):
     remat_vit: bool = False
     remat_llama: bool = False
     # the LLaMA layers and the ViT blocks each as one scan over stacked parameters (`Llama.scan_layers`,
-    # `EvaViT.scan_layers`; training: no KV cache, no LoRA)
+    # `EvaViT.scan_layers`; training only: no KV cache)
     scan_layers: bool = False
 
     def setup(self) -> None:

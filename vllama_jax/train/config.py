@@ -27,7 +27,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from ..config import (ConfigError, LoraConfig, from_dict, load_config_dict, override_dict, require,
+from ..config import (ConfigError, LoraConfig, ModelConfig, from_dict, load_config_dict, override_dict, require,
                       require_at_least, require_positive)
 from ..eval.tasks import TASKS
 from ..sharding import MeshSpecError, parse_mesh_spec
@@ -38,6 +38,19 @@ PRECISIONS = ("model", "float32", "bfloat16")
 FEATURE_SOURCES = ("frames", "cached")
 LR_SCHEDULES = ("linear_warmup_cosine_lr",)
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def with_precision(mc: ModelConfig, mode: str) -> ModelConfig:
+    """Apply the training precision preset; trained params are always fp32 master weights."""
+    p = mc.precision
+    if mode == "float32":
+        p = type(p)()
+    elif mode == "bfloat16":
+        bf = "bfloat16"
+        # jax arithmetic: float32 attention scores, no torch-style rounding of the stream (an inference fidelity mode)
+        p = dataclasses.replace(p, vit=bf, qformer=bf, imagebind=bf, llama=bf, vit_params=bf, llama_params=bf,
+                                llama_arithmetic="jax")
+    return dataclasses.replace(mc, precision=dataclasses.replace(p, trainable_params="float32"))
 
 
 @dataclass(frozen=True)

@@ -49,9 +49,8 @@ from ..models.groups import LLM_GROUP, branch_towers
 from ..models.video_llama import VideoLLaMA
 from ..sharding import make_mesh
 from ..weights.model_dir import CONFIG_FILE, load_model_dir, read_manifest
-from .config import PRECISIONS
+from .config import PRECISIONS, with_precision
 from .data import branch_image_size, frame_feature_shape, towers_fingerprint
-from .loop import with_precision
 
 BRANCHES = ("video", "audio")
 

@@ -43,7 +43,7 @@ from ..weights.load import MissingGroupsError, Source, load_groups
 from . import data as train_data
 from . import dry_run
 from .checkpoint import Checkpointer, is_training_checkpoint, load_trainable_params
-from .config import TrainConfig, resolve_path
+from .config import TrainConfig, resolve_path, with_precision
 from .distributed import build_mesh, init_distributed
 from .metrics import MetricsLogger, compiled_flops
 from .optimizer import forward_groups, lr_schedule, make_optimizer, opt_state_shardings, trainable_groups
@@ -65,19 +65,6 @@ class NonFiniteLossError(VllamaError, RuntimeError):
 
 # ----------------------------------------------------------------------------------------------------------------
 # model config, precision
-
-
-def with_precision(mc: ModelConfig, mode: str) -> ModelConfig:
-    """Apply the training precision preset; trained params are always fp32 master weights."""
-    p = mc.precision
-    if mode == "float32":
-        p = type(p)()
-    elif mode == "bfloat16":
-        bf = "bfloat16"
-        # jax arithmetic: float32 attention scores, no torch-style rounding of the stream (an inference fidelity mode)
-        p = dataclasses.replace(p, vit=bf, qformer=bf, imagebind=bf, llama=bf, vit_params=bf, llama_params=bf,
-                                llama_arithmetic="jax")
-    return dataclasses.replace(mc, precision=dataclasses.replace(p, trainable_params="float32"))
 
 
 def resolve_model_config(cfg: TrainConfig) -> ModelConfig:
