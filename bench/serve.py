@@ -15,8 +15,8 @@ The server runs as users run it: `vllama-jax serve` in its own process (``--serv
 the clients' threads (HTTP, SSE parsing) do not share the server's interpreter lock; ``--server thread`` starts it
 inside the benchmark's process instead (the clients then slow the server down).
 
-    python bench/serve.py [--requests 32] [--max-tokens 32] [--clients 1,8,32] [--server process|thread]
-                          [--json out.json]
+    python bench/serve.py [--requests 32] [--max-tokens 32] [--clients 1,8,32] [--max-prefills 8]
+                          [--server process|thread] [--json out.json]
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def server_process(media_dir: str, args: argparse.Namespace, max_batch: int) -> 
     """`vllama-jax serve` on the embedded default in a child process; yields its URL once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllama_jax.cli", "serve", "--port", str(port), "--allowed-media-path", media_dir,
-           "--max-batch", str(max_batch), "--max-context", str(args.max_context), "--max-tokens",
+           "--max-batch", str(max_batch), "--max-prefills", str(args.max_prefills), "--max-context", str(args.max_context), "--max-tokens",
            str(args.max_tokens), "--warmup"]
     # its log goes to a file: a pipe nobody reads would block the server once its access log filled the buffer
     log = open(Path(media_dir) / "server.log", "w+")
@@ -95,7 +95,8 @@ def server_process(media_dir: str, args: argparse.Namespace, max_batch: int) -> 
 
 @contextlib.contextmanager
 def server_thread(chat: VideoLLaMAChat, media_dir: str, args: argparse.Namespace, max_batch: int) -> Iterator[str]:
-    server = Server(chat, port=0, allowed_media_paths=[media_dir], max_batch=max_batch, max_context=args.max_context,
+    server = Server(chat, port=0, allowed_media_paths=[media_dir], max_batch=max_batch,
+                    max_prefills=args.max_prefills, max_context=args.max_context,
                     max_tokens_default=args.max_tokens, warmup=True).start()
     try:
         yield server.url
@@ -164,6 +165,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--clients", default="1,8,32")
     ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--max-prefills", type=int, default=8, help="the server's --max-prefills")
     ap.add_argument("--server", choices=("process", "thread"), default="process",
                     help="run the server as its own process (as users do) or as a thread of this one")
     ap.add_argument("--json", type=Path, default=None)
@@ -207,7 +209,7 @@ def main() -> None:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs", "command": " ".join(sys.argv),
               "load_before": load_before, "load_after": load_after, "max_tokens": args.max_tokens,
-              "server": args.server,
+              "server": args.server, "max_prefills": args.max_prefills,
               "levels": results}
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))

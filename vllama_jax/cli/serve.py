@@ -23,6 +23,8 @@ def register(sub: Any) -> None:
                    help="folder whose files requests may name as file:// URLs (repeatable; default: none, only "
                         "data: URLs)")
     p.add_argument("--max-batch", type=int, default=32, metavar="N", help="rows of the running decode batch")
+    p.add_argument("--max-prefills", type=int, default=8, metavar="N",
+                   help="most requests admitted between two decode steps (their prefills run then; default 8)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N",
                    help="requests waiting for a row before new ones get HTTP 429")
     p.add_argument("--max-context", type=int, default=1024, metavar="N",
@@ -41,7 +43,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    for name in ("max_batch", "max_queue", "max_context", "max_tokens", "num_frames"):
+    for name in ("max_batch", "max_prefills", "max_queue", "max_context", "max_tokens", "num_frames"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for d in args.allowed_media_path:
@@ -52,7 +54,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.warmup:
         info("compiling the decode step for every batch shape (--warmup) ...")
     server = Server(chat, host=args.host, port=args.port, allowed_media_paths=args.allowed_media_path,
-                    max_batch=args.max_batch, max_queue=args.max_queue, max_context=args.max_context,
+                    max_batch=args.max_batch, max_prefills=args.max_prefills, max_queue=args.max_queue, max_context=args.max_context,
                     top_k=args.top_k, max_tokens_default=args.max_tokens, log_level="debug" if args.debug else "info",
                     warmup=args.warmup)
     info(f"serving on http://{args.host}:{args.port} (web demo at /, OpenAI API at /v1; Ctrl-C stops)")

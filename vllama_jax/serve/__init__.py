@@ -27,11 +27,12 @@ class Server:
     `start()` / `stop()` run it in a background thread (tests, benchmarks)."""
 
     def __init__(self, chat: VideoLLaMAChat, *, host: str = "127.0.0.1", port: int = 8000,
-                 allowed_media_paths: Sequence[str | os.PathLike] = (), max_batch: int = 32, max_queue: int = 256,
+                 allowed_media_paths: Sequence[str | os.PathLike] = (), max_batch: int = 32, max_prefills: int = 8,
+                 max_queue: int = 256,
                  max_context: int = 1024, top_k: int = 50, max_tokens_default: int = 256,
                  model_name: str | None = None, log_level: str = "warning", warmup: bool = False) -> None:
         self.scheduler = Scheduler(chat, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
-                                   top_k=top_k)
+                                   top_k=top_k, prefills_per_step=max_prefills)
         if warmup:  # before the socket opens: /health answers once every batch shape is compiled
             self.scheduler.warm_up()
         self.app = ServeApp(self.scheduler, model_name=model_name or chat.name or "vllama-jax",

@@ -1,26 +1,28 @@
 """The decode loop of the server: one background thread owns the model (`VideoLLaMAChat` and its engine) and a
 `ContinuousBatcher`; requests arrive through a queue and their tokens leave through per-request callbacks.
 
-Each turn of the loop admits waiting requests (up to `prefills_per_step`) while the batch has free rows (media encoded through an LRU cache
-keyed by the file's content hash; the prompt built by `VideoLLaMAChat.conversation` / `build_context`; prefilled
-on its own, reusing cached prefixes; inserted into free rows, one per choice), drops the rows of requests whose
-client went away, and runs one decode step for every running row. Nothing waits for another request to finish.
+Each turn of the loop admits waiting requests (up to `prefills_per_step`) while the batch has free rows (media
+encoded through an LRU cache keyed by the file's content hash; the prompts built by `VideoLLaMAChat.conversation` /
+`build_context`; prefilled reusing cached prefixes, the short ones on top of a kept prefix in one shared call;
+inserted into free rows, one per choice), drops the rows of requests whose client went away, and runs one decode
+step for every running row. Nothing waits for another request to finish.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from ..errors import VllamaError
-from ..inference.batching import ContextTooLong, ContinuousBatcher, RowRequest
+from ..inference.batching import ContextTooLong, ContinuousBatcher, Prefilled, RowRequest
 from ..inference.chat import VideoLLaMAChat, _TextStream
 from ..inference.generate import GenerationConfig
 from ..inference.uploads import Upload
@@ -100,14 +102,16 @@ class Scheduler:
 
     def __init__(self, chat: VideoLLaMAChat, *, max_batch: int = 32, max_queue: int = 256,
                  max_context: int = 1024, top_k: int = 50, media_cache_size: int = 32,
-                 prefix_cache_size: int = 16, prefills_per_step: int = 4, metrics: Metrics | None = None) -> None:
+                 prefix_cache_size: int = 16, prefills_per_step: int = 8, max_group: int = 4,
+                 metrics: Metrics | None = None) -> None:
         self.chat = chat
         self.metrics = metrics or Metrics()
         self.max_queue = int(max_queue)
         self.prefills_per_step = int(prefills_per_step)
         base = chat.resolve_config(GenerationConfig(do_sample=False, max_new_tokens=1))
         self.batcher = ContinuousBatcher(chat.generator, base, max_batch=max_batch, slot_length=max_context,
-                                         top_k=top_k, prefix_cache_size=prefix_cache_size)
+                                         top_k=top_k, prefix_cache_size=prefix_cache_size,
+                                         max_group=max_group)
         self.markers = chat._markers()  # noqa: SLF001 - the chat's own stop texts, not to be copied here
         self.media_cache: collections.OrderedDict[str, tuple[Upload, list[np.ndarray]]] = collections.OrderedDict()
         self.media_cache_size = int(media_cache_size)
@@ -194,28 +198,47 @@ class Scheduler:
             self.metrics.queue_length.set(self._pending)
 
     def _admit(self) -> None:
-        # a bounded number of prefills between two steps, so a burst of arrivals does not stall the running rows
-        admitted = 0
-        while self._waiting and admitted < self.prefills_per_step:
+        # a bounded number of prefills between two steps, so a burst of arrivals does not stall the running rows;
+        # the admitted requests are prefilled together (`ContinuousBatcher.prefill_many`: short questions on top
+        # of kept prefixes share one call)
+        admitted: list[tuple[Job, RowRequest]] = []
+        rows, taken = self.batcher.active, 0
+        while self._waiting and taken < self.prefills_per_step:
             job = self._waiting[0]
             if job.cancelled.is_set():
                 self._waiting.popleft()
                 self._dequeued()
                 self.metrics.requests.labels("cancelled").inc()
                 continue
-            if self.batcher.active + job.req.n > self.batcher.max_batch:
-                return
+            if rows + job.req.n > self.batcher.max_batch:
+                break
             self._waiting.popleft()
             self._dequeued()
-            admitted += 1
-            try:
-                self._start(job)
-            except APIError as e:
-                self.fail(job, e)
-            except ContextTooLong as e:
-                self.fail(job, APIError(400, str(e), code="context_length_exceeded", param="messages"))
-            except (VllamaError, ValueError) as e:
-                self.fail(job, APIError(400, str(e), code="invalid_request"))
+            taken += 1
+            with self._refusals(job):
+                row = self._row_request(job)
+                if row is not None:
+                    admitted.append((job, row))
+                    rows += job.req.n
+        if not admitted:
+            return
+        for (job, _), pre in zip(admitted, self.batcher.prefill_many([r for _, r in admitted])):
+            with self._refusals(job):
+                if isinstance(pre, BaseException):
+                    raise pre
+                self._started(job, pre)
+
+    @contextlib.contextmanager
+    def _refusals(self, job: Job) -> Iterator[None]:
+        """A request's own bad input (its media, its prompt's length) refuses it with a 4xx; the loop goes on."""
+        try:
+            yield
+        except APIError as e:
+            self.fail(job, e)
+        except ContextTooLong as e:
+            self.fail(job, APIError(400, str(e), code="context_length_exceeded", param="messages"))
+        except (VllamaError, ValueError) as e:
+            self.fail(job, APIError(400, str(e), code="invalid_request"))
 
     def fail(self, job: Job, err: APIError) -> None:
         """Count and report a refused request."""
@@ -248,7 +271,9 @@ class Scheduler:
                 self.media_cache.popitem(last=False)
         return light, blocks, key
 
-    def _start(self, job: Job) -> None:
+    def _row_request(self, job: Job) -> RowRequest | None:
+        """The prompt of a job as a row of the batch (its media encoded or taken from the cache); None when the job
+        was answered here (beam search runs on its own)."""
         req = job.req
         upload, blocks, key = self._media(job)
         turns = [(role, text, upload if media is not None else None) for role, text, media in req.turns]
@@ -272,10 +297,13 @@ class Scheduler:
         points.append(len(items))
         if req.num_beams > 1:
             self._beam(job, ctx.embeds)
-            return
-        row = RowRequest(ctx.embeds, items, req.max_tokens, greedy=req.greedy, temperature=req.temperature,
-                         top_p=req.top_p, seed=req.seed, cache_points=points)
-        pre = self.batcher.prefill(row)
+            return None
+        return RowRequest(ctx.embeds, items, req.max_tokens, greedy=req.greedy, temperature=req.temperature,
+                          top_p=req.top_p, seed=req.seed, cache_points=points)
+
+    def _started(self, job: Job, pre: Prefilled) -> None:
+        """A job's prompt is prefilled: its rows (one per choice) join the batch."""
+        req = job.req
         (self.metrics.prefix_hits if pre.prefix_hit else self.metrics.prefix_misses).inc()
         self.metrics.prompt_tokens.inc(pre.prompt_tokens)
         self.metrics.prefill_tokens.inc(pre.prefilled_tokens)
