@@ -34,9 +34,9 @@ def register(sub: Any) -> None:
     p.add_argument("--top-k", type=int, default=50, help="top-k of sampled requests, one value for the batch "
                                                          "(default 50, upstream's; 0 = off)")
     p.add_argument("--warmup", action="store_true",
-                   help="compile the decode step for every batch size and context length before serving (about a "
-                        "minute on a CPU for the embedded default, less with the compilation cache), so no client "
-                        "waits for a compilation when the load reaches a new shape")
+                   help="compile the decode step for every batch size and context length before serving (one to "
+                        "three minutes on a CPU for the embedded default), so no client waits for a compilation "
+                        "when the load reaches a new shape")
     add_model_args(p, audio_flag=False)  # each request says whether it sends audio
     add_common_args(p, devices=True)
     p.set_defaults(run=lambda args: run_command(cmd_serve, args, interrupted="stopped"))
