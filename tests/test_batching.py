@@ -28,6 +28,16 @@ def request(gen: Generator, ids: list[int], **kw) -> RowRequest:
     return RowRequest(np.asarray(gen.embed(np.asarray(ids, np.int32))), ids, NEW, **kw)
 
 
+def decode_to_end(b: ContinuousBatcher, tokens: dict) -> dict:
+    """Step the batch until every row is done, appending each owner's tokens to ``tokens[owner]``."""
+    while b.active:
+        for owner, token, reason in b.step():
+            tokens[owner].append(token)
+            if reason:
+                b.release(b.rows.index(owner))
+    return tokens
+
+
 def test_rows_join_and_leave_a_running_batch(gen):
     rng = np.random.default_rng(0)
     vocab = gen.config.vocab_size
@@ -100,12 +110,7 @@ def test_short_prefills_on_kept_prefixes_share_one_call(gen):
     for i, o in enumerate(out):
         if i != 3:
             b.insert(o, i)
-    got: dict[int, list[int]] = {i: [] for i in (0, 1, 2, 4)}
-    while b.active:
-        for owner, token, reason in b.step():
-            got[owner].append(token)
-            if reason:
-                b.release(b.rows.index(owner))
+    got = decode_to_end(b, {i: [] for i in (0, 1, 2, 4)})
     assert got == {i: alone(gen, prompts[i]) for i in got}
     follow_up = b.prefill(request(gen, prompts[0] + [7, 8]))  # the kept whole first prompt
     assert (follow_up.prefilled_tokens, follow_up.prefix_hit) == (2, True)
@@ -199,10 +204,5 @@ def test_a_draining_batch_compacts_to_the_smallest_bucket_that_holds_it(gen):
             b.release(b.rows.index(owner), expect_more=expect_more)
             seen.append(len(b.rows))
         assert seen == sizes and b.active == 4
-        tokens = {owner: [first[owner]] for owner in range(12, 16)}
-        while b.active:
-            for owner, token, reason in b.step():
-                tokens[owner].append(token)
-                if reason:
-                    b.release(b.rows.index(owner))
+        tokens = decode_to_end(b, {owner: [first[owner]] for owner in range(12, 16)})
         assert tokens == {i: alone(gen, prompts[i]) for i in tokens}

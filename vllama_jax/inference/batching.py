@@ -277,7 +277,7 @@ class ContinuousBatcher:
     def _prefill_plan(self, plan: _Plan) -> Prefilled:
         req, embeds, done = plan.req, plan.embeds, plan.done
         cache = None if plan.entry is None else plan.entry.cache
-        index = 0 if cache is None else int(np.asarray(cache["index"])[0])
+        index = 0 if cache is None else _index(cache)
         chunks = []  # (rows, packed, mask): the prompt's pieces as they are prefilled, padded to compiled shapes
         for k in plan.cuts:
             rows = int(plan.starts[k])
@@ -322,15 +322,23 @@ class ContinuousBatcher:
         second reuses what the first prefilled)."""
         out: list[Any] = [None] * len(reqs)
         group: list[tuple[int, _Plan]] = []
+
+        def alone(i: int, plan: _Plan) -> None:
+            try:
+                out[i] = self._prefill_plan(plan)
+            except GenerationInputError as e:
+                out[i] = e
+
         for i, req in enumerate(reqs):
             try:
                 plan = self._plan(req)
-                if self._groupable(plan):
-                    group.append((i, plan))
-                else:
-                    out[i] = self._prefill_plan(plan)
             except GenerationInputError as e:
                 out[i] = e
+                continue
+            if self._groupable(plan):
+                group.append((i, plan))
+            else:
+                alone(i, plan)
         if group:
             length = self.engine.prompt_bucket(max(p.total - p.done for _, p in group))
             cap = self.group_buckets[-1] if self.group_buckets else 1
@@ -341,10 +349,7 @@ class ContinuousBatcher:
             grouped = {i for c in calls for i, _ in c}
             for i, p in group:
                 if i not in grouped:
-                    try:
-                        out[i] = self._prefill_plan(p)
-                    except GenerationInputError as e:
-                        out[i] = e
+                    alone(i, p)
             for c in calls:
                 for (i, _), pre in zip(c, self._prefill_group([p for _, p in c], length)):
                     out[i] = pre
