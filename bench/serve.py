@@ -64,8 +64,8 @@ def server_process(media_dir: str, args: argparse.Namespace, max_batch: int) -> 
     """`vllama-jax serve` on the embedded default in a child process; yields its URL once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "vllama_jax.cli", "serve", "--port", str(port), "--allowed-media-path", media_dir,
-           "--max-batch", str(max_batch), "--max-prefills", str(args.max_prefills), "--max-context", str(args.max_context), "--max-tokens",
-           str(args.max_tokens), "--warmup"]
+           "--max-batch", str(max_batch), "--max-prefills", str(args.max_prefills), "--max-context",
+           str(args.max_context), "--max-tokens", str(args.max_tokens), "--warmup"]
     # its log goes to a file: a pipe nobody reads would block the server once its access log filled the buffer
     log = open(Path(media_dir) / "server.log", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, text=True)

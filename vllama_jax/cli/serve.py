@@ -54,9 +54,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.warmup:
         info("compiling the decode step for every batch shape (--warmup) ...")
     server = Server(chat, host=args.host, port=args.port, allowed_media_paths=args.allowed_media_path,
-                    max_batch=args.max_batch, max_prefills=args.max_prefills, max_queue=args.max_queue, max_context=args.max_context,
-                    top_k=args.top_k, max_tokens_default=args.max_tokens, log_level="debug" if args.debug else "info",
-                    warmup=args.warmup)
+                    max_batch=args.max_batch, max_prefills=args.max_prefills, max_queue=args.max_queue,
+                    max_context=args.max_context, top_k=args.top_k, max_tokens_default=args.max_tokens,
+                    log_level="debug" if args.debug else "info", warmup=args.warmup)
     info(f"serving on http://{args.host}:{args.port} (web demo at /, OpenAI API at /v1; Ctrl-C stops)")
     try:
         # uvicorn handles Ctrl-C / SIGTERM: stop accepting, finish the open requests, drain the decode loop (the

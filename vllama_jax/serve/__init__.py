@@ -28,8 +28,7 @@ class Server:
 
     def __init__(self, chat: VideoLLaMAChat, *, host: str = "127.0.0.1", port: int = 8000,
                  allowed_media_paths: Sequence[str | os.PathLike] = (), max_batch: int = 32, max_prefills: int = 8,
-                 max_queue: int = 256,
-                 max_context: int = 1024, top_k: int = 50, max_tokens_default: int = 256,
+                 max_queue: int = 256, max_context: int = 1024, top_k: int = 50, max_tokens_default: int = 256,
                  model_name: str | None = None, log_level: str = "warning", warmup: bool = False) -> None:
         self.scheduler = Scheduler(chat, max_batch=max_batch, max_queue=max_queue, max_context=max_context,
                                    top_k=top_k, prefills_per_step=max_prefills)

@@ -102,16 +102,14 @@ class Scheduler:
 
     def __init__(self, chat: VideoLLaMAChat, *, max_batch: int = 32, max_queue: int = 256,
                  max_context: int = 1024, top_k: int = 50, media_cache_size: int = 32,
-                 prefix_cache_size: int = 16, prefills_per_step: int = 8, max_group: int = 4,
-                 metrics: Metrics | None = None) -> None:
+                 prefix_cache_size: int = 16, prefills_per_step: int = 8, metrics: Metrics | None = None) -> None:
         self.chat = chat
         self.metrics = metrics or Metrics()
         self.max_queue = int(max_queue)
         self.prefills_per_step = int(prefills_per_step)
         base = chat.resolve_config(GenerationConfig(do_sample=False, max_new_tokens=1))
         self.batcher = ContinuousBatcher(chat.generator, base, max_batch=max_batch, slot_length=max_context,
-                                         top_k=top_k, prefix_cache_size=prefix_cache_size,
-                                         max_group=max_group)
+                                         top_k=top_k, prefix_cache_size=prefix_cache_size)
         self.markers = chat._markers()  # noqa: SLF001 - the chat's own stop texts, not to be copied here
         self.media_cache: collections.OrderedDict[str, tuple[Upload, list[np.ndarray]]] = collections.OrderedDict()
         self.media_cache_size = int(media_cache_size)
