@@ -266,6 +266,42 @@ def test_signal_preserving_rescales_only_the_frozen_vision_towers(tiny_model):
     assert any("/crossattention/output/" in k for k in gains)
 
 
+def test_quiet_video_branch_gives_every_clip_the_same_rows_until_trained(tiny_model):
+    """``quiet_branches`` zeroes the video Q-Former's cross-attention output kernels and nothing else: the video
+    branch then gives every clip the same LLM rows (its query tokens alone) while the audio branch still hears the
+    clips, and the gradient reaches the zeroed kernels (what the rows read from the clip grows from zero)."""
+    import jax
+
+    from vllama_jax.demo.run import quiet_branches
+    from vllama_jax.models import build_model
+    from vllama_jax.models.video_llama import VideoLLaMA
+    from vllama_jax.train.features import frozen_features
+    from vllama_jax.tree import flatten_params
+
+    config, params = tiny_model
+    model = build_model(config)
+    quiet = quiet_branches(params)
+    before, after = flatten_params(params), flatten_params(quiet)
+    changed = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+    assert changed == {f"video_qformer/layer_{i}/crossattention/output/kernel"
+                       for i in range(config.video_qformer.num_layers)}
+    frames, clips = random_media(config, 3)
+    feats = frozen_features(model, params, frames, clips)
+    args = (feats["frame_queries"], feats["audio_embeddings"], np.ones(3, np.int32))
+    rows = np.asarray(model.apply({"params": quiet}, *args, method=VideoLLaMA.media_from_features))
+    na = config.audio_qformer.num_query_tokens
+    video, audio = rows[:, na:], rows[:, :na]
+    np.testing.assert_allclose(video[1:], np.broadcast_to(video[:1], video[1:].shape), atol=1e-5)
+    assert np.abs(audio[1:] - audio[:1]).max() > 1e-3
+    loud = np.asarray(model.apply({"params": params}, *args, method=VideoLLaMA.media_from_features))[:, na:]
+    assert np.abs(loud[1:] - loud[:1]).max() > 1e-3  # upstream's start: the clips differ
+    weights = np.random.default_rng(0).standard_normal(rows.shape).astype(np.float32)
+    grads = jax.grad(lambda p: (model.apply({"params": p}, *args, method=VideoLLaMA.media_from_features)
+                                * weights).sum())(quiet)
+    for k in changed:
+        assert np.abs(np.asarray(flatten_params(grads)[k])).max() > 0, k
+
+
 def test_calibrated_towers_give_standardised_frame_outputs_and_centred_audio(tiny_model):
     """``calibrate_towers`` changes only the two frozen LayerNorms; on its sample, the image Q-Former outputs then
     have zero mean and unit variance per channel, the audio head's outputs zero mean, and every other parameter and
