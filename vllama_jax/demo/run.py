@@ -184,8 +184,9 @@ def signal_preserving(params: dict[str, Any], init_std: float = 0.02) -> dict[st
     that the picture dominates (28% of the variance is then the query's), as it does for a pretrained Q-Former.
     Measured on the demo's clips: the video rows reaching the LLM differ between clips by 10% instead of 2.6% (the
     audio rows by 12%), and held-out colour went from 17-71% (three seeds) to 96-100% (seed 0, three runs).
-    The video Q-Former (trained) keeps upstream's N(0, 0.02) start: rescaled like the towers it learned the colours
-    far more slowly (held-out colour 21% vs 75% after 150 steps at lr 1e-3 in our runs).
+    The video Q-Former (trained) keeps upstream's N(0, 0.02) scale (its cross-attention output then starts at zero,
+    ``quiet_branches``): rescaled like the towers it learned the colours far more slowly (held-out colour 21% vs 75%
+    after 150 steps at lr 1e-3 in our runs).
     """
     out = {}
     for path, v in flatten_params(params).items():
