@@ -9,6 +9,10 @@ clips not trained on, three ways:
 * ``ridge``: a closed-form ridge-regression probe on the per-frame features averaged over the image Q-Former's
   queries (frames concatenated in order): what a linear reader with the best fit can read;
 * ``linear_sgd``: the same linear reader trained with Adam on the demo's budget (``--steps`` x ``--batch-size``);
+* ``class_means``: the nearest class mean of the same features (frames concatenated), and ``class_means_motion``
+  of the last frame's features minus the first's: what one small gradient step of a reader starting from zero
+  learns (its first update is the difference of the class means). Colour is read this way; direction is not, as
+  the colour's spread swamps the class means of the frames' positions, until the frame difference cancels it;
 * ``video_branch``: the demo's trained video branch (video Q-Former with its query tokens and frame positions, the
   frozen projection into the LLM) plus a linear head per attribute, trained directly on the labels with AdamW at the
   demo's learning rate and budget, without the LLM: an upper bound for what training through the LLM reaches.
@@ -72,6 +76,12 @@ def ridge(x: np.ndarray, y: np.ndarray, n_train: int, classes: int, alpha: float
     return float(np.mean(np.argmax(x[n_train:] @ w, 1) == y[n_train:]))
 
 
+def nearest_class_mean(x: np.ndarray, y: np.ndarray, n_train: int, classes: int) -> float:
+    means = np.stack([x[:n_train][y[:n_train] == c].mean(0) for c in range(classes)])
+    dist = ((x[n_train:, None, :] - means[None]) ** 2).sum(-1)
+    return float(np.mean(np.argmin(dist, 1) == y[n_train:]))
+
+
 def sgd(loss: Callable, params: Any, data: tuple, order: np.ndarray, steps: int, batch: int, opt) -> Any:
     state = opt.init(params)
 
@@ -106,7 +116,9 @@ def main() -> None:
     order = np.concatenate([rng.permutation(n_train) for _ in range(args.steps * args.batch_size // n_train + 1)])
     per_frame = feats.mean(2).reshape(len(feats), -1)
     per_frame = (per_frame - per_frame[:n_train].mean(0)) / (per_frame[:n_train].std(0) + 1e-6)
-    results: dict[str, dict[str, float]] = {"ridge": {}, "linear_sgd": {}}
+    motion = feats[:, -1].mean(1) - feats[:, 0].mean(1)
+    results: dict[str, dict[str, float]] = {"ridge": {}, "linear_sgd": {}, "class_means": {},
+                                            "class_means_motion": {}}
     for a in VISUAL:
         k = len(ATTRIBUTES[a][1])
         results["ridge"][a] = ridge(per_frame, labels[a], n_train, k)
@@ -115,6 +127,8 @@ def main() -> None:
                 optax.adam(args.lr))
         results["linear_sgd"][a] = float(np.mean(np.argmax(per_frame[n_train:] @ np.asarray(w), 1)
                                                  == labels[a][n_train:]))
+        results["class_means"][a] = nearest_class_mean(per_frame, labels[a], n_train, k)
+        results["class_means_motion"][a] = nearest_class_mean(motion, labels[a], n_train, k)
     # the video branch + a linear head per attribute, on its LLM rows (flattened, unit-normalised)
     frozen = {g: v for g, v in params.items() if g not in VIDEO_GROUPS and g != "llama"}
 

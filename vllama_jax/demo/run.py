@@ -215,9 +215,12 @@ def quiet_branches(params: dict[str, Any], groups: Sequence[str] = QUIET_BRANCHE
     across clips from 14% to 3.4% of their size while training and then named the held-out colour 10% of the time
     (chance 17%; 12.5% with 3x larger value and output kernels). From zero, the first gradient of an output
     kernel is its correlation with what the answers need: colour 100% (seed 0). The audio branch keeps upstream's
-    start: quietened too, seed 0 heard the sound 58% of the time instead of 96% (its memory is two clip
-    embeddings and its projection trains). Query, key, value and every other kernel keep their start, so the
-    attention patterns are there from the first step."""
+    start. Quietened too (2026-12-05, band-limited hiss), it still learned the sound (100%, seeds 0 and 1) and the
+    untrained model then answers every clip alike (exactly chance), but the colour fell to 92% and 77% from 100%
+    and 100%; loud, the untrained audio branch's random rows are a fixed function of the sound (its four sounds
+    have no variation within a class), so the untrained choice of seed 1 was wrong for every clip (0%, chance 25%).
+    Query, key, value and every other kernel keep their start, so the attention patterns are there from the
+    first step."""
     out = {}
     for path, v in flatten_params(params).items():
         if path.split("/", 1)[0] in groups and path.endswith("/crossattention/output/kernel"):
