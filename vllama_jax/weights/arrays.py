@@ -57,14 +57,25 @@ def transpose(a: np.ndarray) -> np.ndarray:
     return out
 
 
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """`np.ascontiguousarray(a)`, fast for 2-D views in another order (a transposed view, a block of one): the
+    streaming conversion hands Linear weights over as such views and copies them one chunk at a time."""
+    if a.flags.c_contiguous:
+        return a
+    if a.ndim == 2:
+        return transpose(a.T)
+    return np.ascontiguousarray(a)
+
+
 def cast(a: np.ndarray, dtype: Any) -> np.ndarray:
     """`a` as a C-contiguous array of `dtype` (`a` itself when it already is one)."""
     dt = np.dtype(dtype)
+    a = contiguous(a)
     if a.dtype == dt:
-        return np.ascontiguousarray(a)
+        return a
     torch = _get_torch()
     if torch and a.size >= (1 << 16) and _torch_ok(a.dtype, dt):
         out = np.empty(a.shape, dt)
-        _as_torch(torch, out).copy_(_as_torch(torch, np.ascontiguousarray(a)))
+        _as_torch(torch, out).copy_(_as_torch(torch, a))
         return out
-    return np.ascontiguousarray(a.astype(dt))
+    return a.astype(dt)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from .arrays import transpose
+from .arrays import cast, transpose
 from .readers import TensorSource, WeightsError
 
 Array = np.ndarray
@@ -46,6 +46,11 @@ TRANSFORMS: dict[str, tuple[Callable[[Array], list[Array]], Callable[[list[Array
     # fused [q; k; v] bias (3D,) -> three biases
     "split3": (lambda a: list(np.split(a, 3, axis=0)), lambda xs: np.concatenate(xs, axis=0)),
 }
+
+
+#: forward transforms that streaming readers (`load_component(..., on_tensor=...)`) receive as views, no copy: the
+#: consumer copies them in pieces (the conversion's writer, one stored chunk at a time) or whole (`arrays.contiguous`)
+VIEW_TRANSFORMS: dict[str, Callable[[Array], list[Array]]] = {"linear": lambda a: [a.T]}
 
 
 @dataclass(frozen=True)
@@ -136,8 +141,8 @@ def load_component(
 
     `expected` maps every params path of the component to its shape. Keys of the file that the map `claims` but
     cannot place are unexpected (an error when `strict_unexpected`); keys not claimed belong to other components
-    and are skipped. `on_tensor` is called for each produced array instead of keeping it (streaming conversion);
-    the returned dict is then empty.
+    and are skipped. `on_tensor` is called for each produced array instead of keeping it (streaming conversion;
+    `VIEW_TRANSFORMS` then give views, e.g. a Linear weight's transpose); the returned dict is then empty.
     """
     produced: dict[str, Array] = {}
     seen: set[str] = set()
@@ -155,7 +160,8 @@ def load_component(
         if all(d not in expected for d in dsts):
             unexpected.append(key)  # e.g. a layer beyond the configured depth that is not ignored
             continue
-        arrays = TRANSFORMS[r.transform][0](source.get(key))
+        forward = (VIEW_TRANSFORMS.get(r.transform) if on_tensor is not None else None) or TRANSFORMS[r.transform][0]
+        arrays = forward(source.get(key))
         if len(arrays) != len(dsts):
             raise WeightsError(source.path, f"{key}: transform {r.transform} gave {len(arrays)} arrays for {len(dsts)} targets")
         for d, a in zip(dsts, arrays):
@@ -167,7 +173,7 @@ def load_component(
                     f"parameter {d} of shape {want} (wrong file or wrong config?)",
                 )
             if dtype is not None:
-                a = a.astype(dtype)
+                a = cast(a, dtype)
             if d in seen:
                 raise WeightsError(source.path, f"{d} is written by more than one key (duplicate {key!r})")
             seen.add(d)

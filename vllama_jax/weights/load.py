@@ -27,6 +27,7 @@ from ..errors import VllamaError
 from ..models import abstract_for_groups, cast_to_config_dtypes, init_params
 from ..models.groups import FILE_KINDS, groups_of_file, model_groups
 from ..tree import flatten_params, top_group, unflatten_params
+from .arrays import contiguous
 from .imagebind_keys import imagebind_keymap
 from .keymaps import (
     CHECKPOINT_BUFFERS,
@@ -144,8 +145,8 @@ def load_groups(
             g = top_group(path)
             if g in take:
                 got.add(g)
-                if on_tensor is None:
-                    this[path] = array
+                if on_tensor is None:  # kept: a view of a file's pages (a transposed Linear weight) made whole
+                    this[path] = contiguous(array) if isinstance(array, np.ndarray) else array
                 else:
                     on_tensor(path, np.asarray(array))
 
