@@ -3,8 +3,8 @@
 1. **clips**: generate short videos with sound (:mod:`vllama_jax.demo.clips`): colour, shape, direction of motion
    and sound drawn independently; the last clips are held out (never trained on).
 2. **model**: the embedded CPU model (``vllama_jax.defaults``: frozen SmolLM2-135M-Instruct + small random frozen
-   towers), sized for the demo (``DEMO_MODEL_OVERRIDES``); the video Q-Former's cross-attention starts silent
-   (``quiet_branches``).
+   towers), sized for the demo (``DEMO_MODEL_OVERRIDES``); the video Q-Former's cross-attention output starts
+   silent, the audio Q-Former's at 0.3 of upstream's random start (``quiet_branches``).
 3. **features**: each training clip is read by the chat's own ``prepare_video`` (frames and audio fbank, as for any
    user's video); the frozen towers' output LayerNorms are calibrated on the first of them (``calibrate_towers``:
    what a pretrained tower's varied outputs give the real model) and the towers are written as a model directory;
@@ -41,7 +41,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -201,30 +201,34 @@ def signal_preserving(params: dict[str, Any], init_std: float = 0.02) -> dict[st
     return unflatten_params(out)
 
 
-#: the trained branches whose Q-Formers start with silent cross-attention (``quiet_branches``)
-QUIET_BRANCHES = ("video_qformer",)
+#: trained branch -> the gain its Q-Former's cross-attention output kernels start with (``quiet_branches``)
+BRANCH_START_GAINS = {"video_qformer": 0.0, "audio_qformer": 0.3}
 
 
-def quiet_branches(params: dict[str, Any], groups: Sequence[str] = QUIET_BRANCHES) -> dict[str, Any]:
-    """Zero the cross-attention output kernels of the trained Q-Formers ``groups`` (the video Q-Former's by
-    default), so that at the start of training the branch gives every clip the same rows (its query tokens alone)
-    and what it reads from the clip grows from zero, as Flamingo's gated cross-attention and LoRA's B start.
+def quiet_branches(params: dict[str, Any], gains: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """Scale the cross-attention output kernels of the trained Q-Formers by ``gains`` (``BRANCH_START_GAINS`` by
+    default): the video branch's start at zero, so that at the start of training it gives every clip the same rows
+    (its query tokens alone) and what it reads from the clip grows from zero, as Flamingo's gated cross-attention
+    and LoRA's B start; the audio branch's at 0.3 of upstream's random start.
 
-    From upstream's N(0, 0.02) start the random clip-to-clip variation of the video rows only disturbs the frozen
-    LLM, and the quickest way down the loss is to silence it: seed 0 (2026-12-05) shrank the video rows' variation
-    across clips from 14% to 3.4% of their size while training and then named the held-out colour 10% of the time
-    (chance 17%; 12.5% with 3x larger value and output kernels). From zero, the first gradient of an output
-    kernel is its correlation with what the answers need: colour 100% (seed 0). The audio branch keeps upstream's
-    start. Quietened too (2026-12-05, band-limited hiss), it still learned the sound (100%, seeds 0 and 1) and the
-    untrained model then answers every clip alike (exactly chance), but the colour fell to 92% and 77% from 100%
-    and 100%; loud, the untrained audio branch's random rows are a fixed function of the sound (its four sounds
-    have no variation within a class), so the untrained choice of seed 1 was wrong for every clip (0%, chance 25%).
-    Query, key, value and every other kernel keep their start, so the attention patterns are there from the
-    first step."""
+    Video: from upstream's N(0, 0.02) start the random clip-to-clip variation of the video rows only disturbs the
+    frozen LLM, and the quickest way down the loss is to silence it: seed 0 (2026-12-05) shrank the video rows'
+    variation across clips from 14% to 3.4% of their size while training and then named the held-out colour 10% of
+    the time (chance 17%; 12.5% with 3x larger value and output kernels). From zero, the first gradient of an
+    output kernel is its correlation with what the answers need: colour 100% (seed 0).
+    Audio: at upstream's start the untrained branch's rows are a fixed random function of the sound (the demo's
+    four sounds vary little within a class), so the untrained model's choice was a fixed map of sounds to answers:
+    wrong for every clip in seed 1 (0%, chance 25%). At 0.3 the untrained model gives every held-out clip the same
+    answer (exactly chance in seeds 0-2), and training still starts from rows that differ between the sounds. At
+    zero (quiet like the video branch) the sound was learned as well but the colour fell to 92% and 77% (seeds 0
+    and 1, from 100%). Query, key, value and every other kernel keep their start, so the attention patterns are
+    there from the first step."""
+    gains = BRANCH_START_GAINS if gains is None else gains
     out = {}
     for path, v in flatten_params(params).items():
-        if path.split("/", 1)[0] in groups and path.endswith("/crossattention/output/kernel"):
-            v = np.zeros_like(np.asarray(v))
+        group = path.split("/", 1)[0]
+        if group in gains and path.endswith("/crossattention/output/kernel"):
+            v = (np.asarray(v) * gains[group]).astype(np.asarray(v).dtype)
         out[path] = v
     return unflatten_params(out)
 
