@@ -47,7 +47,7 @@ bench: $(STAMP)
 	$(PY) bench/data.py
 	$(PY) bench/convert.py
 	$(PY) bench/generate.py
-	$(PY) bench/kernels.py
+	$(PY) bench/matmul_kernel.py
 	$(PY) bench/serve.py
 	$(PY) bench/train.py
 	$(PY) bench/eval.py

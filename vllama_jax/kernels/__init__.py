@@ -67,6 +67,11 @@ def _build() -> Path:
 
 
 @lru_cache(maxsize=None)
+def _library() -> ctypes.CDLL:
+    return ctypes.cdll.LoadLibrary(str(_build()))
+
+
+@lru_cache(maxsize=None)
 def wmatmul_available() -> bool:
     """Whether the CPU kernel is built and registered (built on the first call); False, with the reason logged,
     when disabled or when it cannot be built."""
@@ -74,13 +79,21 @@ def wmatmul_available() -> bool:
         log.info("CPU matmul kernel disabled by %s; using XLA's dot", ENV_SWITCH)
         return False
     try:
-        lib = ctypes.cdll.LoadLibrary(str(_build()))
+        lib = _library()
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VllamaWMatmul), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         log.warning("CPU matmul kernel unavailable (%s); using XLA's dot (bf16/int8 weights get float32 copies "
                     "on CPU)", e)
         return False
     return True
+
+
+def vector_lanes() -> int:
+    """Float32 lanes of the built kernel's vectors (16 with AVX-512, 8 with AVX2 / NEON pairs); 0 when the kernel
+    is unavailable."""
+    if not wmatmul_available():
+        return 0
+    return int(_library().VllamaWMatmulLanes())
 
 
 _FORCED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("vllama_cpu_kernels", default=None)
@@ -118,4 +131,4 @@ def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: b
     return call(x.astype(jnp.float32), w, s, nk=nk)
 
 
-__all__ = ["SMALL_M", "cpu_kernels", "use_cpu_kernels", "wmatmul", "wmatmul_available"]
+__all__ = ["SMALL_M", "cpu_kernels", "use_cpu_kernels", "vector_lanes", "wmatmul", "wmatmul_available"]

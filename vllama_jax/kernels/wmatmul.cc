@@ -325,3 +325,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VllamaWMatmul, WMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<bool>("nk"));
+
+// The float lanes of one vector in this build (16 with AVX-512, 8 otherwise): the Python side picks, by width, the
+// row counts at which float32 weights go through this kernel rather than XLA's dot (`models.layers`).
+extern "C" int VllamaWMatmulLanes() { return L; }

@@ -69,22 +69,29 @@ EMBEDDING_SCALE = "embedding_scale"
 LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-#: row counts at which float32 weights go through the FFI kernel too. SmolLM2-135M on the 2-core test machine, its
-#: 30 layers' projections alone (ms, XLA's dot vs the kernel): 1 row 29 vs 46, 4 rows 96 vs 53, 8 rows 104 vs 63,
-#: 32 rows 158 vs 106, 128 rows 296 vs 325; a whole batched decode step (two runs each): 4 rows 82-84 vs 120-126,
-#: 16 rows 230-235 vs 221-222, 32 rows 307-364 vs 282-307. So: XLA's one-row matvec, and XLA from 16 rows on
-F32_KERNEL_ROWS = (2, 8)
+#: row counts at which float32 weights go through the FFI kernel too, by the kernel's vector width
+#: (`kernels.vector_lanes`); XLA's dot elsewhere. SmolLM2-135M's 30 layers' projections alone (ms, XLA's dot vs the
+#: kernel). AVX2 (8 lanes, 2-core EPYC): 1 row 29 vs 46, 4 rows 96 vs 53, 8 rows 104 vs 63, 32 rows 158 vs 106,
+#: 128 rows 296 vs 325; a whole batched decode step (two runs each): 4 rows 82-84 vs 120-126, 16 rows 230-235 vs
+#: 221-222, 32 rows 307-364 vs 282-307. AVX-512 (16 lanes, 2-core EPYC, 2026-12-05), every matmul of a decode step
+#: incl. the LM head: 2 rows 16.5 vs 14.9, 4 rows 17.9 vs 18.2, 8 rows 19.8 vs 23.3; `bench/generate.py` decode at
+#: batch 8: 298 tok/s with XLA's dot, 229 with the kernel (batch 4: 169 vs 176). So: XLA's one-row matvec, the
+#: kernel at 2-8 rows on AVX2 and at 2-4 rows on AVX-512, XLA's dot above
+F32_KERNEL_ROWS = {8: (2, 8), 16: (2, 4)}
 
 
 def _use_cpu_kernel(weight_dtype: Any, rows: int, dtype: Any) -> bool:
     """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default): for bf16/fp16/int8
     weights at any row count (XLA would convert the whole operand first; the kernel's panel path serves prefill,
-    its streaming path decode), and for float32 weights computed in float32 at `F32_KERNEL_ROWS` rows."""
+    its streaming path decode), and for float32 weights computed in float32 at the row counts `F32_KERNEL_ROWS`
+    gives for the kernel's vector width."""
     wdt = jnp.dtype(weight_dtype)
     if wdt == jnp.dtype(jnp.float32):
-        if jnp.dtype(dtype) != wdt or not F32_KERNEL_ROWS[0] <= rows <= F32_KERNEL_ROWS[1]:
+        if jnp.dtype(dtype) != wdt or not kernels.use_cpu_kernels():
             return False
-    elif wdt not in LOW_PRECISION_FLOATS and wdt != jnp.dtype(jnp.int8):
+        lo, hi = F32_KERNEL_ROWS.get(kernels.vector_lanes(), (2, 8))
+        return lo <= rows <= hi
+    if wdt not in LOW_PRECISION_FLOATS and wdt != jnp.dtype(jnp.int8):
         return False
     return kernels.use_cpu_kernels()
 

@@ -8,7 +8,7 @@ stored weights (it converts the whole operand to float32 first: the copy the ker
 bandwidth of the machine is measured in the same run (`bench/generate.py`'s `copy_bandwidth`), so the decode rows
 read as a fraction of it.
 
-    python bench/kernels.py [--k 4096] [--n 16384] [--rows 1 8 128 512] [--repeats 3] [--json PATH]
+    python bench/matmul_kernel.py [--k 4096] [--n 16384] [--rows 1 8 128 512] [--repeats 3] [--json PATH]
 
 The weight matrix (K x N, 256 MB in float32 at the defaults) is larger than the caches, so decode rows measure
 memory, not cache, bandwidth. Each figure is the best of --repeats timings (this machine is shared).
