@@ -1,10 +1,10 @@
 """What `make demo`'s frozen features carry, and how much of it the demo's training budget can teach.
 
-`make demo` trains the video branch on the frozen towers' outputs of its clips, through the frozen LLM, for 160
-steps of 4 rows (640 rows). Whether an attribute fails because the features lack it or because 640 rows are too few
-to learn it decides what to change next. This benchmark builds the demo's model and features exactly as the demo
-does (same clips, same towers, same calibration; ``--seed``) and reads colour, shape and direction from them on
-clips not trained on, three ways:
+`make demo` trains the video branch on the frozen towers' outputs of its clips, through the frozen LLM, for
+``Settings.steps`` steps of ``Settings.batch_size`` rows (400 x 4). Whether an attribute fails because the features
+lack it or because that many rows are too few to learn it decides what to change next. This benchmark builds the
+demo's model and features exactly as the demo does (same clips, same towers, same calibration; ``--seed``) and reads
+colour, shape and direction from them on clips not trained on, three ways:
 
 * ``ridge``: a closed-form ridge-regression probe on the per-frame features averaged over the image Q-Former's
   queries (frames concatenated in order): what a linear reader with the best fit can read;
@@ -17,7 +17,7 @@ clips not trained on, three ways:
   frozen projection into the LLM) plus a linear head per attribute, trained directly on the labels with AdamW at the
   demo's learning rate and budget, without the LLM: an upper bound for what training through the LLM reaches.
 
-    python bench/demo_probe.py [--seed 0] [--clips 480] [--steps 160] [--batch-size 4] [--lr 2e-3] [--json PATH]
+    python bench/demo_probe.py [--seed 0] [--clips 480] [--steps 400] [--batch-size 4] [--lr 1e-3] [--json PATH]
 
 The last 80 of the ``--clips`` clips are held out. Prints a table, and the load average before and after.
 """
@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vllama_jax.demo.clips import ATTRIBUTES, VISUAL, make_dataset  # noqa: E402
-from vllama_jax.demo.run import CALIBRATION_CLIPS, _loaded, calibrate_towers, demo_model  # noqa: E402
+from vllama_jax.demo.run import CALIBRATION_CLIPS, Settings, _loaded, calibrate_towers, demo_model  # noqa: E402
 from vllama_jax.inference.chat import VideoLLaMAChat  # noqa: E402
 from vllama_jax.models import build_model  # noqa: E402
 from vllama_jax.models.groups import trained_groups  # noqa: E402
@@ -101,9 +101,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clips", type=int, default=480, help="clips made (the last 80 held out; a multiple of 12)")
-    ap.add_argument("--steps", type=int, default=160)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--steps", type=int, default=Settings.steps)
+    ap.add_argument("--batch-size", type=int, default=Settings.batch_size)
+    ap.add_argument("--lr", type=float, default=Settings.lr)
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     load_before = os.getloadavg()

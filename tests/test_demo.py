@@ -269,20 +269,21 @@ def test_signal_preserving_rescales_only_the_frozen_vision_towers(tiny_model):
     assert any("/crossattention/output/" in k for k in gains)
 
 
-def test_quiet_branches_scale_the_cross_attention_outputs(tiny_model):
-    """``quiet_branches`` scales the trained Q-Formers' cross-attention output kernels by their gains and nothing
-    else: a branch at gain 0 gives every clip the same LLM rows (its query tokens alone), one at 0.3 still tells
-    the clips apart, and the gradient reaches the scaled kernels (what the rows read from the clip grows from
-    there)."""
+def test_start_branches_scale_the_cross_attention_kernels(tiny_model):
+    """``start_branches`` scales the trained Q-Formers' cross-attention kernels by their gains and nothing else: a
+    branch whose output starts at 0 gives every clip the same LLM rows (its query tokens alone), one at 0.3 still
+    tells the clips apart, the gradient reaches the scaled kernels, and larger query and key kernels make each
+    video query read fewer of the frames' tokens (its attention sharper)."""
     import jax
 
-    from vllama_jax.demo.run import BRANCH_START_GAINS, quiet_branches
+    from vllama_jax.demo.run import BRANCH_START_GAINS, start_branches
     from vllama_jax.models import build_model
     from vllama_jax.models.video_llama import VideoLLaMA
     from vllama_jax.train.features import frozen_features
     from vllama_jax.tree import flatten_params
 
-    assert BRANCH_START_GAINS == {"video_qformer": 0.0, "audio_qformer": 0.3}  # the demo's (run.py says why)
+    assert BRANCH_START_GAINS == {"video_qformer": {"query": 6.0, "key": 6.0, "output": 0.0},
+                                  "audio_qformer": {"output": 0.3}}  # the demo's (run.py says why)
     config, params = tiny_model
     model = build_model(config)
     frames, clips = random_media(config, 3)
@@ -301,22 +302,42 @@ def test_quiet_branches_scale_the_cross_attention_outputs(tiny_model):
     assert all(spread(r) > 1e-3 for r in loud.values())  # upstream's start: the clips differ
     shape = (3, sum(r.shape[1] for r in loud.values()), loud["video_qformer"].shape[2])
     weights = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
-    for gains in (BRANCH_START_GAINS, {"audio_qformer": 0.0}, {"video_qformer": 0.0, "audio_qformer": 0.0}):
-        quiet = quiet_branches(params, gains)
-        before, after = flatten_params(params), flatten_params(quiet)
+    for gains in (BRANCH_START_GAINS, {"audio_qformer": {"output": 0.0}},
+                  {"video_qformer": {"output": 0.0}, "audio_qformer": {"output": 0.0, "value": 2.0}}):
+        started = start_branches(params, gains)
+        before, after = flatten_params(params), flatten_params(started)
         changed = {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
-        assert changed == {f"{g}/layer_{i}/crossattention/output/kernel"
-                           for g in gains for i in range(getattr(config, g).num_layers)}
+        assert changed == {f"{g}/layer_{i}/crossattention/{name}/kernel" for g in gains for name in gains[g]
+                           for i in range(getattr(config, g).num_layers)}
         for k in changed:
-            np.testing.assert_allclose(after[k], np.asarray(before[k]) * gains[k.split("/")[0]], rtol=1e-6)
-        for branch, r in rows(quiet).items():
-            gain = gains.get(branch, 1.0)
+            gain = gains[k.split("/")[0]][k.split("/")[-2]]
+            np.testing.assert_allclose(after[k], np.asarray(before[k]) * gain, rtol=1e-6)
+        for branch, r in rows(started).items():
+            gain = gains.get(branch, {}).get("output", 1.0)
             assert (spread(r) < 1e-5) if gain == 0 else (spread(r) > 1e-3), (gains, branch)
         grads = flatten_params(jax.grad(lambda p: (model.apply({"params": p}, *args,
                                                               method=VideoLLaMA.media_from_features)
-                                                  * weights).sum())(quiet))
+                                                  * weights).sum())(started))
         for k in changed:
-            assert np.abs(np.asarray(grads[k])).max() > 0, k
+            if k.split("/")[-2] == "output" or gains[k.split("/")[0]].get("output", 1.0) != 0:
+                assert np.abs(np.asarray(grads[k])).max() > 0, k  # (behind a zero output nothing reaches q, k)
+
+    # sharper: the entropy of the video queries' attention over the frames' tokens falls with the q/k gain
+    memory = model.apply({"params": params}, feats["frame_queries"], method=VideoLLaMA.video_qformer_memory)
+
+    def entropy(p):
+        layer = flatten_params(p)
+        q_in = np.asarray(params["video_query_tokens"], np.float32).reshape(-1, memory.shape[-1])
+        q_in = q_in / np.sqrt(np.mean(q_in ** 2, -1, keepdims=True))  # the Q-Former's LayerNorms keep rows at RMS 1
+        q = q_in @ np.asarray(layer["video_qformer/layer_0/crossattention/query/kernel"])
+        k = np.asarray(memory[0]) @ np.asarray(layer["video_qformer/layer_0/crossattention/key/kernel"])
+        logits = q @ k.T / np.sqrt(q.shape[-1])
+        a = np.exp(logits - logits.max(-1, keepdims=True))
+        a /= a.sum(-1, keepdims=True)
+        return float(-(a * np.log(a + 1e-12)).sum(-1).mean())
+
+    sharp = start_branches(params, {"video_qformer": {"query": 6.0, "key": 6.0}})
+    assert entropy(sharp) < 0.7 * entropy(params) <= 0.7 * np.log(memory.shape[1])
 
 
 def test_calibrated_towers_give_standardised_frame_outputs_and_centred_audio(tiny_model):
@@ -380,7 +401,7 @@ def test_training_sample_first_turn_is_the_chat_context(smollm2_path):
     assert len(trained) == len(reply) + len(tok.encode(turns[1][1])) + 2  # + each reply's end-of-turn token
 
 
-@pytest.mark.parametrize("video_only_share", [0.0, 1.0, 0.25])
+@pytest.mark.parametrize("video_only_share", [0.0, 1.0, 0.5])
 def test_training_batches_keep_every_rows_media_out_of_the_shared_prefix(smollm2_path, video_only_share):
     """The tokens all rows share run once as ``prompt_prefix``, embedded as plain text: it must end before the first
     media placeholder, or the media of every row would be dropped (with one flow only, every row's text is the same
@@ -397,13 +418,21 @@ def test_training_batches_keep_every_rows_media_out_of_the_shared_prefix(smollm2
     with_audio = video_upload(np.zeros((2, 8, 8, 3)), clips=np.zeros((2, 1, 128, 204)))
     video_only = video_upload(np.zeros((2, 8, 8, 3)))
     feats = {"frame_queries": np.zeros((8, 2, 4, 8), np.float32), "audio_embeddings": np.zeros((8, 2, 8), np.float32)}
-    s = Settings(steps=3, batch_size=4, video_only_share=video_only_share)
+    s = Settings(steps=8, batch_size=4, video_only_share=video_only_share)
     batches = training_batches(chat, specs, (with_audio, video_only), feats, s, {"video": 3, "audio": 5})
     assert "prompt_prefix" in batches[0]  # the system prompt is shared
+    lengths = {}
     for b in batches:
         assert not np.any(b["prompt_prefix"] == ph)
         counts = np.sum(b["input_ids"] == ph, axis=1)
         assert counts.tolist() == [8 if a else 3 for a in b["with_audio"]]
+        flow = set(b["with_audio"].tolist())
+        assert len(flow) == 1  # one flow per batch, padded to that flow's longest row
+        lengths.setdefault(flow.pop(), set()).add(b["input_ids"].shape[1])
+    assert all(len(v) == 1 for v in lengths.values())
+    assert len(lengths) == (1 if video_only_share in (0.0, 1.0) else 2)
+    if len(lengths) == 2:
+        assert max(lengths[0]) < min(lengths[1])  # a video-only row is shorter
 
 
 def test_feature_trainer_refuses_media_in_the_shared_prefix(tiny_model):
