@@ -310,9 +310,11 @@ def training_batches(chat: VideoLLaMAChat, specs: Sequence[ClipSpec], uploads: t
     cut = max(0, min(common_prefix([r[0] for r in rows]), first_label - 1, first_media))
     prefix = rows[0][0][None, :cut].astype(np.int32)
     rows = [(ids[cut:], labels[cut:]) for ids, labels in rows]
-    # one compiled shape per flow
-    pad_to = {f: max(len(r[0]) for r, g in zip(rows, flags) if g == f) for f in set(flags)}
-    max_labels = {f: max(int(np.sum(r[1] != IGNORE_INDEX)) for r, g in zip(rows, flags) if g == f) for f in set(flags)}
+    pad_to: dict[bool, int] = {}  # one compiled shape per flow: its longest row, its most labels
+    max_labels: dict[bool, int] = {}
+    for (ids, labels), flow in zip(rows, flags):
+        pad_to[flow] = max(pad_to.get(flow, 0), len(ids))
+        max_labels[flow] = max(max_labels.get(flow, 0), int(np.sum(labels != IGNORE_INDEX)))
     pad_id = int(chat.tokenizer.pad_id if chat.tokenizer.pad_id is not None else 0)
     batches = []
     for k in range(0, len(rows), s.batch_size):
