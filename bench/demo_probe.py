@@ -9,6 +9,10 @@ colour, shape and direction from them on clips not trained on, three ways:
 * ``ridge``: a closed-form ridge-regression probe on the per-frame features averaged over the image Q-Former's
   queries (frames concatenated in order): what a linear reader with the best fit can read;
 * ``linear_sgd``: the same linear reader trained with Adam on the demo's budget (``--steps`` x ``--batch-size``);
+* ``linear_sgd_whitened``: that reader with that budget on the same features PCA-whitened (fitted on the training
+  clips, eigenvalues floored at 1e-3 of the largest): how much of what ``linear_sgd`` misses is the features'
+  conditioning (their variance spans orders of magnitude, the colour fills the largest directions, and gradient
+  steps learn a direction at a speed that grows with its variance) rather than the budget;
 * ``class_means``: the nearest class mean of the same features (frames concatenated), and ``class_means_motion``
   of the last frame's features minus the first's: what one small gradient step of a reader starting from zero
   learns (its first update is the difference of the class means). Colour is read this way; the colour's spread
@@ -18,6 +22,7 @@ colour, shape and direction from them on clips not trained on, three ways:
   positions, the frozen projection into the LLM) plus a linear head per attribute from zero, trained directly on
   the labels with AdamW at the demo's learning rate and budget, without the LLM. Not a bound on what training
   through the LLM reaches: on today's clips it reads shape and direction at 56% and 50%, the demo 75-100%.
+  ``video_branch_muon``: the same with Muon for the branch's 2-D kernels, as the demo trains (``optim.optimizer``).
 
     python bench/demo_probe.py [--seed 0] [--clips 480] [--steps 400] [--batch-size 4] [--lr 1e-3] [--json PATH]
 
@@ -50,7 +55,9 @@ from vllama_jax.inference.chat import VideoLLaMAChat  # noqa: E402
 from vllama_jax.models import build_model  # noqa: E402
 from vllama_jax.models.groups import trained_groups  # noqa: E402
 from vllama_jax.models.video_llama import VideoLLaMA  # noqa: E402
+from vllama_jax.train.config import OptimConfig  # noqa: E402
 from vllama_jax.train.features import frozen_features  # noqa: E402
+from vllama_jax.train.optimizer import muon_labels  # noqa: E402
 
 HELD_OUT = 80
 #: the video branch's groups (trained in the demo)
@@ -76,6 +83,14 @@ def ridge(x: np.ndarray, y: np.ndarray, n_train: int, classes: int, alpha: float
     targets = np.eye(classes)[y[:n_train]]
     w = xtr.T @ np.linalg.solve(xtr @ xtr.T + alpha * np.eye(n_train), targets)
     return float(np.mean(np.argmax(x[n_train:] @ w, 1) == y[n_train:]))
+
+
+def whiten(x: np.ndarray, n_train: int, floor: float = 1e-3) -> np.ndarray:
+    """``x`` in the principal axes of its first ``n_train`` rows, each axis scaled to unit variance (eigenvalues
+    floored at ``floor`` x the largest, so the axes the training rows do not span stay small)."""
+    mean = x[:n_train].mean(0)
+    eigval, eigvec = np.linalg.eigh(np.cov((x[:n_train] - mean).T))
+    return ((x - mean) @ eigvec / np.sqrt(np.maximum(eigval, 0) + floor * eigval.max())).astype(np.float32)
 
 
 def nearest_class_mean(x: np.ndarray, y: np.ndarray, n_train: int, classes: int) -> float:
@@ -119,16 +134,17 @@ def main() -> None:
     per_frame = feats.mean(2).reshape(len(feats), -1)
     per_frame = (per_frame - per_frame[:n_train].mean(0)) / (per_frame[:n_train].std(0) + 1e-6)
     motion = feats[:, -1].mean(1) - feats[:, 0].mean(1)
-    results: dict[str, dict[str, float]] = {"ridge": {}, "linear_sgd": {}, "class_means": {},
-                                            "class_means_motion": {}}
+    whitened = whiten(per_frame, n_train)
+    results: dict[str, dict[str, float]] = {"ridge": {}, "linear_sgd": {}, "linear_sgd_whitened": {},
+                                            "class_means": {}, "class_means_motion": {}}
     for a in VISUAL:
         k = len(ATTRIBUTES[a][1])
         results["ridge"][a] = ridge(per_frame, labels[a], n_train, k)
-        w = sgd(lambda w, x, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean(),
-                jnp.zeros((per_frame.shape[1], k)), (per_frame, labels[a]), order, args.steps, args.batch_size,
-                optax.adam(args.lr))
-        results["linear_sgd"][a] = float(np.mean(np.argmax(per_frame[n_train:] @ np.asarray(w), 1)
-                                                 == labels[a][n_train:]))
+        for name, x in (("linear_sgd", per_frame), ("linear_sgd_whitened", whitened)):
+            w = sgd(lambda w, x, y: optax.softmax_cross_entropy_with_integer_labels(x @ w, y).mean(),
+                    jnp.zeros((x.shape[1], k)), (x, labels[a]), order, args.steps, args.batch_size,
+                    optax.adam(args.lr))
+            results[name][a] = float(np.mean(np.argmax(x[n_train:] @ np.asarray(w), 1) == labels[a][n_train:]))
         results["class_means"][a] = nearest_class_mean(per_frame, labels[a], n_train, k)
         results["class_means_motion"][a] = nearest_class_mean(motion, labels[a], n_train, k)
     # the video branch + a linear head per attribute, on its LLM rows (flattened, unit-normalised)
@@ -148,11 +164,15 @@ def main() -> None:
     width = model.config.llama.hidden_size * model.config.video_qformer.num_query_tokens
     p0 = {"branch": {g: params[g] for g in VIDEO_GROUPS},
           "heads": {a: jnp.zeros((width, len(ATTRIBUTES[a][1]))) for a in VISUAL}}
-    p = sgd(branch_loss, p0, (feats,) + tuple(labels[a] for a in VISUAL), order, args.steps, args.batch_size,
-            optax.adamw(args.lr, weight_decay=0.05))
-    r = np.asarray(rows(p["branch"], feats[n_train:]))
-    results["video_branch"] = {a: float(np.mean(np.argmax(r @ np.asarray(p["heads"][a]), 1) == labels[a][n_train:]))
-                               for a in VISUAL}
+    adamw = optax.adamw(args.lr, weight_decay=0.05)
+    # Muon as the demo trains with it (``optim.optimizer: muon``): the branch's 2-D kernels at muon_lr_ratio x lr
+    muon = optax.partition({"muon": optax.contrib.muon(args.lr * OptimConfig.muon_lr_ratio, weight_decay=0.05),
+                            "adamw": adamw}, {"branch": muon_labels(p0["branch"]), "heads": {a: "adamw" for a in VISUAL}})
+    for name, opt in (("video_branch", adamw), ("video_branch_muon", muon)):
+        p = sgd(branch_loss, p0, (feats,) + tuple(labels[a] for a in VISUAL), order, args.steps, args.batch_size, opt)
+        r = np.asarray(rows(p["branch"], feats[n_train:]))
+        results[name] = {a: float(np.mean(np.argmax(r @ np.asarray(p["heads"][a]), 1) == labels[a][n_train:]))
+                         for a in VISUAL}
     load_after = os.getloadavg()
     chance = {a: 1 / len(ATTRIBUTES[a][1]) for a in VISUAL}
     print(f"demo features of {args.clips} clips (seed {args.seed}) in {t_feats:.0f} s; {HELD_OUT} held out; "

@@ -52,18 +52,20 @@ def test_loss_falls_on_a_generated_dataset(tiny_dir: Path, tmp_path: Path, image
 
 
 @pytest.mark.slow
-def test_resume_equals_an_uninterrupted_run(tiny_dir: Path, tmp_path: Path, image_captions: str):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_equals_an_uninterrupted_run(tiny_dir: Path, tmp_path: Path, image_captions: str, optimizer: str):
     """6 steps straight == 3 steps, a new Trainer restoring the checkpoint, 3 more steps: same parameters,
     optimizer state and batches (the grain iterator state is part of the checkpoint; dropout keys follow the
-    step)."""
-    straight = Trainer(pipeline_config(tiny_dir, tmp_path / "straight", image_captions, max_steps=6))
+    step). With either optimizer (Muon's momentum is checkpointed as AdamW's moments are)."""
+    optim = {"optimizer": optimizer}
+    straight = Trainer(pipeline_config(tiny_dir, tmp_path / "straight", image_captions, max_steps=6, optim=optim))
     try:
         h_straight = straight.run()
         s_straight = host(straight.state)
     finally:
         straight.close()
 
-    cfg = pipeline_config(tiny_dir, tmp_path / "resumed", image_captions, max_steps=6)
+    cfg = pipeline_config(tiny_dir, tmp_path / "resumed", image_captions, max_steps=6, optim=optim)
     first = Trainer(cfg)
     try:
         h_first = first.run(3)

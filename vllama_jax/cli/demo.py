@@ -9,6 +9,7 @@ from typing import Any
 
 from ..demo.clips import BLOCK
 from ..demo.run import FAST, Settings, run
+from ..train.config import OPTIMIZERS
 from .common import UsageError, add_common_args, run_command
 
 
@@ -26,6 +27,8 @@ def register(sub: Any) -> None:
     p.add_argument("--steps", type=int, default=None, help=f"training steps (default {d.steps})")
     p.add_argument("--batch-size", type=int, default=None, help=f"default {d.batch_size}")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr:g})")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help=f"for the branches' 2-D kernels: muon or upstream's adamw (default {d.optimizer})")
     p.add_argument("--frames", type=int, default=None, dest="num_frames",
                    help=f"frames per clip (default {d.num_frames})")
     p.add_argument("--no-export", action="store_true", help="do not write the trained model directory")
@@ -37,7 +40,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s = Settings(out=args.out, seed=args.seed, export=not args.no_export)
     if args.fast:
         s = dataclasses.replace(s, **FAST)
-    for name in ("train_clips", "heldout_clips", "steps", "batch_size", "lr", "num_frames"):
+    for name in ("train_clips", "heldout_clips", "steps", "batch_size", "lr", "num_frames", "optimizer"):
         v = getattr(args, name)
         if v is not None:
             s = dataclasses.replace(s, **{name: v})

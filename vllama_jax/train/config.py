@@ -8,8 +8,8 @@ The layout follows upstream's `train_configs/*.yaml` (upstream.md §8.1) regroup
     weights:    upstream files of the frozen towers (when no model dir), llama_proj_model, ckpt, ckpt_2, tokenizer
     data:       datasets {name: {path, sample_ratio, ...}} | synthetic, batch_size (global), num_frames, end_sym,
                 max_txt_len, prompts, prompt_template, template, max_len, num_workers, augment, features
-    optim:      lr_sched, init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch, max_epoch, weight_decay,
-                beta1, beta2, eps, grad_accum, clip_grad_norm
+    optim:      optimizer, lr_sched, init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch, max_epoch,
+                weight_decay, beta1, beta2, eps, grad_accum, clip_grad_norm, muon_lr_ratio
     checkpoint: every, keep, async_save          (directory: {output_dir}/checkpoints)
     log:        every, peak_tflops               (directory: {output_dir}/logs)
     distributed: coordinator, num_processes, process_id, auto
@@ -37,6 +37,8 @@ PRECISIONS = ("model", "float32", "bfloat16")
 #: where a step's media input comes from (`data.features`)
 FEATURE_SOURCES = ("frames", "cached")
 LR_SCHEDULES = ("linear_warmup_cosine_lr",)
+#: ``optim.optimizer``: upstream's AdamW, or Muon for the trained 2-D kernels (``train.optimizer.make_optimizer``)
+OPTIMIZERS = ("adamw", "muon")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -131,8 +133,10 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW + upstream `linear_warmup_cosine_lr` (upstream.md §8.3, 8.4)."""
+    """AdamW + upstream `linear_warmup_cosine_lr` (upstream.md §8.3, 8.4); or Muon for the trained 2-D kernels
+    (``optimizer: muon``; ``train.optimizer.make_optimizer``)."""
 
+    optimizer: str = "adamw"
     lr_sched: str = "linear_warmup_cosine_lr"
     init_lr: float = 1e-4
     min_lr: float = 8e-5
@@ -146,6 +150,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_accum: int = 1  # micro-batches per optimizer step (token-weighted, like the loss)
     clip_grad_norm: float = 0.0  # 0 = no clipping (upstream)
+    #: ``optimizer: muon``: Muon's learning rate as a multiple of the schedule's (an orthogonalised update has unit
+    #: singular values, not Adam's unit entries, so the two need different scales)
+    muon_lr_ratio: float = 5.0
 
     @property
     def total_steps(self) -> int:
@@ -320,6 +327,9 @@ class TrainConfig:
 
     def _validate_optim(self) -> None:
         o = self.optim
+        require(o.optimizer in OPTIMIZERS, "optim.optimizer",
+                f"unknown optimizer {o.optimizer!r} (one of {', '.join(OPTIMIZERS)})")
+        require(o.muon_lr_ratio > 0, "optim.muon_lr_ratio", f"must be positive, got {o.muon_lr_ratio}")
         require(o.lr_sched in LR_SCHEDULES, "optim.lr_sched",
                 f"unknown schedule {o.lr_sched!r} (one of {', '.join(LR_SCHEDULES)})")
         for key in ("init_lr", "eps"):

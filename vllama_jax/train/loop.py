@@ -124,7 +124,7 @@ class Trainer:
         self.lr_fn = lr_schedule(cfg.optim)
         trainable_sh = {g: shardings[g] for g in self.trainable_groups}
         self.abstract_opt_state = jax.eval_shape(self.tx.init, abstract_trainable)
-        opt_sh = opt_state_shardings(self.tx, self.abstract_opt_state, trainable_sh, self.replicated)
+        opt_sh = opt_state_shardings(self.abstract_opt_state, trainable_sh, self.replicated)
         self.state_shardings = {"step": self.replicated, "params": trainable_sh, "opt_state": opt_sh}
         self.frozen_shardings = {g: shardings[g] for g in self.frozen_groups}
 

@@ -1,4 +1,5 @@
-"""Which parameters train, AdamW with upstream's weight-decay groups, and the `linear_warmup_cosine_lr` schedule.
+"""Which parameters train, AdamW with upstream's weight-decay groups (or Muon for the 2-D kernels), and the
+`linear_warmup_cosine_lr` schedule.
 
 The params tree is split by top-level group into a *trainable* and a *frozen* tree (`partition`). Only the trainable
 tree is differentiated and has optimizer state; the frozen towers (ViT, image Q-Former, ImageBind, LLaMA) are plain
@@ -12,6 +13,7 @@ import math
 import re
 from typing import Any, Callable, Iterable, Mapping
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -113,22 +115,50 @@ def lr_schedule(o: OptimConfig) -> Callable[[Any], Any]:
     return lr
 
 
+def muon_labels(trainable: Mapping[str, Any]) -> dict[str, Any]:
+    """Per leaf of ``trainable``: "muon" for a 2-D kernel (a dense layer's ``x @ W``: its rows the input axis), "adamw"
+    for everything else (embeddings, position tables, query tokens, biases, LayerNorms), as Muon is meant to be used."""
+    return unflatten_params({k: "muon" if k.rsplit("/", 1)[-1] == "kernel" and len(v.shape) == 2 else "adamw"
+                             for k, v in flatten_params(trainable).items()})
+
+
 def make_optimizer(o: OptimConfig, trainable: Mapping[str, Any]) -> optax.GradientTransformation:
     """AdamW (PyTorch semantics: decoupled decay `p -= lr * wd * p`, eps outside the sqrt) over the trainable tree,
-    decay masked per upstream groups; optional global-norm clipping first."""
-    adamw = optax.adamw(lr_schedule(o), b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
+    decay masked per upstream groups; optional global-norm clipping first.
+
+    ``optimizer: muon``: the 2-D kernels (``muon_labels``) take Muon's update instead (momentum orthogonalised by
+    Newton-Schulz iterations, lr ``muon_lr_ratio`` x the schedule, the same decoupled decay), the rest AdamW as
+    above. An orthogonalised update moves every direction of a kernel's input alike, where Adam's moves the
+    directions the inputs vary most in fastest: the demo's frozen features span four orders of magnitude of
+    variance, the colour in the largest directions, the shape in small ones (``bench/demo_probe.py``)."""
+    lr = lr_schedule(o)
+    adamw = optax.adamw(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
                         mask=decay_mask(trainable))
+    tx = adamw
+    if o.optimizer == "muon":
+        muon = optax.contrib.muon(lambda g: lr(g) * o.muon_lr_ratio, weight_decay=o.weight_decay)
+        tx = optax.partition({"muon": muon, "adamw": adamw}, muon_labels(trainable))
     if o.clip_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), adamw)
-    return adamw
+        return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
+    return tx
 
 
-def opt_state_shardings(tx: optax.GradientTransformation, abstract_opt_state: Any, param_shardings: Any,
-                        replicated: Any) -> Any:
-    """Optimizer-state shardings: moments follow their parameter, counters are replicated."""
-    return optax.tree_map_params(tx, lambda _, s: s, abstract_opt_state, param_shardings,
-                                 transform_non_params=lambda _: replicated)
+def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any, replicated: Any) -> Any:
+    """Optimizer-state shardings: a leaf that mirrors a parameter (Adam's moments, Muon's momentum: its key path ends
+    in that parameter's dict keys) follows the parameter's sharding; counters and the rest are replicated. Found by
+    key path because ``optax.tree_map_params`` cannot see through ``optax.partition``'s masked subtrees."""
+    by_path = {tuple(k.key for k in path): s for path, s in jax.tree_util.tree_flatten_with_path(param_shardings)[0]}
+
+    def follow(path: tuple, leaf: Any) -> Any:
+        keys: list[Any] = []
+        for k in reversed(path):
+            if not isinstance(k, jax.tree_util.DictKey):
+                break
+            keys.insert(0, k.key)
+        return by_path.get(tuple(keys), replicated)
+
+    return jax.tree_util.tree_map_with_path(follow, abstract_opt_state)
 
 
-__all__ = ["decay_mask", "forward_groups", "lr_schedule", "make_optimizer",
+__all__ = ["decay_mask", "forward_groups", "lr_schedule", "make_optimizer", "muon_labels",
            "opt_state_shardings", "partition", "trainable_groups", "upstream_name", "upstream_no_decay"]
