@@ -21,7 +21,7 @@ from vllama_jax.train.config import OptimConfig, load_train_config, train_config
 from vllama_jax.cli import main as cli_main
 from vllama_jax.train.loop import resolve_model_config
 from vllama_jax.train.optimizer import (decay_mask, lr_schedule, make_optimizer, muon_labels, trainable_groups,
-                                       upstream_no_decay)
+                                       upstream_no_decay, whitening_preconditioner)
 from vllama_jax.tree import flatten_params, unflatten_params
 from vllama_jax.weights.keymaps import audio_branch_keymap, video_branch_keymap
 
@@ -326,3 +326,67 @@ def test_muon_orthogonalises_the_kernels_and_leaves_the_rest_to_adamw(tiny_dir: 
             assert gspread > 300 and spread < gspread / 100 and 0.5 < np.median(sv) < 1.5, (k, gspread, spread)
         else:
             np.testing.assert_array_equal(results["muon"][k], results["adamw"][k], err_msg=k)
+
+
+def test_whitening_preconditioner_equalises_the_input_variances_up_to_its_floor():
+    """Rows whose variances span five orders of magnitude come out of ``x @ P`` with every direction's variance at
+    the largest one's (floor 0), or lifted to at most the largest with a gain bounded by 1/sqrt(floor); P is
+    symmetric and leaves the largest direction's scale."""
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.normal(size=(12, 12)))[0]
+    x = rng.normal(size=(4000, 12)) * np.logspace(0, -2.5, 12) @ basis.T
+    top = np.linalg.eigvalsh(np.cov(x, rowvar=False)).max()
+    p = whitening_preconditioner(x, 0.0)
+    np.testing.assert_allclose(p, p.T, atol=1e-6)
+    np.testing.assert_allclose(np.linalg.eigvalsh(np.cov(x @ p, rowvar=False)), top, rtol=1e-3)
+    floor = 1e-2
+    lam = np.linalg.eigvalsh(np.cov(x, rowvar=False))
+    np.testing.assert_allclose(np.linalg.eigvalsh(np.cov(x @ whitening_preconditioner(x, floor), rowvar=False)),
+                               np.sort(top * lam / (lam + floor * top)), rtol=1e-3)
+    with pytest.raises(ValueError, match="do not vary"):
+        whitening_preconditioner(np.ones((5, 3)), 1e-2)
+
+
+def test_preconditioned_muon_trains_the_kernel_as_P_times_muons_variable():
+    """``make_optimizer(..., preconditioners={kernel: P})`` is Muon on V with W = P V: its trajectory of W equals
+    plain Muon's trajectory of V (gradients through W = P V) mapped by P, step for step (no decay: the decay acts on
+    W itself); the kernels without a P and the AdamW leaves step as without preconditioners. A P for anything but a
+    trained 2-D kernel, or with AdamW, is refused."""
+    rng = np.random.default_rng(1)
+    p = whitening_preconditioner(rng.normal(size=(500, 6)) * np.logspace(0, -2, 6), 1e-2)
+    w0 = rng.normal(size=(6, 5)).astype(np.float32)
+    other = rng.normal(size=(5, 4)).astype(np.float32)
+    params = {"video_qformer": {"a": {"kernel": w0, "bias": np.zeros(5, np.float32)}, "b": {"kernel": other}}}
+    target = rng.normal(size=(8, 4)).astype(np.float32)
+    xs = (rng.normal(size=(8, 6)) * np.logspace(0, -2, 6)).astype(np.float32)
+
+    def loss(q, w_of=lambda q: q["video_qformer"]["a"]["kernel"]):
+        h = jax.numpy.dot(xs, w_of(q)) + q["video_qformer"]["a"]["bias"]
+        return 0.5 * jax.numpy.mean((h @ q["video_qformer"]["b"]["kernel"] - target) ** 2)
+
+    o = OptimConfig(init_lr=1e-2, min_lr=1e-3, warmup_lr=1e-2, warmup_steps=0, iters_per_epoch=5, max_epoch=1,
+                    weight_decay=0.0, optimizer="muon")
+    path = "video_qformer/a/kernel"
+    pre_tx, plain_tx = make_optimizer(o, params, {path: p}), make_optimizer(o, params)
+    v_params = {"video_qformer": {"a": {"kernel": np.linalg.solve(p, w0), "bias": params["video_qformer"]["a"]["bias"]},
+                                  "b": {"kernel": other}}}
+    pre, plain = (params, pre_tx.init(params)), (v_params, plain_tx.init(v_params))
+    for _ in range(5):
+        g = jax.grad(loss)(pre[0])
+        u, s = pre_tx.update(g, pre[1], pre[0])
+        pre = (optax.apply_updates(pre[0], u), s)
+        g = jax.grad(lambda q: loss(q, lambda q: p @ q["video_qformer"]["a"]["kernel"]))(plain[0])
+        u, s = plain_tx.update(g, plain[1], plain[0])
+        plain = (optax.apply_updates(plain[0], u), s)
+    np.testing.assert_allclose(pre[0]["video_qformer"]["a"]["kernel"], p @ plain[0]["video_qformer"]["a"]["kernel"],
+                               rtol=2e-4, atol=2e-6)
+    for k in ("video_qformer/a/bias", "video_qformer/b/kernel"):
+        np.testing.assert_allclose(flatten_params(pre[0])[k], flatten_params(plain[0])[k], rtol=2e-4, atol=2e-6)
+    g = jax.grad(loss)(params)  # and P changes the step: W's first update with and without it
+    first = [np.asarray(tx.update(g, tx.init(params), params)[0]["video_qformer"]["a"]["kernel"])
+             for tx in (pre_tx, plain_tx)]
+    assert np.abs(first[0] - first[1]).max() > 0.1 * np.abs(first[1]).max()
+    with pytest.raises(ValueError, match="need optim.optimizer: muon"):
+        make_optimizer(dataclasses.replace(o, optimizer="adamw"), params, {path: p})
+    with pytest.raises(ValueError, match="not trained 2-D kernels.*bias"):
+        make_optimizer(o, params, {"video_qformer/a/bias": p})

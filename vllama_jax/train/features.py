@@ -25,8 +25,9 @@ from ..data.batch import FEATURES
 from ..models.groups import FROZEN_TOWERS, LLM_GROUP, trained_groups
 from ..models.video_llama import VideoLLaMA
 from ..sharding import make_mesh
+from ..tree import flatten_params
 from .config import OptimConfig
-from .optimizer import lr_schedule, make_optimizer
+from .optimizer import lr_schedule, make_optimizer, whitening_preconditioner
 from .step import jit_train_step, make_train_step
 
 
@@ -60,15 +61,44 @@ def _batched(fn: Any, params: Any, xs: np.ndarray, batch_size: int) -> np.ndarra
     return np.concatenate(outs)
 
 
+#: cached feature -> the trained group whose cross-attention keys and values read it (with its position embedding)
+FEATURE_READERS = {"frame_queries": "video_qformer", "audio_embeddings": "audio_qformer"}
+
+
+def whitened_readers(features: Mapping[str, np.ndarray], trainable: Mapping[str, Any],
+                     floor: float) -> dict[str, np.ndarray]:
+    """Muon preconditioners (``train.optimizer.make_optimizer``) for the trained kernels that read cached features:
+    each cross-attention key and value kernel of the ``FEATURE_READERS`` group of a feature in ``features`` gets
+    ``whitening_preconditioner`` of that feature's rows (the training clips' frozen outputs, (N, ..., width))."""
+    out = {}
+    for name, x in features.items():
+        if name not in FEATURE_READERS:
+            raise ValueError(f"unknown cached feature {name!r} (one of {', '.join(FEATURE_READERS)})")
+        group = FEATURE_READERS[name]
+        p = whitening_preconditioner(x, floor)
+        for path, leaf in flatten_params({group: trainable.get(group, {})}).items():
+            parts = path.split("/")
+            if parts[-3:-1] in (["crossattention", "key"], ["crossattention", "value"]) and parts[-1] == "kernel" \
+                    and leaf.shape[0] == p.shape[0]:
+                out[path] = p
+        if not any(k.startswith(group + "/") for k in out):
+            raise ValueError(f"no trained cross-attention kernel of {group} reads {name!r} (is {group} trained?)")
+    return out
+
+
 class FeatureTrainer:
     """Trains the groups of ``freeze_flags`` (upstream names, e.g. ``{"frozen_video_qformer": False,
     "frozen_audio_qformer": False}``; a missing flag counts as frozen) on "features" batches, on one device.
 
     ``params``: the whole model's params (the trained groups start from their values here); only the LLM and the
-    top-level frozen leaves are read by the step, the towers' work being in the batches already."""
+    top-level frozen leaves are read by the step, the towers' work being in the batches already.
+
+    ``whiten``: cached features (name -> the training rows' values) whose reading kernels Muon trains on whitened
+    inputs (``whitened_readers``, eigenvalue floor ``whiten_floor``)."""
 
     def __init__(self, model: VideoLLaMA, params: Mapping[str, Any], optim: OptimConfig,
-                 freeze_flags: Mapping[str, bool], *, placeholder_id: int, seed: int = 0, dropout: bool = False):
+                 freeze_flags: Mapping[str, bool], *, placeholder_id: int, seed: int = 0, dropout: bool = False,
+                 whiten: Mapping[str, np.ndarray] | None = None, whiten_floor: float = 1e-2):
         self.trainable_groups = trained_groups(freeze_flags)
         if not self.trainable_groups:
             raise ValueError(f"the freeze flags {dict(freeze_flags)} train nothing")
@@ -82,7 +112,8 @@ class FeatureTrainer:
                      for g in self.trainable_groups}
         self.frozen = {g: jax.tree.map(lambda x: jax.device_put(jnp.asarray(x), rep), params[g])
                        for g in self.frozen_groups}
-        self.tx = make_optimizer(optim, trainable)
+        pre = whitened_readers(whiten, trainable, whiten_floor) if whiten else None
+        self.tx = make_optimizer(optim, trainable, pre)
         self.lr_fn = lr_schedule(optim)
         # every leaf of the state placed as the step returns it, so that step 2 does not compile again
         opt_sh = jax.tree.map(lambda _: rep, jax.eval_shape(self.tx.init, trainable))
@@ -121,4 +152,4 @@ class FeatureTrainer:
         return jax.tree.map(np.asarray, jax.device_get(self.state["params"]))
 
 
-__all__ = ["FeatureTrainer", "frozen_features"]
+__all__ = ["FEATURE_READERS", "FeatureTrainer", "frozen_features", "whitened_readers"]

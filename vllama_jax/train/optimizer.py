@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ..config import ConfigError, ModelConfig
@@ -122,7 +123,42 @@ def muon_labels(trainable: Mapping[str, Any]) -> dict[str, Any]:
                              for k, v in flatten_params(trainable).items()})
 
 
-def make_optimizer(o: OptimConfig, trainable: Mapping[str, Any]) -> optax.GradientTransformation:
+def whitening_preconditioner(inputs: Any, floor: float) -> np.ndarray:
+    """The symmetric (d, d) matrix that whitens the rows of ``inputs`` (..., d): P = E diag(sqrt(l_max / (l +
+    floor * l_max))) E^T over the eigenpairs (l, E) of their covariance. The largest direction keeps its scale (up
+    to 1/sqrt(1 + floor)), a direction with a fraction f of its variance grows by up to 1/sqrt(f + floor): ``floor``
+    bounds the gain (1e-2: 10x) so that directions the samples hardly span are not blown up."""
+    x = np.asarray(inputs, np.float64).reshape(-1, np.shape(inputs)[-1])
+    eigval, eigvec = np.linalg.eigh(np.cov(x, rowvar=False))
+    eigval = np.maximum(eigval, 0.0)
+    top = float(eigval.max())
+    if not top > 0:
+        raise ValueError("the inputs do not vary: nothing to whiten")
+    return ((eigvec * np.sqrt(top / (eigval + floor * top))) @ eigvec.T).astype(np.float32)
+
+
+def precondition_inputs(preconditioners: Mapping[str, Any]) -> optax.GradientTransformation:
+    """Multiplies the update of each kernel named in ``preconditioners`` (flattened params path -> symmetric (in, in)
+    matrix P) by P from the left; other leaves pass unchanged. Placed before and after an update rule it trains a
+    kernel W as W = P V, V the rule's variable: the rule sees the inputs x @ P instead of x (a fixed, input-side
+    preconditioner, as K-FAC's or Shampoo's left factor, here known before training). Stateless; leaves masked out
+    by ``optax.partition`` (empty nodes) are skipped."""
+    mats = {k: jnp.asarray(v, jnp.float32) for k, v in preconditioners.items()}
+
+    def update(updates, state, params=None):
+        del params
+
+        def apply(path: tuple, u: Any) -> Any:
+            p = mats.get("/".join(str(getattr(k, "key", k)) for k in path))
+            return u if p is None else p @ u
+
+        return jax.tree_util.tree_map_with_path(apply, updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(o: OptimConfig, trainable: Mapping[str, Any],
+                   preconditioners: Mapping[str, Any] | None = None) -> optax.GradientTransformation:
     """AdamW (PyTorch semantics: decoupled decay `p -= lr * wd * p`, eps outside the sqrt) over the trainable tree,
     decay masked per upstream groups; optional global-norm clipping first.
 
@@ -130,13 +166,29 @@ def make_optimizer(o: OptimConfig, trainable: Mapping[str, Any]) -> optax.Gradie
     Newton-Schulz iterations, lr ``muon_lr_ratio`` x the schedule, the same decoupled decay), the rest AdamW as
     above. An orthogonalised update moves every direction of a kernel's input alike, where Adam's moves the
     directions the inputs vary most in fastest: the demo's frozen features span four orders of magnitude of
-    variance, the colour in the largest directions, the shape in small ones (``bench/demo_probe.py``)."""
+    variance, the colour in the largest directions, the shape in small ones (``bench/demo_probe.py``).
+
+    ``preconditioners`` (Muon only; flattened path of a kernel -> P, e.g. ``whitening_preconditioner`` of the
+    inputs it reads): Muon runs on the kernel as W = P V (``precondition_inputs`` around its orthogonalised
+    update; the decay and the lr apply to W as without). An orthogonalised update moves every direction of the
+    kernel's *output* alike, but what it learns per input direction still scales with that direction's variance;
+    with whitened inputs it does not (demo: held-out shape 83-88% -> see ``demo.run.Settings.whiten_floor``)."""
     lr = lr_schedule(o)
     adamw = optax.adamw(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
                         mask=decay_mask(trainable))
     tx = adamw
+    if preconditioners and o.optimizer != "muon":
+        raise ValueError(f"input preconditioners need optim.optimizer: muon, not {o.optimizer!r}")
     if o.optimizer == "muon":
-        muon = optax.contrib.muon(lambda g: lr(g) * o.muon_lr_ratio, weight_decay=o.weight_decay)
+        unknown = sorted(set(preconditioners or {}) - {k for k, v in flatten_params(muon_labels(trainable)).items()
+                                                       if v == "muon"})
+        if unknown:
+            raise ValueError(f"preconditioners for parameters that are not trained 2-D kernels: {unknown}")
+        pre = precondition_inputs(preconditioners or {})
+        # optax's Muon with learning_rate -1 is its raw update (scale_by_learning_rate flips the sign back), so that
+        # the preconditioner acts on it before the decay and the lr, as optax.contrib.muon orders them
+        muon = optax.chain(pre, optax.contrib.muon(-1.0), pre, optax.add_decayed_weights(o.weight_decay),
+                           optax.scale_by_learning_rate(lambda g: lr(g) * o.muon_lr_ratio))
         tx = optax.partition({"muon": muon, "adamw": adamw}, muon_labels(trainable))
     if o.clip_grad_norm > 0:
         return optax.chain(optax.clip_by_global_norm(o.clip_grad_norm), tx)
@@ -161,4 +213,5 @@ def opt_state_shardings(abstract_opt_state: Any, param_shardings: Any, replicate
 
 
 __all__ = ["decay_mask", "forward_groups", "lr_schedule", "make_optimizer", "muon_labels",
-           "opt_state_shardings", "partition", "trainable_groups", "upstream_name", "upstream_no_decay"]
+           "opt_state_shardings", "partition", "precondition_inputs", "trainable_groups", "upstream_name",
+           "upstream_no_decay", "whitening_preconditioner"]
