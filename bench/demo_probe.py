@@ -22,7 +22,9 @@ colour, shape and direction from them on clips not trained on, three ways:
   positions, the frozen projection into the LLM) plus a linear head per attribute from zero, trained directly on
   the labels with AdamW at the demo's learning rate and budget, without the LLM. Not a bound on what training
   through the LLM reaches: on today's clips it reads shape and direction at 56% and 50%, the demo 75-100%.
-  ``video_branch_muon``: the same with Muon for the branch's 2-D kernels, as the demo trains (``optim.optimizer``).
+  ``video_branch_muon``: the same with Muon for the branch's 2-D kernels (``optim.optimizer``);
+  ``video_branch_muon_whitened``: and Muon training the cross-attention keys and values as if the frame features
+  were whitened (``train.features.whitened_readers``, eigenvalue floor ``Settings.whiten_floor``), as the demo trains.
 
     python bench/demo_probe.py [--seed 0] [--clips 480] [--steps 400] [--batch-size 4] [--lr 1e-3] [--json PATH]
 
@@ -56,8 +58,8 @@ from vllama_jax.models import build_model  # noqa: E402
 from vllama_jax.models.groups import trained_groups  # noqa: E402
 from vllama_jax.models.video_llama import VideoLLaMA  # noqa: E402
 from vllama_jax.train.config import OptimConfig  # noqa: E402
-from vllama_jax.train.features import frozen_features  # noqa: E402
-from vllama_jax.train.optimizer import muon_labels  # noqa: E402
+from vllama_jax.train.features import frozen_features, whitened_readers  # noqa: E402
+from vllama_jax.train.optimizer import make_optimizer  # noqa: E402
 
 HELD_OUT = 80
 #: the video branch's groups (trained in the demo)
@@ -166,9 +168,16 @@ def main() -> None:
           "heads": {a: jnp.zeros((width, len(ATTRIBUTES[a][1]))) for a in VISUAL}}
     adamw = optax.adamw(args.lr, weight_decay=0.05)
     # Muon as the demo trains with it (``optim.optimizer: muon``): the branch's 2-D kernels at muon_lr_ratio x lr
-    muon = optax.partition({"muon": optax.contrib.muon(args.lr * OptimConfig.muon_lr_ratio, weight_decay=0.05),
-                            "adamw": adamw}, {"branch": muon_labels(p0["branch"]), "heads": {a: "adamw" for a in VISUAL}})
-    for name, opt in (("video_branch", adamw), ("video_branch_muon", muon)):
+    muon_cfg = OptimConfig(init_lr=args.lr, min_lr=args.lr, warmup_steps=0, weight_decay=0.05, optimizer="muon")
+
+    def muon(pre: dict | None) -> optax.GradientTransformation:
+        parts = {"branch": jax.tree.map(lambda _: "branch", p0["branch"]),
+                 "heads": jax.tree.map(lambda _: "heads", p0["heads"])}
+        return optax.partition({"branch": make_optimizer(muon_cfg, p0["branch"], pre), "heads": adamw}, parts)
+
+    pre = whitened_readers({"frame_queries": feats[:n_train]}, p0["branch"], Settings.whiten_floor)
+    for name, opt in (("video_branch", adamw), ("video_branch_muon", muon(None)),
+                      ("video_branch_muon_whitened", muon(pre))):
         p = sgd(branch_loss, p0, (feats,) + tuple(labels[a] for a in VISUAL), order, args.steps, args.batch_size, opt)
         r = np.asarray(rows(p["branch"], feats[n_train:]))
         results[name] = {a: float(np.mean(np.argmax(r @ np.asarray(p["heads"][a]), 1) == labels[a][n_train:]))

@@ -1,7 +1,9 @@
 """`make demo` (vllama_jax.demo): the clip generator, answer scoring, and a shortened end-to-end run."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -50,6 +52,24 @@ def test_rendered_shape_moves_in_its_direction(direction):
     ys, xs_ = np.nonzero(np.any(frames[0] != spec.background, axis=-1))
     rgb = frames[0][ys, xs_].astype(int).mean(0)
     assert np.abs(rgb - np.array(C.COLOURS[spec.colour])).max() <= 16
+
+
+@pytest.mark.parametrize("shape", C.SHAPES)
+def test_every_shape_stays_off_the_edges_at_its_paths_extremes(shape):
+    """The largest radius and travel, the start at either end of its range, both directions: no pixel of any shape
+    (the square and the triangle reach past the radius: ``SHAPE_EXTENT``) touches the frame's border in any frame."""
+    cfg = C.ClipConfig()
+    n = cfg.size
+    base = next(s for s in (C.clip_spec(0, i) for i in range(50)) if s.shape == shape)
+    size, travel = round(cfg.radius[1] * n), cfg.travel[1] * n
+    margin = math.ceil(C.SHAPE_EXTENT * size) + 2
+    for direction, starts in (("right", (margin, n - margin - travel)), ("left", (margin + travel, n - margin))):
+        for x0 in starts:
+            spec = dataclasses.replace(base, direction=direction, size=size, travel=travel,
+                                       start=(x0, n / 2 + cfg.y_span * n))
+            fg = np.any(C.render_frames(spec, cfg) != spec.background, axis=-1)
+            assert fg.any(axis=(1, 2)).all()
+            assert not (fg[:, 0].any() or fg[:, -1].any() or fg[:, :, 0].any() or fg[:, :, -1].any()), (direction, x0)
 
 
 def test_a_single_frame_does_not_tell_the_direction():
@@ -448,9 +468,11 @@ def test_feature_trainer_refuses_media_in_the_shared_prefix(tiny_model):
         trainer.run([{"prompt_prefix": np.array([[5, ph]], np.int32)}])
 
 
-def test_feature_trainer_trains_both_branches_with_one_compiled_step(tiny_model):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon_whitened"])
+def test_feature_trainer_trains_both_branches_with_one_compiled_step(tiny_model, optimizer):
     """`FeatureTrainer` (the demo's training) compiles its step once, lowers the loss on a repeated batch, and moves
-    exactly the groups its freeze flags train: both branches."""
+    exactly the groups its freeze flags train: both branches. With AdamW, and as the demo trains: Muon with the
+    video Q-Former's cross-attention keys and values on whitened frame features."""
     from vllama_jax.models import build_model
     from vllama_jax.models.groups import trained_groups
     from vllama_jax.train.config import OptimConfig
@@ -471,8 +493,10 @@ def test_feature_trainer_trains_both_branches_with_one_compiled_step(tiny_model)
              "audio_embeddings": rng.standard_normal((b, s, config.imagebind_audio.out_dim)).astype(np.float32),
              "with_audio": np.array([1, 0], np.int32), "input_ids": ids, "labels": labels,
              "attention_mask": np.ones_like(ids), "label_positions": label_positions(labels)}
-    optim = OptimConfig(init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-3, warmup_steps=1, iters_per_epoch=6, max_epoch=1)
-    trainer = FeatureTrainer(build_model(config), params, optim, flags, placeholder_id=ph)
+    optim = OptimConfig(init_lr=1e-3, min_lr=1e-4, warmup_lr=1e-3, warmup_steps=1, iters_per_epoch=6, max_epoch=1,
+                        optimizer=optimizer.split("_")[0])
+    whiten = {"frame_queries": batch["frame_queries"]} if optimizer == "muon_whitened" else None
+    trainer = FeatureTrainer(build_model(config), params, optim, flags, placeholder_id=ph, whiten=whiten)
     history = trainer.run([batch] * 6)
     assert trainer._step._cache_size() == 1
     assert history[-1]["loss"] < history[0]["loss"]
@@ -481,6 +505,28 @@ def test_feature_trainer_trains_both_branches_with_one_compiled_step(tiny_model)
     for g in ("video_qformer", "audio_qformer"):
         a, b_ = jax_leaves(trained[g]), jax_leaves(params[g])
         assert any(not np.array_equal(x, y) for x, y in zip(a, b_)), g
+
+
+def test_whitened_readers_are_the_cross_attention_keys_and_values_of_the_branch(tiny_model):
+    """``whitened_readers``: a cached feature's preconditioner goes to each cross-attention key and value kernel of
+    the Q-Former that reads it (every layer), nothing else; a feature whose reader is not trained is refused."""
+    from vllama_jax.train.features import whitened_readers
+    from vllama_jax.train.optimizer import whitening_preconditioner
+
+    config, params = tiny_model
+    rng = np.random.default_rng(0)
+    fq = rng.standard_normal((6, 2, config.qformer.num_query_tokens, config.qformer.hidden_size))
+    trainable = {g: params[g] for g in ("video_qformer", "video_query_tokens")}
+    pre = whitened_readers({"frame_queries": fq}, trainable, 1e-2)
+    layers = config.video_qformer.num_layers // config.video_qformer.cross_attention_freq
+    assert len(pre) == 2 * layers and all(k.startswith("video_qformer/") and k.split("/")[-3] == "crossattention"
+                                          and k.split("/")[-2] in ("key", "value") for k in pre), sorted(pre)
+    for v in pre.values():
+        np.testing.assert_array_equal(v, whitening_preconditioner(fq, 1e-2))
+    with pytest.raises(ValueError, match="audio_qformer"):
+        whitened_readers({"audio_embeddings": rng.standard_normal((6, 2, 4))}, trainable, 1e-2)
+    with pytest.raises(ValueError, match="unknown cached feature 'frames'"):
+        whitened_readers({"frames": fq}, trainable, 1e-2)
 
 
 def test_cached_feature_step_equals_the_uncached_step(tiny_model):
@@ -604,3 +650,16 @@ def jax_leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize("argv, flag", [(["--whiten-floor", "-1"], "--whiten-floor"),
+                                        (["--train-clips", "13"], "--train-clips"), (["--steps", "0"], "--steps")])
+def test_demo_cli_refuses_bad_settings_in_one_line(argv, flag, tmp_path, capsys, monkeypatch):
+    """A bad knob of ``vllama-jax demo`` is one ``error:`` line naming the flag and exit status 2, before any work."""
+    from vllama_jax.cli import main
+
+    monkeypatch.setenv("VLLAMA_JAX_CACHE_DIR", "off")
+    assert main(["demo", "--out", str(tmp_path / "out"), *argv]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error:") and flag in err[0], err
+    assert not (tmp_path / "out").exists()

@@ -29,6 +29,9 @@ def register(sub: Any) -> None:
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {d.lr:g})")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help=f"for the branches' 2-D kernels: muon or upstream's adamw (default {d.optimizer})")
+    p.add_argument("--whiten-floor", type=float, default=None,
+                   help="Muon trains the video Q-Former's cross-attention keys and values on whitened frame "
+                        f"features, this eigenvalue floor; 0: off; Muon only (default {d.whiten_floor:g})")
     p.add_argument("--frames", type=int, default=None, dest="num_frames",
                    help=f"frames per clip (default {d.num_frames})")
     p.add_argument("--no-export", action="store_true", help="do not write the trained model directory")
@@ -40,13 +43,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     s = Settings(out=args.out, seed=args.seed, export=not args.no_export)
     if args.fast:
         s = dataclasses.replace(s, **FAST)
-    for name in ("train_clips", "heldout_clips", "steps", "batch_size", "lr", "num_frames", "optimizer"):
+    for name in ("train_clips", "heldout_clips", "steps", "batch_size", "lr", "num_frames", "optimizer",
+                 "whiten_floor"):
         v = getattr(args, name)
         if v is not None:
             s = dataclasses.replace(s, **{name: v})
     for name in ("train_clips", "heldout_clips", "steps", "batch_size", "num_frames"):
         if getattr(s, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1")
+    if not s.whiten_floor >= 0:
+        raise UsageError(f"--whiten-floor must be >= 0, got {s.whiten_floor}")
     for name in ("train_clips", "heldout_clips"):
         if getattr(s, name) % BLOCK:
             raise UsageError(f"--{name.replace('_', '-')} must be a multiple of {BLOCK} (balanced attributes)")

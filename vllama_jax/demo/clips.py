@@ -172,7 +172,7 @@ def clip_spec(seed: int, index: int, cfg: ClipConfig = ClipConfig()) -> ClipSpec
     n = cfg.size
     size = int(rng.integers(round(cfg.radius[0] * n), round(cfg.radius[1] * n) + 1))
     travel = float(rng.uniform(*cfg.travel) * n)
-    margin = size + 2
+    margin = math.ceil(SHAPE_EXTENT * size) + 2  # every shape's pixels stay 2 px off the edges
     # the whole path stays in the frame: right-moving clips start in the left part, left-moving in the right part
     lo = margin + (travel if values["direction"] == "left" else 0.0)
     hi = n - margin - (travel if values["direction"] == "right" else 0.0)
@@ -184,19 +184,31 @@ def clip_spec(seed: int, index: int, cfg: ClipConfig = ClipConfig()) -> ClipSpec
 
 
 # ------------------------------------------------------------------------------------------------------ drawing
+#: the square's half-side and the triangle's half-base, in circle radii (``_mask``)
+SQUARE_HALF_SIDE = 1.1
+TRIANGLE_SCALE = 1.15
+#: how far any shape reaches from its centre, in radii: the margin a clip's path keeps from the frame's edges
+SHAPE_EXTENT = max(1.0, SQUARE_HALF_SIDE, TRIANGLE_SCALE)
+
+
 def _mask(shape: str, cx: float, cy: float, r: float, n: int) -> np.ndarray:
-    """The shape's pixels. The square is the one around the circle (half-side r): with half-side 0.9 r the two
-    covered nearly the same area (3.24 vs 3.14 r^2) and a linear reader of the random towers' outputs told them
-    apart at chance (1,200 clips: circle and square 50/50 either way, the triangle 100%); with half-side r the
-    areas are 4, 3.14 and 2.1 r^2 (triangle) and the same reader was right 90% of the time."""
+    """The shape's pixels. The square has half-side ``SQUARE_HALF_SIDE`` r, a little larger than the one around
+    the circle, so that the three shapes' areas step by about 1.5x (triangle 2.1 r^2, circle 3.14 r^2, square
+    4.84 r^2). With half-side 0.9 r the square covered nearly the circle's area (3.24 r^2) and a linear reader of
+    the random towers' outputs told the two apart at chance (1,200 clips: circle and square 50/50 either way, the
+    triangle 100%); with half-side r (4 r^2) the same reader was right 90% of the time and the trained demo's
+    misses were squares called circles. Ridge probe of the demo's frozen features, seed 0, 480 training clips and
+    720 held out (the path's margin then r + 2 px), held-out shape at half-side 1.0 / 1.1 / 1.2 r: 94.0 / 95.6 /
+    96.5% (query-averaged frames), 97.4 / 98.1 / 98.5% (all queries). 1.1 keeps the square within the triangle's
+    reach (1.15 r), which sets the margin of a clip's path (``SHAPE_EXTENT``)."""
     y, x = np.mgrid[0:n, 0:n].astype(np.float32) + 0.5
     if shape == "circle":
         return (x - cx) ** 2 + (y - cy) ** 2 <= r * r
     if shape == "square":
-        h = r
+        h = SQUARE_HALF_SIDE * r
         return (np.abs(x - cx) <= h) & (np.abs(y - cy) <= h)
     if shape == "triangle":  # pointing up, inscribed in the circle of radius r (a bit enlarged)
-        r = r * 1.15
+        r = r * TRIANGLE_SCALE
         top, bottom = cy - r, cy + 0.6 * r
         half = (y - top) / (bottom - top) * r  # half-width grows from the apex to the base
         return (y >= top) & (y <= bottom) & (np.abs(x - cx) <= half)
