@@ -113,7 +113,8 @@ class Settings:
     #: heads and no LLM (``bench/demo_probe.py``'s rows, seeds 0/1/2, 80 held-out clips): shape 84/80/86% ->
     #: 98/85/94% (floor 1e-3: 94% on seed 0; 1e-1: 86/88% on seeds 1/2; whitening within each query slot or
     #: the values only: 79-81% on seed 1). Through the LLM (48 held-out clips), seeds 1/2: 87.5/83.3% ->
-    #: 91.7/89.6%. Off with ``optimizer: adamw`` (the preconditioner wraps Muon's update)
+    #: 91.7/89.6% (those runs with the square of half-side r; on today's clips the probe's single seed-0 run reads
+    #: 96% without, 84% with: its runs spread by 10+ points). Off with ``optimizer: adamw`` (it wraps Muon's update)
     whiten_floor: float = 1e-2
     num_frames: int = 4
     #: training rows in the video-only flow (so the no-audio upload is familiar): with a quarter, held-out colour

@@ -172,7 +172,7 @@ def make_optimizer(o: OptimConfig, trainable: Mapping[str, Any],
     inputs it reads): Muon runs on the kernel as W = P V (``precondition_inputs`` around its orthogonalised
     update; the decay and the lr apply to W as without). An orthogonalised update moves every direction of the
     kernel's *output* alike, but what it learns per input direction still scales with that direction's variance;
-    with whitened inputs it does not (demo: held-out shape 83-88% -> see ``demo.run.Settings.whiten_floor``)."""
+    with whitened inputs it does not (``demo.run.Settings.whiten_floor``)."""
     lr = lr_schedule(o)
     adamw = optax.adamw(lr, b1=o.beta1, b2=o.beta2, eps=o.eps, weight_decay=o.weight_decay,
                         mask=decay_mask(trainable))
