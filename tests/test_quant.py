@@ -55,6 +55,44 @@ def test_kernel_matches_xla(rows, wdtype, transposed, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_int8_kernel_error_stays_within_the_activation_blocks_bound(rows, transposed):
+    """With int8 weights on a CPU with AVX-512 VNNI the kernel scales each 256-deep block of a row of x to 16 bits
+    (wmatmul.cc, `quantize_x`): the error of every output is at most sum over blocks of (block max |x| / 65278) *
+    sum |w| over the block, times the column scale, so one outlier costs precision only inside its own block. An
+    inf or NaN in a row gives that row IEEE results (the float path) and leaves the others exact."""
+    rng = np.random.default_rng(rows)
+    k, n = 1030, 136  # 4 full blocks + a short one; K % 4 and N % 64 tails
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[:, 256:] *= 1e-3  # small activations after an outlier in the first block: one scale for the whole row
+    x[0, 5] = 3.0e3     # (16 bits of 3e3) would round all of them to zero
+    w = np.clip(np.rint(rng.standard_normal((n, k) if transposed else (k, n)) * 40), -127, 127).astype(np.int8)
+    scale = rng.uniform(0.5, 2.0, n).astype(np.float32) / 40
+    f = jax.jit(lambda x, w, s: kernels.wmatmul(x, w, s, nk=transposed))
+    got = np.asarray(f(x, jnp.asarray(w), scale), np.float64)
+    want = _xla_reference(x, w, scale, transposed)
+    wkn = np.abs(w.T if transposed else w).astype(np.float64)  # (k, n)
+    bound = np.zeros_like(want)
+    for b0 in range(0, k, 256):
+        amax = np.abs(x[:, b0:b0 + 256]).max(axis=1, keepdims=True).astype(np.float64)
+        bound += amax / 65278 * wkn[b0:b0 + 256].sum(axis=0)[None]
+    bound = bound * scale[None] + 1e-6 * np.abs(want) + 1e-5
+    assert np.all(np.abs(got - want) <= bound), np.max(np.abs(got - want) / bound)
+    # the outlier's block against zero weights: what is left comes from the small activations, which keep their
+    # precision (one scale for the whole row would round them all to zero)
+    w0 = w.copy()
+    (w0[:, :256] if transposed else w0[:256]).fill(0)
+    got = np.asarray(f(x, jnp.asarray(w0), scale), np.float64)
+    want0 = _xla_reference(x, w0, scale, transposed)
+    np.testing.assert_allclose(got, want0, rtol=1e-3, atol=1e-4 * np.abs(want0).max())
+    x[0, 7] = np.nan
+    got = np.asarray(f(x, jnp.asarray(w), scale), np.float64)
+    assert np.all(np.isnan(got[0]))
+    np.testing.assert_array_less(np.abs(got[1:] - want[1:]), bound[1:])
+
+
+@needs_kernel
 def test_kernel_gradient_matches_xla():
     """The kernel's custom VJP (XLA backward) equals the gradient of the plain float32 product."""
     rng = np.random.default_rng(0)

@@ -14,11 +14,14 @@
 // the stack and ran at 6 GFLOP/s against XLA's 140).
 
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
@@ -223,6 +226,198 @@ static void block_nk(const float* x, const W* w, const float* scale, float* y, i
   }
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define VLLAMA_VNNI 1
+// int8 weights by VNNI: vpdpbusd multiplies 64 unsigned by 64 signed bytes and adds them in fours into 16 int32
+// lanes, one instruction for what the widening path does in 12 (sign-extend, convert, multiply-add, four times), so
+// a decode step reads int8 weights at memory speed instead of at the speed of their conversion to float32.
+// x is not rounded to int8: each row's 256-deep block b of K is scaled to 16 bits, x ~ sx[b] (256 hi + lo) with hi
+// and lo int8, and the two halves take one instruction each (error <= sx / 2 = max |x in the block| / 65278, well
+// below the weights' own int8 rounding; an outlier costs precision only inside its block). The weights are the
+// unsigned operand: w ^ 0x80 = w + 128, so every sum carries 128 * (sum of hi or lo over its terms), taken off in
+// int32 (exact) before anything is converted.
+constexpr int64_t QB = 256;   // rows of K per activation scale
+constexpr int32_t QMAX = 32639;  // hi = (v + 128) >> 8 and lo = v - 256 hi stay in [-128, 127] for |v| <= QMAX
+
+struct QuantX {
+  int64_t K = 0, KP = 0, blocks = 0, kvec = 0;  // kvec: rows of K done by VNNI (the rest in float32)
+  std::vector<int8_t> hi, lo;                   // (M, KP), zero beyond K
+  std::vector<float> sx;                        // (M, blocks)
+  std::vector<int32_t> ch, cl;                  // (M, blocks, 16): 128 * the sums of hi / lo each int32 lane meets
+};
+
+// Quantizes x (M, K) for rows [0, kvec) of K; false if x holds inf or NaN (the float path then keeps IEEE results).
+// The lane corrections follow the (N, K) table's layout (lane j of a 64-byte step meets k % 64 in [4j, 4j + 4));
+// the (K, N) path broadcasts 4 k at a time to every lane, so it uses their sum over the lanes.
+static bool quantize_x(const float* x, int64_t M, int64_t K, int64_t kvec, QuantX& q) {
+  q.K = K; q.kvec = kvec; q.KP = (K + 63) / 64 * 64; q.blocks = (K + QB - 1) / QB;
+  q.hi.assign(M * q.KP, 0); q.lo.assign(M * q.KP, 0); q.sx.assign(M * q.blocks, 0.f);
+  q.ch.assign(M * q.blocks * 16, 0); q.cl.assign(M * q.blocks * 16, 0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t b = 0; b < q.blocks; ++b) {
+      int64_t k0 = b * QB, k1 = std::min(kvec, k0 + QB);
+      float amax = 0.f;
+      for (int64_t k = k0; k < std::min(K, k0 + QB); ++k) {
+        float a = std::fabs(x[m * K + k]);
+        if (!(a <= 3.0e38f)) return false;
+        amax = std::max(amax, a);
+      }
+      if (amax == 0.f || k0 >= k1) continue;
+      q.sx[m * q.blocks + b] = amax / QMAX;
+      float inv = QMAX / amax;
+      int32_t* ch = q.ch.data() + (m * q.blocks + b) * 16;
+      int32_t* cl = q.cl.data() + (m * q.blocks + b) * 16;
+      for (int64_t k = k0; k < k1; ++k) {
+        int32_t v = std::min<int32_t>(QMAX, std::max<int32_t>(-QMAX, int32_t(std::lrint(x[m * K + k] * inv))));
+        int32_t h = (v + 128) >> 8, l = v - 256 * h;
+        q.hi[m * q.KP + k] = int8_t(h);
+        q.lo[m * q.KP + k] = int8_t(l);
+        ch[(k % 64) / 4] += 128 * h;
+        cl[(k % 64) / 4] += 128 * l;
+      }
+    }
+  return true;
+}
+
+static inline __m512i load512(const void* p) { return _mm512_loadu_si512(p); }
+static inline int32_t load4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return v; }
+static inline int32_t lane_total(const int32_t* c) {
+  int32_t t = 0;
+  for (int j = 0; j < 16; ++j) t += c[j];
+  return t;
+}
+
+// Where column o of a 64-column step sits among the accumulators after the 4 x 4 byte transpose below: the
+// vector i of the four holds, in its 128-bit lane L, columns 16 L + 4 i .. + 3 (the permutation is its own inverse).
+static inline int64_t vnni_slot(int64_t j) { int64_t o = j & 63; return (j & ~int64_t(63)) | ((o >> 2) & 3) << 4 | (o >> 4) << 2 | (o & 3); }
+
+// Groups of 4 rows of W taken per pass over the columns: the accumulators are loaded and stored once per pass.
+// While a pass reads its rows, the same columns of the next pass's rows are prefetched into L2: with N = 4096 each
+// row is one 4 KB page, where the hardware prefetchers start over every 64 lines (LLaMA-7B's int8 4096 x 4096
+// projections, A/B in one process on a 2-core AMD EPYC: 41-44 GB/s without, 45-50 with; the rest within noise).
+constexpr int VG = 2;
+// 4 G rows of W (from r0, row stride N) into the int32 accumulators ih / il (M x wv, slot order): every 64-column
+// step loads the accumulators once for its G groups of 4 rows (each a 4 x 4 byte transpose into 4 vectors).
+template <int G>
+static inline void vnni_rows(const QuantX& q, const int8_t* r0, int64_t N, int64_t k, int64_t wv, int64_t M,
+                             int32_t* ih, int32_t* il) {
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  for (int64_t c = 0; c < wv; c += 64) {
+    __m512i t[G][4];
+    for (int g = 0; g < G; ++g) {
+      const int8_t* r = r0 + 4 * g * N + c;
+      for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(r + (i + 4 * G) * N), _MM_HINT_T1);
+      __m512i a0 = _mm512_xor_si512(load512(r), flip), a1 = _mm512_xor_si512(load512(r + N), flip);
+      __m512i a2 = _mm512_xor_si512(load512(r + 2 * N), flip), a3 = _mm512_xor_si512(load512(r + 3 * N), flip);
+      __m512i p01 = _mm512_unpacklo_epi8(a0, a1), q01 = _mm512_unpackhi_epi8(a0, a1);
+      __m512i p23 = _mm512_unpacklo_epi8(a2, a3), q23 = _mm512_unpackhi_epi8(a2, a3);
+      t[g][0] = _mm512_unpacklo_epi16(p01, p23); t[g][1] = _mm512_unpackhi_epi16(p01, p23);
+      t[g][2] = _mm512_unpacklo_epi16(q01, q23); t[g][3] = _mm512_unpackhi_epi16(q01, q23);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      int32_t* ph = ih + m * wv + c;
+      int32_t* pl = il + m * wv + c;
+      __m512i h[4], l[4];
+      for (int i = 0; i < 4; ++i) { h[i] = load512(ph + 16 * i); l[i] = load512(pl + 16 * i); }
+      for (int g = 0; g < G; ++g) {
+        __m512i bh = _mm512_set1_epi32(load4(q.hi.data() + m * q.KP + k + 4 * g));
+        __m512i bl = _mm512_set1_epi32(load4(q.lo.data() + m * q.KP + k + 4 * g));
+        for (int i = 0; i < 4; ++i) {
+          h[i] = _mm512_dpbusd_epi32(h[i], t[g][i], bh);
+          l[i] = _mm512_dpbusd_epi32(l[i], t[g][i], bl);
+        }
+      }
+      for (int i = 0; i < 4; ++i) { _mm512_storeu_si512(ph + 16 * i, h[i]); _mm512_storeu_si512(pl + 16 * i, l[i]); }
+    }
+  }
+}
+
+// (K, N) int8 weights, rows [k0, k1) (k0 a multiple of QB) and columns [n0, n1): stream_kn's contract (every
+// weight byte read once, whole rows at a time, the sums to out, times scale when given), by VNNI.
+static void stream_kn_vnni(const QuantX& q, const float* x, const int8_t* w, const float* scale, float* out,
+                           int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+  int64_t width = n1 - n0, wv = width - width % 64;
+  thread_local std::vector<int32_t> ibuf;
+  thread_local std::vector<float> fbuf;
+  ibuf.resize(2 * M * wv + 16);
+  fbuf.assign(M * width, 0.f);
+  int32_t* ih = ibuf.data();
+  int32_t* il = ih + M * wv;
+  float* fa = fbuf.data();
+  for (int64_t b = k0 / QB; b * QB < k1; ++b) {
+    int64_t kb0 = std::max(k0, b * QB), kb1 = std::min({k1, (b + 1) * QB, q.kvec});
+    if (kb0 >= kb1) break;
+    std::memset(ih, 0, sizeof(int32_t) * 2 * M * wv);
+    int64_t k = kb0;
+    for (; k + 4 * VG <= kb1; k += 4 * VG) vnni_rows<VG>(q, w + k * N + n0, N, k, wv, M, ih, il);
+    for (; k < kb1; k += 4) vnni_rows<1>(q, w + k * N + n0, N, k, wv, M, ih, il);
+    for (int64_t m = 0; m < M; ++m) {
+      const int32_t* chm = q.ch.data() + (m * q.blocks + b) * 16;
+      const int32_t* clm = q.cl.data() + (m * q.blocks + b) * 16;
+      // the rows [kb0, kb1) of a range are the whole block's vector rows (ranges start at block boundaries)
+      __m512i ch = _mm512_set1_epi32(lane_total(chm)), cl = _mm512_set1_epi32(lane_total(clm));
+      __m512 s = _mm512_set1_ps(q.sx[m * q.blocks + b]), two8 = _mm512_set1_ps(256.f);
+      for (int64_t c = 0; c < wv; c += 16) {
+        __m512 h = _mm512_cvtepi32_ps(_mm512_sub_epi32(load512(ih + m * wv + c), ch));
+        __m512 l = _mm512_cvtepi32_ps(_mm512_sub_epi32(load512(il + m * wv + c), cl));
+        __m512 f = _mm512_loadu_ps(fa + m * width + c);
+        _mm512_storeu_ps(fa + m * width + c, _mm512_fmadd_ps(_mm512_fmadd_ps(h, two8, l), s, f));
+      }
+    }
+  }
+  // rows past the vector ones (K % 4) for every column, and the ragged columns (width % 64) for every row: float32
+  for (int64_t k = std::max(k0, q.kvec); k < k1; ++k)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < wv; ++j) fa[m * width + vnni_slot(j)] += x[m * K + k] * float(w[k * N + n0 + j]);
+  for (int64_t k = k0; k < k1; ++k)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = wv; j < width; ++j) fa[m * width + j] += x[m * K + k] * float(w[k * N + n0 + j]);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < width; ++j) {
+      float v = fa[m * width + (j < wv ? vnni_slot(j) : j)];
+      out[m * N + n0 + j] = scale ? v * scale[n0 + j] : v;
+    }
+}
+
+// (N, K) int8 table, rows n of block `block`: block_nk's contract by VNNI (K's rows past q.kvec in float32).
+static void block_nk_vnni(const QuantX& q, const float* x, const int8_t* w, const float* scale, float* y,
+                          int64_t M, int64_t K, int64_t N, int64_t block) {
+  int64_t n1 = std::min<int64_t>(N, (block + 1) * NB);
+  const __m512i flip = _mm512_set1_epi8(char(0x80));
+  const __m512 two8 = _mm512_set1_ps(256.f);
+  for (int64_t n = block * NB; n < n1; ++n) {
+    const int8_t* row = w + n * K;
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+      int R = int(std::min<int64_t>(MR, M - m0));
+      __m512 fa[MR];
+      for (int r = 0; r < MR; ++r) fa[r] = _mm512_setzero_ps();
+      for (int64_t b = 0; b * QB < q.kvec; ++b) {
+        __m512i ih[MR], il[MR];
+        for (int r = 0; r < MR; ++r) ih[r] = il[r] = _mm512_setzero_si512();
+        for (int64_t k = b * QB; k < std::min(q.kvec, (b + 1) * QB); k += 64) {
+          __m512i wv = _mm512_xor_si512(load512(row + k), flip);
+          for (int r = 0; r < R; ++r) {
+            ih[r] = _mm512_dpbusd_epi32(ih[r], wv, load512(q.hi.data() + (m0 + r) * q.KP + k));
+            il[r] = _mm512_dpbusd_epi32(il[r], wv, load512(q.lo.data() + (m0 + r) * q.KP + k));
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          int64_t mb = (m0 + r) * q.blocks + b;
+          __m512 h = _mm512_cvtepi32_ps(_mm512_sub_epi32(ih[r], load512(q.ch.data() + mb * 16)));
+          __m512 l = _mm512_cvtepi32_ps(_mm512_sub_epi32(il[r], load512(q.cl.data() + mb * 16)));
+          fa[r] = _mm512_fmadd_ps(_mm512_fmadd_ps(h, two8, l), _mm512_set1_ps(q.sx[mb]), fa[r]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        float t = _mm512_reduce_add_ps(fa[r]);
+        for (int64_t k = q.kvec; k < K; ++k) t += x[(m0 + r) * K + k] * float(row[k]);
+        y[(m0 + r) * N + n] = scale ? t * scale[n] : t;
+      }
+    }
+  }
+}
+#endif
+
 // Blocks are claimed from one atomic counter by the caller and by helpers on XLA's pool; the caller waits only
 // for blocks already claimed, so a helper that starts late (pool busy) finds nothing to do and never stalls it.
 struct Work {
@@ -248,42 +443,66 @@ static void run_blocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
   while (work->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
 }
 
+// The split of a decode step (M <= SMALL_M rows of x) over XLA's pool: blocks as wide as the accumulators allow
+// (whole rows of W at batch 1: long contiguous reads, which the hardware prefetchers follow; 2048-column slices of
+// rows 22 KB apart ran at half the copy bandwidth), and the rows split into ranges (multiples of `align` rows) so
+// that every thread has two blocks; the ranges' partial sums are added after. fn(out, scale, n0, n1, k0, k1)
+// streams one block into out (row stride N), times scale when it is given.
+template <typename Fn>
+static void stream_split(ffi::ThreadPool& pool, int64_t M, int64_t K, int64_t N, int64_t align, int64_t acc,
+                         const float* scale, float* y, Fn fn) {
+  int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  int64_t width = std::min<int64_t>(N, std::max<int64_t>(64, acc / M / 64 * 64));
+  int64_t col_blocks = (N + width - 1) / width;
+  int64_t row_blocks = std::min<int64_t>(std::max<int64_t>(1, (2 * threads + col_blocks - 1) / col_blocks),
+                                         std::max<int64_t>(1, K / 64));
+  int64_t rows = (K + row_blocks - 1) / row_blocks;
+  rows = (rows + align - 1) / align * align;
+  row_blocks = (K + rows - 1) / rows;
+  if (row_blocks == 1) {
+    run_blocks(pool, col_blocks, [=](int64_t b) { fn(y, scale, b * width, std::min(N, (b + 1) * width), 0, K); });
+    return;
+  }
+  std::unique_ptr<float[]> part(new float[row_blocks * M * N]);
+  float* pp = part.get();
+  run_blocks(pool, row_blocks * col_blocks, [=](int64_t b) {
+    int64_t r = b / col_blocks, c = b % col_blocks;
+    fn(pp + r * M * N, nullptr, c * width, std::min(N, (c + 1) * width), r * rows, std::min(K, (r + 1) * rows));
+  });
+  for (int64_t i = 0; i < M * N; ++i) {
+    float t = 0.f;
+    for (int64_t r = 0; r < row_blocks; ++r) t += pp[r * M * N + i];
+    y[i] = scale ? t * scale[i % N] : t;
+  }
+}
+
 template <typename W>
 static void dispatch(ffi::ThreadPool& pool, const float* x, const void* wv, const float* scale, float* y, int64_t M,
                      int64_t K, int64_t N, bool nk) {
   const W* w = static_cast<const W*>(wv);
-  if (nk) {
-    run_blocks(pool, (N + NB - 1) / NB, [=](int64_t b) { block_nk<W>(x, w, scale, y, M, K, N, b); });
-  } else if (M <= SMALL_M) {
-    // Blocks as wide as the accumulators allow (whole rows of W at batch 1: long contiguous reads, which the
-    // hardware prefetchers follow; 2048-column slices of rows 22 KB apart ran at half the copy bandwidth), and
-    // the rows split into ranges so that every thread has two blocks; the ranges' partial sums are added after.
-    int64_t threads = std::max<int64_t>(1, pool.num_threads());
-    int64_t width = std::min<int64_t>(N, std::max<int64_t>(L, ACC / M / L * L));
-    int64_t col_blocks = (N + width - 1) / width;
-    int64_t row_blocks = std::min<int64_t>(std::max<int64_t>(1, (2 * threads + col_blocks - 1) / col_blocks),
-                                           std::max<int64_t>(1, K / 64));
-    int64_t rows = (K + row_blocks - 1) / row_blocks;
-    rows = (rows + 3) / 4 * 4;
-    row_blocks = (K + rows - 1) / rows;
-    if (row_blocks == 1) {
-      run_blocks(pool, col_blocks, [=](int64_t b) {
-        stream_kn<W>(x, w, scale, y, M, K, N, b * width, std::min(N, (b + 1) * width), 0, K);
+#ifdef VLLAMA_VNNI
+  if constexpr (std::is_same_v<W, int8_t>) {
+    QuantX q;
+    if (nk && K >= 64 && quantize_x(x, M, K, K / 64 * 64, q)) {
+      const QuantX* qp = &q;
+      run_blocks(pool, (N + NB - 1) / NB, [=](int64_t b) { block_nk_vnni(*qp, x, w, scale, y, M, K, N, b); });
+      return;
+    }
+    if (!nk && M <= SMALL_M && K >= 4 && N >= 64 && quantize_x(x, M, K, K / 4 * 4, q)) {
+      const QuantX* qp = &q;
+      stream_split(pool, M, K, N, QB, ACC, scale, y, [=](float* out, const float* s, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+        stream_kn_vnni(*qp, x, w, s, out, M, K, N, n0, n1, k0, k1);
       });
       return;
     }
-    std::unique_ptr<float[]> part(new float[row_blocks * M * N]);
-    float* pp = part.get();
-    run_blocks(pool, row_blocks * col_blocks, [=](int64_t b) {
-      int64_t r = b / col_blocks, c = b % col_blocks;
-      stream_kn<W>(x, w, nullptr, pp + r * M * N, M, K, N, c * width, std::min(N, (c + 1) * width), r * rows,
-                   std::min(K, (r + 1) * rows));
+  }
+#endif
+  if (nk) {
+    run_blocks(pool, (N + NB - 1) / NB, [=](int64_t b) { block_nk<W>(x, w, scale, y, M, K, N, b); });
+  } else if (M <= SMALL_M) {
+    stream_split(pool, M, K, N, 4, ACC, scale, y, [=](float* out, const float* s, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+      stream_kn<W>(x, w, s, out, M, K, N, n0, n1, k0, k1);
     });
-    for (int64_t i = 0; i < M * N; ++i) {
-      float t = 0.f;
-      for (int64_t r = 0; r < row_blocks; ++r) t += pp[r * M * N + i];
-      y[i] = scale ? t * scale[i % N] : t;
-    }
   } else {
     // Full 64-column blocks through the panel path, the ragged rest streamed in SMALL_M-row slices.
     int64_t full = N / NB;
