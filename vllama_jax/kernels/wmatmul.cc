@@ -104,10 +104,16 @@ constexpr int MR = 4;        // rows of x per tile of the (N, K) table path
 constexpr int KC = 256;      // rows of W per converted panel (KC x NB f32 = 64 KiB: stays in L2)
 constexpr int SMALL_M = 16;  // up to this many rows of x: stream W once, row by row (decode)
 
-// Few rows of x (decode): rows [k0, k1) and columns [n0, n1) of W (K, N) streamed row by row, 4 rows of W at a
+// Few rows of x (decode): rows [k0, k1) and columns [n0, n1) of W (K, N) streamed row by row, 8 rows of W at a
 // time; every weight byte is read once. The M x width accumulators (at most ACC floats) stay in L1/L2. The sums go
 // to out (row stride N), times the column scale when one is given.
 constexpr int64_t ACC = 32768;
+// A streaming pass prefetches the rows of the next pass into L2 when a pass spans at most this many bytes of W (the
+// lines then wait there until used; with 256 KB passes, a 32000-column bf16 head read slower with them). A/B in one
+// process on the 2-core AMD EPYC, LLaMA-7B's shapes at batch 1: bf16 4096 x 4096 read at 49 GB/s with the 8-row
+// pass and the prefetch, 43 without the prefetch, 32 with the earlier 4-row pass (the machine's memory speed
+// varies by the minute: compare within a run).
+constexpr int64_t PREFETCH_PASS_BYTES = 128 << 10;
 template <typename W>
 static void stream_kn(const float* x, const W* w, const float* scale, float* out, int64_t M, int64_t K, int64_t N,
                       int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
@@ -115,6 +121,32 @@ static void stream_kn(const float* x, const W* w, const float* scale, float* out
   float acc[ACC] __attribute__((aligned(64)));
   std::memset(acc, 0, sizeof(float) * M * width);
   int64_t k = k0;
+  // 8 rows of W per pass over the columns (the accumulators loaded and stored once for them), the next pass's rows
+  // prefetched into L2 as for the int8 path below
+  const bool prefetch = 8 * width * int64_t(sizeof(W)) <= PREFETCH_PASS_BYTES;
+  for (; k + 8 <= k1; k += 8) {
+    const W* r0 = w + k * N + n0;
+    for (int64_t j = 0; j < wl; j += L) {
+      vf a[8];
+      for (int i = 0; i < 8; ++i) {
+        a[i] = loadv(r0 + i * N + j);
+        if (prefetch) __builtin_prefetch(r0 + (i + 8) * N + j, 0, 2);
+      }
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xm = x + m * K + k;
+        vf t = loadv(acc + m * width + j);
+        t += (xm[0] * a[0] + xm[1] * a[1]) + (xm[2] * a[2] + xm[3] * a[3]) + (xm[4] * a[4] + xm[5] * a[5]) +
+             (xm[6] * a[6] + xm[7] * a[7]);
+        storev(acc + m * width + j, t);
+      }
+    }
+    for (int64_t j = wl; j < width; ++j)
+      for (int64_t m = 0; m < M; ++m) {
+        float t = 0.f;
+        for (int i = 0; i < 8; ++i) t += x[m * K + k + i] * load1(r0 + i * N + j);
+        acc[m * width + j] += t;
+      }
+  }
   for (; k + 4 <= k1; k += 4) {
     const W* r0 = w + k * N + n0;
     const W* r1 = r0 + N;
@@ -256,22 +288,55 @@ static bool quantize_x(const float* x, int64_t M, int64_t K, int64_t kvec, Quant
   for (int64_t m = 0; m < M; ++m)
     for (int64_t b = 0; b < q.blocks; ++b) {
       int64_t k0 = b * QB, k1 = std::min(kvec, k0 + QB);
-      float amax = 0.f;
-      for (int64_t k = k0; k < std::min(K, k0 + QB); ++k) {
-        float a = std::fabs(x[m * K + k]);
+      int64_t ke = std::min(K, k0 + QB), k = k0;
+      const float* xm = x + m * K;
+      __m512 vmax = _mm512_setzero_ps();
+      __mmask16 bad = 0;
+      for (; k + 16 <= ke; k += 16) {
+        __m512 a = _mm512_abs_ps(_mm512_loadu_ps(xm + k));
+        bad |= _mm512_cmp_ps_mask(a, _mm512_set1_ps(3.0e38f), _CMP_NLE_UQ);  // inf, NaN
+        vmax = _mm512_max_ps(vmax, a);
+      }
+      float amax = _mm512_reduce_max_ps(vmax);
+      for (; k < ke; ++k) {
+        float a = std::fabs(xm[k]);
         if (!(a <= 3.0e38f)) return false;
         amax = std::max(amax, a);
       }
+      if (bad) return false;
       if (amax == 0.f || k0 >= k1) continue;
       q.sx[m * q.blocks + b] = amax / QMAX;
       float inv = QMAX / amax;
       int32_t* ch = q.ch.data() + (m * q.blocks + b) * 16;
       int32_t* cl = q.cl.data() + (m * q.blocks + b) * 16;
-      for (int64_t k = k0; k < k1; ++k) {
-        int32_t v = std::min<int32_t>(QMAX, std::max<int32_t>(-QMAX, int32_t(std::lrint(x[m * K + k] * inv))));
+      int8_t* hi = q.hi.data() + m * q.KP;
+      int8_t* lo = q.lo.data() + m * q.KP;
+      // 16 k at a time (k0 is a multiple of 64, so the vector c of a 64-byte step is k % 64 / 16)
+      __m512i hs[4] = {}, ls[4] = {};
+      const __m512 vinv = _mm512_set1_ps(inv);
+      const __m512i qmax = _mm512_set1_epi32(QMAX), qmin = _mm512_set1_epi32(-QMAX), c128 = _mm512_set1_epi32(128);
+      for (k = k0; k + 16 <= k1; k += 16) {
+        __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xm + k), vinv));  // round to nearest even
+        v = _mm512_min_epi32(qmax, _mm512_max_epi32(qmin, v));
+        __m512i h = _mm512_srai_epi32(_mm512_add_epi32(v, c128), 8);
+        __m512i l = _mm512_sub_epi32(v, _mm512_slli_epi32(h, 8));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + k), _mm512_cvtepi32_epi8(h));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + k), _mm512_cvtepi32_epi8(l));
+        int c = int((k % 64) / 16);
+        hs[c] = _mm512_add_epi32(hs[c], h);
+        ls[c] = _mm512_add_epi32(ls[c], l);
+      }
+      for (int c = 0; c < 4; ++c) {
+        alignas(64) int32_t th[16], tl[16];
+        _mm512_store_si512(th, hs[c]);
+        _mm512_store_si512(tl, ls[c]);
+        for (int j = 0; j < 16; ++j) { ch[4 * c + j / 4] += 128 * th[j]; cl[4 * c + j / 4] += 128 * tl[j]; }
+      }
+      for (; k < k1; ++k) {
+        int32_t v = std::min<int32_t>(QMAX, std::max<int32_t>(-QMAX, int32_t(std::nearbyint(xm[k] * inv))));
         int32_t h = (v + 128) >> 8, l = v - 256 * h;
-        q.hi[m * q.KP + k] = int8_t(h);
-        q.lo[m * q.KP + k] = int8_t(l);
+        hi[k] = int8_t(h);
+        lo[k] = int8_t(l);
         ch[(k % 64) / 4] += 128 * h;
         cl[(k % 64) / 4] += 128 * l;
       }
@@ -292,21 +357,21 @@ static inline int32_t lane_total(const int32_t* c) {
 static inline int64_t vnni_slot(int64_t j) { int64_t o = j & 63; return (j & ~int64_t(63)) | ((o >> 2) & 3) << 4 | (o >> 4) << 2 | (o & 3); }
 
 // Groups of 4 rows of W taken per pass over the columns: the accumulators are loaded and stored once per pass.
-// While a pass reads its rows, the same columns of the next pass's rows are prefetched into L2: with N = 4096 each
-// row is one 4 KB page, where the hardware prefetchers start over every 64 lines (LLaMA-7B's int8 4096 x 4096
-// projections, A/B in one process on a 2-core AMD EPYC: 41-44 GB/s without, 45-50 with; the rest within noise).
+// While a pass reads its rows, the same columns of the next pass's rows are prefetched into L2 (PREFETCH_PASS_BYTES):
+// with N = 4096 each row is one 4 KB page, where the hardware prefetchers start over every 64 lines (LLaMA-7B's int8
+// 4096 x 4096 projections, A/B in one process: 41-44 GB/s without, 45-50 with; the other shapes within noise).
 constexpr int VG = 2;
 // 4 G rows of W (from r0, row stride N) into the int32 accumulators ih / il (M x wv, slot order): every 64-column
 // step loads the accumulators once for its G groups of 4 rows (each a 4 x 4 byte transpose into 4 vectors).
 template <int G>
 static inline void vnni_rows(const QuantX& q, const int8_t* r0, int64_t N, int64_t k, int64_t wv, int64_t M,
-                             int32_t* ih, int32_t* il) {
+                             int32_t* ih, int32_t* il, bool prefetch) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   for (int64_t c = 0; c < wv; c += 64) {
     __m512i t[G][4];
     for (int g = 0; g < G; ++g) {
       const int8_t* r = r0 + 4 * g * N + c;
-      for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(r + (i + 4 * G) * N), _MM_HINT_T1);
+      if (prefetch) for (int i = 0; i < 4; ++i) __builtin_prefetch(r + (i + 4 * G) * N, 0, 2);  // into L2
       __m512i a0 = _mm512_xor_si512(load512(r), flip), a1 = _mm512_xor_si512(load512(r + N), flip);
       __m512i a2 = _mm512_xor_si512(load512(r + 2 * N), flip), a3 = _mm512_xor_si512(load512(r + 3 * N), flip);
       __m512i p01 = _mm512_unpacklo_epi8(a0, a1), q01 = _mm512_unpackhi_epi8(a0, a1);
@@ -344,13 +409,14 @@ static void stream_kn_vnni(const QuantX& q, const float* x, const int8_t* w, con
   int32_t* ih = ibuf.data();
   int32_t* il = ih + M * wv;
   float* fa = fbuf.data();
+  const bool prefetch = 4 * VG * width <= PREFETCH_PASS_BYTES;
   for (int64_t b = k0 / QB; b * QB < k1; ++b) {
     int64_t kb0 = std::max(k0, b * QB), kb1 = std::min({k1, (b + 1) * QB, q.kvec});
     if (kb0 >= kb1) break;
     std::memset(ih, 0, sizeof(int32_t) * 2 * M * wv);
     int64_t k = kb0;
-    for (; k + 4 * VG <= kb1; k += 4 * VG) vnni_rows<VG>(q, w + k * N + n0, N, k, wv, M, ih, il);
-    for (; k < kb1; k += 4) vnni_rows<1>(q, w + k * N + n0, N, k, wv, M, ih, il);
+    for (; k + 4 * VG <= kb1; k += 4 * VG) vnni_rows<VG>(q, w + k * N + n0, N, k, wv, M, ih, il, prefetch);
+    for (; k < kb1; k += 4) vnni_rows<1>(q, w + k * N + n0, N, k, wv, M, ih, il, false);
     for (int64_t m = 0; m < M; ++m) {
       const int32_t* chm = q.ch.data() + (m * q.blocks + b) * 16;
       const int32_t* clm = q.cl.data() + (m * q.blocks + b) * 16;
