@@ -83,6 +83,16 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> tuple[float, fl
     return 2 * nbytes / best_np, 2 * nbytes / best_jax
 
 
+def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
+    """Best rate in bytes/s at which a jitted sum reads a float32 array that the caches cannot hold: what a decode
+    step, which only reads its weights, can reach at most (on this 2-core VM ~40-48 GB/s while the copy bound,
+    read + write counted, says 60-68)."""
+    x = jnp.full((nbytes // 4,), 0.5, jnp.float32)
+    f = jax.jit(jnp.sum)
+    f(x).block_until_ready()
+    return nbytes / min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()

@@ -380,10 +380,11 @@ def phase_convert(a: Mapping[str, Any]) -> dict[str, Any]:
 
 def phase_bandwidth(a: Mapping[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(ROOT / "bench"))
-    from generate import copy_bandwidth
+    from generate import copy_bandwidth, read_bandwidth
 
     bw_np, bw_jax = copy_bandwidth()
-    return {"copy_gb_s": max(bw_np, bw_jax) / 1e9, "numpy_gb_s": bw_np / 1e9, "jax_gb_s": bw_jax / 1e9}
+    return {"copy_gb_s": max(bw_np, bw_jax) / 1e9, "numpy_gb_s": bw_np / 1e9, "jax_gb_s": bw_jax / 1e9,
+            "read_gb_s": read_bandwidth() / 1e9}
 
 
 def _load(a: Mapping[str, Any]) -> Any:
@@ -565,6 +566,9 @@ def main() -> None:
                 if bw.get("copy_gb_s") and r.get("llm_weight_gb"):
                     r["decode_bound_tok_s"] = bw["copy_gb_s"] / r["llm_weight_gb"]
                     r["decode_of_bound"] = r["decode_tok_s"] / r["decode_bound_tok_s"]
+                if bw.get("read_gb_s") and r.get("llm_weight_gb"):
+                    # what a plain read of the weights would allow: the ceiling a decode step actually has
+                    r["decode_of_read_bound"] = r["decode_tok_s"] * r["llm_weight_gb"] / bw["read_gb_s"]
             r["targets"] = check_targets(v, r)
             r["load_average"] = _load_average()
             report(v, r)

@@ -172,6 +172,37 @@ def test_which_matmuls_take_the_cpu_kernel():
         assert not layers._use_cpu_kernel(bf16, 4, f32)
 
 
+@needs_kernel
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("hkv,group,lq", [(4, 1, 1), (2, 3, 1), (4, 1, 2)])
+def test_decode_attention_reads_the_kv_cache_through_the_kernel(cache_dtype, hkv, group, lq):
+    """A decode step's attention over the (B, Hkv, S, Dh) cache: with the CPU kernel (batched over the heads: q K^T
+    with each head's keys as an (N, K) table, then probs V) it equals XLA's einsums, and the compiled program has
+    the kernel's calls and no float32 copy of a bf16 cache; a prefill's rows (> SMALL_M) keep XLA's dot."""
+    rng = np.random.default_rng(hkv + group + lq)
+    b, s, dh = 2, 40, 16
+    dt = jnp.dtype(cache_dtype)
+    q = jnp.asarray(rng.standard_normal((b, lq, hkv * group, dh)), dt)
+    k = jnp.asarray(rng.standard_normal((b, hkv, s, dh)), dt)
+    v = jnp.asarray(rng.standard_normal((b, hkv, s, dh)), dt)
+    bias = jnp.asarray(np.where(rng.random((b, 1, lq, s)) < 0.2, -1e9, 0.0), jnp.float32)
+    attend = lambda q, k, v, bias: layers.dot_product_attention(q, k, v, bias, kv_heads_first=True)  # noqa: E731
+    with kernels.cpu_kernels(True):
+        fn = jax.jit(attend)
+        got = np.asarray(fn(q, k, v, bias), np.float32)
+        hlo = fn.lower(q, k, v, bias).compile().as_text()
+    with kernels.cpu_kernels(False):
+        want = np.asarray(jax.jit(attend)(q, k, v, bias), np.float32)
+    tol = 1e-5 if cache_dtype == "float32" else 1e-2  # bf16: one rounding of the output vs XLA's two
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    assert hlo.count(kernels.TARGET) == 2
+    if cache_dtype == "bfloat16":
+        assert f"f32[{b * hkv},{s},{dh}]" not in hlo and f"f32[{b},{hkv},{s},{dh}]" not in hlo
+    long_q = jnp.zeros((b, kernels.SMALL_M + 1, hkv * group, dh), dt)
+    with kernels.cpu_kernels(True):
+        assert kernels.TARGET not in jax.jit(attend).lower(long_q, k, v, jnp.zeros((b, 1, 1, s))).as_text()
+
+
 @pytest.fixture(scope="module")
 def saved(tiny_dir, tiny_tok, tmp_path_factory):
     cfg = load_model_config(TINY_CONFIG)

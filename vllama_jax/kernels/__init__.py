@@ -3,7 +3,9 @@
 XLA's CPU backend converts a whole bfloat16 or int8 dot operand to float32 before the dot (a full-size temporary,
 written at ~1 GB/s), and runs a one-row f32 matvec on one core. `wmatmul.cc` reads float32, bfloat16, float16 or
 int8 weights (per-output-channel scale) where they lie, accumulates in float32 and splits columns over XLA's own
-intra-op thread pool. It is compiled from source at first use (`g++ -O3 -march=native`, needs no other files than
+intra-op thread pool. On CPUs with AVX-512 VNNI, int8 weights in decode steps (and the int8 table as the tied LM
+head) are multiplied as integers (`vpdpbusd`), with x scaled to 16 bits per 256-deep block of each row; the error
+this adds is bounded in `tests/test_quant.py` and far below the weights' own int8 rounding. It is compiled from source at first use (`g++ -O3 -march=native`, needs no other files than
 jaxlib's FFI headers) into `$VLLAMA_JAX_CACHE_DIR/../kernels` (default `~/.cache/vllama_jax/kernels`), keyed by the
 source, the compiler flags and the jaxlib version. Without a compiler, or with `VLLAMA_JAX_CPU_KERNELS=0`, the
 models use XLA's dot instead (same results up to summation order) and the reason is logged once.
@@ -124,10 +126,12 @@ def use_cpu_kernels() -> bool:
 
 def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: bool = False) -> jax.Array:
     """x (M, K) @ W -> float32 (M, N), W (K, N) (`nk=False`) or (N, K) (`nk=True`), float32 / bfloat16 / int8,
-    times `scale` (N,) per output column when given. CPU only; call `wmatmul_available()` first."""
-    n = w.shape[0] if nk else w.shape[1]
+    times `scale` (N,) per output column when given. Batched: x (B, M, K) and W (B, K, N) / (B, N, K), float32 /
+    bfloat16 / float16, no scale -> (B, M, N) (a decode step's attention over its KV cache). CPU only; call
+    `wmatmul_available()` first."""
+    n = w.shape[-2] if nk else w.shape[-1]
     s = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32), vmap_method="sequential")
     return call(x.astype(jnp.float32), w, s, nk=nk)
 
 

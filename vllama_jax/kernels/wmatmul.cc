@@ -581,11 +581,49 @@ static void dispatch(ffi::ThreadPool& pool, const float* x, const void* wv, cons
   }
 }
 
+// One product of a batch on the calling thread: x (M, K) @ W (K, N) or W (N, K) -> y (M, N), no scale (the
+// attention of a decode step over a KV cache: per head, scores = q K^T with K (slots, head_dim) as an (N, K) table,
+// then probs V with V (slots, head_dim) as a (K, N) matrix; every cache byte read once, as stored).
+template <typename W>
+static void one_product(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, bool nk) {
+  if (nk) {
+    for (int64_t b = 0; b < (N + NB - 1) / NB; ++b) block_nk<W>(x, w, nullptr, y, M, K, N, b);
+    return;
+  }
+  for (int64_t m = 0; m < M; m += SMALL_M) {
+    int64_t rows = std::min<int64_t>(SMALL_M, M - m), width = std::max<int64_t>(L, ACC / rows / L * L);
+    for (int64_t n0 = 0; n0 < N; n0 += width)
+      stream_kn<W>(x + m * K, w, nullptr, y + m * N, rows, K, N, n0, std::min(N, n0 + width), 0, K);
+  }
+}
+
+template <typename W>
+static void dispatch_batched(ffi::ThreadPool& pool, const float* x, const void* wv, float* y, int64_t B, int64_t M,
+                             int64_t K, int64_t N, bool nk) {
+  const W* w = static_cast<const W*>(wv);
+  run_blocks(pool, B, [=](int64_t b) { one_product<W>(x + b * M * K, w + b * K * N, y + b * M * N, M, K, N, nk); });
+}
+
 // x (M, K) f32; w (K, N) or (N, K) f32/bf16/f16/s8; scale (N,) f32 or (0,) for none; y (M, N) f32.
+// Batched: x (B, M, K), w (B, K, N) or (B, N, K), no scale, y (B, M, N); the products split over the pool.
 static ffi::Error WMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                               ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool nk) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
+  if (xd.size() == 3 && wd.size() == 3) {
+    int64_t B = xd[0], M = xd[1], K = xd[2], N = nk ? wd[1] : wd[2];
+    if (wd[0] != B || (nk ? wd[2] : wd[1]) != K) return ffi::Error::InvalidArgument("wmatmul: batch or contraction sizes differ");
+    if (scale.element_count()) return ffi::Error::InvalidArgument("wmatmul: no scale with a batch");
+    const float* xp = x.typed_data();
+    float* yp = y->typed_data();
+    switch (w.element_type()) {
+      case ffi::DataType::F32: dispatch_batched<float>(pool, xp, w.untyped_data(), yp, B, M, K, N, nk); break;
+      case ffi::DataType::BF16: dispatch_batched<uint16_t>(pool, xp, w.untyped_data(), yp, B, M, K, N, nk); break;
+      case ffi::DataType::F16: dispatch_batched<half_t>(pool, xp, w.untyped_data(), yp, B, M, K, N, nk); break;
+      default: return ffi::Error::InvalidArgument("wmatmul: batched weights must be f32, bf16 or f16");
+    }
+    return ffi::Error::Success();
+  }
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("wmatmul: x and w must be 2-D");
   int64_t M = xd[0], K = xd[1];
   int64_t N = nk ? wd[0] : wd[1];
