@@ -290,13 +290,14 @@ def merge_heads(x: jax.Array) -> jax.Array:
 
 
 def _cache_product(a: jax.Array, cache: jax.Array, transposed: bool) -> jax.Array | None:
-    """a (B, Hkv, R, X) times each head's cache (B, Hkv, S, Dh) in float32 through the CPU kernel, which reads the
-    cache as stored: a @ cache^T (scores, X = Dh) or a @ cache (X = S). None where the kernel does not serve
-    (another backend, a mesh, more than `kernels.SMALL_M` rows: a prefill): XLA's dot then. XLA's CPU dot converted
-    a whole bf16 cache to float32 for every one-row product, and again for the values (LLaMA-2-7B, 704 slots: 210 ms
-    of a 280 ms int8 decode step for the 32 layers' attention; padding to two rows, its native bf16 path, 126 ms)."""
+    """a (B, Hkv, R, X) times each head's bf16/fp16 cache (B, Hkv, S, Dh) in float32 through the CPU kernel, which
+    reads the cache as stored: a @ cache^T (scores, X = Dh) or a @ cache (X = S). None where the kernel does not
+    serve (another backend, a mesh, more than `kernels.SMALL_M` rows: a prefill) or is not needed (a float32 cache:
+    XLA's dot reads it as fast): XLA's dot then. XLA's CPU dot converted a whole bf16 cache to float32 for every
+    one-row product, and again for the values (LLaMA-2-7B, 704 slots: 210 ms of a 280 ms int8 decode step for the
+    32 layers' attention, 12 ms through the kernel; padding to two rows, XLA's native bf16 path, still 126 ms)."""
     b, hkv, r, x = a.shape
-    if r > kernels.SMALL_M or not kernels.use_cpu_kernels():
+    if r > kernels.SMALL_M or jnp.dtype(cache.dtype) not in LOW_PRECISION_FLOATS or not kernels.use_cpu_kernels():
         return None
     s, dh = cache.shape[2], cache.shape[3]
     out = kernels.wmatmul(a.reshape(b * hkv, r, x), cache.reshape(b * hkv, s, dh), nk=transposed)
