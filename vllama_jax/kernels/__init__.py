@@ -3,12 +3,15 @@
 XLA's CPU backend converts a whole bfloat16 or int8 dot operand to float32 before the dot (a full-size temporary,
 written at ~1 GB/s), and runs a one-row f32 matvec on one core. `wmatmul.cc` reads float32, bfloat16, float16 or
 int8 weights (per-output-channel scale) where they lie, accumulates in float32 and splits columns over XLA's own
-intra-op thread pool. On CPUs with AVX-512 VNNI, int8 weights in decode steps (and the int8 table as the tied LM
-head) are multiplied as integers (`vpdpbusd`), with x scaled to 16 bits per 256-deep block of each row; the error
-this adds is bounded in `tests/test_quant.py` and far below the weights' own int8 rounding. It is compiled from source at first use (`g++ -O3 -march=native`, needs no other files than
-jaxlib's FFI headers) into `$VLLAMA_JAX_CACHE_DIR/../kernels` (default `~/.cache/vllama_jax/kernels`), keyed by the
-source, the compiler flags and the jaxlib version. Without a compiler, or with `VLLAMA_JAX_CPU_KERNELS=0`, the
-models use XLA's dot instead (same results up to summation order) and the reason is logged once.
+intra-op thread pool. On CPUs with AVX-512 VNNI, int8 weights in batch-1 decode steps (and an int8 table with long
+rows as the tied LM head) are multiplied as integers (`vpdpbusd`), x scaled to 16 bits per 256-deep block of each
+row; the error this adds is bounded in `tests/test_quant.py` and far below the weights' own int8 rounding. A
+batched form (x (B, M, K), W (B, K, N) or (B, N, K)) serves a decode step's attention over a bf16 KV cache.
+
+The library is compiled from source at first use (`g++ -O3 -march=native`, needs no other files than jaxlib's FFI
+headers) into `$VLLAMA_JAX_CACHE_DIR/../kernels` (default `~/.cache/vllama_jax/kernels`), keyed by the source, the
+compiler flags and the jaxlib version. Without a compiler, or with `VLLAMA_JAX_CPU_KERNELS=0`, the models use XLA's
+dot instead (same results up to summation order) and the reason is logged once.
 """
 
 from __future__ import annotations

@@ -269,6 +269,12 @@ static void block_nk(const float* x, const W* w, const float* scale, float* y, i
 // unsigned operand: w ^ 0x80 = w + 128, so every sum carries 128 * (sum of hi or lo over its terms), taken off in
 // int32 (exact) before anything is converted.
 constexpr int64_t QB = 256;   // rows of K per activation scale
+// Where VNNI wins (A/B in one process, GB/s of int8 weights): the (K, N) path at one row of x only (LLaMA-7B's MLP
+// shapes: 34 vs 39 at 2 rows, 21 vs 28 at 4, 7 vs 17 at 8: the int32 accumulators' traffic grows with the rows,
+// while the widening path's float accumulators take 8 rows of W per pass); the (N, K) table when rows are long
+// (a 32000 x 4096 head: 36 vs 25 at one row; SmolLM2's 49152 x 576 table: 23 vs 27, the per-row flushes dominate).
+constexpr int64_t VNNI_ROWS = 1;
+constexpr int64_t VNNI_TABLE_MIN_K = 1024;
 constexpr int32_t QMAX = 32639;  // hi = (v + 128) >> 8 and lo = v - 256 hi stay in [-128, 127] for |v| <= QMAX
 
 struct QuantX {
@@ -549,12 +555,12 @@ static void dispatch(ffi::ThreadPool& pool, const float* x, const void* wv, cons
 #ifdef VLLAMA_VNNI
   if constexpr (std::is_same_v<W, int8_t>) {
     QuantX q;
-    if (nk && K >= 64 && quantize_x(x, M, K, K / 64 * 64, q)) {
+    if (nk && K >= VNNI_TABLE_MIN_K && quantize_x(x, M, K, K / 64 * 64, q)) {
       const QuantX* qp = &q;
       run_blocks(pool, (N + NB - 1) / NB, [=](int64_t b) { block_nk_vnni(*qp, x, w, scale, y, M, K, N, b); });
       return;
     }
-    if (!nk && M <= SMALL_M && K >= 4 && N >= 64 && quantize_x(x, M, K, K / 4 * 4, q)) {
+    if (!nk && M <= VNNI_ROWS && K >= 4 && N >= 64 && quantize_x(x, M, K, K / 4 * 4, q)) {
       const QuantX* qp = &q;
       stream_split(pool, M, K, N, QB, ACC, scale, y, [=](float* out, const float* s, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
         stream_kn_vnni(*qp, x, w, s, out, M, K, N, n0, n1, k0, k1);
