@@ -272,7 +272,8 @@ constexpr int64_t QB = 256;   // rows of K per activation scale
 // Where VNNI wins (A/B in one process, GB/s of int8 weights): the (K, N) path at one row of x only (LLaMA-7B's MLP
 // shapes: 34 vs 39 at 2 rows, 21 vs 28 at 4, 7 vs 17 at 8: the int32 accumulators' traffic grows with the rows,
 // while the widening path's float accumulators take 8 rows of W per pass); the (N, K) table when rows are long
-// (a 32000 x 4096 head: 36 vs 25 at one row; SmolLM2's 49152 x 576 table: 23 vs 27, the per-row flushes dominate).
+// (a 32000 x 4096 head: 36 vs 25 at one row; SmolLM2's 49152 x 576 table: 23 vs 27, the per-row flushes dominate;
+// inside SmolLM2's int8 decode step the two were within noise, 95-108 tok/s each).
 constexpr int64_t VNNI_ROWS = 1;
 constexpr int64_t VNNI_TABLE_MIN_K = 1024;
 constexpr int32_t QMAX = 32639;  // hi = (v + 128) >> 8 and lo = v - 256 hi stay in [-128, 127] for |v| <= QMAX
