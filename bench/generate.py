@@ -10,9 +10,12 @@ Reports, at batch 1 and 8 (float32, greedy), and at batch 1 with int8 (`quantize
 
   * int8 / bf16 quality against float32 on 20 chat prompts: greedy texts equal to float32's, and the mean absolute
     difference of the next-token logits after each prompt,
-  * resident weight bytes of each precision.
+  * resident weight bytes of each precision,
+  * with --llama-cpp: llama.cpp on the same GGUF at batch 1, requantized to f32 and q8_0 (bench/llama_cpp_peer.py,
+    in a subprocess of an interpreter that has llama-cpp-python), beside our float32 and int8 decode.
 
-    python bench/generate.py [--gguf PATH] [--prompt 128] [--new 32] [--repeats 3] [--no-torch] [--json PATH]
+    python bench/generate.py [--gguf PATH] [--prompt 128] [--new 32] [--repeats 3] [--no-torch]
+                             [--llama-cpp [PYTHON]] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -91,6 +95,18 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     f = jax.jit(jnp.sum)
     f(x).block_until_ready()
     return nbytes / min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
+
+
+def llama_cpp_peer(python: str, gguf: Path, prompt: int, new: int, repeats: int) -> dict[str, Any]:
+    """bench/llama_cpp_peer.py's figures (llama.cpp on `gguf` requantized to f32 and q8_0), run by `python`."""
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "peer.json"
+        cmd = [python, str(ROOT / "bench" / "llama_cpp_peer.py"), "--gguf", str(gguf), "--prompt", str(prompt),
+               "--new", str(new), "--repeats", str(repeats), "--json", str(out)]
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode or not out.exists():
+            raise SystemExit(f"--llama-cpp: {' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
+        return json.loads(out.read_text())
 
 
 def _timed(fn) -> float:
@@ -213,6 +229,9 @@ def main() -> None:
     ap.add_argument("--no-ttft", action="store_true")
     ap.add_argument("--no-lowp", action="store_true", help="skip the int8 / bf16 rows")
     ap.add_argument("--quality-new", type=int, default=24, help="greedy tokens per quality prompt")
+    ap.add_argument("--llama-cpp", nargs="?", const=sys.executable, default=None, metavar="PYTHON",
+                    help="also time llama.cpp on the same GGUF (f32 and q8_0, batch 1) with bench/llama_cpp_peer.py, "
+                         "run by PYTHON (an interpreter with llama-cpp-python; default this one)")
     ap.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the figures as JSON")
     args = ap.parse_args()
     gguf = args.gguf or find_smollm2()
@@ -268,6 +287,16 @@ def main() -> None:
                                           if "batch_1" in figures else float("nan"), **q}
             lowp_rows.append((name, figures[f"{name}_batch_1"]))
 
+    peer_rows = []
+    if args.llama_cpp:
+        peer = llama_cpp_peer(args.llama_cpp, gguf, args.prompt, args.new, args.repeats)
+        for name, ours_key in (("f32", "batch_1"), ("q8_0", "int8_batch_1")):
+            ours_decode = figures.get(ours_key, {}).get("decode_tok_s", float("nan"))
+            figures[f"llama_cpp_{name}"] = {**peer[name], "ours_decode_tok_s": ours_decode,
+                                            "ours_over_llama_cpp": ours_decode / peer[name]["decode_tok_s"]}
+            peer_rows.append((name, ours_key, figures[f"llama_cpp_{name}"]))
+        figures["llama_cpp_version"] = peer["version"]
+
     ttft = {}
     if not args.no_ttft:
         with tempfile.TemporaryDirectory() as d:
@@ -305,6 +334,14 @@ def main() -> None:
                   f"{f['decode_tok_s'] / f['decode_bound_tok_s']:.0%} | {f['prefill_tok_s']:.0f} | "
                   f"{f['weight_bytes'] / 1e6:.0f} MB ({f['weight_bytes_vs_float32']:.0%}) | {f['greedy_equal']} | "
                   f"{f['mean_abs_logit_diff']:.4f} |")
+    if peer_rows:
+        print()
+        print(f"| llama.cpp {figures['llama_cpp_version']} on the same GGUF, batch 1 | file | prefill tok/s | "
+              "decode tok/s | ours (decode tok/s) | ours / llama.cpp |")
+        print("|---|---|---|---|---|---|")
+        for name, ours_key, f in peer_rows:
+            print(f"| {name} | {f['file_mb']:.0f} MB | {f['prefill_tok_s']:.0f} | {f['decode_tok_s']:.1f} | "
+                  f"{ours_key}: {f['ours_decode_tok_s']:.1f} | {f['ours_over_llama_cpp']:.2f}x |")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if ttft:
