@@ -380,6 +380,11 @@ def phase_convert(a: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def phase_bandwidth(a: Mapping[str, Any]) -> dict[str, Any]:
+    return _bandwidths()
+
+
+def _bandwidths() -> dict[str, float]:
+    """Copy (numpy, jax, the faster of the two) and read bandwidth in GB/s (bench/generate.py's probes)."""
     sys.path.insert(0, str(ROOT / "bench"))
     from generate import copy_bandwidth, read_bandwidth
 
@@ -442,13 +447,9 @@ def phase_chat(a: Mapping[str, Any]) -> dict[str, Any]:
     peak = _status("VmHWM:")  # before the bandwidth probes below allocate their buffers
     # This VM's memory speed moves by 2x within minutes (a 2-thread read: 36 to 72 GB/s): the bounds come from
     # copy and read bandwidths measured right after the decode, in the same process.
-    sys.path.insert(0, str(ROOT / "bench"))
-    from generate import copy_bandwidth, read_bandwidth
-
-    copy_gb_s = max(copy_bandwidth()) / 1e9
-    read_gb_s = read_bandwidth() / 1e9
+    bw = _bandwidths()
     return {"answered": all(isinstance(x, str) for x in answers) and steps > 0, "answers": answers,
-            "copy_gb_s_after_decode": copy_gb_s, "read_gb_s_after_decode": read_gb_s,
+            "copy_gb_s_after_decode": bw["copy_gb_s"], "read_gb_s_after_decode": bw["read_gb_s"],
             "audio_clips": 0 if up.clips is None else int(up.clips.shape[0]), "upload_note": up.note,
             "chat_load_s": load_s, "encode_cold_s": encode[0], "encode_s": encode[1],
             "ttft_cold_s": timings[0]["prefill"], "ttft_s": warm["prefill"],

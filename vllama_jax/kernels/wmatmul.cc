@@ -14,8 +14,8 @@
 // the stack and ran at 6 GFLOP/s against XLA's 140).
 
 #include <algorithm>
-#include <cmath>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -114,65 +114,44 @@ constexpr int64_t ACC = 32768;
 // pass and the prefetch, 43 without the prefetch, 32 with the earlier 4-row pass (the machine's memory speed
 // varies by the minute: compare within a run).
 constexpr int64_t PREFETCH_PASS_BYTES = 128 << 10;
+// One pass of R rows of W (row k on, from r0) over `width` columns into the M x width accumulators: each accumulator
+// vector is loaded and stored once for the R rows (two partial sums keep the multiply-add chains short).
+template <int R, typename W>
+static inline void stream_rows(const float* x, const W* r0, float* acc, int64_t M, int64_t K, int64_t N, int64_t k,
+                               int64_t width, int64_t wl, bool prefetch) {
+  for (int64_t j = 0; j < wl; j += L) {
+    vf a[R];
+    for (int i = 0; i < R; ++i) {
+      a[i] = loadv(r0 + i * N + j);
+      if (prefetch) __builtin_prefetch(r0 + (i + R) * N + j, 0, 2);
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xm = x + m * K + k;
+      vf even = xm[0] * a[0], odd = {};
+      for (int i = 1; i < R; ++i) (i % 2 ? odd : even) += xm[i] * a[i];
+      storev(acc + m * width + j, loadv(acc + m * width + j) + (even + odd));
+    }
+  }
+  for (int64_t j = wl; j < width; ++j)
+    for (int64_t m = 0; m < M; ++m) {
+      float t = 0.f;
+      for (int i = 0; i < R; ++i) t += x[m * K + k + i] * load1(r0 + i * N + j);
+      acc[m * width + j] += t;
+    }
+}
+
 template <typename W>
 static void stream_kn(const float* x, const W* w, const float* scale, float* out, int64_t M, int64_t K, int64_t N,
                       int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
   int64_t width = n1 - n0, wl = width - width % L;
   float acc[ACC] __attribute__((aligned(64)));
   std::memset(acc, 0, sizeof(float) * M * width);
-  int64_t k = k0;
-  // 8 rows of W per pass over the columns (the accumulators loaded and stored once for them), the next pass's rows
-  // prefetched into L2 as for the int8 path below
+  // 8 rows of W per pass, then 4, then 1; the next pass's rows prefetched into L2 as for the int8 path below
   const bool prefetch = 8 * width * int64_t(sizeof(W)) <= PREFETCH_PASS_BYTES;
-  for (; k + 8 <= k1; k += 8) {
-    const W* r0 = w + k * N + n0;
-    for (int64_t j = 0; j < wl; j += L) {
-      vf a[8];
-      for (int i = 0; i < 8; ++i) {
-        a[i] = loadv(r0 + i * N + j);
-        if (prefetch) __builtin_prefetch(r0 + (i + 8) * N + j, 0, 2);
-      }
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = x + m * K + k;
-        vf t = loadv(acc + m * width + j);
-        t += (xm[0] * a[0] + xm[1] * a[1]) + (xm[2] * a[2] + xm[3] * a[3]) + (xm[4] * a[4] + xm[5] * a[5]) +
-             (xm[6] * a[6] + xm[7] * a[7]);
-        storev(acc + m * width + j, t);
-      }
-    }
-    for (int64_t j = wl; j < width; ++j)
-      for (int64_t m = 0; m < M; ++m) {
-        float t = 0.f;
-        for (int i = 0; i < 8; ++i) t += x[m * K + k + i] * load1(r0 + i * N + j);
-        acc[m * width + j] += t;
-      }
-  }
-  for (; k + 4 <= k1; k += 4) {
-    const W* r0 = w + k * N + n0;
-    const W* r1 = r0 + N;
-    const W* r2 = r1 + N;
-    const W* r3 = r2 + N;
-    for (int64_t j = 0; j < wl; j += L) {
-      vf a = loadv(r0 + j), b = loadv(r1 + j), c = loadv(r2 + j), d = loadv(r3 + j);
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = x + m * K + k;
-        vf t = loadv(acc + m * width + j);
-        t += xm[0] * a + xm[1] * b + xm[2] * c + xm[3] * d;
-        storev(acc + m * width + j, t);
-      }
-    }
-    for (int64_t j = wl; j < width; ++j)
-      for (int64_t m = 0; m < M; ++m) {
-        const float* xm = x + m * K + k;
-        acc[m * width + j] += xm[0] * load1(r0 + j) + xm[1] * load1(r1 + j) + xm[2] * load1(r2 + j) +
-                              xm[3] * load1(r3 + j);
-      }
-  }
-  for (; k < k1; ++k) {
-    const W* r0 = w + k * N + n0;
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < width; ++j) acc[m * width + j] += x[m * K + k] * load1(r0 + j);
-  }
+  int64_t k = k0;
+  for (; k + 8 <= k1; k += 8) stream_rows<8>(x, w + k * N + n0, acc, M, K, N, k, width, wl, prefetch);
+  for (; k + 4 <= k1; k += 4) stream_rows<4>(x, w + k * N + n0, acc, M, K, N, k, width, wl, false);
+  for (; k < k1; ++k) stream_rows<1>(x, w + k * N + n0, acc, M, K, N, k, width, wl, false);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < width; ++j)
       out[m * N + n0 + j] = scale ? acc[m * width + j] * scale[n0 + j] : acc[m * width + j];
@@ -279,7 +258,7 @@ constexpr int64_t VNNI_TABLE_MIN_K = 1024;
 constexpr int32_t QMAX = 32639;  // hi = (v + 128) >> 8 and lo = v - 256 hi stay in [-128, 127] for |v| <= QMAX
 
 struct QuantX {
-  int64_t K = 0, KP = 0, blocks = 0, kvec = 0;  // kvec: rows of K done by VNNI (the rest in float32)
+  int64_t KP = 0, blocks = 0, kvec = 0;  // kvec: rows of K done by VNNI (the rest in float32)
   std::vector<int8_t> hi, lo;                   // (M, KP), zero beyond K
   std::vector<float> sx;                        // (M, blocks)
   std::vector<int32_t> ch, cl;                  // (M, blocks, 16): 128 * the sums of hi / lo each int32 lane meets
@@ -289,7 +268,7 @@ struct QuantX {
 // The lane corrections follow the (N, K) table's layout (lane j of a 64-byte step meets k % 64 in [4j, 4j + 4));
 // the (K, N) path broadcasts 4 k at a time to every lane, so it uses their sum over the lanes.
 static bool quantize_x(const float* x, int64_t M, int64_t K, int64_t kvec, QuantX& q) {
-  q.K = K; q.kvec = kvec; q.KP = (K + 63) / 64 * 64; q.blocks = (K + QB - 1) / QB;
+  q.kvec = kvec; q.KP = (K + 63) / 64 * 64; q.blocks = (K + QB - 1) / QB;
   q.hi.assign(M * q.KP, 0); q.lo.assign(M * q.KP, 0); q.sx.assign(M * q.blocks, 0.f);
   q.ch.assign(M * q.blocks * 16, 0); q.cl.assign(M * q.blocks * 16, 0);
   for (int64_t m = 0; m < M; ++m)
@@ -411,7 +390,7 @@ static void stream_kn_vnni(const QuantX& q, const float* x, const int8_t* w, con
   int64_t width = n1 - n0, wv = width - width % 64;
   thread_local std::vector<int32_t> ibuf;
   thread_local std::vector<float> fbuf;
-  ibuf.resize(2 * M * wv + 16);
+  ibuf.resize(2 * M * wv);
   fbuf.assign(M * width, 0.f);
   int32_t* ih = ibuf.data();
   int32_t* il = ih + M * wv;

@@ -289,19 +289,22 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.reshape(b, l, h * d)
 
 
-def _cache_product(a: jax.Array, cache: jax.Array, transposed: bool) -> jax.Array | None:
-    """a (B, Hkv, R, X) times each head's bf16/fp16 cache (B, Hkv, S, Dh) in float32 through the CPU kernel, which
-    reads the cache as stored: a @ cache^T (scores, X = Dh) or a @ cache (X = S). None where the kernel does not
-    serve (another backend, a mesh, more than `kernels.SMALL_M` rows: a prefill) or is not needed (a float32 cache:
-    XLA's dot reads it as fast): XLA's dot then. XLA's CPU dot converted a whole bf16 cache to float32 for every
-    one-row product, and again for the values (LLaMA-2-7B, 704 slots: 210 ms of a 280 ms int8 decode step for the
-    32 layers' attention, 12 ms through the kernel; padding to two rows, XLA's native bf16 path, still 126 ms)."""
+def _cache_product(a: jax.Array, cache: jax.Array, transposed: bool) -> jax.Array:
+    """a (B, Hkv, R, X) times each head's cache (B, Hkv, S, Dh): a @ cache^T (scores, X = Dh; float32) or a @ cache
+    (X = S; in the cache's dtype from XLA, float32 from the kernel). A bf16/fp16 cache at decode rows (at most
+    `kernels.SMALL_M`) goes through the CPU kernel, which reads it as stored; elsewhere (another backend, a mesh, a
+    prefill, a float32 cache that XLA's dot reads as fast) XLA's dot. XLA's CPU dot converted a whole bf16 cache to
+    float32 for every one-row product, and again for the values (LLaMA-2-7B, 704 slots: 210 ms of a 280 ms int8
+    decode step for the 32 layers' attention, 12 ms through the kernel; padding to two rows, XLA's native bf16 path,
+    still 126 ms)."""
     b, hkv, r, x = a.shape
-    if r > kernels.SMALL_M or jnp.dtype(cache.dtype) not in LOW_PRECISION_FLOATS or not kernels.use_cpu_kernels():
-        return None
-    s, dh = cache.shape[2], cache.shape[3]
-    out = kernels.wmatmul(a.reshape(b * hkv, r, x), cache.reshape(b * hkv, s, dh), nk=transposed)
-    return out.reshape(b, hkv, r, out.shape[-1])
+    if r <= kernels.SMALL_M and jnp.dtype(cache.dtype) in LOW_PRECISION_FLOATS and kernels.use_cpu_kernels():
+        s, dh = cache.shape[2], cache.shape[3]
+        out = kernels.wmatmul(a.reshape(b * hkv, r, x), cache.reshape(b * hkv, s, dh), nk=transposed)
+        return out.reshape(b, hkv, r, out.shape[-1])
+    if transposed:
+        return jnp.einsum("bkrd,bksd->bkrs", a, cache, preferred_element_type=jnp.float32)
+    return jnp.einsum("bkrs,bksd->bkrd", a, cache)
 
 
 def dot_product_attention(
@@ -336,8 +339,6 @@ def dot_product_attention(
         # a size-1 query axis between the batch axes made XLA's CPU dots 1.7x slower
         qr = q.reshape(b, lq, hkv, group, dh).transpose(0, 2, 1, 3, 4).reshape(b, hkv, lq * group, dh)
         scores = _cache_product(qr, k, transposed=True)
-        if scores is None:
-            scores = jnp.einsum("bkrd,bksd->bkrs", qr, k, preferred_element_type=jnp.float32)
     else:
         qg = q.reshape(b, lq, hkv, group, dh)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
@@ -360,10 +361,7 @@ def dot_product_attention(
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     if kv_heads_first:
-        pv = probs.astype(v.dtype)
-        out = _cache_product(pv, v, transposed=False)
-        if out is None:
-            out = jnp.einsum("bkrs,bksd->bkrd", pv, v)
+        out = _cache_product(probs.astype(v.dtype), v, transposed=False)
         out = out.reshape(b, hkv, lq, group, dh).transpose(0, 2, 1, 3, 4)
     else:
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)
