@@ -10,14 +10,17 @@ Generates a small WebVid-format dataset (N videos, 320x240, 3 s at 30 fps, MPEG-
 * ``grain, 0 workers``: the grain pipeline building batches in the calling process;
 * ``grain, W workers``: the same pipeline with ``mp_prefetch`` worker processes.
 
-Worker start-up (spawn + imports) is reported separately and excluded from the steady-state rate: the first
-batch is taken before the clock starts. The ratios the pipeline is held to follow the table (2 workers against 1
-and against the loop; a worker's CPU per sample against the in-process pipeline's), and the shared-memory blocks
-the workers' batches used that are still in /dev/shm after the iterator is closed (0: nothing leaked).
+Worker start-up (spawn + imports) and the first ``--warmup`` batches are reported separately and excluded from
+the steady-state rate: the workers make their reused batch memory (``data/transport.py``) during those. The
+ratios the pipeline is held to follow the table (2 workers against 1 and against the loop; a worker's CPU per
+sample against the in-process pipeline's), with grain's own hand-over (a fresh shared-memory block per batch)
+beside ours, and the shared-memory blocks the workers' batches used that are still in /dev/shm after the iterator
+is closed (0: nothing leaked).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import multiprocessing
@@ -71,7 +74,7 @@ def cpu_seconds() -> float:
     return total
 
 
-def bench_loop(path: Path, cfg: PipelineConfig, batches: int) -> tuple[float, float, float]:
+def bench_loop(path: Path, cfg: PipelineConfig, batches: int, warmup: int) -> tuple[float, float, float]:
     """The same per-sample work as the pipeline, in a plain loop (sequential record order)."""
     pd = PreparedDataset.open(path)
     src = _Source(key=0, name=pd.name, kind=pd.kind, media_type=pd.media_type, files=pd.files, host_start=0,
@@ -80,10 +83,11 @@ def bench_loop(path: Path, cfg: PipelineConfig, batches: int) -> tuple[float, fl
     load, collate = _ExampleLoader(src, cfg), _Collate(pd.kind, pd.name, text_io.TextProcessor(cfg))
     B = cfg.batch_size
     t0 = time.perf_counter()
-    collate([load(i, i % src.n_host) for i in range(B)])  # warm-up: opens shards, loads the tokenizer
+    for b in range(warmup):  # opens shards, loads the tokenizer
+        collate([load(p, p % src.n_host) for p in range(b * B, (b + 1) * B)])
     start = time.perf_counter() - t0
     t, c = time.perf_counter(), cpu_seconds()
-    for b in range(1, batches + 1):
+    for b in range(warmup, warmup + batches):
         collate([load(p, p % src.n_host) for p in range(b * B, (b + 1) * B)])
     return start, batches * B / (time.perf_counter() - t), (cpu_seconds() - c) / (batches * B)
 
@@ -93,10 +97,11 @@ def shm_blocks() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("psm_*")}
 
 
-def bench_grain(path: Path, cfg: PipelineConfig, batches: int) -> tuple[float, float, float]:
+def bench_grain(path: Path, cfg: PipelineConfig, batches: int, warmup: int) -> tuple[float, float, float]:
     t0 = time.perf_counter()
     it = build_train_iterator([DatasetSpec(str(path))], cfg)
-    next(it)  # start-up: worker spawn, imports, first batch
+    for _ in range(warmup):  # start-up: worker spawn, imports, first batches
+        next(it)
     start = time.perf_counter() - t0
     t, c = time.perf_counter(), cpu_seconds()
     for _ in range(batches):
@@ -136,6 +141,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=64, help="videos in the generated dataset")
     p.add_argument("--batches", type=int, default=16, help="timed batches per configuration")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=12, help="batches taken before the clock starts")
     p.add_argument("--workers", default="1,2", help="comma-separated worker-process counts")
     p.add_argument("--tokenizer", default=default_tokenizer())
     p.add_argument("--json", help="write the figures here")
@@ -146,13 +152,19 @@ def main() -> None:
     cfg = PipelineConfig(tokenizer=a.tokenizer, batch_size=a.batch_size, num_frames=8, image_size=224, train=True,
                          seed=0, process_index=0, process_count=1)
     shm_before = shm_blocks()
-    rows = [("loop (1 process, no grain)", *bench_loop(path, cfg, a.batches))]
+    rows = [("loop (1 process, no grain)", *bench_loop(path, cfg, a.batches, a.warmup))]
     rates, cpus = {}, {}
     workers = [0] + [int(x) for x in a.workers.split(",") if x.strip()]
     for w in workers:
         label = "grain, in-process (0 workers)" if w == 0 else f"grain, {w} worker process{'es' if w > 1 else ''}"
-        rows.append((label, *bench_grain(path, PipelineConfig(**{**cfg.__dict__, "num_workers": w}), a.batches)))
+        rows.append((label, *bench_grain(path, dataclasses.replace(cfg, num_workers=w), a.batches, a.warmup)))
         rates[w], cpus[w] = rows[-1][2], rows[-1][3]
+    if max(workers) > 0:  # grain's own hand-over beside ours: a fresh shared-memory block per batch
+        w = max(workers)
+        rows.append((f"grain, {w} worker processes, fresh shared memory per batch (reuse_worker_memory=False)",
+                     *bench_grain(path, dataclasses.replace(cfg, num_workers=w, reuse_worker_memory=False),
+                                  a.batches, a.warmup)))
+        rates["fresh"] = rows[-1][2]
     gc.collect()
     left = len(shm_blocks() - shm_before)
     ceiling = machine_scaling()
@@ -160,7 +172,7 @@ def main() -> None:
     print(f"\n{os.cpu_count()} CPU cores (load average before/after: {load0} / {os.getloadavg()[0]:.1f}); "
           f"batch {a.batch_size}; {a.batches} timed batches; 8 frames 224x224 (headtail + alpro_video_train), "
           "caption tokenized\n")
-    print("| configuration | samples/s | CPU ms / sample | start-up + first batch (s) |")
+    print(f"| configuration | samples/s | CPU ms / sample | start-up + first {a.warmup} batches (s) |")
     print("|---|---:|---:|---:|")
     for label, start, rate, cpu in rows:
         print(f"| {label} | {rate:.1f} | {1000 * cpu:.0f} | {start:.1f} |")
@@ -168,6 +180,8 @@ def main() -> None:
     if 1 in rates and 2 in rates:
         ratios = {"2 workers / 1 worker": rates[2] / rates[1], "2 workers / loop": rates[2] / rows[0][2],
                   "worker CPU per sample / in-process": cpus[1] / cpus[0]}
+    if "fresh" in rates:
+        ratios["reused / fresh worker memory"] = rates[max(workers)] / rates["fresh"]
     ratios["machine: 2 processes / 1 (the resize kernel alone)"] = ceiling
     print("\n" + "; ".join(f"{k}: {v:.2f}x" for k, v in ratios.items())
           + f"; shared-memory blocks left after close: {left}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import functools
 import logging
 import os
 import sys
@@ -44,7 +45,7 @@ from grain._src.python.ipc.shared_memory_array import SharedMemoryArray
 
 from ..errors import first_line
 from ..text.conversation import canonical_template_name
-from . import media_io, text_io
+from . import media_io, text_io, transport
 from .batch import CACHED_KIND, CAPTION, batch_spec
 from .errors import DataError
 from .features import FEATURES_DIR, FeatureCache, FeatureReader
@@ -99,7 +100,10 @@ class PipelineConfig:
     num_query_tokens: int = 32
     max_len: int = 512
     num_workers: int = 0  # grain worker processes (0: build batches in this process)
-    worker_buffer_size: int = 2  # batches each worker keeps ready (in /dev/shm: a B=32 video batch is 38 MB)
+    worker_buffer_size: int = 2  # batches each worker keeps ready (a B=32 video batch is 38 MB)
+    # workers hand their batches' frames over through memory they reuse (``transport``, Linux) instead of a
+    # fresh shared-memory block per batch (grain's way, kept where False or not Linux)
+    reuse_worker_memory: bool = True
     read_threads: int = 1  # batches built concurrently per process (ReadOptions.num_threads)
     max_retries: int = 10  # replacement attempts for a bad record (upstream WebVid: 10)
     process_index: int | None = None  # None: jax.process_index()
@@ -325,7 +329,11 @@ class _Collate:
             arrays |= {k: np.stack([e[k] for e in examples]) for k in ("text_ids", "text_mask")}
         else:  # input_ids, labels, attention_mask: padded to max_len
             arrays |= self.text.collate_instruction([(e["input_ids"], e["labels"]) for e in examples])
-        return batch_spec(kind).arrays(arrays) | {
+        arrays = batch_spec(kind).arrays(arrays)
+        pool = transport.worker_pool()  # in a worker process: the frames leave through its reused memory
+        if pool is not None:
+            arrays[media] = pool.put(arrays[media])
+        return arrays | {
             "example_id": np.array([e["example_id"] for e in examples], dtype=np.int64),
             "num_replaced": np.array([e["num_replaced"] for e in examples], dtype=np.int32),
             "replaced_ids": np.stack([e["replaced_ids"] for e in examples]),
@@ -466,8 +474,17 @@ def build_dataset(datasets: Sequence[DatasetSpec], cfg: PipelineConfig) -> grain
         _absl_flags_ready()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers,
                                                          per_worker_buffer_size=cfg.worker_buffer_size),
-                            worker_init_fn=keep_freed_memory)
+                            worker_init_fn=functools.partial(_init_worker, reuse_memory=cfg.reuse_worker_memory,
+                                                             max_blocks=cfg.worker_buffer_size + 4))
     return _CountReplaced(it)
+
+
+def _init_worker(worker_index: int, worker_count: int, *, reuse_memory: bool, max_blocks: int) -> None:
+    """grain's ``worker_init_fn``: the allocator settings below, and the worker's pool of batch memory (at most
+    ``max_blocks`` batches of each size in flight: the worker's queue, the batch being built and a margin)."""
+    keep_freed_memory(worker_index, worker_count)
+    if reuse_memory:
+        transport.enable(max_blocks)
 
 
 def keep_freed_memory(worker_index: int = 0, worker_count: int = 1) -> None:
@@ -540,7 +557,7 @@ class DataIterator(grain.DatasetIterator):
         self.stats: dict[str, Any] = {"batches": 0, "replaced": 0, "skipped": {}}
 
     def __next__(self) -> dict[str, Any]:
-        batch = next(self._parent)
+        batch = {k: transport.receive(v) for k, v in next(self._parent).items()}
         self.stats["batches"] += 1
         self.stats["replaced"] += int(np.sum(batch["num_replaced"]))
         ids = np.asarray(batch["replaced_ids"])

@@ -106,30 +106,50 @@ def bicubic_resize(frames: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Resize float frames (..., H, W, C) to (..., out_h, out_w, C) like torch bicubic (no antialias).
 
     Separable: width first, then height, each a 4-tap weighted sum accumulated in float32 in tap order (the
-    order ATen uses), so results agree with torch to float32 rounding. Each tap is one ``np.take`` along a
-    contiguous axis into a reused buffer (width taps index the merged W*C axis), multiplied and added in place:
-    3.5x faster than fancy indexing (it was most of a training sample's CPU), the same arithmetic.
+    order ATen uses), so results agree with torch to float32 rounding. See ``_Bicubic`` for how.
     """
     x = np.asarray(frames, np.float32)
     *lead, h, w, c = x.shape
-    ix, wx = _bicubic_taps(w, out_w)
-    iy, wy = _bicubic_taps(h, out_h)
-    rows = x.reshape(-1, w * c)  # (N*H, W*C)
-    cols = np.empty((rows.shape[0], out_w * c), np.float32)  # width pass: (N*H, out_w*C)
-    _taps_into(cols, rows, [(ix[:, k, None] * c + np.arange(c)).reshape(-1) for k in range(4)],
-               [np.repeat(wx[:, k], c) for k in range(4)])
-    cols = cols.reshape(-1, h, out_w * c)
-    out = np.empty((cols.shape[0], out_h, out_w * c), np.float32)  # height pass: (N, out_h, out_w*C)
-    _taps_into(out, cols, [iy[:, k] for k in range(4)], [wy[:, k, None] for k in range(4)])
-    return out.reshape(*lead, out_h, out_w, c)
+    resize = _Bicubic(h, w, c, out_h, out_w)
+    out = np.empty((*lead, out_h, out_w, c), np.float32)
+    for src, dst in zip(x.reshape(-1, h, w, c), out.reshape(-1, out_h, out_w, c)):
+        resize(src, dst)
+    return out
 
 
-def _taps_into(out: np.ndarray, src: np.ndarray, index: list[np.ndarray], weight: list[np.ndarray]) -> None:
-    """out = sum_k src[:, index[k]] * weight[k] along axis 1, accumulated left to right in float32."""
-    tmp = np.empty_like(out)
+class _Bicubic:
+    """One frame (H, W, C) float32 -> (out_h, out_w, C), with the taps and scratch buffers made once.
+
+    Each tap is one ``np.take`` along a contiguous axis into a reused buffer (width taps index the merged W*C
+    axis), multiplied and added in place: 3.5x faster than fancy indexing. One frame at a time, so the
+    buffers (well under 1 MB at 224 x 224) stay in the core's L2 cache: a whole clip at once streamed ~30 MB per
+    tap through memory, and two worker processes then got 1.4-1.8x the work of one instead of 2x.
+    """
+
+    def __init__(self, h: int, w: int, c: int, out_h: int, out_w: int):
+        ix, wx = _bicubic_taps(w, out_w)
+        iy, wy = _bicubic_taps(h, out_h)
+        self.shape = (h, w, c)
+        self.x_index = [(ix[:, k, None] * c + np.arange(c)).reshape(-1) for k in range(4)]
+        self.x_weight = [np.repeat(wx[:, k], c) for k in range(4)]
+        self.y_index = [iy[:, k] for k in range(4)]
+        self.y_weight = [wy[:, k, None] for k in range(4)]
+        self.cols = np.empty((h, out_w * c), np.float32)  # after the width pass
+        self.scratch = [np.empty((h, out_w * c), np.float32), np.empty((out_h, out_w * c), np.float32)]
+
+    def __call__(self, frame: np.ndarray, out: np.ndarray) -> np.ndarray:
+        h, w, c = self.shape
+        _taps_into(self.cols, frame.reshape(h, w * c), 1, self.x_index, self.x_weight, self.scratch[0])
+        _taps_into(out.reshape(out.shape[0], -1), self.cols, 0, self.y_index, self.y_weight, self.scratch[1])
+        return out
+
+
+def _taps_into(out: np.ndarray, src: np.ndarray, axis: int, index: list[np.ndarray], weight: list[np.ndarray],
+               tmp: np.ndarray) -> None:
+    """out = sum_k take(src, index[k], axis) * weight[k], accumulated left to right in float32."""
     for k, (i, w) in enumerate(zip(index, weight)):
         dst = out if k == 0 else tmp
-        np.take(src, i, axis=1, out=dst)
+        np.take(src, i, axis=axis, out=dst)
         dst *= w
         if k:
             out += tmp
@@ -157,8 +177,14 @@ def alpro_video_train(frames_uint8: np.ndarray, rng: np.random.Generator, image_
     """
     frames = np.asarray(frames_uint8)
     top, left, h, w = random_resized_crop_params(frames.shape[1], frames.shape[2], rng, scale=scale)
-    crop = frames[:, top:top + h, left:left + w, :].astype(np.float32)
-    pixels = float_to_uint8(bicubic_resize(crop, image_size, image_size), clamp=clamp)
+    # Frame by frame into reused buffers: the float intermediates stay in cache (see _Bicubic).
+    c = frames.shape[3]
+    resize = _Bicubic(h, w, c, image_size, image_size)
+    crop, resized = np.empty((h, w, c), np.float32), np.empty((image_size, image_size, c), np.float32)
+    pixels = np.empty((frames.shape[0], image_size, image_size, c), np.uint8)
+    for frame, dst in zip(frames, pixels):
+        np.copyto(crop, frame[top:top + h, left:left + w])
+        dst[...] = float_to_uint8(resize(crop, resized), clamp=clamp)
     return normalize_uint8(pixels) if normalize else pixels
 
 

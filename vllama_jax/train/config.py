@@ -7,7 +7,8 @@ The layout follows upstream's `train_configs/*.yaml` (upstream.md §8.1) regroup
     model:      config | dir, overrides, precision, remat_vit, remat_llama, scan_layers
     weights:    upstream files of the frozen towers (when no model dir), llama_proj_model, ckpt, ckpt_2, tokenizer
     data:       datasets {name: {path, sample_ratio, ...}} | synthetic, batch_size (global), num_frames, end_sym,
-                max_txt_len, prompts, prompt_template, template, max_len, num_workers, augment, features
+                max_txt_len, prompts, prompt_template, template, max_len, num_workers, reuse_worker_memory,
+                augment, features
     optim:      optimizer, lr_sched, init_lr, min_lr, warmup_lr, warmup_steps, iters_per_epoch, max_epoch,
                 weight_decay, beta1, beta2, eps, grad_accum, clip_grad_norm, muon_lr_ratio
     checkpoint: every, keep, async_save          (directory: {output_dir}/checkpoints)
@@ -126,6 +127,9 @@ class DataConfig:
     template: str = ""  # instruction conversation template; "" = the model config's
     max_len: int = 512  # instruction batches: padded length
     num_workers: int = 0  # grain worker processes
+    # the workers hand frames over through memory they reuse (Linux; `vllama_jax.data.transport`); false: a
+    # fresh shared-memory block per batch (grain's way), for systems that forbid reading /proc/<pid>/fd
+    reuse_worker_memory: bool = True
     # "frames": decode the media and run the frozen towers every step; "cached": read the towers' output from
     # each dataset's feature cache (`vllama-jax encode`), the step skips the towers
     features: str = "frames"

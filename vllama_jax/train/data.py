@@ -66,6 +66,7 @@ def pipeline_config(cfg: TrainConfig, model_config: ModelConfig, tokenizer_path:
         image_size=branch_image_size(cfg.branch, model_config), train=d.augment, end_sym=d.end_sym,
         max_txt_len=d.max_txt_len, template=d.template or model_config.template,
         num_query_tokens=num_query_tokens(cfg, model_config), max_len=d.max_len, num_workers=d.num_workers,
+        reuse_worker_memory=d.reuse_worker_memory,
         process_index=process_index, process_count=process_count, prompts=d.prompts,
         prompt_template=d.prompt_template,
         features=cache_name(cfg.branch, d.num_frames) if d.features == "cached" else "",
