@@ -97,12 +97,16 @@ def read_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
     return nbytes / min(_timed(lambda: f(x).block_until_ready()) for _ in range(repeats))
 
 
-def llama_cpp_peer(python: str, gguf: Path, prompt: int, new: int, repeats: int) -> dict[str, Any]:
-    """bench/llama_cpp_peer.py's figures (llama.cpp on `gguf` requantized to f32 and q8_0), run by `python`."""
+def llama_cpp_peer(python: str, gguf: Path, prompt: int, new: int, repeats: int,
+                   quality_prompts: list[list[int]], quality_new: int) -> dict[str, Any]:
+    """bench/llama_cpp_peer.py's figures (llama.cpp on `gguf` requantized to f32 and q8_0), run by `python`, with
+    each model's greedy tokens after `quality_prompts`."""
     with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "peer.json"
+        out, prompts = Path(d) / "peer.json", Path(d) / "prompts.json"
+        prompts.write_text(json.dumps(quality_prompts))
         cmd = [python, str(ROOT / "bench" / "llama_cpp_peer.py"), "--gguf", str(gguf), "--prompt", str(prompt),
-               "--new", str(new), "--repeats", str(repeats), "--json", str(out)]
+               "--new", str(new), "--repeats", str(repeats), "--json", str(out), "--quality", str(prompts),
+               "--quality-new", str(quality_new)]
         res = subprocess.run(cmd, capture_output=True, text=True)
         if res.returncode or not out.exists():
             raise SystemExit(f"--llama-cpp: {' '.join(cmd)} failed:\n{res.stderr[-2000:]}")
@@ -269,9 +273,9 @@ def main() -> None:
                                  "weight_bytes": param_bytes}
 
     lowp_rows = []
+    tok = load_tokenizer(gguf)
+    prompts = [chat_prompt_ids(tok, q) for q in QUALITY_PROMPTS]
     if not args.no_lowp:
-        tok = load_tokenizer(gguf)
-        prompts = [chat_prompt_ids(tok, q) for q in QUALITY_PROMPTS]
         bf16 = jax.tree.map(lambda x: np.asarray(x).astype(jnp.bfloat16) if np.ndim(x) == 2 else x, params)
         ids = np.random.default_rng(1).integers(100, 20000, size=(1, args.prompt))
         for name, g in (("int8", Generator(cfg, params, quantize="int8", compilation_cache=False)),
@@ -289,7 +293,14 @@ def main() -> None:
 
     peer_rows = []
     if args.llama_cpp:
-        peer = llama_cpp_peer(args.llama_cpp, gguf, args.prompt, args.new, args.repeats)
+        peer = llama_cpp_peer(args.llama_cpp, gguf, args.prompt, args.new, args.repeats, prompts, args.quality_new)
+        ours_f32 = gen.generate_ids(prompts, GenerationConfig(do_sample=False, max_new_tokens=args.quality_new)).tokens
+        # greedy agreement inside llama.cpp (its int8 with a scale per 32 weights against its float32: the peer of
+        # our int8 row's "greedy = float32"), and of its float32 with ours (two implementations of one model)
+        figures["llama_cpp_quality"] = {
+            "q8_0_greedy_equal_f32": sum(a == b for a, b in zip(peer["q8_0"].pop("greedy"), peer["f32"]["greedy"])),
+            "f32_greedy_equal_ours_f32": sum(a == b for a, b in zip(peer["f32"].pop("greedy"), ours_f32)),
+            "prompts": len(prompts)}
         for name, ours_key in (("f32", "batch_1"), ("q8_0", "int8_batch_1")):
             ours_decode = figures.get(ours_key, {}).get("decode_tok_s", float("nan"))
             figures[f"llama_cpp_{name}"] = {**peer[name], "ours_decode_tok_s": ours_decode,
@@ -342,6 +353,9 @@ def main() -> None:
         for name, ours_key, f in peer_rows:
             print(f"| {name} | {f['file_mb']:.0f} MB | {f['prefill_tok_s']:.0f} | {f['decode_tok_s']:.1f} | "
                   f"{ours_key}: {f['ours_decode_tok_s']:.1f} | {f['ours_over_llama_cpp']:.2f}x |")
+        q = figures["llama_cpp_quality"]
+        print(f"llama.cpp greedy texts ({args.quality_new} tokens): q8_0 = its f32 on {q['q8_0_greedy_equal_f32']} "
+              f"of {q['prompts']}; its f32 = our float32 on {q['f32_greedy_equal_ours_f32']} of {q['prompts']}")
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     if ttft:

@@ -10,6 +10,10 @@ temporary folder) to F32 (the same values this project dequantizes to) and to Q8
 the peer of `quantize="int8"`). For each: prefill tok/s of a prompt of --prompt random ids (one `eval`), and decode
 tok/s of --new greedy tokens (one `eval` per token, argmax of the last logits), best of --repeats; --threads threads.
 Prints and writes {"f32": {"prefill_tok_s", "decode_tok_s", "file_mb"}, "q8_0": {...}, "version": ...}.
+
+With --quality PROMPTS.json (a list of token-id lists, bench/generate.py's 20 chat prompts): each model also
+generates --quality-new greedy tokens after every prompt ("greedy": the token lists), so that q8_0's agreement with
+f32 in llama.cpp can be set beside int8's with float32 here.
 """
 
 from __future__ import annotations
@@ -61,6 +65,27 @@ def timed(model_path: Path, prompt: list[int], new: int, repeats: int, threads: 
             "file_mb": model_path.stat().st_size / 1e6}
 
 
+def greedy(model_path: Path, prompts: list[list[int]], new: int, threads: int) -> list[list[int]]:
+    """`new` greedy tokens after each prompt (argmax of the last logits; stops at end-of-generation tokens)."""
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=max(map(len, prompts)) + new + 8, n_threads=threads,
+                          n_threads_batch=threads, n_batch=max(map(len, prompts)), verbose=False)
+    vocab = llm.n_vocab()
+    out = []
+    for prompt in prompts:
+        llm.reset()
+        llm.eval(prompt)
+        tokens: list[int] = []
+        while len(tokens) < new:
+            token = int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1),
+                                                         shape=(vocab,))))
+            tokens.append(token)
+            if llama_cpp.llama_token_is_eog(llama_cpp.llama_model_get_vocab(llm.model), token):
+                break
+            llm.eval([token])
+        out.append(tokens)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gguf", type=Path, required=True)
@@ -69,6 +94,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--quality", type=Path, default=None, help="JSON list of prompts (token ids): greedy texts too")
+    ap.add_argument("--quality-new", type=int, default=24)
     args = ap.parse_args()
     if not args.gguf.is_file():
         raise SystemExit(f"{args.gguf}: no such GGUF file")
@@ -79,6 +106,9 @@ def main() -> None:
             path = Path(d) / f"model-{name}.gguf"
             requantize(args.gguf, path, ftype, args.threads)
             out[name] = timed(path, prompt, args.new, args.repeats, args.threads)
+            if args.quality:
+                prompts = json.loads(args.quality.read_text())
+                out[name]["greedy"] = greedy(path, prompts, args.quality_new, args.threads)
             path.unlink()
     print(json.dumps(out, indent=2))
     if args.json:
