@@ -96,3 +96,31 @@ def test_vit_keeps_low_precision_weights(dtype):
     ref, _ = _vit_temp("float32")
     temp, weights = _vit_temp(dtype)
     assert temp <= ref + FRACTION * weights, f"{dtype}: {temp} temp bytes for {weights} weight bytes (f32: {ref})"
+
+
+def _decode_step_hlo(dtype: str, batch: int, slots: int) -> str:
+    """The optimized HLO of one decode step of a `dtype` LLaMA (weights and KV cache), cache donated."""
+    dt = jnp.dtype(dtype)
+    model = Llama(LLAMA, dtype=dt, param_dtype=dt)
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, dt), _weights(LLAMA, "float32"))
+    cache = jax.eval_shape(lambda: init_cache(LLAMA, batch, slots, dt))
+    with kernels.cpu_kernels(True):
+        step = jax.jit(lambda p, t, c: model.apply({"params": p}, model.apply({"params": p}, t[:, None],
+                                                                               method=Llama.embed), cache=c),
+                       donate_argnums=(2,))
+        return step.lower(params, jax.ShapeDtypeStruct((batch,), jnp.int32), cache).compile().as_text()
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_decode_step_writes_the_kv_cache_in_place(dtype, batch):
+    """A decode step writes one slot of each layer's donated K and V: no copy of a whole cache array, and for a
+    bf16 cache no float32 version of it (XLA's CPU compiler turned the vmapped bf16 write into a float32 round trip
+    of the whole cache plus a copy, and a float32 cache read by XLA's dot into up to four copies per step)."""
+    slots = 96
+    shape = f"[{batch},{LLAMA.num_kv_heads},{slots},{LLAMA.hidden_size // LLAMA.num_heads}]"
+    hlo = _decode_step_hlo(dtype, batch, slots)
+    whole_cache_copies = [line for line in hlo.splitlines() if f"{shape}" in line.split("=", 1)[-1].split("(")[0]
+                          and " copy(" in line]
+    assert not whole_cache_copies, whole_cache_copies[:2]
+    assert f"f32{shape}" not in hlo or dtype == "float32"

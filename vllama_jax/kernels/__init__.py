@@ -129,9 +129,9 @@ def use_cpu_kernels() -> bool:
 
 def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: bool = False) -> jax.Array:
     """x (M, K) @ W -> float32 (M, N), W (K, N) (`nk=False`) or (N, K) (`nk=True`), float32 / bfloat16 / int8,
-    times `scale` (N,) per output column when given. Batched: x (B, M, K) and W (B, K, N) / (B, N, K), float32 /
-    bfloat16 / float16, no scale -> (B, M, N) (a decode step's attention over its KV cache). CPU only; call
-    `wmatmul_available()` first."""
+    times `scale` (N,) per output column when given. Batched: x (..., M, K) and W (..., K, N) / (..., N, K) with the
+    same leading sizes, float32 / bfloat16 / float16, no scale -> (..., M, N) (a decode step's attention over its KV
+    cache, read in its own (B, Hkv, S, Dh) shape). CPU only; call `wmatmul_available()` first."""
     n = w.shape[-2] if nk else w.shape[-1]
     s = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32), vmap_method="sequential")

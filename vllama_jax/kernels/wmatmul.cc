@@ -591,14 +591,20 @@ static void dispatch_batched(ffi::ThreadPool& pool, const float* x, const void* 
 }
 
 // x (M, K) f32; w (K, N) or (N, K) f32/bf16/f16/s8; scale (N,) f32 or (0,) for none; y (M, N) f32.
-// Batched: x (B, M, K), w (B, K, N) or (B, N, K), no scale, y (B, M, N); the products split over the pool.
+// Batched: x (..., M, K), w (..., K, N) or (..., N, K) with the same leading (batch) sizes, no scale, y (..., M, N);
+// the products split over the pool.
 static ffi::Error WMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                               ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool nk) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() == 3 && wd.size() == 3) {
-    int64_t B = xd[0], M = xd[1], K = xd[2], N = nk ? wd[1] : wd[2];
-    if (wd[0] != B || (nk ? wd[2] : wd[1]) != K) return ffi::Error::InvalidArgument("wmatmul: batch or contraction sizes differ");
+  if (xd.size() >= 3 && wd.size() == xd.size()) {
+    const size_t r = xd.size();
+    int64_t B = 1, M = xd[r - 2], K = xd[r - 1], N = nk ? wd[r - 2] : wd[r - 1];
+    for (size_t i = 0; i + 2 < r; ++i) {
+      if (wd[i] != xd[i]) return ffi::Error::InvalidArgument("wmatmul: batch sizes differ");
+      B *= xd[i];
+    }
+    if ((nk ? wd[r - 1] : wd[r - 2]) != K) return ffi::Error::InvalidArgument("wmatmul: contraction sizes differ");
     if (scale.element_count()) return ffi::Error::InvalidArgument("wmatmul: no scale with a batch");
     const float* xp = x.typed_data();
     float* yp = y->typed_data();

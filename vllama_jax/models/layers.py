@@ -67,6 +67,7 @@ def with_axes(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
 KERNEL_SCALE = "kernel_scale"
 EMBEDDING_SCALE = "embedding_scale"
 LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_KERNEL_CACHE_DTYPES = (*LOW_PRECISION_FLOATS, jnp.dtype(jnp.float32))  # `_cache_product`
 
 
 #: row counts at which float32 weights go through the FFI kernel too, by the kernel's vector width
@@ -291,17 +292,17 @@ def merge_heads(x: jax.Array) -> jax.Array:
 
 def _cache_product(a: jax.Array, cache: jax.Array, transposed: bool) -> jax.Array:
     """a (B, Hkv, R, X) times each head's cache (B, Hkv, S, Dh): a @ cache^T (scores, X = Dh; float32) or a @ cache
-    (X = S; in the cache's dtype from XLA, float32 from the kernel). A bf16/fp16 cache at decode rows (at most
-    `kernels.SMALL_M`) goes through the CPU kernel, which reads it as stored; elsewhere (another backend, a mesh, a
-    prefill, a float32 cache that XLA's dot reads as fast) XLA's dot. XLA's CPU dot converted a whole bf16 cache to
-    float32 for every one-row product, and again for the values (LLaMA-2-7B, 704 slots: 210 ms of a 280 ms int8
-    decode step for the 32 layers' attention, 12 ms through the kernel; padding to two rows, XLA's native bf16 path,
-    still 126 ms)."""
+    (X = S; in the cache's dtype from XLA, float32 from the kernel). At decode rows (at most `kernels.SMALL_M`) on a
+    one-device CPU the kernel reads the cache as stored, in its own 4-D shape; elsewhere (another backend, a mesh, a
+    prefill) XLA's dot. XLA's CPU dot converted a whole bf16 cache to float32 for every one-row product, and again
+    for the values (LLaMA-2-7B, 704 slots: 210 ms of a 280 ms int8 decode step for the 32 layers' attention, 12 ms
+    through the kernel). Reading a float32 cache, or any cache reshaped to (B * Hkv, S, Dh), XLA's dot made the
+    fusion that writes the step's slot run twice (once per shape), each on its own copy of the donated cache: one
+    to four whole copies per layer and step (SmolLM2-135M int8, batch 1: 106 -> 154 tok/s with this and
+    `models.llama._write_rows`; `tests/test_lowp_memory.py::test_decode_step_writes_the_kv_cache_in_place`)."""
     b, hkv, r, x = a.shape
-    if r <= kernels.SMALL_M and jnp.dtype(cache.dtype) in LOW_PRECISION_FLOATS and kernels.use_cpu_kernels():
-        s, dh = cache.shape[2], cache.shape[3]
-        out = kernels.wmatmul(a.reshape(b * hkv, r, x), cache.reshape(b * hkv, s, dh), nk=transposed)
-        return out.reshape(b, hkv, r, out.shape[-1])
+    if r <= kernels.SMALL_M and jnp.dtype(cache.dtype) in _KERNEL_CACHE_DTYPES and kernels.use_cpu_kernels():
+        return kernels.wmatmul(a, cache, nk=transposed)
     if transposed:
         return jnp.einsum("bkrd,bksd->bkrs", a, cache, preferred_element_type=jnp.float32)
     return jnp.einsum("bkrs,bksd->bkrd", a, cache)

@@ -1,0 +1,98 @@
+"""A decode step's KV-cache traffic at LLaMA-2-7B's size: write one slot of each layer's K and V, read the scores.
+
+    python bench/kv_write.py [--slots 704] [--dtype bfloat16] [--rounds 7] [--json PATH]
+
+64 donated cache arrays (32 layers x K, V) of (1, 32, slots, 128); per step every array gets one new row at a
+per-row index and is read once for the attention scores (q K^T, at one query row). Side by side in one process,
+alternating: this project's write (`models.llama._write_rows`: one dynamic-update-slice per row on the bits as
+unsigned integers) and read (`models.layers._cache_product`), against the plain JAX form (a vmapped
+dynamic-update-slice, the cache reshaped to (B * Hkv, S, Dh) for the read). Prints ms per step and the ratio, with
+the bytes the arrays hold (what one pass over them reads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vllama_jax import kernels  # noqa: E402
+from vllama_jax.models import layers, llama  # noqa: E402
+
+
+def plain_write(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """What a straightforward JAX cache write looks like: a dynamic-update-slice per row, vmapped."""
+    def one(b_buf, b_new, i):
+        return jax.lax.dynamic_update_slice(b_buf, b_new.astype(b_buf.dtype),
+                                            tuple(i if d == axis - 1 else 0 for d in range(b_buf.ndim)))
+    return jax.vmap(one)(buf, new, index)
+
+
+def plain_scores(q: jax.Array, cache: jax.Array) -> jax.Array:
+    """The scores over a cache reshaped to (B * Hkv, S, Dh) (the kernel's batched form before this change)."""
+    b, h, s, d = cache.shape
+    out = kernels.wmatmul(q.reshape(b * h, q.shape[2], d), cache.reshape(b * h, s, d), nk=True)
+    return out.reshape(b, h, q.shape[2], s)
+
+
+def step_fn(write, scores):
+    def step(caches, q, new, index):
+        out, acc = [], jnp.float32(0)
+        for c in caches:
+            c = write(c, new, index, 2)
+            acc = acc + scores(q, c)[0, 0, 0, 0]
+            out.append(c)
+        return out, acc
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--slots", type=int, default=704, help="cache slots (the real-size chat's: 704)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--arrays", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--json", type=Path, default=None)
+    a = ap.parse_args()
+    if not kernels.use_cpu_kernels():
+        raise SystemExit("bench/kv_write.py: needs the CPU kernel (one CPU device and a C++ compiler)")
+    load0 = os.getloadavg()[0]
+    dt, shape = jnp.dtype(a.dtype), (1, 32, a.slots, 128)
+    variants = {"plain JAX (vmapped write, reshaped read)": step_fn(plain_write, plain_scores),
+                "this project": step_fn(llama._write_rows, lambda q, c: layers._cache_product(q, c, True))}
+    q, new = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, 32, 1, 128), dt)
+    state, times = {}, {k: [] for k in variants}
+    for k, f in variants.items():
+        state[k], acc = f([jnp.zeros(shape, dt) for _ in range(a.arrays)], q, new, jnp.array([0], jnp.int32))
+        acc.block_until_ready()
+    for r in range(a.rounds):
+        for k, f in variants.items():
+            t = time.perf_counter()
+            for i in range(5):
+                state[k], acc = f(state[k], q, new, jnp.array([1 + (5 * r + i) % (a.slots - 1)], jnp.int32))
+            acc.block_until_ready()
+            times[k].append((time.perf_counter() - t) / 5)
+    mb = a.arrays * np.prod(shape) * dt.itemsize / 1e6
+    ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
+    base, ours = ms["plain JAX (vmapped write, reshaped read)"], ms["this project"]
+    print(f"{a.arrays} {a.dtype} caches of {shape} ({mb:.0f} MB), one slot written and the scores read per step; "
+          f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after; median of {a.rounds} rounds x 5 steps")
+    for k, v in ms.items():
+        print(f"  {k}: {v:.1f} ms per step")
+    print(f"  this project / plain: {base / ours:.2f}x faster")
+    if a.json:
+        a.json.write_text(json.dumps({"slots": a.slots, "dtype": a.dtype, "cache_mb": mb, "ms_per_step": ms,
+                                      "speedup": base / ours, "load_average": [load0, os.getloadavg()[0]]},
+                                     indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
