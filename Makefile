@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(PY) bench/convert.py
 	$(PY) bench/generate.py
 	$(PY) bench/matmul_kernel.py
+	$(PY) bench/kv_write.py
 	$(PY) bench/serve.py
 	$(PY) bench/train.py
 	$(PY) bench/eval.py
