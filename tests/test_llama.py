@@ -414,3 +414,19 @@ def test_error_extra_layer_in_file(llama_copy):
     (llama_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(WeightsError, match="unexpected keys model.layers.1"):
         load_llama(llama_copy)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 20])  # 20: past `_UNROLLED_ROWS`, the vmapped write
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "bool"])
+def test_cache_rows_are_written_at_each_rows_offset(batch, dtype):
+    from vllama_jax.models.llama import _write_rows
+
+    rng = np.random.default_rng(batch)
+    draw = (lambda *s: rng.standard_normal(s) > 0) if dtype == "bool" else (lambda *s: rng.standard_normal(s))
+    buf, new = jnp.asarray(draw(batch, 2, 10, 4), dtype), jnp.asarray(draw(batch, 2, 3, 4), dtype)
+    index = jnp.asarray(rng.integers(0, 8, batch), jnp.int32)
+    got = np.asarray(jax.jit(lambda b, n, i: _write_rows(b, n, i, axis=2))(buf, new, index))
+    want = np.asarray(buf).copy()
+    for b in range(batch):
+        want[b, :, int(index[b]):int(index[b]) + 3] = np.asarray(new)[b]
+    np.testing.assert_array_equal(got, want)

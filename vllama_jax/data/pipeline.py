@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import json
 import functools
+import json
 import logging
 import os
 import sys

@@ -50,7 +50,6 @@ class _Block:
         self.fd = os.memfd_create("vllama-batch", os.MFD_CLOEXEC)
         os.ftruncate(self.fd, _HEADER + nbytes)
         self.map = mmap.mmap(self.fd, _HEADER + nbytes)
-        self.nbytes = nbytes
 
     def state(self) -> int:
         return self.map[8]
@@ -65,25 +64,27 @@ class FramePool:
         self._seq = 0
         self._lock = threading.Lock()  # grain may build batches in several read threads
 
-    def _take(self, nbytes: int) -> _Block | None:
+    def _take(self, nbytes: int) -> tuple[_Block, int] | None:
+        """A consumed (or new) block of `nbytes`, claimed under the next sequence number; None when none is free."""
         with self._lock:
             blocks = self._blocks.setdefault(nbytes, [])
             block = next((b for b in blocks if b.state() == _CONSUMED), None)
             if block is None and len(blocks) < self.max_blocks:
                 block = _Block(nbytes)
                 blocks.append(block)
-            if block is not None:
-                self._seq += 1
-                _SEQ_STATE.pack_into(block.map, 0, self._seq, _WRITTEN)
-            return block
+            if block is None:
+                return None
+            self._seq += 1
+            _SEQ_STATE.pack_into(block.map, 0, self._seq, _WRITTEN)
+            return block, self._seq
 
     def put(self, array: np.ndarray) -> FrameSlot | np.ndarray:
         """``array`` copied into a free block: its ``FrameSlot``; with no block free, ``array`` itself."""
         array = np.ascontiguousarray(array)
-        block = self._take(array.nbytes)
-        if block is None:
+        taken = self._take(array.nbytes)
+        if taken is None:
             return array
-        seq = _SEQ_STATE.unpack_from(block.map, 0)[0]
+        block, seq = taken
         np.copyto(np.ndarray(array.shape, array.dtype, buffer=block.map, offset=_HEADER), array)
         return FrameSlot(os.getpid(), block.fd, array.shape, array.dtype, seq)
 

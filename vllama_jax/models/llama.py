@@ -96,24 +96,33 @@ def resize_cache(cache: Cache, length: int) -> Cache:
 
 
 _SAME_WIDTH_UINT = {2: jnp.uint16, 4: jnp.uint32}
+_UNROLLED_ROWS = 16  # batches up to this size write one dynamic-update-slice per row; larger ones one vmapped write
 
 
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
     """buf[b, ..., index[b] : index[b] + L, ...] = new[b] along `axis` for every row b (per-row offsets).
 
-    One dynamic-update-slice per row (start clamped like any dynamic-update-slice), on the unsigned integers of a
-    float cache's bits. Both are for XLA's CPU compiler, which otherwise rewrote each decode step's write into
-    passes over the whole cache: the batched (vmapped) form became a scatter with bounds selects, the bf16 / fp16
-    update a float32 round trip of the whole buffer (widen, update, narrow) followed by a copy into the donated
-    one. 64 LLaMA-2-7B-sized bf16 caches (704 slots), one write and the scores read per step: 112 ms before, 20 ms
-    this way (`bench/kv_write.py`)."""
+    On the unsigned integers of a float cache's bits, and one dynamic-update-slice per row (start clamped like any
+    dynamic-update-slice) up to `_UNROLLED_ROWS` rows. Both are for XLA's CPU compiler, which otherwise rewrote each
+    decode step's write into passes over the whole cache: the vmapped form became a scatter with bounds selects,
+    and a bf16 / fp16 update a float32 round trip of the whole buffer (widen, update, narrow) followed by a copy into
+    the donated one. 64 LLaMA-2-7B-sized bf16 caches (704 slots), one write and the scores read per step: 115 ms
+    the plain way, 24 ms this way (`bench/kv_write.py`). Larger batches (an accelerator's) keep one vmapped write
+    rather than a program that grows with the batch."""
     dtype = jnp.dtype(buf.dtype)
     bits = _SAME_WIDTH_UINT.get(dtype.itemsize) if jnp.issubdtype(dtype, jnp.floating) else None
     out = buf if bits is None else jax.lax.bitcast_convert_type(buf, bits)
     new = new.astype(dtype) if bits is None else jax.lax.bitcast_convert_type(new.astype(dtype), bits)
-    for b in range(out.shape[0]):
-        start = (b,) + tuple(index[b] if d == axis else 0 for d in range(1, out.ndim))
-        out = jax.lax.dynamic_update_slice(out, new[b:b + 1], start)
+    if out.shape[0] <= _UNROLLED_ROWS:
+        for b in range(out.shape[0]):
+            start = (b,) + tuple(index[b] if d == axis else 0 for d in range(1, out.ndim))
+            out = jax.lax.dynamic_update_slice(out, new[b:b + 1], start)
+    else:
+        def one(b_buf: jax.Array, b_new: jax.Array, i: jax.Array) -> jax.Array:
+            start = tuple(i if d == axis - 1 else 0 for d in range(b_buf.ndim))
+            return jax.lax.dynamic_update_slice(b_buf, b_new, start)
+
+        out = jax.vmap(one)(out, new, index)
     return out if bits is None else jax.lax.bitcast_convert_type(out, dtype)
 
 
