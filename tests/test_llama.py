@@ -430,3 +430,14 @@ def test_cache_rows_are_written_at_each_rows_offset(batch, dtype):
     for b in range(batch):
         want[b, :, int(index[b]):int(index[b]) + 3] = np.asarray(new)[b]
     np.testing.assert_array_equal(got, want)
+    if dtype != "bool":  # differentiable: d sum(out * w) / d new = w at the written slots, / d buf = w elsewhere
+        w = jnp.asarray(rng.standard_normal(buf.shape), dtype)
+        g_buf, g_new = jax.grad(lambda b, n: jnp.sum((_write_rows(b, n, index, axis=2) * w).astype(jnp.float32)),
+                                argnums=(0, 1))(buf, new)
+        w = np.asarray(w, np.float32)
+        written = np.zeros(buf.shape, bool)
+        for b in range(batch):
+            written[b, :, int(index[b]):int(index[b]) + 3] = True
+        np.testing.assert_array_equal(np.asarray(g_buf, np.float32), np.where(written, 0, w))
+        np.testing.assert_array_equal(np.asarray(g_new, np.float32),
+                                      np.stack([w[b, :, int(index[b]):int(index[b]) + 3] for b in range(batch)]))

@@ -35,6 +35,7 @@ checked inside jit (dynamic_update_slice would clamp the start and overwrite the
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -102,28 +103,47 @@ _UNROLLED_ROWS = 16  # batches up to this size write one dynamic-update-slice pe
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
     """buf[b, ..., index[b] : index[b] + L, ...] = new[b] along `axis` for every row b (per-row offsets).
 
-    On the unsigned integers of a float cache's bits, and one dynamic-update-slice per row (start clamped like any
-    dynamic-update-slice) up to `_UNROLLED_ROWS` rows. Both are for XLA's CPU compiler, which otherwise rewrote each
-    decode step's write into passes over the whole cache: the vmapped form became a scatter with bounds selects,
-    and a bf16 / fp16 update a float32 round trip of the whole buffer (widen, update, narrow) followed by a copy into
-    the donated one. 64 LLaMA-2-7B-sized bf16 caches (704 slots), one write and the scores read per step: 115 ms
-    the plain way, 24 ms this way (`bench/kv_write.py`). Larger batches (an accelerator's) keep one vmapped write
-    rather than a program that grows with the batch."""
+    A float cache is written as the unsigned integers of its bits, and one dynamic-update-slice per row (start
+    clamped like any dynamic-update-slice) up to `_UNROLLED_ROWS` rows. Both are for XLA's CPU compiler, which
+    otherwise rewrote each decode step's write into passes over the whole cache: the vmapped form became a scatter
+    with bounds selects, and a bf16 / fp16 update a float32 round trip of the whole buffer (widen, update, narrow)
+    followed by a copy into the donated one. 64 LLaMA-2-7B-sized bf16 caches (704 slots), one write and the scores
+    read per step: 115 ms the plain way, 24 ms this way (`bench/kv_write.py`). Larger batches (an accelerator's) keep
+    one vmapped write rather than a program that grows with the batch. Differentiable (a loss over a cached prompt
+    prefix trains through it)."""
     dtype = jnp.dtype(buf.dtype)
-    bits = _SAME_WIDTH_UINT.get(dtype.itemsize) if jnp.issubdtype(dtype, jnp.floating) else None
-    out = buf if bits is None else jax.lax.bitcast_convert_type(buf, bits)
-    new = new.astype(dtype) if bits is None else jax.lax.bitcast_convert_type(new.astype(dtype), bits)
-    if out.shape[0] <= _UNROLLED_ROWS:
-        for b in range(out.shape[0]):
-            start = (b,) + tuple(index[b] if d == axis else 0 for d in range(1, out.ndim))
-            out = jax.lax.dynamic_update_slice(out, new[b:b + 1], start)
-    else:
+    new = new.astype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize in _SAME_WIDTH_UINT:
+        return _write_float_rows(buf, new, index, axis)
+    return _update_rows(buf, new, index, axis)
+
+
+def _update_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    if buf.shape[0] > _UNROLLED_ROWS:
         def one(b_buf: jax.Array, b_new: jax.Array, i: jax.Array) -> jax.Array:
             start = tuple(i if d == axis - 1 else 0 for d in range(b_buf.ndim))
             return jax.lax.dynamic_update_slice(b_buf, b_new, start)
 
-        out = jax.vmap(one)(out, new, index)
-    return out if bits is None else jax.lax.bitcast_convert_type(out, dtype)
+        return jax.vmap(one)(buf, new, index)
+    for b in range(buf.shape[0]):
+        start = (b,) + tuple(index[b] if d == axis else 0 for d in range(1, buf.ndim))
+        buf = jax.lax.dynamic_update_slice(buf, new[b:b + 1], start)
+    return buf
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _write_float_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    bits = _SAME_WIDTH_UINT[jnp.dtype(buf.dtype).itemsize]
+    out = _update_rows(jax.lax.bitcast_convert_type(buf, bits), jax.lax.bitcast_convert_type(new, bits), index, axis)
+    return jax.lax.bitcast_convert_type(out, buf.dtype)
+
+
+@_write_float_rows.defjvp
+def _write_float_rows_jvp(axis: int, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    # integers carry no derivative: the tangents are written as floats (the same linear update)
+    buf, new, index = primals
+    d_buf, d_new, _ = tangents
+    return _write_float_rows(buf, new, index, axis), _update_rows(d_buf, d_new, index, axis)
 
 
 # ------------------------------------------------------------------------------------------------------------
