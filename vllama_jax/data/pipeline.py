@@ -482,12 +482,13 @@ def build_dataset(datasets: Sequence[DatasetSpec], cfg: PipelineConfig) -> grain
 def _init_worker(worker_index: int, worker_count: int, *, reuse_memory: bool, max_blocks: int) -> None:
     """grain's ``worker_init_fn``: the allocator settings below, and the worker's pool of batch memory (at most
     ``max_blocks`` batches of each size in flight: the worker's queue, the batch being built and a margin)."""
-    keep_freed_memory(worker_index, worker_count)
+    del worker_index, worker_count  # the same in every worker
+    keep_freed_memory()
     if reuse_memory:
         transport.enable(max_blocks)
 
 
-def keep_freed_memory(worker_index: int = 0, worker_count: int = 1) -> None:
+def keep_freed_memory() -> None:
     """In a worker process: let glibc's malloc keep the memory it frees instead of handing it back to the OS.
 
     A sample allocates and frees the same few-MB frame buffers (decoded frames, the crop in float32, the resize's
@@ -496,7 +497,6 @@ def keep_freed_memory(worker_index: int = 0, worker_count: int = 1) -> None:
     ms of CPU a sample; built in grain's read thread, as in a worker, 40 -> 37 ms (a thread's arena trims less).
     Kept buffers are reused as they are; a worker's resident memory settles at its peak working set. Not applied to
     the calling process (the trainer itself, for ``num_workers=0``), whose allocations are not this regular."""
-    del worker_index, worker_count  # grain's worker_init_fn arguments
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing to tune
