@@ -1,7 +1,8 @@
 """The CPU matmul kernel (`vllama_jax.kernels.wmatmul`) against XLA's dot, in the same run.
 
 For each number of rows M of x (1 and 8: decode steps; 128 and 512: prefills and the ViT's frames) and each stored
-weight dtype (float32, bfloat16, float16, int8 with per-column scales), one (M, K) @ (K, N) product, timed after a
+weight dtype (float32, bfloat16, float16, int8 with per-column scales, as (K, N) and in the packed layout of
+`kernels.pack_int8`), one (M, K) @ (K, N) product, timed after a
 warm-up: GFLOP/s, and the weight bytes read per second (what bounds a decode step). Beside it XLA's own dot with
 float32 weights (what the models use without the kernel) and, for the low-precision dtypes, XLA's dot on the same
 stored weights (it converts the whole operand to float32 first: the copy the kernel exists to avoid). The copy
@@ -39,7 +40,7 @@ from vllama_jax.models.quant import quantize_leaf  # noqa: E402
 sys.path.insert(0, str(ROOT / "bench"))
 from generate import copy_bandwidth  # noqa: E402
 
-DTYPES = ("float32", "bfloat16", "float16", "int8")
+DTYPES = ("float32", "bfloat16", "float16", "int8", "int8-packed")
 
 
 def best_seconds(fn: Callable[[], Any], min_seconds: float, repeats: int) -> float:
@@ -59,10 +60,11 @@ def best_seconds(fn: Callable[[], Any], min_seconds: float, repeats: int) -> flo
 def stored(w32: np.ndarray, dtype: str) -> tuple[jax.Array, jax.Array | None]:
     """The weights as stored in `dtype` and their scale (int8: `quantize_leaf`'s per-column scales, as a Dense
     kernel of the LLM is quantized at load; None otherwise)."""
-    if dtype != "int8":
+    if not dtype.startswith("int8"):
         return jnp.asarray(w32, dtype), None
     q, scale = quantize_leaf(w32, "llama/layers_0/mlp/up_proj/kernel")
-    return jnp.asarray(q), jnp.asarray(scale)
+    q = jnp.asarray(q)
+    return (kernels.pack_int8(q) if dtype == "int8-packed" else q), jnp.asarray(scale)
 
 
 def main() -> None:
@@ -82,7 +84,11 @@ def main() -> None:
     w32 = (rng.standard_normal((args.k, args.n)) * 0.02).astype(np.float32)
     weights = {d: stored(w32, d) for d in DTYPES}
     kernel = jax.jit(lambda x, w, s: kernels.wmatmul(x, w, s))
-    xla = jax.jit(lambda x, w, s: x @ (w.astype(jnp.float32) if s is None else w.astype(jnp.float32) * s))
+    def xla_product(x, w, s):
+        w = (kernels.unpack_int8(w) if kernels.is_packed(w) else w).astype(jnp.float32)
+        return x @ (w if s is None else w * s)
+
+    xla = jax.jit(xla_product)
     rows: dict[str, Any] = {}
     print(f"copy bandwidth {bw / 1e9:.1f} GB/s; x (M, {args.k}) @ W ({args.k}, {args.n}); best of {args.repeats}; "
           f"load average {load_before[0]:.2f}")

@@ -12,6 +12,7 @@ from flax import linen as nn
 from tests.helpers import TINY_CONFIG, tiny_files
 from vllama_jax import kernels
 from vllama_jax.config import LlamaConfig, load_model_config
+from vllama_jax.inference.generate import Generator
 from vllama_jax.models import layers, quant
 from vllama_jax.models.layers import _kernel_matmul, dequantize, matmul
 from vllama_jax.models.llama import Llama
@@ -104,6 +105,89 @@ def test_kernel_gradient_matches_xla():
         got = jax.grad(f, (0, 1))(x, w)
     for a, b in zip(got, jax.grad(g, (0, 1))(x, w)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+needs_packed = pytest.mark.skipif(not kernels.packed_int8_available(),
+                                  reason="the packed int8 path of the CPU kernel needs AVX-512 VNNI")
+
+
+def test_pack_int8_layout():
+    """`pack_int8`: (K, N) -> (K/4, N, 4) with element (k, n) at [k // 4, n, k % 4]; `unpack_int8` inverts it;
+    only int8 matrices with K % 4 == 0 and N % 64 == 0 are taken."""
+    w = np.random.default_rng(0).integers(-127, 128, (12, 128)).astype(np.int8)
+    p = np.asarray(kernels.pack_int8(jnp.asarray(w)))
+    assert p.shape == (3, 128, 4)
+    k, n = np.meshgrid(np.arange(12), np.arange(128), indexing="ij")
+    np.testing.assert_array_equal(p[k // 4, n, k % 4], w)
+    np.testing.assert_array_equal(np.asarray(kernels.unpack_int8(jnp.asarray(p))), w)
+    assert kernels.is_packed(p) and not kernels.is_packed(w)
+    assert kernels.packable(jnp.asarray(w))
+    assert not any(kernels.packable(jnp.asarray(v)) for v in (w[:10], w[:, :96], w.astype(np.float32)))
+
+
+@needs_packed
+@pytest.mark.parametrize("rows", [1, 3, 17, 40])
+def test_packed_int8_kernel_equals_the_kn_layout(rows):
+    """Every path of the packed kernel (VNNI at one row, the float streaming path up to 16 rows, the panels above,
+    the float path for a row holding NaN) gives the (K, N) layout's results: bit for bit at one row (the same
+    integer arithmetic), up to summation order elsewhere; `matmul` takes packed weights with the kernel on and off
+    (XLA: unpacked first), and the gradient through them is the (K, N) one."""
+    rng = np.random.default_rng(rows)
+    k, n = 1040, 192  # 4 full activation blocks + a short one, 3 column steps of 64
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = jnp.asarray(np.clip(np.rint(rng.standard_normal((k, n)) * 40), -127, 127).astype(np.int8))
+    scale = jnp.asarray(rng.uniform(0.5, 2.0, n).astype(np.float32) / 40)
+    packed = kernels.pack_int8(w)
+    f = jax.jit(kernels.wmatmul)
+    got, kn = np.asarray(f(x, packed, scale)), np.asarray(f(x, w, scale))
+    if rows == 1:
+        np.testing.assert_array_equal(got, kn)
+    np.testing.assert_allclose(got, kn, rtol=1e-5, atol=1e-5 * np.abs(kn).max())
+    for on in (True, False):
+        with kernels.cpu_kernels(on):
+            via = np.asarray(jax.jit(matmul)(x, packed, scale))
+        np.testing.assert_allclose(via, kn, rtol=1e-4, atol=1e-4 * np.abs(kn).max())
+    x[0, 9] = np.nan
+    got = np.asarray(f(x, packed, scale))
+    assert np.all(np.isnan(got[0])) and not np.any(np.isnan(got[1:]))
+    np.testing.assert_allclose(got[1:], kn[1:], rtol=1e-5, atol=1e-5 * np.abs(kn).max())
+    x[0, 9] = 0.0
+    loss = lambda x, w, s: jnp.sum(jnp.sin(_kernel_matmul(x, w, s, False)))  # noqa: E731
+    with kernels.cpu_kernels(True):
+        gp = jax.jit(jax.grad(loss, (0, 2)))(x, packed, scale)
+        gk = jax.jit(jax.grad(loss, (0, 2)))(x, w, scale)
+    for a, b in zip(gp, gk):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
+
+
+@needs_packed
+def test_engine_keeps_packed_int8_kernels_and_releases_only_what_it_owns():
+    """On one CPU device with the kernel, the decode engine holds its int8 projections in the packed layout
+    (`quant.kernel_layout`; kernels whose N is not a multiple of 64 stay (K, N)), the forward through them equals
+    the (K, N) one, and the arrays it was given stay the caller's unless donated (then each is deleted as soon as
+    its packed form exists: one extra leaf at a time)."""
+    cfg, model, params = _llama(tie=False)
+    q = jax.tree.map(jnp.asarray, quant.quantize_params({"llama": params})["llama"])
+    with kernels.cpu_kernels(True):
+        gen = Generator(model, q, compilation_cache=False)
+        flat, given = flatten_params(gen.params), flatten_params(q)
+        assert flat["layers_0/self_attn/q_proj/kernel"].shape == (16, 64, 4)      # (64, 64)
+        assert flat["layers_0/mlp/down_proj/kernel"].shape == (40, 64, 4)         # (160, 64)
+        assert flat["layers_0/mlp/up_proj/kernel"].shape == (64, 160)             # N = 160: as it was
+        assert flat["layers_0/self_attn/k_proj/kernel"].shape == (64, 32)
+        assert not any(a.is_deleted() for a in given.values())
+        ids = jnp.asarray(np.random.default_rng(0).integers(0, 300, (2, 5)))
+        fwd = jax.jit(lambda p, i: model.apply({"params": p}, model.apply({"params": p}, i, method=Llama.embed))[0])
+        for length in (1, 5):
+            np.testing.assert_allclose(np.asarray(fwd(gen.params, ids[:, :length])),
+                                       np.asarray(fwd(q, ids[:, :length])), rtol=1e-5, atol=1e-5)
+        mine = jax.tree.map(jnp.copy, q)
+        Generator(model, mine, compilation_cache=False, donate_params=True)
+        deleted = {p for p, a in flatten_params(mine).items() if a.is_deleted()}
+        assert deleted == {p for p, a in flat.items() if kernels.is_packed(a)}
+    with kernels.cpu_kernels(False):  # XLA's dot (a mesh, an accelerator): nothing to pack
+        assert not any(kernels.is_packed(a) for a in flatten_params(Generator(model, q, compilation_cache=False)
+                                                                        .params).values())
 
 
 def test_quantize_leaf_per_channel():

@@ -207,6 +207,9 @@ class VideoLLaMAChat:
     compilation_cache: enable JAX's persistent compilation cache (see ``vllama_jax.runtime.use_compilation_cache``).
     notice: a line to show users about this model (the embedded model's "untrained" notice); log: where notes
         (audio fallbacks, truncation) go (default: stderr).
+    donate_llm: the chat may delete the LLM's arrays it replaces (int8 kernels repacked for the CPU kernel,
+        `DecodeEngine`'s ``donate_params``), holding one extra leaf at most; ``from_model_dir`` and ``embedded``,
+        which own the model they load, pass True.
     """
 
     def __init__(self, config: ModelConfig, params: dict[str, Any], tokenizer: Tokenizer, *, mesh: Any = None,
@@ -214,7 +217,8 @@ class VideoLLaMAChat:
                  num_frames: int = NUM_FRAMES, max_length: int = MAX_LENGTH,
                  generation_config: GenerationConfig | None = None, compilation_cache: bool | str = True,
                  notice: str | None = None, name: str = "", log: Callable[[str], None] | None = None,
-                 honour_rotation: bool = True, audio_fallback: Literal["media", "any"] = "media") -> None:
+                 honour_rotation: bool = True, audio_fallback: Literal["media", "any"] = "media",
+                 donate_llm: bool = False) -> None:
         if tokenizer is None:
             raise ChatError("the model has no tokenizer (a model directory needs its tokenizer/ folder to chat)")
         missing = [g for g in VISION_GROUPS + (LLM_GROUP,) if g not in params]
@@ -247,7 +251,9 @@ class VideoLLaMAChat:
         self.params = placed(config, with_merged_lora(params, config.lora), self.mesh)
         self.model: VideoLLaMA = build_model(config)
         llama = llama_module(config)
-        self.generator = Generator(llama, self.params[LLM_GROUP], mesh=self.mesh, compilation_cache=False)
+        self.generator = Generator(llama, self.params[LLM_GROUP], mesh=self.mesh, compilation_cache=False,
+                                   donate_params=donate_llm)
+        self.params = {**self.params, LLM_GROUP: self.generator.params}  # one copy of the LLM: the engine's
         self._towers = {k: v for k, v in self.params.items() if k != LLM_GROUP}
         model = self.model
         self._encode_fns = {
@@ -269,6 +275,7 @@ class VideoLLaMAChat:
         ``quantize="int8"``: the LLM's weights as int8 + per-channel scales (``models.quant``), quantized leaf by
         leaf as they are read."""
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        kw.setdefault("donate_llm", True)
         return cls.from_loaded(load_model_dir(path, mesh=mesh, quantize=quantize), mesh=mesh, **kw)
 
     @classmethod
@@ -289,6 +296,7 @@ class VideoLLaMAChat:
         """The embedded default model (``vllama_jax.defaults``): SmolLM2-135M-Instruct + untrained CPU towers,
         built onto ``mesh`` (its LLM in int8 with ``quantize="int8"``)."""
         mesh = make_mesh(mesh) if isinstance(mesh, str) else mesh
+        kw.setdefault("donate_llm", True)
         return cls.from_loaded(embedded_model(seed, mesh=mesh, quantize=quantize), mesh=mesh, **kw)
 
     def update_params(self, params: dict[str, Any]) -> None:
@@ -301,6 +309,7 @@ class VideoLLaMAChat:
         self.params = placed(self.config, params, self.mesh)
         self._towers = {k: v for k, v in self.params.items() if k != LLM_GROUP}
         self.generator.params = self.params[LLM_GROUP]
+        self.params = {**self.params, LLM_GROUP: self.generator.params}
 
     @property
     def batch_multiple(self) -> int:

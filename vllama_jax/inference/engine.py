@@ -29,7 +29,7 @@ from jax.sharding import Mesh
 from ..config import LlamaConfig
 from ..models.groups import LLM_GROUP
 from ..models.llama import Llama, cache_logical_axes, init_cache
-from ..models.quant import check_mode, is_quantized, quantize_params
+from ..models.quant import check_mode, is_quantized, kernel_layout, quantize_params
 from ..runtime import use_compilation_cache
 from ..sharding import batch_sharding, make_mesh, tree_shardings
 from .generation_config import (
@@ -71,11 +71,14 @@ class DecodeEngine:
         a path = use that folder; False = leave JAX's settings alone.
     quantize: "int8" = run with the projections and token table in int8 + per-channel scales (`models.quant`),
         quantized here on the host leaf by leaf (params already int8 are taken as they are).
+    donate_params: the engine may delete the arrays of `params` it replaces (int8 kernels repacked for the CPU
+        kernel), so that at most one extra leaf is held; the caller must not use them afterwards.
     """
 
     def __init__(self, model: Llama | LlamaConfig, params: Any, *, mesh: Mesh | str | None = None,
                  cache_dtype: Any = None, min_prompt_bucket: int = 16, cache_multiple: int = 64,
-                 compilation_cache: bool | str | os.PathLike = True, quantize: str | None = None) -> None:
+                 compilation_cache: bool | str | os.PathLike = True, quantize: str | None = None,
+                 donate_params: bool = False) -> None:
         if isinstance(model, LlamaConfig):
             model = Llama(model)
         if not isinstance(model, Llama):
@@ -87,13 +90,32 @@ class DecodeEngine:
         self.cache_dtype = jnp.dtype(cache_dtype if cache_dtype is not None else model.dtype)
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.cache_multiple = int(cache_multiple)
-        if check_mode(quantize) and not is_quantized(params):
-            params = quantize_params({LLM_GROUP: params}, quantize)[LLM_GROUP]
-        self.params = placed_llm(self.config, params, self.mesh)
+        self._params = self._placed(params, quantize=quantize, donate=donate_params)
 
         self._embed_fn = jax.jit(self._embed_impl)
         self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("cache_length", "last"))
         self._sample_step_fn = jax.jit(self._sample_step_impl, static_argnames=("spec",), donate_argnums=(1,))
+
+    @property
+    def params(self) -> Any:
+        """The decoder's params as the compiled programs take them: placed, and on one CPU device with the FFI
+        kernel the int8 projections in its packed layout (`models.quant.kernel_layout`)."""
+        return self._params
+
+    @params.setter
+    def params(self, value: Any) -> None:
+        """New values of the same params (e.g. a training run's); the arrays given stay the caller's."""
+        self._params = self._placed(value)
+
+    def _placed(self, params: Any, quantize: str | None = None, donate: bool = False) -> Any:
+        given = {id(x) for x in jax.tree_util.tree_leaves(params)}
+        if check_mode(quantize) and not is_quantized(params):
+            params = quantize_params({LLM_GROUP: params}, quantize)[LLM_GROUP]
+        params = placed_llm(self.config, params, self.mesh)
+        if self.mesh is not None:
+            return params
+        # arrays made here (quantized, placed) or donated are deleted as soon as their packed form exists
+        return kernel_layout(params, release=lambda w: donate or id(w) not in given)
 
     # ---- shapes --------------------------------------------------------------------------------------------
     def prompt_bucket(self, length: int) -> int:

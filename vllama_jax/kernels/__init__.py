@@ -127,15 +127,49 @@ def use_cpu_kernels() -> bool:
     return wmatmul_available()
 
 
+@lru_cache(maxsize=None)
+def packed_int8_available() -> bool:
+    """Whether the built kernel multiplies int8 weights in the packed layout (`pack_int8`; AVX-512 VNNI builds)."""
+    return wmatmul_available() and bool(_library().VllamaWMatmulPackedInt8())
+
+
+def packable(w: jax.Array) -> bool:
+    """Whether `w` is an int8 (K, N) matrix `pack_int8` takes: K % 4 == 0 and N % 64 == 0 (the packed kernel's
+    64-column steps)."""
+    return (w.ndim == 2 and jnp.dtype(w.dtype) == jnp.dtype(jnp.int8) and w.shape[0] % 4 == 0
+            and w.shape[1] % 64 == 0)
+
+
+def is_packed(w: jax.Array) -> bool:
+    """Whether `w` is an int8 matrix in the packed layout (K/4, N, 4) (`pack_int8`)."""
+    return getattr(w, "ndim", 0) == 3 and jnp.dtype(w.dtype) == jnp.dtype(jnp.int8) and w.shape[-1] == 4
+
+
+def pack_int8(w: jax.Array) -> jax.Array:
+    """int8 W (K, N) -> (K/4, N, 4): the 4 rows of K of each column side by side, the operand layout of VNNI's
+    byte dot product, so that a decode step reads it with plain loads (`wmatmul.cc`: 1.15-1.25x the (K, N) layout's
+    bandwidth). Same values; `unpack_int8` inverts it."""
+    k, n = w.shape
+    return w.reshape(k // 4, 4, n).transpose(0, 2, 1)
+
+
+def unpack_int8(w: jax.Array) -> jax.Array:
+    """The (K, N) matrix a packed (K/4, N, 4) weight holds (`pack_int8`'s inverse; a full copy)."""
+    k4, n, _ = w.shape
+    return w.transpose(0, 2, 1).reshape(4 * k4, n)
+
+
 def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: bool = False) -> jax.Array:
     """x (M, K) @ W -> float32 (M, N), W (K, N) (`nk=False`) or (N, K) (`nk=True`), float32 / bfloat16 / int8,
     times `scale` (N,) per output column when given. Batched: x (..., M, K) and W (..., K, N) / (..., N, K) with the
     same leading sizes, float32 / bfloat16 / float16, no scale -> (..., M, N) (a decode step's attention over its KV
-    cache, read in its own (B, Hkv, S, Dh) shape). CPU only; call `wmatmul_available()` first."""
-    n = w.shape[-2] if nk else w.shape[-1]
+    cache, read in its own (B, Hkv, S, Dh) shape). Packed int8: x (M, K) and W (K/4, N, 4) (`pack_int8`; where
+    `packed_int8_available()`). CPU only; call `wmatmul_available()` first."""
+    n = w.shape[1] if x.ndim == 2 and is_packed(w) else w.shape[-2] if nk else w.shape[-1]
     s = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32), vmap_method="sequential")
     return call(x.astype(jnp.float32), w, s, nk=nk)
 
 
-__all__ = ["SMALL_M", "cpu_kernels", "use_cpu_kernels", "vector_lanes", "wmatmul", "wmatmul_available"]
+__all__ = ["SMALL_M", "cpu_kernels", "is_packed", "pack_int8", "packable", "packed_int8_available", "unpack_int8",
+           "use_cpu_kernels", "vector_lanes", "wmatmul", "wmatmul_available"]

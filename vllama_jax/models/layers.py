@@ -99,8 +99,8 @@ def _use_cpu_kernel(weight_dtype: Any, rows: int, dtype: Any) -> bool:
 
 def dequantize(w: jax.Array, scale: jax.Array | None, transposed: bool = False) -> jax.Array:
     """The float32 weight a (possibly int8 + scale) kernel stands for. Materialises it: for gradients and tests,
-    never on the forward path."""
-    w = w.astype(jnp.float32)
+    never on the forward path. A packed int8 kernel (`kernels.pack_int8`) gives its (K, N) matrix."""
+    w = (kernels.unpack_int8(w) if kernels.is_packed(w) else w).astype(jnp.float32)
     if scale is None:
         return w
     return w * (scale[:, None] if transposed else scale[None, :])
@@ -125,8 +125,8 @@ def _kernel_matmul_bwd(transposed, res, g):
     else:
         raw = g.T @ x if transposed else x.T @ g
         dw = (raw * (scale[:, None] if transposed else scale[None, :]) if scale is not None else raw).astype(w.dtype)
-    ds = None if scale is None else jnp.sum(g * (x @ (w.astype(jnp.float32).T if transposed
-                                                       else w.astype(jnp.float32))), axis=0)
+    ds = None if scale is None else jnp.sum(g * (x @ (dequantize(w, None).T if transposed
+                                                       else dequantize(w, None))), axis=0)
     return dx.astype(x.dtype), dw, ds
 
 
@@ -138,7 +138,8 @@ def matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None, *, t
     """**The** matmul of every weight: x (..., K) @ kernel -> (..., N) in `dtype`.
 
     kernel: (K, N), or (N, K) with `transposed` (an embedding table as the tied LM head); float32, bfloat16,
-    float16, or int8 with `scale` (N,) per output channel. Low-precision weights are never converted whole: on a
+    float16, or int8 with `scale` (N,) per output channel, also in the CPU kernel's packed layout (K/4, N, 4)
+    (`kernels.pack_int8`, `models.quant.kernel_layout`). Low-precision weights are never converted whole: on a
     one-device CPU program the FFI kernel (`vllama_jax.kernels`) reads them as stored; elsewhere XLA's dot takes
     them as they are and accumulates in float32 (`preferred_element_type`; int8 is converted inside the dot's
     fusion on accelerators). Float32 weights with a lower compute dtype are cast to it first, as `nn.Dense` does.
@@ -148,6 +149,8 @@ def matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None, *, t
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
     wdt = jnp.dtype(kernel.dtype)
+    if kernels.is_packed(kernel) and not (_use_cpu_kernel(wdt, rows, dtype) and kernels.packed_int8_available()):
+        kernel = kernels.unpack_int8(kernel)  # traced where the kernel is off (a full int8 copy)
     if _use_cpu_kernel(wdt, rows, dtype):
         y = _kernel_matmul(x2.astype(jnp.float32), kernel, scale, transposed)
     else:
@@ -186,8 +189,10 @@ class Dense(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", with_axes(self.kernel_init, self.axes), (x.shape[-1], self.features),
-                            self.param_dtype)
+        kernel = self.get_variable("params", "kernel")
+        if kernel is None or not kernels.is_packed(kernel):  # flax's shape check knows only the (in, out) layout
+            kernel = self.param("kernel", with_axes(self.kernel_init, self.axes), (x.shape[-1], self.features),
+                                self.param_dtype)
         scale = self.get_variable("params", KERNEL_SCALE)
         # computed in self.dtype (a float32 kernel under a bf16 compute dtype is cast, as nn.Dense does)
         y = matmul(x, kernel, scale, dtype=self.dtype)

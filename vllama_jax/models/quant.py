@@ -9,6 +9,11 @@ the sharding rules table places them with their columns. The vision/audio towers
 
 Quantization runs on the host one leaf at a time (`quantize_leaf`): loading a float model as int8 never holds a
 float32 copy of more than one leaf.
+
+Where an inference engine runs on one CPU device with the FFI kernel (`kernels.packed_int8_available()`: AVX-512
+VNNI), it keeps its int8 projection kernels in the kernel's packed layout (`kernel_layout`, `kernels.pack_int8`):
+(K, N) -> (K/4, N, 4), the same values, read 1.15-1.3x faster in a batch-1 decode step. Everything that reads a
+kernel goes through `models.layers.matmul` / `dequantize`, which take either layout.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
+from .. import kernels
 from ..errors import VllamaError
 from ..tree import flatten_params, unflatten_params
 from .groups import LLM_GROUP
@@ -159,11 +165,32 @@ def is_quantized(params: Mapping[str, Any]) -> bool:
     return any(weight_of(p) is not None for p in flatten_params(params))
 
 
+def kernel_layout(params: Mapping[str, Any], *, release: Callable[[Any], bool] = lambda w: False) -> dict[str, Any]:
+    """The decoder's params (one device, the CPU kernel in use) with every int8 projection `kernel` the packed
+    kernel takes (`kernels.packable`) in its packed layout, leaf by leaf; unchanged where the kernel is not in use
+    or has no packed path. `release(w)`: whether the replaced array may be deleted at once (it belongs to the
+    caller, who gives it up), which bounds the extra memory to one leaf."""
+    if not (kernels.use_cpu_kernels() and kernels.packed_int8_available()):
+        return dict(params)
+    out: dict[str, Any] = {}
+    for path, w in flatten_params(params).items():
+        if path.rpartition("/")[2] == "kernel" and kernels.packable(w):
+            packed = _pack(w)
+            if isinstance(w, jax.Array) and release(w):
+                w.delete()
+            w = packed
+        out[path] = w
+    return unflatten_params(out)
+
+
+_pack = jax.jit(kernels.pack_int8)
+
+
 def resident_bytes(params: Any) -> int:
     """Bytes of every leaf (what the weights occupy in memory)."""
     return int(sum(x.size * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(params)))
 
 
 __all__ = ["MANIFEST_KEY", "QUANTIZE_CHOICES", "QuantizationError", "axes_with_scales", "check_mode",
-           "is_quantized", "quantize_flat", "quantize_leaf", "quantize_params", "quantized_specs",
+           "is_quantized", "kernel_layout", "quantize_flat", "quantize_leaf", "quantize_params", "quantized_specs",
            "resident_bytes", "scale_name", "weight_of"]
