@@ -187,19 +187,17 @@ static void tile_rest(int64_t rest, const float* x, const float* panel, float* y
   }
 }
 
-// Many rows of x (prefill): a 64-column block, KC rows of W at a time converted once to a float32 panel, then
-// register tiles of TR rows x TC vectors over every row of x, strip by strip (a strip of the panel stays in L1).
-template <typename W>
-static void panel_kn(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
-                     int64_t n0) {
+// Many rows of x (prefill): a 64-column block, KC rows of W at a time converted once to a float32 panel (by
+// fill(panel, k0, kc), per layout), then register tiles of TR rows x TC vectors over every row of x, strip by strip
+// (a strip of the panel stays in L1).
+template <typename Fill>
+static void panel_product(const float* x, const float* scale, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                          Fill fill) {
   float panel[KC * NB] __attribute__((aligned(64)));
   for (int64_t m = 0; m < M; ++m) std::memset(y + m * N + n0, 0, sizeof(float) * NB);
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     int64_t kc = std::min<int64_t>(KC, K - k0);
-    for (int64_t k = 0; k < kc; ++k) {
-      const W* row = w + (k0 + k) * N + n0;
-      for (int j = 0; j < NB; j += L) storev(panel + k * NB + j, loadv(row + j));
-    }
+    fill(panel, k0, kc);
     for (int64_t s = 0; s < NB; s += TC * L) {
       int64_t m = 0;
       for (; m + TR <= M; m += TR) tile_panel<TR>(x, panel, y, K, N, m, n0 + s, s, k0, kc);
@@ -209,6 +207,17 @@ static void panel_kn(const float* x, const W* w, const float* scale, float* y, i
   if (scale)
     for (int64_t m = 0; m < M; ++m)
       for (int64_t j = 0; j < NB; ++j) y[m * N + n0 + j] *= scale[n0 + j];
+}
+
+template <typename W>
+static void panel_kn(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+                     int64_t n0) {
+  panel_product(x, scale, y, M, K, N, n0, [=](float* panel, int64_t k0, int64_t kc) {
+    for (int64_t k = 0; k < kc; ++k) {
+      const W* row = w + (k0 + k) * N + n0;
+      for (int j = 0; j < NB; j += L) storev(panel + k * NB + j, loadv(row + j));
+    }
+  });
 }
 
 // W (N, K): rows n0 .. n0+64 of the table, each a dot product with every row of x.
@@ -383,6 +392,24 @@ static inline void vnni_rows(const QuantX& q, const int8_t* r0, int64_t N, int64
   }
 }
 
+// Activation block b's integer sums (ih / il: M rows of stride wv) into the float accumulators (fa: stride width):
+// the 128-per-byte offsets of the unsigned weights taken off in int32, then (256 hi + lo) times the block's scale.
+static inline void flush_block(const QuantX& q, int64_t b, int64_t M, int64_t wv, int64_t width, const int32_t* ih,
+                               const int32_t* il, float* fa) {
+  const __m512 two8 = _mm512_set1_ps(256.f);
+  for (int64_t m = 0; m < M; ++m) {
+    __m512i ch = _mm512_set1_epi32(lane_total(q.ch.data() + (m * q.blocks + b) * 16));
+    __m512i cl = _mm512_set1_epi32(lane_total(q.cl.data() + (m * q.blocks + b) * 16));
+    __m512 s = _mm512_set1_ps(q.sx[m * q.blocks + b]);
+    for (int64_t c = 0; c < wv; c += 16) {
+      __m512 h = _mm512_cvtepi32_ps(_mm512_sub_epi32(load512(ih + m * wv + c), ch));
+      __m512 l = _mm512_cvtepi32_ps(_mm512_sub_epi32(load512(il + m * wv + c), cl));
+      __m512 f = _mm512_loadu_ps(fa + m * width + c);
+      _mm512_storeu_ps(fa + m * width + c, _mm512_fmadd_ps(_mm512_fmadd_ps(h, two8, l), s, f));
+    }
+  }
+}
+
 // (K, N) int8 weights, rows [k0, k1) (k0 a multiple of QB) and columns [n0, n1): stream_kn's contract (every
 // weight byte read once, whole rows at a time, the sums to out, times scale when given), by VNNI.
 static void stream_kn_vnni(const QuantX& q, const float* x, const int8_t* w, const float* scale, float* out,
@@ -403,19 +430,8 @@ static void stream_kn_vnni(const QuantX& q, const float* x, const int8_t* w, con
     int64_t k = kb0;
     for (; k + 4 * VG <= kb1; k += 4 * VG) vnni_rows<VG>(q, w + k * N + n0, N, k, wv, M, ih, il, prefetch);
     for (; k < kb1; k += 4) vnni_rows<1>(q, w + k * N + n0, N, k, wv, M, ih, il, false);
-    for (int64_t m = 0; m < M; ++m) {
-      const int32_t* chm = q.ch.data() + (m * q.blocks + b) * 16;
-      const int32_t* clm = q.cl.data() + (m * q.blocks + b) * 16;
-      // the rows [kb0, kb1) of a range are the whole block's vector rows (ranges start at block boundaries)
-      __m512i ch = _mm512_set1_epi32(lane_total(chm)), cl = _mm512_set1_epi32(lane_total(clm));
-      __m512 s = _mm512_set1_ps(q.sx[m * q.blocks + b]), two8 = _mm512_set1_ps(256.f);
-      for (int64_t c = 0; c < wv; c += 16) {
-        __m512 h = _mm512_cvtepi32_ps(_mm512_sub_epi32(load512(ih + m * wv + c), ch));
-        __m512 l = _mm512_cvtepi32_ps(_mm512_sub_epi32(load512(il + m * wv + c), cl));
-        __m512 f = _mm512_loadu_ps(fa + m * width + c);
-        _mm512_storeu_ps(fa + m * width + c, _mm512_fmadd_ps(_mm512_fmadd_ps(h, two8, l), s, f));
-      }
-    }
+    // the rows [kb0, kb1) of a range are the whole block's vector rows (ranges start at block boundaries)
+    flush_block(q, b, M, wv, width, ih, il, fa);
   }
   // rows past the vector ones (K % 4) for every column, and the ragged columns (width % 64) for every row: float32
   for (int64_t k = std::max(k0, q.kvec); k < k1; ++k)
@@ -534,17 +550,7 @@ static void stream_packed_vnni(const QuantX& q, const int8_t* w, const float* sc
     for (; k + 4 * PG <= kb1; k += 4 * PG)
       vnni_packed_rows<PG>(q, w + (k / 4 * N + n0) * 4, N, k, width, M, ih, il, prefetch);
     for (; k < kb1; k += 4) vnni_packed_rows<1>(q, w + (k / 4 * N + n0) * 4, N, k, width, M, ih, il, false);
-    for (int64_t m = 0; m < M; ++m) {
-      __m512i ch = _mm512_set1_epi32(lane_total(q.ch.data() + (m * q.blocks + b) * 16));
-      __m512i cl = _mm512_set1_epi32(lane_total(q.cl.data() + (m * q.blocks + b) * 16));
-      __m512 s = _mm512_set1_ps(q.sx[m * q.blocks + b]), two8 = _mm512_set1_ps(256.f);
-      for (int64_t c = 0; c < width; c += 16) {
-        __m512 h = _mm512_cvtepi32_ps(_mm512_sub_epi32(load512(ih + m * width + c), ch));
-        __m512 l = _mm512_cvtepi32_ps(_mm512_sub_epi32(load512(il + m * width + c), cl));
-        __m512 f = _mm512_loadu_ps(fa + m * width + c);
-        _mm512_storeu_ps(fa + m * width + c, _mm512_fmadd_ps(_mm512_fmadd_ps(h, two8, l), s, f));
-      }
-    }
+    flush_block(q, b, M, width, width, ih, il, fa);
   }
   for (int64_t m = 0; m < M; ++m)
     for (int64_t j = 0; j < width; ++j)
@@ -586,13 +592,10 @@ static void stream_packed(const float* x, const int8_t* w, const float* scale, f
       out[m * N + n0 + j] = scale ? acc[m * width + j] * scale[n0 + j] : acc[m * width + j];
 }
 
-// panel_kn's contract for packed weights (prefill): the float32 panel filled a group of 4 rows at a time.
+// panel_kn for packed weights (prefill): the panel filled a group of 4 rows at a time.
 static void panel_packed(const float* x, const int8_t* w, const float* scale, float* y, int64_t M, int64_t K,
                          int64_t N, int64_t n0) {
-  float panel[KC * NB] __attribute__((aligned(64)));
-  for (int64_t m = 0; m < M; ++m) std::memset(y + m * N + n0, 0, sizeof(float) * NB);
-  for (int64_t k0 = 0; k0 < K; k0 += KC) {
-    int64_t kc = std::min<int64_t>(KC, K - k0);
+  panel_product(x, scale, y, M, K, N, n0, [=](float* panel, int64_t k0, int64_t kc) {
     for (int64_t k = 0; k < kc; k += 4) {
       const int8_t* g = w + ((k0 + k) / 4 * N + n0) * 4;
       for (int j = 0; j < NB; j += L) {
@@ -601,15 +604,7 @@ static void panel_packed(const float* x, const int8_t* w, const float* scale, fl
         for (int i = 0; i < 4; ++i) storev(panel + (k + i) * NB + j, a[i]);
       }
     }
-    for (int64_t s = 0; s < NB; s += TC * L) {
-      int64_t m = 0;
-      for (; m + TR <= M; m += TR) tile_panel<TR>(x, panel, y, K, N, m, n0 + s, s, k0, kc);
-      tile_rest<TR - 1>(M - m, x, panel, y, K, N, m, n0 + s, s, k0, kc);
-    }
-  }
-  if (scale)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < NB; ++j) y[m * N + n0 + j] *= scale[n0 + j];
+  });
 }
 #endif
 
