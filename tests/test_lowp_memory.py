@@ -36,8 +36,11 @@ def _weights(config: LlamaConfig, mode: str) -> dict:
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) if x.ndim == 2 else x, abstract)
     from vllama_jax.tree import flatten_params, unflatten_params
 
-    return unflatten_params(quant.quantized_specs({f"llama/{p}": v for p, v in flatten_params(abstract).items()}
-                                                  ))["llama"]
+    flat = quant.quantized_specs({f"llama/{p}": v for p, v in flatten_params(abstract).items()})
+    if mode == "int8-packed":  # the decode engine's layout on one CPU device with VNNI (`quant.kernel_layout`)
+        flat = {p: jax.eval_shape(kernels.pack_int8, v) if p.endswith("/kernel") and kernels.packable(v) else v
+                for p, v in flat.items()}
+    return unflatten_params(flat)["llama"]
 
 
 def _temp_and_weights(compiled, params) -> tuple[int, int]:
@@ -61,7 +64,8 @@ def _llama_programs(mode: str, batch: int) -> dict:
     return {"prefill": _temp_and_weights(prefill, params), "decode": _temp_and_weights(step, params)}
 
 
-@pytest.mark.parametrize("mode", ["bfloat16", "int8"])
+@pytest.mark.parametrize("mode", ["bfloat16", "int8", pytest.param("int8-packed", marks=pytest.mark.skipif(
+    not kernels.packed_int8_available(), reason="the packed int8 path needs AVX-512 VNNI"))])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_llama_prefill_and_decode_keep_low_precision_weights(mode, batch):
     ref = _llama_programs("float32", batch)
