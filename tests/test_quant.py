@@ -237,15 +237,15 @@ def test_llama_int8_and_bf16_close_to_float32(tie, kernel):
 
 def test_which_matmuls_take_the_cpu_kernel():
     """Low-precision and int8 weights always (XLA would widen them whole); float32 weights only at the few rows of
-    batched decoding and short prefills (`F32_KERNEL_ROWS`: 2-8 rows with 8-lane vectors, 2-4 with AVX-512's 16),
+    decoding and short prefills (`F32_KERNEL_ROWS`: 2-8 rows with 8-lane vectors, 1-4 with AVX-512's 16),
     and only when computed in float32; and a float32 product through the kernel equals XLA's up to summation
     order."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     with kernels.cpu_kernels(True):
         assert all(layers._use_cpu_kernel(w, rows, f32) for w in (bf16, jnp.float16, jnp.int8) for rows in (1, 64))
-        assert [layers._use_cpu_kernel(f32, rows, f32) for rows in (1, 2, 4, 16, 128)] == [False, True, True, False,
-                                                                                            False]
         assert kernels.vector_lanes() in (8, 16)
+        assert [layers._use_cpu_kernel(f32, rows, f32) for rows in (1, 2, 4, 16, 128)] == [
+            kernels.vector_lanes() == 16, True, True, False, False]
         assert layers._use_cpu_kernel(f32, 8, f32) == (kernels.vector_lanes() == 8)
         assert not layers._use_cpu_kernel(f32, 4, bf16)  # cast to the compute dtype first, as nn.Dense does
         rng = np.random.default_rng(0)

@@ -76,9 +76,11 @@ _KERNEL_CACHE_DTYPES = (*LOW_PRECISION_FLOATS, jnp.dtype(jnp.float32))  # `_cach
 #: 128 rows 296 vs 325; a whole batched decode step (two runs each): 4 rows 82-84 vs 120-126, 16 rows 230-235 vs
 #: 221-222, 32 rows 307-364 vs 282-307. AVX-512 (16 lanes, 2-core EPYC, 2026-12-05), every matmul of a decode step
 #: incl. the LM head: 2 rows 16.5 vs 14.9, 4 rows 17.9 vs 18.2, 8 rows 19.8 vs 23.3; `bench/generate.py` decode at
-#: batch 8: 298 tok/s with XLA's dot, 229 with the kernel (batch 4: 169 vs 176). So: XLA's one-row matvec, the
-#: kernel at 2-8 rows on AVX2 and at 2-4 rows on AVX-512, XLA's dot above
-F32_KERNEL_ROWS = {8: (2, 8), 16: (2, 4)}
+#: batch 8: 298 tok/s with XLA's dot, 229 with the kernel (batch 4: 169 vs 176). One row on AVX-512, 2026-12-06
+#: (after the kernel's 8-row passes with L2 prefetch): SmolLM2's batch-1 decode, both engines in one process, 6
+#: rounds alternating, twice: median 59.9 vs 56.2 and 56.2 vs 52.3 tok/s (kernel vs XLA). So: XLA's one-row matvec
+#: and the kernel at 2-8 rows on AVX2, the kernel at 1-4 rows on AVX-512, XLA's dot above
+F32_KERNEL_ROWS = {8: (2, 8), 16: (1, 4)}
 
 
 def _use_cpu_kernel(weight_dtype: Any, rows: int, dtype: Any) -> bool:
