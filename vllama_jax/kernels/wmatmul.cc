@@ -392,6 +392,17 @@ static inline void vnni_rows(const QuantX& q, const int8_t* r0, int64_t N, int64
   }
 }
 
+// A VNNI range's per-thread accumulators: int32 sums of the hi / lo halves (M x wv each) and the float sums
+// (M x width, zeroed).
+struct VnniAcc { int32_t* ih; int32_t* il; float* fa; };
+static VnniAcc vnni_acc(int64_t M, int64_t wv, int64_t width) {
+  thread_local std::vector<int32_t> ibuf;
+  thread_local std::vector<float> fbuf;
+  ibuf.resize(2 * M * wv);
+  fbuf.assign(M * width, 0.f);
+  return {ibuf.data(), ibuf.data() + M * wv, fbuf.data()};
+}
+
 // Activation block b's integer sums (ih / il: M rows of stride wv) into the float accumulators (fa: stride width):
 // the 128-per-byte offsets of the unsigned weights taken off in int32, then (256 hi + lo) times the block's scale.
 static inline void flush_block(const QuantX& q, int64_t b, int64_t M, int64_t wv, int64_t width, const int32_t* ih,
@@ -415,13 +426,7 @@ static inline void flush_block(const QuantX& q, int64_t b, int64_t M, int64_t wv
 static void stream_kn_vnni(const QuantX& q, const float* x, const int8_t* w, const float* scale, float* out,
                            int64_t M, int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
   int64_t width = n1 - n0, wv = width - width % 64;
-  thread_local std::vector<int32_t> ibuf;
-  thread_local std::vector<float> fbuf;
-  ibuf.resize(2 * M * wv);
-  fbuf.assign(M * width, 0.f);
-  int32_t* ih = ibuf.data();
-  int32_t* il = ih + M * wv;
-  float* fa = fbuf.data();
+  auto [ih, il, fa] = vnni_acc(M, wv, width);
   const bool prefetch = 4 * VG * width <= PREFETCH_PASS_BYTES;
   for (int64_t b = k0 / QB; b * QB < k1; ++b) {
     int64_t kb0 = std::max(k0, b * QB), kb1 = std::min({k1, (b + 1) * QB, q.kvec});
@@ -535,13 +540,7 @@ static inline void vnni_packed_rows(const QuantX& q, const int8_t* g0, int64_t N
 static void stream_packed_vnni(const QuantX& q, const int8_t* w, const float* scale, float* out, int64_t M,
                                int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
   int64_t width = n1 - n0;
-  thread_local std::vector<int32_t> ibuf;
-  thread_local std::vector<float> fbuf;
-  ibuf.resize(2 * M * width);
-  fbuf.assign(M * width, 0.f);
-  int32_t* ih = ibuf.data();
-  int32_t* il = ih + M * width;
-  float* fa = fbuf.data();
+  auto [ih, il, fa] = vnni_acc(M, width, width);
   const bool prefetch = 4 * PG * width <= PREFETCH_PASS_BYTES;
   for (int64_t b = k0 / QB; b * QB < k1; ++b) {
     int64_t kb0 = std::max(k0, b * QB), kb1 = std::min(k1, (b + 1) * QB);
