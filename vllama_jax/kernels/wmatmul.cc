@@ -356,6 +356,26 @@ static inline int64_t vnni_slot(int64_t j) { int64_t o = j & 63; return (j & ~in
 // with N = 4096 each row is one 4 KB page, where the hardware prefetchers start over every 64 lines (LLaMA-7B's int8
 // 4096 x 4096 projections, A/B in one process: 41-44 GB/s without, 45-50 with; the other shapes within noise).
 constexpr int VG = 2;
+// One 64-column step of G groups of 4 rows, as vpdpbusd operands t[g][0..3] (unsigned: w ^ 0x80), into the int32
+// accumulators of every row of x (ph / pl: row m's 64 sums at m * stride): loaded and stored once for the G groups.
+template <int G>
+static inline void vnni_step(const QuantX& q, const __m512i (&t)[G][4], int64_t k, int64_t M, int32_t* ph,
+                             int32_t* pl, int64_t stride) {
+  for (int64_t m = 0; m < M; ++m, ph += stride, pl += stride) {
+    __m512i h[4], l[4];
+    for (int i = 0; i < 4; ++i) { h[i] = load512(ph + 16 * i); l[i] = load512(pl + 16 * i); }
+    for (int g = 0; g < G; ++g) {
+      __m512i bh = _mm512_set1_epi32(load4(q.hi.data() + m * q.KP + k + 4 * g));
+      __m512i bl = _mm512_set1_epi32(load4(q.lo.data() + m * q.KP + k + 4 * g));
+      for (int i = 0; i < 4; ++i) {
+        h[i] = _mm512_dpbusd_epi32(h[i], t[g][i], bh);
+        l[i] = _mm512_dpbusd_epi32(l[i], t[g][i], bl);
+      }
+    }
+    for (int i = 0; i < 4; ++i) { _mm512_storeu_si512(ph + 16 * i, h[i]); _mm512_storeu_si512(pl + 16 * i, l[i]); }
+  }
+}
+
 // 4 G rows of W (from r0, row stride N) into the int32 accumulators ih / il (M x wv, slot order): every 64-column
 // step loads the accumulators once for its G groups of 4 rows (each a 4 x 4 byte transpose into 4 vectors).
 template <int G>
@@ -374,21 +394,7 @@ static inline void vnni_rows(const QuantX& q, const int8_t* r0, int64_t N, int64
       t[g][0] = _mm512_unpacklo_epi16(p01, p23); t[g][1] = _mm512_unpackhi_epi16(p01, p23);
       t[g][2] = _mm512_unpacklo_epi16(q01, q23); t[g][3] = _mm512_unpackhi_epi16(q01, q23);
     }
-    for (int64_t m = 0; m < M; ++m) {
-      int32_t* ph = ih + m * wv + c;
-      int32_t* pl = il + m * wv + c;
-      __m512i h[4], l[4];
-      for (int i = 0; i < 4; ++i) { h[i] = load512(ph + 16 * i); l[i] = load512(pl + 16 * i); }
-      for (int g = 0; g < G; ++g) {
-        __m512i bh = _mm512_set1_epi32(load4(q.hi.data() + m * q.KP + k + 4 * g));
-        __m512i bl = _mm512_set1_epi32(load4(q.lo.data() + m * q.KP + k + 4 * g));
-        for (int i = 0; i < 4; ++i) {
-          h[i] = _mm512_dpbusd_epi32(h[i], t[g][i], bh);
-          l[i] = _mm512_dpbusd_epi32(l[i], t[g][i], bl);
-        }
-      }
-      for (int i = 0; i < 4; ++i) { _mm512_storeu_si512(ph + 16 * i, h[i]); _mm512_storeu_si512(pl + 16 * i, l[i]); }
-    }
+    vnni_step<G>(q, t, k, M, ih + c, il + c, wv);
   }
 }
 
@@ -516,23 +522,10 @@ static inline void vnni_packed_rows(const QuantX& q, const int8_t* g0, int64_t N
     if (prefetch)
       for (int g = 0; g < G; ++g)
         for (int i = 0; i < 4; ++i) __builtin_prefetch(g0 + ((g + G) * N + c) * 4 + 64 * i, 0, 2);
-    for (int64_t m = 0; m < M; ++m) {
-      int32_t* ph = ih + m * width + c;
-      int32_t* pl = il + m * width + c;
-      __m512i h[4], l[4];
-      for (int i = 0; i < 4; ++i) { h[i] = load512(ph + 16 * i); l[i] = load512(pl + 16 * i); }
-      for (int g = 0; g < G; ++g) {
-        const int8_t* r = g0 + (g * N + c) * 4;
-        __m512i bh = _mm512_set1_epi32(load4(q.hi.data() + m * q.KP + k + 4 * g));
-        __m512i bl = _mm512_set1_epi32(load4(q.lo.data() + m * q.KP + k + 4 * g));
-        for (int i = 0; i < 4; ++i) {
-          __m512i t = _mm512_xor_si512(load512(r + 64 * i), flip);
-          h[i] = _mm512_dpbusd_epi32(h[i], t, bh);
-          l[i] = _mm512_dpbusd_epi32(l[i], t, bl);
-        }
-      }
-      for (int i = 0; i < 4; ++i) { _mm512_storeu_si512(ph + 16 * i, h[i]); _mm512_storeu_si512(pl + 16 * i, l[i]); }
-    }
+    __m512i t[G][4];
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) t[g][i] = _mm512_xor_si512(load512(g0 + (g * N + c) * 4 + 64 * i), flip);
+    vnni_step<G>(q, t, k, M, ih + c, il + c, width);
   }
 }
 

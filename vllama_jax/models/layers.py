@@ -151,9 +151,10 @@ def matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None = None, *, t
     x2 = x.reshape(-1, k)
     rows = x2.shape[0]
     wdt = jnp.dtype(kernel.dtype)
-    if kernels.is_packed(kernel) and not (_use_cpu_kernel(wdt, rows, dtype) and kernels.packed_int8_available()):
+    use_kernel = _use_cpu_kernel(wdt, rows, dtype)
+    if kernels.is_packed(kernel) and not (use_kernel and kernels.packed_int8_available()):
         kernel = kernels.unpack_int8(kernel)  # traced where the kernel is off (a full int8 copy)
-    if _use_cpu_kernel(wdt, rows, dtype):
+    if use_kernel:
         y = _kernel_matmul(x2.astype(jnp.float32), kernel, scale, transposed)
     else:
         if wdt in LOW_PRECISION_FLOATS:
