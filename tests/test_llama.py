@@ -14,8 +14,9 @@ import pytest
 from flax import linen as nn
 
 from tests.helpers import random_hf_llama
+from vllama_jax import kernels
 from vllama_jax.config import LlamaConfig
-from vllama_jax.models.llama import Llama, cache_logical_axes, init_cache
+from vllama_jax.models.llama import Llama, _write_rows, cache_logical_axes, init_cache
 from vllama_jax.tree import flatten_params
 from vllama_jax.weights.llama_keys import (
     llama_config_from_hf,
@@ -416,16 +417,23 @@ def test_error_extra_layer_in_file(llama_copy):
         load_llama(llama_copy)
 
 
+@pytest.mark.parametrize("kernel", [False, True])  # True: a 2-byte cache through the FFI kernel's in-place write
 @pytest.mark.parametrize("batch", [1, 3, 20])  # 20: past `_UNROLLED_ROWS`, the vmapped write
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "bool"])
-def test_cache_rows_are_written_at_each_rows_offset(batch, dtype):
-    from vllama_jax.models.llama import _write_rows
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "bool"])
+def test_cache_rows_are_written_at_each_rows_offset(batch, dtype, kernel):
+    if kernel and not kernels.wmatmul_available():
+        pytest.skip("the CPU kernels are not built here")
+    with kernels.cpu_kernels(kernel):
+        _check_cache_rows(batch, dtype)
 
+
+def _check_cache_rows(batch, dtype):
     rng = np.random.default_rng(batch)
     draw = (lambda *s: rng.standard_normal(s) > 0) if dtype == "bool" else (lambda *s: rng.standard_normal(s))
     buf, new = jnp.asarray(draw(batch, 2, 10, 4), dtype), jnp.asarray(draw(batch, 2, 3, 4), dtype)
-    index = jnp.asarray(rng.integers(0, 8, batch), jnp.int32)
+    index = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)  # past 7: clamped to 7, as dynamic-update-slice does
     got = np.asarray(jax.jit(lambda b, n, i: _write_rows(b, n, i, axis=2))(buf, new, index))
+    index = np.minimum(np.asarray(index), 7)
     want = np.asarray(buf).copy()
     for b in range(batch):
         want[b, :, int(index[b]):int(index[b]) + 3] = np.asarray(new)[b]

@@ -6,7 +6,8 @@ int8 weights (per-output-channel scale) where they lie, accumulates in float32 a
 intra-op thread pool. On CPUs with AVX-512 VNNI, int8 weights in batch-1 decode steps (and an int8 table with long
 rows as the tied LM head) are multiplied as integers (`vpdpbusd`), x scaled to 16 bits per 256-deep block of each
 row; the error this adds is bounded in `tests/test_quant.py` and far below the weights' own int8 rounding. A
-batched form (x (B, M, K), W (B, K, N) or (B, N, K)) serves a decode step's attention over a bf16 KV cache.
+batched form (x (B, M, K), W (B, K, N) or (B, N, K)) serves a decode step's attention over a bf16 KV cache, and
+`write_rows` writes its new keys and values into the cache in place.
 
 The library is compiled from source at first use (`g++ -O3 -march=native`, needs no other files than jaxlib's FFI
 headers) into `$VLLAMA_JAX_CACHE_DIR/../kernels` (default `~/.cache/vllama_jax/kernels`), keyed by the source, the
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("wmatmul.cc")
 TARGET = "vllama_wmatmul"
+WRITE_TARGET = "vllama_write_rows"
 ENV_SWITCH = "VLLAMA_JAX_CPU_KERNELS"
 KERNEL_DIR_ENV = "VLLAMA_JAX_KERNEL_DIR"
 DEFAULT_KERNEL_DIR = Path("~/.cache/vllama_jax/kernels")
@@ -86,6 +88,7 @@ def wmatmul_available() -> bool:
     try:
         lib = _library()
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VllamaWMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.VllamaWriteRows), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         log.warning("CPU matmul kernel unavailable (%s); using XLA's dot (bf16/int8 weights get float32 copies "
                     "on CPU)", e)
@@ -171,5 +174,15 @@ def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: b
     return call(x.astype(jnp.float32), w, s, nk=nk)
 
 
+def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    """buf with rows[b] written at slots index[b] .. index[b] + L - 1 of `axis` for every row b (buf (B, ..., S, ...),
+    rows (B, ..., L, ...), the same other sizes and dtype; starts clamped as `lax.dynamic_update_slice` clamps them),
+    in place: the result aliases buf, so a donated KV cache is never copied (`models.llama._write_rows`). CPU only;
+    call `wmatmul_available()` first. No derivative of its own."""
+    call = jax.ffi.ffi_call(WRITE_TARGET, jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0},
+                            vmap_method="sequential")
+    return call(buf, rows.astype(buf.dtype), index.astype(jnp.int32), axis=int(axis))
+
+
 __all__ = ["SMALL_M", "cpu_kernels", "is_packed", "pack_int8", "packable", "packed_int8_available", "unpack_int8",
-           "use_cpu_kernels", "vector_lanes", "wmatmul", "wmatmul_available"]
+           "use_cpu_kernels", "vector_lanes", "wmatmul", "wmatmul_available", "write_rows"]

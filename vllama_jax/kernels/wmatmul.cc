@@ -220,13 +220,12 @@ static void panel_kn(const float* x, const W* w, const float* scale, float* y, i
   });
 }
 
-// W (N, K): rows n0 .. n0+64 of the table, each a dot product with every row of x.
+// W (N, K): rows n0 .. n1 of the table, each a dot product with every row of x.
 template <typename W>
-static void block_nk(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
-                     int64_t block) {
-  int64_t n1 = std::min<int64_t>(N, (block + 1) * NB);
+static void rows_nk(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+                    int64_t n0, int64_t n1) {
   int64_t kl = K - K % L;
-  for (int64_t n = block * NB; n < n1; ++n) {
+  for (int64_t n = n0; n < n1; ++n) {
     const W* row = w + n * K;
     float s = scale ? scale[n] : 1.f;
     for (int64_t m0 = 0; m0 < M; m0 += MR) {
@@ -244,6 +243,12 @@ static void block_nk(const float* x, const W* w, const float* scale, float* y, i
       }
     }
   }
+}
+
+template <typename W>
+static void block_nk(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+                     int64_t block) {
+  rows_nk<W>(x, w, scale, y, M, K, N, block * NB, std::min<int64_t>(N, (block + 1) * NB));
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -718,27 +723,106 @@ static void dispatch_packed(ffi::ThreadPool& pool, const float* x, const int8_t*
 }
 #endif
 
-// One product of a batch on the calling thread: x (M, K) @ W (K, N) or W (N, K) -> y (M, N), no scale (the
-// attention of a decode step over a KV cache: per head, scores = q K^T with K (slots, head_dim) as an (N, K) table,
-// then probs V with V (slots, head_dim) as a (K, N) matrix; every cache byte read once, as stored).
-template <typename W>
-static void one_product(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, bool nk) {
-  if (nk) {
-    for (int64_t b = 0; b < (N + NB - 1) / NB; ++b) block_nk<W>(x, w, nullptr, y, M, K, N, b);
-    return;
+// The lane sums of L vectors as one vector: r[i] = sum of v[i]'s lanes. A tree of two-source shuffles halves the
+// vectors at every level (log2 L levels, L - 1 adds) where L horizontal sums would take L * (L - 1) scalar adds;
+// the tree leaves lane i holding the vector at the bit-reversed index, so the inputs are taken in that order.
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+static inline vi level_mask(int c, bool hi) {  // lane i of [a: chunks of c lanes, b: the same] -> its source lane
+  vi m;
+  for (int i = 0; i < L; ++i) {
+    int g = i / c;
+    m[i] = (g / 2) * 2 * c + i % c + (hi ? c : 0) + (g % 2) * L;
   }
+  return m;
+}
+static inline int bit_reversed(int i) {
+  int r = 0;
+  for (int b = 1; b < L; b <<= 1, i >>= 1) r = (r << 1) | (i & 1);
+  return r;
+}
+static inline vf lane_sums(const vf* v) {
+  vf t[L];
+  for (int i = 0; i < L; ++i) t[i] = v[bit_reversed(i)];
+  int n = L;
+  for (int c = L / 2; c >= 1; c /= 2, n /= 2)
+    for (int j = 0; j < n / 2; ++j)
+      t[j] = __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask(c, false)) +
+             __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask(c, true));
+  return t[0];
+}
+
+// x (M, K) @ W (N, K)^T with short rows (a KV cache's keys: K = head_dim): L rows of W at a time, one vector of L
+// sums per row of x (`lane_sums`) instead of a horizontal sum per product, which cost more than the products at
+// K = 64 (SmolLM2-135M's scores over 1088 slots: 4.1 ms of a 31 ms decode step).
+constexpr int64_t SHORT_K = 8 * L;
+template <typename W>
+static void product_nk_short(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                             int64_t n1) {
+  const int64_t kv = K / L;  // whole vectors per row (K % L == 0, K <= SHORT_K)
+  int64_t n = n0;
+  for (; n + L <= n1; n += L)
+    for (int64_t m = 0; m < M; ++m) {
+      vf xv[SHORT_K / L], acc[L];
+      for (int64_t k = 0; k < kv; ++k) xv[k] = loadv(x + m * K + k * L);
+      for (int j = 0; j < L; ++j) {
+        const W* row = w + (n + j) * K;
+        vf a = xv[0] * loadv(row);
+        for (int64_t k = 1; k < kv; ++k) a += xv[k] * loadv(row + k * L);
+        acc[j] = a;
+      }
+      storev(y + m * N + n, lane_sums(acc));
+    }
+  rows_nk<W>(x, w, nullptr, y, M, K, N, n, n1);  // the last (n1 - n0) % L rows of W, one dot product each
+}
+
+// Slots [s0, s1) of one product of a batch, on the calling thread: x (M, K) @ W (N, K)^T -> columns s0 .. s1 of
+// y (M, N) (nk: the slots are W's rows N), or x (M, K) @ W (K, N) over rows s0 .. s1 of W -> the partial sums
+// into y (M, N). No scale. A decode step's attention over a KV cache: per head, scores = q K^T with K (slots,
+// head_dim) as an (N, K) table, then probs V with V (slots, head_dim) as a (K, N) matrix; every cache byte read
+// once, as stored.
+template <typename W>
+static void product_slots(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, bool nk,
+                          int64_t s0, int64_t s1) {
+  if (nk && K % L == 0 && K <= SHORT_K) return product_nk_short<W>(x, w, y, M, K, N, s0, s1);
+  if (nk) return rows_nk<W>(x, w, nullptr, y, M, K, N, s0, s1);
   for (int64_t m = 0; m < M; m += SMALL_M) {
     int64_t rows = std::min<int64_t>(SMALL_M, M - m), width = std::max<int64_t>(L, ACC / rows / L * L);
     for (int64_t n0 = 0; n0 < N; n0 += width)
-      stream_kn<W>(x + m * K, w, nullptr, y + m * N, rows, K, N, n0, std::min(N, n0 + width), 0, K);
+      stream_kn<W>(x + m * K, w, nullptr, y + m * N, rows, K, N, n0, std::min(N, n0 + width), s0, s1);
   }
 }
 
+// The products of a batch split over the pool in chunks of about SLOT_CHUNK cache slots: a decode step has only
+// batch x KV heads products (3 for SmolLM2-135M at batch 1), too few to keep two cores reading, and one core reads
+// a stream at a fraction of the machine's bandwidth. Chunks of the values' slots sum their partial products after.
+constexpr int64_t SLOT_CHUNK = 256;
 template <typename W>
 static void dispatch_batched(ffi::ThreadPool& pool, const float* x, const void* wv, float* y, int64_t B, int64_t M,
                              int64_t K, int64_t N, bool nk) {
   const W* w = static_cast<const W*>(wv);
-  run_blocks(pool, B, [=](int64_t b) { one_product<W>(x + b * M * K, w + b * K * N, y + b * M * N, M, K, N, nk); });
+  const int64_t span = nk ? N : K, chunks = std::max<int64_t>(1, span / SLOT_CHUNK);
+  auto slots = [=](int64_t c, int64_t* s0, int64_t* s1) { *s0 = span * c / chunks; *s1 = span * (c + 1) / chunks; };
+  if (nk || chunks == 1) {
+    run_blocks(pool, B * chunks, [=](int64_t i) {
+      int64_t b = i / chunks, s0, s1;
+      slots(i % chunks, &s0, &s1);
+      product_slots<W>(x + b * M * K, w + b * K * N, y + b * M * N, M, K, N, nk, s0, s1);
+    });
+    return;
+  }
+  std::unique_ptr<float[]> part(new float[B * chunks * M * N]);
+  float* pp = part.get();
+  run_blocks(pool, B * chunks, [=](int64_t i) {
+    int64_t b = i / chunks, s0, s1;
+    slots(i % chunks, &s0, &s1);
+    product_slots<W>(x + b * M * K, w + b * K * N, pp + i * M * N, M, K, N, false, s0, s1);
+  });
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < M * N; ++i) {
+      float t = 0.f;
+      for (int64_t c = 0; c < chunks; ++c) t += pp[(b * chunks + c) * M * N + i];
+      y[b * M * N + i] = t;
+    }
 }
 
 // x (M, K) f32; w (K, N) or (N, K) f32/bf16/f16/s8; scale (N,) f32 or (0,) for none; y (M, N) f32.
@@ -819,3 +903,45 @@ extern "C" int VllamaWMatmulPackedInt8() {
   return 0;
 #endif
 }
+
+// The KV cache write of a decode step, in place: buf[b, p, start_b : start_b + L, :] = new[b, p, :, :] for every
+// row b, with start_b = index[b] clamped to [0, S - L] as a dynamic-update-slice clamps it. buf is viewed as
+// (B, P, S, Q) and new as (B, P, L, Q) (P: the dims between the batch and the slot axis, Q: those after it), any
+// element width. The result aliases buf (`input_output_aliases`), so only the new slots are written: XLA's CPU
+// compiler rewrote a 2-byte float cache whole in every step (a float32 round trip, or with its bits as uint16 a
+// loop over every element), 60 caches of SmolLM2-135M at 1088 slots: 1.3-4.5 ms a step for 64 slots written.
+static ffi::Error WriteRowsImpl(ffi::AnyBuffer buf, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> index,
+                                ffi::Result<ffi::AnyBuffer> out, int64_t axis) {
+  auto bd = buf.dimensions();
+  auto rd = rows.dimensions();
+  const int64_t r = bd.size();
+  if (rd.size() != bd.size() || axis < 1 || axis >= r || buf.element_type() != rows.element_type())
+    return ffi::Error::InvalidArgument("write_rows: buf and rows must have the same rank and dtype, axis in [1, rank)");
+  int64_t B = bd[0], P = 1, Q = 1, S = bd[axis], Ln = rd[axis];
+  for (int64_t i = 0; i < r; ++i)
+    if (i != axis && bd[i] != rd[i]) return ffi::Error::InvalidArgument("write_rows: buf and rows differ off the slot axis");
+  if (Ln > S) return ffi::Error::InvalidArgument("write_rows: more rows than slots");
+  if (int64_t(index.element_count()) != B) return ffi::Error::InvalidArgument("write_rows: index must be (batch,)");
+  for (int64_t i = 1; i < axis; ++i) P *= bd[i];
+  for (int64_t i = axis + 1; i < r; ++i) Q *= bd[i];
+  const int64_t es = int64_t(ffi::ByteWidth(buf.element_type()));
+  char* dst = static_cast<char*>(out->untyped_data());
+  const char* src = static_cast<const char*>(rows.untyped_data());
+  if (dst != buf.untyped_data())  // XLA could not alias (the buffer is still needed): start from a copy
+    std::memcpy(dst, buf.untyped_data(), size_t(B * P * S * Q * es));
+  const int32_t* idx = index.typed_data();
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t start = std::min<int64_t>(std::max<int64_t>(idx[b], 0), S - Ln);
+    for (int64_t p = 0; p < P; ++p)
+      std::memcpy(dst + ((b * P + p) * S + start) * Q * es, src + (b * P + p) * Ln * Q * es, size_t(Ln * Q * es));
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VllamaWriteRows, WriteRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<int64_t>("axis"));

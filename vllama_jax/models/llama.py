@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from .. import kernels
 from ..config import LlamaConfig, LoraConfig
 from .layers import (LAYERS_AXIS, ConfiguredModule, Dense, Dtype, Embed, RMSNorm, dense, dot_product_attention,
                      round_to)
@@ -96,25 +97,26 @@ def resize_cache(cache: Cache, length: int) -> Cache:
             else fit(v, 1) if name == "valid" else v for name, v in cache.items()}
 
 
-_SAME_WIDTH_UINT = {2: jnp.uint16, 4: jnp.uint32}
 _UNROLLED_ROWS = 16  # batches up to this size write one dynamic-update-slice per row; larger ones one vmapped write
 
 
 def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
-    """buf[b, ..., index[b] : index[b] + L, ...] = new[b] along `axis` for every row b (per-row offsets).
+    """buf[b, ..., index[b] : index[b] + L, ...] = new[b] along `axis` for every row b (per-row offsets), in place.
 
-    A float cache is written as the unsigned integers of its bits, and one dynamic-update-slice per row (start
-    clamped like any dynamic-update-slice) up to `_UNROLLED_ROWS` rows. Both are for XLA's CPU compiler, which
-    otherwise rewrote each decode step's write into passes over the whole cache: the vmapped form became a scatter
-    with bounds selects, and a bf16 / fp16 update a float32 round trip of the whole buffer (widen, update, narrow)
-    followed by a copy into the donated one. 64 LLaMA-2-7B-sized bf16 caches (704 slots), one write and the scores
-    read per step: 115 ms the plain way, 24 ms this way (`bench/kv_write.py`). Larger batches (an accelerator's) keep
-    one vmapped write rather than a program that grows with the batch. Differentiable (a loss over a cached prompt
-    prefix trains through it)."""
+    XLA's CPU compiler does not write a 2-byte float cache in place: a bf16 / fp16 dynamic-update-slice became a
+    float32 round trip of the whole buffer (widen, update, narrow), and the same update on the buffer's bits as
+    uint16 a loop over every element. So on CPU with the FFI kernels a 2-byte float cache is written by
+    `kernels.write_rows` (the result aliases the donated buffer: only the new slots are written), elsewhere on its
+    bits as unsigned integers (the lesser copy). Float32 and other caches take one dynamic-update-slice per row up to
+    `_UNROLLED_ROWS` rows, which XLA writes in place (the vmapped form became a scatter with bounds selects over the
+    whole cache); larger batches (an accelerator's) keep one vmapped write rather than a program that grows with the
+    batch. 60 SmolLM2-135M caches, one slot written per step, ms at 192 / 1088 / 4096 slots: float32 0.15 / 0.13 /
+    0.14 in place against 0.57 / 1.9 / 17 through its uint32 bits; bfloat16 1.3 / 4.5 / 23 plain, 0.33 / 1.3 / 10
+    through its bits. Differentiable (a loss over a cached prompt prefix trains through it)."""
     dtype = jnp.dtype(buf.dtype)
     new = new.astype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize in _SAME_WIDTH_UINT:
-        return _write_float_rows(buf, new, index, axis)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
+        return _write_half_rows(buf, new, index, axis)
     return _update_rows(buf, new, index, axis)
 
 
@@ -132,18 +134,21 @@ def _update_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) ->
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _write_float_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
-    bits = _SAME_WIDTH_UINT[jnp.dtype(buf.dtype).itemsize]
-    out = _update_rows(jax.lax.bitcast_convert_type(buf, bits), jax.lax.bitcast_convert_type(new, bits), index, axis)
+def _write_half_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+    if kernels.use_cpu_kernels():
+        return kernels.write_rows(buf, new, index, axis)
+    out = _update_rows(jax.lax.bitcast_convert_type(buf, jnp.uint16), jax.lax.bitcast_convert_type(new, jnp.uint16),
+                       index, axis)
     return jax.lax.bitcast_convert_type(out, buf.dtype)
 
 
-@_write_float_rows.defjvp
-def _write_float_rows_jvp(axis: int, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
-    # integers carry no derivative: the tangents are written as floats (the same linear update)
+@_write_half_rows.defjvp
+def _write_half_rows_jvp(axis: int, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+    # neither the kernel nor the integer bits carry a derivative: the tangents are written as floats (the same
+    # linear update)
     buf, new, index = primals
     d_buf, d_new, _ = tangents
-    return _write_float_rows(buf, new, index, axis), _update_rows(d_buf, d_new, index, axis)
+    return _write_half_rows(buf, new, index, axis), _update_rows(d_buf, d_new, index, axis)
 
 
 # ------------------------------------------------------------------------------------------------------------
