@@ -14,9 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 from tests.helpers import random_hf_llama, torch_one_thread
 from vllama_jax import kernels
+from vllama_jax.config import LlamaConfig
 from vllama_jax.inference.generate import (
     GenerationConfig,
     GenerationConfigError,
@@ -24,6 +26,7 @@ from vllama_jax.inference.generate import (
     Generator,
     process_logits,
 )
+from vllama_jax.models.llama import Llama
 from vllama_jax.sharding import make_mesh
 from vllama_jax.text.conversation import stop_token_sequences
 from vllama_jax.weights.llama_keys import load_llama
@@ -133,6 +136,18 @@ def test_input_errors(gen, fixture_llama):
         gen.generate_ids([[1, 2, 10_000]], GREEDY)
     with pytest.raises(GenerationConfigError, match="pad_token_id"):
         gen.generate(e, config=GREEDY.replace(pad_token_id=10_000))
+
+
+def test_params_straight_from_init_are_taken():
+    """`Module.init` returns params in flax's axis-metadata boxes; the engine takes them as they are (one CPU device
+    with the kernel too, where it repacks int8 leaves), and generates what the unboxed params give."""
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+    model = Llama(cfg)
+    boxed = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 32)))["params"]
+    with kernels.cpu_kernels(kernels.wmatmul_available()):
+        outs = [Generator(model, p, compilation_cache=False, quantize=q).generate_ids([[1, 2, 3]], GREEDY).tokens
+                for q in (None, "int8") for p in (boxed, nn.unbox(boxed))]
+    assert outs[0] == outs[1] and outs[2] == outs[3]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -257,6 +257,30 @@ def test_which_matmuls_take_the_cpu_kernel():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_batched_kernel_products_over_cache_slots(dtype):
+    """The batched products a decode step's attention makes, against float64: q K^T with K (slots, head_dim) as an
+    (N, K) table (head_dim a multiple of the vector width up to 8 vectors: keys 16 at a time, summed by the lane
+    shuffle tree; other head dims one dot product each), and probs V; slots split into chunks of 256 over the pool
+    (the values' chunks summed after), with ragged ends."""
+    rng = np.random.default_rng(0)
+    lanes = kernels.vector_lanes()
+    for b, m, k, n in [(3, 3, 64, 192), (2, 1, 128, 37), (1, 5, lanes, 16), (2, 2, 64, 1088), (1, 3, 8 * lanes, 300),
+                       (1, 2, 9 * lanes, 50), (1, 1, 72, 33)]:
+        x = rng.standard_normal((b, m, k)).astype(np.float32)
+        w = jnp.asarray(rng.standard_normal((b, n, k)), dtype)
+        got = np.asarray(jax.jit(lambda x, w: kernels.wmatmul(x, w, nk=True))(x, w))
+        want = np.einsum("bmk,bnk->bmn", x.astype(np.float64), np.asarray(w, np.float64))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=str((b, m, k, n)))
+    for b, m, s, d in [(3, 3, 1088, 64), (2, 1, 513, 128), (1, 5, 255, 64), (1, 16, 700, 64)]:
+        x = rng.standard_normal((b, m, s)).astype(np.float32)
+        w = jnp.asarray(rng.standard_normal((b, s, d)), dtype)
+        got = np.asarray(jax.jit(kernels.wmatmul)(x, w))
+        want = np.einsum("bms,bsd->bmd", x.astype(np.float64), np.asarray(w, np.float64))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3, err_msg=str((b, m, s, d)))
+
+
+@needs_kernel
 @pytest.mark.parametrize("cache_dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("hkv,group,lq", [(4, 1, 1), (2, 3, 1), (4, 1, 2)])
 def test_decode_attention_reads_the_kv_cache_through_the_kernel(cache_dtype, hkv, group, lq):

@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.core import meta
 from jax.sharding import Mesh
 
 from ..config import LlamaConfig
@@ -108,6 +109,7 @@ class DecodeEngine:
         self._params = self._placed(value)
 
     def _placed(self, params: Any, quantize: str | None = None, donate: bool = False) -> Any:
+        params = meta.unbox(params)  # `Module.init`'s axis-metadata boxes
         given = {id(x) for x in jax.tree_util.tree_leaves(params)}
         if check_mode(quantize) and not is_quantized(params):
             params = quantize_params({LLM_GROUP: params}, quantize)[LLM_GROUP]

@@ -2,7 +2,8 @@
 their shardings, `defaults.embedded_model` calls `models.place_params`); the chat and the generation engine take
 them as they are. `placed` is their one entry check: a tree that already lives where it should is returned
 untouched (no trace, no copy); anything else (host arrays from a test or `load_llama`, arrays on another mesh)
-goes through `models.place_params`, once.
+goes through `models.place_params`, once. Flax's axis-metadata boxes (what `Module.init` returns) are taken off
+first: every consumer of placed params reads plain arrays.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from flax.core import meta
 from jax.sharding import Mesh, NamedSharding
 
 from ..config import LlamaConfig, ModelConfig
@@ -32,11 +34,13 @@ def is_placed(params: Any, mesh: Mesh | None) -> bool:
 def placed(config: ModelConfig, params: dict[str, Any], mesh: Mesh | None) -> dict[str, Any]:
     """`params` (any subset of the groups) on `mesh` / the default device: as given when already there,
     otherwise through `models.place_params`."""
+    params = meta.unbox(params)
     return params if is_placed(params, mesh) else place_params(config, params, mesh)
 
 
 def placed_llm(config: LlamaConfig, params: Any, mesh: Mesh | None) -> Any:
     """`placed` for the decoder's params alone (the LLM group of a Video-LLaMA around `config`)."""
+    params = meta.unbox(params)
     if is_placed(params, mesh):
         return params
     return place_params(ModelConfig(llama=config), {LLM_GROUP: params}, mesh)[LLM_GROUP]

@@ -21,6 +21,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
@@ -727,15 +728,21 @@ static void dispatch_packed(ffi::ThreadPool& pool, const float* x, const int8_t*
 // vectors at every level (log2 L levels, L - 1 adds) where L horizontal sums would take L * (L - 1) scalar adds;
 // the tree leaves lane i holding the vector at the bit-reversed index, so the inputs are taken in that order.
 typedef int32_t vi __attribute__((vector_size(4 * L)));
-static inline vi level_mask(int c, bool hi) {  // lane i of [a: chunks of c lanes, b: the same] -> its source lane
-  vi m;
-  for (int i = 0; i < L; ++i) {
-    int g = i / c;
-    m[i] = (g / 2) * 2 * c + i % c + (hi ? c : 0) + (g % 2) * L;
-  }
-  return m;
+// Lane i of the two-source shuffle at chunk size C (a: chunks of C lanes, then b's): the even (lo) or odd (hi) chunks
+// of each pair, so lo + hi halves the vectors. Built from an index sequence: a constant mask, one vpermt2ps.
+template <int C, bool HI, int... I>
+static inline vi level_mask(std::integer_sequence<int, I...>) {
+  return vi{((I / C) / 2 * 2 * C + I % C + (HI ? C : 0) + ((I / C) % 2) * L)...};
 }
-static inline int bit_reversed(int i) {
+template <int C>
+static inline void lane_level(vf* t) {  // 2C vectors -> C
+  constexpr auto lanes = std::make_integer_sequence<int, L>{};
+  for (int j = 0; j < C; ++j)
+    t[j] = __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask<C, false>(lanes)) +
+           __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask<C, true>(lanes));
+  if constexpr (C > 1) lane_level<C / 2>(t);
+}
+static constexpr int bit_reversed(int i) {
   int r = 0;
   for (int b = 1; b < L; b <<= 1, i >>= 1) r = (r << 1) | (i & 1);
   return r;
@@ -743,11 +750,7 @@ static inline int bit_reversed(int i) {
 static inline vf lane_sums(const vf* v) {
   vf t[L];
   for (int i = 0; i < L; ++i) t[i] = v[bit_reversed(i)];
-  int n = L;
-  for (int c = L / 2; c >= 1; c /= 2, n /= 2)
-    for (int j = 0; j < n / 2; ++j)
-      t[j] = __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask(c, false)) +
-             __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask(c, true));
+  lane_level<L / 2>(t);
   return t[0];
 }
 
