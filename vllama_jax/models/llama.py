@@ -110,9 +110,10 @@ def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1)
     bits as unsigned integers (the lesser copy). Float32 and other caches take one dynamic-update-slice per row up to
     `_UNROLLED_ROWS` rows, which XLA writes in place (the vmapped form became a scatter with bounds selects over the
     whole cache); larger batches (an accelerator's) keep one vmapped write rather than a program that grows with the
-    batch. 60 SmolLM2-135M caches, one slot written per step, ms at 192 / 1088 / 4096 slots: float32 0.15 / 0.13 /
-    0.14 in place against 0.57 / 1.9 / 17 through its uint32 bits; bfloat16 1.3 / 4.5 / 23 plain, 0.33 / 1.3 / 10
-    through its bits. Differentiable (a loss over a cached prompt prefix trains through it)."""
+    batch. 60 SmolLM2-135M caches, one slot written per step, ms at 192 / 1088 / 4096 slots: float32 0.14 at every
+    length in place against 0.57 / 1.9 / 17 through its uint32 bits; bfloat16 0.12-0.15 through the kernel against
+    0.9 / 4.6 / 23 plain and 0.33 / 1.3 / 10 through its bits. Differentiable (a loss over a cached prompt prefix
+    trains through it)."""
     dtype = jnp.dtype(buf.dtype)
     new = new.astype(dtype)
     if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
