@@ -2,7 +2,7 @@
 their shardings, `defaults.embedded_model` calls `models.place_params`); the chat and the generation engine take
 them as they are. `placed` is their one entry check: a tree that already lives where it should is returned
 untouched (no trace, no copy); anything else (host arrays from a test or `load_llama`, arrays on another mesh)
-goes through `models.place_params`, once. Flax's axis-metadata boxes (what `Module.init` returns) are taken off
+goes through `models.place_params`, once. `placed` takes Flax's axis-metadata boxes (what `Module.init` returns) off
 first: every consumer of placed params reads plain arrays.
 """
 
@@ -39,8 +39,8 @@ def placed(config: ModelConfig, params: dict[str, Any], mesh: Mesh | None) -> di
 
 
 def placed_llm(config: LlamaConfig, params: Any, mesh: Mesh | None) -> Any:
-    """`placed` for the decoder's params alone (the LLM group of a Video-LLaMA around `config`)."""
-    params = meta.unbox(params)
+    """`placed` for the decoder's params alone (the LLM group of a Video-LLaMA around `config`), already unboxed (its
+    one caller, the decode engine, unboxes before it quantizes)."""
     if is_placed(params, mesh):
         return params
     return place_params(ModelConfig(llama=config), {LLM_GROUP: params}, mesh)[LLM_GROUP]

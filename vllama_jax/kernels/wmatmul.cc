@@ -804,22 +804,15 @@ static void dispatch_batched(ffi::ThreadPool& pool, const float* x, const void* 
                              int64_t K, int64_t N, bool nk) {
   const W* w = static_cast<const W*>(wv);
   const int64_t span = nk ? N : K, chunks = std::max<int64_t>(1, span / SLOT_CHUNK);
-  auto slots = [=](int64_t c, int64_t* s0, int64_t* s1) { *s0 = span * c / chunks; *s1 = span * (c + 1) / chunks; };
-  if (nk || chunks == 1) {
-    run_blocks(pool, B * chunks, [=](int64_t i) {
-      int64_t b = i / chunks, s0, s1;
-      slots(i % chunks, &s0, &s1);
-      product_slots<W>(x + b * M * K, w + b * K * N, y + b * M * N, M, K, N, nk, s0, s1);
-    });
-    return;
-  }
-  std::unique_ptr<float[]> part(new float[B * chunks * M * N]);
+  // the values' chunks write partial products into `part`, summed after; everything else straight into y
+  std::unique_ptr<float[]> part(nk || chunks == 1 ? nullptr : new float[B * chunks * M * N]);
   float* pp = part.get();
   run_blocks(pool, B * chunks, [=](int64_t i) {
-    int64_t b = i / chunks, s0, s1;
-    slots(i % chunks, &s0, &s1);
-    product_slots<W>(x + b * M * K, w + b * K * N, pp + i * M * N, M, K, N, false, s0, s1);
+    int64_t b = i / chunks, c = i % chunks;
+    product_slots<W>(x + b * M * K, w + b * K * N, pp ? pp + i * M * N : y + b * M * N, M, K, N, nk,
+                     span * c / chunks, span * (c + 1) / chunks);
   });
+  if (!pp) return;
   for (int64_t b = 0; b < B; ++b)
     for (int64_t i = 0; i < M * N; ++i) {
       float t = 0.f;
