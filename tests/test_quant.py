@@ -29,13 +29,13 @@ def _xla_reference(x, w, scale, transposed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 3, 8, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 17, 40])
 @pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "float16", "int8"])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("k", [72, 522])
 def test_kernel_matches_xla(rows, wdtype, transposed, k):
-    """Every path of wmatmul.cc (streamed rows <= 16, panels beyond, ragged column tails, the (N, K) table) equals
-    the float64 product of the same weights, for each stored dtype. k=522: a decode step splits the rows of W into
+    """Every path of wmatmul.cc (streamed rows <= 16, panels beyond, ragged column tails, the (N, K) table's tiles of
+    4, 2 and 1 rows of x) equals the float64 product of the same weights, for each stored dtype. k=522: a decode step splits the rows of W into
     ranges whose partial sums are added (the last range ragged)."""
     rng = np.random.default_rng(rows)
     n = 200  # n % 64 != 0 and k % 16 != 0: the scalar tails run too
@@ -235,18 +235,21 @@ def test_llama_int8_and_bf16_close_to_float32(tie, kernel):
         assert not np.allclose(run(q), ref, atol=1e-6)  # int8 really is in play
 
 
-def test_which_matmuls_take_the_cpu_kernel():
+def test_which_matmuls_take_the_cpu_kernel(monkeypatch):
     """Low-precision and int8 weights always (XLA would widen them whole); float32 weights only at the few rows of
-    decoding and short prefills (`F32_KERNEL_ROWS`: 2-8 rows with 8-lane vectors, 1-4 with AVX-512's 16),
-    and only when computed in float32; and a float32 product through the kernel equals XLA's up to summation
-    order."""
+    decoding and short prefills (`F32_KERNEL_ROWS`: 2-8 rows with 8-lane vectors, 1-4 with AVX-512's 16, 1-16 on an
+    Intel AVX-512 CPU: a (width, vendor) entry overrides the width's), and only when computed in float32; and a
+    float32 product through the kernel equals XLA's up to summation order."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     with kernels.cpu_kernels(True):
         assert all(layers._use_cpu_kernel(w, rows, f32) for w in (bf16, jnp.float16, jnp.int8) for rows in (1, 64))
-        assert kernels.vector_lanes() in (8, 16)
-        assert [layers._use_cpu_kernel(f32, rows, f32) for rows in (1, 2, 4, 16, 128)] == [
-            kernels.vector_lanes() == 16, True, True, False, False]
-        assert layers._use_cpu_kernel(f32, 8, f32) == (kernels.vector_lanes() == 8)
+        lanes, vendor = kernels.vector_lanes(), kernels.cpu_vendor()
+        assert lanes in (8, 16) and vendor in ("intel", "amd", "")
+        lo, hi = {8: (2, 8), 16: (1, 16) if vendor == "intel" else (1, 4)}[lanes]
+        for rows in (1, 2, 4, 5, 8, 16, 17, 128):
+            assert layers._use_cpu_kernel(f32, rows, f32) == (lo <= rows <= hi), rows
+        monkeypatch.setitem(layers.F32_KERNEL_ROWS, (lanes, vendor), (3, 5))
+        assert [layers._use_cpu_kernel(f32, rows, f32) for rows in (2, 3, 5, 6)] == [False, True, True, False]
         assert not layers._use_cpu_kernel(f32, 4, bf16)  # cast to the compute dtype first, as nn.Dense does
         rng = np.random.default_rng(0)
         x, w = jnp.asarray(rng.standard_normal((4, 96)), f32), jnp.asarray(rng.standard_normal((96, 40)), f32)

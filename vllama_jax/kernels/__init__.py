@@ -104,6 +104,13 @@ def vector_lanes() -> int:
     return int(_library().VllamaWMatmulLanes())
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor as the built kernel sees it: "intel", "amd", or "" (another CPU, or no kernel)."""
+    if not wmatmul_available():
+        return ""
+    return {1: "intel", 2: "amd"}.get(int(_library().VllamaCpuVendor()), "")
+
+
 _FORCED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("vllama_cpu_kernels", default=None)
 
 

@@ -221,10 +221,40 @@ static void panel_kn(const float* x, const W* w, const float* scale, float* y, i
   });
 }
 
-// W (N, K): rows n0 .. n1 of the table, each a dot product with every row of x.
+// The lane sums of L vectors as one vector: r[i] = sum of v[i]'s lanes. A tree of two-source shuffles halves the
+// vectors at every level (log2 L levels, L - 1 adds) where L horizontal sums would take L * (L - 1) scalar adds;
+// the tree leaves lane i holding the vector at the bit-reversed index, so the inputs are taken in that order.
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+// Lane i of the two-source shuffle at chunk size C (a: chunks of C lanes, then b's): the even (lo) or odd (hi) chunks
+// of each pair, so lo + hi halves the vectors. Built from an index sequence: a constant mask, one vpermt2ps.
+template <int C, bool HI, int... I>
+static inline vi level_mask(std::integer_sequence<int, I...>) {
+  return vi{((I / C) / 2 * 2 * C + I % C + (HI ? C : 0) + ((I / C) % 2) * L)...};
+}
+template <int C>
+static inline void lane_level(vf* t) {  // 2C vectors -> C
+  constexpr auto lanes = std::make_integer_sequence<int, L>{};
+  for (int j = 0; j < C; ++j)
+    t[j] = __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask<C, false>(lanes)) +
+           __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask<C, true>(lanes));
+  if constexpr (C > 1) lane_level<C / 2>(t);
+}
+static constexpr int bit_reversed(int i) {
+  int r = 0;
+  for (int b = 1; b < L; b <<= 1, i >>= 1) r = (r << 1) | (i & 1);
+  return r;
+}
+static inline vf lane_sums(const vf* v) {
+  vf t[L];
+  for (int i = 0; i < L; ++i) t[i] = v[bit_reversed(i)];
+  lane_level<L / 2>(t);
+  return t[0];
+}
+
+// W (N, K): rows n0 .. n1 of the table, each a dot product with every row of x, one at a time (horizontal sums).
 template <typename W>
-static void rows_nk(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
-                    int64_t n0, int64_t n1) {
+static void rows_nk_each(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+                         int64_t n0, int64_t n1) {
   int64_t kl = K - K % L;
   for (int64_t n = n0; n < n1; ++n) {
     const W* row = w + n * K;
@@ -244,6 +274,59 @@ static void rows_nk(const float* x, const W* w, const float* scale, float* y, in
       }
     }
   }
+}
+
+// R rows of x (from m0) by L / R rows of W (from n): L accumulator vectors over the whole vectors of K, reduced into
+// one vector by `lane_sums` (lane r * (L / R) + t: row m0 + r, column n + t), the ragged end of K added per sum.
+// `prefetch`: the next tile's rows of W are fetched into cache meanwhile (A/B, SmolLM2's 49152 x 576 f32 table:
+// 4 rows of x 4.6 -> 2.5 ms, 8 rows 5.9 -> 3.9; at one row, 16 rows of W per tile, it cost 1-10%).
+template <int R, typename W>
+static inline void tile_nk(const float* x, const W* w, const float* scale, float* y, int64_t K, int64_t N,
+                           int64_t m0, int64_t n, bool prefetch) {
+  constexpr int T = L / R;
+  const int64_t kl = K - K % L;
+  vf acc[L] = {};
+  for (int64_t k = 0; k < kl; k += L) {
+    vf wv[T], xv[R];
+    for (int t = 0; t < T; ++t) {
+      wv[t] = loadv(w + (n + t) * K + k);
+      if (prefetch) __builtin_prefetch(w + (n + t + T) * K + k, 0, 3);
+    }
+    for (int r = 0; r < R; ++r) xv[r] = loadv(x + (m0 + r) * K + k);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[r * T + t] += xv[r] * wv[t];
+  }
+  vf sums = lane_sums(acc);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      float v = sums[r * T + t];
+      for (int64_t k = kl; k < K; ++k) v += x[(m0 + r) * K + k] * load1(w + (n + t) * K + k);
+      y[(m0 + r) * N + n + t] = scale ? v * scale[n + t] : v;
+    }
+}
+
+// Rows m0 .. m1 of x (a multiple of R of them) by rows n0 .. n1 of W (N, K): tiles of L / R rows of W, each met by
+// every R rows of x while it is in L1; the ragged end of W one row at a time.
+template <int R, typename W>
+static void group_nk(const float* x, const W* w, const float* scale, float* y, int64_t K, int64_t N, int64_t m0,
+                     int64_t m1, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + L / R <= n1; n += L / R)
+    for (int64_t m = m0; m < m1; m += R) tile_nk<R, W>(x, w, scale, y, K, N, m, n, R > 1 && m == m0);
+  rows_nk_each<W>(x + m0 * K, w, scale, y + m0 * N, m1 - m0, K, N, n, n1);
+}
+
+// W (N, K): rows n0 .. n1 of the table, each a dot product with every row of x: 4 rows of x at a time by L / 4 rows
+// of W, L sums per `lane_sums`. One horizontal sum per product cost more than the products at a few rows
+// (SmolLM2-135M's tied LM head at batch 8: 9.2 ms of a 43 ms decode step).
+template <typename W>
+static void rows_nk(const float* x, const W* w, const float* scale, float* y, int64_t M, int64_t K, int64_t N,
+                    int64_t n0, int64_t n1) {
+  if (K < L) return rows_nk_each<W>(x, w, scale, y, M, K, N, n0, n1);
+  const int64_t m4 = M / 4 * 4;
+  if (m4) group_nk<4, W>(x, w, scale, y, K, N, 0, m4, n0, n1);
+  if (M - m4 >= 2) group_nk<2, W>(x, w, scale, y, K, N, m4, m4 + 2, n0, n1);
+  if (M % 2) group_nk<1, W>(x, w, scale, y, K, N, M - 1, M, n0, n1);
 }
 
 template <typename W>
@@ -724,36 +807,6 @@ static void dispatch_packed(ffi::ThreadPool& pool, const float* x, const int8_t*
 }
 #endif
 
-// The lane sums of L vectors as one vector: r[i] = sum of v[i]'s lanes. A tree of two-source shuffles halves the
-// vectors at every level (log2 L levels, L - 1 adds) where L horizontal sums would take L * (L - 1) scalar adds;
-// the tree leaves lane i holding the vector at the bit-reversed index, so the inputs are taken in that order.
-typedef int32_t vi __attribute__((vector_size(4 * L)));
-// Lane i of the two-source shuffle at chunk size C (a: chunks of C lanes, then b's): the even (lo) or odd (hi) chunks
-// of each pair, so lo + hi halves the vectors. Built from an index sequence: a constant mask, one vpermt2ps.
-template <int C, bool HI, int... I>
-static inline vi level_mask(std::integer_sequence<int, I...>) {
-  return vi{((I / C) / 2 * 2 * C + I % C + (HI ? C : 0) + ((I / C) % 2) * L)...};
-}
-template <int C>
-static inline void lane_level(vf* t) {  // 2C vectors -> C
-  constexpr auto lanes = std::make_integer_sequence<int, L>{};
-  for (int j = 0; j < C; ++j)
-    t[j] = __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask<C, false>(lanes)) +
-           __builtin_shuffle(t[2 * j], t[2 * j + 1], level_mask<C, true>(lanes));
-  if constexpr (C > 1) lane_level<C / 2>(t);
-}
-static constexpr int bit_reversed(int i) {
-  int r = 0;
-  for (int b = 1; b < L; b <<= 1, i >>= 1) r = (r << 1) | (i & 1);
-  return r;
-}
-static inline vf lane_sums(const vf* v) {
-  vf t[L];
-  for (int i = 0; i < L; ++i) t[i] = v[bit_reversed(i)];
-  lane_level<L / 2>(t);
-  return t[0];
-}
-
 // x (M, K) @ W (N, K)^T with short rows (a KV cache's keys: K = head_dim): L rows of W at a time, one vector of L
 // sums per row of x (`lane_sums`) instead of a horizontal sum per product, which cost more than the products at
 // K = 64 (SmolLM2-135M's scores over 1088 slots: 4.1 ms of a 31 ms decode step).
@@ -775,7 +828,7 @@ static void product_nk_short(const float* x, const W* w, float* y, int64_t M, in
       }
       storev(y + m * N + n, lane_sums(acc));
     }
-  rows_nk<W>(x, w, nullptr, y, M, K, N, n, n1);  // the last (n1 - n0) % L rows of W, one dot product each
+  rows_nk_each<W>(x, w, nullptr, y, M, K, N, n, n1);  // the last (n1 - n0) % L rows of W, one dot product each
 }
 
 // Slots [s0, s1) of one product of a batch, on the calling thread: x (M, K) @ W (N, K)^T -> columns s0 .. s1 of
@@ -890,6 +943,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VllamaWMatmul, WMatmulImpl,
 // The float lanes of one vector in this build (16 with AVX-512, 8 otherwise): the Python side picks, by width, the
 // row counts at which float32 weights go through this kernel rather than XLA's dot (`models.layers`).
 extern "C" int VllamaWMatmulLanes() { return L; }
+
+// The CPU's vendor (1 Intel, 2 AMD, 0 other or not x86): XLA's own dot of a few rows is faster than this kernel's on
+// some cores and slower on others at the same vector width (`models.layers.F32_KERNEL_ROWS`).
+extern "C" int VllamaCpuVendor() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_is("intel")) return 1;
+  if (__builtin_cpu_is("amd")) return 2;
+#endif
+  return 0;
+}
 
 // Whether this build multiplies int8 weights in the packed layout (`kernels.pack_int8`): AVX-512 VNNI.
 extern "C" int VllamaWMatmulPackedInt8() {

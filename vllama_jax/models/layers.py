@@ -79,20 +79,24 @@ _KERNEL_CACHE_DTYPES = (*LOW_PRECISION_FLOATS, jnp.dtype(jnp.float32))  # `_cach
 #: batch 8: 298 tok/s with XLA's dot, 229 with the kernel (batch 4: 169 vs 176). One row on AVX-512, 2026-12-06
 #: (after the kernel's 8-row passes with L2 prefetch): SmolLM2's batch-1 decode, both engines in one process, 6
 #: rounds alternating, twice: median 59.9 vs 56.2 and 56.2 vs 52.3 tok/s (kernel vs XLA). So: XLA's one-row matvec
-#: and the kernel at 2-8 rows on AVX2, the kernel at 1-4 rows on AVX-512, XLA's dot above
-F32_KERNEL_ROWS = {8: (2, 8), 16: (1, 4)}
+#: and the kernel at 2-8 rows on AVX2, the kernel at 1-4 rows on AVX-512, XLA's dot above. On a 2-core Intel Xeon
+#: (AVX-512 and AMX, 2026-12-06), the same jaxlib ran each few-row dot (a YNNPACK fusion) on one thread, two at most
+#: at a time: whole decode, one process each, twice: batch 8 130 / 129 tok/s with XLA's dot, 183 / 179 with the
+#: kernel; batch 16 220 vs 250. So the vector width's rule, or a rule for (width, vendor) where one was measured.
+F32_KERNEL_ROWS = {8: (2, 8), 16: (1, 4), (16, "intel"): (1, kernels.SMALL_M)}
 
 
 def _use_cpu_kernel(weight_dtype: Any, rows: int, dtype: Any) -> bool:
     """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default): for bf16/fp16/int8
     weights at any row count (XLA would convert the whole operand first; the kernel's panel path serves prefill,
     its streaming path decode), and for float32 weights computed in float32 at the row counts `F32_KERNEL_ROWS`
-    gives for the kernel's vector width."""
+    gives for the kernel's vector width and the CPU's vendor."""
     wdt = jnp.dtype(weight_dtype)
     if wdt == jnp.dtype(jnp.float32):
         if jnp.dtype(dtype) != wdt or not kernels.use_cpu_kernels():
             return False
-        lo, hi = F32_KERNEL_ROWS.get(kernels.vector_lanes(), (2, 8))
+        lanes = kernels.vector_lanes()
+        lo, hi = F32_KERNEL_ROWS.get((lanes, kernels.cpu_vendor())) or F32_KERNEL_ROWS.get(lanes, (2, 8))
         return lo <= rows <= hi
     if wdt not in LOW_PRECISION_FLOATS and wdt != jnp.dtype(jnp.int8):
         return False
