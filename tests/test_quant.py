@@ -238,8 +238,9 @@ def test_llama_int8_and_bf16_close_to_float32(tie, kernel):
 def test_which_matmuls_take_the_cpu_kernel(monkeypatch):
     """Low-precision and int8 weights always (XLA would widen them whole); float32 weights only at the few rows of
     decoding and short prefills (`F32_KERNEL_ROWS`: 2-8 rows with 8-lane vectors, 1-4 with AVX-512's 16, 1-16 on an
-    Intel AVX-512 CPU: a (width, vendor) entry overrides the width's), and only when computed in float32; and a
-    float32 product through the kernel equals XLA's up to summation order."""
+    Intel AVX-512 CPU: a (width, vendor) entry overrides the width's), and only when computed in float32; bf16
+    weights computed in bf16 go to XLA's dot on AMX from `BF16_XLA_MIN_ROWS` rows; and a float32 product through
+    the kernel equals XLA's up to summation order."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     with kernels.cpu_kernels(True):
         assert all(layers._use_cpu_kernel(w, rows, f32) for w in (bf16, jnp.float16, jnp.int8) for rows in (1, 64))
@@ -248,6 +249,11 @@ def test_which_matmuls_take_the_cpu_kernel(monkeypatch):
         lo, hi = {8: (2, 8), 16: (1, 16) if vendor == "intel" else (1, 4)}[lanes]
         for rows in (1, 2, 4, 5, 8, 16, 17, 128):
             assert layers._use_cpu_kernel(f32, rows, f32) == (lo <= rows <= hi), rows
+        # bf16 weights computed in bf16: XLA's dot from BF16_XLA_MIN_ROWS rows on where the CPU has AMX-BF16
+        big = layers.BF16_XLA_MIN_ROWS
+        assert [layers._use_cpu_kernel(bf16, rows, bf16) for rows in (1, big - 1, big, 4 * big)] == [
+            True, True, not kernels.amx_bf16(), not kernels.amx_bf16()]
+        assert layers._use_cpu_kernel(bf16, 4 * big, f32) and layers._use_cpu_kernel(jnp.float16, 4 * big, jnp.float16)
         monkeypatch.setitem(layers.F32_KERNEL_ROWS, (lanes, vendor), (3, 5))
         assert [layers._use_cpu_kernel(f32, rows, f32) for rows in (2, 3, 5, 6)] == [False, True, True, False]
         assert not layers._use_cpu_kernel(f32, 4, bf16)  # cast to the compute dtype first, as nn.Dense does

@@ -111,6 +111,11 @@ def cpu_vendor() -> str:
     return {1: "intel", 2: "amd"}.get(int(_library().VllamaCpuVendor()), "")
 
 
+def amx_bf16() -> bool:
+    """Whether the CPU multiplies bfloat16 matrices in AMX tiles (as the built kernel sees it)."""
+    return wmatmul_available() and bool(_library().VllamaCpuAmxBf16())
+
+
 _FORCED: contextvars.ContextVar[bool | None] = contextvars.ContextVar("vllama_cpu_kernels", default=None)
 
 

@@ -955,6 +955,17 @@ extern "C" int VllamaCpuVendor() {
   return 0;
 }
 
+// Whether the CPU has AMX with bfloat16 tiles (this build is for the machine it runs on, -march=native): there XLA's
+// own dot multiplies bf16 by bf16 in the tiles, several times this kernel's float32 multiply-adds once a product
+// has a few dozen rows (`models.layers.BF16_XLA_MIN_ROWS`).
+extern "C" int VllamaCpuAmxBf16() {
+#ifdef __AMX_BF16__
+  return 1;
+#else
+  return 0;
+#endif
+}
+
 // Whether this build multiplies int8 weights in the packed layout (`kernels.pack_int8`): AVX-512 VNNI.
 extern "C" int VllamaWMatmulPackedInt8() {
 #ifdef VLLAMA_VNNI
