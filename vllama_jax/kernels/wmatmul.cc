@@ -15,10 +15,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
+#include <cstdlib>
+#include <functional>
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -695,23 +699,85 @@ struct Work {
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
   int64_t blocks = 0;
+  std::function<void(int64_t)> fn;
+  void run() {
+    for (int64_t b; (b = next.fetch_add(1)) < blocks;) {
+      fn(b);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
 };
+
+// Helpers linger: after its blocks a helper polls for the next call's work for `linger_ns()` before it goes back to
+// XLA's pool. A decode step makes ~9 calls per layer, each a few dozen to a few hundred microseconds, with XLA's
+// small ops between them; a helper that went back to the pool after every call was woken again 20-55 us after the
+// next call began (a 2-core KVM guest: the idle vCPU halts), while the caller worked alone. The latest call's work
+// is published in one slot (a shared_ptr: a helper holds what it works on alive); calls that overlap just get fewer
+// helpers. VLLAMA_JAX_KERNEL_LINGER_US sets the time (0: helpers return at once).
+static std::mutex g_slot_mu;
+static std::shared_ptr<Work> g_slot;          // the latest call's work, while it runs
+static std::atomic<uint64_t> g_posted{0};     // calls published so far
+static std::atomic<int> g_lingering{0};       // helpers polling now
+
+static int64_t linger_ns() {
+  static const int64_t ns = [] {
+    const char* v = std::getenv("VLLAMA_JAX_KERNEL_LINGER_US");
+    return int64_t(v ? std::atof(v) * 1000 : 200 * 1000);
+  }();
+  return ns;
+}
+
+static void helper(std::shared_ptr<Work> first) {
+  using clock = std::chrono::steady_clock;
+  first->run();
+  first.reset();
+  const int64_t linger = linger_ns();
+  if (linger <= 0) return;
+  g_lingering.fetch_add(1);
+  uint64_t seen = g_posted.load(std::memory_order_acquire);
+  auto until = clock::now() + std::chrono::nanoseconds(linger);
+  for (int spins = 0;; ++spins) {
+    uint64_t posted = g_posted.load(std::memory_order_acquire);
+    if (posted != seen) {
+      seen = posted;
+      std::shared_ptr<Work> w;
+      {
+        std::lock_guard<std::mutex> lock(g_slot_mu);
+        w = g_slot;
+      }
+      if (w) w->run();
+      until = clock::now() + std::chrono::nanoseconds(linger);
+      continue;
+    }
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+    if ((spins & 63) == 0 && clock::now() > until) break;
+  }
+  g_lingering.fetch_sub(1);
+}
 
 template <typename Fn>
 static void run_blocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
   auto work = std::make_shared<Work>();
   work->blocks = blocks;
-  auto loop = [work, fn]() {
-    for (int64_t b; (b = work->next.fetch_add(1)) < work->blocks;) {
-      fn(b);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  using Fn2 = decltype(loop);  // Schedule takes its task by value (it moves it to the heap)
+  work->fn = fn;
   int64_t helpers = std::max<int64_t>(0, std::min<int64_t>(pool.num_threads(), blocks) - 1);
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule(Fn2(loop));
-  loop();
+  if (helpers > 0) {
+    {
+      std::lock_guard<std::mutex> lock(g_slot_mu);
+      g_slot = work;
+    }
+    g_posted.fetch_add(1, std::memory_order_release);
+    // lingering helpers take the work from the slot; the pool is asked only for the missing ones
+    for (int64_t i = g_lingering.load(); i < helpers; ++i) pool.Schedule([work] { helper(work); });
+  }
+  work->run();
   while (work->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
+  if (helpers > 0) {
+    std::lock_guard<std::mutex> lock(g_slot_mu);
+    if (g_slot == work) g_slot.reset();
+  }
 }
 
 // The split of a decode step (M <= SMALL_M rows of x) over XLA's pool: blocks as wide as the accumulators allow
