@@ -34,7 +34,7 @@ def _weights(config: LlamaConfig, mode: str) -> dict:
     abstract = abstract["params"]
     if mode == "float32":
         return abstract
-    if mode == "bfloat16":
+    if mode in ("bfloat16", "bfloat16-compute"):
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16) if x.ndim == 2 else x, abstract)
     from vllama_jax.tree import flatten_params, unflatten_params
 
@@ -52,13 +52,15 @@ def _temp_and_weights(compiled, params) -> tuple[int, int]:
 def _llama_programs(mode: str, batch: int) -> dict:
     """{"prefill": (temp bytes, weight bytes), "decode": ...} of the compiled programs with `mode` weights."""
     params = _weights(LLAMA, mode)
-    engine = DecodeEngine(LLAMA, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params),
+    # bf16 compute too: its prefill's products (32 rows and more) take XLA's dot on a CPU with AMX-BF16
+    module = Llama(LLAMA, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16) if mode == "bfloat16-compute" else LLAMA
+    engine = DecodeEngine(module, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params),
                           compilation_cache=False)
     with kernels.cpu_kernels(True):  # the test session simulates 8 devices; a real CPU process has one
         embeds = jax.ShapeDtypeStruct((batch, 32, LLAMA.hidden_size), jnp.float32)
         mask = jax.ShapeDtypeStruct((batch, 32), jnp.int32)
         prefill = engine._prefill_fn.lower(params, embeds, mask, cache_length=128).compile()
-        cache = jax.eval_shape(lambda: init_cache(LLAMA, batch, 128))
+        cache = jax.eval_shape(lambda: init_cache(LLAMA, batch, 128, engine.cache_dtype))
         model = engine.module
         step = jax.jit(lambda p, t, c: model.apply({"params": p}, model.apply({"params": p}, t[:, None],
                                                                                method=Llama.embed), cache=c),
@@ -66,7 +68,7 @@ def _llama_programs(mode: str, batch: int) -> dict:
     return {"prefill": _temp_and_weights(prefill, params), "decode": _temp_and_weights(step, params)}
 
 
-@pytest.mark.parametrize("mode", ["bfloat16", "int8", pytest.param("int8-packed", marks=pytest.mark.skipif(
+@pytest.mark.parametrize("mode", ["bfloat16", "bfloat16-compute", "int8", pytest.param("int8-packed", marks=pytest.mark.skipif(
     not kernels.packed_int8_available(), reason="the packed int8 path needs AVX-512 VNNI"))])
 @pytest.mark.parametrize("batch", [1, 4])
 def test_llama_prefill_and_decode_keep_low_precision_weights(mode, batch):
