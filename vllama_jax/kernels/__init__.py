@@ -108,6 +108,7 @@ def vector_lanes() -> int:
     return int(_library().VllamaWMatmulLanes())
 
 
+@lru_cache(maxsize=None)
 def cpu_vendor() -> str:
     """The CPU's vendor as the built kernel sees it: "intel", "amd", or "" (another CPU, or no kernel)."""
     if not wmatmul_available():
@@ -115,6 +116,7 @@ def cpu_vendor() -> str:
     return {1: "intel", 2: "amd"}.get(int(_library().VllamaCpuVendor()), "")
 
 
+@lru_cache(maxsize=None)
 def amx_bf16() -> bool:
     """Whether the CPU multiplies bfloat16 matrices in AMX tiles (as the built kernel sees it)."""
     return wmatmul_available() and bool(_library().VllamaCpuAmxBf16())
