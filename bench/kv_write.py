@@ -1,15 +1,15 @@
-"""A decode step's KV-cache traffic at LLaMA-2-7B's size: write one slot of each layer's K and V, read the scores.
+"""A decode step's KV-cache traffic at LLaMA-2-7B's size: write one slot of each layer's K and V, attend over them.
 
     python bench/kv_write.py [--slots 704] [--dtype bfloat16] [--rounds 7] [--json PATH]
 
 64 donated cache arrays (32 layers x K, V) of (1, 32, slots, 128); per step every array gets one new row at a
-per-row index and is read once for the attention scores (q K^T, at one query row). Side by side in one process,
-alternating: this project's write (`models.llama._write_rows`: a 2-byte float cache through the kernel's in-place
-`kernels.write_rows`, float32 one dynamic-update-slice per row) and read (`models.layers._cache_product`), against
-the plain JAX form (a vmapped dynamic-update-slice, the cache reshaped to (B * Hkv, S, Dh) for the read) and
-against the write this project used before (a dynamic-update-slice per row on the cache's bits as unsigned
-integers, which XLA's CPU compiler turns into a loop over the whole cache) with today's read. Prints ms per step
-and the ratios, with the bytes the arrays hold (what one pass over them reads).
+per-row index and is read once by one query row's attention over it (the array as both keys and values). Side by
+side in one process, alternating: this project's write (`models.llama._write_rows`: a float cache through the
+kernel's in-place `kernels.write_rows`) and attention (`models.layers.dot_product_attention` over the cache: one
+`kernels.attention` call), against the plain JAX form (a vmapped dynamic-update-slice, XLA's attention) and against
+the write this project used before (a dynamic-update-slice per row on the cache's bits as unsigned integers, which
+XLA's CPU compiler turns into a loop over the whole cache) with today's attention. Prints ms per step and the
+ratios, with the bytes the arrays hold (what one pass over them reads).
 """
 from __future__ import annotations
 
@@ -49,22 +49,27 @@ def bits_write(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> j
     return jax.lax.bitcast_convert_type(out, buf.dtype)
 
 
-def plain_scores(q: jax.Array, cache: jax.Array) -> jax.Array:
-    """The scores over a cache reshaped to (B * Hkv, S, Dh) (the kernel's batched form before this change)."""
-    b, h, s, d = cache.shape
-    out = kernels.wmatmul(q.reshape(b * h, q.shape[2], d), cache.reshape(b * h, s, d), nk=True)
-    return out.reshape(b, h, q.shape[2], s)
+def attend(q: jax.Array, cache: jax.Array) -> jax.Array:
+    """One query row's attention over a cache (as keys and values); traced under `kernels.cpu_kernels(False)` it
+    is XLA's."""
+    return layers.dot_product_attention(q, cache, cache, None, kv_heads_first=True)
 
 
-def step_fn(write, scores):
+def step_fn(write, kernel: bool):
     def step(caches, q, new, index):
         out, acc = [], jnp.float32(0)
         for c in caches:
             c = write(c, new, index, 2)
-            acc = acc + scores(q, c)[0, 0, 0, 0]
+            acc = acc + attend(q, c)[0, 0, 0, 0]
             out.append(c)
         return out, acc
-    return jax.jit(step, donate_argnums=(0,))
+
+    jitted = jax.jit(step, donate_argnums=(0,))
+
+    def traced_with_kernel_choice(*args):
+        with kernels.cpu_kernels(None if kernel else False):
+            return jitted(*args)
+    return traced_with_kernel_choice
 
 
 def main() -> None:
@@ -79,11 +84,10 @@ def main() -> None:
         raise SystemExit("bench/kv_write.py: needs the CPU kernel (one CPU device and a C++ compiler)")
     load0 = os.getloadavg()[0]
     dt, shape = jnp.dtype(a.dtype), (1, 32, a.slots, 128)
-    ours_read = lambda q, c: layers._cache_product(q, c, True)  # noqa: E731
-    variants = {"plain JAX (vmapped write, reshaped read)": step_fn(plain_write, plain_scores),
-                "write on the bits (before), this read": step_fn(bits_write, ours_read),
-                "this project": step_fn(llama._write_rows, ours_read)}
-    q, new = jnp.ones((1, 32, 1, 128), jnp.float32), jnp.ones((1, 32, 1, 128), dt)
+    variants = {"plain JAX (vmapped write, XLA's attention)": step_fn(plain_write, False),
+                "write on the bits (before), this attention": step_fn(bits_write, True),
+                "this project": step_fn(llama._write_rows, True)}
+    q, new = jnp.ones((1, 1, 32, 128), jnp.float32), jnp.ones((1, 32, 1, 128), dt)
     state, times = {}, {k: [] for k in variants}
     for k, f in variants.items():
         state[k], acc = f([jnp.zeros(shape, dt) for _ in range(a.arrays)], q, new, jnp.array([0], jnp.int32))
@@ -97,9 +101,9 @@ def main() -> None:
             times[k].append((time.perf_counter() - t) / 5)
     mb = a.arrays * np.prod(shape) * dt.itemsize / 1e6
     ms = {k: 1e3 * float(np.median(v)) for k, v in times.items()}
-    base, bits, ours = (ms["plain JAX (vmapped write, reshaped read)"], ms["write on the bits (before), this read"],
-                        ms["this project"])
-    print(f"{a.arrays} {a.dtype} caches of {shape} ({mb:.0f} MB), one slot written and the scores read per step; "
+    base, bits, ours = (ms["plain JAX (vmapped write, XLA's attention)"],
+                        ms["write on the bits (before), this attention"], ms["this project"])
+    print(f"{a.arrays} {a.dtype} caches of {shape} ({mb:.0f} MB), one slot written and attended over per step; "
           f"load average {load0:.1f} before, {os.getloadavg()[0]:.1f} after; median of {a.rounds} rounds x 5 steps")
     for k, v in ms.items():
         print(f"  {k}: {v:.1f} ms per step")

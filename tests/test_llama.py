@@ -417,22 +417,24 @@ def test_error_extra_layer_in_file(llama_copy):
         load_llama(llama_copy)
 
 
-@pytest.mark.parametrize("kernel", [False, True])  # True: a 2-byte cache through the FFI kernel's in-place write
+@pytest.mark.parametrize("kernel", [False, True])  # True: a float cache through the FFI kernel's in-place write
 @pytest.mark.parametrize("batch", [1, 3, 20])  # 20: past `_UNROLLED_ROWS`, the vmapped write
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32", "bool"])
-def test_cache_rows_are_written_at_each_rows_offset(batch, dtype, kernel):
+@pytest.mark.parametrize("slots_first", [False, True])  # True: new rows as a projection gives them, (B, L, Hkv, Dh)
+def test_cache_rows_are_written_at_each_rows_offset(batch, dtype, kernel, slots_first):
     if kernel and not kernels.wmatmul_available():
         pytest.skip("the CPU kernels are not built here")
     with kernels.cpu_kernels(kernel):
-        _check_cache_rows(batch, dtype)
+        _check_cache_rows(batch, dtype, slots_first)
 
 
-def _check_cache_rows(batch, dtype):
+def _check_cache_rows(batch, dtype, slots_first):
     rng = np.random.default_rng(batch)
     draw = (lambda *s: rng.standard_normal(s) > 0) if dtype == "bool" else (lambda *s: rng.standard_normal(s))
     buf, new = jnp.asarray(draw(batch, 2, 10, 4), dtype), jnp.asarray(draw(batch, 2, 3, 4), dtype)
     index = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)  # past 7: clamped to 7, as dynamic-update-slice does
-    got = np.asarray(jax.jit(lambda b, n, i: _write_rows(b, n, i, axis=2))(buf, new, index))
+    given = new.transpose(0, 2, 1, 3) if slots_first else new
+    got = np.asarray(jax.jit(lambda b, n, i: _write_rows(b, n, i, axis=2, slots_first=slots_first))(buf, given, index))
     index = np.minimum(np.asarray(index), 7)
     want = np.asarray(buf).copy()
     for b in range(batch):
@@ -440,8 +442,10 @@ def _check_cache_rows(batch, dtype):
     np.testing.assert_array_equal(got, want)
     if dtype != "bool":  # differentiable: d sum(out * w) / d new = w at the written slots, / d buf = w elsewhere
         w = jnp.asarray(rng.standard_normal(buf.shape), dtype)
-        g_buf, g_new = jax.grad(lambda b, n: jnp.sum((_write_rows(b, n, index, axis=2) * w).astype(jnp.float32)),
-                                argnums=(0, 1))(buf, new)
+        g_buf, g_new = jax.grad(lambda b, n: jnp.sum((_write_rows(b, n, index, axis=2, slots_first=slots_first)
+                                                      * w).astype(jnp.float32)), argnums=(0, 1))(buf, given)
+        if slots_first:
+            g_new = g_new.transpose(0, 2, 1, 3)
         w = np.asarray(w, np.float32)
         written = np.zeros(buf.shape, bool)
         for b in range(batch):

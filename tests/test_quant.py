@@ -267,59 +267,113 @@ def test_which_matmuls_take_the_cpu_kernel(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_batched_kernel_products_over_cache_slots(dtype):
-    """The batched products a decode step's attention makes, against float64: q K^T with K (slots, head_dim) as an
-    (N, K) table (head_dim a multiple of the vector width up to 8 vectors: keys 16 at a time, summed by the lane
-    shuffle tree; other head dims one dot product each), and probs V; slots split into chunks of 256 over the pool
-    (the values' chunks summed after), with ragged ends."""
+def test_attention_kernel_against_float64(dtype):
+    """The attention kernel against float64 numpy at a decode step's and a prefill's shapes with long caches (the
+    keys 16 at a time summed by the lane shuffle tree, the ragged last vector, the vectorised exp over scores spread
+    wide, grouped-query heads): float32 to 1e-5, a half-precision cache to its rounding of the probabilities."""
     rng = np.random.default_rng(0)
     lanes = kernels.vector_lanes()
-    for b, m, k, n in [(3, 3, 64, 192), (2, 1, 128, 37), (1, 5, lanes, 16), (2, 2, 64, 1088), (1, 3, 8 * lanes, 300),
-                       (1, 2, 9 * lanes, 50), (1, 1, 72, 33)]:
-        x = rng.standard_normal((b, m, k)).astype(np.float32)
-        w = jnp.asarray(rng.standard_normal((b, n, k)), dtype)
-        got = np.asarray(jax.jit(lambda x, w: kernels.wmatmul(x, w, nk=True))(x, w))
-        want = np.einsum("bmk,bnk->bmn", x.astype(np.float64), np.asarray(w, np.float64))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4, err_msg=str((b, m, k, n)))
-    for b, m, s, d in [(3, 3, 1088, 64), (2, 1, 513, 128), (1, 5, 255, 64), (1, 16, 700, 64)]:
-        x = rng.standard_normal((b, m, s)).astype(np.float32)
-        w = jnp.asarray(rng.standard_normal((b, s, d)), dtype)
-        got = np.asarray(jax.jit(kernels.wmatmul)(x, w))
-        want = np.einsum("bms,bsd->bmd", x.astype(np.float64), np.asarray(w, np.float64))
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-3, err_msg=str((b, m, s, d)))
+    for b, lq, h, hkv, s, d in [(1, 1, 9, 3, 1088, 64), (2, 1, 4, 4, 513, 128), (1, 20, 6, 2, 255, 64),
+                                (1, 3, 2, 1, 33, lanes), (1, 2, 2, 2, 70, 256)]:
+        q = (4 * rng.standard_normal((b, lq, h, d))).astype(np.float32)
+        k = jnp.asarray(rng.standard_normal((b, hkv, s, d)), dtype)
+        v = jnp.asarray(rng.standard_normal((b, hkv, s, d)), dtype)
+        causal = np.arange(s)[None, :] <= (s - lq + np.arange(lq))[:, None]
+        bias = np.where(causal, 0.0, np.finfo(np.float32).min).astype(np.float32)[None, None]
+        got = np.asarray(jax.jit(lambda *a: kernels.attention(*a, d ** -0.5))(q, k, v, bias))
+        kf, vf = (np.repeat(np.asarray(x, np.float64), h // hkv, axis=1) for x in (k, v))
+        scores = np.einsum("blhd,bhsd->bhls", q.astype(np.float64), kf) * d ** -0.5 + np.where(causal, 0, -np.inf)
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        want = np.einsum("bhls,bhsd->blhd", probs / probs.sum(-1, keepdims=True), vf)
+        tol = 1e-5 if dtype == "float32" else 1e-2
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=str((b, lq, h, hkv, s, d)))
 
 
-@needs_kernel
-@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("hkv,group,lq", [(4, 1, 1), (2, 3, 1), (4, 1, 2)])
-def test_decode_attention_reads_the_kv_cache_through_the_kernel(cache_dtype, hkv, group, lq):
-    """A decode step's attention over the (B, Hkv, S, Dh) cache: with the CPU kernel (batched over the heads: q K^T
-    with each head's keys as an (N, K) table, then probs V) it equals XLA's einsums, and the compiled program has
-    the kernel's two calls on the cache as it is (no reshaped or float32 copy); a prefill's rows (> SMALL_M) keep
-    XLA's dot."""
-    rng = np.random.default_rng(hkv + group + lq)
-    b, s, dh = 2, 40, 16
-    dt = jnp.dtype(cache_dtype)
+def _cache_attention_case(rng, b, lq, hkv, group, s, dh, dt):
+    """q, k, v and a bias with everything a cache meets: causal rows ending at the last slot, padding holes
+    (float32's lowest), a plain additive bias (-1e9 and small values), and one row whose every key is masked."""
     q = jnp.asarray(rng.standard_normal((b, lq, hkv * group, dh)), dt)
     k = jnp.asarray(rng.standard_normal((b, hkv, s, dh)), dt)
     v = jnp.asarray(rng.standard_normal((b, hkv, s, dh)), dt)
-    bias = jnp.asarray(np.where(rng.random((b, 1, lq, s)) < 0.2, -1e9, 0.0), jnp.float32)
-    attend = lambda q, k, v, bias: layers.dot_product_attention(q, k, v, bias, kv_heads_first=True)  # noqa: E731
+    slot = np.arange(s)
+    allowed = (slot[None, None, :] <= (s - lq + np.arange(lq))[None, :, None]) & (rng.random((b, 1, s)) > 0.2)
+    allowed[0, 0] = False
+    bias = np.where(allowed, rng.uniform(-1, 1, allowed.shape), np.finfo(np.float32).min)
+    bias[-1, -1, : s // 4] = -1e9
+    return q, k, v, jnp.asarray(bias[:, None], jnp.float32)
+
+
+@needs_kernel
+@pytest.mark.parametrize("cache_dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("hkv,group,lq", [(4, 1, 1), (2, 3, 1), (4, 1, 2), (2, 3, 40)])
+@pytest.mark.parametrize("torch_scores", [False, True])
+def test_attention_over_the_kv_cache_is_one_kernel_call(cache_dtype, hkv, group, lq, torch_scores):
+    """A step's attention over the (B, Hkv, S, Dh) cache, decode (1-2 query rows) or prefill (40): through the CPU
+    kernel (scores, softmax and values in one call) it equals XLA's einsums (float32 to rounding; a half-precision
+    cache, and upstream's rounded scores, to a rounding of the output), masked keys skipped or not; the compiled
+    program makes one kernel call that reads the cache as it is (no reshaped or float32 copy) and q and the output
+    in their own layout (no transposition)."""
+    rng = np.random.default_rng(hkv + group + lq)
+    b, s, dh = 2, 40, 16
+    dt = jnp.dtype(cache_dtype)
+    q, k, v, bias = _cache_attention_case(rng, b, lq, hkv, group, s, dh, dt)
+
+    def attend(q, k, v, bias):
+        return layers.dot_product_attention(q, k, v, bias, kv_heads_first=True, half_precision_scores=torch_scores)
+
     with kernels.cpu_kernels(True):
         fn = jax.jit(attend)
         got = np.asarray(fn(q, k, v, bias), np.float32)
         hlo = fn.lower(q, k, v, bias).compile().as_text()
     with kernels.cpu_kernels(False):
         want = np.asarray(jax.jit(attend)(q, k, v, bias), np.float32)
-    tol = 1e-5 if cache_dtype == "float32" else 1e-2  # bf16: one rounding of the output vs XLA's two
+    tol = 1e-5 if cache_dtype == "float32" else 2e-2 if torch_scores else 1e-2
     np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
-    assert hlo.count(kernels.TARGET) == 2
-    assert f"[{b * hkv},{s},{dh}]" not in hlo  # the cache is read in its own (B, Hkv, S, Dh) shape
-    if cache_dtype == "bfloat16":
+    assert hlo.count(kernels.ATTENTION_TARGET) == 1 and kernels.TARGET not in hlo
+    assert f"[{b * hkv},{s},{dh}]" not in hlo and " transpose(" not in hlo
+    if cache_dtype != "float32":
         assert f"f32[{b},{hkv},{s},{dh}]" not in hlo
-    long_q = jnp.zeros((b, kernels.SMALL_M + 1, hkv * group, dh), dt)
+
+
+@needs_kernel
+def test_attention_kernel_skips_nothing_it_should_not():
+    """The kernel's choices, pinned against XLA in float32: rows whose allowed keys are far apart (a hole between),
+    a row allowed only its first or only its last key, a row with no allowed key (every key equally likely, as XLA's
+    softmax of equal scores), no bias at all, and an odd head size it does not take (XLA's attention then, no call);
+    the backward pass through it (a loss over a cached prompt prefix) is XLA's."""
+    rng = np.random.default_rng(0)
+    b, lq, h, s, dh = 1, 5, 2, 50, 16
+    q = jnp.asarray(rng.standard_normal((b, lq, h, dh)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((b, h, s, dh)), jnp.float32) for _ in range(2))
+    lowest = np.finfo(np.float32).min
+    bias = np.full((b, 1, lq, s), lowest, np.float32)
+    bias[0, 0, 0, [3, 45]] = 0.0  # two keys far apart
+    bias[0, 0, 1, 0] = 0.0        # the first key only
+    bias[0, 0, 2, s - 1] = 0.0    # the last key only
+    bias[0, 0, 4, :] = 0.5        # every key (row 3: none)
+
+    def attend(q, k, v, bias):
+        return layers.dot_product_attention(q, k, v, bias, kv_heads_first=True)
+
+    for args in ((q, k, v, None), (q, k, v, jnp.asarray(bias))):
+        with kernels.cpu_kernels(True):
+            got = np.asarray(jax.jit(attend)(*args))
+        with kernels.cpu_kernels(False):
+            want = np.asarray(jax.jit(attend)(*args))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[0, 3], np.asarray(v).mean(axis=2)[0], rtol=1e-5, atol=1e-6)  # row 3: uniform
+    odd = jnp.zeros((b, lq, h, 12)), jnp.zeros((b, h, s, 12)), jnp.zeros((b, h, s, 12)), jnp.asarray(bias)
     with kernels.cpu_kernels(True):
-        assert kernels.TARGET not in jax.jit(attend).lower(long_q, k, v, jnp.zeros((b, 1, 1, s))).as_text()
+        assert kernels.ATTENTION_TARGET not in jax.jit(attend).lower(*odd).as_text()
+
+    def loss(q, k, v, enabled):
+        with kernels.cpu_kernels(enabled):
+            return jnp.sum(jnp.sin(attend(q, k, v, jnp.asarray(bias))))
+
+    g_kernel = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, True)
+    g_xla = jax.grad(loss, argnums=(0, 1, 2))(q, k, v, False)
+    for x, y in zip(g_kernel, g_xla):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture(scope="module")

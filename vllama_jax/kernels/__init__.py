@@ -1,13 +1,14 @@
-"""CPU kernels registered through XLA FFI: `wmatmul`, the weight-streaming matmul behind `models.layers.matmul`.
+"""CPU kernels registered through XLA FFI: `wmatmul`, the weight-streaming matmul behind `models.layers.matmul`;
+`attention` and `write_rows`, a prefill's or decode step's attention over the KV cache and its write into it.
 
 XLA's CPU backend converts a whole bfloat16 or int8 dot operand to float32 before the dot (a full-size temporary,
 written at ~1 GB/s), and runs a one-row f32 matvec on one core. `wmatmul.cc` reads float32, bfloat16, float16 or
 int8 weights (per-output-channel scale) where they lie, accumulates in float32 and splits columns over XLA's own
 intra-op thread pool. On CPUs with AVX-512 VNNI, int8 weights in batch-1 decode steps (and an int8 table with long
 rows as the tied LM head) are multiplied as integers (`vpdpbusd`), x scaled to 16 bits per 256-deep block of each
-row; the error this adds is bounded in `tests/test_quant.py` and far below the weights' own int8 rounding. A
-batched form (x (B, M, K), W (B, K, N) or (B, N, K)) serves a decode step's attention over a bf16 KV cache, and
-`write_rows` writes its new keys and values into the cache in place.
+row; the error this adds is bounded in `tests/test_quant.py` and far below the weights' own int8 rounding.
+`attention` runs the scores, the softmax and the values' product over a (B, Hkv, S, Dh) cache as stored in one
+call per layer, and `write_rows` writes a step's new keys and values into the cache in place.
 
 The library is compiled from source at first use (`g++ -O3 -march=native`, needs no other files than jaxlib's FFI
 headers) into `$VLLAMA_JAX_CACHE_DIR/../kernels` (default `~/.cache/vllama_jax/kernels`), keyed by the source, the
@@ -32,17 +33,19 @@ import subprocess
 import tempfile
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("wmatmul.cc")
 TARGET = "vllama_wmatmul"
 WRITE_TARGET = "vllama_write_rows"
+ATTENTION_TARGET = "vllama_attention"
 ENV_SWITCH = "VLLAMA_JAX_CPU_KERNELS"
 KERNEL_DIR_ENV = "VLLAMA_JAX_KERNEL_DIR"
 DEFAULT_KERNEL_DIR = Path("~/.cache/vllama_jax/kernels")
@@ -93,6 +96,7 @@ def wmatmul_available() -> bool:
         lib = _library()
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VllamaWMatmul), platform="cpu")
         jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.VllamaWriteRows), platform="cpu")
+        jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.VllamaAttention), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         log.warning("CPU matmul kernel unavailable (%s); using XLA's dot (bf16/int8 weights get float32 copies "
                     "on CPU)", e)
@@ -181,26 +185,61 @@ def unpack_int8(w: jax.Array) -> jax.Array:
 
 
 def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: bool = False) -> jax.Array:
-    """x (M, K) @ W -> float32 (M, N), W (K, N) (`nk=False`) or (N, K) (`nk=True`), float32 / bfloat16 / int8,
-    times `scale` (N,) per output column when given. Batched: x (..., M, K) and W (..., K, N) / (..., N, K) with the
-    same leading sizes, float32 / bfloat16 / float16, no scale -> (..., M, N) (a decode step's attention over its KV
-    cache, read in its own (B, Hkv, S, Dh) shape). Packed int8: x (M, K) and W (K/4, N, 4) (`pack_int8`; where
+    """x (M, K) @ W -> float32 (M, N), W (K, N) (`nk=False`) or (N, K) (`nk=True`), float32 / bfloat16 / float16 /
+    int8, times `scale` (N,) per output column when given. Packed int8: x (M, K) and W (K/4, N, 4) (`pack_int8`; where
     `packed_int8_available()`). CPU only; call `wmatmul_available()` first."""
-    n = w.shape[1] if x.ndim == 2 and is_packed(w) else w.shape[-2] if nk else w.shape[-1]
+    n = w.shape[1] if is_packed(w) else w.shape[0] if nk else w.shape[1]
     s = jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((*x.shape[:-1], n), jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((x.shape[0], n), jnp.float32), vmap_method="sequential")
     return call(x.astype(jnp.float32), w, s, nk=nk)
 
 
-def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array, axis: int, slots_first: bool = False) -> jax.Array:
     """buf with rows[b] written at slots index[b] .. index[b] + L - 1 of `axis` for every row b (buf (B, ..., S, ...),
-    rows (B, ..., L, ...), the same other sizes and dtype; starts clamped as `lax.dynamic_update_slice` clamps them),
-    in place: the result aliases buf, so a donated KV cache is never copied (`models.llama._write_rows`). CPU only;
-    call `wmatmul_available()` first. No derivative of its own."""
+    rows (B, ..., L, ...) with buf's other sizes and dtype, or with `slots_first` (B, L, ...) with the other sizes
+    in buf's order; starts clamped as `lax.dynamic_update_slice` clamps them), in place: the result aliases buf, so
+    a donated KV cache is never copied (`models.llama._write_rows`). CPU only; call `wmatmul_available()` first. No
+    derivative of its own."""
     call = jax.ffi.ffi_call(WRITE_TARGET, jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0},
                             vmap_method="sequential")
-    return call(buf, rows.astype(buf.dtype), index.astype(jnp.int32), axis=int(axis))
+    return call(buf, rows.astype(buf.dtype), index.astype(jnp.int32), axis=int(axis), slots_first=bool(slots_first))
 
 
-__all__ = ["SMALL_M", "cpu_kernels", "is_packed", "pack_int8", "packable", "packed_int8_available", "unpack_int8",
+#: the largest head size `attention` takes (its rows of q live in registers)
+ATTENTION_MAX_HEAD_DIM = 256
+
+
+def attention_fits(head_dim: int, cache_dtype: Any) -> bool:
+    """Whether `attention` takes heads of `head_dim` over a cache of `cache_dtype` in this build: a multiple of the
+    vector lanes up to `ATTENTION_MAX_HEAD_DIM`, a float32 / bfloat16 / float16 cache."""
+    lanes = vector_lanes()
+    return (lanes > 0 and head_dim % lanes == 0 and 0 < head_dim <= ATTENTION_MAX_HEAD_DIM
+            and jnp.dtype(cache_dtype) in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)))
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, scale: float,
+              round_scores: Any = None) -> jax.Array:
+    """softmax(q k^T * scale + bias) v over a KV cache in one call: q (B, Lq, H, Dh), k and v (B, Hkv, S, Dh) as the
+    cache stores them (float32 / bfloat16 / float16; H a multiple of Hkv: grouped-query attention), bias float32
+    broadcastable to (B, H, Lq, S) or None -> float32 (B, Lq, H, Dh). Scores and softmax in float32; the
+    probabilities are rounded to v's dtype before the values' product (as `probs.astype(v.dtype)` does).
+    round_scores: bfloat16 / float16 rounds the scores as upstream's half-precision matmul does (after the product,
+    and again after the division by 1 / scale: `models.layers.dot_product_attention`'s `half_precision_scores`).
+    Keys whose bias is float32's lowest (or -inf) are skipped at the ends of each row (their probability is 0 beside
+    any allowed key). CPU only; call `wmatmul_available()` and `attention_fits` first. No derivative of its own."""
+    lq, s = q.shape[1], k.shape[2]
+    if bias is None:
+        bias = jnp.zeros((0, 0, 0, 0), jnp.float32)
+    else:
+        bias = jnp.asarray(bias, jnp.float32)
+        bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
+        bias = jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], lq, s))  # (B|1, H|1, Lq, S)
+    mode = 0 if round_scores is None else {jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}.get(
+        jnp.dtype(round_scores), 0)
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
+    return call(q.astype(jnp.float32), k, v, bias, scale=np.float32(scale), inv_scale=np.float32(1.0 / scale),
+                round_scores=np.int64(mode))
+
+
+__all__ = ["ATTENTION_MAX_HEAD_DIM", "SMALL_M", "attention", "attention_fits", "cpu_kernels", "is_packed", "pack_int8", "packable", "packed_int8_available", "unpack_int8",
            "use_cpu_kernels", "vector_lanes", "wmatmul", "wmatmul_available", "write_rows"]

@@ -12,6 +12,9 @@
 // lowers a narrowing-type __builtin_convertvector to scalar code, which made an AVX2 int8 decode step 6x slower
 // than float32's. The register tiles are sized to the register file (an AVX2 tile of 16 accumulators spilled to
 // the stack and ran at 6 GFLOP/s against XLA's 140).
+//
+// Two more calls serve the KV cache: the attention of a prefill or decode step over it (scores, softmax and values in
+// one call, `VllamaAttention`) and the in-place write of the step's keys and values into it (`VllamaWriteRows`).
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +24,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -873,99 +877,433 @@ static void dispatch_packed(ffi::ThreadPool& pool, const float* x, const int8_t*
 }
 #endif
 
-// x (M, K) @ W (N, K)^T with short rows (a KV cache's keys: K = head_dim): L rows of W at a time, one vector of L
-// sums per row of x (`lane_sums`) instead of a horizontal sum per product, which cost more than the products at
-// K = 64 (SmolLM2-135M's scores over 1088 slots: 4.1 ms of a 31 ms decode step).
-constexpr int64_t SHORT_K = 8 * L;
-template <typename W>
-static void product_nk_short(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
-                             int64_t n1) {
-  const int64_t kv = K / L;  // whole vectors per row (K % L == 0, K <= SHORT_K)
-  int64_t n = n0;
-  for (; n + L <= n1; n += L)
-    for (int64_t m = 0; m < M; ++m) {
-      vf xv[SHORT_K / L], acc[L];
-      for (int64_t k = 0; k < kv; ++k) xv[k] = loadv(x + m * K + k * L);
-      for (int j = 0; j < L; ++j) {
-        const W* row = w + (n + j) * K;
-        vf a = xv[0] * loadv(row);
-        for (int64_t k = 1; k < kv; ++k) a += xv[k] * loadv(row + k * L);
-        acc[j] = a;
-      }
-      storev(y + m * N + n, lane_sums(acc));
-    }
-  rows_nk_each<W>(x, w, nullptr, y, M, K, N, n, n1);  // the last (n1 - n0) % L rows of W, one dot product each
+// ---- Attention over a KV cache: scores, softmax and values in one call ------------------------------------------
+// softmax(q k^T * scale + bias) v for every (row, query, head), q (B, Lq, H, D) f32 in its own layout (no
+// transposition into KV-head-major order), k and v (B, Hkv, S, D) as the cache stores them, bias (Bb, Hb, Lq, S) f32
+// (Bb in {1, B}, Hb in {1, H}) -> out (B, Lq, H, D) f32. Each (query, head) is one row: its scores go to a scratch
+// row that stays in L1, so the three steps cost one pass over the keys and one over the values. XLA ran them as
+// separate programs (SmolLM2-135M's 128-token prefill: q's transposition, the scores, the softmax's two reductions,
+// the probabilities' division and the output's transposition, 24 ms of ~160 summed over the 30 layers; a decode step
+// two kernel calls per layer with the softmax between them).
+// Keys whose bias is -FLT_MAX or below (the causal and padding mask: finfo.min) are skipped at both ends of a row:
+// their probabilities are exactly 0 beside any allowed key (exp underflows), so a causal prefill reads each row's
+// allowed prefix only. A row with no allowed key takes every key, as the unfused softmax does.
+
+// exp of each lane: Cephes' expf (x = n ln 2 + r, |r| <= ln 2 / 2, a degree-6 polynomial in r, times 2^n; within
+// 2 ulp), 0 below the smallest normal result (probabilities of masked keys come out exactly 0); NaN stays NaN.
+static inline vf exp_lanes(vf x) {
+  const float hi = 88.3762626647949f, lo = -87.3365447505531f, magic = 12582912.f;  // magic: 1.5 * 2^23
+  vf c = x > hi ? vf{} + hi : x;
+  c = c < lo ? vf{} + lo : c;
+  vf n = (c * 1.44269504088896341f + magic) - magic;  // round to nearest
+  vf r = c - n * 0.693359375f + n * 2.12194440e-4f;   // ln 2 in two parts
+  vf p = vf{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.f;
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  vf two_n;
+  std::memcpy(&two_n, &e, sizeof(vf));
+  vf y = p * two_n;
+  return x < lo ? vf{} : y;
 }
 
-// Slots [s0, s1) of one product of a batch, on the calling thread: x (M, K) @ W (N, K)^T -> columns s0 .. s1 of
-// y (M, N) (nk: the slots are W's rows N), or x (M, K) @ W (K, N) over rows s0 .. s1 of W -> the partial sums
-// into y (M, N). No scale. A decode step's attention over a KV cache: per head, scores = q K^T with K (slots,
-// head_dim) as an (N, K) table, then probs V with V (slots, head_dim) as a (K, N) matrix; every cache byte read
-// once, as stored.
+// Whether any lane of a comparison's result is set; the largest lane; the sum of the lanes.
+static inline bool any_lane(vi m) {
+#if defined(__AVX512F__)
+  __m512i x;
+  std::memcpy(&x, &m, sizeof(x));
+  return _mm512_test_epi32_mask(x, x) != 0;
+#elif defined(__AVX2__)
+  __m256i x;
+  std::memcpy(&x, &m, sizeof(x));
+  return !_mm256_testz_si256(x, x);
+#else
+  for (int i = 0; i < L; ++i)
+    if (m[i]) return true;
+  return false;
+#endif
+}
+static inline float max_lanes(vf v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  return _mm512_reduce_max_ps(x);
+#else
+  float m = v[0];
+  for (int i = 1; i < L; ++i) m = std::max(m, v[i]);
+  return m;
+#endif
+}
+static inline float sum_lanes(vf v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  return _mm512_reduce_add_ps(x);
+#else
+  float t = 0.f;
+  for (int i = 0; i < L; ++i) t += v[i];
+  return t;
+#endif
+}
+
+// Lanes rounded to bfloat16 / float16 precision (kept as float32), to nearest even: the probabilities before a
+// half-precision values' product (`probs.astype(v.dtype)`), and in upstream's arithmetic the scores
+// (`layers.round_to`).
+enum Rounding : int64_t { NO_ROUNDING = 0, BF16_ROUNDING = 1, F16_ROUNDING = 2 };
+static inline vf round_bf16(vf p) {  // the high half of the float32, rounded (inf stays inf, a quiet NaN NaN)
+  vi u;
+  std::memcpy(&u, &p, sizeof(vf));
+  u = (u + 0x7fff + ((u >> 16) & 1)) & int32_t(0xffff0000u);
+  std::memcpy(&p, &u, sizeof(vf));
+  return p;
+}
+static inline vf round_f16(vf p) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &p, sizeof(x));
+  x = _mm512_cvtph_ps(_mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  std::memcpy(&p, &x, sizeof(x));
+#elif defined(__F16C__) && defined(__AVX2__)
+  __m256 x;
+  std::memcpy(&x, &p, sizeof(x));
+  x = _mm256_cvtph_ps(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  std::memcpy(&p, &x, sizeof(x));
+#else
+  for (int i = 0; i < L; ++i) {  // onto float16's grid by a magic sum; past its largest value, infinity
+    const float a = std::fabs(p[i]);
+    if (!(a > 0.f) || std::isinf(a)) continue;
+    if (a >= 65520.f) {
+      p[i] = std::copysign(std::numeric_limits<float>::infinity(), p[i]);
+      continue;
+    }
+    int e;
+    std::frexp(a, &e);                                                 // a in [2^(e-1), 2^e): 10 bits below
+    const float magic = std::ldexp(1.5f, std::max(e - 1, -14) + 13);  // 1.5 * 2^23 ulps (subnormal: 2^-24)
+    volatile float t = p[i] + magic;                                   // volatile: both roundings stay
+    p[i] = t - magic;
+  }
+#endif
+  return p;
+}
+static inline vf round_to(vf p, int64_t mode) {
+  return mode == BF16_ROUNDING ? round_bf16(p) : mode == F16_ROUNDING ? round_f16(p) : p;
+}
 template <typename W>
-static void product_slots(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N, bool nk,
-                          int64_t s0, int64_t s1) {
-  if (nk && K % L == 0 && K <= SHORT_K) return product_nk_short<W>(x, w, y, M, K, N, s0, s1);
-  if (nk) return rows_nk<W>(x, w, nullptr, y, M, K, N, s0, s1);
-  for (int64_t m = 0; m < M; m += SMALL_M) {
-    int64_t rows = std::min<int64_t>(SMALL_M, M - m), width = std::max<int64_t>(L, ACC / rows / L * L);
-    for (int64_t n0 = 0; n0 < N; n0 += width)
-      stream_kn<W>(x + m * K, w, nullptr, y + m * N, rows, K, N, n0, std::min(N, n0 + width), s0, s1);
+constexpr Rounding rounding_of() {
+  return std::is_same_v<W, uint16_t> ? BF16_ROUNDING : std::is_same_v<W, half_t> ? F16_ROUNDING : NO_ROUNDING;
+}
+
+// The allowed keys of one bias row: [lo, hi) from the first to the last key whose bias is above -FLT_MAX, or every
+// key when none is. Whole vectors are tested from each end (a causal row's masked tail is most of the row).
+static inline void allowed_range(const float* bias, int64_t S, int64_t& lo, int64_t& hi) {
+  lo = 0;
+  hi = S;
+  if (!bias) return;
+  const float masked = -std::numeric_limits<float>::max();
+  auto any_allowed = [&](int64_t at) { return any_lane(loadv(bias + at) > masked); };
+  while (hi >= L && !any_allowed(hi - L)) hi -= L;
+  while (hi > 0 && bias[hi - 1] <= masked) --hi;
+  if (hi == 0) {  // every key masked
+    hi = S;
+    return;
+  }
+  while (lo + L <= hi && !any_allowed(lo)) lo += L;
+  while (bias[lo] <= masked) ++lo;
+}
+
+struct AttendArgs {
+  const float* q;
+  const void* k;
+  const void* v;
+  const float* bias;  // nullptr: none
+  float* out;
+  int64_t B, Lq, H, Hkv, S, D, Bb, Hb;
+  float scale, inv_scale;  // inv_scale: 1 / scale as the caller rounds it (the rounded scores are divided by it)
+  int64_t round_scores;  // `Rounding`: upstream's half-precision scores (rounded after the product and the scaling)
+  const float* bias_row(int64_t b, int64_t h, int64_t l) const {
+    return bias ? bias + (((Bb > 1 ? b : 0) * Hb + (Hb > 1 ? h : 0)) * Lq + l) * S : nullptr;
+  }
+  // a product's sums (vector of L) -> scores: scaled (or upstream's rounding) plus the bias
+  vf scores(vf dot) const {
+    return round_scores ? round_to(round_to(dot, round_scores) / inv_scale, round_scores) : dot * scale;
+  }
+};
+
+// One row's softmax over its n scores s[0 .. n) (keys lo .. lo + n; s has room for a whole last vector) and the
+// values' product into orow. Half-precision values take the probabilities rounded to their dtype; float32 values the
+// unnormalised exponentials, the sums divided once at the end (D divisions per row instead of one per key).
+template <typename W, int DV>
+static void softmax_values(float* s, int64_t n, const W* v, int64_t D, float* orow) {
+  constexpr int MAXV = 256 / L;
+  const int64_t dv = DV ? DV : D / L, nv = (n + L - 1) / L;
+  const float ninf = -std::numeric_limits<float>::infinity();
+  for (int64_t i = n; i < nv * L; ++i) s[i] = ninf;  // the last vector's padding: exp gives 0
+  vf mv = loadv(s);
+  for (int64_t i = 1; i < nv; ++i) {
+    vf x = loadv(s + i * L);
+    mv = x > mv ? x : mv;
+  }
+  const float m = max_lanes(mv);
+  vf sum = vf{};
+  for (int64_t i = 0; i < nv; ++i) {
+    vf e = exp_lanes(loadv(s + i * L) - m);
+    storev(s + i * L, e);
+    sum += e;
+  }
+  const float total = sum_lanes(sum);
+  constexpr bool rounded = !std::is_same_v<W, float>;
+  if constexpr (rounded)
+    for (int64_t i = 0; i < nv; ++i) storev(s + i * L, round_to(loadv(s + i * L) / total, rounding_of<W>()));
+  // two sets of accumulators (even and odd keys) keep the multiply-add chains short
+  vf o0[MAXV], o1[MAXV];
+  for (int64_t d = 0; d < dv; ++d) o0[d] = o1[d] = vf{};
+  int64_t i = 0;
+  for (; i + 2 <= n; i += 2, v += 2 * D) {
+    const float p0 = s[i], p1 = s[i + 1];
+    for (int64_t d = 0; d < dv; ++d) {
+      o0[d] += p0 * loadv(v + d * L);
+      o1[d] += p1 * loadv(v + D + d * L);
+    }
+  }
+  if (i < n)
+    for (int64_t d = 0; d < dv; ++d) o0[d] += s[i] * loadv(v + d * L);
+  for (int64_t d = 0; d < dv; ++d) storev(orow + d * L, rounded ? o0[d] + o1[d] : (o0[d] + o1[d]) / total);
+}
+
+// Decode rows: query rows [l0, l1) of row b and head h, each against its allowed keys, L keys at a time (one vector
+// of L sums per `lane_sums`; the last vector's missing keys sum to 0). DV: vectors per head row (D / L); 0 reads it
+// at run time.
+template <typename W, int DV>
+static void attend_rows(const AttendArgs& a, int64_t b, int64_t h, int64_t l0, int64_t l1) {
+  constexpr int MAXV = 256 / L;
+  const int64_t dv = DV ? DV : a.D / L, D = a.D, g = h / (a.H / a.Hkv);
+  const W* k = static_cast<const W*>(a.k) + (b * a.Hkv + g) * a.S * D;
+  const W* v = static_cast<const W*>(a.v) + (b * a.Hkv + g) * a.S * D;
+  thread_local std::vector<float> scratch;
+  if (int64_t(scratch.size()) < a.S + L) scratch.resize(a.S + L);
+  float* s = scratch.data();
+  for (int64_t l = l0; l < l1; ++l) {
+    const float* qr = a.q + ((b * a.Lq + l) * a.H + h) * D;
+    const float* br = a.bias_row(b, h, l);
+    int64_t lo, hi;
+    allowed_range(br, a.S, lo, hi);
+    const int64_t n = hi - lo;
+    vf qv[MAXV];
+    for (int64_t d = 0; d < dv; ++d) qv[d] = loadv(qr + d * L);
+    for (int64_t j = 0; j < n; j += L) {
+      const int64_t cnt = std::min<int64_t>(L, n - j);
+      vf acc[L];
+      for (int t = 0; t < L; ++t) {
+        if (t >= cnt) {
+          acc[t] = vf{};
+          continue;
+        }
+        const W* row = k + (lo + j + t) * D;
+        vf x = qv[0] * loadv(row);
+        for (int64_t d = 1; d < dv; ++d) x += qv[d] * loadv(row + d * L);
+        acc[t] = x;
+      }
+      vf sc = a.scores(lane_sums(acc));
+      if (br && cnt == L) {
+        sc += loadv(br + lo + j);
+      } else if (br) {
+        for (int t = 0; t < cnt; ++t) sc[t] += br[lo + j + t];
+      }
+      storev(s + j, sc);
+    }
+    softmax_values<W, DV>(s, n, v + lo * D, D, a.out + ((b * a.Lq + l) * a.H + h) * D);
   }
 }
 
-// The products of a batch split over the pool in chunks of about SLOT_CHUNK cache slots: a decode step has only
-// batch x KV heads products (3 for SmolLM2-135M at batch 1), too few to keep two cores reading, and one core reads
-// a stream at a fraction of the machine's bandwidth. Chunks of the values' slots sum their partial products after.
-constexpr int64_t SLOT_CHUNK = 256;
+// Prefill rows: the keys of each (row, KV head) transposed once into float32 panels of KB keys, (S / KB, D, KB), so
+// the scores of TQ query rows by KB keys are register tiles of broadcast-q-times-keys multiply-adds over D (no
+// horizontal sums: the lane shuffle tree cost about as much as the products at D = 64). A/B, SmolLM2-135M's
+// 128-token prefill attention per layer: 0.164 ms with the decode rows' products, see the README for this path.
+constexpr int KB = 2 * L;  // keys per panel: two vectors
+constexpr int TQ = 4;      // query rows per register tile (TQ x 2 accumulators)
+
+// Keys [0, n) of k (S, D) into panels kt: kt[(j / KB) * D * KB + d * KB + j % KB] = k[j, d], zeros past n.
 template <typename W>
-static void dispatch_batched(ffi::ThreadPool& pool, const float* x, const void* wv, float* y, int64_t B, int64_t M,
-                             int64_t K, int64_t N, bool nk) {
-  const W* w = static_cast<const W*>(wv);
-  const int64_t span = nk ? N : K, chunks = std::max<int64_t>(1, span / SLOT_CHUNK);
-  // the values' chunks write partial products into `part`, summed after; everything else straight into y
-  std::unique_ptr<float[]> part(nk || chunks == 1 ? nullptr : new float[B * chunks * M * N]);
-  float* pp = part.get();
-  run_blocks(pool, B * chunks, [=](int64_t i) {
-    int64_t b = i / chunks, c = i % chunks;
-    product_slots<W>(x + b * M * K, w + b * K * N, pp ? pp + i * M * N : y + b * M * N, M, K, N, nk,
-                     span * c / chunks, span * (c + 1) / chunks);
-  });
-  if (!pp) return;
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t i = 0; i < M * N; ++i) {
-      float t = 0.f;
-      for (int64_t c = 0; c < chunks; ++c) t += pp[(b * chunks + c) * M * N + i];
-      y[b * M * N + i] = t;
+static void key_panels(const W* k, int64_t n, int64_t D, float* kt) {
+  const int64_t panels = (n + KB - 1) / KB;
+  for (int64_t p = 0; p < panels; ++p) {
+    float* dst = kt + p * D * KB;
+    const int64_t cnt = std::min<int64_t>(KB, n - p * KB);
+    for (int64_t t = 0; t < cnt; ++t) {
+      const W* row = k + (p * KB + t) * D;
+      for (int64_t d = 0; d < D; ++d) dst[d * KB + t] = load1(row + d);
     }
+    for (int64_t t = cnt; t < KB; ++t)
+      for (int64_t d = 0; d < D; ++d) dst[d * KB + t] = 0.f;
+  }
 }
 
+// R query rows (q rows at stride qs) by the KB keys of one panel: the products into out (R rows at stride os).
+template <int R>
+static inline void panel_scores(const float* q, int64_t qs, const float* kt, int64_t D, float* out, int64_t os) {
+  vf acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vf{};
+  for (int64_t d = 0; d < D; ++d) {
+    const vf k0 = loadv(kt + d * KB), k1 = loadv(kt + d * KB + L);
+    for (int r = 0; r < R; ++r) {
+      const float qb = q[r * qs + d];  // scalar times vector: one broadcast load (vf{} + x added a scalar add)
+      acc[r][0] += qb * k0;
+      acc[r][1] += qb * k1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    storev(out + r * os, acc[r][0]);
+    storev(out + r * os + L, acc[r][1]);
+  }
+}
+
+template <typename W, int DV>
+static void attend_panels(const AttendArgs& a, const float* kt, int64_t b, int64_t h, int64_t l0, int64_t l1) {
+  const int64_t D = a.D, g = h / (a.H / a.Hkv), qs = a.H * D;
+  const W* v = static_cast<const W*>(a.v) + (b * a.Hkv + g) * a.S * D;
+  const int64_t ld = (a.S + KB - 1) / KB * KB + L;  // a scratch row: every panel, and a whole last vector
+  thread_local std::vector<float> scratch;
+  if (int64_t(scratch.size()) < TQ * ld) scratch.resize(TQ * ld);
+  float* s = scratch.data();
+  for (int64_t l = l0; l < l1; l += TQ) {
+    const int64_t rows = std::min<int64_t>(TQ, l1 - l);
+    int64_t lo[TQ], hi[TQ], ulo = a.S, uhi = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      allowed_range(a.bias_row(b, h, l + r), a.S, lo[r], hi[r]);
+      ulo = std::min(ulo, lo[r]);
+      uhi = std::max(uhi, hi[r]);
+    }
+    const float* q = a.q + ((b * a.Lq + l) * a.H + h) * D;
+    // the tile's products over the panels its rows' keys meet (each row takes its own range of them after)
+    for (int64_t p = ulo / KB; p * KB < uhi; ++p) {
+      const float* kp = kt + p * D * KB;
+      float* out = s + p * KB;
+      switch (rows) {
+        case 4: panel_scores<4>(q, qs, kp, D, out, ld); break;
+        case 3: panel_scores<3>(q, qs, kp, D, out, ld); break;
+        case 2: panel_scores<2>(q, qs, kp, D, out, ld); break;
+        default: panel_scores<1>(q, qs, kp, D, out, ld); break;
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = s + r * ld + lo[r];
+      const float* br = a.bias_row(b, h, l + r);
+      const int64_t n = hi[r] - lo[r];
+      int64_t j = 0;
+      for (; j + L <= n; j += L) {
+        vf sc = a.scores(loadv(sr + j));
+        storev(sr + j, br ? sc + loadv(br + lo[r] + j) : sc);
+      }
+      if (j < n) {
+        vf sc = a.scores(loadv(sr + j));
+        for (int64_t t = 0; t < n - j; ++t) sr[j + t] = sc[t] + (br ? br[lo[r] + j + t] : 0.f);
+      }
+      softmax_values<W, DV>(sr, n, v + lo[r] * D, D, a.out + ((b * a.Lq + l + r) * a.H + h) * D);
+    }
+  }
+}
+
+// Work items of (row, head, block of query rows), taken from XLA's pool in turn (a causal prefill's later blocks
+// cost more). From PANEL_MIN_ROWS query rows on, every (row, KV head)'s keys are first put into panels, one item
+// each, up to the last key any query row of that row is allowed.
+constexpr int64_t ATTEND_ROWS = 16, PANEL_MIN_ROWS = 4;
+template <typename W, int DV>
+static void attend_all(ffi::ThreadPool& pool, const AttendArgs& a) {
+  const int64_t blocks = (a.Lq + ATTEND_ROWS - 1) / ATTEND_ROWS, items = a.B * a.H * blocks;
+  const AttendArgs* ap = &a;
+  if (a.Lq < PANEL_MIN_ROWS) {
+    run_blocks(pool, items, [=](int64_t i) {
+      const int64_t r = i % blocks, bh = i / blocks;
+      attend_rows<W, DV>(*ap, bh / ap->H, bh % ap->H, r * ATTEND_ROWS, std::min(ap->Lq, (r + 1) * ATTEND_ROWS));
+    });
+    return;
+  }
+  std::vector<int64_t> keys(a.B, 0);  // per row of the batch: the keys any of its query rows may see
+  for (int64_t b = 0; b < a.B; ++b)
+    for (int64_t h = 0; h < (a.Hb > 1 ? a.H : 1) && keys[b] < a.S; ++h)
+      for (int64_t l = 0; l < a.Lq && keys[b] < a.S; ++l) {
+        int64_t lo, hi;
+        allowed_range(a.bias_row(b, h, l), a.S, lo, hi);
+        keys[b] = std::max(keys[b], hi);
+      }
+  const int64_t panel_floats = (a.S + KB - 1) / KB * KB * a.D;
+  std::unique_ptr<float[]> panels(new float[a.B * a.Hkv * panel_floats]);
+  float* kt = panels.get();
+  const int64_t* kp = keys.data();
+  run_blocks(pool, a.B * a.Hkv, [=](int64_t i) {
+    key_panels<W>(static_cast<const W*>(ap->k) + i * ap->S * ap->D, kp[i / ap->Hkv], ap->D, kt + i * panel_floats);
+  });
+  run_blocks(pool, items, [=](int64_t i) {
+    const int64_t r = i % blocks, bh = i / blocks, b = bh / ap->H, h = bh % ap->H;
+    const float* panel = kt + (b * ap->Hkv + h / (ap->H / ap->Hkv)) * panel_floats;
+    attend_panels<W, DV>(*ap, panel, b, h, r * ATTEND_ROWS, std::min(ap->Lq, (r + 1) * ATTEND_ROWS));
+  });
+}
+
+template <typename W>
+static void attend_dispatch(ffi::ThreadPool& pool, const AttendArgs& a) {
+  switch (a.D / L) {
+    case 4: return attend_all<W, 4>(pool, a);
+    case 8: return attend_all<W, 8>(pool, a);
+    default: return attend_all<W, 0>(pool, a);
+  }
+}
+
+static ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                                ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, float scale,
+                                float inv_scale, int64_t round_scores) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), bd = bias.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("attention: q, k and v must be 4-D");
+  AttendArgs a{q.typed_data(), k.untyped_data(), v.untyped_data(), nullptr, out->typed_data(),
+               qd[0], qd[1], qd[2], kd[1], kd[2], qd[3], 1, 1, scale, inv_scale, round_scores};
+  for (size_t i = 0; i < 4; ++i)
+    if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("attention: k and v differ in shape");
+  if (k.element_type() != v.element_type()) return ffi::Error::InvalidArgument("attention: k and v differ in dtype");
+  if (kd[0] != a.B || kd[3] != a.D || a.Hkv < 1 || a.H % a.Hkv)
+    return ffi::Error::InvalidArgument("attention: q (B, Lq, H, D) and the cache (B, Hkv, S, D) do not match");
+  if (a.D <= 0 || a.D % L || a.D > 256) return ffi::Error::InvalidArgument("attention: head_dim must be a multiple of the lanes, <= 256");
+  if (bias.element_count()) {
+    if (bd.size() != 4 || (bd[0] != 1 && bd[0] != a.B) || (bd[1] != 1 && bd[1] != a.H) || bd[2] != a.Lq || bd[3] != a.S)
+      return ffi::Error::InvalidArgument("attention: bias must be (B or 1, H or 1, Lq, S)");
+    a.bias = bias.typed_data();
+    a.Bb = bd[0];
+    a.Hb = bd[1];
+  }
+  if (a.S == 0) {
+    std::memset(a.out, 0, sizeof(float) * a.B * a.Lq * a.H * a.D);
+    return ffi::Error::Success();
+  }
+  switch (k.element_type()) {
+    case ffi::DataType::F32: attend_dispatch<float>(pool, a); break;
+    case ffi::DataType::BF16: attend_dispatch<uint16_t>(pool, a); break;
+    case ffi::DataType::F16: attend_dispatch<half_t>(pool, a); break;
+    default: return ffi::Error::InvalidArgument("attention: the cache must be f32, bf16 or f16");
+  }
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(VllamaAttention, AttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<float>("inv_scale")
+                                  .Attr<int64_t>("round_scores"));
+
 // x (M, K) f32; w (K, N) or (N, K) f32/bf16/f16/s8; scale (N,) f32 or (0,) for none; y (M, N) f32.
-// Batched: x (..., M, K), w (..., K, N) or (..., N, K) with the same leading (batch) sizes, no scale, y (..., M, N);
-// the products split over the pool.
 static ffi::Error WMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
                               ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y, bool nk) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() >= 3 && wd.size() == xd.size()) {
-    const size_t r = xd.size();
-    int64_t B = 1, M = xd[r - 2], K = xd[r - 1], N = nk ? wd[r - 2] : wd[r - 1];
-    for (size_t i = 0; i + 2 < r; ++i) {
-      if (wd[i] != xd[i]) return ffi::Error::InvalidArgument("wmatmul: batch sizes differ");
-      B *= xd[i];
-    }
-    if ((nk ? wd[r - 1] : wd[r - 2]) != K) return ffi::Error::InvalidArgument("wmatmul: contraction sizes differ");
-    if (scale.element_count()) return ffi::Error::InvalidArgument("wmatmul: no scale with a batch");
-    const float* xp = x.typed_data();
-    float* yp = y->typed_data();
-    switch (w.element_type()) {
-      case ffi::DataType::F32: dispatch_batched<float>(pool, xp, w.untyped_data(), yp, B, M, K, N, nk); break;
-      case ffi::DataType::BF16: dispatch_batched<uint16_t>(pool, xp, w.untyped_data(), yp, B, M, K, N, nk); break;
-      case ffi::DataType::F16: dispatch_batched<half_t>(pool, xp, w.untyped_data(), yp, B, M, K, N, nk); break;
-      default: return ffi::Error::InvalidArgument("wmatmul: batched weights must be f32, bf16 or f16");
-    }
-    return ffi::Error::Success();
-  }
   if (xd.size() == 2 && wd.size() == 3 && w.element_type() == ffi::DataType::S8 && wd[2] == 4) {
     // int8 weights in the packed layout (K/4, N, 4)
 #ifdef VLLAMA_VNNI
@@ -1041,22 +1379,29 @@ extern "C" int VllamaWMatmulPackedInt8() {
 #endif
 }
 
-// The KV cache write of a decode step, in place: buf[b, p, start_b : start_b + L, :] = new[b, p, :, :] for every
-// row b, with start_b = index[b] clamped to [0, S - L] as a dynamic-update-slice clamps it. buf is viewed as
-// (B, P, S, Q) and new as (B, P, L, Q) (P: the dims between the batch and the slot axis, Q: those after it), any
-// element width. The result aliases buf (`input_output_aliases`), so only the new slots are written: XLA's CPU
-// compiler rewrote a 2-byte float cache whole in every step (a float32 round trip, or with its bits as uint16 a
-// loop over every element), 60 caches of SmolLM2-135M at 1088 slots: 1.3-4.5 ms a step for 64 slots written.
+// The KV cache write of a step, in place: buf[b, p, start_b : start_b + L, :] = new[b, p, :, :] for every row b, with
+// start_b = index[b] clamped to [0, S - L] as a dynamic-update-slice clamps it. buf is viewed as (B, P, S, Q) and new
+// as (B, P, L, Q) (P: the dims between the batch and the slot axis, Q: those after it), or with `slots_first` as
+// (B, L, P, Q) (a projection's (B, L, heads, head_dim) written into a (B, heads, S, head_dim) cache without a
+// transposition first); any element width. The result aliases buf (`input_output_aliases`), so only the new slots
+// are written: XLA's CPU compiler rewrote a 2-byte float cache whole in every step (a float32 round trip, or with
+// its bits as uint16 a loop over every element), 60 caches of SmolLM2-135M at 1088 slots: 1.3-4.5 ms a step for 64
+// slots written; and a float32 prefill's transposition and per-row updates ran at 3-4 GB/s (batch 8: 33 ms of a
+// 920 ms prefill).
 static ffi::Error WriteRowsImpl(ffi::AnyBuffer buf, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> index,
-                                ffi::Result<ffi::AnyBuffer> out, int64_t axis) {
+                                ffi::Result<ffi::AnyBuffer> out, int64_t axis, bool slots_first) {
   auto bd = buf.dimensions();
   auto rd = rows.dimensions();
   const int64_t r = bd.size();
-  if (rd.size() != bd.size() || axis < 1 || axis >= r || buf.element_type() != rows.element_type())
+  if (int64_t(rd.size()) != r || axis < 1 || axis >= r || buf.element_type() != rows.element_type())
     return ffi::Error::InvalidArgument("write_rows: buf and rows must have the same rank and dtype, axis in [1, rank)");
-  int64_t B = bd[0], P = 1, Q = 1, S = bd[axis], Ln = rd[axis];
-  for (int64_t i = 0; i < r; ++i)
-    if (i != axis && bd[i] != rd[i]) return ffi::Error::InvalidArgument("write_rows: buf and rows differ off the slot axis");
+  int64_t B = bd[0], P = 1, Q = 1, S = bd[axis], Ln = slots_first ? rd[1] : rd[axis];
+  for (int64_t i = 0, j = 0; i < r; ++i) {  // rows' dims other than the slots, in order, against buf's
+    if (i == axis) continue;
+    if (slots_first && j == 1) ++j;
+    if (!slots_first && j == axis) ++j;
+    if (bd[i] != rd[j++]) return ffi::Error::InvalidArgument("write_rows: buf and rows differ off the slot axis");
+  }
   if (Ln > S) return ffi::Error::InvalidArgument("write_rows: more rows than slots");
   if (int64_t(index.element_count()) != B) return ffi::Error::InvalidArgument("write_rows: index must be (batch,)");
   for (int64_t i = 1; i < axis; ++i) P *= bd[i];
@@ -1067,10 +1412,17 @@ static ffi::Error WriteRowsImpl(ffi::AnyBuffer buf, ffi::AnyBuffer rows, ffi::Bu
   if (dst != buf.untyped_data())  // XLA could not alias (the buffer is still needed): start from a copy
     std::memcpy(dst, buf.untyped_data(), size_t(B * P * S * Q * es));
   const int32_t* idx = index.typed_data();
+  const size_t chunk = size_t(Q * es);
   for (int64_t b = 0; b < B; ++b) {
     int64_t start = std::min<int64_t>(std::max<int64_t>(idx[b], 0), S - Ln);
-    for (int64_t p = 0; p < P; ++p)
-      std::memcpy(dst + ((b * P + p) * S + start) * Q * es, src + (b * P + p) * Ln * Q * es, size_t(Ln * Q * es));
+    for (int64_t p = 0; p < P; ++p) {
+      char* d = dst + ((b * P + p) * S + start) * Q * es;
+      if (!slots_first) {
+        std::memcpy(d, src + (b * P + p) * Ln * Q * es, size_t(Ln) * chunk);
+        continue;
+      }
+      for (int64_t l = 0; l < Ln; ++l) std::memcpy(d + l * chunk, src + ((b * Ln + l) * P + p) * chunk, chunk);
+    }
   }
   return ffi::Error::Success();
 }
@@ -1081,4 +1433,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VllamaWriteRows, WriteRowsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("axis"));
+                                  .Attr<int64_t>("axis")
+                                  .Attr<bool>("slots_first"));

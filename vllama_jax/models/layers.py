@@ -67,7 +67,6 @@ def with_axes(init: Initializer, axes: tuple[str | None, ...]) -> Initializer:
 KERNEL_SCALE = "kernel_scale"
 EMBEDDING_SCALE = "embedding_scale"
 LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_KERNEL_CACHE_DTYPES = (*LOW_PRECISION_FLOATS, jnp.dtype(jnp.float32))  # `_cache_product`
 
 
 #: row counts at which float32 weights go through the FFI kernel too, by the kernel's vector width
@@ -315,22 +314,27 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.reshape(b, l, h * d)
 
 
-def _cache_product(a: jax.Array, cache: jax.Array, transposed: bool) -> jax.Array:
-    """a (B, Hkv, R, X) times each head's cache (B, Hkv, S, Dh): a @ cache^T (scores, X = Dh; float32) or a @ cache
-    (X = S; in the cache's dtype from XLA, float32 from the kernel). At decode rows (at most `kernels.SMALL_M`) on a
-    one-device CPU the kernel reads the cache as stored, in its own 4-D shape; elsewhere (another backend, a mesh, a
-    prefill) XLA's dot. XLA's CPU dot converted a whole bf16 cache to float32 for every one-row product, and again
-    for the values (LLaMA-2-7B, 704 slots: 210 ms of a 280 ms int8 decode step for the 32 layers' attention, 12 ms
-    through the kernel). Reading a float32 cache, or any cache reshaped to (B * Hkv, S, Dh), XLA's dot made the
-    fusion that writes the step's slot run twice (once per shape), each on its own copy of the donated cache: one
-    to four whole copies per layer and step (SmolLM2-135M int8, batch 1: 106 -> 154 tok/s with this and
-    `models.llama._write_rows`; `tests/test_lowp_memory.py::test_decode_step_writes_the_kv_cache_in_place`)."""
-    b, hkv, r, x = a.shape
-    if r <= kernels.SMALL_M and jnp.dtype(cache.dtype) in _KERNEL_CACHE_DTYPES and kernels.use_cpu_kernels():
-        return kernels.wmatmul(a, cache, nk=transposed)
-    if transposed:
-        return jnp.einsum("bkrd,bksd->bkrs", a, cache, preferred_element_type=jnp.float32)
-    return jnp.einsum("bkrs,bksd->bkrd", a, cache)
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, scale: float,
+                      rounding: Any) -> jax.Array:
+    return kernels.attention(q, k, v, bias, scale, rounding)
+
+
+def _kernel_attention_fwd(q, k, v, bias, scale, rounding):
+    return _kernel_attention(q, k, v, bias, scale, rounding), (q, k, v, bias)
+
+
+def _kernel_attention_bwd(scale, rounding, res, g):
+    # The FFI call has no derivative of its own; the backward pass (a training loss over a cached prompt prefix)
+    # differentiates the same attention as XLA computes it.
+    q, k, v, bias = res
+    with kernels.cpu_kernels(False):
+        _, vjp = jax.vjp(lambda *a: dot_product_attention(*a, scale=scale, half_precision_scores=rounding is not None,
+                                                          kv_heads_first=True).astype(jnp.float32), q, k, v, bias)
+    return vjp(g)
+
+
+_kernel_attention.defvjp(_kernel_attention_fwd, _kernel_attention_bwd)
 
 
 def dot_product_attention(
@@ -353,18 +357,30 @@ def dot_product_attention(
     half_precision_scores: round the scores to q's dtype after the matmul and again after dividing by sqrt(Dh),
     as PyTorch's `matmul(q, k^T) / sqrt(Dh)` does on bf16/fp16 tensors (upstream's LLaMA); the bias and the softmax
     are float32 either way.
-    kv_heads_first: k and v are (B, Hkv, Lk, Dh) (the KV cache's layout, `models.llama.init_cache`).
+    kv_heads_first: k and v are (B, Hkv, Lk, Dh) (the KV cache's layout, `models.llama.init_cache`). On a
+    one-device CPU with the FFI kernels this runs as one `kernels.attention` call (head sizes it takes, no dropout):
+    q and the output stay in their (B, L, H, Dh) layout, the cache is read as stored (XLA's dot converted a whole
+    bf16 cache to float32 for every one-row product), masked keys at the ends of each row are skipped (a causal
+    prefill reads half the keys), and the softmax runs between the two products on a row held in L1. SmolLM2-135M's
+    128-token prefill: q's transposition, the scores, the softmax's reductions and division and the output's
+    transposition took 24 ms of ~160 as XLA programs. The backward pass (a loss over a cached prompt prefix) is
+    XLA's.
     """
     b, lq, h, dh = q.shape
     hkv = k.shape[1] if kv_heads_first else k.shape[2]
     if scale is None:
         scale = dh ** -0.5
+    if (kv_heads_first and (deterministic or dropout_rate == 0.0) and kernels.use_cpu_kernels()
+            and jnp.dtype(v.dtype) == jnp.dtype(k.dtype) and kernels.attention_fits(dh, k.dtype)):
+        # over a KV cache on a one-device CPU: one kernel call per layer (`kernels.attention`)
+        rounding = jnp.dtype(q.dtype) if half_precision_scores and jnp.dtype(q.dtype) in LOW_PRECISION_FLOATS else None
+        return _kernel_attention(q, k, v, bias, float(scale), rounding).astype(q.dtype)
     group = h // hkv
     if kv_heads_first:
         # the queries of a KV head (lq x group) are the rows of one matmul per (row, KV head): at decode (lq = 1)
         # a size-1 query axis between the batch axes made XLA's CPU dots 1.7x slower
         qr = q.reshape(b, lq, hkv, group, dh).transpose(0, 2, 1, 3, 4).reshape(b, hkv, lq * group, dh)
-        scores = _cache_product(qr, k, transposed=True)
+        scores = jnp.einsum("bkrd,bksd->bkrs", qr, k, preferred_element_type=jnp.float32)
     else:
         qg = q.reshape(b, lq, hkv, group, dh)
         scores = jnp.einsum("bqkgd,bskd->bkgqs", qg, k, preferred_element_type=jnp.float32)
@@ -387,7 +403,7 @@ def dot_product_attention(
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     if kv_heads_first:
-        out = _cache_product(probs.astype(v.dtype), v, transposed=False)
+        out = jnp.einsum("bkrs,bksd->bkrd", probs.astype(v.dtype), v)
         out = out.reshape(b, hkv, lq, group, dh).transpose(0, 2, 1, 3, 4)
     else:
         out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(v.dtype), v)

@@ -100,25 +100,33 @@ def resize_cache(cache: Cache, length: int) -> Cache:
 _UNROLLED_ROWS = 16  # batches up to this size write one dynamic-update-slice per row; larger ones one vmapped write
 
 
-def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1) -> jax.Array:
+def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1, slots_first: bool = False
+                ) -> jax.Array:
     """buf[b, ..., index[b] : index[b] + L, ...] = new[b] along `axis` for every row b (per-row offsets), in place.
+    new: (B, ..., L, ...) with buf's other sizes, or with `slots_first` (B, L, ...) (a projection's (B, L, Hkv, Dh)
+    for a (B, Hkv, S, Dh) cache).
 
     XLA's CPU compiler does not write a 2-byte float cache in place: a bf16 / fp16 dynamic-update-slice became a
     float32 round trip of the whole buffer (widen, update, narrow), and the same update on the buffer's bits as
-    uint16 a loop over every element. So on CPU with the FFI kernels a 2-byte float cache is written by
-    `kernels.write_rows` (the result aliases the donated buffer: only the new slots are written), elsewhere on its
-    bits as unsigned integers (the lesser copy). Float32 and other caches take one dynamic-update-slice per row up to
-    `_UNROLLED_ROWS` rows, which XLA writes in place (the vmapped form became a scatter with bounds selects over the
-    whole cache); larger batches (an accelerator's) keep one vmapped write rather than a program that grows with the
-    batch. 60 SmolLM2-135M caches, one slot written per step, ms at 192 / 1088 / 4096 slots: float32 0.14 at every
-    length in place against 0.57 / 1.9 / 17 through its uint32 bits; bfloat16 0.12-0.15 through the kernel against
-    0.9 / 4.6 / 23 plain and 0.33 / 1.3 / 10 through its bits. Differentiable (a loss over a cached prompt prefix
-    trains through it)."""
+    uint16 a loop over every element. So on CPU with the FFI kernels a float cache is written by
+    `kernels.write_rows` (the result aliases the donated buffer: only the new slots are written, read from the
+    projection's layout), elsewhere a 2-byte float cache on its bits as unsigned integers (the lesser copy). Other
+    caches take one dynamic-update-slice per row up to `_UNROLLED_ROWS` rows, which XLA writes in place (the
+    vmapped form became a scatter with bounds selects over the whole cache); larger batches (an accelerator's) keep
+    one vmapped write rather than a program that grows with the batch. 60 SmolLM2-135M caches, one slot written per
+    step, ms at 192 / 1088 / 4096 slots: float32 0.14 at every length in place against 0.57 / 1.9 / 17 through its
+    uint32 bits; bfloat16 0.12-0.15 through the kernel against 0.9 / 4.6 / 23 plain and 0.33 / 1.3 / 10 through its
+    bits. A float32 prefill's transposition and per-row updates ran at 3-4 GB/s (SmolLM2-135M at batch 8: 33 ms of
+    a 920 ms prefill). Differentiable (a loss over a cached prompt prefix trains through it)."""
     dtype = jnp.dtype(buf.dtype)
     new = new.astype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
-        return _write_half_rows(buf, new, index, axis)
-    return _update_rows(buf, new, index, axis)
+    if jnp.issubdtype(dtype, jnp.floating) and (dtype.itemsize == 2 or kernels.use_cpu_kernels()):
+        return _write_float_rows(buf, new, index, axis, slots_first)
+    return _update_rows(buf, _slots_at(new, axis, slots_first), index, axis)
+
+
+def _slots_at(new: jax.Array, axis: int, slots_first: bool) -> jax.Array:
+    return jnp.moveaxis(new, 1, axis) if slots_first else new
 
 
 def _update_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
@@ -134,22 +142,27 @@ def _update_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) ->
     return buf
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
-def _write_half_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
+def _write_float_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int, slots_first: bool) -> jax.Array:
     if kernels.use_cpu_kernels():
-        return kernels.write_rows(buf, new, index, axis)
+        return kernels.write_rows(buf, new, index, axis, slots_first)
+    new = _slots_at(new, axis, slots_first)
+    if jnp.dtype(buf.dtype).itemsize != 2:
+        return _update_rows(buf, new, index, axis)
     out = _update_rows(jax.lax.bitcast_convert_type(buf, jnp.uint16), jax.lax.bitcast_convert_type(new, jnp.uint16),
                        index, axis)
     return jax.lax.bitcast_convert_type(out, buf.dtype)
 
 
-@_write_half_rows.defjvp
-def _write_half_rows_jvp(axis: int, primals: tuple, tangents: tuple) -> tuple[jax.Array, jax.Array]:
+@_write_float_rows.defjvp
+def _write_float_rows_jvp(axis: int, slots_first: bool, primals: tuple, tangents: tuple
+                          ) -> tuple[jax.Array, jax.Array]:
     # neither the kernel nor the integer bits carry a derivative: the tangents are written as floats (the same
     # linear update)
     buf, new, index = primals
     d_buf, d_new, _ = tangents
-    return _write_half_rows(buf, new, index, axis), _update_rows(d_buf, d_new, index, axis)
+    return (_write_float_rows(buf, new, index, axis, slots_first),
+            _update_rows(d_buf, _slots_at(d_new, axis, slots_first), index, axis))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -218,8 +231,8 @@ class LlamaAttention(_Projections):
         new_cache = None
         if layer_cache is not None:
             # Keys are cached after RoPE, so old entries never need re-rotation.
-            ck = _write_rows(layer_cache["k"], k.transpose(0, 2, 1, 3), index, axis=SLOT_AXIS)  # (B, Hkv, L, Dh)
-            cv = _write_rows(layer_cache["v"], v.transpose(0, 2, 1, 3), index, axis=SLOT_AXIS)
+            ck = _write_rows(layer_cache["k"], k, index, axis=SLOT_AXIS, slots_first=True)  # (B, Hkv, S, Dh)
+            cv = _write_rows(layer_cache["v"], v, index, axis=SLOT_AXIS, slots_first=True)
             new_cache = {"k": ck, "v": cv}
             out = dot_product_attention(q, ck.astype(self.dtype), cv.astype(self.dtype), bias,
                                         half_precision_scores=self.torch_arithmetic, kv_heads_first=True)
