@@ -1074,7 +1074,7 @@ static void softmax_values(float* s, int64_t n, const W* v, int64_t D, float* or
   for (int64_t d = 0; d < dv; ++d) storev(orow + d * L, rounded ? o0[d] + o1[d] : (o0[d] + o1[d]) / total);
 }
 
-// Decode rows: query rows [l0, l1) of row b and head h, each against its allowed keys, L keys at a time (one vector
+// Query rows [l0, l1) of row b and head h, each against its allowed keys, L keys at a time (one vector
 // of L sums per `lane_sums`; the last vector's missing keys sum to 0). DV: vectors per head row (D / L); 0 reads it
 // at run time.
 template <typename W, int DV>
@@ -1119,128 +1119,28 @@ static void attend_rows(const AttendArgs& a, int64_t b, int64_t h, int64_t l0, i
   }
 }
 
-// Prefill rows: the keys of each (row, KV head) transposed once into float32 panels of KB keys, (S / KB, D, KB), so
-// the scores of TQ query rows by KB keys are register tiles of broadcast-q-times-keys multiply-adds over D (no
-// horizontal sums: the lane shuffle tree cost about as much as the products at D = 64). A/B, SmolLM2-135M's
-// 128-token prefill attention per layer: 0.164 ms with the decode rows' products, see the README for this path.
-constexpr int KB = 2 * L;  // keys per panel: two vectors
-constexpr int TQ = 4;      // query rows per register tile (TQ x 2 accumulators)
-
-// Keys [0, n) of k (S, D) into panels kt: kt[(j / KB) * D * KB + d * KB + j % KB] = k[j, d], zeros past n.
-template <typename W>
-static void key_panels(const W* k, int64_t n, int64_t D, float* kt) {
-  const int64_t panels = (n + KB - 1) / KB;
-  for (int64_t p = 0; p < panels; ++p) {
-    float* dst = kt + p * D * KB;
-    const int64_t cnt = std::min<int64_t>(KB, n - p * KB);
-    for (int64_t t = 0; t < cnt; ++t) {
-      const W* row = k + (p * KB + t) * D;
-      for (int64_t d = 0; d < D; ++d) dst[d * KB + t] = load1(row + d);
-    }
-    for (int64_t t = cnt; t < KB; ++t)
-      for (int64_t d = 0; d < D; ++d) dst[d * KB + t] = 0.f;
-  }
-}
-
-// R query rows (q rows at stride qs) by the KB keys of one panel: the products into out (R rows at stride os).
-template <int R>
-static inline void panel_scores(const float* q, int64_t qs, const float* kt, int64_t D, float* out, int64_t os) {
-  vf acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = vf{};
-  for (int64_t d = 0; d < D; ++d) {
-    const vf k0 = loadv(kt + d * KB), k1 = loadv(kt + d * KB + L);
-    for (int r = 0; r < R; ++r) {
-      const float qb = q[r * qs + d];  // scalar times vector: one broadcast load (vf{} + x added a scalar add)
-      acc[r][0] += qb * k0;
-      acc[r][1] += qb * k1;
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    storev(out + r * os, acc[r][0]);
-    storev(out + r * os + L, acc[r][1]);
-  }
-}
-
-template <typename W, int DV>
-static void attend_panels(const AttendArgs& a, const float* kt, int64_t b, int64_t h, int64_t l0, int64_t l1) {
-  const int64_t D = a.D, g = h / (a.H / a.Hkv), qs = a.H * D;
-  const W* v = static_cast<const W*>(a.v) + (b * a.Hkv + g) * a.S * D;
-  const int64_t ld = (a.S + KB - 1) / KB * KB + L;  // a scratch row: every panel, and a whole last vector
-  thread_local std::vector<float> scratch;
-  if (int64_t(scratch.size()) < TQ * ld) scratch.resize(TQ * ld);
-  float* s = scratch.data();
-  for (int64_t l = l0; l < l1; l += TQ) {
-    const int64_t rows = std::min<int64_t>(TQ, l1 - l);
-    int64_t lo[TQ], hi[TQ], ulo = a.S, uhi = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      allowed_range(a.bias_row(b, h, l + r), a.S, lo[r], hi[r]);
-      ulo = std::min(ulo, lo[r]);
-      uhi = std::max(uhi, hi[r]);
-    }
-    const float* q = a.q + ((b * a.Lq + l) * a.H + h) * D;
-    // the tile's products over the panels its rows' keys meet (each row takes its own range of them after)
-    for (int64_t p = ulo / KB; p * KB < uhi; ++p) {
-      const float* kp = kt + p * D * KB;
-      float* out = s + p * KB;
-      switch (rows) {
-        case 4: panel_scores<4>(q, qs, kp, D, out, ld); break;
-        case 3: panel_scores<3>(q, qs, kp, D, out, ld); break;
-        case 2: panel_scores<2>(q, qs, kp, D, out, ld); break;
-        default: panel_scores<1>(q, qs, kp, D, out, ld); break;
-      }
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = s + r * ld + lo[r];
-      const float* br = a.bias_row(b, h, l + r);
-      const int64_t n = hi[r] - lo[r];
-      int64_t j = 0;
-      for (; j + L <= n; j += L) {
-        vf sc = a.scores(loadv(sr + j));
-        storev(sr + j, br ? sc + loadv(br + lo[r] + j) : sc);
-      }
-      if (j < n) {
-        vf sc = a.scores(loadv(sr + j));
-        for (int64_t t = 0; t < n - j; ++t) sr[j + t] = sc[t] + (br ? br[lo[r] + j + t] : 0.f);
-      }
-      softmax_values<W, DV>(sr, n, v + lo[r] * D, D, a.out + ((b * a.Lq + l + r) * a.H + h) * D);
-    }
-  }
-}
-
 // Work items of (row, head, block of query rows), taken from XLA's pool in turn (a causal prefill's later blocks
-// cost more). From PANEL_MIN_ROWS query rows on, every (row, KV head)'s keys are first put into panels, one item
-// each, up to the last key any query row of that row is allowed.
-constexpr int64_t ATTEND_ROWS = 16, PANEL_MIN_ROWS = 4;
+// cost more). A/B of a version that first transposed each (row, KV head)'s keys into float32 panels of 32 keys and
+// took the scores of 4 query rows x 32 keys as register tiles (no horizontal sums): no faster at SmolLM2-135M's or
+// LLaMA-2-7B's prefill shapes (the rows' softmax, values and the transposition itself weigh as much), so one path.
+constexpr int64_t ATTEND_ROWS = 16;
 template <typename W, int DV>
 static void attend_all(ffi::ThreadPool& pool, const AttendArgs& a) {
-  const int64_t blocks = (a.Lq + ATTEND_ROWS - 1) / ATTEND_ROWS, items = a.B * a.H * blocks;
   const AttendArgs* ap = &a;
-  if (a.Lq < PANEL_MIN_ROWS) {
-    run_blocks(pool, items, [=](int64_t i) {
-      const int64_t r = i % blocks, bh = i / blocks;
-      attend_rows<W, DV>(*ap, bh / ap->H, bh % ap->H, r * ATTEND_ROWS, std::min(ap->Lq, (r + 1) * ATTEND_ROWS));
+  const int64_t group = a.H / a.Hkv;
+  if (a.Lq == 1 && group > 1 && a.B * a.Hkv >= 2 * std::max<int64_t>(1, pool.num_threads())) {
+    // A decode step with enough (row, KV head) pairs to go round: one item per pair, its heads in turn, so that the
+    // keys and values the first reads from memory are still in L2 for the others. SmolLM2-135M at batch 8, the 30
+    // calls of a step: 4.7 -> 3.0 ms (~19 GB/s of cache; a software prefetch 16 or 32 slots ahead changed nothing).
+    run_blocks(pool, a.B * a.Hkv, [=](int64_t i) {
+      for (int64_t h = (i % ap->Hkv) * group, e = h + group; h < e; ++h) attend_rows<W, DV>(*ap, i / ap->Hkv, h, 0, 1);
     });
     return;
   }
-  std::vector<int64_t> keys(a.B, 0);  // per row of the batch: the keys any of its query rows may see
-  for (int64_t b = 0; b < a.B; ++b)
-    for (int64_t h = 0; h < (a.Hb > 1 ? a.H : 1) && keys[b] < a.S; ++h)
-      for (int64_t l = 0; l < a.Lq && keys[b] < a.S; ++l) {
-        int64_t lo, hi;
-        allowed_range(a.bias_row(b, h, l), a.S, lo, hi);
-        keys[b] = std::max(keys[b], hi);
-      }
-  const int64_t panel_floats = (a.S + KB - 1) / KB * KB * a.D;
-  std::unique_ptr<float[]> panels(new float[a.B * a.Hkv * panel_floats]);
-  float* kt = panels.get();
-  const int64_t* kp = keys.data();
-  run_blocks(pool, a.B * a.Hkv, [=](int64_t i) {
-    key_panels<W>(static_cast<const W*>(ap->k) + i * ap->S * ap->D, kp[i / ap->Hkv], ap->D, kt + i * panel_floats);
-  });
-  run_blocks(pool, items, [=](int64_t i) {
-    const int64_t r = i % blocks, bh = i / blocks, b = bh / ap->H, h = bh % ap->H;
-    const float* panel = kt + (b * ap->Hkv + h / (ap->H / ap->Hkv)) * panel_floats;
-    attend_panels<W, DV>(*ap, panel, b, h, r * ATTEND_ROWS, std::min(ap->Lq, (r + 1) * ATTEND_ROWS));
+  const int64_t blocks = (a.Lq + ATTEND_ROWS - 1) / ATTEND_ROWS;
+  run_blocks(pool, a.B * a.H * blocks, [=](int64_t i) {
+    const int64_t r = i % blocks, bh = i / blocks;
+    attend_rows<W, DV>(*ap, bh / ap->H, bh % ap->H, r * ATTEND_ROWS, std::min(ap->Lq, (r + 1) * ATTEND_ROWS));
   });
 }
 
