@@ -49,6 +49,7 @@ bench: $(STAMP)
 	$(PY) bench/generate.py
 	$(PY) bench/matmul_kernel.py
 	$(PY) bench/kv_write.py
+	$(PY) bench/attention.py
 	$(PY) bench/serve.py
 	$(PY) bench/train.py
 	$(PY) bench/eval.py
