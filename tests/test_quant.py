@@ -289,6 +289,34 @@ def test_attention_kernel_against_float64(dtype):
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=str((b, lq, h, hkv, s, d)))
 
 
+@needs_kernel
+@pytest.mark.skipif(not kernels.amx_bf16(), reason="int8 products in AMX tiles need a CPU with AMX-BF16")
+@pytest.mark.parametrize("packed", [False, True])
+def test_int8_prefill_in_amx_tiles(packed):
+    """A bf16-compute product of `INT8_AMX_MIN_ROWS` rows or more with int8 weights takes XLA's dot in AMX tiles on
+    the weight converted to bf16 (exactly, either layout), the per-channel scale after: against float64 to bf16's
+    rounding of the output, fewer rows stay on the kernel, and the gradient reaches x."""
+    rng = np.random.default_rng(packed)
+    k, n, rows = 256, 192, layers.INT8_AMX_MIN_ROWS + 3
+    w = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+    scale = jnp.asarray(rng.uniform(0.001, 0.01, n), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.bfloat16)
+    wk = kernels.pack_int8(w) if packed else w
+    with kernels.cpu_kernels(True):
+        np.testing.assert_array_equal(np.asarray(jax.jit(kernels.int8_as_bf16)(wk, x), np.float32),
+                                      np.asarray(w, np.float32))
+        fn = jax.jit(lambda x, w, s: matmul(x, w, s, dtype=jnp.bfloat16))
+        got = np.asarray(fn(x, wk, scale), np.float32)
+        assert kernels.INT8_BF16_TARGET in fn.lower(x, wk, scale).as_text()
+        assert kernels.INT8_BF16_TARGET not in fn.lower(x[:layers.INT8_AMX_MIN_ROWS - 1], wk, scale).as_text()
+        grad = jax.grad(lambda x: jnp.sum(matmul(x, wk, scale, dtype=jnp.bfloat16).astype(jnp.float32)))(x)
+    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64) * np.asarray(scale, np.float64)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2 * np.abs(want).max())
+    w_scaled = np.asarray(w, np.float64) * np.asarray(scale, np.float64)
+    np.testing.assert_allclose(np.asarray(grad, np.float32), np.broadcast_to(w_scaled.sum(1), (rows, k)), rtol=2e-2,
+                               atol=1e-3)
+
+
 def _cache_attention_case(rng, b, lq, hkv, group, s, dh, dt):
     """q, k, v and a bias with everything a cache meets: causal rows ending at the last slot, padding holes
     (float32's lowest), a plain additive bias (-1e9 and small values), and one row whose every key is masked."""

@@ -46,6 +46,7 @@ SOURCE = Path(__file__).with_name("wmatmul.cc")
 TARGET = "vllama_wmatmul"
 WRITE_TARGET = "vllama_write_rows"
 ATTENTION_TARGET = "vllama_attention"
+INT8_BF16_TARGET = "vllama_int8_as_bf16"
 ENV_SWITCH = "VLLAMA_JAX_CPU_KERNELS"
 KERNEL_DIR_ENV = "VLLAMA_JAX_KERNEL_DIR"
 DEFAULT_KERNEL_DIR = Path("~/.cache/vllama_jax/kernels")
@@ -97,6 +98,7 @@ def wmatmul_available() -> bool:
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VllamaWMatmul), platform="cpu")
         jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.VllamaWriteRows), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.VllamaAttention), platform="cpu")
+        jax.ffi.register_ffi_target(INT8_BF16_TARGET, jax.ffi.pycapsule(lib.VllamaInt8AsBf16), platform="cpu")
     except (OSError, RuntimeError, AttributeError) as e:
         log.warning("CPU matmul kernel unavailable (%s); using XLA's dot (bf16/int8 weights get float32 copies "
                     "on CPU)", e)
@@ -194,6 +196,18 @@ def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: b
     return call(x.astype(jnp.float32), w, s, nk=nk)
 
 
+def int8_as_bf16(w: jax.Array, after: jax.Array) -> jax.Array:
+    """int8 W (K, N), or packed (K/4, N, 4) (`pack_int8`), as the bfloat16 (K, N) matrix it holds (exact), on the
+    pool at memory speed: the operand of XLA's dot in AMX tiles for a bf16-compute prefill (`models.layers.matmul`).
+    `after` (not read) orders the conversion after that array exists, so that a program converts one matrix at a
+    time where its product needs it (without it XLA ran every conversion first, all of them alive at once). CPU
+    only; call `wmatmul_available()` first."""
+    k = 4 * w.shape[0] if is_packed(w) else w.shape[0]
+    call = jax.ffi.ffi_call(INT8_BF16_TARGET, jax.ShapeDtypeStruct((k, w.shape[1]), jnp.bfloat16),
+                            vmap_method="sequential")
+    return call(w, after)
+
+
 def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array, axis: int, slots_first: bool = False) -> jax.Array:
     """buf with rows[b] written at slots index[b] .. index[b] + L - 1 of `axis` for every row b (buf (B, ..., S, ...),
     rows (B, ..., L, ...) with buf's other sizes and dtype, or with `slots_first` (B, L, ...) with the other sizes
@@ -241,5 +255,5 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, 
                 round_scores=np.int64(mode))
 
 
-__all__ = ["ATTENTION_MAX_HEAD_DIM", "SMALL_M", "attention", "attention_fits", "cpu_kernels", "is_packed", "pack_int8", "packable", "packed_int8_available", "unpack_int8",
+__all__ = ["ATTENTION_MAX_HEAD_DIM", "SMALL_M", "attention", "attention_fits", "int8_as_bf16", "cpu_kernels", "is_packed", "pack_int8", "packable", "packed_int8_available", "unpack_int8",
            "use_cpu_kernels", "vector_lanes", "wmatmul", "wmatmul_available", "write_rows"]
