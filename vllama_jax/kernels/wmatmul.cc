@@ -32,8 +32,8 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>  // _mm_pause everywhere, the vector intrinsics where the target has them
 #endif
 
 #include "xla/ffi/api/ffi.h"
