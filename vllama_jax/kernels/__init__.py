@@ -219,7 +219,7 @@ def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array, axis: int, slo
     return call(buf, rows.astype(buf.dtype), index.astype(jnp.int32), axis=int(axis), slots_first=bool(slots_first))
 
 
-#: the largest head size `attention` takes (its rows of q live in registers)
+#: the largest head size `attention` takes (its rows of q live in registers; `ATTEND_MAX_D` in wmatmul.cc)
 ATTENTION_MAX_HEAD_DIM = 256
 
 
@@ -255,5 +255,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, 
                 round_scores=np.int64(mode))
 
 
-__all__ = ["ATTENTION_MAX_HEAD_DIM", "SMALL_M", "attention", "attention_fits", "int8_as_bf16", "cpu_kernels", "is_packed", "pack_int8", "packable", "packed_int8_available", "unpack_int8",
-           "use_cpu_kernels", "vector_lanes", "wmatmul", "wmatmul_available", "write_rows"]
+__all__ = ["ATTENTION_MAX_HEAD_DIM", "SMALL_M", "attention", "attention_fits", "cpu_kernels", "int8_as_bf16",
+           "is_packed", "pack_int8", "packable", "packed_int8_available", "unpack_int8", "use_cpu_kernels",
+           "vector_lanes", "wmatmul", "wmatmul_available", "write_rows"]

@@ -1016,6 +1016,9 @@ static inline void allowed_range(const float* bias, int64_t S, int64_t& lo, int6
   while (bias[lo] <= masked) ++lo;
 }
 
+// The largest head size taken (a row of q lives in registers; `kernels.ATTENTION_MAX_HEAD_DIM` on the Python side).
+constexpr int64_t ATTEND_MAX_D = 256;
+
 struct AttendArgs {
   const float* q;
   const void* k;
@@ -1028,7 +1031,7 @@ struct AttendArgs {
   const float* bias_row(int64_t b, int64_t h, int64_t l) const {
     return bias ? bias + (((Bb > 1 ? b : 0) * Hb + (Hb > 1 ? h : 0)) * Lq + l) * S : nullptr;
   }
-  // a product's sums (vector of L) -> scores: scaled (or upstream's rounding) plus the bias
+  // a product's sums (vector of L) -> scores: scaled, or in upstream's rounding (the caller adds the bias)
   vf scores(vf dot) const {
     return round_scores ? round_to(round_to(dot, round_scores) / inv_scale, round_scores) : dot * scale;
   }
@@ -1039,7 +1042,7 @@ struct AttendArgs {
 // unnormalised exponentials, the sums divided once at the end (D divisions per row instead of one per key).
 template <typename W, int DV>
 static void softmax_values(float* s, int64_t n, const W* v, int64_t D, float* orow) {
-  constexpr int MAXV = 256 / L;
+  constexpr int MAXV = ATTEND_MAX_D / L;
   const int64_t dv = DV ? DV : D / L, nv = (n + L - 1) / L;
   const float ninf = -std::numeric_limits<float>::infinity();
   for (int64_t i = n; i < nv * L; ++i) s[i] = ninf;  // the last vector's padding: exp gives 0
@@ -1080,7 +1083,7 @@ static void softmax_values(float* s, int64_t n, const W* v, int64_t D, float* or
 // at run time.
 template <typename W, int DV>
 static void attend_rows(const AttendArgs& a, int64_t b, int64_t h, int64_t l0, int64_t l1) {
-  constexpr int MAXV = 256 / L;
+  constexpr int MAXV = ATTEND_MAX_D / L;
   const int64_t dv = DV ? DV : a.D / L, D = a.D, g = h / (a.H / a.Hkv);
   const W* k = static_cast<const W*>(a.k) + (b * a.Hkv + g) * a.S * D;
   const W* v = static_cast<const W*>(a.v) + (b * a.Hkv + g) * a.S * D;
@@ -1167,7 +1170,8 @@ static ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
   if (k.element_type() != v.element_type()) return ffi::Error::InvalidArgument("attention: k and v differ in dtype");
   if (kd[0] != a.B || kd[3] != a.D || a.Hkv < 1 || a.H % a.Hkv)
     return ffi::Error::InvalidArgument("attention: q (B, Lq, H, D) and the cache (B, Hkv, S, D) do not match");
-  if (a.D <= 0 || a.D % L || a.D > 256) return ffi::Error::InvalidArgument("attention: head_dim must be a multiple of the lanes, <= 256");
+  if (a.D <= 0 || a.D % L || a.D > ATTEND_MAX_D)
+    return ffi::Error::InvalidArgument("attention: head_dim must be a multiple of the lanes, at most 256");
   if (bias.element_count()) {
     if (bd.size() != 4 || (bd[0] != 1 && bd[0] != a.B) || (bd[1] != 1 && bd[1] != a.H) || bd[2] != a.Lq || bd[3] != a.S)
       return ffi::Error::InvalidArgument("attention: bias must be (B or 1, H or 1, Lq, S)");
@@ -1309,7 +1313,7 @@ static ffi::Error Int8AsBf16Impl(ffi::ThreadPool pool, ffi::Buffer<ffi::S8> w, f
   uint16_t* dst = reinterpret_cast<uint16_t*>(out->untyped_data());
   const int64_t rows = packed ? K / 4 : K, per = std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, N));
   run_blocks(pool, (rows + per - 1) / per, [=](int64_t blk) {
-    int8_t col[4 * L];
+    int8_t col[L];
     for (int64_t r = blk * per, e = std::min(rows, r + per); r < e; ++r) {
       int64_t n = 0;
       if (!packed) {
