@@ -16,7 +16,8 @@ from flax import linen as nn
 from tests.helpers import random_hf_llama
 from vllama_jax import kernels
 from vllama_jax.config import LlamaConfig
-from vllama_jax.models.llama import Llama, _write_rows, cache_logical_axes, init_cache
+from vllama_jax.models.layers import apply_rope
+from vllama_jax.models.llama import Llama, _write_rows, cache_logical_axes, init_cache, rope_cos_sin
 from vllama_jax.tree import flatten_params
 from vllama_jax.weights.llama_keys import (
     llama_config_from_hf,
@@ -453,3 +454,80 @@ def _check_cache_rows(batch, dtype, slots_first):
         np.testing.assert_array_equal(np.asarray(g_buf, np.float32), np.where(written, 0, w))
         np.testing.assert_array_equal(np.asarray(g_new, np.float32),
                                       np.stack([w[b, :, int(index[b]):int(index[b]) + 3] for b in range(batch)]))
+
+
+@pytest.mark.parametrize("kernel", [False, True])  # True: rotated by the FFI kernel on the way into the cache
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("head_dim", [4, 48, 64])  # halves below one vector, one vector and a tail, whole vectors
+def test_keys_are_rotated_on_their_way_into_the_cache(kernel, dtype, head_dim):
+    """`_write_rows(..., rope=(cos, sin))` equals rotating the rows first (`apply_rope`) and writing them: in
+    bfloat16 / float16 through the kernel bit for bit as PyTorch evaluates the rotation in those dtypes (each product
+    and the sum rounded; XLA's own program does the same in bfloat16, and in float16 keeps one product unrounded: one
+    unit in the last place apart), in float32 to rounding; its derivatives are those of the rotation then the write;
+    and through the kernel the program has no rotation of its own."""
+    if kernel and not kernels.wmatmul_available():
+        pytest.skip("the CPU kernels are not built here")
+    rng = np.random.default_rng(head_dim)
+    batch, slots, new_rows, heads = 3, 10, 3, 2
+    buf = jnp.asarray(rng.standard_normal((batch, heads, slots, head_dim)), dtype)
+    new = jnp.asarray(rng.standard_normal((batch, new_rows, heads, head_dim)) * 4, dtype)  # slots first
+    index = jnp.asarray([0, 4, 9], jnp.int32)  # 9: clamped to 7
+    cos, sin = rope_cos_sin(jnp.asarray(rng.integers(0, 3000, (batch, new_rows))), head_dim, 1e4)
+    w = jnp.asarray(rng.standard_normal(buf.shape), dtype)
+
+    def rotated_in(b, n):
+        return _write_rows(b, n, index, axis=2, slots_first=True, rope=(cos, sin))
+
+    def rotated_first(b, n):
+        return _write_rows(b, apply_rope(n, cos, sin), index, axis=2, slots_first=True)
+
+    def grads(fn):
+        return jax.grad(lambda b, n: jnp.sum((fn(b, n) * w).astype(jnp.float32)), argnums=(0, 1))(buf, new)
+
+    with kernels.cpu_kernels(False):
+        want, want_grads = np.asarray(jax.jit(rotated_first)(buf, new), np.float32), grads(rotated_first)
+        # PyTorch's arithmetic: each product and the sum rounded to the dtype (float32 sums of exact products)
+        r = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(dtype), np.float32)  # noqa: E731
+        x = np.asarray(new, np.float32)
+        c, s = (np.asarray(t.astype(dtype), np.float32)[:, :, None] for t in (cos, sin))
+        h = head_dim // 2
+        x1, x2 = x[..., :h], x[..., h:]
+        torch_rows = np.concatenate([r(r(x1 * c[..., :h]) - r(x2 * s[..., :h])),
+                                     r(r(x2 * c[..., h:]) + r(x1 * s[..., h:]))], axis=-1)
+        torch_order = np.asarray(_write_rows(buf, jnp.asarray(torch_rows, dtype), index, axis=2, slots_first=True),
+                                 np.float32)
+    with kernels.cpu_kernels(kernel):
+        fn = jax.jit(rotated_in)
+        got, got_grads = np.asarray(fn(buf, new), np.float32), grads(rotated_in)
+        hlo = fn.lower(buf, new).compile().as_text()
+    one_ulp = np.abs(x).max() * 2.0 ** -10  # of float16's largest operand (a difference cancels)
+    if dtype == "float32":
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    elif dtype == "bfloat16":
+        np.testing.assert_array_equal(got, torch_order)
+        np.testing.assert_array_equal(got, want)
+    elif kernel:
+        np.testing.assert_array_equal(got, torch_order)
+        np.testing.assert_allclose(got, want, rtol=0, atol=one_ulp)
+    else:
+        np.testing.assert_allclose(got, torch_order, rtol=0, atol=one_ulp)
+    for g, h in zip(got_grads, want_grads):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(h, np.float32), rtol=1e-6, atol=1e-6)
+    if kernel:
+        assert kernels.WRITE_TARGET in hlo and " concatenate(" not in hlo
+
+
+@pytest.mark.skipif(not kernels.wmatmul_available(), reason="the CPU kernels are not built here")
+def test_cos_and_sin_are_computed_once_per_forward():
+    """A cached forward on the CPU kernels evaluates cos and sin once for all layers: the rotations of q and k run
+    inside the attention and the cache write. (XLA's CPU compiler fused cos and sin into every layer's rotation,
+    per head, past an optimization barrier: 0.9 + 0.35 ms of each ~30 ms layer of SmolLM2-135M's batch-8 prefill.)"""
+    cfg = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2)
+    m = Llama(cfg)
+    x = jnp.zeros((2, 5, cfg.hidden_size))
+    params = m.init(jax.random.key(0), x)["params"]
+    cache = init_cache(cfg, 2, 8, jnp.float32)
+    with kernels.cpu_kernels(True):
+        hlo = jax.jit(lambda p, x, c: m.apply({"params": p}, x, cache=c)).lower(params, x, cache).compile().as_text()
+    assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
+    assert hlo.count(kernels.ATTENTION_TARGET) == cfg.num_layers and " concatenate(" not in hlo.split("ENTRY")[1]

@@ -13,7 +13,7 @@ from tests.helpers import TINY_CONFIG, tiny_files
 from vllama_jax import kernels
 from vllama_jax.config import LlamaConfig, load_model_config
 from vllama_jax.inference.generate import Generator
-from vllama_jax.models import layers, quant
+from vllama_jax.models import layers, llama, quant
 from vllama_jax.models.layers import _kernel_matmul, dequantize, matmul
 from vllama_jax.models.llama import Llama
 from vllama_jax.tree import flatten_params
@@ -361,6 +361,40 @@ def test_attention_over_the_kv_cache_is_one_kernel_call(cache_dtype, hkv, group,
     assert f"[{b * hkv},{s},{dh}]" not in hlo and " transpose(" not in hlo
     if cache_dtype != "float32":
         assert f"f32[{b},{hkv},{s},{dh}]" not in hlo
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("dh", [16, 48, 64])  # halves below one AVX-512 vector, a vector and a tail, whole vectors
+@pytest.mark.parametrize("lq", [1, 40])
+def test_attention_kernel_rotates_q_as_it_loads_it(dtype, dh, lq):
+    """`dot_product_attention(..., rope=(cos, sin))` through the kernel (q rotated as its rows are loaded, rounded as
+    XLA rounds the rotation in q's dtype) equals XLA's rotation then attention, as the unrotated kernel does; the
+    program has no rotation of its own; the backward pass differentiates the rotation too."""
+    rng = np.random.default_rng(dh + lq)
+    q, k, v, bias = _cache_attention_case(rng, 2, lq, 2, 3, 40, dh, jnp.dtype(dtype))
+    cos, sin = llama.rope_cos_sin(jnp.asarray(rng.integers(0, 3000, (2, lq))), dh, 1e4)
+
+    def attend(q, k, v):
+        return layers.dot_product_attention(q, k, v, bias, kv_heads_first=True, rope=(cos, sin))
+
+    with kernels.cpu_kernels(True):
+        fn = jax.jit(attend)
+        got = np.asarray(fn(q, k, v), np.float32)
+        hlo = fn.lower(q, k, v).compile().as_text()
+    with kernels.cpu_kernels(False):
+        want = np.asarray(jax.jit(attend)(q, k, v), np.float32)
+    tol = 1e-5 if dtype == "float32" else 1e-2
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+    assert hlo.count(kernels.ATTENTION_TARGET) == 1 and " concatenate(" not in hlo
+    if dtype == "float32":
+        def loss(q, k, v, enabled):
+            with kernels.cpu_kernels(enabled):
+                return jnp.sum(jnp.sin(attend(q, k, v)))
+
+        for x, y in zip(jax.grad(loss, argnums=(0, 1, 2))(q, k, v, True),
+                        jax.grad(loss, argnums=(0, 1, 2))(q, k, v, False)):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

@@ -8,7 +8,8 @@ intra-op thread pool. On CPUs with AVX-512 VNNI, int8 weights in batch-1 decode 
 rows as the tied LM head) are multiplied as integers (`vpdpbusd`), x scaled to 16 bits per 256-deep block of each
 row; the error this adds is bounded in `tests/test_quant.py` and far below the weights' own int8 rounding.
 `attention` runs the scores, the softmax and the values' product over a (B, Hkv, S, Dh) cache as stored in one
-call per layer, and `write_rows` writes a step's new keys and values into the cache in place.
+call per layer, and `write_rows` writes a step's new keys and values into the cache in place; both rotate their rows
+by RoPE on the way when given cos and sin (q as it is loaded, k as it is written).
 
 The library is compiled from source at first use (`g++ -O3 -march=native`, needs no other files than jaxlib's FFI
 headers) into `$VLLAMA_JAX_CACHE_DIR/../kernels` (default `~/.cache/vllama_jax/kernels`), keyed by the source, the
@@ -208,15 +209,33 @@ def int8_as_bf16(w: jax.Array, after: jax.Array) -> jax.Array:
     return call(w, after)
 
 
-def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array, axis: int, slots_first: bool = False) -> jax.Array:
+def write_rows(buf: jax.Array, rows: jax.Array, index: jax.Array, axis: int, slots_first: bool = False,
+               rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """buf with rows[b] written at slots index[b] .. index[b] + L - 1 of `axis` for every row b (buf (B, ..., S, ...),
     rows (B, ..., L, ...) with buf's other sizes and dtype, or with `slots_first` (B, L, ...) with the other sizes
     in buf's order; starts clamped as `lax.dynamic_update_slice` clamps them), in place: the result aliases buf, so
-    a donated KV cache is never copied (`models.llama._write_rows`). CPU only; call `wmatmul_available()` first. No
-    derivative of its own."""
+    a donated KV cache is never copied (`models.llama._write_rows`). rope: (cos, sin) float32 (B, L, Q), Q the size
+    after the slot axis (slots first; a float cache): each row rotated on its way in (`models.layers.apply_rope`,
+    cos and sin rounded to the cache's dtype first, the result rounded once). CPU only; call `wmatmul_available()`
+    first. No derivative of its own."""
     call = jax.ffi.ffi_call(WRITE_TARGET, jax.ShapeDtypeStruct(buf.shape, buf.dtype), input_output_aliases={0: 0},
                             vmap_method="sequential")
-    return call(buf, rows.astype(buf.dtype), index.astype(jnp.int32), axis=int(axis), slots_first=bool(slots_first))
+    cos, sin = _rope_operands(rope, buf.dtype)
+    return call(buf, rows.astype(buf.dtype), index.astype(jnp.int32), cos, sin, axis=int(axis),
+                slots_first=bool(slots_first))
+
+
+def _rope_operands(rope: tuple[jax.Array, jax.Array] | None, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    """cos and sin as the kernels take them: rounded to the rotated rows' dtype (as `apply_rope` casts them), in
+    float32; empty for no rotation."""
+    if rope is None:
+        return jnp.zeros((0, 0, 0), jnp.float32), jnp.zeros((0, 0, 0), jnp.float32)
+    return tuple(jnp.asarray(t).astype(dtype).astype(jnp.float32) for t in rope)
+
+
+def _rounding(dtype: Any) -> int:
+    """The kernels' `Rounding` code of a dtype: 1 bfloat16, 2 float16, 0 none."""
+    return {jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}.get(jnp.dtype(dtype), 0)
 
 
 #: the largest head size `attention` takes (its rows of q live in registers; `ATTEND_MAX_D` in wmatmul.cc)
@@ -232,13 +251,15 @@ def attention_fits(head_dim: int, cache_dtype: Any) -> bool:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, scale: float,
-              round_scores: Any = None) -> jax.Array:
+              round_scores: Any = None, rope: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
     """softmax(q k^T * scale + bias) v over a KV cache in one call: q (B, Lq, H, Dh), k and v (B, Hkv, S, Dh) as the
     cache stores them (float32 / bfloat16 / float16; H a multiple of Hkv: grouped-query attention), bias float32
     broadcastable to (B, H, Lq, S) or None -> float32 (B, Lq, H, Dh). Scores and softmax in float32; the
     probabilities are rounded to v's dtype before the values' product (as `probs.astype(v.dtype)` does).
     round_scores: bfloat16 / float16 rounds the scores as upstream's half-precision matmul does (after the product,
     and again after the division by 1 / scale: `models.layers.dot_product_attention`'s `half_precision_scores`).
+    rope: (cos, sin) float32 (B, Lq, Dh) rotates q's rows as they are loaded (`models.layers.apply_rope` in q's
+    dtype: cos and sin rounded to it first, the result rounded once).
     Keys whose bias is float32's lowest (or -inf) are skipped at the ends of each row (their probability is 0 beside
     any allowed key). CPU only; call `wmatmul_available()` and `attention_fits` first. No derivative of its own."""
     lq, s = q.shape[1], k.shape[2]
@@ -248,11 +269,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, 
         bias = jnp.asarray(bias, jnp.float32)
         bias = bias.reshape((1,) * (4 - bias.ndim) + bias.shape)
         bias = jnp.broadcast_to(bias, (bias.shape[0], bias.shape[1], lq, s))  # (B|1, H|1, Lq, S)
-    mode = 0 if round_scores is None else {jnp.dtype(jnp.bfloat16): 1, jnp.dtype(jnp.float16): 2}.get(
-        jnp.dtype(round_scores), 0)
+    mode = 0 if round_scores is None else _rounding(round_scores)
+    cos, sin = _rope_operands(rope, q.dtype)
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32), vmap_method="sequential")
-    return call(q.astype(jnp.float32), k, v, bias, scale=np.float32(scale), inv_scale=np.float32(1.0 / scale),
-                round_scores=np.int64(mode))
+    return call(q.astype(jnp.float32), k, v, bias, cos, sin, scale=np.float32(scale), inv_scale=np.float32(1.0 / scale),
+                round_scores=np.int64(mode), round_q=np.int64(_rounding(q.dtype)))
 
 
 __all__ = ["ATTENTION_MAX_HEAD_DIM", "SMALL_M", "attention", "attention_fits", "cpu_kernels", "int8_as_bf16",

@@ -14,7 +14,8 @@
 // the stack and ran at 6 GFLOP/s against XLA's 140).
 //
 // Two more calls serve the KV cache: the attention of a prefill or decode step over it (scores, softmax and values in
-// one call, `VllamaAttention`) and the in-place write of the step's keys and values into it (`VllamaWriteRows`).
+// one call, `VllamaAttention`) and the in-place write of the step's keys and values into it (`VllamaWriteRows`),
+// each rotating its rows by RoPE on the way when given cos and sin.
 
 #include <algorithm>
 #include <atomic>
@@ -48,6 +49,7 @@ constexpr int L = 8;
 constexpr int TR = 6, TC = 2;  // 12 accumulators + 2 weight vectors + a broadcast fit AVX2's 16 registers
 #endif
 typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
 
 // float16, kept apart from bfloat16's uint16_t by its own type.
 struct half_t { uint16_t bits; };
@@ -108,6 +110,17 @@ static inline vf loadv(const half_t* p) { vf v; for (int i = 0; i < L; ++i) v[i]
 #endif
 static inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof(vf)); }
 static inline uint32_t bit_cast_u32(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+static inline void store_bf16(uint16_t* dst, vf v) {  // exact values only (the low half of each float32 is zero)
+  vi u;
+  std::memcpy(&u, &v, sizeof(vf));
+#if defined(__AVX512F__)
+  __m512i x;
+  std::memcpy(&x, &u, sizeof(x));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
+#else
+  for (int i = 0; i < L; ++i) dst[i] = uint16_t(uint32_t(u[i]) >> 16);
+#endif
+}
 
 constexpr int NB = 64;       // columns per block (a multiple of TC * L)
 constexpr int MR = 4;        // rows of x per tile of the (N, K) table path
@@ -233,7 +246,6 @@ static void panel_kn(const float* x, const W* w, const float* scale, float* y, i
 // The lane sums of L vectors as one vector: r[i] = sum of v[i]'s lanes. A tree of two-source shuffles halves the
 // vectors at every level (log2 L levels, L - 1 adds) where L horizontal sums would take L * (L - 1) scalar adds;
 // the tree leaves lane i holding the vector at the bit-reversed index, so the inputs are taken in that order.
-typedef int32_t vi __attribute__((vector_size(4 * L)));
 // Lane i of the two-source shuffle at chunk size C (a: chunks of C lanes, then b's): the even (lo) or odd (hi) chunks
 // of each pair, so lo + hi halves the vectors. Built from an index sequence: a constant mask, one vpermt2ps.
 template <int C, bool HI, int... I>
@@ -998,6 +1010,71 @@ constexpr Rounding rounding_of() {
   return std::is_same_v<W, uint16_t> ? BF16_ROUNDING : std::is_same_v<W, half_t> ? F16_ROUNDING : NO_ROUNDING;
 }
 
+// One value stored as float32, bfloat16 or float16, rounded to nearest even (bfloat16: a quiet NaN stays NaN).
+static inline void store1(float* p, float f) { *p = f; }
+static inline void store1(uint16_t* p, float f) {
+  const uint32_t u = bit_cast_u32(f);
+  *p = uint16_t((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+}
+static inline void store1(half_t* p, float f) {
+#if defined(__F16C__)
+  p->bits = _cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+  uint32_t u = bit_cast_u32(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000);
+  u &= 0x7fffffff;
+  if (u > 0x7f800000) {
+    p->bits = sign | 0x7e00;  // NaN
+  } else if (u >= 0x477ff000) {
+    p->bits = sign | 0x7c00;  // 65520 and above round to infinity
+  } else if (u >= 0x38800000) {  // float16's normal range: round away the 13 low bits of the mantissa
+    p->bits = sign | uint16_t((u + 0x0fff + ((u >> 13) & 1) - 0x38000000) >> 13);
+  } else {  // subnormal: a multiple of 2^-24 (scaling by 2^24 is exact)
+    float a;
+    std::memcpy(&a, &u, 4);
+    p->bits = sign | uint16_t(std::nearbyint(a * 16777216.f));
+  }
+#endif
+}
+
+// A vector stored as bfloat16 / float16 (rounded to nearest even) or float32.
+static inline void store_as(float* p, vf v) { storev(p, v); }
+static inline void store_as(uint16_t* p, vf v) { store_bf16(p, round_bf16(v)); }
+static inline void store_as(half_t* p, vf v) {
+#if defined(__AVX512F__)
+  __m512 x;
+  std::memcpy(&x, &v, sizeof(x));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__) && defined(__AVX2__)
+  __m256 x;
+  std::memcpy(&x, &v, sizeof(x));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+  for (int i = 0; i < L; ++i) store1(p + i, v[i]);
+#endif
+}
+
+// RoPE in the rotate-half convention of one head row x (D floats, D even) -> out: the first half
+// x[d] cos[d] - x[d + D/2] sin[d], the second x[d] cos[d] + x[d - D/2] sin[d] (`models.layers.apply_rope`; cos and
+// sin come rounded to the rows' dtype). `mode` (`Rounding`): each product and the sum rounded to bfloat16 / float16,
+// as XLA's CPU programs evaluate the rotation in those dtypes, op by op.
+static inline void rope_row(const float* x, const float* c, const float* s, int64_t D, int64_t mode, float* out) {
+  const int64_t h = D / 2;
+  int64_t i = 0;
+  for (; i + L <= h; i += L) {
+    const vf x1 = loadv(x + i), x2 = loadv(x + h + i);
+    const vf lo = round_to(x1 * loadv(c + i), mode) - round_to(x2 * loadv(s + i), mode);
+    const vf hi = round_to(x2 * loadv(c + h + i), mode) + round_to(x1 * loadv(s + h + i), mode);
+    storev(out + i, round_to(lo, mode));
+    storev(out + h + i, round_to(hi, mode));
+  }
+  auto r = [mode](float f) { return round_to(vf{} + f, mode)[0]; };
+  for (; i < h; ++i) {
+    out[i] = r(r(x[i] * c[i]) - r(x[h + i] * s[i]));
+    out[h + i] = r(r(x[h + i] * c[h + i]) + r(x[i] * s[h + i]));
+  }
+}
+
 // The allowed keys of one bias row: [lo, hi) from the first to the last key whose bias is above -FLT_MAX, or every
 // key when none is. Whole vectors are tested from each end (a causal row's masked tail is most of the row).
 static inline void allowed_range(const float* bias, int64_t S, int64_t& lo, int64_t& hi) {
@@ -1028,6 +1105,9 @@ struct AttendArgs {
   int64_t B, Lq, H, Hkv, S, D, Bb, Hb;
   float scale, inv_scale;  // inv_scale: 1 / scale as the caller rounds it (the rounded scores are divided by it)
   int64_t round_scores;  // `Rounding`: upstream's half-precision scores (rounded after the product and the scaling)
+  const float* cos = nullptr;  // RoPE of q as its rows are loaded, (B, Lq, D) each; nullptr: q comes rotated
+  const float* sin = nullptr;
+  int64_t round_q = NO_ROUNDING;  // `Rounding`: the rotated q rounded to its dtype
   const float* bias_row(int64_t b, int64_t h, int64_t l) const {
     return bias ? bias + (((Bb > 1 ? b : 0) * Hb + (Hb > 1 ? h : 0)) * Lq + l) * S : nullptr;
   }
@@ -1097,7 +1177,13 @@ static void attend_rows(const AttendArgs& a, int64_t b, int64_t h, int64_t l0, i
     allowed_range(br, a.S, lo, hi);
     const int64_t n = hi - lo;
     vf qv[MAXV];
-    for (int64_t d = 0; d < dv; ++d) qv[d] = loadv(qr + d * L);
+    if (a.cos) {
+      alignas(64) float rotated[ATTEND_MAX_D];
+      rope_row(qr, a.cos + (b * a.Lq + l) * D, a.sin + (b * a.Lq + l) * D, D, a.round_q, rotated);
+      for (int64_t d = 0; d < dv; ++d) qv[d] = loadv(rotated + d * L);
+    } else {
+      for (int64_t d = 0; d < dv; ++d) qv[d] = loadv(qr + d * L);
+    }
     for (int64_t j = 0; j < n; j += L) {
       const int64_t cnt = std::min<int64_t>(L, n - j);
       vf acc[L];
@@ -1158,8 +1244,9 @@ static void attend_dispatch(ffi::ThreadPool& pool, const AttendArgs& a) {
 }
 
 static ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,
-                                ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> out, float scale,
-                                float inv_scale, int64_t round_scores) {
+                                ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin,
+                                ffi::ResultBuffer<ffi::F32> out, float scale, float inv_scale, int64_t round_scores,
+                                int64_t round_q) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), bd = bias.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
     return ffi::Error::InvalidArgument("attention: q, k and v must be 4-D");
@@ -1178,6 +1265,15 @@ static ffi::Error AttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, f
     a.bias = bias.typed_data();
     a.Bb = bd[0];
     a.Hb = bd[1];
+  }
+  if (cos.element_count()) {
+    auto cd = cos.dimensions(), sd = sin.dimensions();
+    if (cd.size() != 3 || sd.size() != 3 || cd[0] != a.B || cd[1] != a.Lq || cd[2] != a.D || sd[0] != a.B ||
+        sd[1] != a.Lq || sd[2] != a.D || a.D % 2)
+      return ffi::Error::InvalidArgument("attention: cos and sin must be (B, Lq, D), D even");
+    a.cos = cos.typed_data();
+    a.sin = sin.typed_data();
+    a.round_q = round_q;
   }
   if (a.S == 0) {
     std::memset(a.out, 0, sizeof(float) * a.B * a.Lq * a.H * a.D);
@@ -1199,10 +1295,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VllamaAttention, AttentionImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<float>("inv_scale")
-                                  .Attr<int64_t>("round_scores"));
+                                  .Attr<int64_t>("round_scores")
+                                  .Attr<int64_t>("round_q"));
 
 // x (M, K) f32; w (K, N) or (N, K) f32/bf16/f16/s8; scale (N,) f32 or (0,) for none; y (M, N) f32.
 static ffi::Error WMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
@@ -1289,17 +1388,6 @@ extern "C" int VllamaWMatmulPackedInt8() {
 // its float32 bits' low half zero). On a CPU with AMX-BF16 a bf16-compute prefill multiplies these by XLA's dot in
 // the tiles (4096 x 11008 at 128 rows: ~440 GFLOP/s against the kernel's ~230) and applies the scale after; XLA's
 // own convert ran at ~1.4 G elements/s, longer than the dot it fed. Rows of K split over the pool.
-static inline void store_bf16(uint16_t* dst, vf v) {  // exact values only (the low half of each float32 is zero)
-  vi u;
-  std::memcpy(&u, &v, sizeof(vf));
-#if defined(__AVX512F__)
-  __m512i x;
-  std::memcpy(&x, &u, sizeof(x));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(_mm512_srli_epi32(x, 16)));
-#else
-  for (int i = 0; i < L; ++i) dst[i] = uint16_t(uint32_t(u[i]) >> 16);
-#endif
-}
 
 // `after`: not read; the operand that orders the conversion after the product's input exists (XLA scheduled every
 // conversion of a program first, all their outputs live at once).
@@ -1351,6 +1439,29 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VllamaInt8AsBf16, Int8AsBf16Impl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());
 
+// With RoPE (`cos` and `sin` (B, L, Q), slots first): each row of Q values rotated on its way into the cache,
+// rounded as XLA rounds the rotation in the cache's dtype (`rope_row`): a step's keys need no rotation of their own
+// in XLA, whose CPU compiler recomputed cos and sin inside every rotation's fusion, per head.
+template <typename T>
+static void write_rotated(const T* src, T* dst, const int32_t* idx, const float* cos, const float* sin, int64_t B,
+                          int64_t P, int64_t S, int64_t Ln, int64_t Q) {
+  std::vector<float> x(Q), r(Q);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t start = std::min<int64_t>(std::max<int64_t>(idx[b], 0), S - Ln);
+    for (int64_t l = 0; l < Ln; ++l)
+      for (int64_t p = 0; p < P; ++p) {
+        const T* row = src + ((b * Ln + l) * P + p) * Q;
+        int64_t i = 0;
+        for (; i + L <= Q; i += L) storev(x.data() + i, loadv(row + i));
+        for (; i < Q; ++i) x[i] = load1(row + i);
+        rope_row(x.data(), cos + (b * Ln + l) * Q, sin + (b * Ln + l) * Q, Q, rounding_of<T>(), r.data());
+        T* d = dst + ((b * P + p) * S + start + l) * Q;  // r holds values of T: stored exactly
+        for (i = 0; i + L <= Q; i += L) store_as(d + i, loadv(r.data() + i));
+        for (; i < Q; ++i) store1(d + i, r[i]);
+      }
+  }
+}
+
 // The KV cache write of a step, in place: buf[b, p, start_b : start_b + L, :] = new[b, p, :, :] for every row b, with
 // start_b = index[b] clamped to [0, S - L] as a dynamic-update-slice clamps it. buf is viewed as (B, P, S, Q) and new
 // as (B, P, L, Q) (P: the dims between the batch and the slot axis, Q: those after it), or with `slots_first` as
@@ -1361,7 +1472,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VllamaInt8AsBf16, Int8AsBf16Impl,
 // slots written; and a float32 prefill's transposition and per-row updates ran at 3-4 GB/s (batch 8: 33 ms of a
 // 920 ms prefill).
 static ffi::Error WriteRowsImpl(ffi::AnyBuffer buf, ffi::AnyBuffer rows, ffi::Buffer<ffi::S32> index,
-                                ffi::Result<ffi::AnyBuffer> out, int64_t axis, bool slots_first) {
+                                ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, ffi::Result<ffi::AnyBuffer> out,
+                                int64_t axis, bool slots_first) {
   auto bd = buf.dimensions();
   auto rd = rows.dimensions();
   const int64_t r = bd.size();
@@ -1384,6 +1496,29 @@ static ffi::Error WriteRowsImpl(ffi::AnyBuffer buf, ffi::AnyBuffer rows, ffi::Bu
   if (dst != buf.untyped_data())  // XLA could not alias (the buffer is still needed): start from a copy
     std::memcpy(dst, buf.untyped_data(), size_t(B * P * S * Q * es));
   const int32_t* idx = index.typed_data();
+  if (cos.element_count()) {
+    auto cd = cos.dimensions(), sd = sin.dimensions();
+    if (!slots_first || cd.size() != 3 || sd.size() != 3 || cd[0] != B || cd[1] != Ln || cd[2] != Q || sd[0] != B ||
+        sd[1] != Ln || sd[2] != Q || Q % 2)
+      return ffi::Error::InvalidArgument("write_rows: RoPE needs slots first and cos, sin (B, L, Q), Q even");
+    const float *c = cos.typed_data(), *sn = sin.typed_data();
+    switch (buf.element_type()) {
+      case ffi::DataType::F32:
+        write_rotated(reinterpret_cast<const float*>(src), reinterpret_cast<float*>(dst), idx, c, sn, B, P, S, Ln, Q);
+        break;
+      case ffi::DataType::BF16:
+        write_rotated(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), idx, c, sn, B, P, S,
+                      Ln, Q);
+        break;
+      case ffi::DataType::F16:
+        write_rotated(reinterpret_cast<const half_t*>(src), reinterpret_cast<half_t*>(dst), idx, c, sn, B, P, S, Ln,
+                      Q);
+        break;
+      default:
+        return ffi::Error::InvalidArgument("write_rows: RoPE needs a float32, bfloat16 or float16 cache");
+    }
+    return ffi::Error::Success();
+  }
   const size_t chunk = size_t(Q * es);
   for (int64_t b = 0; b < B; ++b) {
     int64_t start = std::min<int64_t>(std::max<int64_t>(idx[b], 0), S - Ln);
@@ -1404,6 +1539,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(VllamaWriteRows, WriteRowsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("axis")
                                   .Attr<bool>("slots_first"));

@@ -332,23 +332,40 @@ def merge_heads(x: jax.Array) -> jax.Array:
     return x.reshape(b, l, h * d)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, scale: float,
-                      rounding: Any) -> jax.Array:
-    return kernels.attention(q, k, v, bias, scale, rounding)
+#: RoPE's (cos, sin), each float32 (B, L, Dh) (`models.llama.rope_cos_sin`)
+Rope = tuple[jax.Array, jax.Array]
 
 
-def _kernel_attention_fwd(q, k, v, bias, scale, rounding):
-    return _kernel_attention(q, k, v, bias, scale, rounding), (q, k, v, bias)
+def _rotate_half(x: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """RoPE in HF's rotate-half convention: x (B, L, H, Dh); cos/sin (B, L, Dh) cast to x's dtype first (as HF
+    does)."""
+    cos = cos[:, :, None, :].astype(x.dtype)
+    sin = sin[:, :, None, :].astype(x.dtype)
+    return x * cos + _rotate_half(x) * sin
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _kernel_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, rope: Rope | None,
+                      scale: float, rounding: Any) -> jax.Array:
+    return kernels.attention(q, k, v, bias, scale, rounding, rope)
+
+
+def _kernel_attention_fwd(q, k, v, bias, rope, scale, rounding):
+    return _kernel_attention(q, k, v, bias, rope, scale, rounding), (q, k, v, bias, rope)
 
 
 def _kernel_attention_bwd(scale, rounding, res, g):
     # The FFI call has no derivative of its own; the backward pass (a training loss over a cached prompt prefix)
     # differentiates the same attention as XLA computes it.
-    q, k, v, bias = res
     with kernels.cpu_kernels(False):
-        _, vjp = jax.vjp(lambda *a: dot_product_attention(*a, scale=scale, half_precision_scores=rounding is not None,
-                                                          kv_heads_first=True).astype(jnp.float32), q, k, v, bias)
+        _, vjp = jax.vjp(lambda *a: dot_product_attention(*a[:4], rope=a[4], scale=scale,
+                                                          half_precision_scores=rounding is not None,
+                                                          kv_heads_first=True).astype(jnp.float32), *res)
     return vjp(g)
 
 
@@ -367,6 +384,7 @@ def dot_product_attention(
     deterministic: bool = True,
     half_precision_scores: bool = False,
     kv_heads_first: bool = False,
+    rope: Rope | None = None,
 ) -> jax.Array:
     """Softmax attention with the scores and softmax in float32.
 
@@ -383,6 +401,9 @@ def dot_product_attention(
     128-token prefill: q's transposition, the scores, the softmax's reductions and division and the output's
     transposition took 24 ms of ~160 as XLA programs. The backward pass (a loss over a cached prompt prefix) is
     XLA's.
+    rope: q is rotated first (`apply_rope`); in the kernel, as its rows are loaded (XLA's CPU compiler recomputed
+    cos and sin inside every rotation's fusion, per head: SmolLM2-135M's batch-8 prefill, ~0.9 ms of each layer's
+    ~30 for q).
     """
     b, lq, h, dh = q.shape
     hkv = k.shape[1] if kv_heads_first else k.shape[2]
@@ -392,7 +413,9 @@ def dot_product_attention(
             and jnp.dtype(v.dtype) == jnp.dtype(k.dtype) and kernels.attention_fits(dh, k.dtype)):
         # over a KV cache on a one-device CPU: one kernel call per layer (`kernels.attention`)
         rounding = jnp.dtype(q.dtype) if half_precision_scores and jnp.dtype(q.dtype) in LOW_PRECISION_FLOATS else None
-        return _kernel_attention(q, k, v, bias, float(scale), rounding).astype(q.dtype)
+        return _kernel_attention(q, k, v, bias, rope, float(scale), rounding).astype(q.dtype)
+    if rope is not None:
+        q = apply_rope(q, *rope)
     group = h // hkv
     if kv_heads_first:
         # the queries of a KV head (lq x group) are the rows of one matmul per (row, KV head): at decode (lq = 1)

@@ -45,7 +45,8 @@ from flax import linen as nn
 
 from .. import kernels
 from ..config import LlamaConfig, LoraConfig
-from .layers import (LAYERS_AXIS, ConfiguredModule, Dense, Dtype, Embed, RMSNorm, dense, dot_product_attention,
+from .layers import (LAYERS_AXIS, ConfiguredModule, Dense, Dtype, Embed, RMSNorm, Rope, apply_rope, dense,
+                     dot_product_attention,
                      round_to)
 from ..tree import stack_layers
 from .lora import add_adapter
@@ -100,8 +101,8 @@ def resize_cache(cache: Cache, length: int) -> Cache:
 _UNROLLED_ROWS = 16  # batches up to this size write one dynamic-update-slice per row; larger ones one vmapped write
 
 
-def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1, slots_first: bool = False
-                ) -> jax.Array:
+def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1, slots_first: bool = False,
+                rope: Rope | None = None) -> jax.Array:
     """buf[b, ..., index[b] : index[b] + L, ...] = new[b] along `axis` for every row b (per-row offsets), in place.
     new: (B, ..., L, ...) with buf's other sizes, or with `slots_first` (B, L, ...) (a projection's (B, L, Hkv, Dh)
     for a (B, Hkv, S, Dh) cache).
@@ -117,11 +118,16 @@ def _write_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int = 1,
     step, ms at 192 / 1088 / 4096 slots: float32 0.14 at every length in place against 0.57 / 1.9 / 17 through its
     uint32 bits; bfloat16 0.12-0.15 through the kernel against 0.9 / 4.6 / 23 plain and 0.33 / 1.3 / 10 through its
     bits. A float32 prefill's transposition and per-row updates ran at 3-4 GB/s (SmolLM2-135M at batch 8: 33 ms of
-    a 920 ms prefill). Differentiable (a loss over a cached prompt prefix trains through it)."""
+    a 920 ms prefill). Differentiable (a loss over a cached prompt prefix trains through it).
+    rope: `new` (B, L, H, Dh) slots first is rotated first (`layers.apply_rope` in its dtype); by the kernel on its
+    way in where it writes a cache of that dtype."""
     dtype = jnp.dtype(buf.dtype)
+    kernel = jnp.issubdtype(dtype, jnp.floating) and kernels.use_cpu_kernels()
+    if rope is not None and not (kernel and slots_first and jnp.dtype(new.dtype) == dtype):
+        new, rope = apply_rope(new, *rope), None
     new = new.astype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating) and (dtype.itemsize == 2 or kernels.use_cpu_kernels()):
-        return _write_float_rows(buf, new, index, axis, slots_first)
+    if kernel or (jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2):
+        return _write_float_rows(buf, new, index, rope, axis, slots_first)
     return _update_rows(buf, _slots_at(new, axis, slots_first), index, axis)
 
 
@@ -142,11 +148,12 @@ def _update_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int) ->
     return buf
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4))
-def _write_float_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: int, slots_first: bool) -> jax.Array:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _write_float_rows(buf: jax.Array, new: jax.Array, index: jax.Array, rope: Rope | None, axis: int,
+                      slots_first: bool) -> jax.Array:
     if kernels.use_cpu_kernels():
-        return kernels.write_rows(buf, new, index, axis, slots_first)
-    new = _slots_at(new, axis, slots_first)
+        return kernels.write_rows(buf, new, index, axis, slots_first, rope)
+    new = _slots_at(new, axis, slots_first)  # (`_write_rows` passes a rotation to the kernel only)
     if jnp.dtype(buf.dtype).itemsize != 2:
         return _update_rows(buf, new, index, axis)
     out = _update_rows(jax.lax.bitcast_convert_type(buf, jnp.uint16), jax.lax.bitcast_convert_type(new, jnp.uint16),
@@ -158,10 +165,12 @@ def _write_float_rows(buf: jax.Array, new: jax.Array, index: jax.Array, axis: in
 def _write_float_rows_jvp(axis: int, slots_first: bool, primals: tuple, tangents: tuple
                           ) -> tuple[jax.Array, jax.Array]:
     # neither the kernel nor the integer bits carry a derivative: the tangents are written as floats (the same
-    # linear update)
-    buf, new, index = primals
-    d_buf, d_new, _ = tangents
-    return (_write_float_rows(buf, new, index, axis, slots_first),
+    # linear update), rotated as the kernel rotates the rows
+    buf, new, index, rope = primals
+    d_buf, d_new, _, d_rope = tangents
+    if rope is not None:
+        _, d_new = jax.jvp(apply_rope, (new, *rope), (d_new, *d_rope))
+    return (_write_float_rows(buf, new, index, rope, axis, slots_first),
             _update_rows(d_buf, _slots_at(d_new, axis, slots_first), index, axis))
 
 
@@ -182,18 +191,6 @@ def rope_cos_sin(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # fp32 product, as HF's fp32 matmul with K=1
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
-
-
-def _rotate_half(x: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """x: (B, L, H, Dh); cos/sin (B, L, Dh) cast to x's dtype first (as HF does)."""
-    cos = cos[:, :, None, :].astype(x.dtype)
-    sin = sin[:, :, None, :].astype(x.dtype)
-    return x * cos + _rotate_half(x) * sin
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -226,18 +223,20 @@ class LlamaAttention(_Projections):
         q = self.project(h * dh, ("embed", "heads"), "q_proj", **kw).reshape(b, l, h, dh)
         k = self.project(hkv * dh, ("embed", "kv_heads"), "k_proj", **kw).reshape(b, l, hkv, dh)
         v = self.project(hkv * dh, ("embed", "kv_heads"), "v_proj", **kw).reshape(b, l, hkv, dh)
-        q = apply_rope(q, cos, sin)
-        k = apply_rope(k, cos, sin)
         new_cache = None
         if layer_cache is not None:
-            # Keys are cached after RoPE, so old entries never need re-rotation.
-            ck = _write_rows(layer_cache["k"], k, index, axis=SLOT_AXIS, slots_first=True)  # (B, Hkv, S, Dh)
+            # Keys are cached after RoPE, so old entries never need re-rotation. The write and the attention rotate
+            # k and q themselves (inside the CPU kernels where those run).
+            ck = _write_rows(layer_cache["k"], k, index, axis=SLOT_AXIS, slots_first=True,
+                             rope=(cos, sin))  # (B, Hkv, S, Dh)
             cv = _write_rows(layer_cache["v"], v, index, axis=SLOT_AXIS, slots_first=True)
             new_cache = {"k": ck, "v": cv}
             out = dot_product_attention(q, ck.astype(self.dtype), cv.astype(self.dtype), bias,
-                                        half_precision_scores=self.torch_arithmetic, kv_heads_first=True)
+                                        half_precision_scores=self.torch_arithmetic, kv_heads_first=True,
+                                        rope=(cos, sin))
         else:
-            out = dot_product_attention(q, k, v, bias, half_precision_scores=self.torch_arithmetic)
+            out = dot_product_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, bias,
+                                        half_precision_scores=self.torch_arithmetic)
         out = self.project(c.hidden_size, ("heads", "embed"), "o_proj", out.reshape(b, l, h * dh), adapters,
                            deterministic)
         return out, new_cache
