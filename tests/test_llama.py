@@ -518,16 +518,18 @@ def test_keys_are_rotated_on_their_way_into_the_cache(kernel, dtype, head_dim):
 
 
 @pytest.mark.skipif(not kernels.wmatmul_available(), reason="the CPU kernels are not built here")
-def test_cos_and_sin_are_computed_once_per_forward():
-    """A cached forward on the CPU kernels evaluates cos and sin once for all layers: the rotations of q and k run
-    inside the attention and the cache write. (XLA's CPU compiler fused cos and sin into every layer's rotation,
-    per head, past an optimization barrier: 0.9 + 0.35 ms of each ~30 ms layer of SmolLM2-135M's batch-8 prefill.)"""
+def test_a_cached_step_on_the_cpu_kernels():
+    """A cached decode step on the CPU kernels evaluates cos and sin once for all layers (the rotations of q and k run
+    inside the attention and the cache write: XLA's CPU compiler had fused cos and sin into every layer's rotation,
+    per head, past an optimization barrier, 0.9 + 0.35 ms of each ~30 ms layer of SmolLM2-135M's batch-8 prefill),
+    and takes q, k and v in one kernel call per layer, gate and up in another (`layers.matmuls`)."""
     cfg = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=2)
     m = Llama(cfg)
-    x = jnp.zeros((2, 5, cfg.hidden_size))
+    x = jnp.zeros((2, 1, cfg.hidden_size))
     params = m.init(jax.random.key(0), x)["params"]
     cache = init_cache(cfg, 2, 8, jnp.float32)
     with kernels.cpu_kernels(True):
         hlo = jax.jit(lambda p, x, c: m.apply({"params": p}, x, cache=c)).lower(params, x, cache).compile().as_text()
     assert hlo.count(" cosine(") == 1 and hlo.count(" sine(") == 1
     assert hlo.count(kernels.ATTENTION_TARGET) == cfg.num_layers and " concatenate(" not in hlo.split("ENTRY")[1]
+    assert hlo.count(kernels.MANY_TARGET) == 2 * cfg.num_layers

@@ -111,6 +111,42 @@ needs_packed = pytest.mark.skipif(not kernels.packed_int8_available(),
                                   reason="the packed int8 path of the CPU kernel needs AVX-512 VNNI")
 
 
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 16, 17])  # 17: past a decode step's rows: separate products
+@pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "float16", "int8", "packed int8"])
+def test_products_of_the_same_x_in_one_call(rows, wdtype):
+    """`layers.matmuls`: q, k and v (or gate and up) of a decode step in one kernel call (`kernels.wmatmul_many`), each
+    product bit for bit what `matmul` gives it alone (the same arithmetic: VNNI at one row of int8 weights, the
+    streaming path otherwise; scales, a ragged width); past `kernels.SMALL_M` rows separate calls; the gradient is
+    the separate products'."""
+    if wdtype == "packed int8" and not kernels.packed_int8_available():
+        pytest.skip("the packed int8 path of the CPU kernel needs AVX-512 VNNI")
+    rng = np.random.default_rng(rows)
+    k = 520
+    x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
+    weights = []
+    for n in (192, 64, 128) if wdtype == "packed int8" else (192, 72, 40):
+        if "int8" in wdtype:
+            w = jnp.asarray(np.clip(np.rint(rng.standard_normal((k, n)) * 40), -127, 127).astype(np.int8))
+            w = kernels.pack_int8(w) if wdtype == "packed int8" else w
+            weights.append((w, jnp.asarray(rng.uniform(0.5, 2.0, n).astype(np.float32) / 40)))
+        else:
+            weights.append((jnp.asarray(rng.standard_normal((k, n)), wdtype), None))
+    with kernels.cpu_kernels(True):
+        fn = jax.jit(lambda x, ws: layers.matmuls(x, ws))
+        got = fn(x, weights)
+        alone = [jax.jit(layers.matmul)(x, w, s) for w, s in weights]
+        hlo = fn.lower(x, weights).compile().as_text()
+        loss = lambda x, ws, f: sum(jnp.sum(jnp.sin(y)) for y in f(x, ws))  # noqa: E731
+        g_many = jax.grad(loss)(x, weights, layers.matmuls)
+        g_alone = jax.grad(loss)(x, weights, lambda x, ws: [layers.matmul(x, w, s) for w, s in ws])
+        fused = rows <= kernels.SMALL_M and layers._use_cpu_kernel(weights[0][0].dtype, rows, jnp.float32)
+    for a, b in zip(got, alone):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert hlo.count(kernels.MANY_TARGET) == int(fused)
+    np.testing.assert_allclose(np.asarray(g_many), np.asarray(g_alone), rtol=1e-5, atol=1e-5)
+
+
 def test_pack_int8_layout():
     """`pack_int8`: (K, N) -> (K/4, N, 4) with element (k, n) at [k // 4, n, k % 4]; `unpack_int8` inverts it;
     only int8 matrices with K % 4 == 0 and N % 64 == 0 are taken."""

@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("wmatmul.cc")
 TARGET = "vllama_wmatmul"
+MANY_TARGET = "vllama_wmatmul_many"
 WRITE_TARGET = "vllama_write_rows"
 ATTENTION_TARGET = "vllama_attention"
 INT8_BF16_TARGET = "vllama_int8_as_bf16"
@@ -97,6 +98,7 @@ def wmatmul_available() -> bool:
     try:
         lib = _library()
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.VllamaWMatmul), platform="cpu")
+        jax.ffi.register_ffi_target(MANY_TARGET, jax.ffi.pycapsule(lib.VllamaWMatmulMany), platform="cpu")
         jax.ffi.register_ffi_target(WRITE_TARGET, jax.ffi.pycapsule(lib.VllamaWriteRows), platform="cpu")
         jax.ffi.register_ffi_target(ATTENTION_TARGET, jax.ffi.pycapsule(lib.VllamaAttention), platform="cpu")
         jax.ffi.register_ffi_target(INT8_BF16_TARGET, jax.ffi.pycapsule(lib.VllamaInt8AsBf16), platform="cpu")
@@ -197,6 +199,18 @@ def wmatmul(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, *, nk: b
     return call(x.astype(jnp.float32), w, s, nk=nk)
 
 
+def wmatmul_many(x: jax.Array, weights: list[tuple[jax.Array, jax.Array | None]]) -> list[jax.Array]:
+    """[x (M, K) @ W_i * scale_i] for several (K, N_i) weights (f32 / bf16 / f16 / int8, packed int8 where
+    `packed_int8_available()`) in one call, as `wmatmul` computes each: a decode step's products by the same x
+    (M <= `SMALL_M`) streamed back to back in one dispatch. CPU only; call `wmatmul_available()` first."""
+    operands = []
+    for w, scale in weights:
+        operands += [w, jnp.zeros((0,), jnp.float32) if scale is None else scale.astype(jnp.float32)]
+    shapes = [jax.ShapeDtypeStruct((x.shape[0], w.shape[1]), jnp.float32) for w, _ in weights]
+    call = jax.ffi.ffi_call(MANY_TARGET, shapes, vmap_method="sequential")
+    return list(call(x.astype(jnp.float32), *operands))
+
+
 def int8_as_bf16(w: jax.Array, after: jax.Array) -> jax.Array:
     """int8 W (K, N), or packed (K/4, N, 4) (`pack_int8`), as the bfloat16 (K, N) matrix it holds (exact), on the
     pool at memory speed: the operand of XLA's dot in AMX tiles for a bf16-compute prefill (`models.layers.matmul`).
@@ -278,4 +292,4 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array | None, 
 
 __all__ = ["ATTENTION_MAX_HEAD_DIM", "SMALL_M", "attention", "attention_fits", "cpu_kernels", "int8_as_bf16",
            "is_packed", "pack_int8", "packable", "packed_int8_available", "unpack_int8", "use_cpu_kernels",
-           "vector_lanes", "wmatmul", "wmatmul_available", "write_rows"]
+           "vector_lanes", "wmatmul", "wmatmul_available", "wmatmul_many", "write_rows"]

@@ -46,8 +46,7 @@ from flax import linen as nn
 from .. import kernels
 from ..config import LlamaConfig, LoraConfig
 from .layers import (LAYERS_AXIS, ConfiguredModule, Dense, Dtype, Embed, RMSNorm, Rope, apply_rope, dense,
-                     dot_product_attention,
-                     round_to)
+                     dot_product_attention, matmuls, round_to)
 from ..tree import stack_layers
 from .lora import add_adapter
 
@@ -204,8 +203,17 @@ class _Projections(ConfiguredModule):
 
     def project(self, features: int, axes: tuple[str, str], name: str, x: jax.Array, adapters: Adapters | None,
                 deterministic: bool) -> jax.Array:
-        y = dense(features, axes, name, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)(x)
-        return add_adapter(self, name, y, x, adapters, self.lora, deterministic)
+        return self.project_many([(features, axes, name)], x, adapters, deterministic)[0]
+
+    def project_many(self, specs: list[tuple[int, tuple[str, str], str]], x: jax.Array, adapters: Adapters | None,
+                     deterministic: bool) -> list[jax.Array]:
+        """Projections (features, axes, name) of the same x (q, k and v; gate and up), their products taken together
+        (`layers.matmuls`: one kernel call in a CPU decode step)."""
+        layers = [dense(f, axes, name, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
+                  for f, axes, name in specs]
+        weights = [layer.weights(x.shape[-1])[:2] for layer in layers]
+        ys = matmuls(x, weights, dtype=self.dtype)
+        return [add_adapter(self, name, y, x, adapters, self.lora, deterministic) for (_, _, name), y in zip(specs, ys)]
 
 
 class LlamaAttention(_Projections):
@@ -219,10 +227,9 @@ class LlamaAttention(_Projections):
         c = self.config
         h, hkv, dh = c.num_heads, c.num_kv_heads, c.head_dim_resolved
         b, l, _ = x.shape
-        kw = dict(x=x, adapters=adapters, deterministic=deterministic)
-        q = self.project(h * dh, ("embed", "heads"), "q_proj", **kw).reshape(b, l, h, dh)
-        k = self.project(hkv * dh, ("embed", "kv_heads"), "k_proj", **kw).reshape(b, l, hkv, dh)
-        v = self.project(hkv * dh, ("embed", "kv_heads"), "v_proj", **kw).reshape(b, l, hkv, dh)
+        q, k, v = self.project_many([(h * dh, ("embed", "heads"), "q_proj"), (hkv * dh, ("embed", "kv_heads"), "k_proj"),
+                                     (hkv * dh, ("embed", "kv_heads"), "v_proj")], x, adapters, deterministic)
+        q, k, v = q.reshape(b, l, h, dh), k.reshape(b, l, hkv, dh), v.reshape(b, l, hkv, dh)
         new_cache = None
         if layer_cache is not None:
             # Keys are cached after RoPE, so old entries never need re-rotation. The write and the attention rotate
@@ -246,8 +253,8 @@ class LlamaMLP(_Projections):
     @nn.compact
     def __call__(self, x: jax.Array, adapters: Adapters | None = None, deterministic: bool = True) -> jax.Array:
         c = self.config
-        gate = self.project(c.intermediate_size, ("embed", "mlp"), "gate_proj", x, adapters, deterministic)
-        up = self.project(c.intermediate_size, ("embed", "mlp"), "up_proj", x, adapters, deterministic)
+        gate, up = self.project_many([(c.intermediate_size, ("embed", "mlp"), "gate_proj"),
+                                      (c.intermediate_size, ("embed", "mlp"), "up_proj")], x, adapters, deterministic)
         # SiLU evaluated in float32 and rounded once, as torch's bf16/fp16 kernel (XLA would round its parts)
         act = jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)
         return self.project(c.hidden_size, ("mlp", "embed"), "down_proj", act * up, adapters, deterministic)
