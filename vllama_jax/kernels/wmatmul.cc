@@ -1434,27 +1434,21 @@ static ffi::Error WMatmulManyImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
     if (yd.size() != 2 || yd[0] != M || yd[1] != N)
       return ffi::Error::InvalidArgument("wmatmul_many: each result must be (M, N) of its weight");
     float* out = (*y)->typed_data();
-    const int64_t threads = pool.num_threads();
     const void* wp = w->untyped_data();
+    auto add = [&](auto type) {  // this weight's stream, read as its element type
+      using W = decltype(type);
+      streams.push_back(decode_stream(pool.num_threads(), x.typed_data(), static_cast<const W*>(wp), packed, s, out, M,
+                                      K, N, quant[i]));
+    };
     switch (w->element_type()) {
-      case ffi::DataType::F32:
-        streams.push_back(decode_stream(threads, x.typed_data(), static_cast<const float*>(wp), false, s, out, M, K, N,
-                                        quant[i]));
-        break;
-      case ffi::DataType::BF16:
-        streams.push_back(decode_stream(threads, x.typed_data(), static_cast<const uint16_t*>(wp), false, s, out, M, K,
-                                        N, quant[i]));
-        break;
-      case ffi::DataType::F16:
-        streams.push_back(decode_stream(threads, x.typed_data(), static_cast<const half_t*>(wp), false, s, out, M, K, N,
-                                        quant[i]));
-        break;
+      case ffi::DataType::F32: add(float{}); break;
+      case ffi::DataType::BF16: add(uint16_t{}); break;
+      case ffi::DataType::F16: add(half_t{}); break;
       case ffi::DataType::S8:
 #ifndef VLLAMA_VNNI
         if (packed) return ffi::Error::InvalidArgument("wmatmul_many: packed int8 weights need AVX-512 VNNI");
 #endif
-        streams.push_back(decode_stream(threads, x.typed_data(), static_cast<const int8_t*>(wp), packed, s, out, M, K,
-                                        N, quant[i]));
+        add(int8_t{});
         break;
       default:
         return ffi::Error::InvalidArgument("wmatmul_many: weights must be f32, bf16, f16 or s8");

@@ -416,8 +416,9 @@ class Llama(ConfiguredModule):
         allowed = key_valid[:, None, :] & (key_slot[None, None, :] <= query_slot[:, :, None])
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)[:, None]  # (B, 1, L, S)
 
-        # computed once: left fusible, XLA's CPU compiler recomputed cos and sin inside every layer's rotation of q
-        # and k, per head (SmolLM2-135M's 128-token prefill: those fusions 13.0 -> 11.7 ms of ~150, profiled)
+        # Meant to compute them once; XLA's CPU compiler expands the barrier before fusion and still fuses cos and sin
+        # into every rotation it runs itself, per head. The CPU kernels, which rotate q and k where they run, take
+        # them as computed here, once per forward.
         cos, sin = jax.lax.optimization_barrier(rope_cos_sin(position_ids, c.head_dim_resolved, c.rope_theta))
 
         new_cache: Cache | None = None if cache is None else {}
