@@ -834,8 +834,9 @@ static Stream plan_stream(int64_t threads, int64_t M, int64_t K, int64_t N, int6
 }
 
 // The blocks of one or more products in one dispatch: with several (q, k and v; gate and up: the same x), the threads
-// go from one weight's blocks to the next without meeting in between. Eight of them in a chain of 30 SmolLM2-135M
-// layers (A/B in one process): batch 1 11.5 -> 10.7 ms, batch 8 15.2 -> 13.9 ms.
+// go from one weight's blocks to the next without meeting in between. SmolLM2-135M's 30 layers of them in a chain,
+// A/B of two builds in one process (medians of 7): batch 1 11.3-11.7 -> 11.0-11.5 ms, batch 8 within noise; its
+// whole batch-8 decode step 213.6 -> 223.5 tok/s (medians of 5 alternating runs).
 static void run_streams(ffi::ThreadPool& pool, std::vector<Stream>& streams) {
   std::vector<int64_t> first(streams.size() + 1, 0);
   for (size_t i = 0; i < streams.size(); ++i) first[i + 1] = first[i] + streams[i].blocks();
