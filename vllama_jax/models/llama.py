@@ -416,10 +416,10 @@ class Llama(ConfiguredModule):
         allowed = key_valid[:, None, :] & (key_slot[None, None, :] <= query_slot[:, :, None])
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)[:, None]  # (B, 1, L, S)
 
-        # Meant to compute them once; XLA's CPU compiler expands the barrier before fusion and still fuses cos and sin
-        # into every rotation it runs itself, per head. The CPU kernels, which rotate q and k where they run, take
-        # them as computed here, once per forward.
-        cos, sin = jax.lax.optimization_barrier(rope_cos_sin(position_ids, c.head_dim_resolved, c.rope_theta))
+        # Once per forward for the CPU kernels, which rotate q and k where they run (`kernels.attention`,
+        # `kernels.write_rows`). XLA fuses cos and sin into every rotation it runs itself, per head; an optimization
+        # barrier here did not stop that on CPU (expanded before fusion), so there is none.
+        cos, sin = rope_cos_sin(position_ids, c.head_dim_resolved, c.rope_theta)
 
         new_cache: Cache | None = None if cache is None else {}
         if self.scan_layers:
