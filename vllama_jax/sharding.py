@@ -16,6 +16,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from .errors import VllamaError
+from .runtime import HostArena
 
 MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 
@@ -173,15 +174,26 @@ def batch_sharding(mesh: Mesh, ndim: int, shape: Sequence[int] | None = None) ->
     return NamedSharding(mesh, logical_to_mesh_spec(("batch",) + (None,) * (ndim - 1), shape, mesh))
 
 
-def put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+def put(x: Any, sharding: jax.sharding.Sharding, arena: HostArena | None = None) -> jax.Array:
     """One leaf onto its sharding. Host arrays go through `make_array_from_callback`: each process supplies only
-    the shards its own devices hold, so the same call places parameters on one device, a mesh or a multi-host pod."""
+    the shards its own devices hold, so the same call places parameters on one device, a mesh or a multi-host pod.
+    With an `arena`, host shards bound for CPU devices are copied into its huge-page memory (the copy a placement
+    makes anyway) and aliased there by XLA (`runtime.HostArena`)."""
     if isinstance(x, jax.Array):
         return jax.device_put(x, sharding)
     x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    if arena is None or not arena.enabled():
+        return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    shards = sharding.addressable_devices_indices_map(x.shape)
+    pieces = []
+    for device, idx in shards.items():
+        piece = np.asarray(x[idx])
+        placed = arena.place(piece, device)
+        pieces.append(placed if placed is not None else jax.device_put(piece, device))
+    return jax.make_array_from_single_device_arrays(x.shape, sharding, pieces)
 
 
 def shard_params(params: Any, logical_axes: Any, mesh: Mesh) -> Any:
-    """Place a params tree onto `mesh` according to the rules table."""
-    return jax.tree_util.tree_map(put, params, tree_shardings(params, logical_axes, mesh))
+    """Place a params tree onto `mesh` according to the rules table (host leaves through one `HostArena`)."""
+    arena = HostArena()
+    return jax.tree_util.tree_map(lambda x, s: put(x, s, arena), params, tree_shardings(params, logical_axes, mesh))

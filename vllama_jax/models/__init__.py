@@ -16,6 +16,7 @@ from flax import linen as nn
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from ..config import ModelConfig, PrecisionConfig
+from ..runtime import HostArena
 from ..sharding import logical_axes_of, make_mesh, put, tree_shardings
 from ..tree import flatten_params, param_count, stack_layers, unflatten_params, unstack_layers
 from . import groups
@@ -138,8 +139,10 @@ def param_shardings(config: ModelConfig, params: Any, mesh: Mesh | str | None) -
 def place_params(config: ModelConfig, params: dict[str, Any], mesh: Mesh | str | None = None) -> dict[str, Any]:
     """Put a params tree (any subset of the groups; host or device arrays) onto `mesh` (a Mesh or a spec string
     such as "data=1,fsdp=2,tensor=4") by the rules table, or onto the default device. The one placement step:
-    callers place once, where the parameters are loaded or made."""
-    return jax.tree.map(put, params, param_shardings(config, params, mesh))
+    callers place once, where the parameters are loaded or made. Host leaves bound for CPU devices go into one
+    huge-page `HostArena` (the copy placing makes anyway; a decode step then streams them faster)."""
+    arena = HostArena()
+    return jax.tree.map(lambda x, s: put(x, s, arena), params, param_shardings(config, params, mesh))
 
 
 __all__ = ["LLM_GROUP", "SCANNED_GROUPS", "abstract_for_groups", "abstract_params", "build_model",
