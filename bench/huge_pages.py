@@ -3,8 +3,10 @@ pages) and in the arena (2 MiB pages), side by side in one process.
 
     python bench/huge_pages.py [--rounds 4] [--layers 24] [--no-decode] [--json PATH]
 
-1. Memory: a jitted sum reading 512 MiB (the read a decode step does) and a donated `a + 1` over 512 MiB (the copy
-   that `bench/generate.py`'s bandwidth bound uses), each on both kinds of pages.
+1. Memory: a jitted sum reading 512 MiB (the read a decode step does) on both kinds of pages, and for reference the
+   donated `a + 1` over 512 MiB that `bench/generate.py`'s bandwidth bound uses (XLA's pages only: XLA writes its
+   outputs into its own buffers, and a donated arena buffer is not reused), with the share of each array the kernel
+   backs with huge pages.
 2. A chain of `--layers` LLaMA-2-7B MLP-sized products (4096 x 11008, one row of x, the CPU kernel `kernels.wmatmul`)
    in bf16 and in int8: GB/s of weights streamed.
 3. SmolLM2-135M decode at batch 1 (float32, bf16, int8) and batch 8 (float32): two engines on the same weights,
@@ -58,8 +60,22 @@ def _in_arena(x: np.ndarray) -> jax.Array:
     return y
 
 
+def huge_fraction(x: jax.Array) -> float:
+    """The fraction of the mapping holding `x` that the kernel backs with huge pages (AnonHugePages / size in
+    /proc/self/smaps): whether the advice took."""
+    address, entry = x.unsafe_buffer_pointer(), None
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, end = (int(v, 16) for v in head.split("-"))
+            entry = (start, end) if start <= address < end else None
+        elif entry is not None and head == "AnonHugePages:":
+            return int(line.split()[1]) * 1024 / (entry[1] - entry[0])
+    return float("nan")
+
+
 def memory(nbytes: int, repeats: int) -> dict[str, float]:
-    """GB/s of a jitted read and of a donated copy, on XLA's pages and on the arena's."""
+    """GB/s of a jitted read on XLA's pages and on the arena's; of a donated copy on XLA's."""
     host = np.full(nbytes // 4, 0.5, np.float32)
     total = jax.jit(jnp.sum)
     step = jax.jit(lambda a: a + 1.0, donate_argnums=0)
@@ -67,13 +83,14 @@ def memory(nbytes: int, repeats: int) -> dict[str, float]:
     for kind, make in (("xla", lambda: jnp.asarray(host)), ("arena", lambda: _in_arena(host))):
         x = make()
         out[f"read_{kind}_gb_s"] = nbytes / _best(lambda: total(x).block_until_ready(), repeats) / 1e9
-        box = [make()]
+        out[f"huge_fraction_{kind}"] = huge_fraction(x)
+    box = [jnp.asarray(host)]
 
-        def copy() -> None:
-            box[0] = step(box[0])  # the output reuses the donated input's buffer (and so its pages)
-            box[0].block_until_ready()
+    def copy() -> None:
+        box[0] = step(box[0])  # the output reuses the donated input's buffer
+        box[0].block_until_ready()
 
-        out[f"copy_{kind}_gb_s"] = 2 * nbytes / _best(copy, repeats) / 1e9
+    out["copy_xla_gb_s"] = 2 * nbytes / _best(copy, repeats) / 1e9
     return out
 
 
@@ -90,9 +107,9 @@ def chain(layers: int, repeats: int) -> dict[str, float]:
         f = jax.jit(lambda x, ws, s=s: sum(kernels.wmatmul(x, w, s) for w in ws))
         for kind, make in (("xla", jnp.asarray), ("arena", _in_arena)):
             ws = [make(w) for _ in range(layers)]
-            seconds = _best(lambda: f(x, ws).block_until_ready(), repeats)
+            seconds = _best(lambda ws=ws: f(x, ws).block_until_ready(), repeats)
             out[f"{dtype}_{kind}_gb_s"] = layers * w.nbytes / seconds / 1e9
-            del ws
+            ws.clear()  # one set of weights alive at a time
     return out
 
 
@@ -144,9 +161,9 @@ def main() -> None:
     m, c = res["memory"], res["chain_7b"]
     print(f"# bench/huge_pages.py  transparent_hugepage: {setting}")
     print(f"512 MiB read:  XLA's pages {m['read_xla_gb_s']:.1f} GB/s, arena {m['read_arena_gb_s']:.1f} GB/s "
-          f"({m['read_arena_gb_s'] / m['read_xla_gb_s']:.2f}x)")
-    print(f"512 MiB copy (read + write): XLA's pages {m['copy_xla_gb_s']:.1f} GB/s, arena {m['copy_arena_gb_s']:.1f} "
-          f"GB/s ({m['copy_arena_gb_s'] / m['copy_xla_gb_s']:.2f}x)")
+          f"({m['read_arena_gb_s'] / m['read_xla_gb_s']:.2f}x; in huge pages: XLA's {m['huge_fraction_xla']:.0%}, "
+          f"the arena's {m['huge_fraction_arena']:.0%})")
+    print(f"512 MiB copy (read + write, the bound of bench/generate.py): {m['copy_xla_gb_s']:.1f} GB/s")
     for dtype in ("bfloat16", "int8"):
         xla, arena = c[f"{dtype}_xla_gb_s"], c[f"{dtype}_arena_gb_s"]
         print(f"{a.layers} x (4096, 11008) {dtype} weights, one row: XLA's pages {xla:.1f} GB/s, arena {arena:.1f} "

@@ -427,10 +427,11 @@ def phase_chat(a: Mapping[str, Any]) -> dict[str, Any]:
     from vllama_jax.inference import GenerationConfig, VideoLLaMAChat
 
     t = time.perf_counter()
+    huge = bool(a.get("huge_pages"))
     if a["variant"] == "int8_av":
-        chat = VideoLLaMAChat.from_model_dir(a["model"], quantize="int8")
-    else:
-        chat = VideoLLaMAChat.from_loaded(_load(a))
+        chat = VideoLLaMAChat.from_model_dir(a["model"], quantize="int8", huge_pages=huge)
+    else:  # the chat owns what it loads, as `from_model_dir`'s does
+        chat = VideoLLaMAChat.from_loaded(_load(a), donate_llm=True, huge_pages=huge)
     jax.block_until_ready(chat.params)
     load_s = time.perf_counter() - t
     up = chat.prepare_video(a["video"], with_audio=a["variant"] == "int8_av")
@@ -532,6 +533,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--video", default=str(DEFAULT_VIDEO), help="the clip to chat about")
     ap.add_argument("--no-chat", action="store_true", help="build and convert only")
+    ap.add_argument("--huge-pages", action="store_true",
+                    help="the chats move the LLM's weights into 2 MiB pages (the CLI's --huge-pages)")
     ap.add_argument("--timeout", type=float, default=3 * 3600, help="seconds per phase")
     ap.add_argument("--json", metavar="PATH", help="also write the results here")
     ap.add_argument("--phase", choices=sorted(PHASES), help=argparse.SUPPRESS)
@@ -579,8 +582,9 @@ def main() -> None:
         bw = run_phase("bandwidth", {}, args.timeout)
         report("bandwidth", bw)
         for v in args.only or VARIANTS:
-            a = {"variant": v, "model": str(model), "video": args.video, "max_new_tokens": args.max_new_tokens}
-            r: dict[str, Any] = {"answered": False}
+            a = {"variant": v, "model": str(model), "video": args.video, "max_new_tokens": args.max_new_tokens,
+                 "huge_pages": args.huge_pages}
+            r: dict[str, Any] = {"answered": False, "huge_pages": args.huge_pages}
             load = run_phase("load", a, args.timeout)
             r.update({k: x for k, x in load.items() if k != "wall_s"} if "error" not in load
                      else {"load_error": load["error"]})

@@ -1,7 +1,7 @@
 """CPU weights placed in huge-page host memory (`runtime.HostArena`; README "Weights in huge pages"): where a
-placement, a model directory's restore and the engine's int8 packing put their arrays, that XLA aliases that memory
-without a copy, that the kernel backs it with 2 MiB pages where transparent huge pages are on, and that it all
-goes back to the OS with the arrays."""
+placement and the decode engine (`huge_pages`: its packed int8 kernels, its donated weights) put their arrays, that
+XLA aliases that memory without a copy, that the kernel backs it with 2 MiB pages where transparent huge pages are
+on, and that it all goes back to the OS with the arrays."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 from tests.helpers import TINY_CONFIG
 from vllama_jax import kernels
 from vllama_jax.config import load_model_config
+from vllama_jax.inference.generate import Generator
 from vllama_jax.models import init_params, place_params
 from vllama_jax.models.groups import LLM_GROUP
 from vllama_jax.models.quant import kernel_layout, quantize_params
@@ -135,8 +136,9 @@ def test_move_deletes_the_source_and_keeps_the_layout():
 
 
 def test_where_weights_are_placed_they_land_in_the_arena(tmp_path):
-    """`place_params` (host leaves), `load_model_dir` (a restore onto the CPU) and the engine's packed int8
-    kernels put every leaf of at least the arena's minimum in the arena; smaller ones (norms) stay XLA's."""
+    """`place_params` puts host leaves of at least the arena's minimum there (free: placing copies anyway); a model
+    directory restores into XLA's buffers, and the decode engine given them with `huge_pages` and `donate_params`
+    (the chat's `--huge-pages`) moves them; without it they stay."""
     cfg = _mid_config()
     host = jax.tree.map(np.asarray, init_params(cfg, 0))[LLM_GROUP]
     minimum = HostArena().min_bytes
@@ -147,13 +149,20 @@ def test_where_weights_are_placed_they_land_in_the_arena(tmp_path):
     assert len(big(placed)) > 8 and all(_in_arena(x) for x in big(placed))
     assert not any(_in_arena(x) for x in small(placed))
 
-    loaded = load_model_dir(save_model_dir(tmp_path / "m", cfg, {LLM_GROUP: host})).params[LLM_GROUP]
-    assert len(big(loaded)) > 8 and all(_in_arena(x) for x in big(loaded))
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(host)):
-        np.testing.assert_array_equal(np.asarray(a), b)
-
-    plain = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), host)  # XLA's own buffers
-    assert not any(_in_arena(x) for x in jax.tree.leaves(plain))
+    out = save_model_dir(tmp_path / "m", cfg, {LLM_GROUP: host})
+    with kernels.cpu_kernels(True):
+        for huge_pages in (False, True):
+            loaded = load_model_dir(out).params[LLM_GROUP]
+            assert not any(_in_arena(x) for x in big(loaded))
+            engine = Generator(cfg.llama, loaded, compilation_cache=False, donate_params=True, huge_pages=huge_pages)
+            assert all(_in_arena(x) == huge_pages for x in big(engine.params))
+            assert all(x.is_deleted() == huge_pages for x in big(loaded))
+            for a, b in zip(jax.tree.leaves(engine.params), jax.tree.leaves(host)):
+                np.testing.assert_array_equal(np.asarray(a), b)
+        # the caller's arrays (not donated) are left where they are
+        loaded = load_model_dir(out).params[LLM_GROUP]
+        engine = Generator(cfg.llama, loaded, compilation_cache=False, huge_pages=True)
+        assert not any(_in_arena(x) or x.is_deleted() for x in big(engine.params))
 
 
 @pytest.mark.skipif(not kernels.packed_int8_available(), reason="the CPU kernel's packed int8 path (AVX-512 VNNI)")
@@ -163,7 +172,7 @@ def test_the_engines_packed_int8_kernels_land_in_the_arena():
     q = quantize_params({LLM_GROUP: host})[LLM_GROUP]
     q = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), q)  # XLA's buffers, as a caller may give them
     with kernels.cpu_kernels(True):
-        packed = kernel_layout(q, release=lambda w: True)
+        packed = kernel_layout(q, release=lambda w: True, arena=HostArena())
     three_d = [x for x in jax.tree.leaves(packed) if x.ndim == 3]
     assert len(three_d) == 7 * cfg.llama.num_layers + 1  # and the untied LM head
     assert all(_in_arena(x) for x in three_d if x.nbytes >= HostArena().min_bytes)

@@ -51,9 +51,10 @@ def register(sub: Any) -> None:
     desc.set_defaults(run=lambda args: run_command(cmd_describe, args))
 
 
-def add_model_args(p: argparse.ArgumentParser, audio_flag: bool = True) -> None:
+def add_model_args(p: argparse.ArgumentParser, audio_flag: bool = True, huge_pages: bool = False) -> None:
     """The flags that choose and load the model (`chat`, `describe`, `eval`, `serve`: whatever `load_chat`
-    reads); `audio_flag`: also --no-audio (not for `serve`, where each request chooses)."""
+    reads); `audio_flag`: also --no-audio (not for `serve`, where each request chooses); `huge_pages`: the default
+    of --huge-pages (on for `serve`, whose load is paid once)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", metavar="DIR", help="converted model directory (default: the embedded SmolLM2 model "
                                                   "with untrained towers)")
@@ -73,6 +74,9 @@ def add_model_args(p: argparse.ArgumentParser, audio_flag: bool = True) -> None:
     g.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=None,
                    help="load the LLM's weights as int8 with per-channel scales (~4x smaller than float32, faster "
                         "decoding; the vision/audio towers keep their precision)")
+    g.add_argument("--huge-pages", action=argparse.BooleanOptionalAction, default=huge_pages,
+                   help="on one CPU device, move a --model's LLM weights into 2 MiB pages: decoding ~6%% faster at "
+                        "7B, loading ~1 s per GB slower")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -119,7 +123,8 @@ def load_chat(args: argparse.Namespace, generation_config: GenerationConfig | No
         if not Path(args.model).exists():
             raise FileNotFoundError(f"{args.model}: model directory not found")
         info(f"loading {args.model} ...")
-        return VideoLLaMAChat.from_model_dir(args.model, mesh=mesh, quantize=args.quantize, **kw)
+        return VideoLLaMAChat.from_model_dir(args.model, mesh=mesh, quantize=args.quantize,
+                                             huge_pages=args.huge_pages, **kw)
     info(EMBEDDED_NOTICE)
     return VideoLLaMAChat.embedded(mesh=mesh, quantize=args.quantize, **kw)
 

@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
                    help="compile the decode step for every batch size and context length before serving (one to "
                         "three minutes on a CPU for the embedded default), so no client waits for a compilation "
                         "when the load reaches a new shape")
-    add_model_args(p, audio_flag=False)  # each request says whether it sends audio
+    add_model_args(p, audio_flag=False, huge_pages=True)  # each request says whether it sends audio
     add_common_args(p, devices=True)
     p.set_defaults(run=lambda args: run_command(cmd_serve, args, interrupted="stopped"))
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -31,8 +32,9 @@ from ..config import LlamaConfig
 from ..models.groups import LLM_GROUP
 from ..models.llama import Llama, cache_logical_axes, init_cache
 from ..models.quant import check_mode, is_quantized, kernel_layout, quantize_params
-from ..runtime import use_compilation_cache
+from ..runtime import HostArena, use_compilation_cache
 from ..sharding import batch_sharding, make_mesh, tree_shardings
+from ..tree import flatten_params, unflatten_params
 from .generation_config import (
     GenerationConfig,
     GenerationConfigError,
@@ -74,12 +76,15 @@ class DecodeEngine:
         quantized here on the host leaf by leaf (params already int8 are taken as they are).
     donate_params: the engine may delete the arrays of `params` it replaces (int8 kernels repacked for the CPU
         kernel), so that at most one extra leaf is held; the caller must not use them afterwards.
+    huge_pages: on one CPU device, the weights a decode step streams in 2 MiB pages (`runtime.HostArena`): the
+        packed int8 kernels, and with `donate_params` every donated array, move there (two leaves' extra memory at
+        a time; ~1 s per GB on this project's host). Host arrays placed here land there without it.
     """
 
     def __init__(self, model: Llama | LlamaConfig, params: Any, *, mesh: Mesh | str | None = None,
                  cache_dtype: Any = None, min_prompt_bucket: int = 16, cache_multiple: int = 64,
                  compilation_cache: bool | str | os.PathLike = True, quantize: str | None = None,
-                 donate_params: bool = False) -> None:
+                 donate_params: bool = False, huge_pages: bool = False) -> None:
         if isinstance(model, LlamaConfig):
             model = Llama(model)
         if not isinstance(model, Llama):
@@ -91,7 +96,7 @@ class DecodeEngine:
         self.cache_dtype = jnp.dtype(cache_dtype if cache_dtype is not None else model.dtype)
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.cache_multiple = int(cache_multiple)
-        self._params = self._placed(params, quantize=quantize, donate=donate_params)
+        self._params = self._placed(params, quantize=quantize, donate=donate_params, huge_pages=huge_pages)
 
         self._embed_fn = jax.jit(self._embed_impl)
         self._prefill_fn = jax.jit(self._prefill_impl, static_argnames=("cache_length", "last"))
@@ -108,16 +113,26 @@ class DecodeEngine:
         """New values of the same params (e.g. a training run's); the arrays given stay the caller's."""
         self._params = self._placed(value)
 
-    def _placed(self, params: Any, quantize: str | None = None, donate: bool = False) -> Any:
+    def _placed(self, params: Any, quantize: str | None = None, donate: bool = False, huge_pages: bool = False
+                ) -> Any:
         params = meta.unbox(params)  # `Module.init`'s axis-metadata boxes
         given = {id(x) for x in jax.tree_util.tree_leaves(params)}
         if check_mode(quantize) and not is_quantized(params):
             params = quantize_params({LLM_GROUP: params}, quantize)[LLM_GROUP]
-        params = placed_llm(self.config, params, self.mesh)
+        params = placed_llm(self.config, params, self.mesh)  # host arrays: placed in huge pages already
         if self.mesh is not None:
             return params
+        arena = HostArena() if huge_pages else None
         # arrays made here (quantized, placed) or donated are deleted as soon as their packed form exists
-        return kernel_layout(params, release=lambda w: donate or id(w) not in given)
+        params = kernel_layout(params, release=lambda w: donate or id(w) not in given, arena=arena)
+        if arena is None or not donate:
+            return params
+        # the donated device arrays still in XLA's buffers move, two at a time (copies and page faults overlap)
+        flat = flatten_params(params)
+        moving = [p for p, w in flat.items() if id(w) in given and isinstance(w, jax.Array)]
+        with ThreadPoolExecutor(2) as pool:
+            flat.update(zip(moving, pool.map(arena.move, [flat[p] for p in moving])))
+        return unflatten_params(flat)
 
     # ---- shapes --------------------------------------------------------------------------------------------
     def prompt_bucket(self, length: int) -> int:

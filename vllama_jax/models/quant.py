@@ -167,22 +167,22 @@ def is_quantized(params: Mapping[str, Any]) -> bool:
     return any(weight_of(p) is not None for p in flatten_params(params))
 
 
-def kernel_layout(params: Mapping[str, Any], *, release: Callable[[Any], bool] = lambda w: False) -> dict[str, Any]:
+def kernel_layout(params: Mapping[str, Any], *, release: Callable[[Any], bool] = lambda w: False,
+                  arena: HostArena | None = None) -> dict[str, Any]:
     """The decoder's params (one device, the CPU kernel in use) with every int8 projection `kernel` the packed
     kernel takes (`kernels.packable`) in its packed layout, leaf by leaf; unchanged where the kernel is not in use
     or has no packed path. `release(w)`: whether the replaced array may be deleted at once (it belongs to the
-    caller, who gives it up), which bounds the extra memory to one leaf. The packed arrays are moved into huge-page
-    host memory (`runtime.HostArena`: XLA's output buffers are 4 KiB pages; the move is one int8 copy)."""
+    caller, who gives it up), which bounds the extra memory to one leaf. With an `arena` the packed arrays move into
+    its huge-page memory (XLA's output buffers are 4 KiB pages; the move is one int8 copy)."""
     if not (kernels.use_cpu_kernels() and kernels.packed_int8_available()):
         return dict(params)
-    arena = HostArena()
     out: dict[str, Any] = {}
     for path, w in flatten_params(params).items():
         if path.rpartition("/")[2] == "kernel" and kernels.packable(w):
             packed = _pack(w)
             if isinstance(w, jax.Array) and release(w):
                 w.delete()
-            w = arena.move(packed)
+            w = arena.move(packed) if arena is not None else packed
         out[path] = w
     return unflatten_params(out)
 

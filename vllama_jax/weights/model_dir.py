@@ -37,7 +37,6 @@ import math
 import os
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -52,9 +51,8 @@ from .. import __version__
 from ..config import ConfigError, ModelConfig, config_to_yaml, load_model_config
 from ..errors import VllamaError
 from ..models import abstract_for_groups, model_groups
-from ..models.groups import LLM_GROUP
 from ..models.quant import weight_of, axes_with_scales, check_mode, quantize_flat, quantized_specs, scale_name
-from ..runtime import HostArena, return_freed_buffers_to_os
+from ..runtime import return_freed_buffers_to_os
 from ..sharding import put, tree_shardings
 from ..text import TokenizerError, load_tokenizer
 from ..tree import flatten_params, unflatten_params
@@ -653,14 +651,6 @@ def load_model_dir(
         flat = _restore(ckptr, params_dir, {p: ocp.ArrayRestoreArgs(sharding=flat_shardings[p], global_shape=have[p][0],
                                                              dtype=read_as(p)) for p in direct},
                         {p: have[p][0] for p in direct}, read_as)
-        # On CPU the LLM's leaves move into huge-page memory (`runtime.HostArena`; one leaf's extra memory per
-        # thread): a decode step streams them faster. The towers run once per clip, compute-bound, and stay. (Reading
-        # chunks to the host and placing them from there instead: 22 -> 36 s for LLaMA-2-7B, the restore's
-        # per-call cost; the move costs ~0.5 s per GB.)
-        arena = HostArena()
-        llm = [p for p in flat if p.split("/", 1)[0] == LLM_GROUP]
-        with ThreadPoolExecutor(2) as pool:  # copies and page faults of two leaves overlap (numpy frees the GIL)
-            flat.update(zip(llm, pool.map(arena.move, [flat[p] for p in llm])))
         if to_quantize:
             q_flat = quantized_specs(flat_abstract)
             if shardings is None and mesh is not None:  # int8 weights and scales by the rules table
@@ -673,9 +663,7 @@ def load_model_dir(
                 w = flat_shardings[weight_of(p)]  # a scale, with caller-given shardings: replicated beside it
                 return NamedSharding(w.mesh, PartitionSpec()) if isinstance(w, NamedSharding) else w
 
-            # read as stored (bf16 is half of float32's bytes); quantize_leaf converts a block of rows at a time.
-            # (Not through the huge-page arena: with it the 7B quantization ran 28 -> 40 s, cause not found; on a
-            # VNNI host the engine repacks these kernels into the arena anyway, `models.quant.kernel_layout`.)
+            # read as stored (bf16 is half of float32's bytes); quantize_leaf converts a block of rows at a time
             for chunk in _chunks(to_quantize, lambda p: int(np.prod(have[p][0])) * np.dtype(have[p][1]).itemsize,
                                  QUANTIZE_CHUNK_BYTES):
                 host = _restore(ckptr, params_dir, {p: ocp.RestoreArgs(restore_type=np.ndarray, dtype=have[p][1])
