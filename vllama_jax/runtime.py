@@ -55,12 +55,12 @@ class HostArena:
 
     Why: a decode step streams every weight once. XLA's own buffers come from malloc in 4 KiB pages, one TLB entry
     (in a virtual machine, a two-level page walk) per 4 KiB read; with 2 MiB pages the same stream runs faster (this
-    project's 2-core KVM host: a chain of LLaMA-7B-sized bf16 products 29-30 -> 33-34 GB/s, SmolLM2's decode step
-    +5% in float32, +10% in bf16; README "Weights in huge pages"). Arrays of at least `min_bytes` are packed back to
-    back (64-byte aligned) into chunks of `chunk_bytes`, so small matrices share huge pages too; an array of half a
-    chunk or more gets a mapping of its own whose tail past the last whole huge page stays in 4 KiB pages (no page
-    is faulted in beyond the array). `jax.device_put` of such an aligned numpy array on a CPU device aliases it
-    instead of copying, and each mapping lives as long as the last array in it.
+    project's 2-core KVM host: a chain of LLaMA-7B-sized bf16 products 1.07-1.12x, the 7B chat's decode +6%,
+    little or nothing on SmolLM2's small matrices; README "Weights in huge pages"). Arrays of at least `min_bytes`
+    are packed back to back (64-byte aligned) into chunks of `chunk_bytes`, so small matrices share huge pages too;
+    an array of half a chunk or more gets a mapping of its own whose tail past the last whole huge page stays in
+    4 KiB pages (no page is faulted in beyond the array). `jax.device_put` of such an aligned numpy array on a CPU
+    device aliases it instead of copying, and each mapping lives as long as the last array in it.
 
     `enabled()` is False off Linux or with VLLAMA_JAX_HUGE_PAGES=0; then `place` returns None and callers place as
     before. With the system's transparent huge pages set to "never" the advice is ignored: plain aligned memory."""
