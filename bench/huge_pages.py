@@ -22,9 +22,8 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,23 +33,13 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from generate import bench_ours, find_smollm2  # noqa: E402
+from generate import bench_ours, best_of, find_smollm2  # noqa: E402
 from vllama_jax import kernels  # noqa: E402
 from vllama_jax.inference.generate import Generator  # noqa: E402
 from vllama_jax.runtime import HUGE_PAGES_ENV, HostArena  # noqa: E402
 from vllama_jax.weights.llama_keys import load_llama  # noqa: E402
 
 MiB = 1 << 20
-
-
-def _best(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def _in_arena(x: np.ndarray) -> jax.Array:
@@ -82,7 +71,7 @@ def memory(nbytes: int, repeats: int) -> dict[str, float]:
     out = {}
     for kind, make in (("xla", lambda: jnp.asarray(host)), ("arena", lambda: _in_arena(host))):
         x = make()
-        out[f"read_{kind}_gb_s"] = nbytes / _best(lambda: total(x).block_until_ready(), repeats) / 1e9
+        out[f"read_{kind}_gb_s"] = nbytes / best_of(lambda: total(x).block_until_ready(), repeats) / 1e9
         out[f"huge_fraction_{kind}"] = huge_fraction(x)
     box = [jnp.asarray(host)]
 
@@ -90,7 +79,7 @@ def memory(nbytes: int, repeats: int) -> dict[str, float]:
         box[0] = step(box[0])  # the output reuses the donated input's buffer
         box[0].block_until_ready()
 
-    out["copy_xla_gb_s"] = 2 * nbytes / _best(copy, repeats) / 1e9
+    out["copy_xla_gb_s"] = 2 * nbytes / best_of(copy, repeats) / 1e9
     return out
 
 
@@ -107,7 +96,7 @@ def chain(layers: int, repeats: int) -> dict[str, float]:
         f = jax.jit(lambda x, ws, s=s: sum(kernels.wmatmul(x, w, s) for w in ws))
         for kind, make in (("xla", jnp.asarray), ("arena", _in_arena)):
             ws = [make(w) for _ in range(layers)]
-            seconds = _best(lambda ws=ws: f(x, ws).block_until_ready(), repeats)
+            seconds = best_of(lambda ws=ws: f(x, ws).block_until_ready(), repeats)
             out[f"{dtype}_{kind}_gb_s"] = layers * w.nbytes / seconds / 1e9
             ws.clear()  # one set of weights alive at a time
     return out

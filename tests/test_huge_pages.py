@@ -27,9 +27,6 @@ from vllama_jax.sharding import make_mesh, put
 from vllama_jax.tree import flatten_params
 from vllama_jax.weights.model_dir import load_model_dir, save_model_dir
 
-MiB = 1 << 20
-
-
 def _mapping_of(address: int) -> dict[str, Any]:
     """The /proc/self/smaps entry of the mapping holding `address`: start, end, AnonHugePages (bytes) and whether
     it is advised for huge pages (VmFlags "hg": the arena's mappings are, XLA's malloc'd buffers are not)."""
@@ -71,13 +68,13 @@ def _pointer(x: jax.Array) -> int:
 
 def test_a_placed_array_is_the_arenas_memory_in_huge_pages():
     arena = HostArena()
-    x = np.random.default_rng(0).standard_normal((1024, 1536)).astype(np.float32)  # 6 MiB: a mapping of its own
+    x = np.random.default_rng(0).standard_normal((1024, 1536)).astype(np.float32)  # 6 MiB: a fresh chunk's start
     y = arena.place(x, jax.devices()[0])
     np.testing.assert_array_equal(np.asarray(y), x)
     assert _pointer(y) % HUGE_PAGE_BYTES == 0 and _in_arena(y)  # XLA took the arena's buffer: no copy of its own
     if _thp_on():
         m = _mapping_of(_pointer(y))
-        # the whole huge pages of the array are huge; its tail past them stays in 4 KiB pages
+        # the pages it fills are huge ones (3 x 2 MiB); the rest of the chunk is untouched
         assert m["huge"] == x.nbytes - x.nbytes % HUGE_PAGE_BYTES
     # small arrays share a chunk, back to back on 64-byte boundaries
     arena = HostArena(min_bytes=1)
