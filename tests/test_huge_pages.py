@@ -1,5 +1,5 @@
 """CPU weights placed in huge-page host memory (`runtime.HostArena`; README "Weights in huge pages"): where a
-placement and the decode engine (`huge_pages`: its packed int8 kernels, its donated weights) put their arrays, that
+placement and the decode engine (its packed int8 kernels; with `huge_pages` its donated weights) put their arrays, that
 XLA aliases that memory without a copy, that the kernel backs it with 2 MiB pages where transparent huge pages are
 on, and that it all goes back to the OS with the arrays."""
 
@@ -167,11 +167,17 @@ def test_the_engines_packed_int8_kernels_land_in_the_arena():
     cfg = _mid_config()
     host = jax.tree.map(np.asarray, init_params(cfg, 1))[LLM_GROUP]
     q = quantize_params({LLM_GROUP: host})[LLM_GROUP]
+    expected = {p: np.asarray(kernels.pack_int8(x)) for p, x in flatten_params(q).items() if p.endswith("/kernel")}
     q = jax.tree.map(lambda x: jax.device_put(x, jax.devices()[0]), q)  # XLA's buffers, as a caller may give them
     with kernels.cpu_kernels(True):
         packed = kernel_layout(q, release=lambda w: True, arena=HostArena())
-    three_d = [x for x in jax.tree.leaves(packed) if x.ndim == 3]
-    assert len(three_d) == 7 * cfg.llama.num_layers + 1  # and the untied LM head
-    assert all(_in_arena(x) for x in three_d if x.nbytes >= HostArena().min_bytes)
-    # the packing moved each kernel, one at a time: the given int8 kernels are gone
+        # the engine packs into the arena with or without huge_pages (the packed kernels are its own copies)
+        engine = Generator(cfg.llama, quantize_params({LLM_GROUP: host})[LLM_GROUP], compilation_cache=False)
+    for tree in (packed, engine.params):
+        three_d = {p: x for p, x in flatten_params(tree).items() if x.ndim == 3}
+        assert len(three_d) == 7 * cfg.llama.num_layers + 1  # and the untied LM head
+        assert all(_in_arena(x) for x in three_d.values() if x.nbytes >= HostArena().min_bytes)
+        for p, x in three_d.items():  # written by the kernel library: pack_int8's layout
+            np.testing.assert_array_equal(np.asarray(x), expected[p])
+    # the packing replaced each kernel, one at a time: the given int8 kernels are gone
     assert all(x.is_deleted() for p, x in flatten_params(q).items() if p.endswith("/kernel"))

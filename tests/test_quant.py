@@ -161,6 +161,26 @@ def test_pack_int8_layout():
     assert not any(kernels.packable(jnp.asarray(v)) for v in (w[:10], w[:, :96], w.astype(np.float32)))
 
 
+@pytest.mark.skipif(not kernels.wmatmul_available(), reason="the CPU kernel library")
+@pytest.mark.parametrize("shape", [(4, 16), (12, 128), (40, 1040)])
+def test_pack_int8_into_writes_pack_int8s_layout(shape):
+    """The kernel library's packing into given memory (the engine's packed kernels in huge pages) is `pack_int8`
+    byte for byte, over however many row ranges it splits into; wrong shapes, dtypes or a read-only target are
+    refused before anything is written."""
+    w = np.random.default_rng(1).integers(-128, 128, shape).astype(np.int8)
+    out = np.full((shape[0] // 4, shape[1], 4), 7, np.int8)
+    assert kernels.pack_int8_into(w, out) is out
+    np.testing.assert_array_equal(out, np.asarray(kernels.pack_int8(jnp.asarray(w))))
+    bad_targets = [np.empty((shape[0] // 4, shape[1], 2), np.int8), out.astype(np.uint8), out[:, ::2]]
+    readonly = out.copy()
+    readonly.flags.writeable = False
+    for target in [*bad_targets, readonly]:
+        with pytest.raises(ValueError, match="pack_int8_into"):
+            kernels.pack_int8_into(w, target)
+    with pytest.raises(ValueError, match="pack_int8_into"):
+        kernels.pack_int8_into(w[:, :shape[1] - 8] if shape[1] > 16 else w[:, :8], out)
+
+
 @needs_packed
 @pytest.mark.parametrize("rows", [1, 3, 17, 40])
 def test_packed_int8_kernel_equals_the_kn_layout(rows):

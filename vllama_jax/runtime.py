@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -100,14 +100,21 @@ class HostArena:
                 self._used += -(-nbytes // 64) * 64
         return raw.view(dtype).reshape(shape)
 
-    def place(self, x: np.ndarray, device: Any) -> jax.Array | None:
-        """`x` copied into the arena and given to `device` (a CPU device) without a further copy; None where the arena
-        is not used (disabled, not a CPU device, `x` under `min_bytes`)."""
-        if not (self.enabled() and getattr(device, "platform", None) == "cpu" and x.nbytes >= self.min_bytes):
+    def build(self, shape: tuple[int, ...], dtype: Any, device: Any, write: Callable[[np.ndarray], Any]
+              ) -> jax.Array | None:
+        """An array of `shape` and `dtype` that `write(out)` fills in the arena, given to `device` (a CPU device)
+        without a copy; None where the arena is not used (disabled, not a CPU device, under `min_bytes`): the caller
+        then makes it as before."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if not (self.enabled() and getattr(device, "platform", None) == "cpu" and nbytes >= self.min_bytes):
             return None
-        host = self.empty(x.shape, x.dtype)
-        np.copyto(host, x, casting="no")
+        host = self.empty(shape, dtype)
+        write(host)
         return jax.device_put(host, device)
+
+    def place(self, x: np.ndarray, device: Any) -> jax.Array | None:
+        """`x` copied into the arena and given to `device` without a further copy (`build`'s None where not used)."""
+        return self.build(x.shape, x.dtype, device, lambda out: np.copyto(out, x, casting="no"))
 
     def move(self, x: jax.Array) -> jax.Array:
         """`x` (an array its caller owns and gives up) with every CPU shard copied into the arena, then deleted: one

@@ -76,9 +76,9 @@ class DecodeEngine:
         quantized here on the host leaf by leaf (params already int8 are taken as they are).
     donate_params: the engine may delete the arrays of `params` it replaces (int8 kernels repacked for the CPU
         kernel), so that at most one extra leaf is held; the caller must not use them afterwards.
-    huge_pages: on one CPU device, the weights a decode step streams in 2 MiB pages (`runtime.HostArena`): the
-        packed int8 kernels, and with `donate_params` every donated array, move there (two leaves' extra memory at
-        a time; ~1 s per GB on this project's host). Host arrays placed here land there without it.
+    huge_pages: on one CPU device, with `donate_params`, every donated array moves into 2 MiB pages
+        (`runtime.HostArena`; two leaves' extra memory at a time, ~1 s per GB on this project's host). Host arrays
+        placed here, and the packed int8 kernels (copies made here anyway), land there without it.
     """
 
     def __init__(self, model: Llama | LlamaConfig, params: Any, *, mesh: Mesh | str | None = None,
@@ -122,10 +122,11 @@ class DecodeEngine:
         params = placed_llm(self.config, params, self.mesh)  # host arrays: placed in huge pages already
         if self.mesh is not None:
             return params
-        arena = HostArena() if huge_pages else None
-        # arrays made here (quantized, placed) or donated are deleted as soon as their packed form exists
+        # The packed int8 kernels are a copy made here anyway: written straight into huge pages. Arrays made here
+        # (quantized, placed) or donated are deleted as soon as their packed form exists.
+        arena = HostArena()
         params = kernel_layout(params, release=lambda w: donate or id(w) not in given, arena=arena)
-        if arena is None or not donate:
+        if not (huge_pages and donate):
             return params
         # the donated device arrays still in XLA's buffers move, two at a time (copies and page faults overlap)
         flat = flatten_params(params)

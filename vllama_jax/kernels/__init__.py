@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
@@ -53,6 +54,8 @@ ENV_SWITCH = "VLLAMA_JAX_CPU_KERNELS"
 KERNEL_DIR_ENV = "VLLAMA_JAX_KERNEL_DIR"
 DEFAULT_KERNEL_DIR = Path("~/.cache/vllama_jax/kernels")
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
+# Ranges of rows `pack_int8_into` packs at once (a copy: two threads already reach this host's memory bandwidth).
+PACK_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 # Up to this many rows of x the kernel streams the weights once (decode); must match SMALL_M in wmatmul.cc.
 SMALL_M = 16
 
@@ -181,6 +184,29 @@ def pack_int8(w: jax.Array) -> jax.Array:
     bandwidth). Same values; `unpack_int8` inverts it."""
     k, n = w.shape
     return w.reshape(k // 4, 4, n).transpose(0, 2, 1)
+
+
+def pack_int8_into(w: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`pack_int8(w)` written into `out` by the kernel library, a few ranges of rows at once: w int8 (K, N) and out
+    int8 (K/4, N, 4), both C-contiguous (`out`: e.g. huge-page memory from `runtime.HostArena.empty`). One pass over
+    each, where XLA's transposition fills a buffer of its own. Needs the built kernel (`wmatmul_available()`) and
+    N % 16 == 0; returns `out`."""
+    k, n = w.shape
+    if (w.dtype != np.int8 or out.dtype != np.int8 or out.shape != (k // 4, n, 4) or k % 4 or n % 16
+            or not (w.flags.c_contiguous and out.flags.c_contiguous and out.flags.writeable)):
+        raise ValueError(f"pack_int8_into: int8 ({k}, {n}) -> writable (K/4, N, 4) C-contiguous int8 with "
+                         f"K % 4 == 0 and N % 16 == 0, got {w.dtype} {w.shape} -> {out.dtype} {out.shape}")
+    fn = _library().VllamaPackInt8
+    fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64)
+    fn.restype = None
+    groups = k // 4
+    parts = max(1, min(PACK_THREADS, groups))
+    bounds = [groups * i // parts for i in range(parts + 1)]
+    src, dst = w.ctypes.data, out.ctypes.data
+    # ctypes releases the GIL during the call: the ranges run in parallel
+    with ThreadPoolExecutor(parts) as pool:
+        list(pool.map(lambda i: fn(src, dst, n, bounds[i], bounds[i + 1]), range(parts)))
+    return out
 
 
 def unpack_int8(w: jax.Array) -> jax.Array:

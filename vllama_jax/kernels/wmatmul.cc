@@ -617,11 +617,18 @@ static void block_nk_vnni(const QuantX& q, const float* x, const int8_t* w, cons
 // ---- int8 weights in the packed layout (`kernels.pack_int8`): W (K, N) stored as (K/4, N, 4), the 4 rows of K of a
 // column side by side, which is vpdpbusd's operand layout. The (K, N) path above transposes 4 rows of W in registers
 // for every 64 columns (4 xors, 8 byte shuffles per 256 bytes); here a 64-byte load is one operand as it lies, and a
-// pass of 4 groups of rows reads 4 contiguous streams. A/B outside XLA, 2 threads, LLaMA-7B's MLP shapes, GB/s of
+// pass of PG groups of rows reads PG contiguous streams. A/B outside XLA, 2 threads, LLaMA-7B's MLP shapes, GB/s of
 // int8 weights: 38-40 (K, N) vs 49 packed at 4096 x 11008, 37.5 vs 43 at 11008 x 4096 (a plain read: 42-54).
 // Packed weights have K % 4 == 0 and N % 64 == 0 (the caller packs only such leaves); element (k, n) is at
 // ((k / 4) * N + n) * 4 + k % 4.
-constexpr int PG = 4;  // groups of 4 rows of W per pass over the columns
+constexpr int PG = 8;  // groups of 4 rows of W per pass over the columns at one row of x
+// Each stream of a VNNI pass is prefetched this far ahead of its loads (into L1), where the earlier form prefetched
+// the next pass's rows into L2. A/B in one process on the 2-core Intel Xeon host (24 alternating 4096 x 11008 and
+// 11008 x 4096 int8 matrices in huge pages, one row, medians of 6 rounds; GB/s): 27.3-27.8 with 4 groups and the
+// next pass prefetched, 30.9-31.1 with 4 groups and this prefetch, 31.3-31.7 with 8 groups (bf16's stream in the
+// same run: 31.8); 256 bytes ahead 27.4, 768 30.8, 1024 30.8, 2048 30.5, 4096 29.6; SmolLM2's small matrices
+// unchanged (13.2 vs 13.4). Bit-identical results: only the order of loads changed.
+constexpr int64_t PACKED_PREFETCH_BYTES = 512;
 
 // 16 columns x 4 rows of K (64 packed bytes) -> the 4 rows as float vectors (sign-extended by shifts).
 static inline void unpack_group(const int8_t* p, vf out[4]) {
@@ -632,39 +639,49 @@ static inline void unpack_group(const int8_t* p, vf out[4]) {
   out[3] = reinterpret_cast<vf>(_mm512_cvtepi32_ps(_mm512_srai_epi32(v, 24)));
 }
 
+// One pass of G groups (4 G rows of W from row k, at g0) over `width` packed columns into the int32 accumulators
+// ih / il of x's one row: x's 2 G broadcasts made once per pass, each group's 4 vectors taken into the accumulators
+// as they are loaded.
 template <int G>
-static inline void vnni_packed_rows(const QuantX& q, const int8_t* g0, int64_t N, int64_t k, int64_t width, int64_t M,
-                                    int32_t* ih, int32_t* il, bool prefetch) {
+static inline void vnni_packed_rows(const QuantX& q, const int8_t* g0, int64_t N, int64_t k, int64_t width,
+                                    int32_t* ih, int32_t* il) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));
+  __m512i bh[G], bl[G];
+  for (int g = 0; g < G; ++g) {
+    bh[g] = _mm512_set1_epi32(load4(q.hi.data() + k + 4 * g));
+    bl[g] = _mm512_set1_epi32(load4(q.lo.data() + k + 4 * g));
+  }
   for (int64_t c = 0; c < width; c += 64) {
-    if (prefetch)
-      for (int g = 0; g < G; ++g)
-        for (int i = 0; i < 4; ++i) __builtin_prefetch(g0 + ((g + G) * N + c) * 4 + 64 * i, 0, 2);
-    __m512i t[G][4];
     for (int g = 0; g < G; ++g)
-      for (int i = 0; i < 4; ++i) t[g][i] = _mm512_xor_si512(load512(g0 + (g * N + c) * 4 + 64 * i), flip);
-    vnni_step<G>(q, t, k, M, ih + c, il + c, width);
+      for (int i = 0; i < 4; ++i)
+        _mm_prefetch(reinterpret_cast<const char*>(g0 + (g * N + c) * 4 + 64 * i + PACKED_PREFETCH_BYTES), _MM_HINT_T0);
+    __m512i h[4], l[4];
+    for (int i = 0; i < 4; ++i) { h[i] = load512(ih + c + 16 * i); l[i] = load512(il + c + 16 * i); }
+    for (int g = 0; g < G; ++g)
+      for (int i = 0; i < 4; ++i) {
+        __m512i t = _mm512_xor_si512(load512(g0 + (g * N + c) * 4 + 64 * i), flip);
+        h[i] = _mm512_dpbusd_epi32(h[i], t, bh[g]);
+        l[i] = _mm512_dpbusd_epi32(l[i], t, bl[g]);
+      }
+    for (int i = 0; i < 4; ++i) { _mm512_storeu_si512(ih + c + 16 * i, h[i]); _mm512_storeu_si512(il + c + 16 * i, l[i]); }
   }
 }
 
-// stream_kn_vnni's contract for packed weights (rows [k0, k1), k0 a multiple of QB; columns [n0, n1), multiples of 64).
-static void stream_packed_vnni(const QuantX& q, const int8_t* w, const float* scale, float* out, int64_t M,
-                               int64_t K, int64_t N, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
+// stream_kn_vnni's contract for packed weights at one row of x (VNNI_ROWS) (rows [k0, k1), k0 a multiple of QB;
+// columns [n0, n1), multiples of 64).
+static void stream_packed_vnni(const QuantX& q, const int8_t* w, const float* scale, float* out, int64_t K,
+                               int64_t N, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
   int64_t width = n1 - n0;
-  auto [ih, il, fa] = vnni_acc(M, width, width);
-  const bool prefetch = 4 * PG * width <= PREFETCH_PASS_BYTES;
+  auto [ih, il, fa] = vnni_acc(1, width, width);
   for (int64_t b = k0 / QB; b * QB < k1; ++b) {
     int64_t kb0 = std::max(k0, b * QB), kb1 = std::min(k1, (b + 1) * QB);
-    std::memset(ih, 0, sizeof(int32_t) * 2 * M * width);
+    std::memset(ih, 0, sizeof(int32_t) * 2 * width);
     int64_t k = kb0;
-    for (; k + 4 * PG <= kb1; k += 4 * PG)
-      vnni_packed_rows<PG>(q, w + (k / 4 * N + n0) * 4, N, k, width, M, ih, il, prefetch);
-    for (; k < kb1; k += 4) vnni_packed_rows<1>(q, w + (k / 4 * N + n0) * 4, N, k, width, M, ih, il, false);
-    flush_block(q, b, M, width, width, ih, il, fa);
+    for (; k + 4 * PG <= kb1; k += 4 * PG) vnni_packed_rows<PG>(q, w + (k / 4 * N + n0) * 4, N, k, width, ih, il);
+    for (; k < kb1; k += 4) vnni_packed_rows<1>(q, w + (k / 4 * N + n0) * 4, N, k, width, ih, il);
+    flush_block(q, b, 1, width, width, ih, il, fa);
   }
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < width; ++j)
-      out[m * N + n0 + j] = scale ? fa[m * width + j] * scale[n0 + j] : fa[m * width + j];
+  for (int64_t j = 0; j < width; ++j) out[n0 + j] = scale ? fa[j] * scale[n0 + j] : fa[j];
 }
 
 // One pass of G groups (4 G rows of W, from row k) over `width` packed columns into the M x width accumulators.
@@ -857,11 +874,18 @@ static void run_streams(ffi::ThreadPool& pool, std::vector<Stream>& streams) {
   });
   for (const Stream& s : streams) {
     if (s.row_blocks == 1) continue;
-    const float* pp = s.part.get();
-    for (int64_t i = 0; i < s.M * s.N; ++i) {
-      float t = 0.f;
-      for (int64_t r = 0; r < s.row_blocks; ++r) t += pp[r * s.M * s.N + i];
-      s.y[i] = s.scale ? t * s.scale[i % s.N] : t;
+    // row by row, so that the additions run in vectors (in the same order as before)
+    const int64_t size = s.M * s.N;
+    for (int64_t m = 0; m < s.M; ++m) {
+      float* __restrict__ y = s.y + m * s.N;
+      const float* p0 = s.part.get() + m * s.N;
+      for (int64_t n = 0; n < s.N; ++n) y[n] = p0[n];
+      for (int64_t r = 1; r < s.row_blocks; ++r) {
+        const float* __restrict__ pr = p0 + r * size;
+        for (int64_t n = 0; n < s.N; ++n) y[n] += pr[n];
+      }
+      if (s.scale)
+        for (int64_t n = 0; n < s.N; ++n) y[n] *= s.scale[n];
     }
   }
 }
@@ -876,10 +900,10 @@ static Stream decode_stream(int64_t threads, const float* x, const W* w, bool pa
 #ifdef VLLAMA_VNNI
   if constexpr (std::is_same_v<W, int8_t>) {
     const QuantX* qp = &q;
-    if (packed && M <= VNNI_ROWS && quantize_x(x, M, K, K, q)) {
+    if (packed && M == 1 && quantize_x(x, M, K, K, q)) {  // VNNI_ROWS: the packed pass is written for one row
       align = QB;
       fn = [=](float* out, const float* s, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
-        stream_packed_vnni(*qp, w, s, out, M, K, N, n0, n1, k0, k1);
+        stream_packed_vnni(*qp, w, s, out, K, N, n0, n1, k0, k1);
       };
     } else if (packed) {
       fn = [=](float* out, const float* s, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
@@ -1503,6 +1527,34 @@ extern "C" int VllamaWMatmulPackedInt8() {
 #else
   return 0;
 #endif
+}
+
+// int8 W (K, N) row-major -> the packed layout (K/4, N, 4) (`kernels.pack_int8`) for the groups of 4 rows [g0, g1),
+// into memory the caller owns (`kernels.pack_int8_into`: the engine's packed weights go straight into huge pages,
+// where XLA's transposition wrote a fresh 4 KiB-paged buffer that then had to be copied). Requires N % 16 == 0.
+extern "C" void VllamaPackInt8(const int8_t* w, int8_t* out, int64_t N, int64_t g0, int64_t g1) {
+  for (int64_t g = g0; g < g1; ++g) {
+    const int8_t* r = w + 4 * g * N;
+    int8_t* o = out + 4 * g * N;
+#if defined(__SSE2__)
+    for (int64_t n = 0; n < N; n += 16) {
+      __m128i a0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + n));
+      __m128i a1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + N + n));
+      __m128i a2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 2 * N + n));
+      __m128i a3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 3 * N + n));
+      __m128i lo01 = _mm_unpacklo_epi8(a0, a1), hi01 = _mm_unpackhi_epi8(a0, a1);  // columns 0-7, 8-15 of rows 0, 1
+      __m128i lo23 = _mm_unpacklo_epi8(a2, a3), hi23 = _mm_unpackhi_epi8(a2, a3);
+      __m128i* d = reinterpret_cast<__m128i*>(o + 4 * n);
+      _mm_storeu_si128(d, _mm_unpacklo_epi16(lo01, lo23));      // columns 0-3, their 4 rows side by side
+      _mm_storeu_si128(d + 1, _mm_unpackhi_epi16(lo01, lo23));  // 4-7
+      _mm_storeu_si128(d + 2, _mm_unpacklo_epi16(hi01, hi23));  // 8-11
+      _mm_storeu_si128(d + 3, _mm_unpackhi_epi16(hi01, hi23));  // 12-15
+    }
+#else
+    for (int64_t n = 0; n < N; ++n)
+      for (int i = 0; i < 4; ++i) o[4 * n + i] = r[i * N + n];
+#endif
+  }
 }
 
 // ---- int8 weights as bfloat16 for a prefill's dot in AMX tiles -------------------------------------------------

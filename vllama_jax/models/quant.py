@@ -172,19 +172,31 @@ def kernel_layout(params: Mapping[str, Any], *, release: Callable[[Any], bool] =
     """The decoder's params (one device, the CPU kernel in use) with every int8 projection `kernel` the packed
     kernel takes (`kernels.packable`) in its packed layout, leaf by leaf; unchanged where the kernel is not in use
     or has no packed path. `release(w)`: whether the replaced array may be deleted at once (it belongs to the
-    caller, who gives it up), which bounds the extra memory to one leaf. With an `arena` the packed arrays move into
-    its huge-page memory (XLA's output buffers are 4 KiB pages; the move is one int8 copy)."""
+    caller, who gives it up), which bounds the extra memory to one leaf. With an `arena` the packed arrays are written
+    into its huge-page memory by the kernel library (`kernels.pack_int8_into`: one pass, where XLA's transposition
+    fills a 4 KiB-paged buffer of its own)."""
     if not (kernels.use_cpu_kernels() and kernels.packed_int8_available()):
         return dict(params)
     out: dict[str, Any] = {}
     for path, w in flatten_params(params).items():
         if path.rpartition("/")[2] == "kernel" and kernels.packable(w):
-            packed = _pack(w)
+            packed = _pack_into(w, arena) if arena is not None else None
+            packed = _pack(w) if packed is None else packed
             if isinstance(w, jax.Array) and release(w):
                 w.delete()
-            w = arena.move(packed) if arena is not None else packed
+            w = packed
         out[path] = w
     return unflatten_params(out)
+
+
+def _pack_into(w: Any, arena: HostArena) -> jax.Array | None:
+    """`w` packed straight into the arena, on its one CPU device; None where the arena is not used there."""
+    devices = list(w.devices()) if isinstance(w, jax.Array) else [jax.devices("cpu")[0]]
+    if len(devices) != 1:
+        return None
+    k, n = w.shape
+    return arena.build((k // 4, n, 4), np.int8, devices[0],
+                       lambda out: kernels.pack_int8_into(np.ascontiguousarray(w), out))
 
 
 _pack = jax.jit(kernels.pack_int8)
