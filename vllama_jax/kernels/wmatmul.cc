@@ -626,9 +626,14 @@ constexpr int PG = 8;  // groups of 4 rows of W per pass over the columns at one
 // the next pass's rows into L2. A/B in one process on the 2-core Intel Xeon host (24 alternating 4096 x 11008 and
 // 11008 x 4096 int8 matrices in huge pages, one row, medians of 6 rounds; GB/s): 27.3-27.8 with 4 groups and the
 // next pass prefetched, 30.9-31.1 with 4 groups and this prefetch, 31.3-31.7 with 8 groups (bf16's stream in the
-// same run: 31.8); 256 bytes ahead 27.4, 768 30.8, 1024 30.8, 2048 30.5, 4096 29.6; SmolLM2's small matrices
-// unchanged (13.2 vs 13.4). Bit-identical results: only the order of loads changed.
+// same run: 31.8); 256 bytes ahead 27.4, 768 30.8, 1024 30.8, 2048 30.5, 4096 29.6. Bit-identical results: only
+// the order of loads changed.
 constexpr int64_t PACKED_PREFETCH_BYTES = 512;
+// A pass spanning at most this many bytes also prefetches the next pass's rows into L2, as the earlier form did:
+// SmolLM2-135M's int8 decode (passes of 6-48 KB), medians of 9 alternating rounds in one process: 129.8 tok/s with
+// the in-stream prefetch alone, 140.5 with the earlier form, 143.4 with both (LLaMA-7B's passes, 128 KB and up:
+// in-stream only, as above).
+constexpr int64_t PACKED_NEXT_PASS_BYTES = 64 << 10;
 
 // 16 columns x 4 rows of K (64 packed bytes) -> the 4 rows as float vectors (sign-extended by shifts).
 static inline void unpack_group(const int8_t* p, vf out[4]) {
@@ -641,10 +646,10 @@ static inline void unpack_group(const int8_t* p, vf out[4]) {
 
 // One pass of G groups (4 G rows of W from row k, at g0) over `width` packed columns into the int32 accumulators
 // ih / il of x's one row: x's 2 G broadcasts made once per pass, each group's 4 vectors taken into the accumulators
-// as they are loaded.
+// as they are loaded; `next`: the next pass's rows prefetched into L2 too.
 template <int G>
 static inline void vnni_packed_rows(const QuantX& q, const int8_t* g0, int64_t N, int64_t k, int64_t width,
-                                    int32_t* ih, int32_t* il) {
+                                    int32_t* ih, int32_t* il, bool next) {
   const __m512i flip = _mm512_set1_epi8(char(0x80));
   __m512i bh[G], bl[G];
   for (int g = 0; g < G; ++g) {
@@ -652,6 +657,9 @@ static inline void vnni_packed_rows(const QuantX& q, const int8_t* g0, int64_t N
     bl[g] = _mm512_set1_epi32(load4(q.lo.data() + k + 4 * g));
   }
   for (int64_t c = 0; c < width; c += 64) {
+    if (next)
+      for (int g = 0; g < G; ++g)
+        for (int i = 0; i < 4; ++i) __builtin_prefetch(g0 + ((g + G) * N + c) * 4 + 64 * i, 0, 2);
     for (int g = 0; g < G; ++g)
       for (int i = 0; i < 4; ++i)
         _mm_prefetch(reinterpret_cast<const char*>(g0 + (g * N + c) * 4 + 64 * i + PACKED_PREFETCH_BYTES), _MM_HINT_T0);
@@ -673,12 +681,14 @@ static void stream_packed_vnni(const QuantX& q, const int8_t* w, const float* sc
                                int64_t N, int64_t n0, int64_t n1, int64_t k0, int64_t k1) {
   int64_t width = n1 - n0;
   auto [ih, il, fa] = vnni_acc(1, width, width);
+  const bool next = 4 * PG * width <= PACKED_NEXT_PASS_BYTES;
   for (int64_t b = k0 / QB; b * QB < k1; ++b) {
     int64_t kb0 = std::max(k0, b * QB), kb1 = std::min(k1, (b + 1) * QB);
     std::memset(ih, 0, sizeof(int32_t) * 2 * width);
     int64_t k = kb0;
-    for (; k + 4 * PG <= kb1; k += 4 * PG) vnni_packed_rows<PG>(q, w + (k / 4 * N + n0) * 4, N, k, width, ih, il);
-    for (; k < kb1; k += 4) vnni_packed_rows<1>(q, w + (k / 4 * N + n0) * 4, N, k, width, ih, il);
+    for (; k + 4 * PG <= kb1; k += 4 * PG)
+      vnni_packed_rows<PG>(q, w + (k / 4 * N + n0) * 4, N, k, width, ih, il, next);
+    for (; k < kb1; k += 4) vnni_packed_rows<1>(q, w + (k / 4 * N + n0) * 4, N, k, width, ih, il, false);
     flush_block(q, b, 1, width, width, ih, il, fa);
   }
   for (int64_t j = 0; j < width; ++j) out[n0 + j] = scale ? fa[j] * scale[n0 + j] : fa[j];
