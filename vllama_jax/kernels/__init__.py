@@ -54,7 +54,7 @@ ENV_SWITCH = "VLLAMA_JAX_CPU_KERNELS"
 KERNEL_DIR_ENV = "VLLAMA_JAX_KERNEL_DIR"
 DEFAULT_KERNEL_DIR = Path("~/.cache/vllama_jax/kernels")
 CXXFLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared")
-# Ranges of rows `pack_int8_into` packs at once (a copy: two threads already reach this host's memory bandwidth).
+# Ranges of rows `pack_int8_into` packs at once (a copy: a few threads reach the memory bandwidth).
 PACK_THREADS = min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 # Up to this many rows of x the kernel streams the weights once (decode); must match SMALL_M in wmatmul.cc.
 SMALL_M = 16
