@@ -625,8 +625,8 @@ constexpr int PG = 8;  // groups of 4 rows of W per pass over the columns at one
 // Each stream of a VNNI pass is prefetched this far ahead of its loads (into L1), where the earlier form prefetched
 // the next pass's rows into L2. A/B in one process on the 2-core Intel Xeon host (24 alternating 4096 x 11008 and
 // 11008 x 4096 int8 matrices in huge pages, one row, medians of 6 rounds; GB/s): 27.3-27.8 with 4 groups and the
-// next pass prefetched, 30.9-31.1 with 4 groups and this prefetch, 31.3-31.7 with 8 groups (bf16's stream in the
-// same run: 31.8); 256 bytes ahead 27.4, 768 30.8, 1024 30.8, 2048 30.5, 4096 29.6. Bit-identical results: only
+// next pass prefetched, 30.9-31.1 with 4 groups and this prefetch, 31.3-31.7 with 8 groups (bf16's stream, same
+// harness: 31.8); 256 bytes ahead 27.4, 768 30.8, 1024 30.8, 2048 30.5, 4096 29.6. Bit-identical results: only
 // the order of loads changed.
 constexpr int64_t PACKED_PREFETCH_BYTES = 512;
 // A pass spanning at most this many bytes also prefetches the next pass's rows into L2, as the earlier form did:
