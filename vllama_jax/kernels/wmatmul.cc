@@ -140,14 +140,21 @@ constexpr int64_t ACC = 32768;
 constexpr int64_t PREFETCH_PASS_BYTES = 128 << 10;
 // One pass of R rows of W (row k on, from r0) over `width` columns into the M x width accumulators: each accumulator
 // vector is loaded and stored once for the R rows (two partial sums keep the multiply-add chains short).
+// With several rows of x each row of W is also prefetched STREAM_AHEAD_BYTES ahead (into L1), once per cache line:
+// SmolLM2-135M's float32 batch-8 decode, medians of 7 alternating rounds in one process, twice: 266.7 -> 273.7 and
+// 262.6 -> 274.3 tok/s (256 bytes ahead 274.4, 1024 264.5); at one row it gained nothing (47.3 vs 46.9-48.5 tok/s).
+constexpr int64_t STREAM_AHEAD_BYTES = 512;
 template <int R, typename W>
 static inline void stream_rows(const float* x, const W* r0, float* acc, int64_t M, int64_t K, int64_t N, int64_t k,
                                int64_t width, int64_t wl, bool prefetch) {
+  const bool ahead = M > 1;
   for (int64_t j = 0; j < wl; j += L) {
     vf a[R];
     for (int i = 0; i < R; ++i) {
       a[i] = loadv(r0 + i * N + j);
       if (prefetch) __builtin_prefetch(r0 + (i + R) * N + j, 0, 2);
+      if (ahead && (j * int64_t(sizeof(W))) % 64 == 0)
+        __builtin_prefetch(reinterpret_cast<const char*>(r0 + i * N + j) + STREAM_AHEAD_BYTES, 0, 3);
     }
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * K + k;
