@@ -172,15 +172,16 @@ def kernel_layout(params: Mapping[str, Any], *, release: Callable[[Any], bool] =
     """The decoder's params (one device, the CPU kernel in use) with every int8 projection `kernel` the packed
     kernel takes (`kernels.packable`) in its packed layout, leaf by leaf; unchanged where the kernel is not in use
     or has no packed path. `release(w)`: whether the replaced array may be deleted at once (it belongs to the
-    caller, who gives it up), which bounds the extra memory to one leaf. With an `arena` the packed arrays are written
-    into its huge-page memory by the kernel library (`kernels.pack_int8_into`: one pass, where XLA's transposition
-    fills a 4 KiB-paged buffer of its own)."""
+    caller, who gives it up), which bounds the extra memory to one leaf. The packed arrays are written into the
+    huge-page memory of `arena` (a fresh one if not given) by the kernel library (`kernels.pack_int8_into`: one pass,
+    where XLA's transposition fills a 4 KiB-paged buffer of its own); XLA packs those the arena does not take."""
     if not (kernels.use_cpu_kernels() and kernels.packed_int8_available()):
         return dict(params)
+    arena = arena or HostArena()
     out: dict[str, Any] = {}
     for path, w in flatten_params(params).items():
         if path.rpartition("/")[2] == "kernel" and kernels.packable(w):
-            packed = _pack_into(w, arena) if arena is not None else None
+            packed = _pack_into(w, arena)
             packed = _pack(w) if packed is None else packed
             if isinstance(w, jax.Array) and release(w):
                 w.delete()
