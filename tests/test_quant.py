@@ -29,13 +29,14 @@ def _xla_reference(x, w, scale, transposed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 17, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 8, 12, 16, 17, 40])
 @pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "float16", "int8"])
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("k", [72, 522])
 def test_kernel_matches_xla(rows, wdtype, transposed, k):
-    """Every path of wmatmul.cc (streamed rows <= 16, panels beyond, ragged column tails, the (N, K) table's tiles of
-    4, 2 and 1 rows of x) equals the float64 product of the same weights, for each stored dtype. k=522: a decode step splits the rows of W into
+    """Every path of wmatmul.cc (streamed rows <= 16: one row, or register tiles of 8, 4, 2 and 1 rows of x; panels
+    beyond, ragged column tails, the (N, K) table's tiles of 4, 2 and 1 rows of x) equals the float64 product of the
+    same weights, for each stored dtype. k=522: a decode step splits the rows of W into
     ranges whose partial sums are added (the last range ragged)."""
     rng = np.random.default_rng(rows)
     n = 200  # n % 64 != 0 and k % 16 != 0: the scalar tails run too
