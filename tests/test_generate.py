@@ -326,6 +326,53 @@ def test_beam_search_matches_transformers(hf_tiny, length_penalty, early_stoppin
     assert any(r == "eos" for r in out.finish_reasons) or eos not in sum(out.tokens, [])
 
 
+@pytest.mark.skipif(not kernels.wmatmul_available(), reason="no C++ compiler for the CPU kernel")
+def test_greedy_pick_in_the_kernel_library_equals_xla(fixture_llama):
+    """`kernels.row_argmax` is `jnp.argmax` (the first of tied values, within a vector and across vectors; the first
+    NaN; an all -inf row; widths below and between vectors) and `kernels.log_softmax_at` is the log-softmax at the
+    index (NaN where a row holds a NaN); on the kernels, greedy decoding gives XLA's tokens and scores."""
+    rng = np.random.default_rng(3)
+    for b, v in [(1, 49152), (8, 1000), (3, 37), (2, 5)]:
+        x = rng.standard_normal((b, v)).astype(np.float32)
+        x[0, [v // 3, v // 2]] = x[0].max() + 1  # tied, in different vectors
+        x[-1, [1, 2]] = x[-1].max() + 1  # tied in one vector
+        idx = np.asarray(jax.jit(kernels.row_argmax)(x))
+        np.testing.assert_array_equal(idx, np.argmax(x, axis=-1))
+        want = np.asarray(jax.nn.log_softmax(jnp.asarray(x), axis=-1))[np.arange(b), idx]
+        np.testing.assert_allclose(np.asarray(jax.jit(kernels.log_softmax_at)(x, idx)), want, rtol=1e-6, atol=1e-6)
+    x = rng.standard_normal((3, 100)).astype(np.float32)
+    x[0, [70, 7]] = np.nan
+    x[1, [3, 90]] = np.inf
+    x[2] = -np.inf
+    np.testing.assert_array_equal(np.asarray(kernels.row_argmax(jnp.asarray(x))), [7, 3, 0])
+    assert np.isnan(np.asarray(kernels.log_softmax_at(jnp.asarray(x), jnp.asarray([7, 3, 0])))).all()
+
+    cfg, params, outs = fixture_llama
+    prompts = [outs["chat_vicuna.context_embeds"][0], outs["chat_llama2.context_embeds"][0, :150]]
+    results = []
+    for enabled in (True, False):
+        with kernels.cpu_kernels(enabled):
+            g = Generator(cfg, params, compilation_cache=False)
+            results.append(g.generate(prompts, config=GREEDY))
+            hlo = g._sample_step_fn.lower(*_step_args(g, prompts)).as_text()
+        assert (kernels.ARGMAX_TARGET in hlo and kernels.LOG_SOFTMAX_AT_TARGET in hlo) == enabled
+    assert results[0].tokens == results[1].tokens
+    np.testing.assert_allclose(results[0].scores, results[1].scores, rtol=1e-5)
+
+
+def _step_args(g: Generator, prompts: list) -> tuple:
+    """The arguments of a generator's compiled sampling step for greedy decoding of `prompts`."""
+    embeds, mask = g.pack(prompts, None)
+    cfg = g.resolve(GREEDY)
+    spec, values, ctrl, presence = g.processors(cfg, len(prompts), None)
+    logits, cache = g.prefill(embeds, mask, cfg.max_new_tokens)
+    b = len(prompts)
+    state = dict(logits=logits[:, -1], key=jax.random.PRNGKey(0), score=jnp.zeros((b,), jnp.float32),
+                 n_gen=jnp.zeros((b,), jnp.int32), recent=jnp.full((b, ctrl["stop_ids"].shape[1]), -1, jnp.int32),
+                 finished=jnp.zeros((b,), jnp.bool_), reason=jnp.zeros((b,), jnp.int32), presence=jnp.asarray(presence))
+    return g.params, cache, state, values, ctrl, spec
+
+
 def test_process_logits_matches_transformers_processors():
     import torch
     from transformers.generation.logits_process import (

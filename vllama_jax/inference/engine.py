@@ -45,7 +45,15 @@ from .generation_config import (
     timings,
 )
 from .placement import placed_llm
-from .sampling import ProcessorSpec, ProcessorValues, process_scores, processor_setup, select_tokens, stop_sequence_hits
+from .sampling import (
+    ProcessorSpec,
+    ProcessorValues,
+    process_scores,
+    processor_setup,
+    select_tokens,
+    stop_sequence_hits,
+    token_logprobs,
+)
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -185,7 +193,7 @@ class DecodeEngine:
         tokens = select_tokens(scores, sub, spec.do_sample)
         tokens = jnp.where(finished, ctrl["pad"], tokens)  # HF: finished rows emit pad
 
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
+        logp = token_logprobs(logits, tokens)
         score = state["score"] + jnp.where(finished, 0.0, logp)
         n_gen = state["n_gen"] + (~finished).astype(jnp.int32)
         recent = jnp.concatenate([state["recent"][:, 1:], tokens[:, None]], axis=1)

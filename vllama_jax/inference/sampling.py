@@ -1,4 +1,6 @@
-"""Logits processing and token selection for generation (pure `jax.numpy`, usable inside `jit`).
+"""Logits processing and token selection for generation (`jax.numpy`, usable inside `jit`; on one CPU device the greedy
+argmax and the chosen tokens' log-probabilities go through the kernel library's row passes, `kernels.row_argmax` and
+`kernels.log_softmax_at`: XLA's reductions over a 49152-wide vocabulary took 1.3 ms of a 29 ms batch-8 step).
 
 The processors reproduce transformers' `LogitsProcessorList` in the order `generate` builds it (upstream.md §6.5):
 
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import kernels
 from .generation_config import GenerationConfig, GenerationInputError
 
 NEG_INF = -jnp.inf
@@ -120,7 +123,16 @@ def select_tokens(scores: jax.Array, key: jax.Array | None, do_sample: bool) -> 
     """Greedy argmax (first index on ties, like torch) or one categorical draw per row from softmax(scores)."""
     if do_sample:
         return jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
+    if scores.ndim == 2 and kernels.use_cpu_kernels():
+        return kernels.row_argmax(scores)
     return jnp.argmax(scores, axis=-1).astype(jnp.int32)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """(B, V) logits, (B,) tokens -> (B,) float32 log-softmax of each row at its token."""
+    if logits.ndim == 2 and kernels.use_cpu_kernels():
+        return kernels.log_softmax_at(logits, tokens)
+    return jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
 def gumbel_top_k(key: jax.Array, scores: jax.Array, k: int) -> jax.Array:
