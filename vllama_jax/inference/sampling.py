@@ -1,6 +1,6 @@
 """Logits processing and token selection for generation (`jax.numpy`, usable inside `jit`; on one CPU device the greedy
 argmax and the chosen tokens' log-probabilities go through the kernel library's row passes, `kernels.row_argmax` and
-`kernels.log_softmax_at`: XLA's reductions over a 49152-wide vocabulary took 1.3 ms of a 29 ms batch-8 step).
+`kernels.log_softmax_at`: XLA's CPU argmax alone took 0.65 ms over (8, 49152) logits).
 
 The processors reproduce transformers' `LogitsProcessorList` in the order `generate` builds it (upstream.md §6.5):
 
