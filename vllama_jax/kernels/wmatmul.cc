@@ -138,25 +138,29 @@ constexpr int64_t ACC = 32768;
 // pass and the prefetch, 43 without the prefetch, 32 with the earlier 4-row pass (the machine's memory speed
 // varies by the minute: compare within a run).
 constexpr int64_t PREFETCH_PASS_BYTES = 128 << 10;
+// The columns past the last whole vector ([wl, width)), one at a time: R rows of W (row k on) for each row of x.
+template <int R, typename W>
+static inline void ragged_columns(const float* x, const W* r0, float* acc, int64_t M, int64_t K, int64_t N, int64_t k,
+                                  int64_t width, int64_t wl) {
+  for (int64_t j = wl; j < width; ++j)
+    for (int64_t m = 0; m < M; ++m) {
+      float t = 0.f;
+      for (int i = 0; i < R; ++i) t += x[m * K + k + i] * load1(r0 + i * N + j);
+      acc[m * width + j] += t;
+    }
+}
 // One pass of R rows of W (row k on, from r0) over `width` columns into the M x width accumulators: each accumulator
 // vector is loaded and stored once for the R rows (two partial sums keep the multiply-add chains short). The
-// 8-row passes of one row of x, and the last few rows of W of several (their 8-row passes are `tile_pass`).
-// With several rows of x each row of W is also prefetched STREAM_AHEAD_BYTES ahead (into L1), once per cache line:
-// SmolLM2-135M's float32 batch-8 decode, medians of 7 alternating rounds in one process, twice: 266.7 -> 273.7 and
-// 262.6 -> 274.3 tok/s (256 bytes ahead 274.4, 1024 264.5); at one row it gained nothing (47.3 vs 46.9-48.5 tok/s).
-// The register tiles keep both prefetches.
-constexpr int64_t STREAM_AHEAD_BYTES = 512;
+// 8-row passes of one row of x, and the last few rows of W of a range (several rows of x take their 8-row passes
+// in register tiles: `tile_pass`).
 template <int R, typename W>
 static inline void stream_rows(const float* x, const W* r0, float* acc, int64_t M, int64_t K, int64_t N, int64_t k,
                                int64_t width, int64_t wl, bool prefetch) {
-  const bool ahead = M > 1;
   for (int64_t j = 0; j < wl; j += L) {
     vf a[R];
     for (int i = 0; i < R; ++i) {
       a[i] = loadv(r0 + i * N + j);
       if (prefetch) __builtin_prefetch(r0 + (i + R) * N + j, 0, 2);
-      if (ahead && (j * int64_t(sizeof(W))) % 64 == 0)
-        __builtin_prefetch(reinterpret_cast<const char*>(r0 + i * N + j) + STREAM_AHEAD_BYTES, 0, 3);
     }
     for (int64_t m = 0; m < M; ++m) {
       const float* xm = x + m * K + k;
@@ -165,12 +169,7 @@ static inline void stream_rows(const float* x, const W* r0, float* acc, int64_t 
       storev(acc + m * width + j, loadv(acc + m * width + j) + (even + odd));
     }
   }
-  for (int64_t j = wl; j < width; ++j)
-    for (int64_t m = 0; m < M; ++m) {
-      float t = 0.f;
-      for (int i = 0; i < R; ++i) t += x[m * K + k + i] * load1(r0 + i * N + j);
-      acc[m * width + j] += t;
-    }
+  ragged_columns<R>(x, r0, acc, M, K, N, k, width, wl);
 }
 
 // Two or more rows of x: register tiles of MG rows of x by C vectors of columns (MG x C accumulators, loaded once per
@@ -192,6 +191,11 @@ constexpr int tile_vectors() {
   constexpr int c = (VREGS - 2) / (MG + 1);
   return c < 1 ? 1 : (c > 4 ? 4 : c);
 }
+// With several rows of x each row of W is also prefetched STREAM_AHEAD_BYTES ahead (into L1), once per cache line.
+// Measured on the row-at-a-time pass the tiles replaced (SmolLM2-135M's float32 batch-8 decode, medians of 7
+// alternating rounds in one process, twice): 266.7 -> 273.7 and 262.6 -> 274.3 tok/s (256 bytes ahead 274.4, 1024
+// 264.5); at one row of x it gained nothing, so `stream_rows` goes without it.
+constexpr int64_t STREAM_AHEAD_BYTES = 512;
 // 8 rows of W (from r0) by MG rows of x (from xm, the pass's first column of K) over columns [j, j + C L) of acc.
 // `lead`: this tile's rows of W are prefetched (into L1 STREAM_AHEAD_BYTES ahead, and the next pass's into L2 when
 // `next`) by the first group of rows of x only.
@@ -249,12 +253,7 @@ static void tile_rows_pass(const float* x, const W* r0, float* acc, int64_t M, i
     for (; j + C4 * L <= wl; j += C4 * L) tile_rows<C4, W>(x, M, K, k, r0, N, acc, width, j, next);
   }
   for (; j < wl; j += L) tile_rows<1, W>(x, M, K, k, r0, N, acc, width, j, next);
-  for (; j < width; ++j)
-    for (int64_t m = 0; m < M; ++m) {
-      float t = 0.f;
-      for (int i = 0; i < 8; ++i) t += x[m * K + k + i] * load1(r0 + i * N + j);
-      acc[m * width + j] += t;
-    }
+  ragged_columns<8>(x, r0, acc, M, K, N, k, width, wl);
 }
 
 template <typename W>
