@@ -34,8 +34,8 @@ def _xla_reference(x, w, scale, transposed):
 @pytest.mark.parametrize("transposed", [False, True])
 @pytest.mark.parametrize("k", [72, 522])
 def test_kernel_matches_xla(rows, wdtype, transposed, k):
-    """Every path of wmatmul.cc (streamed rows <= 16: one row, or register tiles of 8, 4, 2 and 1 rows of x; panels
-    beyond, ragged column tails, the (N, K) table's tiles of 4, 2 and 1 rows of x) equals the float64 product of the
+    """Every path of wmatmul.cc (streamed rows <= 16: one row, or register tiles of 8, 4, 2 and 1 rows of x; the
+    prefill's converted slivers beyond, ragged column tails, the (N, K) table's tiles of 4, 2 and 1 rows of x) equals the float64 product of the
     same weights, for each stored dtype. k=522: a decode step splits the rows of W into
     ranges whose partial sums are added (the last range ragged)."""
     rng = np.random.default_rng(rows)
@@ -54,6 +54,30 @@ def test_kernel_matches_xla(rows, wdtype, transposed, k):
     with kernels.cpu_kernels(True):  # this session has 8 simulated devices: the default rule would use XLA
         via = np.asarray(jax.jit(lambda x, w, s: matmul(x, w, s, transposed=transposed))(x, w, scale))
     np.testing.assert_allclose(via, want, rtol=2e-5, atol=2e-4 * np.abs(want).max())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [21, 40])
+@pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "packed int8"])
+def test_prefill_product_in_converted_slivers(rows, wdtype):
+    """The prefill path (more than 16 rows of x): W converted in blocks of at most 640 rows (here 3: the sums go
+    on from the previous block's, the last one short) into slivers of columns, one column block per thread, the
+    last sliver ragged (N = 256: 16 columns past the whole slivers of 48 on AVX-512), row tiles of 8 and a rest
+    of 5 (21 rows); against the float64 product. Fails when a block of rows of W restarts the sums (checked)."""
+    if wdtype == "packed int8" and not kernels.packed_int8_available():
+        pytest.skip("the packed int8 path of the CPU kernel needs AVX-512 VNNI")
+    rng = np.random.default_rng(rows)
+    k, n = 1300, 256
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    scale = None
+    if wdtype == "packed int8":
+        w = np.clip(np.rint(w * 40), -127, 127).astype(np.int8)
+        scale = rng.uniform(0.5, 2.0, n).astype(np.float32) / 40
+    w = kernels.pack_int8(jnp.asarray(w)) if wdtype == "packed int8" else jnp.asarray(w, wdtype)
+    want = _xla_reference(x, w, scale, False)  # of the weights as stored (dequantize unpacks)
+    got = np.asarray(jax.jit(kernels.wmatmul)(x, w, scale))
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-4 * np.abs(want).max())
 
 
 @needs_kernel
@@ -185,7 +209,7 @@ def test_pack_int8_into_writes_pack_int8s_layout(shape):
 @needs_packed
 @pytest.mark.parametrize("rows", [1, 3, 17, 40])
 def test_packed_int8_kernel_equals_the_kn_layout(rows):
-    """Every path of the packed kernel (VNNI at one row, the float streaming path up to 16 rows, the panels above,
+    """Every path of the packed kernel (VNNI at one row, the float streaming path up to 16 rows, the slivers above,
     the float path for a row holding NaN) gives the (K, N) layout's results: bit for bit at one row (the same
     integer arithmetic), up to summation order elsewhere; `matmul` takes packed weights with the kernel on and off
     (XLA: unpacked first), and the gradient through them is the (K, N) one."""
@@ -294,17 +318,17 @@ def test_llama_int8_and_bf16_close_to_float32(tie, kernel):
 
 def test_which_matmuls_take_the_cpu_kernel(monkeypatch):
     """Low-precision and int8 weights always (XLA would widen them whole); float32 weights only at the few rows of
-    decoding and short prefills (`F32_KERNEL_ROWS`: 2-8 rows with 8-lane vectors, 1-4 with AVX-512's 16, 1-16 on an
-    Intel AVX-512 CPU: a (width, vendor) entry overrides the width's), and only when computed in float32; bf16
-    weights computed in bf16 go to XLA's dot on AMX from `BF16_XLA_MIN_ROWS` rows; and a float32 product through
-    the kernel equals XLA's up to summation order."""
+    decoding and short prefills (`F32_KERNEL_ROWS`: 2-8 rows with 8-lane vectors, 1-4 with AVX-512's 16, every row
+    count on an Intel AVX-512 CPU: a (width, vendor) entry overrides the width's), and only when computed in
+    float32; bf16 weights computed in bf16 go to XLA's dot on AMX from `BF16_XLA_MIN_ROWS` rows; and a float32
+    product through the kernel equals XLA's up to summation order."""
     f32, bf16 = jnp.float32, jnp.bfloat16
     with kernels.cpu_kernels(True):
         assert all(layers._use_cpu_kernel(w, rows, f32) for w in (bf16, jnp.float16, jnp.int8) for rows in (1, 64))
         lanes, vendor = kernels.vector_lanes(), kernels.cpu_vendor()
         assert lanes in (8, 16) and vendor in ("intel", "amd", "")
-        lo, hi = {8: (2, 8), 16: (1, 16) if vendor == "intel" else (1, 4)}[lanes]
-        for rows in (1, 2, 4, 5, 8, 16, 17, 128):
+        lo, hi = {8: (2, 8), 16: (1, 10**9) if vendor == "intel" else (1, 4)}[lanes]
+        for rows in (1, 2, 4, 5, 8, 16, 17, 128, 4096):
             assert layers._use_cpu_kernel(f32, rows, f32) == (lo <= rows <= hi), rows
         # bf16 weights computed in bf16: XLA's dot from BF16_XLA_MIN_ROWS rows on where the CPU has AMX-BF16
         big = layers.BF16_XLA_MIN_ROWS

@@ -82,7 +82,13 @@ LOW_PRECISION_FLOATS = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 #: (AVX-512 and AMX, 2026-12-06), the same jaxlib ran each few-row dot (a YNNPACK fusion) on one thread, two at most
 #: at a time: whole decode, one process each, twice: batch 8 130 / 129 tok/s with XLA's dot, 183 / 179 with the
 #: kernel; batch 16 220 vs 250. So the vector width's rule, or a rule for (width, vendor) where one was measured.
-F32_KERNEL_ROWS = {8: (2, 8), 16: (1, 4), (16, "intel"): (1, kernels.SMALL_M)}
+#: There, 2026-12-07, after the kernel's prefill products moved to converted slivers (`wmatmul.cc` `gemm`), the
+#: kernel at every row count (GFLOP/s, XLA's dot vs the kernel, one process each): 24 x 576 x 1536 145 vs 193,
+#: 64 x 4096 x 4096 198 vs 235, 128 x 4096 x 11008 215 vs 254, 1024 x 576 x 576 295 vs 370, 1024 x 1536 x 576
+#: 278 vs 354, 257 x 1408 x 6144 287-322 vs 310-328, 2056 x 1408 x 1408 300-314 vs 310-324; SmolLM2-135M's prefill,
+#: both programs in one process, 7 rounds alternating: batch 1 (128 rows) 964 vs 1087 tok/s, batch 8 (1024 rows)
+#: 1201 vs 1240. `hi` None: no upper bound.
+F32_KERNEL_ROWS = {8: (2, 8), 16: (1, 4), (16, "intel"): (1, None)}
 
 
 #: from this many rows on, bf16 weights computed in bf16 take XLA's dot on a CPU with AMX-BF16
@@ -114,7 +120,7 @@ def _use_cpu_kernel(weight_dtype: Any, rows: int, dtype: Any) -> bool:
             return False
         lanes = kernels.vector_lanes()
         lo, hi = F32_KERNEL_ROWS.get((lanes, kernels.cpu_vendor())) or F32_KERNEL_ROWS.get(lanes, (2, 8))
-        return lo <= rows <= hi
+        return lo <= rows and (hi is None or rows <= hi)
     if wdt not in LOW_PRECISION_FLOATS and wdt != jnp.dtype(jnp.int8):
         return False
     if (wdt == jnp.dtype(jnp.bfloat16) and jnp.dtype(dtype) == wdt and rows >= BF16_XLA_MIN_ROWS
@@ -142,7 +148,7 @@ def _kernel_matmul_fwd(x, w, scale, transposed):
 
 
 def _kernel_matmul_bwd(transposed, res, g):
-    # The FFI call has no derivative of its own; the backward pass (training, small row counts only) uses XLA.
+    # The FFI call has no derivative of its own; the backward pass (training) uses XLA.
     x, w, scale = res
     wf = dequantize(w, scale, transposed)
     dx = g @ (wf if transposed else wf.T)
