@@ -347,8 +347,9 @@ def main() -> None:
               f"{ours[1] / rbound:.0%} | {cbound:.0f} |")
     if lowp_rows:
         print()
-        print("| weights (batch 1) | decode tok/s | vs float32 | decode bound tok/s | ours / bound | ours / read bound | "
-              "prefill tok/s | weight bytes (vs float32) | greedy = float32 (of 20) | mean abs logit diff |")
+        print("| weights (batch 1) | decode tok/s | vs float32 | decode bound tok/s | ours / bound | "
+              "ours / read bound | prefill tok/s | weight bytes (vs float32) | greedy = float32 (of 20) | "
+              "mean abs logit diff |")
         print("|---|---|---|---|---|---|---|---|---|---|")
         for name, f in lowp_rows:
             print(f"| {name} | {f['decode_tok_s']:.1f} | {f['decode_vs_float32']:.2f}x | {f['decode_bound_tok_s']:.1f} | "

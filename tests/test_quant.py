@@ -35,9 +35,9 @@ def _xla_reference(x, w, scale, transposed):
 @pytest.mark.parametrize("k", [72, 522])
 def test_kernel_matches_xla(rows, wdtype, transposed, k):
     """Every path of wmatmul.cc (streamed rows <= 16: one row, or register tiles of 8, 4, 2 and 1 rows of x; the
-    prefill's converted slivers beyond, ragged column tails, the (N, K) table's tiles of 4, 2 and 1 rows of x) equals the float64 product of the
-    same weights, for each stored dtype. k=522: a decode step splits the rows of W into
-    ranges whose partial sums are added (the last range ragged)."""
+    prefill's converted slivers beyond, ragged column tails, the (N, K) table's tiles of 4, 2 and 1 rows of x)
+    equals the float64 product of the same weights, for each stored dtype. k=522: a decode step splits the rows of
+    W into ranges whose partial sums are added (the last range ragged)."""
     rng = np.random.default_rng(rows)
     n = 200  # n % 64 != 0 and k % 16 != 0: the scalar tails run too
     x = rng.standard_normal((rows, k)).astype(np.float32)

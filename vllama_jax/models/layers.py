@@ -110,10 +110,10 @@ INT8_AMX_MIN_ROWS = 64
 
 def _use_cpu_kernel(weight_dtype: Any, rows: int, dtype: Any) -> bool:
     """The FFI kernel where `kernels.use_cpu_kernels()` allows it (CPU, one device by default): for bf16/fp16/int8
-    weights at any row count (XLA would convert the whole operand first; the kernel's panel path serves prefill,
-    its streaming path decode) but bf16 products of `BF16_XLA_MIN_ROWS` rows or more on AMX, and for float32
-    weights computed in float32 at the row counts `F32_KERNEL_ROWS` gives for the kernel's vector width and the
-    CPU's vendor."""
+    weights at any row count (XLA would convert the whole operand first; the kernel's converted slivers serve
+    prefill, its streaming path decode) but bf16 products of `BF16_XLA_MIN_ROWS` rows or more on AMX, and for
+    float32 weights computed in float32 at the row counts `F32_KERNEL_ROWS` gives for the kernel's vector width and
+    the CPU's vendor."""
     wdt = jnp.dtype(weight_dtype)
     if wdt == jnp.dtype(jnp.float32):
         if jnp.dtype(dtype) != wdt or not kernels.use_cpu_kernels():
