@@ -57,13 +57,14 @@ def test_kernel_matches_xla(rows, wdtype, transposed, k):
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [21, 40])
+@pytest.mark.parametrize("rows", [21, 70])
 @pytest.mark.parametrize("wdtype", ["float32", "bfloat16", "packed int8"])
 def test_prefill_product_in_converted_slivers(rows, wdtype):
-    """The prefill path (more than 16 rows of x): W converted in blocks of at most 640 rows (here 3: the sums go
-    on from the previous block's, the last one short) into slivers of columns, one column block per thread, the
-    last sliver ragged (N = 256: 16 columns past the whole slivers of 48 on AVX-512), row tiles of 8 and a rest
-    of 5 (21 rows); against the float64 product. Fails when a block of rows of W restarts the sums (checked)."""
+    """The prefill path (more than 16 rows of x): W converted in blocks of at most 256 rows below 64 rows of x, 640
+    from there (here 6 and 3 blocks: the sums go on from the previous block's) into slivers of columns, one column
+    block per thread, the last sliver ragged (N = 256: 16 columns past the whole slivers of 48 on AVX-512), row
+    tiles of 8 and a rest of 5 or 6; against the float64 product. Fails when a block of rows of W restarts the
+    sums (checked)."""
     if wdtype == "packed int8" and not kernels.packed_int8_available():
         pytest.skip("the packed int8 path of the CPU kernel needs AVX-512 VNNI")
     rng = np.random.default_rng(rows)
