@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import datetime
+import functools
 import json
 import os
 import platform
@@ -91,24 +92,34 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> tuple[float, fl
     return 2 * nbytes / best_np, 2 * nbytes / best_jax
 
 
+@functools.lru_cache(maxsize=None)
+def _read_probe() -> Any:
+    """bench/read_probe.cc's `vllama_read_probe`, built once per process with g++ (the file can go once loaded);
+    None without a compiler or when the build fails."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        return None
+    with tempfile.TemporaryDirectory() as d:
+        lib = Path(d) / "read_probe.so"
+        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", str(ROOT / "bench" / "read_probe.cc"),
+               "-o", str(lib)]
+        if subprocess.run(cmd, capture_output=True).returncode:
+            return None
+        probe = ctypes.CDLL(str(lib)).vllama_read_probe
+    probe.restype = ctypes.c_double
+    probe.argtypes = (ctypes.c_int64, ctypes.c_int, ctypes.c_int)
+    return probe
+
+
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     """Best rate in bytes/s at which this machine reads memory that the caches cannot hold: what a decode step,
-    which only reads its weights, can reach at most. bench/read_probe.cc (built with g++ into a temporary folder):
-    every core reads its share with vector loads in 1, 4 or 8 interleaved streams, with and without prefetch. A
-    jitted `jnp.sum` (the fallback without a compiler) read 1.1-1.3x slower on the 2-core Intel Xeon host."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if cxx is not None:
-        with tempfile.TemporaryDirectory() as d:
-            lib = Path(d) / "read_probe.so"
-            cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared",
-                   str(ROOT / "bench" / "read_probe.cc"), "-o", str(lib)]
-            if subprocess.run(cmd, capture_output=True).returncode == 0:
-                probe = ctypes.CDLL(str(lib)).vllama_read_probe
-                probe.restype = ctypes.c_double
-                probe.argtypes = (ctypes.c_int64, ctypes.c_int, ctypes.c_int)
-                rate = probe(nbytes, os.cpu_count() or 1, repeats)
-                if rate > 0:
-                    return rate
+    which only reads its weights, can reach at most. bench/read_probe.cc: every core reads its share with vector
+    loads in 1, 4 or 8 interleaved streams, with and without prefetch. A jitted `jnp.sum` (the fallback without a
+    compiler) read 1.1-1.3x slower on the 2-core Intel Xeon host."""
+    probe = _read_probe()
+    rate = probe(nbytes, os.cpu_count() or 1, repeats) if probe is not None else 0.0
+    if rate > 0:
+        return rate
     x = jnp.full((nbytes // 4,), 0.5, jnp.float32)
     f = jax.jit(jnp.sum)
     f(x).block_until_ready()
