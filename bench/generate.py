@@ -29,7 +29,6 @@ import functools
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from vllama_jax import kernels  # noqa: E402
 from vllama_jax.inference.generate import GenerationConfig, Generator  # noqa: E402
 from vllama_jax.models.quant import resident_bytes  # noqa: E402
 from vllama_jax.runtime import matmul_peak_flops  # noqa: E402
@@ -94,15 +94,14 @@ def copy_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> tuple[float, fl
 
 @functools.lru_cache(maxsize=None)
 def _read_probe() -> Any:
-    """bench/read_probe.cc's `vllama_read_probe`, built once per process with g++ (the file can go once loaded);
-    None without a compiler or when the build fails."""
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    """bench/read_probe.cc's `vllama_read_probe`, built once per process with the kernel library's compiler and
+    flags (the file can go once loaded); None without a compiler or when the build fails."""
+    cxx = kernels.compiler()
     if cxx is None:
         return None
     with tempfile.TemporaryDirectory() as d:
         lib = Path(d) / "read_probe.so"
-        cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", str(ROOT / "bench" / "read_probe.cc"),
-               "-o", str(lib)]
+        cmd = [cxx, *kernels.CXXFLAGS, str(ROOT / "bench" / "read_probe.cc"), "-o", str(lib)]
         if subprocess.run(cmd, capture_output=True).returncode:
             return None
         probe = ctypes.CDLL(str(lib)).vllama_read_probe

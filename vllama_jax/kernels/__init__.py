@@ -68,6 +68,11 @@ def _kernel_dir() -> Path:
     return Path(os.environ.get(KERNEL_DIR_ENV) or DEFAULT_KERNEL_DIR).expanduser()
 
 
+def compiler() -> str | None:
+    """The C++ compiler the kernel library is built with: $CXX, else g++ or c++ on PATH (None: none found)."""
+    return os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+
+
 def _build() -> Path:
     """The compiled library, built once per (source, flags, jaxlib) into the kernel folder."""
     src = SOURCE.read_bytes()
@@ -75,7 +80,7 @@ def _build() -> Path:
     out = _kernel_dir() / f"wmatmul-{key}.so"
     if out.exists():
         return out
-    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    cxx = compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++ / c++ / $CXX) on PATH")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -344,16 +344,16 @@ static void gemm_block(const float* x, const float* scale, float* y, int64_t M, 
   const int64_t kblocks = (K + kcap - 1) / kcap;
   const int64_t kcmax = ((K + kblocks - 1) / kblocks + kalign - 1) / kalign * kalign;
   const int64_t slivers = (n1 - n0 + GN - 1) / GN;
+  auto width = [=](int64_t i) { return std::min<int64_t>(GN, n1 - n0 - i * GN); };  // the last one may be ragged
   store.resize(slivers * GN * kcmax + 64 / sizeof(float));
   float* bp = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t(63));
   for (int64_t k0 = 0; k0 < K; k0 += kcmax) {
     const int64_t kc = std::min(kcmax, K - k0);
-    for (int64_t i = 0; i < slivers; ++i)
-      fill(bp + i * GN * kc, k0, kc, n0 + i * GN, std::min<int64_t>(GN, n1 - n0 - i * GN));
+    for (int64_t i = 0; i < slivers; ++i) fill(bp + i * GN * kc, k0, kc, n0 + i * GN, width(i));
     for (int64_t m0 = 0; m0 < M; m0 += GEMM_MC)
       for (int64_t i = 0; i < slivers; ++i)
         gemm_sliver(x + m0 * K + k0, std::min(GEMM_MC, M - m0), K, bp + i * GN * kc, y + m0 * N, N, n0 + i * GN,
-                    std::min<int64_t>(GN, n1 - n0 - i * GN), kc, k0 == 0);
+                    width(i), kc, k0 == 0);
   }
   if (scale)
     for (int64_t m = 0; m < M; ++m)
